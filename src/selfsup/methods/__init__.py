@@ -1,0 +1,20 @@
+"""Self-supervised methods: one small file each, registered by name.
+
+The registry maps names to import paths so that listing methods (e.g. for `--help`) does not
+import torch and Lightning.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selfsup.methods.base import Method
+
+METHODS: dict[str, str] = {"simclr": "selfsup.methods.simclr:SimCLR"}
+
+
+def get_method(name: str) -> type[Method]:
+    module, cls = METHODS[name].split(":")
+    return getattr(import_module(module), cls)

@@ -1,0 +1,252 @@
+"""The run-level Python API: load a run's encoder, embed a dataset, evaluate the representation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfsup import run as rundir
+from selfsup.config import EvalConfig
+from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
+from selfsup.errors import SelfsupError
+from selfsup.evaluation import (
+    extract_features,
+    few_label_evaluation,
+    format_table,
+    kmeans_scores,
+    knn_accuracy,
+    linear_probe,
+    plot_few_label,
+    write_results,
+)
+from selfsup.models import Encoder
+
+
+def load(run: str | Path) -> Encoder:
+    """The pretrained encoder of a run: uint8 or [0, 1] float images B×C×H×W -> features B×D."""
+    return rundir.load_encoder(run)  # type: ignore[return-value]
+
+
+def embed(
+    run: str | Path,
+    data: str | None = None,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    download: bool = False,
+    limit: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N×D float32) and labels (or None) of a dataset under a run's encoder."""
+    encoder = load(run)
+    dataset = _dataset_for(run, data, split, data_dir, download, limit)
+    features = extract_features(encoder, dataset, batch_size=batch_size, device=_device(device))
+    labels = dataset.y.numpy() if dataset.y is not None else None
+    return features, labels
+
+
+def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Linear probe, kNN, k-means and the few-label table with baselines; writes RUN/eval/<data>/.
+
+    Returns a dict with the results (also written as JSON/CSV next to the plots).
+    """
+    config = dataclasses.replace(config or EvalConfig(), **options)
+    run = Path(run)
+    run_config = rundir.read_config(run)
+    encoder = load(run)
+    device = _device(config.device)
+    train, test = _splits(run_config, config)
+    if not train.has_labels:
+        raise SelfsupError(f"--data {train.name} has no labels: evaluation needs labeled data")
+    _check_eval_options(config)
+
+    train_f = extract_features(encoder, train, batch_size=config.batch_size, device=device)
+    test_f = extract_features(encoder, test, batch_size=config.batch_size, device=device)
+    train_y, test_y = train.y.numpy(), test.y.numpy()  # type: ignore[union-attr]
+    results: dict[str, Any] = {
+        "run": str(run),
+        "data": train.name,
+        "train_size": len(train),
+        "test_size": len(test),
+        "linear_probe": linear_probe(train_f, train_y, test_f, test_y),
+        "knn": knn_accuracy(train_f, train_y, test_f, test_y, k=config.knn_k),
+    }
+    if config.kmeans:
+        n_classes = len(np.unique(test_y[test_y >= 0]))
+        results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)
+
+    seeds = tuple(range(config.seeds))
+    rows = few_label_evaluation(
+        encoder,
+        train,
+        test,
+        fractions=config.fraction_list(),
+        seeds=seeds,
+        baselines=config.baseline_list(),
+        random_encoder=lambda: Encoder(**run_config["encoder"]),
+        probe=config.probe,
+        supervised_steps=config.supervised_steps,
+        batch_size=config.batch_size,
+        device=device,
+        features=(train_f, test_f),
+    )
+    if config.finetune != "none":
+        rows += _finetune_rows(encoder, train, test, config, seeds, device)
+    results["few_label"] = rows
+
+    out = run / "eval" / _slug(train.name)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(rows, out)
+    plot_few_label(rows, out / "few_label.png")
+    _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
+    rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    results["table"] = format_table(rows)
+    results["out"] = str(out)
+    return results
+
+
+def _finetune_rows(encoder, train, test, config, seeds, device) -> list[dict]:
+    from selfsup.evaluation import finetune, labeled_subset
+
+    rows = []
+    for fraction in config.fraction_list():
+        for seed in seeds:
+            subset = labeled_subset(train.y.numpy(), fraction, seed)
+            accuracy = finetune(
+                encoder,
+                train.subset(subset),
+                test,
+                trainable=config.finetune,
+                epochs=config.finetune_epochs,
+                lr=1e-3,
+                batch_size=config.batch_size,
+                seed=seed,
+                device=device,
+                steps=config.supervised_steps,
+            )
+            rows.append(
+                {
+                    "method": f"finetune ({config.finetune})",
+                    "fraction": fraction,
+                    "seed": seed,
+                    "n_labels": len(subset),
+                    "accuracy": accuracy,
+                    "probe": "finetune",
+                }
+            )
+    return rows
+
+
+def _check_eval_options(config: EvalConfig) -> None:
+    if config.probe not in ("linear", "knn"):
+        raise SelfsupError(f"--probe {config.probe!r} is unknown; expected linear or knn")
+    for b in config.baseline_list():
+        if b not in ("raw", "pca", "random", "supervised"):
+            raise SelfsupError(
+                f"--baselines: {b!r} is unknown; expected raw, pca, random, supervised or none"
+            )
+    bad = [f for f in config.fraction_list() if not 0 < f <= 1]
+    if bad or not config.fraction_list():
+        raise SelfsupError(f"--fractions {config.fractions!r}: expected numbers in (0, 1]")
+    if config.seeds < 1:
+        raise SelfsupError(f"--seeds must be at least 1, got {config.seeds}")
+
+
+def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]:
+    spec = config.data or run_config["data"]
+    data_dir = config.data_dir if config.data else config.data_dir or run_config.get("data_dir")
+    train, test = load_splits(
+        spec,
+        data_dir=data_dir,
+        download=config.download,
+        limit=config.limit,
+        image_size=_folder_size(spec, run_config),
+    )
+    if test is None:  # no test split: hold out a stratified 20% of the labeled data
+        held = stratified_indices(
+            train.y.numpy() if train.y is not None else None, len(train) // 5, seed=0
+        )
+        rest = np.setdiff1d(np.arange(len(train)), held)
+        train, test = train.subset(rest), train.subset(held)
+    return _adapt(train, _shape(run_config)), _adapt(test, _shape(run_config))
+
+
+def _shape(run_config: dict) -> tuple[int, int, int]:
+    dataset = run_config["dataset"]
+    return dataset["channels"], *dataset["image_size"]
+
+
+def _folder_size(spec: str, run_config: dict) -> int | None:
+    """Folder images are resized to the size the encoder was trained on."""
+    return run_config["dataset"]["image_size"][0] if spec.startswith("folder:") else None
+
+
+def _dataset_for(run, data, split, data_dir, download, limit) -> ImageData:
+    run_config = rundir.read_config(run)
+    spec = data or run_config["data"]
+    train, test = load_splits(
+        spec,
+        data_dir=data_dir or run_config.get("data_dir"),
+        download=download,
+        limit=limit,
+        image_size=_folder_size(spec, run_config),
+    )
+    if split not in ("train", "test"):
+        raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
+    if split == "test" and test is None:
+        raise SelfsupError(f"--data {spec} has no test split")
+    dataset = train if split == "train" else test
+    return _adapt(dataset, _shape(run_config))  # type: ignore[arg-type]
+
+
+def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
+    """Transfer: convert another dataset's images to the channels and size the encoder saw."""
+    if (data.channels, *data.image_size) == tuple(shape):
+        return data
+    if data.x is None:
+        raise SelfsupError(
+            f"--data {data.name} has images of shape {(data.channels, *data.image_size)} but the "
+            f"encoder expects {tuple(shape)}; resize the folder with --image-size"
+        )
+    x = adapt_images(data.x, shape[0], (shape[1], shape[2]))
+    return ImageData(x, data.y, data.classes, data.name)
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name.split(":")[-1].strip("/").split("/")[-1]) or "data"
+
+
+def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str] | None) -> None:
+    """A 2-D PCA picture of the test embeddings, coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    keep = np.arange(len(f))[:5000]
+    xy = PCA(2, random_state=0).fit_transform(f[keep])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=y[keep], cmap="tab10", s=4)
+    if classes and len(classes) <= 20:
+        handles = scatter.legend_elements()[0]
+        ax.legend(handles, classes[: len(handles)], fontsize=7, markerscale=0.8, loc="best")
+    ax.set_title("test embeddings (PCA to 2-D)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,189 @@
+"""Batched augmentations with per-sample random parameters.
+
+Every op takes a float batch B×C×H×W in [0, 1] and a `torch.Generator` on the batch's device and
+returns a float batch in [0, 1]; all randomness is drawn from `g`, so a fixed seed gives identical
+output. Ops are vectorised over the batch (no per-image Python loops) and run on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ITU-R 601 luma, as torchvision's rgb_to_grayscale; also the Y row of YIQ.
+_LUMA = (0.299, 0.587, 0.114)
+_RGB_TO_YIQ = torch.tensor([_LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def _coin(x: Tensor, g: torch.Generator, p: float) -> Tensor:
+    """Per-sample bool (B,): True with probability p."""
+    return torch.rand(x.shape[0], generator=g, device=x.device) < p
+
+
+def _uniform(x: Tensor, g: torch.Generator, low: float, high: float) -> Tensor:
+    """Per-sample uniform values (B,) in [low, high)."""
+    return torch.rand(x.shape[0], generator=g, device=x.device) * (high - low) + low
+
+
+def _gray(x: Tensor) -> Tensor:
+    """Luminance B×1×H×W (the image itself when it has one channel)."""
+    if x.shape[1] == 1:
+        return x
+    w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def random_resized_crop(
+    x: Tensor,
+    g: torch.Generator,
+    size: tuple[int, int] | int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Crop a random box per sample (area fraction ~ U(scale), log-uniform aspect ratio, clamped
+    to the image) and resize it to `size` (bilinear)."""
+    b, c, h, w = x.shape
+    oh, ow = (size, size) if isinstance(size, int) else size
+    area = _uniform(x, g, *scale) * (h * w)
+    aspect = _uniform(x, g, math.log(ratio[0]), math.log(ratio[1])).exp()
+    bw = (area * aspect).sqrt().clamp(max=w)
+    bh = (area / aspect).sqrt().clamp(max=h)
+    x0 = torch.rand(b, generator=g, device=x.device) * (w - bw)
+    y0 = torch.rand(b, generator=g, device=x.device) * (h - bh)
+    # One grid_sample with per-sample affine grids. Measured against torchvision's roi_align
+    # (aligned=True) on 256×3×32×32 -> 32×32 on 2 CPU cores: grid_sample ~3-5 ms, roi_align
+    # ~5.5 ms (sampling_ratio=1 or adaptive), ~20 ms with sampling_ratio=2; both give the same
+    # values here (crops are upsampled, so roi_align's extra samples buy no anti-aliasing).
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = bw / w
+    theta[:, 1, 1] = bh / h
+    theta[:, 0, 2] = (2 * x0 + bw) / w - 1
+    theta[:, 1, 2] = (2 * y0 + bh) / h - 1
+    grid = F.affine_grid(theta, [b, c, oh, ow], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1)
+
+
+def horizontal_flip(x: Tensor, g: torch.Generator, p: float = 0.5) -> Tensor:
+    """Mirror left-right each sample with probability p."""
+    return torch.where(_coin(x, g, p).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def color_jitter(
+    x: Tensor,
+    g: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p: float = 0.8,
+) -> Tensor:
+    """Per-sample brightness, contrast, saturation and hue jitter, applied with probability p.
+
+    Fixed order (brightness, contrast, then saturation and hue together), unlike torchvision's
+    random order. Factors are drawn from U(max(0, 1 - s), 1 + s) and the hue shift from
+    U(-hue, hue) turns; saturation scales and hue rotates the chroma plane (I, Q) of YIQ, one
+    3×3 matrix per sample. 1-channel images get brightness and contrast only.
+    """
+    b, c = x.shape[:2]
+    on = _coin(x, g, p)
+
+    def factor(s: float) -> Tensor:
+        return torch.where(on, _uniform(x, g, max(0.0, 1 - s), 1 + s), 1.0).view(-1, 1, 1, 1)
+
+    x = (x * factor(brightness)).clamp_(0, 1)
+    mean = _gray(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * factor(contrast) + mean).clamp_(0, 1)
+    if c == 1:
+        return x
+    sat = factor(saturation).view(b)
+    angle = torch.where(on, _uniform(x, g, -hue, hue), 0.0) * (2 * math.pi)
+    cos, sin = sat * angle.cos(), sat * angle.sin()
+    chroma = torch.zeros(b, 3, 3, device=x.device, dtype=x.dtype)
+    chroma[:, 0, 0] = 1
+    chroma[:, 1, 1], chroma[:, 1, 2] = cos, -sin
+    chroma[:, 2, 1], chroma[:, 2, 2] = sin, cos
+    m = _YIQ_TO_RGB.to(x) @ chroma @ _RGB_TO_YIQ.to(x)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+
+
+def grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
+    """Replace each sample by its luminance with probability p ("colour drop"); keeps C."""
+    return torch.where(_coin(x, g, p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
+def rotation(x: Tensor, g: torch.Generator, p: float = 1.0) -> Tensor:
+    """With probability p rotate each sample by a random multiple of 90° (0/90/180/270); for
+    non-square images only by 0 or 180°."""
+    square = x.shape[-1] == x.shape[-2]
+    k = torch.randint(4, (x.shape[0],), generator=g, device=x.device)
+    k = torch.where(_coin(x, g, p), k if square else k // 2 * 2, 0)
+    out = x.clone()
+    for turns in (1, 2, 3):
+        idx = (k == turns).nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = torch.rot90(x[idx], turns, dims=(2, 3))
+    return out
+
+
+def cutout(x: Tensor, g: torch.Generator, size_frac: float = 0.5, p: float = 0.5) -> Tensor:
+    """With probability p set a square of side round(size_frac * min(H, W)) to zero (black)
+    at a random centre pixel; the square is clipped at the border, as in DeVries & Taylor."""
+    b, _, h, w = x.shape
+    side = max(1, round(size_frac * min(h, w)))
+    top = torch.randint(h, (b, 1), generator=g, device=x.device) - side // 2
+    left = torch.randint(w, (b, 1), generator=g, device=x.device) - side // 2
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= top) & (rows < top + side)  # B×H
+    in_cols = (cols >= left) & (cols < left + side)  # B×W
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & _coin(x, g, p)[:, None, None]
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def gaussian_noise(x: Tensor, g: torch.Generator, std: float = 0.1, p: float = 0.5) -> Tensor:
+    """With probability p add N(0, std²) pixel noise; clamped to [0, 1]."""
+    noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+    scale = torch.where(_coin(x, g, p), std, 0.0).view(-1, 1, 1, 1)
+    return (x + noise * scale).clamp_(0, 1)
+
+
+def gaussian_blur(
+    x: Tensor,
+    g: torch.Generator,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    p: float = 0.5,
+    kernel_frac: float = 0.1,
+) -> Tensor:
+    """With probability p blur each sample with a Gaussian of sigma ~ U(sigma) (in pixels).
+
+    Kernel side: kernel_frac of the shorter image side, odd, at least 3 (SimCLR uses 10%).
+    Separable: one grouped conv per axis with a kernel per sample, reflect padding.
+    """
+    b, c, h, w = x.shape
+    k = max(3, int(kernel_frac * min(h, w)) // 2 * 2 + 1)
+    s = _uniform(x, g, *sigma).clamp_min(1e-3)
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(t**2) / (2 * s[:, None] ** 2))
+    kern = kern / kern.sum(1, keepdim=True)
+    delta = (t == 0).to(x.dtype)
+    kern = torch.where(_coin(x, g, p)[:, None], kern, delta).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c)
+    y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)
+    return y.view(b, c, h, w).clamp_(0, 1)
+
+
+def sobel(x: Tensor, g: torch.Generator | None = None) -> Tensor:
+    """Sobel gradient magnitude of the luminance, divided by each image's maximum (a constant
+    image gives 0) and repeated to C channels. Deterministic; `g` is accepted for uniformity."""
+    gray = F.pad(_gray(x), (1, 1, 1, 1), mode="replicate")
+    kx = x.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grad = F.conv2d(gray, torch.stack([kx, kx.T])[:, None])
+    mag = grad.pow(2).sum(1, keepdim=True).sqrt()
+    mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1e-6)
+    return mag.expand_as(x).contiguous()

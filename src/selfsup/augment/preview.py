@@ -1,0 +1,96 @@
+"""Figures of augmented views: the lecture's augmentation panel and a views grid for training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+from selfsup.augment.recipes import build_recipe
+from selfsup.errors import SelfsupError
+
+# (label, recipe) for each panel after the original, as in SimCLR's augmentation figure.
+_PANELS = [
+    ("Crop and resize", "crop"),
+    ("Flip", "flip"),
+    ("Color distort. (drop)", "color-drop"),
+    ("Color distort. (jitter)", "color-jitter"),
+    ("Rotate {90°, 180°, 270°}", None),
+    ("Cutout", "cutout"),
+    ("Gaussian noise", "noise"),
+    ("Gaussian blur", "blur"),
+    ("Sobel filtering", "sobel"),
+]
+
+
+def _load(image: Path, size: int) -> Tensor:
+    """The image as float 1×3×size×size in [0, 1]: short side resized to size, centre-cropped."""
+    try:
+        with Image.open(image) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SelfsupError(f"cannot read image {image}: expected an image file ({e})") from e
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top : top + size, left : left + size].clamp(0, 1)
+
+
+def _show(ax: Axes, img: Tensor, title: str | None = None) -> None:
+    """Draw one C×H×W float image (gray when C=1) without axes."""
+    arr = img.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        ax.imshow(arr[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(arr)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    return out
+
+
+def augment_preview(image: str | Path, out: str | Path, *, size: int = 224, seed: int = 0) -> Path:
+    """Save a PNG grid of the image and each augmentation applied to it, labelled."""
+    x = _load(Path(image), size)
+    g = torch.Generator().manual_seed(seed)
+    views = [("Original", x)]
+    for label, recipe in _PANELS:
+        if recipe is None:  # a visible rotation: never the 0° the rotation op may pick
+            k = int(torch.randint(1, 4, (1,), generator=g))
+            views.append((label, torch.rot90(x, k, dims=(2, 3))))
+        else:
+            views.append((label, build_recipe(recipe, (size, size), 3)(x, g)))
+    fig = Figure(figsize=(2.2 * 5, 2.4 * 2))
+    for ax, (label, v) in zip(fig.subplots(2, 5).flat, views, strict=True):
+        _show(ax, v[0], label)
+    return _save(fig, out)
+
+
+def view_grid(x: Tensor, views: Sequence[Tensor], out: str | Path, *, n: int = 8) -> Path:
+    """Save a PNG with one row per image (the first n of batch `x`, uint8 or float [0, 1]): the
+    image, then its augmented views (`views`: float [0, 1] batches aligned with `x`)."""
+    n = min(n, len(x))
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    fig = Figure(figsize=(1.6 * (1 + len(views)), 1.6 * n))
+    axes = np.asarray(fig.subplots(n, 1 + len(views), squeeze=False))
+    for i in range(n):
+        _show(axes[i, 0], x[i], "image" if i == 0 else None)
+        for j, v in enumerate(views, 1):
+            _show(axes[i, j], v[i], f"view {j}" if i == 0 else None)
+    return _save(fig, out)

@@ -1,0 +1,102 @@
+"""Named augmentation pipelines built from the batched ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.augment import ops
+from selfsup.errors import SelfsupError
+
+OPS: dict[str, Callable[..., Tensor]] = {
+    "crop": ops.random_resized_crop,
+    "flip": ops.horizontal_flip,
+    "color-jitter": ops.color_jitter,
+    "color-drop": ops.grayscale,
+    "rotation": ops.rotation,
+    "cutout": ops.cutout,
+    "noise": ops.gaussian_noise,
+    "blur": ops.gaussian_blur,
+    "sobel": ops.sobel,
+}
+
+Step = tuple[str, dict[str, Any]]
+
+
+class Augment(nn.Module):
+    """A pipeline of (op name, params) steps: `Augment([("crop", {"size": 32}), ("flip", {})])`.
+
+    forward(x, g) takes uint8 (scaled by 1/255) or float [0, 1] B×C×H×W and returns float [0, 1].
+    """
+
+    def __init__(self, steps: Sequence[Step]) -> None:
+        super().__init__()
+        unknown = [name for name, _ in steps if name not in OPS]
+        if unknown:
+            raise SelfsupError(f"unknown augment op {unknown[0]!r}; expected one of {list(OPS)}")
+        self.steps = [(name, dict(params)) for name, params in steps]
+
+    def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        for name, params in self.steps:
+            x = OPS[name](x, g, **params)
+        return x
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}{params or ''}" for name, params in self.steps)
+
+
+def _simclr(size: tuple[int, int], channels: int) -> list[Step]:
+    steps: list[Step] = [
+        ("crop", {"size": size}),
+        ("flip", {}),
+        ("color-jitter", {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}),
+    ]
+    if channels > 1:  # colour drop of a gray image is the identity
+        steps.append(("color-drop", {"p": 0.2}))
+    if min(size) >= 64:  # SimCLR skips blur on CIFAR-sized images
+        steps.append(("blur", {"p": 0.5}))
+    return steps
+
+
+def _digits(size: tuple[int, int], channels: int) -> list[Step]:
+    """For small gray digits and characters: no flips (they change a character's meaning) and
+    milder crops than SimCLR's, so an 8x8 digit keeps its identity."""
+    return [
+        ("crop", {"size": size, "scale": (0.3, 1.0)}),
+        ("color-jitter", {"brightness": 0.4, "contrast": 0.4, "saturation": 0.0, "hue": 0.0}),
+        ("noise", {"std": 0.1, "p": 0.5}),
+    ]
+
+
+def _single(name: str, **params: Any) -> Callable[[tuple[int, int], int], list[Step]]:
+    return lambda size, channels: [(name, params)]
+
+
+# name -> (image_size, channels) -> steps. Single-op recipes (for previews and ablations) apply
+# their op to every sample (p=1).
+RECIPES: dict[str, Callable[[tuple[int, int], int], list[Step]]] = {
+    "simclr": _simclr,
+    "digits": _digits,
+    "light": lambda size, channels: [("crop", {"size": size, "scale": (0.5, 1.0)}), ("flip", {})],
+    "none": lambda size, channels: [],
+    "crop": lambda size, channels: [("crop", {"size": size})],
+    "flip": _single("flip", p=1.0),
+    "color-drop": _single("color-drop", p=1.0),
+    "color-jitter": _single("color-jitter", p=1.0),
+    "rotation": _single("rotation", p=1.0),
+    "cutout": _single("cutout", p=1.0),
+    "noise": _single("noise", p=1.0),
+    "blur": _single("blur", p=1.0),
+    "sobel": _single("sobel"),
+}
+
+
+def build_recipe(name: str, image_size: tuple[int, int], channels: int) -> Augment:
+    """The named recipe for images of `image_size` (H, W) with `channels` channels."""
+    if name not in RECIPES:
+        raise SelfsupError(f"unknown augmentation recipe {name!r}; expected one of {list(RECIPES)}")
+    return Augment(RECIPES[name](tuple(image_size), channels))

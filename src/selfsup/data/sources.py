@@ -1,0 +1,335 @@
+"""`--data` specs -> (train, test) ImageData: digits, npz files, image folders, torchvision sets."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from selfsup.data.images import ImageData
+from selfsup.data.transforms import square_resize
+from selfsup.errors import SelfsupError
+
+TORCHVISION = {
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "stl10": "STL10",
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "svhn": "SVHN",
+}
+SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, " + ", ".join(TORCHVISION)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IN_MEMORY_BYTES = 2 * 1024**3  # folders decoding to less than this (as uint8) are held in memory
+MAX_DEFAULT_SIZE = 224  # cap on the default folder image size (the first image's short side)
+
+Split = tuple[ImageData, ImageData | None]
+
+
+def stratified_indices(
+    y: np.ndarray | torch.Tensor | None, n: int, seed: int | None = 0
+) -> np.ndarray:
+    """`n` sorted indices with each class's share proportional to its size (largest remainder).
+
+    Within a class: the first ones in order when `seed` is None, else a random draw seeded with
+    `seed`. `y` None (no labels, length unknown here) -> `arange(n)`; `n >= len(y)` -> all.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if y is None:
+        return np.arange(n)
+    y = np.asarray(y)
+    if n >= len(y):
+        return np.arange(len(y))
+    labels, counts = np.unique(y, return_counts=True)
+    share = n * counts / len(y)
+    take = np.floor(share).astype(int)
+    take[np.argsort(take - share, kind="stable")[: n - take.sum()]] += 1
+    rng = None if seed is None else np.random.default_rng(seed)
+    chosen = []
+    for label, k in zip(labels, take, strict=True):
+        idx = np.flatnonzero(y == label)
+        chosen.append(idx[:k] if rng is None else rng.choice(idx, k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---- digits ----------------------------------------------------------------------------------
+
+
+def _load_digits() -> Split:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None]
+    y = torch.from_numpy(d.target.astype(np.int64))
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
+    classes = [str(i) for i in range(10)]
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return (
+        ImageData(x[tr], y[tr], classes, "digits"),
+        ImageData(x[te], y[te], classes, "digits"),
+    )
+
+
+# ---- npz -------------------------------------------------------------------------------------
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    """(x uint8 N×C×H×W, y int64 or None, classes or None) from one .npz file, validated."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise SelfsupError(f"{path}: a single .npy array, expected an .npz with 'x'")
+            if "x" not in z.files:
+                raise SelfsupError(f"{path}: no 'x' array (found keys: {', '.join(z.files)})")
+            x = z["x"]
+            y = z["y"] if "y" in z.files else None
+            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise SelfsupError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
+    if x.dtype != np.uint8:
+        raise SelfsupError(f"{path}: 'x' has dtype {x.dtype}, expected uint8")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise SelfsupError(f"{path}: 'x' has shape {x.shape}, expected N×H×W×C (C 1 or 3) or N×H×W")
+    if y is not None:
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise SelfsupError(
+                f"{path}: 'y' has shape {y.shape} and dtype {y.dtype}, "
+                f"expected {len(x)} integer labels (one per image)"
+            )
+        if classes is not None and len(y) and not -1 <= y.min() <= y.max() < len(classes):
+            k = len(classes)
+            raise SelfsupError(f"{path}: 'y' has labels outside -1..{k - 1} ({k} classes)")
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    return xt, None if y is None else torch.from_numpy(y.astype(np.int64)), classes
+
+
+def _concat_npz(files: list[Path], name: str) -> ImageData:
+    parts = [_read_npz(f) for f in files]
+    for f, (x, _, _) in zip(files, parts, strict=True):
+        if x.shape[1:] != parts[0][0].shape[1:]:
+            raise SelfsupError(
+                f"{f}: images are {tuple(x.shape[1:])} (C×H×W) but {files[0].name} has "
+                f"{tuple(parts[0][0].shape[1:])}"
+            )
+    x = torch.cat([p[0] for p in parts])
+    labelled = any(p[1] is not None for p in parts)
+    y = (
+        torch.cat([p[1] if p[1] is not None else torch.full((len(p[0]),), -1) for p in parts])
+        if labelled
+        else None
+    )
+    classes = next((p[2] for p in parts if p[2] is not None), None)
+    return ImageData(x, y, classes, name)
+
+
+def _load_npz(arg: str, spec: str) -> Split:
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return _concat_npz([path], spec), None
+    if not path.is_dir():
+        raise SelfsupError(f"--data {spec}: {path} does not exist (expected an .npz or a folder)")
+    train_files = sorted(path.glob("train*.npz"))
+    if not train_files:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise SelfsupError(f"{path}: no train*.npz files (found: {found})")
+    train = _concat_npz(train_files, spec)
+    test = _concat_npz([path / "test.npz"], spec) if (path / "test.npz").is_file() else None
+    if test is not None and test.classes is None:
+        test.classes = train.classes
+    return train, test
+
+
+# ---- image folders ---------------------------------------------------------------------------
+
+
+def _decode(path: str) -> torch.Tensor:
+    """One image file -> uint8 3×H×W (torchvision.io, falling back to PIL)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception:  # formats or variants torchvision cannot decode: let PIL try
+        pass
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise SelfsupError(f"{path}: cannot decode image ({_one_line(e)})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+class FolderImages(Dataset):
+    """Image files decoded on demand: item i -> (uint8 3×size×size, int label)."""
+
+    def __init__(self, paths: list[str], labels: list[int], size: int) -> None:
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return square_resize(_decode(self.paths[i]), self.size), self.labels[i]
+
+
+def _images_under(d: Path, recursive: bool) -> list[Path]:
+    files = d.rglob("*") if recursive else d.iterdir()
+    return sorted(
+        p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def _scan(
+    root: Path, classes: list[str] | None
+) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """Class sub-folders (those holding images) -> (paths, labels, classes); else flat images."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_class = {d.name: imgs for d in subdirs if (imgs := _images_under(d, recursive=True))}
+    if not by_class:
+        paths = _images_under(root, recursive=False)
+        if not paths:
+            exts = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+            raise SelfsupError(f"{root}: no images ({exts}) in it or in class sub-folders")
+        return paths, None, classes
+    classes = classes or list(by_class)
+    unknown = sorted(set(by_class) - set(classes))
+    if unknown:
+        raise SelfsupError(f"{root}: class folders {unknown} are not among the train classes")
+    paths, labels = [], []
+    for name, imgs in by_class.items():
+        paths += imgs
+        labels += [classes.index(name)] * len(imgs)
+    return paths, labels, classes
+
+
+def _folder_split(
+    root: Path, classes: list[str] | None, size: int | None, limit: int | None, name: str
+) -> tuple[ImageData, int]:
+    paths, labels, classes = _scan(root, classes)
+    if limit is not None:
+        keep = stratified_indices(labels, min(limit, len(paths)), seed=None)  # before decoding
+        paths = [paths[i] for i in keep]
+        labels = None if labels is None else [labels[i] for i in keep]
+    if size is None:
+        size = min(*_decode(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
+    y = None if labels is None else torch.tensor(labels, dtype=torch.long)
+    ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
+    if len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
+        return ImageData(None, y, classes, name, lazy=ds), size
+    x = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
+    for i in tqdm(range(len(ds)), desc=f"decoding {root}", unit="img", disable=None):
+        x[i] = ds[i][0]
+    return ImageData(x, y, classes, name), size
+
+
+def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None) -> Split:
+    root = Path(arg).expanduser()
+    if not root.is_dir():
+        raise SelfsupError(f"--data {spec}: {root} is not a folder")
+    if not (root / "train").is_dir():
+        return _folder_split(root, None, image_size, limit, spec)[0], None
+    train, size = _folder_split(root / "train", None, image_size, limit, spec)
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if test_root is None:
+        return train, None
+    return train, _folder_split(test_root, train.classes, size, None, spec)[0]
+
+
+# ---- torchvision -----------------------------------------------------------------------------
+
+
+def data_root(data_dir: str | None) -> Path:
+    """Torchvision root: `data_dir`, else $SELFSUP_DATA, else ~/.cache/selfsup/data."""
+    return Path(data_dir or os.environ.get("SELFSUP_DATA") or "~/.cache/selfsup/data").expanduser()
+
+
+def _torchvision_split(name: str, root: Path, train: bool, download: bool) -> ImageData:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[name])
+    if name in ("stl10", "svhn"):  # labeled 'train'/'test' splits; svhn labels are already 0..9
+        kwargs: dict = {"split": "train" if train else "test"}
+    else:
+        kwargs = {"train": train}
+    try:
+        ds = cls(str(root), download=download, **kwargs)
+    except (RuntimeError, OSError) as e:
+        if not download:
+            raise SelfsupError(
+                f"{name}: not found under {root}; pass --download to fetch it"
+            ) from None
+        raise SelfsupError(f"{name}: download to {root} failed ({_one_line(e)})") from None
+    x = torch.as_tensor(np.asarray(ds.data))
+    if x.ndim == 3:  # MNIST-like: N×H×W
+        x = x[:, None]
+    elif name in ("cifar10", "cifar100"):  # N×H×W×C
+        x = x.permute(0, 3, 1, 2)
+    y = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels))
+    classes = list(getattr(ds, "classes", [str(i) for i in range(10)]))
+    return ImageData(x.contiguous(), y.long(), classes, name)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def load_splits(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    limit: int | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> Split:
+    """(train, test) for a `--data` spec; test is None when the source has no test split.
+
+    `limit` keeps the stratified first `limit` train samples. `image_size` resizes to a square
+    (centre crop + resize): folder images always get one size, by default the first image's short
+    side capped at MAX_DEFAULT_SIZE; other sources keep their size unless `image_size` is given.
+    `seed` is accepted for interface stability: every current split is fixed.
+    """
+    del seed
+    if limit is not None and limit < 1:
+        raise SelfsupError(f"--limit must be at least 1, got {limit}")
+    if image_size is not None and image_size < 1:
+        raise SelfsupError(f"--image-size must be at least 1, got {image_size}")
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in ("npz", "folder") and arg:
+        train, test = (
+            _load_npz(arg, spec) if kind == "npz" else _load_folder(arg, spec, image_size, limit)
+        )
+    elif spec.lower() == "digits":
+        train, test = _load_digits()
+    elif spec.lower() in TORCHVISION:
+        root = data_root(data_dir)
+        train, test = (_torchvision_split(spec.lower(), root, t, download) for t in (True, False))
+    else:
+        hint = f"; {spec} is a path: use npz:{spec} or folder:{spec}" if Path(spec).exists() else ""
+        raise SelfsupError(f"unknown --data {spec!r}: expected one of {SPECS}{hint}")
+    if limit is not None:
+        train = train.subset(stratified_indices(train.y, min(limit, len(train)), seed=None))
+    if image_size is not None:
+        train, test = (_resized(d, image_size) for d in (train, test))
+    return train, test
+
+
+def _resized(data: ImageData | None, size: int) -> ImageData | None:
+    if data is None or data.x is None or data.image_size == (size, size):
+        return data
+    return ImageData(square_resize(data.x, size), data.y, data.classes, data.name)

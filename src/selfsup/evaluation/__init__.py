@@ -1,0 +1,24 @@
+"""Evaluating representations: frozen-feature probes, fine-tuning and few-label comparisons."""
+
+from .features import extract_features
+from .few_label import few_label_evaluation, labeled_subset
+from .finetune import Classifier, classifier_accuracy, finetune, fit_classifier
+from .probes import kmeans_scores, knn_accuracy, linear_probe
+from .report import format_table, plot_few_label, summarize, write_results
+
+__all__ = [
+    "Classifier",
+    "classifier_accuracy",
+    "extract_features",
+    "few_label_evaluation",
+    "finetune",
+    "fit_classifier",
+    "format_table",
+    "kmeans_scores",
+    "knn_accuracy",
+    "labeled_subset",
+    "linear_probe",
+    "plot_few_label",
+    "summarize",
+    "write_results",
+]

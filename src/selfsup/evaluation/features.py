@@ -1,0 +1,56 @@
+"""Frozen-encoder feature extraction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from selfsup.data.images import ImageData
+
+
+def iter_images(data: ImageData, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 batches of `data` in order: slices when in memory, DataLoader workers when lazy."""
+    if data.x is not None:
+        for start in range(0, len(data), batch_size):
+            yield data.x[start : start + batch_size]
+    else:
+        loader = DataLoader(data.lazy, batch_size=batch_size, num_workers=2)  # type: ignore[arg-type]
+        for x, _ in loader:
+            yield x
+
+
+def extract_features(
+    encoder: nn.Module,
+    data: ImageData,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """`encoder(images)` for all of `data` as float32 N×D, in eval mode without gradients.
+
+    The encoder is moved to `device`; its training mode is restored afterwards.
+    """
+    was_training = encoder.training
+    encoder.eval().to(device)
+    chunks = []
+    batches = tqdm(
+        iter_images(data, batch_size),
+        total=math.ceil(len(data) / batch_size),
+        desc=f"features {data.name}",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        with torch.inference_mode():
+            for x in batches:
+                chunks.append(encoder(x.to(device)).float().flatten(1).cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(chunks).numpy()

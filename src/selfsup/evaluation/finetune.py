@@ -1,0 +1,171 @@
+"""Fine-tuning a copy of an encoder plus a linear head: all of it, its last K blocks or none."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from selfsup.augment import build_recipe
+from selfsup.data.images import ImageData
+from selfsup.errors import NonFiniteLossError, SelfsupError
+
+from .features import extract_features
+
+
+class Classifier(nn.Module):
+    """An encoder followed by a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+        nn.init.zeros_(self.head.weight)  # deterministic without touching the global RNG
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def _trainable_modules(encoder: nn.Module, trainable: str) -> list[nn.Module]:
+    """The encoder modules to train for a --finetune value ("all", "none" or "last-K")."""
+    if trainable == "all":
+        return [encoder]
+    if trainable == "none":
+        return []
+    blocks = list(encoder.blocks())
+    match = re.fullmatch(r"last-(\d+)", trainable)
+    if match is None or not 1 <= int(match[1]) <= len(blocks):
+        raise SelfsupError(
+            f"--finetune: expected 'all', 'none' or 'last-K' with 1 <= K <= {len(blocks)}, "
+            f"got {trainable!r}"
+        )
+    return blocks[-int(match[1]) :]
+
+
+def _num_classes(*datasets: ImageData) -> int:
+    return max(max(len(d.classes or []), int(d.y.max()) + 1) for d in datasets if d.y is not None)
+
+
+def fit_classifier(
+    encoder: nn.Module,
+    train: ImageData,
+    *,
+    num_classes: int | None = None,
+    trainable: str = "all",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: str = "light",
+    steps: int | None = None,
+    optimizer: str = "adamw",
+    weight_decay: float = 1e-4,
+    progress: bool = False,
+) -> Classifier:
+    """Train a copy of `encoder` plus a linear head on the labeled part of `train`.
+
+    Frozen encoder parts get no gradients and stay in eval mode (BN statistics, dropout).
+    `steps`, when given, replaces `epochs` by ceil(steps / steps_per_epoch) epochs. Shuffling and
+    augmentation use generators seeded with `seed`, so a seed gives the same model.
+    """
+    if optimizer not in ("adamw", "sgd"):
+        raise SelfsupError(f"finetune optimizer: expected 'adamw' or 'sgd', got {optimizer!r}")
+    if not train.has_labels:
+        raise SelfsupError(f"finetune: the training data {train.name!r} has no labels")
+    train = train.subset(torch.nonzero(train.y >= 0).flatten())  # type: ignore[operator]
+    encoder = copy.deepcopy(encoder)
+    live = _trainable_modules(encoder, trainable)
+    encoder.requires_grad_(False)
+    for module in live:
+        module.requires_grad_(True)
+    live_ids = {id(m) for module in live for m in module.modules()}
+    frozen = [m for m in encoder.modules() if id(m) not in live_ids]
+    model = Classifier(encoder, num_classes or _num_classes(train)).to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    )
+    bs = min(batch_size, len(train))
+    steps_per_epoch = len(train) // bs
+    if steps is not None:
+        epochs = math.ceil(steps / steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    aug = build_recipe(augment, train.image_size, train.channels).to(device)
+    shuffle_g = torch.Generator().manual_seed(seed)
+    aug_g = torch.Generator(device=device).manual_seed(seed)
+
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"finetune {trainable}", disable=not progress)
+    for _ in range(epochs):
+        model.train()
+        for module in frozen:
+            module.training = False
+        perm = torch.randperm(len(train), generator=shuffle_g)[: steps_per_epoch * bs]
+        for idx in perm.view(steps_per_epoch, bs):
+            x = aug(train.images(idx).to(device), aug_g)
+            loss = F.cross_entropy(model(x), train.y[idx].to(device))  # type: ignore[index]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"finetune: loss became {loss.item()}; try a lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+    bar.close()
+    return model.eval()
+
+
+def classifier_accuracy(
+    model: nn.Module, data: ImageData, *, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> float:
+    """Accuracy of `model`'s argmax prediction on the labeled part of `data`."""
+    logits = extract_features(model, data, batch_size=batch_size, device=device, progress=False)
+    y = data.y.numpy()  # type: ignore[union-attr]
+    return float(np.mean(logits.argmax(1)[y >= 0] == y[y >= 0]))
+
+
+def finetune(
+    encoder: nn.Module,
+    train: ImageData,
+    test: ImageData,
+    *,
+    trainable: str = "all",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: str = "light",
+    steps: int | None = None,
+    optimizer: str = "adamw",
+    progress: bool = False,
+) -> float:
+    """Test accuracy after fine-tuning a copy of `encoder` (see `fit_classifier`)."""
+    if not test.has_labels:
+        raise SelfsupError(f"finetune: the test data {test.name!r} has no labels")
+    model = fit_classifier(
+        encoder,
+        train,
+        num_classes=_num_classes(train, test),
+        trainable=trainable,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        augment=augment,
+        steps=steps,
+        optimizer=optimizer,
+        progress=progress,
+    )
+    return classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)

@@ -1,0 +1,97 @@
+"""The machinery every method shares: encoder, views, optimizer, schedule, online linear probe.
+
+A method only says how a batch of uint8 images becomes a loss (`pretext_loss`); the rest --
+devices, precision, checkpoints, resume, logging, progress bars -- comes from Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.augment import build_recipe
+from selfsup.config import PretrainConfig
+from selfsup.errors import NonFiniteLossError
+from selfsup.models import Encoder
+from selfsup.optim import build_optimizer, parameter_groups, warmup_cosine
+
+
+class Method(L.LightningModule):
+    """Base class: subclasses set up their heads in `__init__` and implement `pretext_loss`."""
+
+    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.data_info = data_info
+        self.encoder = Encoder(**data_info["encoder"])
+        dataset = data_info["dataset"]
+        self.views = build_recipe(config.recipe, tuple(dataset["image_size"]), dataset["channels"])
+        num_classes = dataset["num_classes"]
+        self.probe = (
+            nn.Linear(self.encoder.feature_dim, num_classes)
+            if config.online_probe and num_classes > 1
+            else None
+        )
+
+    def pretext_loss(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(loss, encoder features of the un-projected first view for the online probe)."""
+        raise NotImplementedError
+
+    def step_generator(self) -> torch.Generator:
+        """A generator seeded by (seed, step, rank): a resumed run draws the same views."""
+        seed = self.config.seed * 1_000_003 + self.global_step * 7_919 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, features = self.pretext_loss(x, self.step_generator())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the {self.config.method} loss became {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); lower --lr or raise --temperature"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        total = loss
+        labeled = y >= 0
+        if self.probe is not None and labeled.any():
+            logits = self.probe(features.detach()[labeled].float())
+            probe_loss = F.cross_entropy(logits, y[labeled])
+            accuracy = (logits.argmax(1) == y[labeled]).float().mean()
+            self.log("train/probe_acc", accuracy, prog_bar=True)
+            total = total + probe_loss
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return total
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        if self.probe is None or not (y >= 0).any():
+            return
+        logits = self.probe(self.encoder(x).float())[y >= 0]
+        accuracy = (logits.argmax(1) == y[y >= 0]).float().mean()
+        self.log("val/probe_acc", accuracy, prog_bar=True, batch_size=int((y >= 0).sum()))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(
+            [m for name, m in self.named_children() if name != "probe"], self.config.weight_decay
+        )
+        if self.probe is not None:  # the probe learns on its own, without weight decay
+            groups.append(
+                {"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True}
+            )
+        optimizer = build_optimizer(self.config.optimizer, groups, self.config.resolved_lr())
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total, round(self.config.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(max(1, warmup), total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def run_config(self) -> dict[str, Any]:
+        """What config.yaml holds: the user's options plus what was learned about the data."""
+        return {**asdict(self.config), **self.data_info}

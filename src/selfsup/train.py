@@ -1,0 +1,255 @@
+"""`pretrain()`: data -> method -> Lightning Trainer -> run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from selfsup import run as rundir
+from selfsup.augment import RECIPES
+from selfsup.config import PretrainConfig
+from selfsup.data import ImageData, batch_loader, load_splits
+from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.methods import METHODS, get_method
+from selfsup.methods.base import Method
+from selfsup.models import BACKBONES
+from selfsup.optim import OPTIMIZERS
+
+STATS_SAMPLES = 10_000
+
+
+def pretrain(
+    config: PretrainConfig | None = None, *, command: str | None = None, **options: Any
+) -> Path:
+    """Pretrain a self-supervised encoder; returns the run directory.
+
+    `selfsup.pretrain(method="simclr", data="digits", epochs=5)` is the same as
+    `selfsup pretrain simclr --data digits --epochs 5`. `command` is recorded in
+    RUN/command.txt (the CLI passes its command line; by default the equivalent Python call).
+    """
+    config = dataclasses.replace(config or PretrainConfig(), **options)
+    command = command or _python_call(config)
+    if config.resume:
+        config, checkpoint = _resume_config(config)
+    else:
+        checkpoint = None
+    _check_names(config)
+
+    train, test = load_splits(
+        config.data,
+        data_dir=config.data_dir,
+        download=config.download,
+        limit=config.limit,
+        image_size=config.image_size,
+        seed=config.seed,
+    )
+    if len(train) < config.batch_size:
+        raise SelfsupError(
+            f"--data {config.data} has {len(train)} training images, fewer than one batch "
+            f"(--batch-size {config.batch_size}); lower --batch-size"
+        )
+    data_info = _data_info(config, train)
+    run = Path(config.out) if config.out else rundir.default_run_dir(config.method, config.data)
+    if checkpoint is None:
+        _claim_run_dir(run)
+    config = dataclasses.replace(config, out=str(run))
+
+    L.seed_everything(config.seed, verbose=False)
+    method = get_method(config.method)(config, data_info)
+    if checkpoint is None:
+        rundir.write_config(run, method.run_config())
+    rundir.write_command(run, command)
+
+    trainer = _trainer(config, run, train)
+    loaders = _loaders(config, train, test)
+    try:
+        trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
+    except NonFiniteLossError as e:
+        last = rundir.last_checkpoint(run)
+        kept = f"; the last good checkpoint is {last}" if last else "; no epoch had finished"
+        raise SelfsupError(f"{e}{kept}") from None
+    return run
+
+
+def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str]:
+    run = Path(config.resume)  # type: ignore[arg-type]
+    saved = rundir.read_config(run)
+    checkpoint = rundir.last_checkpoint(run)
+    if checkpoint is None:
+        raise SelfsupError(f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} to resume")
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    resumed = PretrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    # Only the length of training may change on resume (to extend a finished run).
+    epochs = config.epochs if config.epochs != PretrainConfig.epochs else resumed.epochs
+    return dataclasses.replace(resumed, out=str(run), resume=None, epochs=epochs), str(checkpoint)
+
+
+def _python_call(config: PretrainConfig) -> str:
+    changed = [
+        f"{f.name}={getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default
+    ]
+    return f"selfsup.pretrain({', '.join(changed)})"
+
+
+def _check_names(config: PretrainConfig) -> None:
+    for option, value, valid in [
+        ("method", config.method, METHODS),
+        ("--backbone", config.backbone, BACKBONES),
+        ("--optimizer", config.optimizer, OPTIMIZERS),
+        ("--recipe", config.recipe, RECIPES),
+    ]:
+        if value not in valid:
+            raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
+    for option, value in [("--epochs", config.epochs), ("--batch-size", config.batch_size)]:
+        if value < 1:
+            raise SelfsupError(f"{option} must be at least 1, got {value}")
+    if config.temperature <= 0:
+        raise SelfsupError(f"--temperature must be positive, got {config.temperature}")
+
+
+def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
+    """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
+    sample = train.images(torch.randperm(len(train))[:STATS_SAMPLES].sort().values).float() / 255
+    mean = sample.mean(dim=(0, 2, 3)).tolist()
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    h, w = train.image_size
+    small = config.small_images if config.small_images is not None else max(h, w) <= 64
+    return {
+        "dataset": {
+            "channels": train.channels,
+            "image_size": [h, w],
+            "num_classes": len(train.classes) if train.classes and train.has_labels else 0,
+            "classes": list(train.classes) if train.classes else None,
+            "train_size": len(train),
+        },
+        "encoder": {
+            "backbone": config.backbone,
+            "in_channels": train.channels,
+            "small_images": small,
+            "mean": mean,
+            "std": std,
+        },
+    }
+
+
+def _claim_run_dir(run: Path) -> None:
+    if run.exists() and any(run.iterdir()):
+        raise SelfsupError(
+            f"run directory {run} already exists and is not empty; pass --resume {run} to "
+            "continue it or choose another --out"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+
+
+def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -> list:
+    loaders = [
+        batch_loader(
+            train,
+            config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=config.seed,
+            num_workers=config.num_workers,
+        )
+    ]
+    if config.online_probe and test is not None and test.has_labels:
+        loaders.append(
+            batch_loader(
+                test,
+                config.batch_size,
+                shuffle=False,
+                drop_last=False,
+                num_workers=config.num_workers,
+            )
+        )
+    return loaders
+
+
+def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
+    on_gpu = config.accelerator in ("gpu", "cuda") or (
+        config.accelerator == "auto" and torch.cuda.is_available()
+    )
+    precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
+    steps_per_epoch = len(train) // config.batch_size
+    loggers: list = [CSVLogger(save_dir=run, name="", version="")]
+    if _tensorboard_available():
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=run, name="tensorboard", version=""))
+    return L.Trainer(
+        default_root_dir=run,
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=devices,
+        precision=precision,
+        logger=loggers,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        callbacks=[
+            # Lightning writes checkpoints atomically (temporary file, then rename).
+            ModelCheckpoint(
+                dirpath=run / rundir.CHECKPOINTS,
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                save_last=True,
+                save_top_k=1,
+            ),
+            ExportEncoder(run),
+            SaveViews(run),
+            TQDMProgressBar(leave=True),
+        ],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class ExportEncoder(Callback):
+    """Writes RUN/encoder.safetensors after every training epoch."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / rundir.ENCODER
+
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if trainer.is_global_zero:
+            rundir.export_encoder(method.encoder, self.path)
+
+
+class SaveViews(Callback):
+    """Draws RUN/samples/views.png: a few training images and their augmented views."""
+
+    def __init__(self, run: Path, count: int = 8) -> None:
+        self.path, self.count = run / "samples" / "views.png", count
+
+    def on_train_start(self, trainer: L.Trainer, method: Method) -> None:
+        if not trainer.is_global_zero or self.path.exists():
+            return
+        from selfsup.augment.preview import view_grid
+
+        x, _ = next(iter(trainer.train_dataloader))
+        x = x[: self.count].to(method.device)
+        g = torch.Generator(device=method.device).manual_seed(method.config.seed)
+        with torch.no_grad():
+            views = [method.views(x, g) for _ in range(2)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        view_grid(x.cpu(), [v.cpu() for v in views], self.path)

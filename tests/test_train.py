@@ -1,0 +1,130 @@
+"""Pretraining end to end on digits: it learns, resumes exactly, and faults keep checkpoints."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import selfsup
+from selfsup.errors import SelfsupError
+from selfsup.methods.simclr import SimCLR
+
+QUICK = dict(data="digits", limit=512, batch_size=128, epochs=2, backbone="convnet")
+
+
+def test_simclr_probe_beats_random_init_on_digits(tmp_path: Path) -> None:
+    run = selfsup.pretrain(
+        method="simclr",
+        data="digits",
+        batch_size=256,
+        epochs=25,
+        lr=2e-3,
+        temperature=0.2,
+        recipe="digits",
+        out=str(tmp_path / "run"),
+    )
+    results = selfsup.evaluate(run, fractions="0.1", seeds=2, baselines="random", kmeans=False)
+    accuracy = {
+        method: np.mean([r["accuracy"] for r in results["few_label"] if r["method"] == method])
+        for method in ("selfsup", "random")
+    }
+    assert accuracy["selfsup"] > accuracy["random"] + 0.04, accuracy
+
+
+def test_run_directory_holds_everything(tmp_path: Path) -> None:
+    run = selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **QUICK)
+    for name in [
+        "config.yaml",
+        "command.txt",
+        "metrics.csv",
+        "encoder.safetensors",
+        "checkpoints/last.ckpt",
+        "samples/views.png",
+    ]:
+        assert (run / name).is_file(), name
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * (512 // 128)
+    with open(run / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert "train/loss" in columns and "val/probe_acc" in columns
+
+    encoder = selfsup.load(run)
+    exported = load_file(run / "encoder.safetensors")
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(value, exported[name])
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert encoder(x).shape == (4, encoder.feature_dim)
+
+    features, labels = selfsup.embed(run, split="test")
+    assert features.shape == (360, encoder.feature_dim) and labels.shape == (360,)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight = selfsup.pretrain(method="simclr", out=str(tmp_path / "straight"), **QUICK)
+    halted = selfsup.pretrain(
+        method="simclr", out=str(tmp_path / "halted"), **{**QUICK, "epochs": 1}
+    )
+    resumed = selfsup.pretrain(resume=str(halted), epochs=2)
+    assert resumed == halted
+    a = load_file(straight / "encoder.safetensors")
+    b = load_file(resumed / "encoder.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    checkpoint = torch.load(resumed / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 * (512 // 128)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SimCLR.pretext_loss
+
+    def poisoned(self, x, g):
+        loss, features = original(self, x, g)
+        return (loss * float("nan") if self.current_epoch == 1 else loss), features
+
+    monkeypatch.setattr(SimCLR, "pretext_loss", poisoned)
+    with pytest.raises(SelfsupError, match=r"loss became nan at step 4 \(epoch 1\).*last good"):
+        selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **QUICK)
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backbone": "vgg"}, "--backbone 'vgg' is unknown"),
+        ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop' is unknown"),
+        ({"recipe": "wild"}, "--recipe 'wild' is unknown"),
+        ({"data": "imagenet-1k"}, "imagenet-1k"),
+        ({"limit": 100, "batch_size": 256}, "fewer than one batch"),
+        ({"temperature": 0.0}, "--temperature must be positive"),
+    ],
+)
+def test_bad_options_give_one_line_and_write_nothing(
+    tmp_path: Path, options: dict, message: str
+) -> None:
+    with pytest.raises(SelfsupError, match=message) as info:
+        selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **{**QUICK, **options})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfsupError, match="already exists"):
+        selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **QUICK)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_checkpoint_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(SelfsupError, match="does not exist"):
+        selfsup.pretrain(resume=str(tmp_path / "nowhere"))
