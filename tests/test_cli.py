@@ -79,6 +79,11 @@ def test_pretrain_embed_evaluate_from_the_command_line(tmp_path: Path, capsys) -
         (["evaluate", "/no/such/run"], "/no/such/run"),
         (["embed", "/no/such/run", "-o", "x.npy"], "/no/such/run"),
         (["augment-preview", "/no/such/image.png"], "/no/such/image.png"),
+        (["evaluate", "runs/x", "--fractions", "1%"], "--fractions '1%'"),
+        (["evaluate", "runs/x", "--fractions", "0,0.5"], "--fractions"),
+        (["evaluate", "runs/x", "--baselines", "linear"], "--baselines"),
+        (["evaluate", "runs/x", "--probe", "svm"], "--probe"),
+        (["evaluate", "runs/x", "--seeds", "0"], "--seeds"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(argv: list[str], message: str, capsys) -> None:

@@ -128,3 +128,29 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_is_explained(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="does not exist"):
         selfsup.pretrain(resume=str(tmp_path / "nowhere"))
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")
+def test_transfer_evaluation_on_another_dataset_with_finetuning(tmp_path: Path) -> None:
+    run = selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **QUICK)
+    results = selfsup.evaluate(
+        run,
+        data=f"npz:{SHARED_DATA / 'mnist' / 'test.npz'}",
+        limit=600,
+        fractions="1.0",
+        seeds=1,
+        baselines="raw",
+        finetune="last-1",
+        supervised_steps=100,
+        kmeans=True,
+    )
+    # MNIST's 28×28 images are resized to the encoder's 8×8; no test split -> 20% held out.
+    assert (results["train_size"], results["test_size"]) == (480, 120)
+    methods = {row["method"] for row in results["few_label"]}
+    assert methods == {"selfsup", "raw", "finetune (last-1)"}
+    assert all(0.3 < row["accuracy"] <= 1 for row in results["few_label"])
+    assert 0 < results["kmeans"]["nmi"] <= 1
+    assert (Path(results["out"]) / "embeddings.png").is_file()

@@ -16,11 +16,14 @@ from selfsup.config import EvalConfig
 from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import (
+    check_options,
     extract_features,
     few_label_evaluation,
+    finetune,
     format_table,
     kmeans_scores,
     knn_accuracy,
+    labeled_subset,
     linear_probe,
     plot_few_label,
     write_results,
@@ -58,6 +61,8 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     Returns a dict with the results (also written as JSON/CSV next to the plots).
     """
     config = dataclasses.replace(config or EvalConfig(), **options)
+    seeds = tuple(range(config.seeds))
+    check_options(config.fraction_list(), seeds, config.baseline_list(), config.probe)
     run = Path(run)
     run_config = rundir.read_config(run)
     encoder = load(run)
@@ -65,7 +70,6 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     train, test = _splits(run_config, config)
     if not train.has_labels:
         raise SelfsupError(f"--data {train.name} has no labels: evaluation needs labeled data")
-    _check_eval_options(config)
 
     train_f = extract_features(encoder, train, batch_size=config.batch_size, device=device)
     test_f = extract_features(encoder, test, batch_size=config.batch_size, device=device)
@@ -82,7 +86,6 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         n_classes = len(np.unique(test_y[test_y >= 0]))
         results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)
 
-    seeds = tuple(range(config.seeds))
     rows = few_label_evaluation(
         encoder,
         train,
@@ -112,9 +115,15 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     return results
 
 
-def _finetune_rows(encoder, train, test, config, seeds, device) -> list[dict]:
-    from selfsup.evaluation import finetune, labeled_subset
-
+def _finetune_rows(
+    encoder: Encoder,
+    train: ImageData,
+    test: ImageData,
+    config: EvalConfig,
+    seeds: tuple[int, ...],
+    device: str,
+) -> list[dict]:
+    """Fine-tuned encoder accuracy on the same labeled subsets as the few-label table."""
     rows = []
     for fraction in config.fraction_list():
         for seed in seeds:
@@ -124,12 +133,12 @@ def _finetune_rows(encoder, train, test, config, seeds, device) -> list[dict]:
                 train.subset(subset),
                 test,
                 trainable=config.finetune,
-                epochs=config.finetune_epochs,
                 lr=1e-3,
                 batch_size=config.batch_size,
                 seed=seed,
                 device=device,
                 steps=config.supervised_steps,
+                augment=config.augment,
             )
             rows.append(
                 {
@@ -142,21 +151,6 @@ def _finetune_rows(encoder, train, test, config, seeds, device) -> list[dict]:
                 }
             )
     return rows
-
-
-def _check_eval_options(config: EvalConfig) -> None:
-    if config.probe not in ("linear", "knn"):
-        raise SelfsupError(f"--probe {config.probe!r} is unknown; expected linear or knn")
-    for b in config.baseline_list():
-        if b not in ("raw", "pca", "random", "supervised"):
-            raise SelfsupError(
-                f"--baselines: {b!r} is unknown; expected raw, pca, random, supervised or none"
-            )
-    bad = [f for f in config.fraction_list() if not 0 < f <= 1]
-    if bad or not config.fraction_list():
-        raise SelfsupError(f"--fractions {config.fractions!r}: expected numbers in (0, 1]")
-    if config.seeds < 1:
-        raise SelfsupError(f"--seeds must be at least 1, got {config.seeds}")
 
 
 def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]:

@@ -9,6 +9,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfsup.errors import SelfsupError
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -74,14 +76,21 @@ class EvalConfig:
     probe: str = _opt("linear", "classifier on frozen features: linear | knn")
     knn_k: int = _opt(20, "neighbours for the kNN classifier")
     finetune: str = _opt("none", "also fine-tune the encoder: none | all | last-K")
-    finetune_epochs: int = _opt(10, "epochs of fine-tuning (--finetune)")
-    supervised_steps: int = _opt(300, "optimisation steps of the supervised baseline")
+    supervised_steps: int = _opt(
+        300, "optimisation steps of fine-tuning and the supervised baseline"
+    )
+    augment: str = _opt("light", "augmentation recipe for fine-tuning and the supervised baseline")
     kmeans: bool = _opt(True, "report k-means clustering (NMI, accuracy) of the embeddings")
     batch_size: int = _opt(256, "batch size for features and fine-tuning")
     device: str = _opt("auto", "cpu | cuda | auto")
 
     def fraction_list(self) -> tuple[float, ...]:
-        return tuple(float(f) for f in self.fractions.split(",") if f.strip())
+        try:
+            return tuple(float(f) for f in self.fractions.split(",") if f.strip())
+        except ValueError:
+            raise SelfsupError(
+                f"--fractions {self.fractions!r}: expected comma-separated numbers like 0.01,0.1,1"
+            ) from None
 
     def baseline_list(self) -> tuple[str, ...]:
         names = tuple(b.strip() for b in self.baselines.split(",") if b.strip())

@@ -59,6 +59,21 @@ def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
         return make()
 
 
+def check_options(
+    fractions: Sequence[float], seeds: Sequence[int], baselines: Sequence[str], probe: str
+) -> None:
+    """Reject bad options before any features are computed."""
+    if probe not in PROBES:
+        raise SelfsupError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise SelfsupError(f"--baselines: unknown {unknown}; expected from {', '.join(BASELINES)}")
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise SelfsupError(f"--fractions: expected label fractions in (0, 1], got {fractions}")
+    if not seeds:
+        raise SelfsupError("--seeds: expected at least one label subset")
+
+
 def few_label_evaluation(
     encoder: nn.Module,
     train: ImageData,
@@ -73,6 +88,7 @@ def few_label_evaluation(
     supervised_steps: int | None = 1000,
     supervised_epochs: int = 30,
     batch_size: int = 256,
+    augment: str = "light",
     device: str | torch.device = "cpu",
     progress: bool = True,
     features: tuple[np.ndarray, np.ndarray] | None = None,
@@ -82,18 +98,13 @@ def few_label_evaluation(
 
     raw pixels, PCA(pca_dim) fitted on all train images (unlabeled use), a random encoder's
     features (all with `probe`: "linear" or "knn"), and "supervised": `random_encoder()` fine-tuned
-    end to end on the subset (supervised_steps, or supervised_epochs when steps is None).
+    end to end on the subset with `augment` (supervised_steps, or supervised_epochs when steps is
+    None).
     `random_encoder` defaults to a re-initialised copy of `encoder`. Features are computed once;
     `features` passes the encoder's (train, test) features when they are already at hand.
     Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised).
     """
-    if probe not in PROBES:
-        raise SelfsupError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
-    unknown = sorted(set(baselines) - set(BASELINES))
-    if unknown:
-        raise SelfsupError(f"--baselines: unknown {unknown}; expected from {', '.join(BASELINES)}")
-    if any(not 0 < f <= 1 for f in fractions):
-        raise SelfsupError(f"--fractions: expected label fractions in (0, 1], got {fractions}")
+    check_options(fractions, seeds, baselines, probe)
     for d in (train, test):
         if not d.has_labels:
             raise SelfsupError(f"few-label evaluation: the data {d.name!r} has no labels")
@@ -137,6 +148,7 @@ def few_label_evaluation(
                 steps=supervised_steps,
                 batch_size=batch_size,
                 seed=seed,
+                augment=augment,
                 device=device,
             )
         rows += [
