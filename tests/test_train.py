@@ -154,3 +154,25 @@ def test_transfer_evaluation_on_another_dataset_with_finetuning(tmp_path: Path) 
     assert all(0.3 < row["accuracy"] <= 1 for row in results["few_label"])
     assert 0 < results["kmeans"]["nmi"] <= 1
     assert (Path(results["out"]) / "embeddings.png").is_file()
+
+
+def test_pretrain_on_an_unlabeled_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = selfsup.pretrain(
+        method="simclr",
+        data=f"folder:{folder}",
+        image_size=16,
+        batch_size=16,
+        epochs=1,
+        out=str(tmp_path / "run"),
+    )
+    encoder = selfsup.load(run)
+    assert encoder.config["in_channels"] == 3
+    features, labels = selfsup.embed(run)
+    assert features.shape == (40, encoder.feature_dim) and labels is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,7 @@ def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
             ),
             ExportEncoder(run),
             SaveViews(run),
+            ResumeHint(run),
             TQDMProgressBar(leave=True),
         ],
         enable_model_summary=False,
@@ -233,6 +235,23 @@ class ExportEncoder(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
         if trainer.is_global_zero:
             rundir.export_encoder(method.encoder, self.path)
+
+
+class ResumeHint(Callback):
+    """On Ctrl-C (Lightning then exits), say what was kept and how to continue."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+
+    def on_exception(self, trainer: L.Trainer, method: Method, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            last = rundir.last_checkpoint(self.run)
+            kept = f"the last checkpoint is {last}" if last else "no epoch had finished"
+            print(
+                f"selfsup: interrupted; {kept}; continue with: selfsup pretrain --resume "
+                f"{self.run}",
+                file=sys.stderr,
+            )
 
 
 class SaveViews(Callback):
