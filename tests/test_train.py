@@ -44,7 +44,8 @@ def test_run_directory_holds_everything(tmp_path: Path) -> None:
         "metrics.csv",
         "encoder.safetensors",
         "checkpoints/last.ckpt",
-        "samples/views.png",
+        "samples/epoch000.png",
+        "samples/epoch001.png",
     ]:
         assert (run / name).is_file(), name
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
@@ -85,8 +86,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 ) -> None:
     original = SimCLR.pretext_loss
 
-    def poisoned(self, x, g):
-        loss, features = original(self, x, g)
+    def poisoned(self, x, y, g):
+        loss, features = original(self, x, y, g)
         return (loss * float("nan") if self.current_epoch == 1 else loss), features
 
     monkeypatch.setattr(SimCLR, "pretext_loss", poisoned)

@@ -74,18 +74,6 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     train_f = extract_features(encoder, train, batch_size=config.batch_size, device=device)
     test_f = extract_features(encoder, test, batch_size=config.batch_size, device=device)
     train_y, test_y = train.y.numpy(), test.y.numpy()  # type: ignore[union-attr]
-    results: dict[str, Any] = {
-        "run": str(run),
-        "data": train.name,
-        "train_size": len(train),
-        "test_size": len(test),
-        "linear_probe": linear_probe(train_f, train_y, test_f, test_y),
-        "knn": knn_accuracy(train_f, train_y, test_f, test_y, k=config.knn_k),
-    }
-    if config.kmeans:
-        n_classes = len(np.unique(test_y[test_y >= 0]))
-        results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)
-
     rows = few_label_evaluation(
         encoder,
         train,
@@ -97,9 +85,25 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         probe=config.probe,
         supervised_steps=config.supervised_steps,
         batch_size=config.batch_size,
+        augment=config.augment,
         device=device,
         features=(train_f, test_f),
     )
+    full = [r["accuracy"] for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
+    labeled = train_y >= 0
+    results: dict[str, Any] = {
+        "run": str(run),
+        "data": train.name,
+        "train_size": len(train),
+        "test_size": len(test),
+        "linear_probe": full[0]
+        if full and config.probe == "linear"
+        else linear_probe(train_f[labeled], train_y[labeled], test_f, test_y),
+        "knn": knn_accuracy(train_f[labeled], train_y[labeled], test_f, test_y, k=config.knn_k),
+    }
+    if config.kmeans:
+        n_classes = len(np.unique(test_y[test_y >= 0]))
+        results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)
     if config.finetune != "none":
         rows += _finetune_rows(encoder, train, test, config, seeds, device)
     results["few_label"] = rows

@@ -36,6 +36,11 @@ class PretrainConfig:
     projection_dim: int = _opt(128, "output size of the projection head")
     projection_hidden: int = _opt(512, "hidden size of the projection head")
     temperature: float = _opt(0.5, "InfoNCE temperature")
+    code_dim: int = _opt(64, "autoencoder: size of the code (bottleneck)")
+    linear_autoencoder: bool = _opt(
+        False, "autoencoder: linear encoder and decoder on pixels (learns PCA's subspace)"
+    )
+    denoise: float = _opt(0.0, "autoencoder: std of Gaussian noise added to its input")
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(256, "images per batch (each gives two views)")
     optimizer: str = _opt("adamw", "sgd | lars | adamw")

@@ -211,7 +211,7 @@ def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
                 save_top_k=1,
             ),
             ExportEncoder(run),
-            SaveViews(run),
+            SaveSamples(run),
             ResumeHint(run),
             TQDMProgressBar(leave=True),
         ],
@@ -254,21 +254,20 @@ class ResumeHint(Callback):
             )
 
 
-class SaveViews(Callback):
-    """Draws RUN/samples/views.png: a few training images and their augmented views."""
+class SaveSamples(Callback):
+    """Draws RUN/samples/epochNNN.png after every epoch with the method's `save_samples`."""
 
     def __init__(self, run: Path, count: int = 8) -> None:
-        self.path, self.count = run / "samples" / "views.png", count
+        self.folder, self.count = run / "samples", count
 
-    def on_train_start(self, trainer: L.Trainer, method: Method) -> None:
-        if not trainer.is_global_zero or self.path.exists():
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if not trainer.is_global_zero:
             return
-        from selfsup.augment.preview import view_grid
-
         x, _ = next(iter(trainer.train_dataloader))
-        x = x[: self.count].to(method.device)
-        g = torch.Generator(device=method.device).manual_seed(method.config.seed)
-        with torch.no_grad():
-            views = [method.views(x, g) for _ in range(2)]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        view_grid(x.cpu(), [v.cpu() for v in views], self.path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        was_training = method.training
+        method.eval()
+        method.save_samples(
+            x[: self.count].to(method.device), self.folder / f"epoch{trainer.current_epoch:03d}.png"
+        )
+        method.train(was_training)

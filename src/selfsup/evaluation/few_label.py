@@ -130,14 +130,17 @@ def few_label_evaluation(
     labeled = test_y >= 0
     test_y = test_y[labeled]
     rows = []
-    for fraction, seed in tqdm(
+    probed: dict[tuple[str, bytes], float] = {}  # the probes are deterministic: at 100% every
+    for fraction, seed in tqdm(  # seed draws the same subset, so each is fitted once
         list(itertools.product(fractions, seeds)), desc="few-label", disable=not progress
     ):
         idx = labeled_subset(train_y, fraction, seed)
-        accuracy = {
-            name: run_probe(tr[idx], train_y[idx], te[labeled], test_y)
-            for name, (tr, te) in feats.items()
-        }
+        accuracy = {}
+        for name, (tr, te) in feats.items():
+            key = (name, idx.tobytes())
+            if key not in probed:
+                probed[key] = run_probe(tr[idx], train_y[idx], te[labeled], test_y)
+            accuracy[name] = probed[key]
         if "supervised" in baselines:
             accuracy["supervised"] = finetune(
                 _seeded(make_random, seed),

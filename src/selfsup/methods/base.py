@@ -7,6 +7,7 @@ devices, precision, checkpoints, resume, logging, progress bars -- comes from Li
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -38,9 +39,22 @@ class Method(L.LightningModule):
             else None
         )
 
-    def pretext_loss(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(loss, encoder features of the un-projected first view for the online probe)."""
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(loss, encoder features of x or of one view of it, for the online probe).
+
+        x: uint8 B×C×H×W; y: int64 B, -1 where unlabeled (only label-using methods read it);
+        g: the step's generator (draw all randomness from it so resumed runs match).
+        """
         raise NotImplementedError
+
+    def save_samples(self, x: Tensor, path: Path) -> None:
+        """Draw what the method does to the uint8 images `x` (views, reconstructions, ...)."""
+        from selfsup.augment.preview import view_grid
+
+        g = torch.Generator(device=x.device).manual_seed(self.config.seed)
+        with torch.no_grad():
+            views = [self.views(x, g) for _ in range(2)]
+        view_grid(x.cpu(), [v.cpu() for v in views], path)
 
     def step_generator(self) -> torch.Generator:
         """A generator seeded by (seed, step, rank): a resumed run draws the same views."""
@@ -49,7 +63,7 @@ class Method(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss, features = self.pretext_loss(x, self.step_generator())
+        loss, features = self.pretext_loss(x, y, self.step_generator())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the {self.config.method} loss became {loss.item()} at step {self.global_step} "

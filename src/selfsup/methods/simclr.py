@@ -20,7 +20,7 @@ class SimCLR(Method):
             self.encoder.feature_dim, config.projection_hidden, config.projection_dim
         )
 
-    def pretext_loss(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         views = torch.cat([self.views(x, g), self.views(x, g)])
         features = self.encoder(views)
         z1, z2 = self.projection(features).chunk(2)
