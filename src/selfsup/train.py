@@ -139,6 +139,12 @@ def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
             "small_images": small,
             "mean": mean,
             "std": std,
+            # A linear autoencoder's encoder is one linear map of the pixels to its code.
+            **(
+                {"backbone": "linear", "image_size": [h, w], "feature_dim": config.code_dim}
+                if config.method == "autoencoder" and config.linear_autoencoder
+                else {}
+            ),
         },
     }
 

@@ -4,6 +4,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    is_distributed,
+    rank,
+    unique_ids,
+    world_size,
+)
+
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
@@ -11,43 +20,79 @@ def _check_temperature(temperature: float) -> None:
 
 
 def info_nce(
-    z: torch.Tensor, ids: torch.Tensor, temperature: float = 0.5, normalize: bool = True
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 0.5,
+    normalize: bool = True,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """InfoNCE over N×D embeddings where samples sharing an id are positives (SupCon L_out form).
 
     Anchor i: -mean_{p in P(i)} [s_ip/τ - logsumexp_{j≠i} s_ij/τ], s = cosine similarity when
     `normalize`. Averaged over anchors with at least one positive (0, still attached to z, if none).
     ids = arange(B).repeat(2) gives SimCLR's NT-Xent; ids = labels gives SupCon.
+
+    `gather` (default: on in a process group of more than one process) contrasts this process's
+    anchors with the samples and ids of all processes, which must pass the same N and call this
+    together; the mean of the processes' losses, and the gradient DDP averages, are those of the
+    loss on all processes' samples at once. Ids must then be unique across processes where they
+    should be (`selfsup.distributed.unique_ids`).
     """
     _check_temperature(temperature)
     if z.dim() != 2 or ids.shape != z.shape[:1]:
         raise ValueError(
             f"expected z N×D and ids (N,), got {tuple(z.shape)} and {tuple(ids.shape)}"
         )
-    _, group, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    # Gradient scale with W processes of n samples each, N = W·n: the loss on the concatenated
+    # batch is L = (1/A) Σ_i ℓ_i over the A anchors (of all processes) that have a positive.
+    # Process r returns L_r = (W/A) Σ_{i local to r} ℓ_i, so mean_r L_r = L. gather_with_grad
+    # gives process r the gradient Σ_s ∂L_s/∂z_r for its own samples z_r, and DDP averages
+    # parameter gradients over r: (1/W) Σ_r Σ_s ∂L_s/∂z_r · ∂z_r/∂θ = ∂(mean_s L_s)/∂θ = ∂L/∂θ.
+    gather = is_distributed() if gather is None else gather
+    world, start = (world_size(), rank() * len(z)) if gather else (1, 0)
+    all_ids = gather_no_grad(ids) if gather else ids
+    _, group, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     num_pos = counts[group] - 1
     has_pos = num_pos > 0
-    if not has_pos.any():
+    num_anchors = int(has_pos.sum())  # the same on every process: all see all ids
+    if num_anchors == 0:
         return z.sum() * 0
+    local = slice(start, start + len(z))
     with torch.autocast(z.device.type, enabled=False):  # low-precision logits/τ lose too much
         z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
         if normalize:
             z = F.normalize(z, dim=1)
-        zt = z / temperature
-        logits = zt @ z.T  # the only N×N tensor of the forward pass
-        logits.fill_diagonal_(float("-inf"))
+        z_all = gather_with_grad(z) if gather else z
+        zt = z_all[local] / temperature
+        logits = zt @ z_all.T  # the only n×N tensor of the forward pass
+        logits.diagonal(offset=start).fill_(float("-inf"))  # an anchor is not its own negative
         lse = torch.logsumexp(logits, dim=1)
         # sum_{p in P(i)} s_ip/τ = zt_i · (sum of z over i's id group - z_i): O(N·D), no N×N mask
-        group_sum = z.new_zeros(len(counts), z.shape[1]).index_add_(0, group, z)
-        pos = (zt * (group_sum[group] - z)).sum(dim=1)
-        loss = lse - pos / num_pos.clamp(min=1)
-        return loss[has_pos].mean()
+        group_sum = z_all.new_zeros(len(counts), z.shape[1]).index_add_(0, group, z_all)
+        pos = (zt * (group_sum[group[local]] - z_all[local])).sum(dim=1)
+        loss = lse - pos / num_pos[local].clamp(min=1)
+        return loss[has_pos[local]].sum() * world / num_anchors
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent for two views B×D: each sample's positive is its other view."""
-    ids = torch.arange(z1.shape[0], device=z1.device).repeat(2)
-    return info_nce(torch.cat([z1, z2]), ids, temperature)
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool | None = None
+) -> torch.Tensor:
+    """SimCLR's NT-Xent for two views B×D: each sample's positive is its other view.
+
+    Sample ids are offset by rank, so under `gather` each sample's only positive stays its own
+    other view and every other process's samples are negatives.
+    """
+    ids = unique_ids(z1.shape[0], z1.device).repeat(2)
+    return info_nce(torch.cat([z1, z2]), ids, temperature, gather=gather)
+
+
+def supcon_ids(labels: torch.Tensor) -> torch.Tensor:
+    """SupCon's ids: the label where labels >= 0, else the sample's own id -1 - index.
+
+    Labels and sample ids cannot collide; sample indices are offset by rank, so they stay
+    unique when `info_nce` gathers samples across processes.
+    """
+    return torch.where(labels >= 0, labels, -1 - unique_ids(len(labels), labels.device))
 
 
 def contrastive_margin(

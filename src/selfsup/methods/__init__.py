@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from selfsup.methods.base import Method
 
-METHODS: dict[str, str] = {"simclr": "selfsup.methods.simclr:SimCLR"}
+METHODS: dict[str, str] = {
+    "simclr": "selfsup.methods.simclr:SimCLR",
+    "autoencoder": "selfsup.methods.autoencoder:Autoencoder",
+    "rotation": "selfsup.methods.rotation:Rotation",
+    "supcon": "selfsup.methods.supcon:SupCon",
+}
 
 
 def get_method(name: str) -> type[Method]:

@@ -33,8 +33,14 @@ class Method(L.LightningModule):
         dataset = data_info["dataset"]
         self.views = build_recipe(config.recipe, tuple(dataset["image_size"]), dataset["channels"])
         num_classes = dataset["num_classes"]
+        # Features are standardised (BN without affine) before the online probe: some pretext
+        # tasks give features with a large shared offset and little spread, which a plain
+        # linear layer trained alongside learns slowly.
         self.probe = (
-            nn.Linear(self.encoder.feature_dim, num_classes)
+            nn.Sequential(
+                nn.BatchNorm1d(self.encoder.feature_dim, affine=False),
+                nn.Linear(self.encoder.feature_dim, num_classes),
+            )
             if config.online_probe and num_classes > 1
             else None
         )
@@ -69,10 +75,10 @@ class Method(L.LightningModule):
                 f"the {self.config.method} loss became {loss.item()} at step {self.global_step} "
                 f"(epoch {self.current_epoch}); lower --lr or raise --temperature"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         total = loss
         labeled = y >= 0
-        if self.probe is not None and labeled.any():
+        if self.probe is not None and labeled.sum() > 1:  # BatchNorm needs two samples
             logits = self.probe(features.detach()[labeled].float())
             probe_loss = F.cross_entropy(logits, y[labeled])
             accuracy = (logits.argmax(1) == y[labeled]).float().mean()

@@ -57,8 +57,27 @@ BACKBONES: dict[str, Callable[[int, bool], tuple[nn.Module, int]]] = {
 }
 
 
-def build_backbone(name: str, in_channels: int, *, small_images: bool) -> tuple[nn.Module, int]:
-    """Randomly initialised backbone mapping B×C×H×W to B×D; returns (module, D)."""
+def linear_backbone(in_channels: int, image_size: list[int], feature_dim: int) -> nn.Sequential:
+    """One linear map of the flattened pixels: the encoder of a linear autoencoder (PCA's kin)."""
+    h, w = image_size
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, feature_dim))
+
+
+def build_backbone(
+    name: str,
+    in_channels: int,
+    *,
+    small_images: bool,
+    image_size: list[int] | None = None,
+    feature_dim: int | None = None,
+) -> tuple[nn.Module, int]:
+    """Randomly initialised backbone mapping B×C×H×W to B×D; returns (module, D).
+
+    "linear" (not listed in BACKBONES: only the linear autoencoder builds it) also needs the
+    image size and the feature dimension.
+    """
+    if name == "linear" and image_size is not None and feature_dim is not None:
+        return linear_backbone(in_channels, image_size, feature_dim), feature_dim
     if name not in BACKBONES:
         raise SelfsupError(f"backbone: unknown {name!r}; expected one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels, small_images)
@@ -72,4 +91,6 @@ def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
         b = backbone
         stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)
         return [stem, b.layer1, b.layer2, b.layer3, b.layer4]
+    if isinstance(backbone, nn.Sequential):  # the linear backbone
+        return [backbone]
     raise TypeError(f"no stages known for {type(backbone).__name__}")

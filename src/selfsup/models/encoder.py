@@ -18,6 +18,8 @@ class Encoder(nn.Module):
         small_images: bool,
         mean: list[float],
         std: list[float],
+        image_size: list[int] | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         if len(mean) != in_channels or len(std) != in_channels:
@@ -32,8 +34,14 @@ class Encoder(nn.Module):
             mean=mean,
             std=std,
         )
+        if image_size is not None:  # only the linear backbone depends on the image size
+            self.config.update(image_size=list(image_size), feature_dim=feature_dim)
         self.backbone, self.feature_dim = build_backbone(
-            backbone, in_channels, small_images=small_images
+            backbone,
+            in_channels,
+            small_images=small_images,
+            image_size=image_size,
+            feature_dim=feature_dim,
         )
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))

@@ -1,0 +1,38 @@
+"""Supervised contrastive learning (Khosla et al., 2020): SimCLR whose positives include the class.
+
+Labeled samples are positives of every sample (and view) of their class; unlabeled samples
+(label -1) only of their own other view, as in SimCLR. The loss is `info_nce` (the L_out form).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfsup.config import PretrainConfig
+from selfsup.losses.contrastive import info_nce, supcon_ids
+from selfsup.methods.base import Method
+from selfsup.models import ProjectionHead
+
+
+class SupCon(Method):
+    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+        super().__init__(config, data_info)
+        self.projection = ProjectionHead(
+            self.encoder.feature_dim, config.projection_hidden, config.projection_dim
+        )
+        if data_info["dataset"]["num_classes"] == 0:
+            warnings.warn(
+                f"supcon: --data {config.data} has no labels, so supcon is the same as simclr",
+                stacklevel=2,
+            )
+
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        views = torch.cat([self.views(x, g), self.views(x, g)])
+        features = self.encoder(views)
+        z = self.projection(features)
+        ids = supcon_ids(y).repeat(2)
+        return info_nce(z, ids, self.config.temperature), features[: len(x)]
