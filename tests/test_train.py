@@ -72,6 +72,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     )
     resumed = selfsup.pretrain(resume=str(halted), epochs=2)
     assert resumed == halted
+    commands = (resumed / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and "resume=" in commands[1]
     a = load_file(straight / "encoder.safetensors")
     b = load_file(resumed / "encoder.safetensors")
     assert a.keys() == b.keys()
@@ -177,3 +179,15 @@ def test_pretrain_on_an_unlabeled_image_folder(tmp_path: Path) -> None:
     assert encoder.config["in_channels"] == 3
     features, labels = selfsup.embed(run)
     assert features.shape == (40, encoder.feature_dim) and labels is None
+
+
+def test_a_methods_own_option_error_leaves_no_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(SelfsupError, match="--code-dim 100"):
+        selfsup.pretrain(
+            method="autoencoder",
+            linear_autoencoder=True,
+            code_dim=100,
+            out=str(tmp_path / "run"),
+            **QUICK,
+        )
+    assert not (tmp_path / "run").exists()

@@ -72,8 +72,11 @@ def read_config(run: str | Path) -> dict[str, Any]:
     return config
 
 
-def write_command(run: Path, command: str) -> None:
-    atomic_write_text(run / "command.txt", command + "\n")
+def write_command(run: Path, command: str, *, append: bool = False) -> None:
+    """Record the command line; a resumed run adds its command below the first."""
+    path = run / "command.txt"
+    before = path.read_text() if append and path.is_file() else ""
+    atomic_write_text(path, before + command + "\n")
 
 
 def export_encoder(encoder: torch.nn.Module, path: Path) -> None:

@@ -57,17 +57,14 @@ def pretrain(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
             f"(--batch-size {config.batch_size}); lower --batch-size"
         )
-    data_info = _data_info(config, train)
     run = Path(config.out) if config.out else rundir.default_run_dir(config.method, config.data)
-    if checkpoint is None:
-        _claim_run_dir(run)
     config = dataclasses.replace(config, out=str(run))
-
     L.seed_everything(config.seed, verbose=False)
-    method = get_method(config.method)(config, data_info)
-    if checkpoint is None:
+    method = get_method(config.method)(config, _data_info(config, train))
+    if checkpoint is None:  # only now, with every input checked, does the run directory appear
+        _claim_run_dir(run)
         rundir.write_config(run, method.run_config())
-    rundir.write_command(run, command)
+    rundir.write_command(run, command, append=checkpoint is not None)
 
     trainer = _trainer(config, run, train)
     loaders = _loaders(config, train, test)
@@ -120,7 +117,9 @@ def _check_names(config: PretrainConfig) -> None:
 
 def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
     """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
-    sample = train.images(torch.randperm(len(train))[:STATS_SAMPLES].sort().values).float() / 255
+    g = torch.Generator().manual_seed(config.seed)
+    picked = torch.randperm(len(train), generator=g)[:STATS_SAMPLES].sort().values
+    sample = train.images(picked).float() / 255
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     h, w = train.image_size
