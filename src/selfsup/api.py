@@ -96,6 +96,8 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         "data": train.name,
         "train_size": len(train),
         "test_size": len(test),
+        "probe": config.probe,
+        "supervised_steps": config.supervised_steps,
         "linear_probe": full[0]
         if full and config.probe == "linear"
         else linear_probe(train_f[labeled], train_y[labeled], test_f, test_y),

@@ -109,7 +109,15 @@ def print_results(results: dict) -> None:
     if "kmeans" in results:
         km = results["kmeans"]
         print(f"k-means:                   NMI {km['nmi']:.3f}, accuracy {100 * km['acc']:.1f}%")
-    print("\nfew-label accuracy (%), mean ± std over label subsets:\n" + results["table"])
+    print(
+        f"\nfew-label accuracy (%) of a {results['probe']} probe on frozen features, mean ± std "
+        "over label subsets:\n" + results["table"]
+    )
+    if any(row["method"] == "supervised" for row in results["few_label"]):
+        print(
+            f"(supervised: the same encoder trained end to end on those labels for "
+            f"{results['supervised_steps']} steps)"
+        )
     print(f"\nresults and plots: {results['out']}")
 
 
