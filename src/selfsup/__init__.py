@@ -1,7 +1,7 @@
 """selfsup: self-supervised representation learning, from pretext tasks to few-label transfer.
 
 import selfsup
-run = selfsup.pretrain(method="simclr", data="digits", epochs=20)
+run = selfsup.pretrain(method="simclr", data="digits", recipe="digits", epochs=30)
 encoder = selfsup.load(run)              # images -> features
 results = selfsup.evaluate(run)          # linear probe, kNN, k-means, few-label table
 """
