@@ -50,6 +50,7 @@ def test_run_directory_holds_everything(tmp_path: Path) -> None:
         assert (run / name).is_file(), name
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * (512 // 128)
+    assert (run / "config.yaml").stat().st_mode & 0o044 == 0o044  # readable like any file
     with open(run / "metrics.csv") as f:
         columns = next(csv.reader(f))
     assert "train/loss" in columns and "val/probe_acc" in columns

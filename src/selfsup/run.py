@@ -31,6 +31,14 @@ CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file the usual permissions (mkstemp makes it private), then rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,7 +94,7 @@ def export_encoder(encoder: torch.nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
