@@ -189,6 +189,8 @@ def _folder_size(spec: str, run_config: dict) -> int | None:
 
 
 def _dataset_for(run, data, split, data_dir, download, limit) -> ImageData:
+    if split not in ("train", "test"):
+        raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
     run_config = rundir.read_config(run)
     spec = data or run_config["data"]
     train, test = load_splits(
@@ -198,8 +200,6 @@ def _dataset_for(run, data, split, data_dir, download, limit) -> ImageData:
         limit=limit,
         image_size=_folder_size(spec, run_config),
     )
-    if split not in ("train", "test"):
-        raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
     if split == "test" and test is None:
         raise SelfsupError(f"--data {spec} has no test split")
     dataset = train if split == "train" else test

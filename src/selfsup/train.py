@@ -264,15 +264,18 @@ class SaveSamples(Callback):
 
     def __init__(self, run: Path, count: int = 8) -> None:
         self.folder, self.count = run / "samples", count
+        self.images: torch.Tensor | None = None  # the same images every epoch, fetched once
 
     def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
         if not trainer.is_global_zero:
             return
-        x, _ = next(iter(trainer.train_dataloader))
+        if self.images is None:
+            self.images = next(iter(trainer.train_dataloader))[0][: self.count]
+        x = self.images
         self.folder.mkdir(parents=True, exist_ok=True)
         was_training = method.training
         method.eval()
         method.save_samples(
-            x[: self.count].to(method.device), self.folder / f"epoch{trainer.current_epoch:03d}.png"
+            x.to(method.device), self.folder / f"epoch{trainer.current_epoch:03d}.png"
         )
         method.train(was_training)
