@@ -1,0 +1,165 @@
+"""Conversations and rankings in the JSONL formats people already have, and the chat template.
+
+Conversations (supervised fine-tuning), one JSON object per line:
+- ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}``
+  (roles: system, user, assistant), or
+- ``{"prompt": "...", "completion": "..."}`` (one user turn, one assistant turn).
+
+Rankings (reward model):
+- ``{"prompt": "...", "completions": ["...", "...", ...], "ranking": "D > C > A = B"}``
+  (letters name the completions in order; ``=`` ties), or
+- ``{"prompt": "...", "chosen": "...", "rejected": "..."}`` (one pair).
+
+The chat template writes every turn as its role marker, the text and the end-of-turn marker:
+``<USER>How are you?<END><ASSISTANT>Fine.<END>``. Only assistant text and its ``<END>`` are
+trained on; the model then answers a prompt rendered up to ``<ASSISTANT>`` and stops at ``<END>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfsup.errors import SelfsupError
+from selfsup.losses.preference import parse_ranking
+
+ROLE_MARKERS = {"system": "<SYSTEM>", "user": "<USER>", "assistant": "<ASSISTANT>"}
+END = "<END>"
+CHAT_TOKENS = (*ROLE_MARKERS.values(), END)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One prompt, its K completions and the labeler's tiers of completion indices, best first."""
+
+    prompt: str
+    completions: tuple[str, ...]
+    tiers: tuple[tuple[int, ...], ...]
+
+
+def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every non-blank line; `where` is "FILE:LINE" for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfsupError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SelfsupError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise SelfsupError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise SelfsupError(f"{where}: field {key!r} must be a non-empty string")
+    return value
+
+
+def parse_conversation(record: dict[str, Any], where: str = "conversation") -> list[Message]:
+    """A record in either conversation format as a list of {role, content} messages."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise SelfsupError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLE_MARKERS:
+                raise SelfsupError(
+                    f"{where}: messages[{i}] needs a role among {', '.join(ROLE_MARKERS)}"
+                )
+            out.append(
+                {"role": m["role"], "content": _text(m, "content", f"{where} messages[{i}]")}
+            )
+    elif "prompt" in record and "completion" in record:
+        out = [
+            {"role": "user", "content": _text(record, "prompt", where)},
+            {"role": "assistant", "content": _text(record, "completion", where)},
+        ]
+    else:
+        raise SelfsupError(f"{where}: expected a 'messages' list or 'prompt' and 'completion'")
+    if not any(m["role"] == "assistant" for m in out):
+        raise SelfsupError(f"{where}: no assistant turn to learn from")
+    return out
+
+
+def read_conversations(path: str | Path) -> list[list[Message]]:
+    """Every conversation of a JSONL file; an empty file is an error."""
+    conversations = [parse_conversation(record, where) for where, record in _jsonl(path)]
+    if not conversations:
+        raise SelfsupError(f"{path}: no conversations in the file")
+    return conversations
+
+
+def read_rankings(path: str | Path) -> list[Ranking]:
+    """Every ranked prompt of a JSONL file (K completions + ranking, or chosen/rejected)."""
+    out = []
+    for where, record in _jsonl(path):
+        prompt = _text(record, "prompt", where)
+        if "chosen" in record or "rejected" in record:
+            completions = (_text(record, "chosen", where), _text(record, "rejected", where))
+            tiers: list[list[int]] = [[0], [1]]
+        else:
+            raw = record.get("completions")
+            if not isinstance(raw, list) or len(raw) < 2:
+                raise SelfsupError(f"{where}: 'completions' must list at least two completions")
+            completions = tuple(
+                _text({"c": c}, "c", f"{where} completions[{i}]") for i, c in enumerate(raw)
+            )
+            ranking = record.get("ranking")
+            if not isinstance(ranking, str):
+                raise SelfsupError(f"{where}: field 'ranking' must be a string like 'B > A = C'")
+            try:
+                tiers = parse_ranking(ranking, len(completions))
+            except SelfsupError as e:
+                raise SelfsupError(f"{where}: {e}") from None
+        out.append(Ranking(prompt, completions, tuple(tuple(t) for t in tiers)))
+    if not out:
+        raise SelfsupError(f"{path}: no rankings in the file")
+    return out
+
+
+def chat_segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained-on) pieces in order."""
+    segments = []
+    for m in messages:
+        segments.append((ROLE_MARKERS[m["role"]], False))
+        trained = m["role"] == "assistant"
+        segments.append((m["content"], trained))
+        segments.append((END, trained))
+    return segments
+
+
+def render_prompt(messages: Sequence[Message]) -> str:
+    """The text a model continues to answer: the conversation so far, then ``<ASSISTANT>``."""
+    return "".join(text for text, _ in chat_segments(messages)) + ROLE_MARKERS["assistant"]
+
+
+def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+    """(token ids, trained-on flags): each segment is tokenized on its own, so that no token
+    straddles a prompt/answer boundary and the prompt tokens carry no loss. The markers must be
+    special tokens of the tokenizer (one id each)."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, is_trained in chat_segments(messages):
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        if text in CHAT_TOKENS and len(piece) != 1:
+            raise SelfsupError(
+                f"the tokenizer splits the chat marker {text} into {len(piece)} tokens: "
+                "add the chat markers as special tokens (selfsup lm sft does this)"
+            )
+        ids.extend(piece)
+        trained.extend([is_trained] * len(piece))
+    return ids, trained
