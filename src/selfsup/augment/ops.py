@@ -37,6 +37,53 @@ def _gray(x: Tensor) -> Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
+def crop_boxes(
+    x: Tensor,
+    g: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Random boxes B×4 (x0, y0, width, height) in pixels: area fraction ~ U(scale), log-uniform
+    aspect ratio, clamped to the image, position uniform over the places it fits."""
+    b, _, h, w = x.shape
+    area = _uniform(x, g, *scale) * (h * w)
+    aspect = _uniform(x, g, math.log(ratio[0]), math.log(ratio[1])).exp()
+    bw = (area * aspect).sqrt().clamp(max=w)
+    bh = (area / aspect).sqrt().clamp(max=h)
+    x0 = torch.rand(b, generator=g, device=x.device) * (w - bw)
+    y0 = torch.rand(b, generator=g, device=x.device) * (h - bh)
+    return torch.stack([x0, y0, bw, bh], dim=1)
+
+
+def resample_boxes(
+    x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None
+) -> Tensor:
+    """Each sample's box (x0, y0, width, height) resized to `size` (bilinear, border padding),
+    mirrored left-right where `flip` (B bool) is set: one grid_sample for crop, resize and flip.
+
+    Output pixel (i, j) samples the input at (x0 + width·(j + ½)/W' - ½, y0 + height·(i + ½)/H'
+    - ½) in pixel coordinates; a flip mirrors j. The axis-aligned grid is built by broadcasting
+    (F.affine_grid's batched matrix product over every pixel measured several times slower).
+    """
+    b, _, h, w = x.shape
+    oh, ow = size
+    x0, y0, bw, bh = (t.to(x.dtype)[:, None] for t in boxes.unbind(1))
+    j = (torch.arange(ow, device=x.device, dtype=x.dtype) + 0.5) / ow  # (j + ½) / W'
+    i = (torch.arange(oh, device=x.device, dtype=x.dtype) + 0.5) / oh
+    if flip is not None:
+        j = torch.where(flip[:, None], 1 - j, j)
+    # grid_sample's normalised coordinates (align_corners=False): u = (2·pixel + 1) / size - 1
+    gx = (2 * (x0 + bw * j)) / w - 1  # B×W'
+    gy = (2 * (y0 + bh * i)) / h - 1  # B×H'
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    # Measured against torchvision's roi_align (aligned=True) on 256×3×32×32 -> 32×32 on 2 CPU
+    # cores: grid_sample ~3-5 ms, roi_align ~5.5 ms (sampling_ratio=1 or adaptive), ~20 ms with
+    # sampling_ratio=2; both give the same values here (crops are upsampled, so roi_align's
+    # extra samples buy no anti-aliasing).
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1)
+
+
 def random_resized_crop(
     x: Tensor,
     g: torch.Generator,
@@ -44,33 +91,69 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Tensor:
-    """Crop a random box per sample (area fraction ~ U(scale), log-uniform aspect ratio, clamped
-    to the image) and resize it to `size` (bilinear)."""
-    b, c, h, w = x.shape
-    oh, ow = (size, size) if isinstance(size, int) else size
-    area = _uniform(x, g, *scale) * (h * w)
-    aspect = _uniform(x, g, math.log(ratio[0]), math.log(ratio[1])).exp()
-    bw = (area * aspect).sqrt().clamp(max=w)
-    bh = (area / aspect).sqrt().clamp(max=h)
-    x0 = torch.rand(b, generator=g, device=x.device) * (w - bw)
-    y0 = torch.rand(b, generator=g, device=x.device) * (h - bh)
-    # One grid_sample with per-sample affine grids. Measured against torchvision's roi_align
-    # (aligned=True) on 256×3×32×32 -> 32×32 on 2 CPU cores: grid_sample ~3-5 ms, roi_align
-    # ~5.5 ms (sampling_ratio=1 or adaptive), ~20 ms with sampling_ratio=2; both give the same
-    # values here (crops are upsampled, so roi_align's extra samples buy no anti-aliasing).
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = bw / w
-    theta[:, 1, 1] = bh / h
-    theta[:, 0, 2] = (2 * x0 + bw) / w - 1
-    theta[:, 1, 2] = (2 * y0 + bh) / h - 1
-    grid = F.affine_grid(theta, [b, c, oh, ow], align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 1)
+    """Crop a random box per sample (`crop_boxes`) and resize it to `size` (bilinear)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return resample_boxes(x, crop_boxes(x, g, scale, ratio), size)
 
 
 def horizontal_flip(x: Tensor, g: torch.Generator, p: float = 0.5) -> Tensor:
     """Mirror left-right each sample with probability p."""
     return torch.where(_coin(x, g, p).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def jitter_params(
+    x: Tensor,
+    g: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p: float = 0.8,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`color_jitter`'s per-sample factors (brightness, contrast, saturation) and hue angle in
+    radians, each (B,); the identity (1, 1, 1, 0) where the p-coin says no. Saturation and hue
+    are drawn only for images with more than one channel."""
+    on = _coin(x, g, p)
+
+    def factor(s: float) -> Tensor:
+        return torch.where(on, _uniform(x, g, max(0.0, 1 - s), 1 + s), 1.0)
+
+    b_, c_ = factor(brightness), factor(contrast)
+    if x.shape[1] == 1:
+        return b_, c_, torch.ones_like(b_), torch.zeros_like(b_)
+    s_ = factor(saturation)
+    angle = torch.where(on, _uniform(x, g, -hue, hue), 0.0) * (2 * math.pi)
+    return b_, c_, s_, angle
+
+
+def chroma_matrix(saturation: Tensor, angle: Tensor) -> Tensor:
+    """B×3×3 RGB matrices that scale the chroma plane (I, Q) of YIQ by `saturation` and rotate
+    it by `angle` (radians), keeping luma. Scaling alone is exactly torchvision's
+    adjust_saturation (s·x + (1 - s)·luma); the rotation approximates torchvision's HSV hue
+    shift by the same angle (same direction, mean |difference| about 0.085 at 0.1 turn on
+    random colours; tests/test_fused_augment.py), but keeps luma exactly."""
+    b = saturation.shape[0]
+    cos, sin = saturation * angle.cos(), saturation * angle.sin()
+    chroma = torch.zeros(b, 3, 3, device=saturation.device, dtype=saturation.dtype)
+    chroma[:, 0, 0] = 1
+    # turning I towards -Q moves hues the way torchvision's adjust_hue does for a positive shift
+    chroma[:, 1, 1], chroma[:, 1, 2] = cos, sin
+    chroma[:, 2, 1], chroma[:, 2, 2] = -sin, cos
+    return _YIQ_TO_RGB.to(chroma) @ chroma @ _RGB_TO_YIQ.to(chroma)
+
+
+def apply_jitter(x: Tensor, params: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """Brightness, contrast, then saturation and hue with the given per-sample parameters;
+    clamps to [0, 1] after each, as torchvision's functional ops do. Modifies x in place."""
+    brightness, contrast, saturation, angle = (t.to(x.dtype) for t in params)
+    x = x.mul_(brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
+    mean = _gray(x).mean((1, 2, 3), keepdim=True)
+    x = x.sub_(mean).mul_(contrast.view(-1, 1, 1, 1)).add_(mean).clamp_(0, 1)
+    if x.shape[1] == 1:
+        return x
+    b, c, h, w = x.shape
+    m = chroma_matrix(saturation, angle)
+    return torch.bmm(m, x.view(b, c, h * w)).view(b, c, h, w).clamp_(0, 1)
 
 
 def color_jitter(
@@ -89,26 +172,8 @@ def color_jitter(
     U(-hue, hue) turns; saturation scales and hue rotates the chroma plane (I, Q) of YIQ, one
     3×3 matrix per sample. 1-channel images get brightness and contrast only.
     """
-    b, c = x.shape[:2]
-    on = _coin(x, g, p)
-
-    def factor(s: float) -> Tensor:
-        return torch.where(on, _uniform(x, g, max(0.0, 1 - s), 1 + s), 1.0).view(-1, 1, 1, 1)
-
-    x = (x * factor(brightness)).clamp_(0, 1)
-    mean = _gray(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * factor(contrast) + mean).clamp_(0, 1)
-    if c == 1:
-        return x
-    sat = factor(saturation).view(b)
-    angle = torch.where(on, _uniform(x, g, -hue, hue), 0.0) * (2 * math.pi)
-    cos, sin = sat * angle.cos(), sat * angle.sin()
-    chroma = torch.zeros(b, 3, 3, device=x.device, dtype=x.dtype)
-    chroma[:, 0, 0] = 1
-    chroma[:, 1, 1], chroma[:, 1, 2] = cos, -sin
-    chroma[:, 2, 1], chroma[:, 2, 2] = sin, cos
-    m = _YIQ_TO_RGB.to(x) @ chroma @ _RGB_TO_YIQ.to(x)
-    return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+    params = jitter_params(x, g, brightness, contrast, saturation, hue, p)
+    return apply_jitter(x.clone(), params)
 
 
 def grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.augment import ops
+from selfsup.augment import fused, ops
 from selfsup.errors import SelfsupError
 
 OPS: dict[str, Callable[..., Tensor]] = {
@@ -30,19 +30,22 @@ class Augment(nn.Module):
     """A pipeline of (op name, params) steps: `Augment([("crop", {"size": 32}), ("flip", {})])`.
 
     forward(x, g) takes uint8 (scaled by 1/255) or float [0, 1] B×C×H×W and returns float [0, 1].
+    With `fuse`, a run crop [, flip] [, color-jitter] [, color-drop] runs as one fused op
+    (`selfsup.augment.fused`: the same random parameters, colour clamped once at the end).
     """
 
-    def __init__(self, steps: Sequence[Step]) -> None:
+    def __init__(self, steps: Sequence[Step], fuse: bool = True) -> None:
         super().__init__()
         unknown = [name for name, _ in steps if name not in OPS]
         if unknown:
             raise SelfsupError(f"unknown augment op {unknown[0]!r}; expected one of {list(OPS)}")
         self.steps = [(name, dict(params)) for name, params in steps]
+        self.calls = fused.plan(self.steps, OPS) if fuse else [(OPS[n], p) for n, p in self.steps]
 
     def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        for name, params in self.steps:
-            x = OPS[name](x, g, **params)
+        for op, params in self.calls:
+            x = op(x, g, **params)
         return x
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from selfsup.distributed import (
     unique_ids,
     world_size,
 )
+from selfsup.losses.chunked import weighted_lse
 
 
 def _check_temperature(temperature: float) -> None:
@@ -37,41 +38,85 @@ def info_nce(
     together; the mean of the processes' losses, and the gradient DDP averages, are those of the
     loss on all processes' samples at once. Ids must then be unique across processes where they
     should be (`selfsup.distributed.unique_ids`).
+
+    The logsumexp runs in row blocks (`selfsup.losses.chunked.weighted_lse`): memory linear in
+    N, gradient formed in the forward pass; `info_nce_reference` is the plain version.
     """
-    _check_temperature(temperature)
-    if z.dim() != 2 or ids.shape != z.shape[:1]:
-        raise ValueError(
-            f"expected z N×D and ids (N,), got {tuple(z.shape)} and {tuple(ids.shape)}"
-        )
+    setup = _Setup(z, ids, temperature, gather)
+    if setup.num_anchors == 0:
+        return z.sum() * 0
+    with torch.autocast(z.device.type, enabled=False):  # low-precision logits/τ lose too much
+        z_all = setup.embeddings(z, normalize)
+        rows = setup.start + setup.has_pos[setup.local].nonzero().squeeze(1)  # anchors, in z_all
+        weight = z_all.new_full((len(rows),), setup.world / setup.num_anchors)
+        zt = z_all[rows] / temperature
+        lse = weighted_lse(zt, z_all, weight, rows)
+        return lse - (setup.positive_logits(zt, z_all, rows) * weight).sum()
+
+
+def info_nce_reference(
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 0.5,
+    normalize: bool = True,
+    gather: bool | None = None,
+) -> torch.Tensor:
+    """`info_nce` with the whole n×N logit matrix in memory and autograd's backward: the plain
+    reference the fast path is tested against."""
+    setup = _Setup(z, ids, temperature, gather)
+    if setup.num_anchors == 0:
+        return z.sum() * 0
+    with torch.autocast(z.device.type, enabled=False):
+        z_all = setup.embeddings(z, normalize)
+        rows = torch.arange(setup.start, setup.start + len(z), device=z.device)
+        zt = z_all[rows] / temperature
+        logits = zt @ z_all.T  # n×N
+        logits.diagonal(offset=setup.start).fill_(float("-inf"))  # not its own negative
+        loss = torch.logsumexp(logits, dim=1) - setup.positive_logits(zt, z_all, rows)
+        return loss[setup.has_pos[setup.local]].sum() * setup.world / setup.num_anchors
+
+
+class _Setup:
+    """What both InfoNCE versions share: checks, the gathered ids and positive counts."""
+
     # Gradient scale with W processes of n samples each, N = W·n: the loss on the concatenated
     # batch is L = (1/A) Σ_i ℓ_i over the A anchors (of all processes) that have a positive.
     # Process r returns L_r = (W/A) Σ_{i local to r} ℓ_i, so mean_r L_r = L. gather_with_grad
     # gives process r the gradient Σ_s ∂L_s/∂z_r for its own samples z_r, and DDP averages
     # parameter gradients over r: (1/W) Σ_r Σ_s ∂L_s/∂z_r · ∂z_r/∂θ = ∂(mean_s L_s)/∂θ = ∂L/∂θ.
-    gather = is_distributed() if gather is None else gather
-    world, start = (world_size(), rank() * len(z)) if gather else (1, 0)
-    all_ids = gather_no_grad(ids) if gather else ids
-    _, group, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
-    num_pos = counts[group] - 1
-    has_pos = num_pos > 0
-    num_anchors = int(has_pos.sum())  # the same on every process: all see all ids
-    if num_anchors == 0:
-        return z.sum() * 0
-    local = slice(start, start + len(z))
-    with torch.autocast(z.device.type, enabled=False):  # low-precision logits/τ lose too much
+    def __init__(
+        self, z: torch.Tensor, ids: torch.Tensor, temperature: float, gather: bool | None
+    ) -> None:
+        _check_temperature(temperature)
+        if z.dim() != 2 or ids.shape != z.shape[:1]:
+            raise ValueError(
+                f"expected z N×D and ids (N,), got {tuple(z.shape)} and {tuple(ids.shape)}"
+            )
+        self.gather = is_distributed() if gather is None else gather
+        self.world, self.start = (world_size(), rank() * len(z)) if self.gather else (1, 0)
+        self.local = slice(self.start, self.start + len(z))
+        all_ids = gather_no_grad(ids) if self.gather else ids
+        _, self.group, self.counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
+        self.num_pos = self.counts[self.group] - 1
+        self.has_pos = self.num_pos > 0
+        self.num_anchors = int(self.has_pos.sum())  # the same on every process: all see all ids
+
+    def embeddings(self, z: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """All processes' (normalised, at least float32) embeddings, differentiable."""
         z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
         if normalize:
             z = F.normalize(z, dim=1)
-        z_all = gather_with_grad(z) if gather else z
-        zt = z_all[local] / temperature
-        logits = zt @ z_all.T  # the only n×N tensor of the forward pass
-        logits.diagonal(offset=start).fill_(float("-inf"))  # an anchor is not its own negative
-        lse = torch.logsumexp(logits, dim=1)
-        # sum_{p in P(i)} s_ip/τ = zt_i · (sum of z over i's id group - z_i): O(N·D), no N×N mask
-        group_sum = z_all.new_zeros(len(counts), z.shape[1]).index_add_(0, group, z_all)
-        pos = (zt * (group_sum[group[local]] - z_all[local])).sum(dim=1)
-        loss = lse - pos / num_pos[local].clamp(min=1)
-        return loss[has_pos[local]].sum() * world / num_anchors
+        return gather_with_grad(z) if self.gather else z
+
+    def positive_logits(
+        self, zt: torch.Tensor, z_all: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """mean_{p in P(i)} s_ip/τ for the anchors `rows` of z_all (0 where none)."""
+        # sum over P(i) = zt_i · (sum of z over i's id group - z_i): O(N·D), no N×N mask
+        group_sum = z_all.new_zeros(len(self.counts), z_all.shape[1])
+        group_sum.index_add_(0, self.group, z_all)
+        pos = (zt * (group_sum[self.group[rows]] - z_all[rows])).sum(dim=1)
+        return pos / self.num_pos[rows].clamp(min=1)
 
 
 def nt_xent(
