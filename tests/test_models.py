@@ -3,6 +3,7 @@ import torch
 
 from selfsup.errors import SelfsupError
 from selfsup.models import BACKBONES, Encoder, ProjectionHead, build_backbone
+from selfsup.models.vit import VIT_SIZES
 
 CIFAR = dict(mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
 
@@ -50,7 +51,7 @@ def test_unknown_backbone_lists_names():
     with pytest.raises(SelfsupError, match="convnet, resnet18, resnet50") as err:
         build_backbone("vit", 3, small_images=True)
     assert "\n" not in str(err.value)
-    assert set(BACKBONES) == {"convnet", "resnet18", "resnet50"}
+    assert set(BACKBONES) == {"convnet", "resnet18", "resnet50", *VIT_SIZES}  # ViTs: mae
 
 
 def test_encoder_uint8_and_float_inputs_agree():

@@ -1,6 +1,7 @@
-"""Backbone networks: a small CPU-friendly ConvNet and torchvision ResNets."""
+"""Backbone networks: a small CPU-friendly ConvNet, torchvision ResNets and ViTs (vit.py)."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,7 @@ from torch import nn
 from torchvision.models import ResNet, resnet18, resnet50
 
 from selfsup.errors import SelfsupError
+from selfsup.models.vit import VIT_SIZES, ViT, build_vit
 
 
 class _Downsample(nn.Module):
@@ -54,6 +56,8 @@ BACKBONES: dict[str, Callable[[int, bool], tuple[nn.Module, int]]] = {
     "convnet": lambda c, small: (ConvNet(c), 256),
     "resnet18": lambda c, small: (_resnet(resnet18, c, small), 512),
     "resnet50": lambda c, small: (_resnet(resnet50, c, small), 2048),
+    # ViTs (mae): build_backbone passes them the image and patch size their positions need.
+    **{name: partial(build_vit, name, image_size=None, patch_size=None) for name in VIT_SIZES},
 }
 
 
@@ -70,14 +74,17 @@ def build_backbone(
     small_images: bool,
     image_size: list[int] | None = None,
     feature_dim: int | None = None,
+    patch_size: int | None = None,
 ) -> tuple[nn.Module, int]:
     """Randomly initialised backbone mapping B×C×H×W to B×D; returns (module, D).
 
     "linear" (not listed in BACKBONES: only the linear autoencoder builds it) also needs the
-    image size and the feature dimension.
+    image size and the feature dimension; the ViTs need the image and patch size.
     """
     if name == "linear" and image_size is not None and feature_dim is not None:
         return linear_backbone(in_channels, image_size, feature_dim), feature_dim
+    if name in VIT_SIZES:
+        return build_vit(name, in_channels, image_size, patch_size)
     if name not in BACKBONES:
         raise SelfsupError(f"backbone: unknown {name!r}; expected one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels, small_images)
@@ -91,6 +98,8 @@ def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
         b = backbone
         stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)
         return [stem, b.layer1, b.layer2, b.layer3, b.layer4]
+    if isinstance(backbone, ViT):
+        return backbone.stages()
     if isinstance(backbone, nn.Sequential):  # the linear backbone
         return [backbone]
     raise TypeError(f"no stages known for {type(backbone).__name__}")
