@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from selfsup.distributed import gather_with_grad, rank, world_size
+from selfsup.losses import chunked
+from selfsup.losses.clip import clip_loss
 from selfsup.losses.contrastive import info_nce, nt_xent, supcon_ids
 
 T = 0.3
@@ -20,6 +22,7 @@ T = 0.3
 
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
+    chunked.BLOCK_ELEMENTS = 2 * 12  # blocks of 2 anchor rows: block boundaries under gather too
     r, w = rank(), world_size()
     g = torch.Generator().manual_seed(0)
     n = 6  # samples per process
@@ -46,13 +49,16 @@ def main(out: Path) -> None:
     def no_gather(z1, z2, z):
         return info_nce(z[mine], inputs["ids"][mine], T, gather=False)
 
+    def clip(z1, z2, z):  # z1: images, z2: their captions; logit scale 1/T
+        return clip_loss(z1[mine], z2[mine], 1 / T)
+
     # gather_with_grad alone: rank r holds [r, r]; its uses weigh the gathered rows by (r+1)·k
     t = torch.full((2,), float(r), dtype=torch.float64, requires_grad=True)
     gathered = gather_with_grad(t)
     (gathered * torch.arange(2.0 * w, dtype=torch.float64) * (r + 1)).sum().backward()
     results = {"inputs": inputs, "gathered": gathered.detach(), "gather_grad": t.grad}
 
-    for case in (simclr, supcon, uneven, no_gather):
+    for case in (simclr, supcon, uneven, no_gather, clip):
         leaves = [inputs[k].clone().requires_grad_() for k in ("z1", "z2", "z")]
         loss = case(*leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from selfsup.distributed import gather_with_grad, rank, unique_ids, world_size
+from selfsup.losses.clip import clip_loss
 from selfsup.losses.contrastive import info_nce, nt_xent
 
 WORKER = Path(__file__).parent / "_ddp_worker.py"
@@ -60,13 +61,15 @@ def reference(case: str, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]
         loss = info_nce(torch.cat([z1, z2]), own.repeat(2), T)
     elif case == "uneven":
         loss = info_nce(z, ids, T)
+    elif case == "clip":  # CLIP: image z1[i] and caption z2[i] are a pair
+        loss = clip_loss(z1, z2, 1 / T)
     else:  # no_gather: each process on its own half, losses averaged
         loss = (info_nce(z[:6], ids[:6], T) + info_nce(z[6:], ids[6:], T)) / 2
     grads = torch.autograd.grad(loss, [z1, z2, z], allow_unused=True, materialize_grads=True)
     return loss.detach(), list(grads)
 
 
-@pytest.mark.parametrize("case", ["simclr", "supcon", "uneven", "no_gather"])
+@pytest.mark.parametrize("case", ["simclr", "supcon", "uneven", "no_gather", "clip"])
 def test_gathered_loss_and_ddp_gradient_equal_single_process(case: str, ranks: list[dict]) -> None:
     expected_loss, expected_grads = reference(case, ranks[0]["inputs"])
     for result in ranks:

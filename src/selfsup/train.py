@@ -44,14 +44,7 @@ def pretrain(
         checkpoint = None
     _check_names(config)
 
-    train, test = load_splits(
-        config.data,
-        data_dir=config.data_dir,
-        download=config.download,
-        limit=config.limit,
-        image_size=config.image_size,
-        seed=config.seed,
-    )
+    train, test, data_extra = _load_data(config)
     if len(train) < config.batch_size:
         raise SelfsupError(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
@@ -60,7 +53,7 @@ def pretrain(
     run = Path(config.out) if config.out else rundir.default_run_dir(config.method, config.data)
     config = dataclasses.replace(config, out=str(run))
     L.seed_everything(config.seed, verbose=False)
-    method = get_method(config.method)(config, _data_info(config, train))
+    method = get_method(config.method)(config, _data_info(config, train), **data_extra)
     if checkpoint is None:  # only now, with every input checked, does the run directory appear
         _claim_run_dir(run)
         rundir.write_config(run, method.run_config())
@@ -75,6 +68,29 @@ def pretrain(
         kept = f"; the last good checkpoint is {last}" if last else "; no epoch had finished"
         raise SelfsupError(f"{e}{kept}") from None
     return run
+
+
+def _load_data(config: PretrainConfig) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
+    """(train, test, extra arguments of the method): clip's images come with captions."""
+    options = dict(
+        data_dir=config.data_dir,
+        download=config.download,
+        limit=config.limit,
+        image_size=config.image_size,
+    )
+    if config.method == "clip":
+        from selfsup.data.captions import load_captions
+
+        train, held_out = load_captions(
+            config.data,
+            templates=config.templates,
+            skip_bad=config.skip_bad,
+            holdout=config.caption_holdout,
+            **options,
+        )
+        test = held_out.images if held_out is not None else None
+        return train.images, test, {"captions": train}
+    return (*load_splits(config.data, seed=config.seed, **options), {})
 
 
 def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str]:

@@ -1,0 +1,270 @@
+"""CLIP (Radford et al., 2021): match images to their captions in a shared embedding space.
+
+An image encoder and a small text transformer (its tokenizer trained on the run's captions and
+saved in RUN/tokenizer/) are each followed by a linear projection; the loss is the symmetric
+InfoNCE over the batch with a learnable temperature (`selfsup.losses.clip`). Every step draws
+one of each image's captions from the step's generator. After every epoch the text side, the
+projections and the logit scale are exported to RUN/clip.safetensors (the image encoder to
+RUN/encoder.safetensors, as for every method); `load_clip(run)` rebuilds the pair for zero-shot
+classification and retrieval.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from selfsup import run as rundir
+from selfsup.augment.preview import _save, _show
+from selfsup.config import PretrainConfig
+from selfsup.data import adapt_images
+from selfsup.data.captions import CaptionData
+from selfsup.errors import SelfsupError
+from selfsup.lm.tokenizer import KINDS
+from selfsup.losses.clip import LogitScale, clip_loss
+from selfsup.methods.base import Method
+from selfsup.models import Encoder
+from selfsup.models.text import POOLINGS, TextTransformer
+
+PAD, EOT, UNK = "[PAD]", "<|endoftext|>", "[UNK]"
+TOKENIZER_DIR = "tokenizer"
+WEIGHTS = "clip.safetensors"
+
+
+def normalize_caption(text: str) -> str:
+    """Lower case, single spaces (as CLIP's tokenizer cleans text)."""
+    return " ".join(text.lower().split())
+
+
+def tokenize(tokenizer: Any, texts: list[str], context: int) -> Tensor:
+    """N×context token ids: each text's tokens (cut to context-1), its end-of-text, padding."""
+    pad, eot = tokenizer.pad_token_id, tokenizer.eos_token_id
+    encoded = tokenizer.backend_tokenizer.encode_batch(
+        [normalize_caption(t) for t in texts], add_special_tokens=False
+    )
+    ids = torch.full((len(texts), context), pad, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        row = e.ids[: context - 1] + [eot]
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids
+
+
+def train_caption_tokenizer(captions: list[list[str]], kind: str, vocab_size: int) -> Any:
+    """A tokenizer learned from the training captions (lower-cased)."""
+    from selfsup.lm.tokenizer import train_tokenizer
+
+    texts = [normalize_caption(c) for group in captions for c in group]
+    return train_tokenizer(texts, kind=kind, vocab_size=vocab_size, special_tokens=[PAD, EOT, UNK])
+
+
+def _check_text_options(config: PretrainConfig) -> None:
+    for option, value, valid in [
+        ("--text-tokenizer", config.text_tokenizer, KINDS),
+        ("--text-pooling", config.text_pooling, POOLINGS),
+    ]:
+        if value not in valid:
+            raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
+    for option, value, least in [
+        ("--text-vocab", config.text_vocab, 256 + 3),  # BPE: all bytes + PAD, EOT, UNK
+        ("--text-context", config.text_context, 2),
+        ("--text-layers", config.text_layers, 1),
+        ("--text-heads", config.text_heads, 1),
+    ]:
+        if value < least:
+            raise SelfsupError(f"{option} must be at least {least}, got {value}")
+    if config.text_width % config.text_heads:
+        raise SelfsupError(
+            f"--text-width {config.text_width} must be a multiple of "
+            f"--text-heads {config.text_heads}"
+        )
+
+
+class Towers(nn.Module):
+    """What CLIP learns besides the image encoder: text transformer, projections, logit scale."""
+
+    def __init__(self, text_config: dict[str, Any], feature_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.text = TextTransformer(**text_config)
+        self.image_projection = nn.Linear(feature_dim, embed_dim, bias=False)
+        self.text_projection = nn.Linear(self.text.width, embed_dim, bias=False)
+        self.logit_scale = LogitScale()
+
+
+class CLIP(Method):
+    def __init__(
+        self,
+        config: PretrainConfig,
+        data_info: dict[str, Any],
+        captions: CaptionData | None = None,
+    ) -> None:
+        super().__init__(config, data_info)
+        _check_text_options(config)
+        saved = Path(config.out or "") / TOKENIZER_DIR
+        if config.out and (saved / "tokenizer.json").is_file():  # resuming: the run's tokenizer
+            from selfsup.lm.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(saved)
+        elif captions is not None:
+            self.tokenizer = train_caption_tokenizer(
+                captions.captions, config.text_tokenizer, config.text_vocab
+            )
+        else:
+            raise SelfsupError("clip needs image–caption data (see `selfsup pretrain clip --help`)")
+        text_config = dict(
+            vocab_size=len(self.tokenizer),
+            width=config.text_width,
+            layers=config.text_layers,
+            heads=config.text_heads,
+            context=config.text_context,
+            pad_id=self.tokenizer.pad_token_id,
+            pooling=config.text_pooling,
+        )
+        self.towers = Towers(text_config, self.encoder.feature_dim, config.projection_dim)
+        self.data_info = {**data_info, "text": text_config}
+        if captions is not None:
+            self.data_info["captions"] = {
+                "groups": len(captions.captions),
+                "captions": sum(len(c) for c in captions.captions),
+                "templated": captions.templated,
+                "skipped": len(captions.skipped),
+            }
+            table, counts = self._caption_table(captions.captions)
+        else:
+            table, counts = torch.zeros(0, 1, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        # the data, rebuilt from the captions on resume: not in checkpoints
+        self.register_buffer("caption_ids", table, persistent=False)
+        self.register_buffer("caption_counts", counts, persistent=False)
+
+    def _caption_table(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """(G×K×context token ids, G caption counts): group g's k-th caption, K the most."""
+        context, pad = self.config.text_context, self.tokenizer.pad_token_id
+        counts = torch.tensor([len(c) for c in captions])
+        flat = tokenize(self.tokenizer, [c for group in captions for c in group], context)
+        table = torch.full((len(captions), int(counts.max()), context), pad, dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        for g, (start, n) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
+            table[g, :n] = flat[start : start + n]
+        return table, counts
+
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """y: the caption group of each image; one of its captions is drawn for this step."""
+        pick = (torch.rand(len(y), generator=g, device=y.device) * self.caption_counts[y]).long()
+        ids = _trim(self.caption_ids[y, pick], self.tokenizer.pad_token_id)
+        features = self.encoder(self.views(x, g))
+        image = self.towers.image_projection(features)
+        text = self.towers.text_projection(self.towers.text(ids))
+        scale = self.towers.logit_scale()
+        self.log("train/logit_scale", scale.detach())
+        return clip_loss(image, text, scale), features
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.towers.logit_scale.clamp_()  # after the optimizer step: the stored value too
+
+    def on_fit_start(self) -> None:
+        path = Path(self.config.out or ".") / TOKENIZER_DIR
+        if self.trainer.is_global_zero and not (path / "tokenizer.json").is_file():
+            self.tokenizer.save_pretrained(str(path))
+
+    def on_train_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            rundir.export_encoder(self.towers, Path(self.config.out or ".") / WEIGHTS)
+
+    def save_samples(self, x: Tensor, path: Path) -> None:
+        """Each image with the captions (one per group, from the first 1,000 groups) that the
+        model ranks highest for it."""
+        groups, pad = self.caption_ids[:1000, 0], self.tokenizer.pad_token_id
+        with torch.no_grad():
+            image = F.normalize(self.towers.image_projection(self.encoder(x)), dim=-1)
+            text = F.normalize(
+                self.towers.text_projection(self.towers.text(_trim(groups, pad))), dim=-1
+            )
+            top = (image @ text.T).topk(min(3, len(groups)), dim=1)
+        decode = self.tokenizer.decode
+        n = len(x)
+        fig = Figure(figsize=(6, 1.1 * n + 0.3), layout="constrained")
+        fig.suptitle("captions the model ranks highest for each image", fontsize=9)
+        axes = np.asarray(fig.subplots(n, 2, squeeze=False, width_ratios=[1, 4]))
+        for i in range(n):
+            _show(axes[i, 0], x[i].cpu().float() / 255)
+            lines = [
+                f"{s:.2f}  " + textwrap.shorten(decode(groups[j], skip_special_tokens=True), 70)
+                for s, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)
+            ]
+            axes[i, 1].axis("off")
+            axes[i, 1].text(0, 0.5, "\n".join(lines), fontsize=8, va="center")
+        _save(fig, path)
+
+
+def _trim(ids: Tensor, pad: int) -> Tensor:
+    """Drop the padding columns every row has (shorter sequences cost less attention)."""
+    return ids[:, : int((ids != pad).sum(dim=1).max())]
+
+
+class CLIPModel(nn.Module):
+    """A trained CLIP for inference: normalised image and text embeddings in the shared space."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        towers: Towers,
+        tokenizer: Any,
+        context: int,
+        image_shape: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.encoder, self.towers, self.tokenizer = encoder, towers, tokenizer
+        self.context, self.image_shape = context, image_shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.towers.logit_scale.log_scale.device
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor, batch_size: int = 256) -> Tensor:
+        """uint8 N×C×H×W images (converted to the encoder's channels and size) -> N×D, on CPU."""
+        c, h, w = self.image_shape
+        out = []
+        for start in range(0, len(x), batch_size):
+            batch = adapt_images(x[start : start + batch_size], c, (h, w)).to(self.device)
+            image = self.towers.image_projection(self.encoder(batch))
+            out.append(F.normalize(image.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 512) -> Tensor:
+        """Captions -> N×D, on CPU."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids = tokenize(self.tokenizer, texts[start : start + batch_size], self.context)
+            text = self.towers.text(_trim(ids, self.tokenizer.pad_token_id).to(self.device))
+            out.append(F.normalize(self.towers.text_projection(text).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def load_clip(run: str | Path) -> CLIPModel:
+    """The image and text encoders of a `clip` run (eval mode)."""
+    from selfsup.lm.tokenizer import load_tokenizer
+
+    config = rundir.read_config(run)
+    if config.get("method") != "clip" or "text" not in config:
+        raise SelfsupError(f"{run} is a {config.get('method')} run; this needs a clip run")
+    weights = Path(run) / WEIGHTS
+    if not weights.is_file():
+        raise SelfsupError(f"{weights} is missing: the run has not finished an epoch yet")
+    encoder = rundir.load_encoder(run)
+    towers = Towers(config["text"], encoder.feature_dim, config["projection_dim"])  # type: ignore[arg-type]
+    try:
+        towers.load_state_dict(load_file(weights))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise SelfsupError(f"{weights} is not a readable clip weights file ({e})") from None
+    tokenizer = load_tokenizer(Path(run) / TOKENIZER_DIR)
+    shape = (config["dataset"]["channels"], *config["dataset"]["image_size"])
+    return CLIPModel(encoder, towers, tokenizer, config["text"]["context"], shape).eval()  # type: ignore[arg-type]
