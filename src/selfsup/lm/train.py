@@ -1,0 +1,496 @@
+"""`pretrain_lm()`: corpus -> tokenizer -> token ids -> model -> Lightning -> run directory.
+
+Every language model (`selfsup lm pretrain KIND`) trains through this one entry. A model kind
+is a module listed in `selfsup.lm.MODELS` that provides
+
+    Options          a dataclass of the kind's own options (mirrored as CLI flags)
+    SPECIAL_TOKENS   the special tokens its tokenizer needs (e.g. "[MASK]")
+    build(config, options, tokenizer, init) -> LanguageModule
+
+A `LanguageModule` draws its own batches from the memory-mapped token ids (`make_batch`),
+computes its loss (`loss`) and writes its exports (`export`); this file does the rest.
+
+RUN/
+  config.yaml        LMConfig + the kind's options + the tokenizer's size
+  command.txt        the exact command line(s)
+  tokenizer.json     the tokenizer (AutoTokenizer.from_pretrained(RUN) loads it)
+  tokens.npy         the corpus's token ids (memory-mapped; the last --val-fraction validates)
+  checkpoints/       last.ckpt and best.ckpt (lowest validation loss), atomic writes
+  metrics.csv        train/loss, train/lr every few steps, val/loss at every evaluation
+  results.json       the final validation estimate (--final-eval-batches batches)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from selfsup import run as rundir
+from selfsup.config import _opt
+from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
+from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from selfsup.optim import warmup_cosine
+
+TOKENS = "tokens.npy"
+RESULTS = "results.json"
+BEST = "best"
+
+
+@dataclass
+class LMConfig:
+    """Options every `selfsup lm pretrain KIND` shares; saved in RUN/config.yaml."""
+
+    model: str = _opt("gpt", "model kind", cli=False)
+    corpus: str | None = _opt(None, "a .txt or .jsonl file, or a folder of them")
+    encoding: str = _opt("utf-8", "text encoding of the corpus files")
+    text_field: str = _opt("text", "field holding the text in JSONL records")
+    tokenizer: str = _opt("char", "char | bpe | a folder holding a tokenizer.json to reuse")
+    vocab_size: int = _opt(8192, "bpe: vocabulary size")
+    val_fraction: float = _opt(0.1, "last fraction of the tokens kept for validation")
+    steps: int = _opt(2000, "optimisation steps")
+    batch_size: int = _opt(12, "sequences per batch")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_fraction: float = _opt(0.1, "the cosine decays to this fraction of --lr")
+    warmup_steps: int = _opt(100, "linear warm-up steps before the cosine decay")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    beta2: float = _opt(0.99, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
+    eval_interval: int = _opt(250, "validate every N steps")
+    eval_batches: int = _opt(20, "batches per periodic validation")
+    final_eval_batches: int = _opt(200, "batches of the final validation estimate")
+    init: str | None = _opt(None, "start from this local Hugging Face checkpoint folder")
+    seed: int = _opt(0, "random seed (initialisation, batches)")
+    accelerator: str = _opt("auto", "cpu | gpu | auto (Lightning)")
+    devices: str = _opt("1", "number of devices (Lightning)")
+    precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed on GPU, else 32)")
+    progress: bool = _opt(True, "show a progress bar")
+    out: str | None = _opt(None, "run directory (default runs/lm-KIND-CORPUS-TIMESTAMP)")
+    resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
+
+
+def model_kind(name: str) -> ModuleType:
+    from selfsup.lm import MODELS
+
+    if name not in MODELS:
+        raise SelfsupError(f"model {name!r} is unknown; expected one of {', '.join(MODELS)}")
+    return importlib.import_module(MODELS[name])
+
+
+class LanguageModule(L.LightningModule):
+    """Shared machinery: AdamW with warm-up + cosine, logging, a NaN guard, validation.
+
+    Subclasses implement `make_batch` and `loss`, and may override `check_data` and `export`.
+    """
+
+    def __init__(self, config: LMConfig, options: Any, vocab_size: int) -> None:
+        super().__init__()
+        self.config, self.options, self.vocab_size = config, options, vocab_size
+
+    def make_batch(self, ids: np.ndarray, rng: np.random.Generator, batch_size: int) -> Any:
+        """One batch drawn from the token ids `ids` with `rng` (tensors on the CPU)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, extra metrics such as accuracies) of one batch."""
+        raise NotImplementedError
+
+    def check_data(self, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
+        """Raise SelfsupError when the token ids cannot make a batch (e.g. too short)."""
+
+    def export(self, run: Path, tokenizer: Any) -> None:
+        """Write the trained model's exports into the run directory."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the {self.config.model} loss became {loss.item()} at step {self.global_step}; "
+                "lower --lr"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, metrics = self.loss(batch)
+        self.log("val/loss", loss, prog_bar=True)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.config.lr,
+            betas=(0.9, self.config.beta2),
+        )
+        factor = warmup_cosine(
+            max(1, self.config.warmup_steps), self.config.steps, self.config.min_lr_fraction
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class StepBatches(Dataset):
+    """Batch number `step` is drawn with a generator seeded by (seed, step): any step's batch
+    is the same in a resumed run as in an uninterrupted one."""
+
+    def __init__(self, module: LanguageModule, ids: np.ndarray, batch_size: int, seed: int):
+        self.module, self.ids, self.batch_size, self.seed = module, ids, batch_size, seed
+
+    def __getitem__(self, step: int) -> Any:
+        rng = np.random.default_rng([self.seed, step])
+        return self.module.make_batch(self.ids, rng, self.batch_size)
+
+
+class StepSampler(Sampler[int]):
+    """Yields step numbers from the trainer's current step up to `stop`.
+
+    Lightning may re-iterate the loader within a resumed run (it counts a resumed epoch's
+    batches from the checkpoint); starting at the current step keeps every batch in place.
+    """
+
+    def __init__(self, module: LanguageModule, start: int, stop: int) -> None:
+        self.module, self.start, self.stop = module, start, stop
+
+    def __iter__(self):
+        first = self.module.global_step if self.module._trainer is not None else self.start
+        return iter(range(first, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def step_loader(module, ids, batch_size: int, seed: int, start: int, stop: int) -> DataLoader:
+    return DataLoader(
+        StepBatches(module, ids, batch_size, seed),
+        sampler=StepSampler(module, start, stop),
+        batch_size=None,
+    )
+
+
+def lm_config(model: str = "gpt", **settings: Any) -> LMConfig:
+    """LMConfig for a model kind: the kind's own `DEFAULTS` (if any), then `settings`."""
+    kind = model_kind(model)
+    return LMConfig(model=model, **{**getattr(kind, "DEFAULTS", {}), **settings})
+
+
+def pretrain_lm(
+    config: LMConfig | None = None,
+    options: Any = None,
+    *,
+    command: str | None = None,
+    **settings: Any,
+) -> Path:
+    """Pretrain a language model; returns the run directory.
+
+    `pretrain_lm(model="gpt", corpus="shakespeare.txt", steps=500)` is the same as
+    `selfsup lm pretrain gpt --corpus shakespeare.txt --steps 500`; the kind's own options go
+    in `options` (e.g. `selfsup.lm.gpt.Options(n_layer=2)`).
+    """
+    config = dataclasses.replace(config, **settings) if config else lm_config(**settings)
+    kind = model_kind(config.model)
+    options = options if options is not None else kind.Options()
+    command = command or f"pretrain_lm({config!r}, {options!r})"
+    if config.resume:
+        return _resume(config, kind, command)
+    _check(config)
+    run = Path(config.out) if config.out else _default_run_dir(config)
+    config = dataclasses.replace(config, out=str(run))
+    if run.exists() and any(run.iterdir()):
+        raise SelfsupError(
+            f"run directory {run} already exists and is not empty; pass --resume {run} to "
+            "continue it or choose another --out"
+        )
+    tokenizer, init = _tokenizer_and_init(config, kind)
+    texts = read_texts(config.corpus, config.encoding, config.text_field)  # type: ignore[arg-type]
+    if tokenizer is None:
+        tokenizer = train_tokenizer(
+            texts, config.tokenizer, config.vocab_size, special_tokens=kind.SPECIAL_TOKENS
+        )
+    L.seed_everything(config.seed, verbose=False)
+    module = kind.build(config, options, tokenizer, init)
+    # Token ids go to a temporary file beside the run; the run directory appears only after
+    # every check has passed.
+    run.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}."))
+    try:
+        ids = encode_corpus(tokenizer, texts, scratch / TOKENS)
+        del texts
+        module.check_data(*split_ids(ids, config.val_fraction))
+        run.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / TOKENS, run / TOKENS)
+    finally:
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        scratch.rmdir()
+    tokenizer.save_pretrained(str(run))
+    saved = {**asdict(config), "options": asdict(module.options), "tokenizer_size": len(tokenizer)}
+    rundir.write_config(run, saved)
+    rundir.write_command(run, command)
+    return _fit(run, config, module, tokenizer, checkpoint=None)
+
+
+def _check(config: LMConfig) -> None:
+    if not config.corpus:
+        raise SelfsupError("--corpus is required: a .txt or .jsonl file, or a folder of them")
+    positive = [
+        ("--steps", config.steps),
+        ("--batch-size", config.batch_size),
+        ("--eval-interval", config.eval_interval),
+        ("--eval-batches", config.eval_batches),
+        ("--final-eval-batches", config.final_eval_batches),
+    ]
+    for option, value in positive:
+        if value < 1:
+            raise SelfsupError(f"{option} must be at least 1, got {value}")
+    if config.lr <= 0:
+        raise SelfsupError(f"--lr must be positive, got {config.lr}")
+    if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
+        raise SelfsupError(
+            f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
+            f"holding a {TOKENIZER_FILE}"
+        )
+
+
+def _tokenizer_and_init(config: LMConfig, kind: ModuleType) -> tuple[Any, Any]:
+    """The tokenizer to reuse (None: train one) and the kind's `--init` state (or None)."""
+    init = kind.load_init(config.init) if config.init else None
+    if config.tokenizer not in KINDS:
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif config.init:
+        tokenizer = load_tokenizer(config.init)
+    else:
+        return None, None
+    source = config.tokenizer if config.tokenizer not in KINDS else config.init
+    if init is not None and len(tokenizer) > init.vocab_size:
+        raise SelfsupError(
+            f"vocabulary mismatch: the tokenizer in {source} has {len(tokenizer)} tokens but the "
+            f"--init checkpoint {config.init} has {init.vocab_size} embeddings"
+        )
+    return tokenizer, init
+
+
+def _default_run_dir(config: LMConfig) -> Path:
+    corpus = Path(str(config.corpus)).stem or "corpus"
+    return Path("runs") / f"lm-{config.model}-{corpus}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
+    """(LMConfig, the kind's Options, the whole saved dict) of a language-model run."""
+    path = Path(run) / rundir.CONFIG
+    if not path.is_file():
+        raise SelfsupError(f"{path} is missing: {run} is not a selfsup language-model run")
+    saved = yaml.safe_load(path.read_text())
+    if not isinstance(saved, dict) or "options" not in saved or "model" not in saved:
+        raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
+    fields = {f.name for f in dataclasses.fields(LMConfig)}
+    config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
+    options = model_kind(config.model).Options(**saved["options"])
+    return config, options, saved
+
+
+def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
+    run = Path(config.resume)  # type: ignore[arg-type]
+    if not run.is_dir():
+        raise SelfsupError(f"--resume {run}: no such run directory")
+    saved_config, options, _ = read_lm_config(run)
+    checkpoint = rundir.last_checkpoint(run)
+    if checkpoint is None:
+        raise SelfsupError(f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} yet")
+    # Only the length of training may change on resume (to extend a finished run).
+    steps = config.steps if config.steps != LMConfig.steps else saved_config.steps
+    config = dataclasses.replace(saved_config, steps=steps, out=str(run), resume=None, init=None)
+    tokenizer = load_tokenizer(run)
+    L.seed_everything(config.seed, verbose=False)
+    module = kind.build(config, options, tokenizer, None)
+    rundir.write_command(run, command, append=True)
+    return _fit(run, config, module, tokenizer, checkpoint=checkpoint)
+
+
+def _fit(
+    run: Path, config: LMConfig, module: LanguageModule, tokenizer: Any, checkpoint: Path | None
+) -> Path:
+    train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
+    start = 0
+    if checkpoint is not None:
+        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
+    trainer = _trainer(config, run)
+    train = step_loader(module, train_ids, config.batch_size, config.seed, start, config.steps)
+    val = DataLoader(  # the same batches at every validation
+        StepBatches(module, val_ids, config.batch_size, config.seed + 1),
+        sampler=range(config.eval_batches),
+        batch_size=None,
+    )
+    began = time.perf_counter()
+    try:
+        trainer.fit(
+            module,
+            train,
+            val,
+            ckpt_path=str(checkpoint) if checkpoint else None,
+            weights_only=True,
+        )
+    except NonFiniteLossError as e:
+        last = rundir.last_checkpoint(run)
+        kept = f"; the last good checkpoint is {last}" if last else "; no evaluation had run"
+        raise SelfsupError(f"{e}{kept}") from None
+    seconds = time.perf_counter() - began
+    results = final_estimate(run, config, module, val_ids)
+    results["train_seconds"] = round(seconds, 2)  # periodic validation included
+    results["steps_per_second"] = round((config.steps - start) / seconds, 2)
+    module.export(run, tokenizer)
+    rundir.atomic_write_text(run / RESULTS, json.dumps(results, indent=2) + "\n")
+    return run
+
+
+@torch.no_grad()
+def evaluate_loss(module: LanguageModule, ids: np.ndarray, batches: int, seed: int) -> dict:
+    """Mean loss and metrics over `batches` batches drawn from `ids` (the final estimate)."""
+    was_training = module.training
+    module.eval()
+    totals: dict[str, float] = {}
+    dataset = StepBatches(module, ids, module.config.batch_size, seed)
+    for step in range(batches):
+        batch = _to_device(dataset[step], module.device)
+        loss, metrics = module.loss(batch)
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) / batches
+    module.train(was_training)
+    return totals
+
+
+def final_estimate(run: Path, config: LMConfig, module: LanguageModule, val_ids) -> dict:
+    """Validation estimate of the final weights and of the best checkpoint on the same
+    --final-eval-batches batches; the module keeps whichever is lower (it is then exported)."""
+    seed = config.seed + 2
+    final = evaluate_loss(module, val_ids, config.final_eval_batches, seed)
+    results: dict[str, Any] = {
+        "steps": config.steps,
+        "eval_batches": config.final_eval_batches,
+        "final": final,
+        "kept": "final",
+    }
+    best_path = run / rundir.CHECKPOINTS / f"{BEST}.ckpt"
+    best_ckpt = (
+        torch.load(best_path, map_location=module.device, weights_only=True)
+        if best_path.is_file()
+        else None
+    )
+    if best_ckpt is not None and best_ckpt["global_step"] == config.steps:  # the final weights
+        results["best"] = {**final, "step": config.steps}
+    elif best_ckpt is not None:
+        last_state = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(best_ckpt["state_dict"])
+        best = evaluate_loss(module, val_ids, config.final_eval_batches, seed)
+        results["best"] = {**best, "step": int(best_ckpt["global_step"])}
+        if best["loss"] < final["loss"]:
+            results["kept"] = "best"
+        else:
+            module.load_state_dict(last_state)
+    results["val_loss"] = results[results["kept"]]["loss"]
+    return results
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _trainer(config: LMConfig, run: Path) -> L.Trainer:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*Experiment logs directory.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", pattern)
+    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
+    on_gpu = config.accelerator in ("gpu", "cuda") or (
+        config.accelerator == "auto" and torch.cuda.is_available()
+    )
+    precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
+    callbacks: list[Callback] = [
+        # Lightning writes checkpoints atomically (temporary file, then rename).
+        ModelCheckpoint(
+            dirpath=run / rundir.CHECKPOINTS,
+            filename=BEST,
+            monitor="val/loss",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        ResumeHint(run),
+    ]
+    if config.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(20, config.steps // 100))))
+    return L.Trainer(
+        default_root_dir=run,
+        max_steps=config.steps,
+        max_epochs=-1,
+        accelerator=config.accelerator,
+        devices=devices,
+        precision=precision,
+        logger=CSVLogger(
+            save_dir=run, name="", version="", flush_logs_every_n_steps=config.eval_interval
+        ),
+        log_every_n_steps=max(1, min(50, config.eval_interval // 5)),
+        val_check_interval=config.eval_interval,
+        check_val_every_n_epoch=None,
+        gradient_clip_val=config.grad_clip or None,
+        callbacks=callbacks,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress,
+        num_sanity_val_steps=0,
+    )
+
+
+class ResumeHint(Callback):
+    """On Ctrl-C (Lightning then exits), say what was kept and how to continue."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+
+    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            last = rundir.last_checkpoint(self.run)
+            kept = f"the last checkpoint is {last}" if last else "no evaluation had run yet"
+            print(
+                f"selfsup: interrupted; {kept}; continue with: selfsup lm pretrain "
+                f"{module.config.model} --resume {self.run}",
+                file=sys.stderr,
+            )

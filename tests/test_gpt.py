@@ -1,0 +1,168 @@
+"""GPT pretraining: causal mask, a short real run, resume, Hugging Face round-trip, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selfsup.cli import main
+from selfsup.errors import SelfsupError
+from selfsup.lm.corpus import load_ids, split_ids
+from selfsup.lm.gpt import GPT, GPTModule, Options, load_run
+from selfsup.lm.tokenizer import train_tokenizer
+from selfsup.lm.train import pretrain_lm
+
+SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+needs_data = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is absent")
+SMALL = Options(block_size=32, n_layer=2, n_head=2, n_embd=64)
+QUICK = dict(
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=20,
+    eval_batches=10,
+    final_eval_batches=20,
+    progress=False,
+)
+
+
+def test_causal_mask_hides_later_tokens() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32).eval()
+    ids = torch.randint(0, 50, (3, 16))
+    changed = ids.clone()
+    changed[:, 9:] = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :9], after[:, :9])
+    assert (before[:, 9:] - after[:, 9:]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared/data is absent")
+    out = tmp_path_factory.mktemp("gpt") / "run"
+    return pretrain_lm(
+        model="gpt", corpus=str(SHAKESPEARE), steps=200, eval_interval=100, out=str(out),
+        options=SMALL, **QUICK,
+    )  # fmt: skip
+
+
+@needs_data
+def test_short_run_learns_well_below_unigram_entropy(run: Path) -> None:
+    _, val = split_ids(load_ids(run / "tokens.npy"))
+    counts = np.bincount(np.asarray(val))
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())  # 3.34 nats on this split
+    results = json.loads((run / "results.json").read_text())
+    assert results["val_loss"] < unigram_entropy - 0.7, (results, unigram_entropy)
+    with open(run / "metrics.csv") as f:
+        val_losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(val_losses) == 2 and val_losses[1] < val_losses[0]
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+
+
+@needs_data
+def test_hugging_face_auto_classes_generate_the_same_greedy_tokens(run: Path) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "hf"))
+    prompt = tokenizer("ROMEO:\nWhat", return_tensors="pt")["input_ids"]
+    ours, _, _ = load_run(run)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4)
+        theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)  # to block_size
+    assert theirs.tolist() == ours.generate(prompt, 20, temperature=0).tolist()
+
+
+@needs_data
+def test_generate_command(run: Path, capsys) -> None:
+    args = ["lm", "generate", str(run), "--prompt", "KING:", "--max-new-tokens", "30"]
+    assert main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("KING:") and len(greedy) > len("KING:") + 20
+    assert main([*args, "--num-samples", "2", "--top-k", "5"]) == 0
+    assert capsys.readouterr().out.count("KING:") == 2
+    assert main(["lm", "generate", str(run), "--prompt", "Dvořák"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot encode: 'á' 'ř'" in error
+    assert main(["lm", "tokenize", str(run), "To be"]) == 0
+    assert "5 tokens, 5 characters" in capsys.readouterr().out
+
+
+@needs_data
+def test_init_starts_from_a_hugging_face_checkpoint(run: Path, tmp_path: Path) -> None:
+    source = json.loads((run / "results.json").read_text())["final"]["loss"]
+    again = pretrain_lm(
+        model="gpt", corpus=str(SHAKESPEARE), init=str(run / "hf"), steps=1, eval_interval=1,
+        out=str(tmp_path / "again"), **{**QUICK, "lr": 1e-9},
+    )  # fmt: skip
+    results = json.loads((again / "results.json").read_text())
+    assert abs(results["final"]["loss"] - source) < 1e-3, (results, source)
+
+
+def test_resume_continues_exactly(tmp_path: Path, monkeypatch) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
+    tiny = Options(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    settings = dict(corpus=str(corpus), steps=30, eval_interval=10, options=tiny, **QUICK)
+    whole = pretrain_lm(model="gpt", out=str(tmp_path / "whole"), **settings)
+
+    loss = GPTModule.loss
+
+    def crash_at_step_15(self, batch):
+        if self.training and self.global_step == 15:
+            raise RuntimeError("simulated crash")
+        return loss(self, batch)
+
+    monkeypatch.setattr(GPTModule, "loss", crash_at_step_15)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain_lm(model="gpt", out=str(tmp_path / "cut"), **settings)
+    monkeypatch.setattr(GPTModule, "loss", loss)
+    pretrain_lm(model="gpt", resume=str(tmp_path / "cut"), progress=False)  # from step 10
+    a = load_file(whole / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "hf" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("selfsup: error: ") and error.count("\n") == 1, error
+    return error
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be\n" * 5)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n" * 50)
+    out = tmp_path / "runs" / "x"
+    pretrain = ["lm", "pretrain", "gpt", "--out", str(out), "--no-progress"]
+    assert "--block-size 64" in _cli_error([*pretrain, "--corpus", str(short)], capsys)
+    assert "empty" in _cli_error([*pretrain, "--corpus", str(empty)], capsys)
+    assert "byte 3" in _cli_error([*pretrain, "--corpus", str(latin)], capsys)
+    assert "--n-head" in _cli_error([*pretrain, "--corpus", str(short), "--n-head", "3"], capsys)
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
+
+
+@needs_data
+def test_vocabulary_mismatch_is_one_line(run: Path, tmp_path: Path, capsys) -> None:
+    bigger = train_tokenizer(["abcdefghij" * 50], "bpe", vocab_size=300)
+    bigger.save_pretrained(str(tmp_path / "tok"))
+    args = ["lm", "pretrain", "gpt", "--corpus", str(SHAKESPEARE), "--init", str(run / "hf")]
+    error = _cli_error([*args, "--tokenizer", str(tmp_path / "tok"), "--out", "x"], capsys)
+    assert "vocabulary mismatch" in error and not Path("x").exists()
+    with pytest.raises(SelfsupError, match="model_type 'gpt2'"):
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+        pretrain_lm(model="gpt", corpus=str(SHAKESPEARE), init=str(tmp_path / "bert"))
