@@ -1,5 +1,7 @@
 """The programmatic gold preference and the simulated labelers of the RLHF pipeline."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -42,9 +44,12 @@ def test_demonstrations_get_the_top_gold_score():
 
 
 def test_pretraining_text_states_true_sums():
-    for line in pretraining_text(200, seed=1).splitlines():
-        numbers = [int(n) for n in line.rstrip(".").replace(",", "").split() if n.isdigit()]
-        assert numbers[0] + numbers[1] == numbers[2]
+    text = pretraining_text(200, seed=1)
+    for line in text.splitlines():
+        numbers = [int(n) for n in re.findall(r"\d+", line)]
+        assert numbers[0] + numbers[1] == numbers[-1]
+    later = "".join(p.prompt + demonstration(p, np.random.default_rng(0)) for p in problems(200, 5))
+    assert set(later) <= set(text)  # a char tokenizer trained on the corpus covers SFT and RL
 
 
 def test_noiseless_labeler_ranks_by_gold_with_ties():

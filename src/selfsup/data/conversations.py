@@ -71,18 +71,7 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
 def parse_conversation(record: dict[str, Any], where: str = "conversation") -> list[Message]:
     """A record in either conversation format as a list of {role, content} messages."""
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise SelfsupError(f"{where}: 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLE_MARKERS:
-                raise SelfsupError(
-                    f"{where}: messages[{i}] needs a role among {', '.join(ROLE_MARKERS)}"
-                )
-            out.append(
-                {"role": m["role"], "content": _text(m, "content", f"{where} messages[{i}]")}
-            )
+        out = _messages(record["messages"], where)
     elif "prompt" in record and "completion" in record:
         out = [
             {"role": "user", "content": _text(record, "prompt", where)},
@@ -103,6 +92,36 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
     return conversations
 
 
+def read_prompts(path: str | Path) -> list[tuple[list[Message], dict[str, Any]]]:
+    """(conversation so far, whole record) per line: a ``prompt`` string or a ``messages`` list
+    whose last turn is the user's; other fields (e.g. what a gold score needs) ride along."""
+    out = []
+    for where, record in _jsonl(path):
+        if "messages" in record:
+            messages = _messages(record["messages"], where)
+            if messages[-1]["role"] != "user":
+                raise SelfsupError(f"{where}: the last message must be the user's")
+        else:
+            messages = [{"role": "user", "content": _text(record, "prompt", where)}]
+        out.append((messages, record))
+    if not out:
+        raise SelfsupError(f"{path}: no prompts in the file")
+    return out
+
+
+def _messages(messages: Any, where: str) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise SelfsupError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLE_MARKERS:
+            raise SelfsupError(
+                f"{where}: messages[{i}] needs a role among {', '.join(ROLE_MARKERS)}"
+            )
+        out.append({"role": m["role"], "content": _text(m, "content", f"{where} messages[{i}]")})
+    return out
+
+
 def read_rankings(path: str | Path) -> list[Ranking]:
     """Every ranked prompt of a JSONL file (K completions + ranking, or chosen/rejected)."""
     out = []
@@ -115,9 +134,9 @@ def read_rankings(path: str | Path) -> list[Ranking]:
             raw = record.get("completions")
             if not isinstance(raw, list) or len(raw) < 2:
                 raise SelfsupError(f"{where}: 'completions' must list at least two completions")
-            completions = tuple(
-                _text({"c": c}, "c", f"{where} completions[{i}]") for i, c in enumerate(raw)
-            )
+            if not all(isinstance(c, str) for c in raw):
+                raise SelfsupError(f"{where}: every completion must be a string (may be empty)")
+            completions = tuple(raw)
             ranking = record.get("ranking")
             if not isinstance(ranking, str):
                 raise SelfsupError(f"{where}: field 'ranking' must be a string like 'B > A = C'")
@@ -151,10 +170,15 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int
     """(token ids, trained-on flags): each segment is tokenized on its own, so that no token
     straddles a prompt/answer boundary and the prompt tokens carry no loss. The markers must be
     special tokens of the tokenizer (one id each)."""
+    from selfsup.lm.tokenizer import encode_text
+
     ids: list[int] = []
     trained: list[bool] = []
     for text, is_trained in chat_segments(messages):
-        piece = tokenizer.encode(text, add_special_tokens=False)
+        if text in CHAT_TOKENS:
+            piece = tokenizer.encode(text, add_special_tokens=False)
+        else:  # a clear error for characters a character-level vocabulary lacks
+            piece = encode_text(tokenizer, text, what=f"the conversation text {text[:40]!r}")
         if text in CHAT_TOKENS and len(piece) != 1:
             raise SelfsupError(
                 f"the tokenizer splits the chat marker {text} into {len(piece)} tokens: "

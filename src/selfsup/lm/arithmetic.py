@@ -16,12 +16,15 @@ Gold score of an answer to "What is a plus b?":
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from selfsup.errors import SelfsupError
 from selfsup.losses.preference import format_ranking
 
 STYLE_MAX_CHARS = 20
@@ -49,26 +52,85 @@ def problems(n: int, seed: int, max_operand: int = 50) -> list[Problem]:
     return out
 
 
-def demonstration(problem: Problem) -> str:
-    """What a careful labeler writes for the supervised fine-tuning set."""
-    return f"The answer is {problem.answer}."
+def demonstration(problem: Problem, rng: np.random.Generator | None = None) -> str:
+    """An answer written for the supervised fine-tuning set.
+
+    Without `rng`: the careful labeler's terse, right answer. With it, demonstrators vary as
+    people do: half write the terse answer, a third ramble (right, but off the house style) and
+    the rest are sloppy (terse, but the sum is off by 1 to 10). SFT imitates that mixture; the
+    reward model and PPO are what can move the policy past it.
+    """
+    if rng is None:
+        return f"The answer is {problem.answer}."
+    kind = rng.random()
+    if kind < 0.5:
+        return f"The answer is {problem.answer}."
+    if kind < 0.85:
+        return f"Let me add {problem.a} and {problem.b}. That makes {problem.answer}."
+    off = int(rng.integers(1, 11))
+    wrong = (
+        problem.answer - off
+        if rng.random() < 0.5 and problem.answer >= off
+        else problem.answer + off
+    )
+    return f"The answer is {wrong}."
+
+
+def write_task(folder: str | Path, seed: int = 0, n_sft: int = 2000, n_prompts: int = 512) -> dict:
+    """The files of the offline RLHF pipeline: corpus.txt (pretraining), sft.jsonl
+    (demonstrations), label.jsonl (prompts whose sampled answers the simulated labelers rank),
+    rl.jsonl (PPO prompts) and eval.jsonl (held-out prompts for the gold/proxy/KL report).
+    Prompt records carry `a` and `b`, from which the gold score is computed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    (folder / "corpus.txt").write_text(pretraining_text(20 * n_sft, seed))
+    files = {"corpus.txt": 20 * n_sft}
+    sets = {
+        "sft.jsonl": problems(n_sft, seed + 1),
+        "label.jsonl": problems(n_prompts, seed + 2),
+        "rl.jsonl": problems(n_prompts, seed + 3),
+        "eval.jsonl": problems(n_prompts // 2, seed + 4),
+    }
+    for name, items in sets.items():
+        lines = []
+        for p in items:
+            record = {"prompt": p.prompt, "a": p.a, "b": p.b}
+            if name == "sft.jsonl":
+                record["completion"] = demonstration(p, rng)
+            lines.append(json.dumps(record))
+        (folder / name).write_text("\n".join(lines) + "\n")
+        files[name] = len(items)
+    return files
+
+
+def problem_of(record: dict) -> Problem:
+    """The Problem behind a prompt record written by `write_task`."""
+    try:
+        return Problem(int(record["a"]), int(record["b"]), str(record.get("prompt", "")))
+    except (KeyError, TypeError, ValueError):
+        raise SelfsupError(
+            "--gold arithmetic needs integer fields 'a' and 'b' in every prompt record "
+            "(files from `selfsup lm arithmetic` have them)"
+        ) from None
 
 
 def pretraining_text(n: int, seed: int, max_operand: int = 50) -> str:
-    """Plain sentences about sums (no chat markers): the corpus of the pretraining stage."""
+    """Plain lines about sums (no chat markers): the corpus of the pretraining stage. It holds
+    the task's questions and answer styles as ordinary text, so that a character-level
+    tokenizer trained on it covers every later stage."""
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(n):
         a, b = (int(v) for v in rng.integers(0, max_operand + 1, 2))
-        lines.append(
-            rng.choice(
-                [
-                    f"{a} plus {b} is {a + b}.",
-                    f"If you add {a} and {b} you get {a + b}.",
-                    f"The sum of {a} and {b} is {a + b}.",
-                ]
-            )
-        )
+        question = PHRASINGS[rng.integers(len(PHRASINGS))].format(a=a, b=b)
+        statements = [
+            f"{a} plus {b} is {a + b}.",
+            f"The sum of {a} and {b} is {a + b}.",
+            f"{question} The answer is {a + b}.",
+            f"{question} Let me add {a} and {b}. That makes {a + b}.",
+        ]
+        lines.append(statements[rng.integers(len(statements))])
     return "\n".join(lines) + "\n"
 
 

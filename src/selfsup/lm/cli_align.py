@@ -1,0 +1,269 @@
+"""`selfsup lm` commands for the stages after pretraining: SFT, labeling, reward model, RLHF,
+best-of-n and chat (added to the group's COMMANDS in `selfsup.lm.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from selfsup.config import add_dataclass_arguments
+from selfsup.errors import SelfsupError
+
+
+def _config(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _add_arithmetic(sub, parents) -> None:
+    p = sub.add_parser(
+        "arithmetic",
+        parents=parents,
+        help="write the offline RLHF task's files (corpus, demonstrations, prompts)",
+        description="Write corpus.txt, sft.jsonl, label.jsonl, rl.jsonl and eval.jsonl of the "
+        "addition task whose gold score stands in for human preferences.",
+    )
+    p.add_argument("folder", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft", type=int, default=2000, help="demonstrations (default: 2000)")
+    p.add_argument("--prompts", type=int, default=512, help="prompts per prompt file")
+    p.set_defaults(handler=_run_arithmetic)
+
+
+def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.arithmetic import write_task
+
+    for name, count in write_task(args.folder, args.seed, args.sft, args.prompts).items():
+        print(f"{args.folder}/{name}: {count} {'lines' if name.endswith('txt') else 'records'}")
+
+
+def _add_tune(sub, parents, name: str, help_text: str) -> None:
+    from selfsup.lm.posttrain import TuneConfig
+
+    p = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
+    add_dataclass_arguments(p, TuneConfig)
+    p.set_defaults(handler=_run_tune, stage=name)
+
+
+def _add_sft(sub, parents) -> None:
+    _add_tune(sub, parents, "sft", "supervised fine-tuning on conversations (assistant tokens)")
+
+
+def _add_reward(sub, parents) -> None:
+    _add_tune(sub, parents, "reward", "train a reward model from rankings like 'D > C > A = B'")
+
+
+def _run_tune(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.posttrain import TuneConfig, sft, train_reward
+
+    config = _config(TuneConfig, args)
+    run = (sft if args.stage == "sft" else train_reward)(config, command=command)
+    print(f"run directory: {run} (Hugging Face model in {run}/hf)")
+
+
+def _add_label(sub, parents) -> None:
+    p = sub.add_parser(
+        "label",
+        parents=parents,
+        help="sample K answers per prompt and rank them with simulated labelers",
+    )
+    p.add_argument("policy", help="the model whose answers are ranked (an SFT run)")
+    p.add_argument("--prompts", required=True, help="JSONL of prompts")
+    p.add_argument("-o", "--output", required=True, help="rankings JSONL to write")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt (default: 4)")
+    p.add_argument("--gold", default="arithmetic", help="the gold score labelers rank by")
+    p.add_argument("--noise", type=float, default=0.2, help="labelers' noise (std of the score)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_label)
+
+
+def _run_label(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.rlhf import label
+
+    stats = label(
+        args.policy, args.prompts, args.output, args.k, args.gold, args.noise,
+        args.max_new_tokens, args.seed,
+    )  # fmt: skip
+    print(
+        f"{args.output}: {stats['prompts']} ranked prompts, "
+        f"{100 * stats['with_ties']:.0f}% with ties"
+    )
+
+
+def _add_rlhf(sub, parents) -> None:
+    from selfsup.lm.rlhf import RLHFConfig
+
+    p = sub.add_parser(
+        "rlhf",
+        parents=parents,
+        help="optimise an SFT model against a reward model with PPO",
+        description="RLHF with PPO: per-token KL penalty to the SFT model, GAE, clipped "
+        "surrogate and value losses. Writes a run directory.",
+    )
+    add_dataclass_arguments(p, RLHFConfig)
+    p.set_defaults(handler=_run_rlhf)
+
+
+def _run_rlhf(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.rlhf import RLHFConfig, rlhf
+
+    run = rlhf(_config(RLHFConfig, args), command=command)
+    print(f"run directory: {run} (policy in {run}/hf, metrics in {run}/metrics.csv)")
+
+
+def _add_best_of_n(sub, parents) -> None:
+    p = sub.add_parser(
+        "best-of-n",
+        parents=parents,
+        help="the training-free baseline: the reward model's favourite of n samples",
+    )
+    p.add_argument("--policy", required=True, help="the SFT run to sample from")
+    p.add_argument("--reward", required=True, help="the reward-model run")
+    p.add_argument("--prompts", required=True, help="JSONL of held-out prompts")
+    p.add_argument("--n", default="1,2,4,8,16,32,64", help="comma list of n")
+    p.add_argument("--gold", default="none", help="none | arithmetic")
+    p.add_argument("--limit", type=int, default=128, help="prompts used")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_best_of_n)
+
+
+def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.rlhf import best_of_n
+
+    try:
+        ns = sorted({int(n) for n in args.n.split(",") if n.strip()})
+    except ValueError:
+        raise SelfsupError(f"--n {args.n!r}: expected a comma list of integers") from None
+    if not ns or ns[0] < 1:
+        raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
+    rows = best_of_n(
+        args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
+        args.limit, args.seed,
+    )  # fmt: skip
+    print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
+    for r in rows:
+        gold = f" {r['gold']:6.3f}" if "gold" in r else ""
+        print(f"{r['n']:4d} {r['kl_bound']:9.3f} {r['proxy']:7.3f}{gold}")
+
+
+def _add_chat(sub, parents) -> None:
+    p = sub.add_parser("chat", parents=parents, help="talk to an SFT or RLHF model in the terminal")
+    p.add_argument("run", help="an SFT or RLHF run (or a local HF folder with chat markers)")
+    p.add_argument("--system", help="a system message to start with")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(handler=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.rlhf import chat_reply, load_policy
+
+    tokenizer, model = load_policy(args.run)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("(an empty line or Ctrl-D ends the conversation)")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        try:
+            reply = chat_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+        except SelfsupError as e:  # e.g. characters the tokenizer lacks: say so, keep talking
+            print(f"selfsup: {e}")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply or " "})
+        print(f"assistant> {reply}")
+
+
+def _add_icl(sub, parents) -> None:
+    p = sub.add_parser(
+        "icl",
+        parents=parents,
+        help="in-context learning: few-shot prompting, linear regression in context",
+    )
+    kinds = p.add_subparsers(dest="icl_task", required=True, metavar="TASK")
+    f = kinds.add_parser("few-shot", parents=parents, help="accuracy against k demonstrations")
+    f.add_argument("run", help="a pretrained model (run directory or local HF folder)")
+    f.add_argument("--data", required=True, help="JSONL of prompt/completion pairs")
+    f.add_argument("--shots", default="0,1,2,4,8", help="comma list of k")
+    f.add_argument("--questions", type=int, default=100, help="pairs asked (the last ones)")
+    f.add_argument("--max-new-tokens", type=int, default=24)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(handler=_run_few_shot)
+    r = kinds.add_parser(
+        "regression",
+        parents=parents,
+        help="train a transformer on (x1, y1, ..., xk, yk, xq) and compare it with least squares",
+    )
+    r.add_argument("--dims", type=int, default=5, help="dimension d of x (default: 5)")
+    r.add_argument("--points", type=int, default=20, help="examples per sequence (default: 20)")
+    r.add_argument("--steps", type=int, default=2000)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--width", type=int, default=64)
+    r.add_argument("--layers", type=int, default=3)
+    r.add_argument("--heads", type=int, default=4)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("-o", "--output", default="icl-regression.png", help="plot of error against k")
+    r.set_defaults(handler=_run_regression)
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise SelfsupError(f"{option} {text!r}: expected a comma list of integers") from None
+    if not values or values[0] < 0:
+        raise SelfsupError(f"{option} {text!r}: expected non-negative integers")
+    return values
+
+
+def _run_few_shot(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.icl import few_shot
+
+    accuracy = few_shot(
+        args.run, args.data, _ints(args.shots, "--shots"), args.questions, args.max_new_tokens,
+        args.seed,
+    )  # fmt: skip
+    print(f"{'k':>3}  accuracy ({args.questions} questions, exact match)")
+    for k, acc in accuracy.items():
+        print(f"{k:3d}  {100 * acc:5.1f}%")
+
+
+def _run_regression(args: argparse.Namespace, command: str) -> None:
+    from pathlib import Path
+
+    from selfsup.lm.icl import evaluate_regression, plot_regression, train_regression
+
+    model = train_regression(
+        args.dims, args.points, args.steps, args.batch_size, args.lr, args.width, args.layers,
+        args.heads, args.seed,
+    )  # fmt: skip
+    result = evaluate_regression(model, args.dims, args.points)
+    names = list(result.errors)
+    print("squared error / d of the prediction for the query after k examples (0 guesses 1.0)")
+    print(f"{'k':>3} " + " ".join(f"{n:>13}" for n in names))
+    for k in result.ks:
+        print(f"{k:3d} " + " ".join(f"{result.errors[n][k]:13.3f}" for n in names))
+    plot_regression(result, Path(args.output))
+    print(f"plot: {args.output}")
+
+
+ALIGN_COMMANDS = [
+    _add_icl,
+    _add_arithmetic,
+    _add_sft,
+    _add_label,
+    _add_reward,
+    _add_rlhf,
+    _add_best_of_n,
+    _add_chat,
+]

@@ -1,0 +1,239 @@
+"""The two supervised stages after pretraining, on any local Hugging Face causal LM:
+
+- `sft`: supervised fine-tuning on conversations, loss on the assistant's tokens only;
+- `train_reward`: a reward model (the transformer with a scalar head, initialised from the SFT
+  model) from rankings, -log σ(r_w - r_l) over every strictly ordered pair of a prompt, the pairs
+  of one prompt in one batch element (InstructGPT). Reports held-out pairwise accuracy.
+
+Both run one loop on Lightning Fabric (devices, precision) with a progress bar, validate and
+checkpoint after every epoch, resume from the last epoch, and export RUN/hf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from selfsup.config import _opt
+from selfsup.data.conversations import read_conversations, read_rankings
+from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.lm import hf
+from selfsup.lm.chat_data import add_chat_tokens, collate, next_token_loss, pack, ranking_batch
+from selfsup.lm.chat_data import sft_example as _sft_example
+from selfsup.losses.preference import pairwise_accuracy, pairwise_ranking_loss
+from selfsup.optim import warmup_cosine
+
+
+@dataclass
+class TuneConfig:
+    """Options shared by `selfsup lm sft` and `selfsup lm reward` (same names in Python)."""
+
+    init: str = _opt("", "the model to start from: a run directory or a local HF folder")
+    data: str = _opt("", "JSONL: conversations (sft) or rankings (reward)")
+    out: str = _opt("", "run directory to write")
+    epochs: int = _opt(3, "passes over the training data")
+    batch_size: int = _opt(16, "conversations (sft) or ranked prompts (reward) per step")
+    lr: float = _opt(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(10, "linear warm-up steps")
+    max_length: int = _opt(256, "tokens per conversation (longer ones are cut)")
+    pack: bool = _opt(False, "sft: pack conversations into blocks of --max-length tokens")
+    val_fraction: float = _opt(0.1, "the last fraction of the file validates")
+    seed: int = _opt(0, "random seed (order of the examples)")
+    accelerator: str = _opt("auto", "cpu | gpu | auto")
+    precision: str = _opt("32-true", "Lightning precision, e.g. bf16-mixed on a GPU")
+    resume: bool = _opt(False, "continue the run in --out from its last epoch")
+
+
+def _split(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
+    if not 0 <= fraction < 1:
+        raise SelfsupError(f"--val-fraction must be in [0, 1), got {fraction}")
+    n_val = round(len(items) * fraction)
+    if len(items) - n_val < 1:
+        raise SelfsupError(f"--data has {len(items)} {what}: too few to train on")
+    return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
+
+
+def _require(config: TuneConfig) -> None:
+    for name in ("init", "data", "out"):
+        if not getattr(config, name):
+            raise SelfsupError(f"--{name} is required")
+
+
+def sft(config: TuneConfig, command: str | None = None) -> Path:
+    """Supervised fine-tuning; returns the run directory."""
+    from transformers import AutoModelForCausalLM
+
+    _require(config)
+    torch.manual_seed(config.seed)  # new embedding rows and dropout masks
+    conversations = read_conversations(config.data)
+    tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
+    if add_chat_tokens(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    _set_special_ids(model, tokenizer)
+    examples = [_sft_example(tokenizer, c, config.max_length) for c in conversations]
+    train, val = _split(examples, config.val_fraction, "conversations")
+    if config.pack:
+        train = pack(train, config.max_length)
+
+    def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        b = {k: v.to(_device(m)) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return next_token_loss(logits, b["labels"]), {}
+
+    return _fit("sft", config, command, model, tokenizer, train, val, loss_fn)
+
+
+def train_reward(config: TuneConfig, command: str | None = None) -> Path:
+    """Reward model from rankings; returns the run directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    _require(config)
+    torch.manual_seed(config.seed)  # the new score head and dropout masks
+    rankings = read_rankings(config.data)
+    tokenizer, model = hf.load_tokenizer_and(
+        config.init, AutoModelForSequenceClassification, num_labels=1
+    )
+    if add_chat_tokens(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    _set_special_ids(model, tokenizer)
+    train, val = _split(rankings, config.val_fraction, "ranked prompts")
+
+    def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        b = ranking_batch(tokenizer, batch, config.max_length)
+        rewards = reward_of(m, b["input_ids"].to(_device(m)), b["attention_mask"].to(_device(m)))
+        pairs, prompts = b["pairs"].to(rewards.device), b["prompt_of_pair"].to(rewards.device)
+        loss = pairwise_ranking_loss(rewards, pairs, prompts)
+        return loss, {"pair_acc": pairwise_accuracy(rewards.detach(), pairs)}
+
+    return _fit("reward", config, command, model, tokenizer, train, val, loss_fn)
+
+
+def reward_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards of right-padded conversations (the score at each one's last token)."""
+    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    return (
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        .logits[:, 0]
+        .float()
+    )
+
+
+def _set_special_ids(model: Any, tokenizer: Any) -> None:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+LossFn = Callable[[Any, list], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _fit(
+    stage: str,
+    config: TuneConfig,
+    command: str | None,
+    model: Any,
+    tokenizer: Any,
+    train: list,
+    val: list,
+    loss_fn: LossFn,
+) -> Path:
+    import lightning as L
+
+    command = command or shlex.join(["selfsup", "lm", stage, "..."])
+    run = hf.start_run(
+        config.out, {"stage": stage, **dataclasses.asdict(config)}, command, config.resume
+    )
+    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(max(1, min(config.warmup_steps, total)), total)
+    )
+    start_epoch = 0
+    if config.resume:
+        state = hf.load_checkpoint(run)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch = int(state["epoch"]) + 1
+        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+    model, optimizer = fabric.setup(model, optimizer)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        order = np.random.default_rng(config.seed + epoch).permutation(len(train))
+        bar = tqdm(range(steps_per_epoch), desc=f"{stage} epoch {epoch + 1}/{config.epochs}")
+        losses = []
+        for step in bar:
+            batch = [
+                train[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]
+            ]
+            loss, _ = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the {stage} loss became {loss.item()} in epoch {epoch + 1}; lower --lr"
+                    + (f"; the last good epoch is in {run / hf.CHECKPOINT}" if epoch else "")
+                )
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            fabric.clip_gradients(model, optimizer, max_norm=1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        row.update(_validate(model, val, config.batch_size, loss_fn))
+        hf.append_metrics(run, row)
+        print(
+            ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            )
+        )
+        module = model.module if hasattr(model, "module") else model
+        hf.save_checkpoint(
+            run,
+            {
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch,
+                "rng": torch.get_rng_state(),
+            },
+        )
+        hf.save_hf(run, module, tokenizer)
+    return run
+
+
+@torch.no_grad()
+def _validate(model: Any, val: list, batch_size: int, loss_fn: LossFn) -> dict[str, float]:
+    if not val:
+        return {}
+    model.eval()
+    totals: dict[str, list[float]] = {"val_loss": []}
+    weights = []
+    for s in range(0, len(val), batch_size):
+        batch = val[s : s + batch_size]
+        loss, extra = loss_fn(model, batch)
+        totals["val_loss"].append(loss.item())
+        for k, v in extra.items():
+            totals.setdefault(f"val_{k}", []).append(v)
+        weights.append(len(batch))
+    return {k: float(np.average(v, weights=weights)) for k, v in totals.items()}

@@ -1,0 +1,233 @@
+"""RLHF with PPO (InstructGPT's third stage) on any Hugging Face causal LM.
+
+One iteration: sample an answer to each of B prompts from the policy, score every conversation
+with the reward model, charge each answer token β·(log π - log π_ref) against a frozen copy of
+the starting (SFT) model, turn that into per-token advantages with GAE, then run several epochs
+of clipped-surrogate updates of the policy and clipped updates of a value head. Answers that do
+not end within the token budget get a fixed score (a penalty) instead of the reward model's.
+
+Lightning Fabric runs the loop (devices, precision, several processes); the maths are the pure
+functions of `selfsup.losses.ppo`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from selfsup.config import _opt
+from selfsup.data.conversations import Message
+from selfsup.lm.rollout import Rollout, decode_responses, forward_response, reward_scores, sample
+from selfsup.losses.ppo import (
+    entropy,
+    gae,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
+
+GoldFn = Callable[[int, str], float]  # (prompt index, answer text) -> gold score
+
+
+@dataclass
+class PPOSettings:
+    """The knobs of PPO for language models (defaults after InstructGPT / TRL's PPO)."""
+
+    rollouts: int = _opt(16, "answers sampled per iteration")
+    minibatch: int = _opt(8, "answers per PPO update")
+    ppo_epochs: int = _opt(4, "passes of PPO updates over each batch of answers")
+    lr: float = _opt(1e-5, "learning rate of policy and value head (AdamW)")
+    beta: float = _opt(0.05, "KL penalty per token, beta * (log pi - log pi_ref)")
+    clip: float = _opt(0.2, "clip range of the policy ratio")
+    value_clip: float = _opt(0.2, "clip range of the value update")
+    value_coef: float = _opt(0.1, "weight of the value loss")
+    gamma: float = _opt(1.0, "discount of GAE")
+    lam: float = _opt(0.95, "lambda of GAE")
+    max_new_tokens: int = _opt(24, "longest answer in tokens")
+    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
+    no_end_score: float = _opt(-1.0, "the score of an answer that never emits the end token")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+
+
+class ValueHead(nn.Module):
+    """A scalar estimate of the return from the policy's last hidden state."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(h.float())
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM and its value head as one module (one optimizer, one Fabric setup)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = ValueHead(lm.config.hidden_size)
+
+    def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        logits, logprobs, values = forward_response(self.lm, rollout, self.value_head)
+        assert values is not None
+        return logits, logprobs, values
+
+
+@dataclass
+class Experience:
+    """A batch of rollouts with everything PPO needs, computed once before the updates."""
+
+    rollout: Rollout
+    logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    scores: Tensor
+    kl: Tensor  # per-sequence sum of log π - log π_ref over the answer
+
+
+def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-answer Monte-Carlo estimate of KL(π || π_ref): the sum over its tokens of log ratios."""
+    return ((logprobs - ref_logprobs) * mask).sum(1)
+
+
+class PPOTrainer:
+    """Optimises `policy` (a causal LM) against `reward_model` (a sequence-scoring LM)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reward_model: nn.Module,
+        tokenizer: Any,
+        settings: PPOSettings,
+        fabric: Any = None,
+    ) -> None:
+        import lightning as L
+
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        model = PolicyWithValue(policy)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+        self.model, self.optimizer = self.fabric.setup(model, optimizer)
+        self.reference = self.fabric.to_device(self.reference)
+        self.reward_model = self.fabric.to_device(self.reward_model)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.model.lm
+
+    @torch.no_grad()
+    def experience(self, conversations: Sequence[Sequence[Message]], seed: int) -> Experience:
+        s = self.settings
+        self.model.eval()
+        rollout = sample(
+            self.policy, self.tokenizer, conversations, s.max_new_tokens, s.temperature, 0, seed
+        )
+        rollout = _to(rollout, self.fabric.device)
+        _, logprobs, values = self.model(rollout)
+        _, ref_logprobs, _ = forward_response(self.reference, rollout)
+        scores = reward_scores(self.reward_model, rollout)
+        scores = torch.where(rollout.ended, scores, torch.full_like(scores, s.no_end_score))
+        mask = rollout.response_mask.float()
+        rewards, _ = shaped_rewards(scores, logprobs, ref_logprobs, mask, s.beta)
+        advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+        advantages = masked_whiten(advantages, mask)
+        kl = kl_to_reference(logprobs, ref_logprobs, mask)
+        return Experience(rollout, logprobs, values, advantages, returns, scores, kl)
+
+    def update(self, exp: Experience, seed: int) -> dict[str, float]:
+        """Several epochs of minibatch PPO updates; returns the mean statistics."""
+        s = self.settings
+        self.model.train()
+        _disable_dropout(self.model)
+        g = torch.Generator().manual_seed(seed)
+        n = exp.rollout.sequences.shape[0]
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy", "value", "clip", "approx_kl", "entropy")
+        }
+        for _ in range(s.ppo_epochs):
+            for idx in torch.randperm(n, generator=g).split(s.minibatch):
+                idx = idx.to(self.fabric.device)
+                part = _select(exp.rollout, idx)
+                mask = part.response_mask.float()
+                logits, logprobs, values = self.model(part)
+                pg, clip_fraction, approx_kl = policy_loss(
+                    logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
+                )
+                vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.fabric.backward(pg + s.value_coef * vf)
+                self.fabric.clip_gradients(self.model, self.optimizer, max_norm=s.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    stats["entropy"].append(entropy(logits, mask).item())
+                stats["policy"].append(pg.item())
+                stats["value"].append(vf.item())
+                stats["clip"].append(clip_fraction.item())
+                stats["approx_kl"].append(approx_kl.item())
+        return {f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}
+
+    def step(
+        self, conversations: Sequence[Sequence[Message]], seed: int, gold: GoldFn | None = None
+    ) -> dict[str, float]:
+        """One PPO iteration on these prompts: sample, score, update; returns what to log."""
+        exp = self.experience(conversations, seed)
+        stats = self.update(exp, seed)
+        mask = exp.rollout.response_mask.float()
+        stats.update(
+            {
+                "reward": exp.scores.mean().item(),
+                "kl": exp.kl.mean().item(),
+                "answer_tokens": mask.sum(1).mean().item(),
+                "ended": exp.rollout.ended.float().mean().item(),
+                "value_mean": masked_mean(exp.values, mask).item(),
+            }
+        )
+        if gold is not None:
+            answers = decode_responses(self.tokenizer, exp.rollout)
+            stats["gold"] = float(np.mean([gold(i, a) for i, a in enumerate(answers)]))
+        return stats
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """PPO's ratios compare two forward passes of the same answer: dropout would make them
+    differ even before any update."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _select(rollout: Rollout, idx: Tensor) -> Rollout:
+    return Rollout(
+        rollout.sequences[idx],
+        rollout.attention_mask[idx],
+        rollout.prompt_length,
+        rollout.response_mask[idx],
+        rollout.ended[idx],
+        rollout.suppressed,
+    )
+
+
+def _to(rollout: Rollout, device: torch.device) -> Rollout:
+    return Rollout(
+        rollout.sequences.to(device),
+        rollout.attention_mask.to(device),
+        rollout.prompt_length,
+        rollout.response_mask.to(device),
+        rollout.ended.to(device),
+        rollout.suppressed,
+    )

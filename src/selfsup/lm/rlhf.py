@@ -1,0 +1,303 @@
+"""The RLHF stage and its measurements: PPO runs, best-of-n, simulated labeling, gold vs KL.
+
+- `rlhf`: PPO from an SFT model against a reward model (`selfsup lm rlhf`), evaluating the
+  policy on held-out prompts every few iterations (proxy reward, gold score when known, KL from
+  the reference) and saving the policy at each evaluation (RUN/hf is the last; RUN/iterNNNN
+  the others).
+- `best_of_n`: the training-free baseline -- sample n answers, keep the reward model's favourite;
+  its KL from the policy is at most log n - (n-1)/n (Stiennon et al., 2020).
+- `label`: sample K answers per prompt from a model and let the simulated labelers rank them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from selfsup.config import _opt
+from selfsup.data.conversations import Message, read_prompts
+from selfsup.errors import SelfsupError
+from selfsup.lm import hf
+from selfsup.lm.arithmetic import gold_score, problem_of, simulated_ranking
+from selfsup.lm.chat_data import add_chat_tokens
+from selfsup.lm.ppo import GoldFn, PPOSettings, PPOTrainer, kl_to_reference
+from selfsup.lm.rollout import decode_responses, forward_response, reward_scores, sample
+
+GOLDS = ("none", "arithmetic")
+
+
+@dataclass
+class RLHFConfig(PPOSettings):
+    """Options of `selfsup lm rlhf` (PPO's knobs plus the run's inputs)."""
+
+    policy: str = _opt("", "the SFT run (or local HF folder) to start from; also the reference")
+    reward: str = _opt("", "the reward-model run (or local HF folder)")
+    prompts: str = _opt("", "JSONL of prompts for the rollouts")
+    eval_prompts: str = _opt("", "JSONL of held-out prompts for the report (default: --prompts)")
+    gold: str = _opt("none", "a known true score to report beside the proxy: none | arithmetic")
+    out: str = _opt("", "run directory to write")
+    iterations: int = _opt(50, "PPO iterations (sample, score, update)")
+    eval_every: int = _opt(10, "evaluate and save the policy every this many iterations")
+    eval_samples: int = _opt(128, "held-out prompts per evaluation")
+    seed: int = _opt(0, "random seed")
+    accelerator: str = _opt("auto", "cpu | gpu | auto")
+
+
+def _gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
+    if name not in GOLDS:
+        raise SelfsupError(f"--gold {name!r} is unknown; expected one of {', '.join(GOLDS)}")
+    if name == "none":
+        return None
+    problems = [problem_of(r) for r in records]
+    return lambda i, answer: gold_score(problems[i], answer)
+
+
+def _load_prompts(path: str) -> tuple[list[list[Message]], list[dict[str, Any]]]:
+    items = read_prompts(path)
+    return [m for m, _ in items], [r for _, r in items]
+
+
+def load_policy(path: str | Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, model = hf.load_tokenizer_and(path, AutoModelForCausalLM)
+    _require_chat(tokenizer, path)
+    return tokenizer, model.eval()
+
+
+def load_reward_model(path: str | Path, tokenizer: Any) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    rm_tokenizer, model = hf.load_tokenizer_and(path, AutoModelForSequenceClassification)
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SelfsupError(
+            f"the reward model in {path} has another vocabulary than the policy: train it from "
+            "the same SFT run (selfsup lm reward --init SFT_RUN)"
+        )
+    return model.eval()
+
+
+def _require_chat(tokenizer: Any, path: str | Path) -> None:
+    if add_chat_tokens(tokenizer):
+        raise SelfsupError(
+            f"{path} has no chat markers in its tokenizer: fine-tune it with `selfsup lm sft` first"
+        )
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Any,
+    reference: Any,
+    reward_model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    gold: GoldFn | None,
+    settings: PPOSettings,
+    seed: int,
+    batch: int = 32,
+) -> dict[str, float]:
+    """Proxy reward, gold score and KL(π || π_ref) of one sampled answer per held-out prompt."""
+    scores, golds, kls, ended = [], [], [], []
+    for s in range(0, len(conversations), batch):
+        part = conversations[s : s + batch]
+        r = sample(policy, tokenizer, part, settings.max_new_tokens, 1.0, 0, seed + s)
+        score = reward_scores(reward_model, r)
+        score = torch.where(r.ended, score, torch.full_like(score, settings.no_end_score))
+        _, logprobs, _ = forward_response(policy, r)
+        _, ref_logprobs, _ = forward_response(reference, r)
+        kls.extend(kl_to_reference(logprobs, ref_logprobs, r.response_mask.float()).tolist())
+        scores.extend(score.tolist())
+        ended.extend(r.ended.float().tolist())
+        if gold is not None:
+            golds.extend(gold(s + i, a) for i, a in enumerate(decode_responses(tokenizer, r)))
+    out = {
+        "proxy": float(np.mean(scores)),
+        "kl": float(np.mean(kls)),
+        "ended": float(np.mean(ended)),
+    }
+    if gold is not None:
+        out["gold"] = float(np.mean(golds))
+    return out
+
+
+def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
+    """PPO against the reward model; returns the run directory."""
+    import lightning as L
+
+    for name in ("policy", "reward", "prompts", "out"):
+        if not getattr(config, name):
+            raise SelfsupError(f"--{name.replace('_', '-')} is required")
+    if config.rollouts < config.minibatch:
+        raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    conversations, records = _load_prompts(config.prompts)
+    eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
+    eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
+    gold = _gold_fn(config.gold, records)
+    eval_gold = _gold_fn(config.gold, eval_records)
+    tokenizer, policy = load_policy(config.policy)
+    reward_model = load_reward_model(config.reward, tokenizer)
+    run = hf.start_run(
+        config.out, {"stage": "rlhf", **dataclasses.asdict(config)}, command or "", False
+    )
+    torch.manual_seed(config.seed)
+    fabric = L.Fabric(accelerator=config.accelerator, devices=1)
+    trainer = PPOTrainer(policy, reward_model, tokenizer, config, fabric)
+    rng = np.random.default_rng(config.seed)
+    settings = PPOSettings(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(PPOSettings)}
+    )
+
+    def report(iteration: int) -> None:
+        stats = evaluate_policy(
+            trainer.policy, trainer.reference, trainer.reward_model, tokenizer,
+            eval_conv, eval_gold, settings, seed=10_000,
+        )  # fmt: skip
+        hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
+        print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        folder = run / f"iter{iteration:04d}"
+        trainer.policy.save_pretrained(str(folder), safe_serialization=True)
+
+    report(0)
+    bar = tqdm(range(1, config.iterations + 1), desc="PPO")
+    for iteration in bar:
+        idx = rng.choice(
+            len(conversations), config.rollouts, replace=len(conversations) < config.rollouts
+        )
+        batch_gold = None if gold is None else (lambda i, a, idx=idx: gold(int(idx[i]), a))
+        stats = trainer.step(
+            [conversations[i] for i in idx], seed=config.seed + iteration, gold=batch_gold
+        )
+        if not math.isfinite(stats["ppo/policy"]):
+            raise SelfsupError(
+                f"the PPO loss became {stats['ppo/policy']} at iteration {iteration}; lower --lr"
+            )
+        hf.append_metrics(run, {"iteration": iteration, **stats})
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
+        if iteration % config.eval_every == 0 or iteration == config.iterations:
+            report(iteration)
+    hf.save_hf(run, trainer.policy, tokenizer)
+    return run
+
+
+@torch.no_grad()
+def best_of_n(
+    policy_path: str,
+    reward_path: str,
+    prompts: str,
+    ns: Sequence[int],
+    gold_name: str = "none",
+    max_new_tokens: int = 24,
+    limit: int = 128,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """For each n: the gold score and proxy reward of the reward model's favourite of n samples,
+    with the analytic KL bound log n - (n-1)/n. One pool of max(ns) samples per prompt serves
+    every n (the first n of the pool)."""
+    tokenizer, policy = load_policy(policy_path)
+    reward_model = load_reward_model(reward_path, tokenizer)
+    conversations, records = _load_prompts(prompts)
+    conversations, records = conversations[:limit], records[:limit]
+    gold = _gold_fn(gold_name, records)
+    n_max = max(ns)
+    proxy = np.zeros((len(conversations), n_max))
+    golds = np.zeros_like(proxy)
+    for j in tqdm(range(n_max), desc="best-of-n samples"):
+        for s in range(0, len(conversations), 64):
+            part = conversations[s : s + 64]
+            r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
+            score = reward_scores(reward_model, r)
+            proxy[s : s + len(part), j] = torch.where(r.ended, score, torch.full_like(score, -1.0))
+            if gold is not None:
+                for i, a in enumerate(decode_responses(tokenizer, r)):
+                    golds[s + i, j] = gold(s + i, a)
+    rows = []
+    for n in ns:
+        pick = proxy[:, :n].argmax(1)
+        row = {
+            "n": n,
+            "kl_bound": math.log(n) - (n - 1) / n,
+            "proxy": float(proxy[np.arange(len(pick)), pick].mean()),
+        }
+        if gold is not None:
+            row["gold"] = float(golds[np.arange(len(pick)), pick].mean())
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def label(
+    policy_path: str,
+    prompts: str,
+    output: str,
+    k: int = 4,
+    gold_name: str = "arithmetic",
+    noise: float = 0.2,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers."""
+    if not 2 <= k <= 26:
+        raise SelfsupError(f"--k must be between 2 and 26 answers per prompt, got {k}")
+    tokenizer, policy = load_policy(policy_path)
+    conversations, records = _load_prompts(prompts)
+    gold = _gold_fn(gold_name, records)
+    if gold is None:
+        raise SelfsupError("--gold none: the simulated labelers need a gold score to rank by")
+    answers: list[list[str]] = [[] for _ in conversations]
+    for j in tqdm(range(k), desc="sampling answers"):
+        for s in range(0, len(conversations), 64):
+            part = conversations[s : s + 64]
+            r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
+            for i, a in enumerate(decode_responses(tokenizer, r)):
+                answers[s + i].append(a)
+    rng = np.random.default_rng(seed)
+    lines, ties = [], 0
+    for i, conv in enumerate(conversations):
+        scores = [gold(i, a) for a in answers[i]]
+        ranking = simulated_ranking(scores, rng, noise=noise)
+        ties += "=" in ranking
+        lines.append(
+            json.dumps(
+                {"prompt": conv[-1]["content"], "completions": answers[i], "ranking": ranking}
+            )
+        )
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return {"prompts": len(lines), "with_ties": ties / len(lines)}
+
+
+def chat_reply(
+    model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int, temperature: float
+) -> str:
+    """The model's next assistant turn (greedy at temperature 0)."""
+    from selfsup.lm.rollout import encode_prompts, suppressed_tokens
+    from selfsup.lm.tokenizer import encode_text
+
+    for m in messages:
+        encode_text(tokenizer, m["content"], what=f"the {m['role']} message")
+    prompts = encode_prompts(tokenizer, [messages])
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    ids = model.generate(
+        **prompts,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=list(suppressed_tokens(tokenizer)),
+        **sampling,
+    )
+    answer = ids[0, prompts["input_ids"].shape[1] :]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()

@@ -1,0 +1,149 @@
+"""Sampling answers from a chat model and scoring them token by token (for PPO and best-of-n).
+
+Works with any Hugging Face causal LM. Prompts are left-padded so that every answer starts at
+the same column; the answer ends at the first end-of-turn token (``<END>``, the tokenizer's eos)
+and everything after it is padding. Positions are counted from each row's first real token,
+the same way `generate` counts them, so the scores here match the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
+from selfsup.losses.ppo import token_logprobs
+
+
+@dataclass
+class Rollout:
+    """B sampled answers: `sequences` = left-padded prompt (P columns) + answer (T columns)."""
+
+    sequences: Tensor  # B×(P+T) token ids
+    attention_mask: Tensor  # B×(P+T), 0 on padding (left of the prompt, right of the answer)
+    prompt_length: int  # P
+    response_mask: Tensor  # B×T, 1 on answer tokens up to and including the end token
+    ended: Tensor  # B bool: the answer has its end token
+    suppressed: tuple[int, ...] = ()  # token ids the policy may not emit (padding, role markers)
+
+    @property
+    def responses(self) -> Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+def suppressed_tokens(tokenizer: Any) -> tuple[int, ...]:
+    """Every special token but the end of turn (padding, role markers, a pretraining corpus's
+    end-of-text, ...): an answer may end its turn, never start another one."""
+    ids = {
+        *tokenizer.all_special_ids,
+        *tokenizer.convert_tokens_to_ids(list(ROLE_MARKERS.values())),
+    }
+    ids -= {tokenizer.eos_token_id, tokenizer.unk_token_id, None}
+    return tuple(sorted(ids))
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... from each row's first real token (what `generate` uses with left padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+def encode_prompts(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> dict[str, Tensor]:
+    """Left-padded ids of the conversations rendered up to the assistant's turn."""
+    texts = [render_prompt(c) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator_seed: int | None = None,
+) -> Rollout:
+    """Sample one answer per conversation (pure sampling at temperature 1 by default, so the
+    answers come from the policy PPO optimises)."""
+    device = next(model.parameters()).device
+    prompts = {k: v.to(device) for k, v in encode_prompts(tokenizer, conversations).items()}
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    suppressed = suppressed_tokens(tokenizer)
+    sequences = model.generate(
+        **prompts,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=list(suppressed),
+    )
+    p = prompts["input_ids"].shape[1]
+    responses = sequences[:, p:]
+    is_end = responses == tokenizer.eos_token_id
+    ended = is_end.any(1)
+    # real answer tokens: everything up to and including the first end token
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+    response_mask = (~after_end).long()
+    attention_mask = torch.cat([prompts["attention_mask"], response_mask], 1)
+    return Rollout(sequences, attention_mask, p, response_mask, ended, suppressed)
+
+
+def forward_response(
+    model: nn.Module, rollout: Rollout, value_head: nn.Module | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logits B×T×V, log-probabilities B×T of the answer tokens, values B×T or None).
+
+    Position P-1+t predicts answer token t; the value of that state is read there too.
+    """
+    out = model(
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+        output_hidden_states=value_head is not None,
+    )
+    p, t = rollout.prompt_length, rollout.responses.shape[1]
+    logits = out.logits[:, p - 1 : p - 1 + t]
+    if rollout.suppressed:  # the distribution the answers were sampled from
+        logits = logits.index_fill(-1, torch.tensor(rollout.suppressed, device=logits.device), -1e4)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, p - 1 : p - 1 + t]).squeeze(-1).float()
+    return logits, token_logprobs(logits, rollout.responses), values
+
+
+@torch.no_grad()
+def reward_scores(reward_model: nn.Module, rollout: Rollout) -> Tensor:
+    """The reward model's scalar for each whole conversation (prompt + answer)."""
+    out = reward_model(
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+    )
+    return out.logits[:, 0].float()
+
+
+def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """The answers as text, without the end token and padding."""
+    texts = []
+    for ids, mask, ended in zip(
+        rollout.responses, rollout.response_mask, rollout.ended, strict=True
+    ):
+        real = ids[mask.bool()]
+        if ended:
+            real = real[:-1]
+        texts.append(tokenizer.decode(real, skip_special_tokens=False))
+    return texts

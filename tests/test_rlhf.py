@@ -1,0 +1,223 @@
+"""SFT, reward model, PPO and best-of-n on tiny Hugging Face GPT-2 models, offline."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from selfsup.cli import main
+from selfsup.errors import SelfsupError
+from selfsup.lm.arithmetic import (
+    demonstration,
+    gold_score,
+    problems,
+    simulated_ranking,
+    write_task,
+)
+from selfsup.lm.chat_data import add_chat_tokens
+from selfsup.lm.posttrain import TuneConfig, sft, train_reward
+from selfsup.lm.ppo import PPOSettings, PPOTrainer
+from selfsup.lm.rollout import forward_response, sample
+from selfsup.lm.tokenizer import train_tokenizer
+from selfsup.losses.ppo import policy_loss
+
+ALPHABET = "0123456789 abcdefghijklmnopqrstuvwxyzACLTW?.+=,-"
+
+
+def _tiny_gpt2(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=96, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The arithmetic task's files and a tiny randomly initialised base model beside them."""
+    root = tmp_path_factory.mktemp("rlhf")
+    write_task(root / "data", seed=0, n_sft=160, n_prompts=16)
+    tokenizer = train_tokenizer([ALPHABET], kind="char")
+    _tiny_gpt2(len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sft_run(task):
+    config = TuneConfig(
+        init=str(task / "base"), data=str(task / "data" / "sft.jsonl"), out=str(task / "sft"),
+        epochs=2, batch_size=8, lr=5e-3, max_length=64, accelerator="cpu",
+    )  # fmt: skip
+    return sft(config)
+
+
+def test_sft_learns_the_answers_and_exports_a_chat_model(sft_run):
+    rows = (sft_run / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    model = AutoModelForCausalLM.from_pretrained(sft_run / "hf")  # plain transformers loads it
+    untrained = np.log(model.get_input_embeddings().num_embeddings)  # a uniform guess
+    assert float(last[header.index("val_loss")]) < 0.75 * untrained
+    assert model.get_input_embeddings().num_embeddings >= len(ALPHABET) + 5
+
+
+def test_sft_resume_continues_exactly(task, monkeypatch):
+    from safetensors.torch import load_file
+
+    from selfsup.lm import hf
+
+    lines = (task / "data" / "sft.jsonl").read_text().splitlines()[:48]
+    (task / "sft48.jsonl").write_text("\n".join(lines) + "\n")
+    config = TuneConfig(
+        init=str(task / "base"), data=str(task / "sft48.jsonl"), out=str(task / "sft-full"),
+        epochs=2, batch_size=8, lr=5e-3, max_length=64, accelerator="cpu",
+    )  # fmt: skip
+    sft(config)
+    save = hf.save_checkpoint
+
+    def save_then_stop(run, state):
+        save(run, state)
+        raise KeyboardInterrupt  # the user stops the run after its first epoch
+
+    cut = TuneConfig(**{**config.__dict__, "out": str(task / "sft-cut")})
+    monkeypatch.setattr(hf, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sft(cut)
+    monkeypatch.setattr(hf, "save_checkpoint", save)
+    sft(TuneConfig(**{**cut.__dict__, "resume": True}))
+    full = load_file(task / "sft-full" / "hf" / "model.safetensors")
+    resumed = load_file(task / "sft-cut" / "hf" / "model.safetensors")
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k])
+    assert (task / "sft-cut" / "command.txt").read_text().count("\n") == 2
+
+
+def test_ppo_update_moves_towards_positive_advantages(task, sft_run):
+    tokenizer = AutoTokenizerFrom(sft_run)
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
+    five = tokenizer.convert_tokens_to_ids("5")
+    trainer = PPOTrainer(
+        policy, _CountReward(five), tokenizer,
+        PPOSettings(rollouts=8, minibatch=8, ppo_epochs=1, lr=1e-3, max_new_tokens=8),
+    )  # fmt: skip
+    conversations = [[{"role": "user", "content": f"what is {i} plus 5?"}] for i in range(8)]
+    exp = trainer.experience(conversations, seed=0)
+    mask = exp.rollout.response_mask.float()
+    before, _, _ = policy_loss(exp.logprobs, exp.logprobs, exp.advantages, mask)
+    trainer.update(exp, seed=0)
+    with torch.no_grad():
+        _, new_logprobs, _ = trainer.model(exp.rollout)
+    after, _, _ = policy_loss(new_logprobs, exp.logprobs, exp.advantages, mask)
+    # one PPO step on this batch lowers its clipped surrogate loss (raises advantage-weighted
+    # likelihood): the signs of rewards, advantages and ratios are wired the right way round
+    assert after < before - 0.01
+
+
+class _CountReward(torch.nn.Module):
+    """A stand-in reward model: the number of times `token` appears in the conversation."""
+
+    def __init__(self, token: int) -> None:
+        super().__init__()
+        self.token = token
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hits = ((input_ids == self.token) & attention_mask.bool()).float().sum(1, keepdim=True)
+        return types.SimpleNamespace(logits=hits)
+
+
+def AutoTokenizerFrom(run):  # noqa: N802 - reads like the transformers call it wraps
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run / "hf")
+
+
+def test_scores_match_the_sampling_distribution(sft_run):
+    tokenizer = AutoTokenizerFrom(sft_run)
+    model = AutoModelForCausalLM.from_pretrained(sft_run / "hf").eval()
+    conversations = [
+        [{"role": "user", "content": "what is 2 plus 3?"}],
+        [{"role": "user", "content": "7 + 8 = ?"}],
+    ]
+    rollout = sample(model, tokenizer, conversations, max_new_tokens=10, generator_seed=3)
+    logits, logprobs, _ = forward_response(model, rollout)
+    # the answers never hold padding or role markers, and their log-probs are finite
+    assert not torch.isin(
+        rollout.responses[rollout.response_mask.bool()], torch.tensor(rollout.suppressed)
+    ).any()
+    assert torch.isfinite(logprobs[rollout.response_mask.bool()]).all()
+
+
+def test_reward_model_learns_the_labelers_preference(task, sft_run):
+    rng = np.random.default_rng(0)
+    lines = []
+    for p in problems(96, seed=9):
+        answers = [demonstration(p), f"Let me add {p.a} and {p.b}. That makes {p.a + p.b}.",
+                   f"The answer is {p.a + p.b + 3}.", ""]  # fmt: skip
+        order = rng.permutation(4)
+        answers = [answers[i] for i in order]
+        scores = [gold_score(p, a) for a in answers]
+        ranking = simulated_ranking(scores, rng, noise=0.0)
+        lines.append(json.dumps({"prompt": p.prompt, "completions": answers, "ranking": ranking}))
+    (task / "rank.jsonl").write_text("\n".join(lines) + "\n")
+    run = train_reward(
+        TuneConfig(init=str(sft_run), data=str(task / "rank.jsonl"), out=str(task / "rm"),
+                   epochs=2, batch_size=8, lr=2e-3, max_length=64, val_fraction=0.25,
+                   accelerator="cpu")
+    )  # fmt: skip
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert float(last[header.index("val_pair_acc")]) > 0.75  # chance is 0.5
+
+
+def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
+    data = task / "data"
+    assert main(["lm", "label", str(sft_run), "--prompts", str(data / "label.jsonl"), "--k", "3",
+                 "-o", str(task / "labels.jsonl"), "--max-new-tokens", "12"]) == 0  # fmt: skip
+    records = [json.loads(x) for x in (task / "labels.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and all(len(r["completions"]) == 3 for r in records)
+    assert main(["lm", "reward", "--init", str(sft_run), "--data", str(task / "labels.jsonl"),
+                 "--out", str(task / "rm-cli"), "--epochs", "1"]) == 0  # fmt: skip
+    assert main(["lm", "rlhf", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
+                 "--prompts", str(data / "rl.jsonl"), "--gold", "arithmetic", "--out",
+                 str(task / "ppo"), "--iterations", "2", "--eval-every", "2", "--eval-samples", "4",
+                 "--rollouts", "8", "--minibatch", "4", "--max-new-tokens", "12",
+                 "--accelerator", "cpu"]) == 0  # fmt: skip
+    train_rows = (task / "ppo" / "metrics.csv").read_text().splitlines()
+    eval_rows = (task / "ppo" / "eval.csv").read_text().splitlines()
+    assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]
+    assert len(eval_rows) == 3 and eval_rows[0] == "iteration,proxy,kl,ended,gold"
+    assert (task / "ppo" / "iter0002").is_dir()
+    assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
+                 "--prompts", str(data / "eval.jsonl"), "--n", "1,4", "--gold", "arithmetic",
+                 "--limit", "4", "--max-new-tokens", "12"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "KL bound" in out and "0.636" in out  # log 4 - 3/4
+
+
+def test_chat_holds_a_conversation(sft_run, monkeypatch, capsys):
+    replies = iter(["what is 2 plus 3?", "and 4 plus 4?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert main(["lm", "chat", str(sft_run), "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant>") == 2
+
+
+def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
+    with pytest.raises(SelfsupError, match="--init is required"):
+        sft(TuneConfig(data="x.jsonl", out="y"))
+    with pytest.raises(SelfsupError, match="no chat markers"):
+        from selfsup.lm.rlhf import load_policy
+
+        load_policy(task / "base")
+    capsys.readouterr()
+    assert main(["lm", "sft", "--init", str(task / "nowhere"), "--data",
+                 str(task / "data" / "sft.jsonl"), "--out", str(task / "x")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert not (task / "x").exists()
+    assert add_chat_tokens(AutoTokenizerFrom(sft_run)) == 0
