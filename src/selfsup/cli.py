@@ -14,7 +14,9 @@ from selfsup.config import EvalConfig, PretrainConfig, add_dataclass_arguments, 
 from selfsup.errors import SelfsupError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lm: bool = False) -> argparse.ArgumentParser:
+    """The `selfsup` parser; `lm=True` adds the language-model commands in full (they import
+    torch and Lightning to list their options, so plain `selfsup --help` lists only the group)."""
     from selfsup.methods import METHODS
 
     parser = argparse.ArgumentParser(
@@ -70,11 +72,79 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     d.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
 
+    z = sub.add_parser(
+        "zero-shot",
+        help="classify images with a clip run from class names and prompt templates",
+        description="Zero-shot top-1/top-5 accuracy; results go to RUN/eval/<data>/zero_shot.json.",
+    )
+    z.add_argument("run", help="run directory of `selfsup pretrain clip`")
+    z.add_argument("--data", help="labeled dataset spec (default: the run's own)")
+    z.add_argument(
+        "--classes",
+        help="class names in label order: a file (one per line) or a comma list "
+        "(default: the dataset's)",
+    )
+    z.add_argument(
+        "--templates",
+        help="prompt templates, each with {} for the class name: a file (one per line) or a "
+        "'|'-separated list (default: the run's)",
+    )
+    r = sub.add_parser(
+        "retrieve",
+        help="search a clip run's held-out images by text, or measure recall@k",
+        description="With a query: print (and with -o draw) the best-matching images. Without: "
+        "image→text and text→image recall@1/5/10 and median rank, next to chance.",
+    )
+    r.add_argument("run", help="run directory of `selfsup pretrain clip`")
+    r.add_argument("query", nargs="?", help="a caption to search for (omit for the metrics)")
+    r.add_argument("--data", help="image–caption spec (default: the run's own)")
+    r.add_argument("--top", type=int, default=5, help="images to show (default: 5)")
+    r.add_argument("-o", "--output", help="save the best images as a picture (PNG)")
+    for q in (z, r):
+        q.add_argument("--split", default="test", choices=["train", "test"])
+        q.add_argument("--data-dir", help="root of torchvision datasets")
+        q.add_argument("--device", default="auto")
+    z.add_argument("--download", action="store_true", help="download a missing dataset")
+    z.add_argument("--limit", type=int, help="stratified first N images")
+    z.add_argument("--batch-size", type=int, default=256)
+
+    s = sub.add_parser(
+        "samples",
+        help="redraw a run's sample grid from a checkpoint",
+        description="Rebuild the run's method from config.yaml, load a checkpoint and redraw its "
+        "sample grid on the images training drew.",
+    )
+    s.add_argument("run", help="run directory written by `selfsup pretrain`")
+    s.add_argument(
+        "--checkpoint", default="last", help="last | best | a checkpoint file (default: last)"
+    )
+    s.add_argument(
+        "-o", "--output", help="output PNG (default RUN/samples/regenerated/epochNNN.png)"
+    )
+    s.add_argument(
+        "--beside",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="inpainting: other runs (e.g. --adv 0) drawn as extra rows on the same images",
+    )
+
     a = sub.add_parser("augment-preview", help="draw every augmentation of one image")
     a.add_argument("image", help="an image file (PNG, JPEG, ...)")
     a.add_argument("-o", "--output", default="augmentations.png", help="output PNG")
     a.add_argument("--size", type=int, default=224, help="side of each panel in pixels")
     a.add_argument("--seed", type=int, default=0)
+
+    if lm:
+        from selfsup.lm.cli import add_lm_parser  # `selfsup lm ...`: language models (issue 6)
+
+        add_lm_parser(sub, parents=[common])
+    else:
+        sub.add_parser(
+            "lm",
+            help="language self-supervision: tokenizers, word2vec, BERT, GPT, SFT, reward "
+            "model, RLHF, in-context learning (selfsup lm --help)",
+        )
     return parser
 
 
@@ -96,10 +166,26 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         from selfsup.demo import demo
 
         demo(out=args.out, epochs=args.epochs)
+    elif args.command == "zero-shot":
+        _zero_shot(args)
+    elif args.command == "retrieve":
+        _retrieve(args)
+    elif args.command == "samples":
+        from selfsup.samples import regenerate_samples
+
+        print(
+            regenerate_samples(
+                args.run, checkpoint=args.checkpoint, out=args.output, beside=args.beside
+            )
+        )
     elif args.command == "augment-preview":
         from selfsup.augment.preview import augment_preview
 
         print(augment_preview(args.image, args.output, size=args.size, seed=args.seed))
+    elif args.command == "lm":
+        from selfsup.lm.cli import run_lm
+
+        run_lm(args, argv)
 
 
 def print_results(results: dict) -> None:
@@ -146,9 +232,65 @@ def _embed(args: argparse.Namespace) -> None:
         print(f"{labels_path}: labels")
 
 
+def _zero_shot(args: argparse.Namespace) -> None:
+    from selfsup.evaluation.zero_shot import zero_shot_evaluation
+
+    r = zero_shot_evaluation(
+        args.run,
+        args.data,
+        classes=args.classes,
+        templates=args.templates,
+        split=args.split,
+        data_dir=args.data_dir,
+        download=args.download,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(
+        f"{r['data']} ({r['split']}, {r['images']} images, {len(r['classes'])} classes × "
+        f"{len(r['templates'])} templates): zero-shot top-1 {r['top1']:.1f}%"
+        + (f", top-5 {r['top5']:.1f}%" if "top5" in r else "")
+        + f" (chance {r['chance_top1']:.1f}%)\nresults: {r['out']}"
+    )
+
+
+def _retrieve(args: argparse.Namespace) -> None:
+    from selfsup.evaluation.retrieval import format_retrieval, retrieval_evaluation, retrieve
+
+    if args.query is None:
+        r = retrieval_evaluation(
+            args.run, args.data, split=args.split, data_dir=args.data_dir, device=args.device
+        )
+        print(f"{r['data']} ({r['split']}): {r['images']} images, {r['captions']} captions")
+        print(format_retrieval(r["metrics"], r["chance"]))
+        print(f"results: {r['out']}")
+        return
+    hits = retrieve(
+        args.run,
+        args.query,
+        args.data,
+        top=args.top,
+        split=args.split,
+        data_dir=args.data_dir,
+        output=args.output,
+        device=args.device,
+    )
+    for hit in hits:
+        print(f"{hit['rank']:3d}. {hit['score']:.3f}  {hit['name']}  ({hit['caption']})")
+    if args.output:
+        print(f"picture: {args.output}")
+
+
+def _is_lm(argv: list[str]) -> bool:
+    """Whether the command is `selfsup lm ...` (its first word that is not an option)."""
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] == "lm"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(lm=_is_lm(argv)).parse_args(argv)
     debug = args.debug or bool(os.environ.get("SELFSUP_DEBUG"))
     try:
         run_command(args, argv)

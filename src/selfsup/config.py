@@ -41,6 +41,53 @@ class PretrainConfig:
         False, "autoencoder: linear encoder and decoder on pixels (learns PCA's subspace)"
     )
     denoise: float = _opt(0.0, "autoencoder: std of Gaussian noise added to its input")
+    # clip: image–caption data, the text transformer and its tokenizer
+    templates: str | None = _opt(
+        None, "clip: caption templates for labeled data, '|'-separated or a file (each with {})"
+    )
+    skip_bad: bool = _opt(
+        False, "clip: skip (and count) caption rows with a missing image or an empty caption"
+    )
+    caption_holdout: float = _opt(
+        0.2, "clip: the last fraction of caption-file images held out for retrieval"
+    )
+    text_tokenizer: str = _opt("bpe", "clip: caption tokenizer, bpe | char")
+    text_vocab: int = _opt(1024, "clip: BPE vocabulary size (at least 259)")
+    text_width: int = _opt(256, "clip: width of the text transformer")
+    text_layers: int = _opt(4, "clip: layers of the text transformer")
+    text_heads: int = _opt(4, "clip: attention heads of the text transformer")
+    text_context: int = _opt(32, "clip: longest caption in tokens (longer ones are cut)")
+    text_pooling: str = _opt("eot", "clip: text vector: eot (causal, last token) | mean")
+    # inpainting (context encoder): the removed region and the loss weights
+    mask: str = _opt("center", "inpainting: region removed, center (one square) | random (blocks)")
+    mask_size: int | None = _opt(
+        None, "inpainting: side of each removed square (default: center H/2, random H/4)"
+    )
+    mask_blocks: int = _opt(4, "inpainting: squares removed per image with --mask random")
+    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region")
+    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)")
+    rec_outside: float = _opt(
+        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside"
+    )
+    # mae: the ViT (--backbone vit-mini | vit-tiny | vit-small | vit-base), masking, decoder
+    patch_size: int = _opt(4, "mae: ViT patch side in pixels (must divide the image size)")
+    mask_ratio: float = _opt(0.75, "mae: fraction of patches hidden from the encoder")
+    norm_pix_loss: bool = _opt(True, "mae: normalise each target patch by its mean and std")
+    decoder_dim: int = _opt(128, "mae: width of the light decoder")
+    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder")
+    # jigsaw: the tile grid, the random gaps between tiles and the permutation set
+    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)")
+    jigsaw_jitter: int | None = _opt(
+        None, "jigsaw: a tile is this many pixels smaller than its cell (default: 0.15 of the cell)"
+    )
+    jigsaw_permutations: int = _opt(
+        100, "jigsaw: size of the permutation set (greedy maximal minimum Hamming distance)"
+    )
+    # colorization: L of Lab in, a distribution over quantised ab colours out
+    ab_grid: float = _opt(10.0, "colorization: side of an ab colour bin (Zhang et al.: 10)")
+    rebalance: float = _opt(
+        0.5, "colorization: class rebalancing, mix of uniform in the prior (1: no rebalancing)"
+    )
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(256, "images per batch (each gives two views)")
     optimizer: str = _opt("adamw", "sgd | lars | adamw")

@@ -17,6 +17,11 @@ METHODS: dict[str, str] = {
     "autoencoder": "selfsup.methods.autoencoder:Autoencoder",
     "rotation": "selfsup.methods.rotation:Rotation",
     "supcon": "selfsup.methods.supcon:SupCon",
+    "clip": "selfsup.methods.clip:CLIP",
+    "inpainting": "selfsup.methods.inpainting:Inpainting",
+    "mae": "selfsup.methods.mae:MAE",
+    "jigsaw": "selfsup.methods.jigsaw:Jigsaw",
+    "colorization": "selfsup.methods.colorization:Colorization",
 }
 
 
