@@ -30,6 +30,7 @@ class Method(L.LightningModule):
         self.config = config
         self.data_info = data_info
         self.encoder = Encoder(**data_info["encoder"])
+        self.encoder.use_channels_last()
         dataset = data_info["dataset"]
         self.views = build_recipe(config.recipe, tuple(dataset["image_size"]), dataset["channels"])
         num_classes = dataset["num_classes"]
