@@ -221,3 +221,30 @@ def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert not (task / "x").exists()
     assert add_chat_tokens(AutoTokenizerFrom(sft_run)) == 0
+
+
+def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):
+    from selfsup.lm.rollout import reward_scores
+
+    tokenizer = AutoTokenizerFrom(sft_run)
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
+    reward = _CountReward(tokenizer.convert_tokens_to_ids("7"))
+    settings = PPOSettings(
+        rollouts=16, minibatch=8, ppo_epochs=2, lr=3e-3, max_new_tokens=20, no_end_score=0.0
+    )
+    trainer = PPOTrainer(policy, reward, tokenizer, settings)
+    conversations = [[{"role": "user", "content": f"what is {i} plus {i}?"}] for i in range(16)]
+
+    def mean_reward() -> float:  # the same 64 prompts and sampling seeds every time
+        scores = [
+            reward_scores(reward, sample(trainer.policy, tokenizer, conversations, 20, 1.0, 0, s))
+            for s in range(4)
+        ]
+        return torch.cat(scores).mean().item()
+
+    before = mean_reward()
+    for iteration in range(20):
+        trainer.step(conversations, seed=100 + iteration)
+    after = mean_reward()
+    print(f"mean reward {before:.3f} -> {after:.3f}")
+    assert after > 1.5 * before + 0.1  # answers now hold "7" far more often
