@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,7 @@ from selfsup.methods.inpainting import Inpainting, center_mask, masked_l2, rando
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data_info(channels: int = 3, size: tuple[int, int] = (16, 16)) -> dict[str, Any]:
