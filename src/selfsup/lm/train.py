@@ -150,6 +150,8 @@ class LanguageModule(L.LightningModule):
             ],
             lr=self.config.lr,
             betas=(0.9, self.config.beta2),
+            # One fused kernel for all parameters: 13% of the baby GPT's CPU step otherwise.
+            fused=self.device.type in ("cpu", "cuda"),
         )
         factor = warmup_cosine(
             max(1, self.config.warmup_steps), self.config.steps, self.config.min_lr_fraction
