@@ -1,0 +1,146 @@
+"""Every image method on CIFAR-10 under one CPU-time budget, then the same few-label probe.
+
+    python benchmarks/cifar_methods.py --budget-minutes 10 --out runs/cifar-methods
+
+For each method: a calibration (two short pretraining runs on 1,024 and 4,096 images give the
+seconds per image, free of start-up time), then as many whole epochs as fit the budget (at least
+one), then `selfsup evaluate` with a linear probe at 1%, 10% and 100% of the labels. SimCLR's
+evaluation adds the raw-pixel, PCA and random-init baselines; MAE's adds its own random-init
+ViT. Jobs run in `--lanes` parallel subprocesses with `--threads` torch threads each (2 x 1 on a
+2-core machine keeps every job under the same load). Prints a markdown table (also in
+OUT/table.md) with each method's epochs and measured training minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DATA = "npz:" + str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+METHODS = (
+    "simclr",
+    "supcon",
+    "autoencoder",
+    "rotation",
+    "jigsaw",
+    "colorization",
+    "inpainting",
+    "mae",
+)
+BASELINES = {"simclr": "raw,pca,random", "mae": "random"}
+TRAIN_SIZE = 50_000
+
+
+def selfsup(args: list[str], threads: int, log: Path) -> float:
+    """Run `selfsup ARGS` in a subprocess; return its wall seconds (raise on failure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    began = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"$ selfsup {' '.join(args)}\n")
+        out.flush()
+        done = subprocess.run(
+            [sys.executable, "-m", "selfsup", *args], stdout=out, stderr=out, env=env
+        )
+    if done.returncode:
+        raise RuntimeError(f"selfsup {' '.join(args)} failed; see {log}")
+    return time.perf_counter() - began
+
+
+def method_job(method: str, args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    log = out / f"{method}.log"
+    common = ["--data", args.data, "--backbone", "convnet"]  # mae: its CPU ViT, vit-mini
+    common += ["--batch-size", "256", "--seed", "0", "--no-online-probe"]
+    seconds = {}
+    for n in (1024, 4096):
+        run = out / "calibration" / f"{method}-{n}"
+        seconds[n] = selfsup(
+            ["pretrain", method, *common, "--limit", str(n), "--epochs", "1", "--out", str(run)],
+            args.threads,
+            log,
+        )
+    per_image = max(1e-6, (seconds[4096] - seconds[1024]) / 3072)
+    epochs = max(1, round(args.budget_minutes * 60 / (per_image * TRAIN_SIZE)))
+    run = out / method
+    train = selfsup(
+        ["pretrain", method, *common, "--epochs", str(epochs), "--out", str(run)], args.threads, log
+    )
+    evaluate = ["evaluate", str(run), "--fractions", "0.01,0.1,1", "--seeds", str(args.seeds)]
+    evaluate += ["--baselines", BASELINES.get(method, "none"), "--no-kmeans"]
+    selfsup(evaluate, args.threads, log)
+    results = json.loads(next((run / "eval").glob("*/results.json")).read_text())
+    return {
+        "method": method,
+        "epochs": epochs,
+        "images_per_second": round(1 / per_image, 1),
+        "train_minutes": round(train / 60, 1),
+        "few_label": results["few_label"],
+    }
+
+
+def table(jobs: list[dict]) -> str:
+    lines = [
+        "| method | epochs | train min | 1% labels | 10% labels | 100% labels |",
+        "|---|---|---|---|---|---|",
+    ]
+    baselines: dict[str, list[dict]] = {}
+    for job in jobs:
+        own = [r for r in job["few_label"] if r["method"] == "selfsup"]
+        lines.append(
+            f"| {job['method']} | {job['epochs']} | {job['train_minutes']} | " + _cells(own) + " |"
+        )
+        for row in job["few_label"]:
+            if row["method"] != "selfsup":
+                name = row["method"] + (" (ViT)" if job["method"] == "mae" else "")
+                baselines.setdefault(name, []).append(row)
+    for name, rows in baselines.items():
+        lines.append(f"| {name} | | | " + _cells(rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cells(rows: list[dict]) -> str:
+    cells = []
+    for fraction in (0.01, 0.1, 1.0):
+        accs = [100 * r["accuracy"] for r in rows if r["fraction"] == fraction]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
+        cells.append(f"{mean:.1f} ± {std:.1f}" if len(accs) > 1 else f"{mean:.1f}")
+    return " | ".join(cells)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget-minutes", type=float, default=10.0)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--seeds", type=int, default=2, help="label subsets per fraction")
+    parser.add_argument("--lanes", type=int, default=2, help="jobs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--out", default="runs/cifar-methods")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    with ThreadPoolExecutor(args.lanes) as pool:
+        futures = [pool.submit(method_job, m, args) for m in methods]
+        jobs = []
+        for future in futures:
+            try:
+                jobs.append(future.result())
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+            else:
+                (out / "results.json").write_text(json.dumps(jobs, indent=2) + "\n")
+    text = table(jobs)
+    (out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
