@@ -27,6 +27,12 @@ from selfsup.losses.ppo import policy_loss
 ALPHABET = "0123456789 abcdefghijklmnopqrstuvwxyzACLTW?.+=,-"
 
 
+def problems_of(path):
+    from selfsup.lm.arithmetic import problem_of
+
+    return [problem_of(json.loads(line)) for line in path.read_text().splitlines()]
+
+
 def _tiny_gpt2(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -162,7 +168,8 @@ def test_reward_model_learns_the_labelers_preference(task, sft_run):
         answers = [answers[i] for i in order]
         scores = [gold_score(p, a) for a in answers]
         ranking = simulated_ranking(scores, rng, noise=0.0)
-        lines.append(json.dumps({"prompt": p.prompt, "completions": answers, "ranking": ranking}))
+        record = {"prompt": p.prompt, "completions": answers, "ranking": ranking}
+        lines.append(json.dumps({**record, "gold": scores}))
     (task / "rank.jsonl").write_text("\n".join(lines) + "\n")
     run = train_reward(
         TuneConfig(init=str(sft_run), data=str(task / "rank.jsonl"), out=str(task / "rm"),
@@ -172,6 +179,8 @@ def test_reward_model_learns_the_labelers_preference(task, sft_run):
     rows = (run / "metrics.csv").read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
     assert float(last[header.index("val_pair_acc")]) > 0.75  # chance is 0.5
+    # Noise-free labelers rank exactly by gold: the gold scores' ceiling is every pair.
+    assert float(last[header.index("val_gold_ceiling")]) == 1.0
 
 
 def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
@@ -180,6 +189,9 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
                  "-o", str(task / "labels.jsonl"), "--max-new-tokens", "12"]) == 0  # fmt: skip
     records = [json.loads(x) for x in (task / "labels.jsonl").read_text().splitlines()]
     assert len(records) == 16 and all(len(r["completions"]) == 3 for r in records)
+    labeled = zip(records, problems_of(data / "label.jsonl"), strict=True)
+    assert all(r["gold"] == [gold_score(p, a) for a in r["completions"]] for r, p in labeled)
+    assert "a second labeler agrees on" in capsys.readouterr().out
     assert main(["lm", "reward", "--init", str(sft_run), "--data", str(task / "labels.jsonl"),
                  "--out", str(task / "rm-cli"), "--epochs", "1"]) == 0  # fmt: skip
     assert main(["lm", "rlhf", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
@@ -192,6 +204,19 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]
     assert len(eval_rows) == 3 and eval_rows[0] == "iteration,proxy,kl,ended,gold"
     assert (task / "ppo" / "iter0002").is_dir()
+    capsys.readouterr()
+    # Iteration 1 samples from the reference itself (KL 0); after one update the KL is above
+    # any tiny bound: the run stops and names the last policy it saved.
+    assert main(["lm", "rlhf", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
+                 "--prompts", str(data / "rl.jsonl"), "--out", str(task / "ppo-kl"),
+                 "--iterations", "3", "--eval-every", "3", "--eval-samples", "2", "--rollouts",
+                 "4", "--minibatch", "4", "--max-new-tokens", "8", "--lr", "1e-3",
+                 "--max-kl", "1e-6", "--accelerator", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "PPO stopped at iteration 2" in err and "exceeds --max-kl 1e-06" in err
+    assert err.endswith(f"the last good policy is {task / 'ppo-kl' / 'iter0000'} (lower --lr, "
+                        "raise --beta)")  # fmt: skip
+    assert len((task / "ppo-kl" / "metrics.csv").read_text().splitlines()) == 2
     assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "eval.jsonl"), "--n", "1,4", "--gold", "arithmetic",
                  "--limit", "4", "--max-new-tokens", "12"]) == 0  # fmt: skip
@@ -221,6 +246,15 @@ def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert not (task / "x").exists()
     assert add_chat_tokens(AutoTokenizerFrom(sft_run)) == 0
+
+
+def test_divergence_is_named():
+    from selfsup.lm.rlhf import diverged
+
+    good = {"ppo/policy": 0.1, "ppo/value": 0.2, "reward": 1.0, "kl": 3.0}
+    assert diverged(good, 0.0) is None and diverged(good, 5.0) is None
+    assert diverged({**good, "ppo/value": float("nan")}, 0.0) == "ppo/value became nan"
+    assert "3.00, exceeds --max-kl 2" in diverged(good, 2.0)
 
 
 def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from selfsup.losses.ppo import (
 )
 from selfsup.losses.preference import (
     format_ranking,
+    pair_agreement,
     pairwise_accuracy,
     pairwise_ranking_loss,
     parse_ranking,
@@ -52,6 +54,30 @@ def test_format_ranking_inverts_parse():
     pairs = ranking_pairs(text, 4)
     assert all(scores[w] > scores[l] for w, l in pairs)
     assert len(pairs) == 5  # 6 pairs minus the tie A = C
+
+
+def test_pair_agreement_credits_ties_half():
+    # "A > B = C" orders two pairs strictly, (A, B) and (A, C); B = C gives none.
+    assert pair_agreement("A > B = C", [1.0, 2.0, 2.0]) == (0.0, 2)  # both reversed
+    assert pair_agreement("A > B = C", [2.0, 1.0, 2.0]) == (1.5, 2)  # agrees once, ties once
+    assert pair_agreement("A = B = C", [3.0, 2.0, 1.0]) == (0.0, 0)
+
+
+def test_a_second_noisy_labeler_agrees_less_the_noisier_they_are():
+    from selfsup.lm.arithmetic import labeler_scores, simulated_ranking
+
+    rng = np.random.default_rng(0)
+    gold = [[1.5, 1.0, 0.5, 0.0, -0.5, 1.0] for _ in range(300)]
+
+    def agreement(noise: float) -> float:
+        credit = pairs = 0
+        for g in gold:
+            c, n = pair_agreement(simulated_ranking(g, rng, noise), labeler_scores(g, rng, noise))
+            credit, pairs = credit + c, pairs + n
+        return credit / pairs
+
+    assert agreement(0.0) == 1.0
+    assert 0.5 < agreement(1.0) < agreement(0.2) < 1.0
 
 
 def test_pairwise_loss_is_mean_over_prompts_of_mean_over_pairs():

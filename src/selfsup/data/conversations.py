@@ -9,6 +9,8 @@ Rankings (reward model):
 - ``{"prompt": "...", "completions": ["...", "...", ...], "ranking": "D > C > A = B"}``
   (letters name the completions in order; ``=`` ties), or
 - ``{"prompt": "...", "chosen": "...", "rejected": "..."}`` (one pair).
+An optional ``"gold"`` list (one number per completion, written by `selfsup lm label`) is the
+simulated labelers' true score; the reward model never trains on it, it only measures a ceiling.
 
 The chat template writes every turn as its role marker, the text and the end-of-turn marker:
 ``<USER>How are you?<END><ASSISTANT>Fine.<END>``. Only assistant text and its ``<END>`` are
@@ -40,6 +42,7 @@ class Ranking:
     prompt: str
     completions: tuple[str, ...]
     tiers: tuple[tuple[int, ...], ...]
+    gold: tuple[float, ...] | None = None  # simulated labelers' true scores, when known
 
 
 def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -144,7 +147,21 @@ def read_rankings(path: str | Path) -> list[Ranking]:
                 tiers = parse_ranking(ranking, len(completions))
             except SelfsupError as e:
                 raise SelfsupError(f"{where}: {e}") from None
-        out.append(Ranking(prompt, completions, tuple(tuple(t) for t in tiers)))
+        gold = record.get("gold")
+        if gold is not None and (
+            not isinstance(gold, list)
+            or len(gold) != len(completions)
+            or not all(isinstance(g, int | float) for g in gold)
+        ):
+            raise SelfsupError(f"{where}: 'gold' must list one number per completion")
+        out.append(
+            Ranking(
+                prompt,
+                completions,
+                tuple(tuple(t) for t in tiers),
+                None if gold is None else tuple(float(g) for g in gold),
+            )
+        )
     if not out:
         raise SelfsupError(f"{path}: no rankings in the file")
     return out

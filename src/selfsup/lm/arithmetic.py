@@ -147,10 +147,18 @@ def gold_score(problem: Problem, response: str) -> float:
     return score
 
 
+def labeler_scores(
+    gold: Sequence[float], rng: np.random.Generator, noise: float = 0.2, resolution: float = 0.25
+) -> list[float]:
+    """What one labeler perceives: gold plus Gaussian noise, rounded to `resolution`."""
+    noisy = np.asarray(gold, dtype=float) + rng.normal(0.0, noise, len(gold))
+    return [float(v) for v in np.round(noisy / resolution) * resolution]
+
+
 def simulated_ranking(
     gold: Sequence[float], rng: np.random.Generator, noise: float = 0.2, resolution: float = 0.25
 ) -> str:
-    """A labeler's ranking of K answers: gold plus Gaussian noise, rounded to `resolution` (equal
-    rounded scores are ties), as a ``"D > C > A = B"`` string."""
-    noisy = np.asarray(gold, dtype=float) + rng.normal(0.0, noise, len(gold))
-    return format_ranking(list(np.round(noisy / resolution) * resolution))
+    """A labeler's ranking of K answers from `labeler_scores` (equal rounded scores are ties), as
+    a ``"D > C > A = B"`` string."""
+    return format_ranking(labeler_scores(gold, rng, noise, resolution))
+

@@ -88,7 +88,8 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
     )  # fmt: skip
     print(
         f"{args.output}: {stats['prompts']} ranked prompts, "
-        f"{100 * stats['with_ties']:.0f}% with ties"
+        f"{100 * stats['with_ties']:.0f}% with ties, {stats['pairs']} strictly ordered pairs; "
+        f"a second labeler agrees on {100 * stats['labeler_agreement']:.1f}% of them (ties half)"
     )
 
 

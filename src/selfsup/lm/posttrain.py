@@ -24,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from selfsup.config import _opt
-from selfsup.data.conversations import read_conversations, read_rankings
+from selfsup.data.conversations import Ranking, read_conversations, read_rankings
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm import hf
 from selfsup.lm.chat_data import add_chat_tokens, collate, next_token_loss, pack, ranking_batch
 from selfsup.lm.chat_data import sft_example as _sft_example
-from selfsup.losses.preference import pairwise_accuracy, pairwise_ranking_loss
+from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.optim import warmup_cosine
 
 
@@ -115,7 +115,21 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
         loss = pairwise_ranking_loss(rewards, pairs, prompts)
         return loss, {"pair_acc": pairwise_accuracy(rewards.detach(), pairs)}
 
-    return _fit("reward", config, command, model, tokenizer, train, val, loss_fn)
+    ceiling = gold_ceiling(val)
+    extra = {} if ceiling is None else {"val_gold_ceiling": ceiling}
+    return _fit("reward", config, command, model, tokenizer, train, val, loss_fn, extra)
+
+
+def gold_ceiling(rankings: Sequence[Ranking]) -> float | None:
+    """The pair accuracy of the labelers' true (gold) scores on these rankings, ties counting
+    half: no reward model can expect more from noisy labels. None without gold scores."""
+    if not rankings or any(r.gold is None for r in rankings):
+        return None
+    credit, pairs = 0.0, 0
+    for r in rankings:
+        c, n = pair_agreement(r.tiers, r.gold)  # type: ignore[arg-type]
+        credit, pairs = credit + c, pairs + n
+    return credit / max(1, pairs)
 
 
 def reward_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -152,6 +166,7 @@ def _fit(
     train: list,
     val: list,
     loss_fn: LossFn,
+    extra: dict[str, float] | None = None,
 ) -> Path:
     import lightning as L
 
@@ -201,6 +216,7 @@ def _fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         row.update(_validate(model, val, config.batch_size, loss_fn))
+        row.update(extra or {})
         hf.append_metrics(run, row)
         print(
             ", ".join(

@@ -27,10 +27,16 @@ from selfsup.config import _opt
 from selfsup.data.conversations import Message, read_prompts
 from selfsup.errors import SelfsupError
 from selfsup.lm import hf
-from selfsup.lm.arithmetic import gold_score, problem_of, simulated_ranking
+from selfsup.lm.arithmetic import (
+    gold_score,
+    labeler_scores,
+    problem_of,
+    simulated_ranking,
+)
 from selfsup.lm.chat_data import add_chat_tokens
 from selfsup.lm.ppo import GoldFn, PPOSettings, PPOTrainer, kl_to_reference
 from selfsup.lm.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.losses.preference import pair_agreement
 
 GOLDS = ("none", "arithmetic")
 
@@ -48,6 +54,9 @@ class RLHFConfig(PPOSettings):
     iterations: int = _opt(50, "PPO iterations (sample, score, update)")
     eval_every: int = _opt(10, "evaluate and save the policy every this many iterations")
     eval_samples: int = _opt(128, "held-out prompts per evaluation")
+    max_kl: float = _opt(
+        0.0, "stop when the rollouts' mean KL from the reference exceeds this (0: no bound)"
+    )
     seed: int = _opt(0, "random seed")
     accelerator: str = _opt("auto", "cpu | gpu | auto")
 
@@ -165,7 +174,9 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         folder = run / f"iter{iteration:04d}"
         trainer.policy.save_pretrained(str(folder), safe_serialization=True)
+        saved.append(folder)
 
+    saved: list[Path] = []  # the policies written so far, all from finite updates
     report(0)
     bar = tqdm(range(1, config.iterations + 1), desc="PPO")
     for iteration in bar:
@@ -176,9 +187,11 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
         stats = trainer.step(
             [conversations[i] for i in idx], seed=config.seed + iteration, gold=batch_gold
         )
-        if not math.isfinite(stats["ppo/policy"]):
+        problem = diverged(stats, config.max_kl)
+        if problem:
             raise SelfsupError(
-                f"the PPO loss became {stats['ppo/policy']} at iteration {iteration}; lower --lr"
+                f"PPO stopped at iteration {iteration}: {problem}; the last good policy is "
+                f"{saved[-1]} (lower --lr, raise --beta)"
             )
         hf.append_metrics(run, {"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
@@ -186,6 +199,16 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
             report(iteration)
     hf.save_hf(run, trainer.policy, tokenizer)
     return run
+
+
+def diverged(stats: dict[str, float], max_kl: float) -> str | None:
+    """Why a PPO iteration's statistics say the run has gone wrong, or None."""
+    for name in ("ppo/policy", "ppo/value", "reward", "kl"):
+        if not math.isfinite(stats[name]):
+            return f"{name} became {stats[name]}"
+    if max_kl > 0 and stats["kl"] > max_kl:
+        return f"the KL from the reference, {stats['kl']:.2f}, exceeds --max-kl {max_kl:g}"
+    return None
 
 
 @torch.no_grad()
@@ -259,21 +282,27 @@ def label(
             r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
             for i, a in enumerate(decode_responses(tokenizer, r)):
                 answers[s + i].append(a)
-    rng = np.random.default_rng(seed)
-    lines, ties = [], 0
+    rng, second = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    lines, ties, agreement, pairs = [], 0, 0.0, 0
     for i, conv in enumerate(conversations):
         scores = [gold(i, a) for a in answers[i]]
         ranking = simulated_ranking(scores, rng, noise=noise)
         ties += "=" in ranking
-        lines.append(
-            json.dumps(
-                {"prompt": conv[-1]["content"], "completions": answers[i], "ranking": ranking}
-            )
-        )
+        credit, n = pair_agreement(ranking, labeler_scores(scores, second, noise=noise))
+        agreement, pairs = agreement + credit, pairs + n
+        record = {"prompt": conv[-1]["content"], "completions": answers[i], "ranking": ranking}
+        lines.append(json.dumps({**record, "gold": scores}))  # never read by the reward model
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    return {"prompts": len(lines), "with_ties": ties / len(lines)}
+    return {
+        "prompts": len(lines),
+        "with_ties": ties / len(lines),
+        "pairs": pairs,
+        # How often a second simulated labeler, ranking the same answers, orders a pair the way
+        # the first did (ties half): the ceiling a reward model's pair accuracy is read against.
+        "labeler_agreement": agreement / max(1, pairs),
+    }
 
 
 def chat_reply(

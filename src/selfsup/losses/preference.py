@@ -67,6 +67,19 @@ def ranking_pairs(ranking: str | Sequence[Sequence[int]], k: int) -> list[tuple[
     ]
 
 
+def pair_agreement(
+    ranking: str | Sequence[Sequence[int]], scores: Sequence[float]
+) -> tuple[float, int]:
+    """(credit, pairs) over the pairs that `ranking` orders strictly: credit 1 where `scores`
+    order a pair the same way, 1/2 where they tie it (a coin flip), 0 where they reverse it."""
+    pairs = ranking_pairs(ranking, len(scores))
+    credit = sum(
+        1.0 if scores[w] > scores[l] else 0.5 if scores[w] == scores[l] else 0.0
+        for w, l in pairs
+    )
+    return credit, len(pairs)
+
+
 def format_ranking(scores: Sequence[float]) -> str:
     """Ranking string of scores, higher first, ties for equals: [1, 3, 1, 2] -> 'B > D > A = C'."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
