@@ -10,6 +10,7 @@ validation loss averaged over 200 batches (nanoGPT reports a 20-batch estimate).
 
     python benchmarks/gpt_shakespeare.py                  # the reference configuration
     python benchmarks/gpt_shakespeare.py --recipe long    # the longer recipe (see RECIPES)
+    python benchmarks/gpt_shakespeare.py --devices 2      # 2 data-parallel processes, 1 thread each
 
 Prints wall time (everything: reading, tokenizing, training, evaluating, exporting),
 training iterations per second and the validation loss; results in RUN/results.json.
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(CORPUS))
     parser.add_argument("--steps", type=int, help="override the recipe's steps")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="data-parallel CPU processes (each gets a share)"
+    )
     parser.add_argument("--out", help="run directory (default: a temporary one)")
     args = parser.parse_args()
     if args.threads:
@@ -69,6 +73,8 @@ def main() -> None:
         eval_batches=20,
         final_eval_batches=200,
         progress=False,
+        accelerator="cpu",
+        devices=str(args.devices),
         out=out,
         options=recipe["options"],
         **settings,
@@ -76,7 +82,9 @@ def main() -> None:
     wall = time.perf_counter() - began
     results = json.loads((run / "results.json").read_text())
     print(f"recipe {args.recipe}: {settings} {recipe['options']}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {args.devices} process(es), {torch.get_num_threads()} threads"
+    )
     print(
         f"wall time:      {wall:.1f} s (training with periodic validation: "
         f"{results['train_seconds']} s)"

@@ -166,3 +166,21 @@ def test_vocabulary_mismatch_is_one_line(run: Path, tmp_path: Path, capsys) -> N
         (tmp_path / "bert").mkdir()
         (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
         pretrain_lm(model="gpt", corpus=str(SHAKESPEARE), init=str(tmp_path / "bert"))
+
+
+def test_two_processes_take_the_same_steps_as_one(tmp_path: Path) -> None:
+    """Data parallelism over 2 CPU processes (gloo): each holds half of every batch's rows; the
+    averaged gradients equal the whole batch's, so the weights match one process's run."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
+    tiny = Options(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    settings = dict(corpus=str(corpus), steps=6, eval_interval=3, options=tiny, **QUICK)
+    one = pretrain_lm(model="gpt", out=str(tmp_path / "one"), accelerator="cpu", **settings)
+    two = pretrain_lm(
+        model="gpt", out=str(tmp_path / "two"), accelerator="cpu", devices="2", **settings
+    )
+    a = load_file(one / "hf" / "model.safetensors")
+    b = load_file(two / "hf" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    results = [json.loads((r / "results.json").read_text()) for r in (one, two)]
+    assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)

@@ -135,10 +135,10 @@ class LanguageModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, metrics = self.loss(batch)
-        self.log("val/loss", loss, prog_bar=True)
+        loss, metrics = self.loss(batch)  # every process holds an equal share of the rows
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         for name, value in metrics.items():
-            self.log(f"val/{name}", value)
+            self.log(f"val/{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
@@ -162,14 +162,35 @@ class LanguageModule(L.LightningModule):
 
 class StepBatches(Dataset):
     """Batch number `step` is drawn with a generator seeded by (seed, step): any step's batch
-    is the same in a resumed run as in an uninterrupted one."""
+    is the same in a resumed run as in an uninterrupted one. Under data parallelism every
+    process draws the same batch and keeps its own slice of rows, so W processes take the same
+    batches as one process with the whole batch."""
 
-    def __init__(self, module: LanguageModule, ids: np.ndarray, batch_size: int, seed: int):
+    def __init__(
+        self, module: LanguageModule, ids: np.ndarray, batch_size: int, seed: int, share=True
+    ):
         self.module, self.ids, self.batch_size, self.seed = module, ids, batch_size, seed
+        self.share = share  # False: every process gets whole batches
 
     def __getitem__(self, step: int) -> Any:
         rng = np.random.default_rng([self.seed, step])
-        return self.module.make_batch(self.ids, rng, self.batch_size)
+        batch = self.module.make_batch(self.ids, rng, self.batch_size)
+        trainer = self.module._trainer
+        if not self.share or trainer is None or trainer.world_size == 1:
+            return batch
+        return rows_of(batch, trainer.global_rank, trainer.world_size)
+
+
+def rows_of(batch: Any, rank: int, world: int) -> Any:
+    """Process `rank`'s contiguous share of every tensor's rows (in tuples, lists and dicts)."""
+    if isinstance(batch, Tensor):
+        share = len(batch) // world
+        return batch[rank * share : (rank + 1) * share]
+    if isinstance(batch, dict):
+        return {k: rows_of(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(rows_of(v, rank, world) for v in batch)
+    return batch
 
 
 class StepSampler(Sampler[int]):
@@ -345,6 +366,11 @@ def _fit(
     if checkpoint is not None:
         start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
     trainer = _trainer(config, run)
+    if config.batch_size % trainer.world_size:
+        raise SelfsupError(
+            f"--batch-size {config.batch_size} does not split evenly over "
+            f"{trainer.world_size} processes"
+        )
     train = step_loader(module, train_ids, config.batch_size, config.seed, start, config.steps)
     val = DataLoader(  # the same batches at every validation
         StepBatches(module, val_ids, config.batch_size, config.seed + 1),
@@ -379,7 +405,7 @@ def evaluate_loss(module: LanguageModule, ids: np.ndarray, batches: int, seed: i
     was_training = module.training
     module.eval()
     totals: dict[str, float] = {}
-    dataset = StepBatches(module, ids, module.config.batch_size, seed)
+    dataset = StepBatches(module, ids, module.config.batch_size, seed, share=False)
     for step in range(batches):
         batch = _to_device(dataset[step], module.device)
         loss, metrics = module.loss(batch)
@@ -440,6 +466,9 @@ def _trainer(config: LMConfig, run: Path) -> L.Trainer:
     ):
         warnings.filterwarnings("ignore", pattern)
     devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
+    # Several processes: forked after the run directory and token ids are ready (a re-launched
+    # script would prepare them again in every process); CUDA is not touched before the fork.
+    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
     on_gpu = config.accelerator in ("gpu", "cuda") or (
         config.accelerator == "auto" and torch.cuda.is_available()
     )
@@ -466,6 +495,8 @@ def _trainer(config: LMConfig, run: Path) -> L.Trainer:
         max_epochs=-1,
         accelerator=config.accelerator,
         devices=devices,
+        strategy=strategy,
+        use_distributed_sampler=False,  # StepBatches shares each batch out itself
         precision=precision,
         logger=CSVLogger(
             save_dir=run, name="", version="", flush_logs_every_n_steps=config.eval_interval
