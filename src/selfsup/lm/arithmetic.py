@@ -80,7 +80,8 @@ def write_task(folder: str | Path, seed: int = 0, n_sft: int = 2000, n_prompts: 
     """The files of the offline RLHF pipeline: corpus.txt (pretraining), sft.jsonl
     (demonstrations), label.jsonl (prompts whose sampled answers the simulated labelers rank),
     rl.jsonl (PPO prompts) and eval.jsonl (held-out prompts for the gold/proxy/KL report).
-    Prompt records carry `a` and `b`, from which the gold score is computed."""
+    Prompt records carry `a` and `b`, from which the gold score is computed. fewshot.jsonl holds
+    held-out prompts with the careful labeler's answer, for `selfsup lm icl few-shot`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -91,6 +92,7 @@ def write_task(folder: str | Path, seed: int = 0, n_sft: int = 2000, n_prompts: 
         "label.jsonl": problems(n_prompts, seed + 2),
         "rl.jsonl": problems(n_prompts, seed + 3),
         "eval.jsonl": problems(n_prompts // 2, seed + 4),
+        "fewshot.jsonl": problems(n_prompts // 2, seed + 5),
     }
     for name, items in sets.items():
         lines = []
@@ -98,6 +100,8 @@ def write_task(folder: str | Path, seed: int = 0, n_sft: int = 2000, n_prompts: 
             record = {"prompt": p.prompt, "a": p.a, "b": p.b}
             if name == "sft.jsonl":
                 record["completion"] = demonstration(p, rng)
+            elif name == "fewshot.jsonl":
+                record["completion"] = demonstration(p)
             lines.append(json.dumps(record))
         (folder / name).write_text("\n".join(lines) + "\n")
         files[name] = len(items)
