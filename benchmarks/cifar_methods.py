@@ -8,7 +8,9 @@ one), then `selfsup evaluate` with a linear probe at 1%, 10% and 100% of the lab
 evaluation adds the raw-pixel, PCA and random-init baselines; MAE's adds its own random-init
 ViT. Jobs run in `--lanes` parallel subprocesses with `--threads` torch threads each (2 x 1 on a
 2-core machine keeps every job under the same load). Prints a markdown table (also in
-OUT/table.md) with each method's epochs and measured training minutes.
+OUT/table.md) with each method's epochs and measured training minutes, and draws the few-label
+curves of every method and baseline (OUT/few-label.png). `--redraw` rebuilds the table and the
+picture from OUT/results.json without training.
 """
 
 from __future__ import annotations
@@ -114,6 +116,48 @@ def _cells(rows: list[dict]) -> str:
     return " | ".join(cells)
 
 
+def plot(jobs: list[dict], path: Path) -> None:
+    """Few-label curves: linear-probe accuracy against the label fraction, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = (0.01, 0.1, 1.0)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    baselines: dict[str, list[dict]] = {}
+    for job in jobs:
+        own = [r for r in job["few_label"] if r["method"] == "selfsup"]
+        ax.plot([100 * f for f in fractions], _means(own), marker="o", label=job["method"])
+        for row in job["few_label"]:
+            if row["method"] != "selfsup":
+                name = row["method"] + (" (ViT)" if job["method"] == "mae" else "")
+                baselines.setdefault(name, []).append(row)
+    for name, rows in baselines.items():
+        xs = [100 * f for f in fractions]
+        ax.plot(xs, _means(rows), linestyle=":", color="black", alpha=0.7, marker="x")
+        ax.annotate(f" {name}", (xs[-1], _means(rows)[-1]), fontsize=8, va="center")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 10, 100], ["1%", "10%", "100%"])
+    ax.set_xlim(0.7, 300)
+    ax.set_xlabel("labels used by the linear probe (% of CIFAR-10's 50,000)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("CIFAR-10, one CPU budget per method; dotted: baselines")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _means(rows: list[dict]) -> list[float]:
+    out = []
+    for fraction in (0.01, 0.1, 1.0):
+        accs = [100 * r["accuracy"] for r in rows if r["fraction"] == fraction]
+        out.append(sum(accs) / len(accs))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget-minutes", type=float, default=10.0)
@@ -123,9 +167,14 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=2, help="jobs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", default="runs/cifar-methods")
+    parser.add_argument("--redraw", action="store_true", help="table and picture from OUT only")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.redraw:
+        jobs = json.loads((out / "results.json").read_text())
+        print(_finish(jobs, out))
+        return
     methods = args.methods.split(",")
     with ThreadPoolExecutor(args.lanes) as pool:
         futures = [pool.submit(method_job, m, args) for m in methods]
@@ -137,9 +186,14 @@ def main() -> None:
                 print(e, file=sys.stderr)
             else:
                 (out / "results.json").write_text(json.dumps(jobs, indent=2) + "\n")
+    print(_finish(jobs, out))
+
+
+def _finish(jobs: list[dict], out: Path) -> str:
     text = table(jobs)
     (out / "table.md").write_text(text)
-    print(text)
+    plot(jobs, out / "few-label.png")
+    return text
 
 
 if __name__ == "__main__":
