@@ -1,10 +1,12 @@
 """The programmatic gold preference and the simulated labelers of the RLHF pipeline."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 
+from selfsup.errors import SelfsupError
 from selfsup.lm.arithmetic import (
     Problem,
     demonstration,
@@ -12,6 +14,7 @@ from selfsup.lm.arithmetic import (
     pretraining_text,
     problems,
     simulated_ranking,
+    write_task,
 )
 from selfsup.losses.preference import ranking_pairs
 
@@ -50,6 +53,17 @@ def test_pretraining_text_states_true_sums():
         assert numbers[0] + numbers[1] == numbers[-1]
     later = "".join(p.prompt + demonstration(p, np.random.default_rng(0)) for p in problems(200, 5))
     assert set(later) <= set(text)  # a char tokenizer trained on the corpus covers SFT and RL
+
+
+def test_max_operand_bounds_every_file(tmp_path):
+    write_task(tmp_path, n_sft=50, n_prompts=40, max_operand=9)
+    corpus = (tmp_path / "corpus.txt").read_text().splitlines()
+    assert all(int(n) <= 18 for line in corpus for n in re.findall(r"\d+", line))
+    records = [json.loads(r) for r in (tmp_path / "label.jsonl").read_text().splitlines()]
+    assert max(max(r["a"], r["b"]) for r in records) <= 9
+    assert len(records) == 40
+    with pytest.raises(SelfsupError, match="--max-operand"):
+        write_task(tmp_path, max_operand=0)
 
 
 def test_noiseless_labeler_ranks_by_gold_with_ties():

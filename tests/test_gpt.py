@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selfsup.cli import main
 from selfsup.errors import SelfsupError
 from selfsup.lm.corpus import load_ids, split_ids
-from selfsup.lm.gpt import GPT, GPTModule, Options, load_run
+from selfsup.lm.gpt import GPT, GPTModule, Options, from_hf, load_run, to_hf
 from selfsup.lm.tokenizer import train_tokenizer
 from selfsup.lm.train import pretrain_lm
 
@@ -79,6 +79,25 @@ def test_hugging_face_auto_classes_generate_the_same_greedy_tokens(run: Path) ->
         torch.testing.assert_close(hf(prompt).logits, ours(prompt), atol=1e-4, rtol=1e-4)
         theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)  # to block_size
     assert theirs.tolist() == ours.generate(prompt, 20, temperature=0).tolist()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+def test_both_gelus_survive_the_hugging_face_round_trip(activation: str) -> None:
+    torch.manual_seed(0)
+    ours = GPT(50, block_size=16, n_layer=2, n_head=2, n_embd=32, activation=activation).eval()
+    for weight in ours.parameters():  # large weights: the two GELUs differ visibly
+        weight.data.normal_(0, 0.5)
+    hf = to_hf(ours)
+    assert hf.config.activation_function == activation
+    back = from_hf(hf)
+    assert back.activation == activation
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(ids), ours(ids))
+        other = GPT(50, 16, 2, 2, 32, activation="gelu_new" if activation == "gelu" else "gelu")
+        other.load_state_dict(ours.state_dict())
+        assert not torch.allclose(other.eval()(ids), ours(ids), atol=1e-6)  # it matters
 
 
 @needs_data

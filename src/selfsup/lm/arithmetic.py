@@ -76,23 +76,32 @@ def demonstration(problem: Problem, rng: np.random.Generator | None = None) -> s
     return f"The answer is {wrong}."
 
 
-def write_task(folder: str | Path, seed: int = 0, n_sft: int = 2000, n_prompts: int = 512) -> dict:
+def write_task(
+    folder: str | Path,
+    seed: int = 0,
+    n_sft: int = 2000,
+    n_prompts: int = 512,
+    max_operand: int = 50,
+) -> dict:
     """The files of the offline RLHF pipeline: corpus.txt (pretraining), sft.jsonl
     (demonstrations), label.jsonl (prompts whose sampled answers the simulated labelers rank),
     rl.jsonl (PPO prompts) and eval.jsonl (held-out prompts for the gold/proxy/KL report).
     Prompt records carry `a` and `b`, from which the gold score is computed. fewshot.jsonl holds
-    held-out prompts with the careful labeler's answer, for `selfsup lm icl few-shot`."""
+    held-out prompts with the careful labeler's answer, for `selfsup lm icl few-shot`.
+    Operands are drawn from 0..max_operand (smaller: fewer sums for a small model to learn)."""
+    if max_operand < 1:
+        raise SelfsupError(f"--max-operand must be at least 1, got {max_operand}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    (folder / "corpus.txt").write_text(pretraining_text(20 * n_sft, seed))
+    (folder / "corpus.txt").write_text(pretraining_text(20 * n_sft, seed, max_operand))
     files = {"corpus.txt": 20 * n_sft}
     sets = {
-        "sft.jsonl": problems(n_sft, seed + 1),
-        "label.jsonl": problems(n_prompts, seed + 2),
-        "rl.jsonl": problems(n_prompts, seed + 3),
-        "eval.jsonl": problems(n_prompts // 2, seed + 4),
-        "fewshot.jsonl": problems(n_prompts // 2, seed + 5),
+        "sft.jsonl": problems(n_sft, seed + 1, max_operand),
+        "label.jsonl": problems(n_prompts, seed + 2, max_operand),
+        "rl.jsonl": problems(n_prompts, seed + 3, max_operand),
+        "eval.jsonl": problems(n_prompts // 2, seed + 4, max_operand),
+        "fewshot.jsonl": problems(n_prompts // 2, seed + 5, max_operand),
     }
     for name, items in sets.items():
         lines = []
@@ -165,4 +174,3 @@ def simulated_ranking(
     """A labeler's ranking of K answers from `labeler_scores` (equal rounded scores are ties), as
     a ``"D > C > A = B"`` string."""
     return format_ranking(labeler_scores(gold, rng, noise, resolution))
-

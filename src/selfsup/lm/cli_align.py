@@ -28,13 +28,18 @@ def _add_arithmetic(sub, parents) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft", type=int, default=2000, help="demonstrations (default: 2000)")
     p.add_argument("--prompts", type=int, default=512, help="prompts per prompt file")
+    p.add_argument(
+        "--max-operand", type=int, default=50, help="operands from 0 to this (default: 50)"
+    )
     p.set_defaults(handler=_run_arithmetic)
 
 
 def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.arithmetic import write_task
 
-    for name, count in write_task(args.folder, args.seed, args.sft, args.prompts).items():
+    for name, count in write_task(
+        args.folder, args.seed, args.sft, args.prompts, args.max_operand
+    ).items():
         print(f"{args.folder}/{name}: {count} {'lines' if name.endswith('txt') else 'records'}")
 
 

@@ -336,6 +336,8 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
         raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
     config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
+    if config.model == "gpt":  # GPT runs from before --activation existed used the tanh GELU
+        saved["options"].setdefault("activation", "gelu_new")
     options = model_kind(config.model).Options(**saved["options"])
     return config, options, saved
 
