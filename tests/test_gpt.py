@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,15 +191,24 @@ def test_vocabulary_mismatch_is_one_line(run: Path, tmp_path: Path, capsys) -> N
 
 def test_two_processes_take_the_same_steps_as_one(tmp_path: Path) -> None:
     """Data parallelism over 2 CPU processes (gloo): each holds half of every batch's rows; the
-    averaged gradients equal the whole batch's, so the weights match one process's run."""
+    averaged gradients equal the whole batch's, so the weights match one process's run.
+
+    Both runs are the `selfsup` command in a fresh interpreter, as a user runs it: forking the
+    test process itself, with the thread pools earlier tests started, can deadlock."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
-    tiny = Options(block_size=16, n_layer=1, n_head=2, n_embd=16)
-    settings = dict(corpus=str(corpus), steps=6, eval_interval=3, options=tiny, **QUICK)
-    one = pretrain_lm(model="gpt", out=str(tmp_path / "one"), accelerator="cpu", **settings)
-    two = pretrain_lm(
-        model="gpt", out=str(tmp_path / "two"), accelerator="cpu", devices="2", **settings
-    )
+    common = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "6"]
+    common += ["--eval-interval", "3", "--block-size", "16", "--n-layer", "1", "--n-head", "2"]
+    common += ["--n-embd", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"]
+    common += ["--eval-batches", "10", "--final-eval-batches", "20", "--no-progress"]
+    common += ["--accelerator", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, devices in ((one, "1"), (two, "2")):
+        done = subprocess.run(
+            [sys.executable, "-m", "selfsup", *common, "--devices", devices, "--out", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
     a = load_file(one / "hf" / "model.safetensors")
     b = load_file(two / "hf" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
