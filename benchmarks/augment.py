@@ -17,6 +17,7 @@ The first batch (worker start-up, allocations) is not timed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _harness as H  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "train-1.npz"
+DATA = Path(
+    os.environ.get("SELFSUP_BENCH_CIFAR")  # another copy, e.g. on a GPU machine
+    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "train-1.npz"
+)
 
 
 def load(n: int) -> np.ndarray:
