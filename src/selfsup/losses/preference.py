@@ -74,8 +74,7 @@ def pair_agreement(
     order a pair the same way, 1/2 where they tie it (a coin flip), 0 where they reverse it."""
     pairs = ranking_pairs(ranking, len(scores))
     credit = sum(
-        1.0 if scores[w] > scores[l] else 0.5 if scores[w] == scores[l] else 0.0
-        for w, l in pairs
+        1.0 if scores[w] > scores[l] else 0.5 if scores[w] == scores[l] else 0.0 for w, l in pairs
     )
     return credit, len(pairs)
 
