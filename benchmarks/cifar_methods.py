@@ -106,10 +106,17 @@ def table(jobs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def _accuracies(rows: list[dict], fraction: float) -> list[float]:
+    return [100 * r["accuracy"] for r in rows if r["fraction"] == fraction]
+
+
 def _cells(rows: list[dict]) -> str:
     cells = []
-    for fraction in (0.01, 0.1, 1.0):
-        accs = [100 * r["accuracy"] for r in rows if r["fraction"] == fraction]
+    for fraction in FRACTIONS:
+        accs = _accuracies(rows, fraction)
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
         cells.append(f"{mean:.1f} ± {std:.1f}" if len(accs) > 1 else f"{mean:.1f}")
@@ -123,7 +130,7 @@ def plot(jobs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = (0.01, 0.1, 1.0)
+    fractions = FRACTIONS
     fig, ax = plt.subplots(figsize=(7, 4.5))
     baselines: dict[str, list[dict]] = {}
     for job in jobs:
@@ -151,11 +158,7 @@ def plot(jobs: list[dict], path: Path) -> None:
 
 
 def _means(rows: list[dict]) -> list[float]:
-    out = []
-    for fraction in (0.01, 0.1, 1.0):
-        accs = [100 * r["accuracy"] for r in rows if r["fraction"] == fraction]
-        out.append(sum(accs) / len(accs))
-    return out
+    return [sum(a) / len(a) for a in (_accuracies(rows, f) for f in FRACTIONS)]
 
 
 def main() -> None:
