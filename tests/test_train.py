@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import selfsup
 from selfsup.errors import SelfsupError
 from selfsup.methods.simclr import SimCLR
+from selfsup.samples import load_method
 
 QUICK = dict(data="digits", limit=512, batch_size=128, epochs=2, backbone="convnet")
 
@@ -110,6 +111,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         ({"data": "imagenet-1k"}, "imagenet-1k"),
         ({"limit": 100, "batch_size": 256}, "fewer than one batch"),
         ({"temperature": 0.0}, "--temperature must be positive"),
+        ({"crop_size": 2}, "--crop-size must be at least 4"),
+        ({"crop_size": 16, "backbone": "vit-mini"}, "position embeddings"),
     ],
 )
 def test_bad_options_give_one_line_and_write_nothing(
@@ -180,6 +183,16 @@ def test_pretrain_on_an_unlabeled_image_folder(tmp_path: Path) -> None:
     assert encoder.config["in_channels"] == 3
     features, labels = selfsup.embed(run)
     assert features.shape == (40, encoder.feature_dim) and labels is None
+
+
+def test_views_smaller_than_the_images(tmp_path: Path) -> None:
+    run = selfsup.pretrain(method="simclr", crop_size=6, out=str(tmp_path / "run"), **QUICK)
+    method, _, _ = load_method(run)  # the saved config rebuilds the 6-pixel views
+    images = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    assert method.views(images, torch.Generator().manual_seed(0)).shape == (3, 1, 6, 6)
+    with pytest.raises(SelfsupError, match="--crop-size applies to simclr and supcon"):
+        selfsup.pretrain(method="rotation", crop_size=6, out=str(tmp_path / "rot"), **QUICK)
+    assert not (tmp_path / "rot").exists()
 
 
 def test_a_methods_own_option_error_leaves_no_run_directory(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ class PretrainConfig:
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )
     recipe: str = _opt("simclr", "augmentation recipe for the two views")
+    crop_size: int | None = _opt(
+        None, "simclr/supcon: side of the square views in pixels (default: the image size)"
+    )
     projection_dim: int = _opt(128, "output size of the projection head")
     projection_hidden: int = _opt(512, "hidden size of the projection head")
     temperature: float = _opt(0.5, "InfoNCE temperature")

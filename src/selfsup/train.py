@@ -22,6 +22,7 @@ from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
 from selfsup.models import BACKBONES
+from selfsup.models.vit import VIT_SIZES
 from selfsup.optim import OPTIMIZERS
 
 STATS_SAMPLES = 10_000
@@ -115,6 +116,11 @@ def _python_call(config: PretrainConfig) -> str:
     return f"selfsup.pretrain({', '.join(changed)})"
 
 
+# Methods whose views only meet the encoder (global pooling makes it size-agnostic), so views may
+# be smaller than the images: fewer pixels per step, and evaluation still sees whole images.
+CROP_SIZE_METHODS = ("simclr", "supcon")
+
+
 def _check_names(config: PretrainConfig) -> None:
     for option, value, valid in [
         ("method", config.method, METHODS),
@@ -129,6 +135,18 @@ def _check_names(config: PretrainConfig) -> None:
             raise SelfsupError(f"{option} must be at least 1, got {value}")
     if config.temperature <= 0:
         raise SelfsupError(f"--temperature must be positive, got {config.temperature}")
+    if config.crop_size is not None and config.method not in CROP_SIZE_METHODS:
+        raise SelfsupError(
+            f"--crop-size applies to {' and '.join(CROP_SIZE_METHODS)} (their loss compares the "
+            f"encoder's features of the views), not to {config.method}"
+        )
+    if config.crop_size is not None and config.crop_size < 4:
+        raise SelfsupError(f"--crop-size must be at least 4 pixels, got {config.crop_size}")
+    if config.crop_size is not None and config.backbone in VIT_SIZES:
+        raise SelfsupError(
+            f"--crop-size needs a convolutional backbone; {config.backbone}'s position "
+            "embeddings fix its input size"
+        )
 
 
 def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:

@@ -32,7 +32,8 @@ class Method(L.LightningModule):
         self.encoder = Encoder(**data_info["encoder"])
         self.encoder.use_channels_last()
         dataset = data_info["dataset"]
-        self.views = build_recipe(config.recipe, tuple(dataset["image_size"]), dataset["channels"])
+        view_size = (config.crop_size,) * 2 if config.crop_size else tuple(dataset["image_size"])
+        self.views = build_recipe(config.recipe, view_size, dataset["channels"])
         num_classes = dataset["num_classes"]
         # Features are standardised (BN without affine) before the online probe: some pretext
         # tasks give features with a large shared offset and little spread, which a plain
