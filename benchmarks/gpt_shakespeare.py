@@ -9,6 +9,7 @@ decay 0.1, gradient clipping 1.0, validation every 250 steps. The same settings 
 validation loss averaged over 200 batches (nanoGPT reports a 20-batch estimate).
 
     python benchmarks/gpt_shakespeare.py                  # the reference configuration
+    python benchmarks/gpt_shakespeare.py --recipe baby-fast  # same model, lr 4e-3, 1,200 steps
     python benchmarks/gpt_shakespeare.py --recipe long    # the longer recipe (see RECIPES)
     python benchmarks/gpt_shakespeare.py --devices 2      # 2 data-parallel processes, 1 thread each
 
@@ -36,6 +37,12 @@ BABY = dict(
 )
 RECIPES = {
     "baby": BABY,
+    # The same model, batch and context with a learning rate tuned for it: nanoGPT's 1e-3 is
+    # cautious for a 0.8M-parameter model; at 4e-3 1,200 steps reach what 2,000 reach at 1e-3.
+    "baby-fast": dict(
+        settings={**BABY["settings"], "steps": 1200, "lr": 4e-3},
+        options=BABY["options"],
+    ),
     # Toward the issue's <= 1.60 in 15 minutes: the baby model (about compute-optimal for this
     # budget), twice the context and about 13x the tokens (10M, ten passes over the corpus).
     "long": dict(
@@ -50,6 +57,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="baby")
     parser.add_argument("--corpus", default=str(CORPUS))
     parser.add_argument("--steps", type=int, help="override the recipe's steps")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batches")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--devices", type=int, default=1, help="data-parallel CPU processes (each gets a share)"
@@ -69,19 +77,20 @@ def main() -> None:
         weight_decay=0.1,
         beta2=0.99,
         grad_clip=1.0,
-        eval_interval=250 if args.recipe == "baby" else 500,
+        eval_interval=250 if args.recipe.startswith("baby") else 500,
         eval_batches=20,
         final_eval_batches=200,
         progress=False,
         accelerator="cpu",
         devices=str(args.devices),
         out=out,
+        seed=args.seed,
         options=recipe["options"],
         **settings,
     )
     wall = time.perf_counter() - began
     results = json.loads((run / "results.json").read_text())
-    print(f"recipe {args.recipe}: {settings} {recipe['options']}")
+    print(f"recipe {args.recipe}, seed {args.seed}: {settings} {recipe['options']}")
     print(
         f"torch {torch.__version__}, {args.devices} process(es), {torch.get_num_threads()} threads"
     )
