@@ -402,7 +402,6 @@ def _fit(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_loss(module: LanguageModule, ids: np.ndarray, batches: int, seed: int) -> dict:
     """Mean loss and metrics over `batches` batches drawn from `ids` (the final estimate)."""
     was_training = module.training
