@@ -130,18 +130,17 @@ def plot(jobs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = FRACTIONS
     fig, ax = plt.subplots(figsize=(7, 4.5))
     baselines: dict[str, list[dict]] = {}
     for job in jobs:
         own = [r for r in job["few_label"] if r["method"] == "selfsup"]
-        ax.plot([100 * f for f in fractions], _means(own), marker="o", label=job["method"])
+        ax.plot([100 * f for f in FRACTIONS], _means(own), marker="o", label=job["method"])
         for row in job["few_label"]:
             if row["method"] != "selfsup":
                 name = row["method"] + (" (ViT)" if job["method"] == "mae" else "")
                 baselines.setdefault(name, []).append(row)
     for name, rows in baselines.items():
-        xs = [100 * f for f in fractions]
+        xs = [100 * f for f in FRACTIONS]
         ax.plot(xs, _means(rows), linestyle=":", color="black", alpha=0.7, marker="x")
         ax.annotate(f" {name}", (xs[-1], _means(rows)[-1]), fontsize=8, va="center")
     ax.set_xscale("log")

@@ -135,14 +135,19 @@ def _check_names(config: PretrainConfig) -> None:
             raise SelfsupError(f"{option} must be at least 1, got {value}")
     if config.temperature <= 0:
         raise SelfsupError(f"--temperature must be positive, got {config.temperature}")
-    if config.crop_size is not None and config.method not in CROP_SIZE_METHODS:
+    if config.crop_size is not None:
+        _check_crop_size(config)
+
+
+def _check_crop_size(config: PretrainConfig) -> None:
+    if config.method not in CROP_SIZE_METHODS:
         raise SelfsupError(
             f"--crop-size applies to {' and '.join(CROP_SIZE_METHODS)} (their loss compares the "
             f"encoder's features of the views), not to {config.method}"
         )
-    if config.crop_size is not None and config.crop_size < 4:
+    if config.crop_size < 4:
         raise SelfsupError(f"--crop-size must be at least 4 pixels, got {config.crop_size}")
-    if config.crop_size is not None and config.backbone in VIT_SIZES:
+    if config.backbone in VIT_SIZES:
         raise SelfsupError(
             f"--crop-size needs a convolutional backbone; {config.backbone}'s position "
             "embeddings fix its input size"
