@@ -13,12 +13,15 @@ def _encoder(name: str, channels: int, small: bool = True) -> Encoder:
     return Encoder(name, channels, small_images=small, **stats)
 
 
+@pytest.mark.parametrize(("name", "width"), [("convnet", 256), ("convnet-wide", 512)])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [8, 32, 96])
-def test_convnet_shapes(channels, size):
-    net, dim = build_backbone("convnet", channels, small_images=size < 64)
-    assert dim == 256
-    assert net(torch.rand(3, channels, size, size)).shape == (3, 256)
+def test_convnet_shapes(name, width, channels, size):
+    net, dim = build_backbone(name, channels, small_images=size < 64)
+    assert dim == width
+    assert net(torch.rand(3, channels, size, size)).shape == (3, width)
+    widths = [block[-3].out_channels for block in net.blocks]  # conv, BN, ReLU end each block
+    assert widths == [32, 64, 128, width]
 
 
 @pytest.mark.parametrize(("size", "expected"), [(8, [8, 4, 2, 2]), (32, [32, 16, 8, 4])])
@@ -48,10 +51,10 @@ def test_resnet_imagenet_stem_with_one_channel():
 
 
 def test_unknown_backbone_lists_names():
-    with pytest.raises(SelfsupError, match="convnet, resnet18, resnet50") as err:
+    with pytest.raises(SelfsupError, match="convnet, convnet-wide, resnet18, resnet50") as err:
         build_backbone("vit", 3, small_images=True)
     assert "\n" not in str(err.value)
-    assert set(BACKBONES) == {"convnet", "resnet18", "resnet50", *VIT_SIZES}  # ViTs: mae
+    assert set(BACKBONES) == {"convnet", "convnet-wide", "resnet18", "resnet50", *VIT_SIZES}  # ViTs: mae
 
 
 def test_encoder_uint8_and_float_inputs_agree():

@@ -28,7 +28,7 @@ class PretrainConfig:
     download: bool = _opt(False, "download a torchvision dataset if it is missing")
     limit: int | None = _opt(None, "use a stratified first N training samples (quick tries)")
     image_size: int | None = _opt(None, "resize folder images to this size (default: first image)")
-    backbone: str = _opt("convnet", "encoder: convnet | resnet18 | resnet50")
+    backbone: str = _opt("convnet", "encoder: convnet | convnet-wide | resnet18 | resnet50")
     small_images: bool | None = _opt(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )

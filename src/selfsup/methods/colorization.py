@@ -194,7 +194,7 @@ def _check_options(config: PretrainConfig, dataset: dict, encoder: dict) -> None
     if config.backbone in VIT_SIZES:
         raise SelfsupError(
             f"--backbone {config.backbone}: colorization needs a convolutional backbone "
-            "(convnet, resnet18, resnet50) for its per-pixel head"
+            "(convnet, convnet-wide, resnet18, resnet50) for its per-pixel head"
         )
     if not 2 <= config.ab_grid <= 50:
         raise SelfsupError(

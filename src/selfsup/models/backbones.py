@@ -54,6 +54,9 @@ def _resnet(factory: Callable[..., ResNet], in_channels: int, small_images: bool
 
 BACKBONES: dict[str, Callable[[int, bool], tuple[nn.Module, int]]] = {
     "convnet": lambda c, small: (ConvNet(c), 256),
+    # The same ConvNet with a 512-channel last block: twice the features for a linear probe, at
+    # little extra time when the last block runs on a 3×3 or 4×4 map (benchmarks/RESULTS.md).
+    "convnet-wide": lambda c, small: (ConvNet(c, (32, 64, 128, 512)), 512),
     "resnet18": lambda c, small: (_resnet(resnet18, c, small), 512),
     "resnet50": lambda c, small: (_resnet(resnet50, c, small), 2048),
     # ViTs (mae): build_backbone passes them the image and patch size their positions need.
