@@ -214,3 +214,23 @@ def test_a_methods_own_option_error_leaves_no_run_directory(tmp_path: Path) -> N
             **QUICK,
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_share_one_run_directory(tmp_path: Path) -> None:
+    """--devices 2 on the CPU: Lightning re-runs the command for rank 1, which must join the run
+    directory rank 0 chose (here the default, time-stamped one) instead of refusing it."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selfsup", "pretrain", "simclr", "--data", "digits"]
+    cmd += ["--epochs", "1", "--batch-size", "64", "--accelerator", "cpu", "--devices", "2"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert done.stdout.count("run directory:") == 1
+    assert (runs[0] / "encoder.safetensors").is_file()
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    # each rank takes half of the 1437 training digits: 719 // 64 = 11 steps, not 1437 // 64 = 22
+    ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 11

@@ -154,7 +154,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
 
         config = from_namespace(PretrainConfig, args, method=args.method)
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
-        print(f"run directory: {run}")
+        from selfsup.run import is_first_process
+
+        if is_first_process():
+            print(f"run directory: {run}")
     elif args.command == "evaluate":
         from selfsup.api import evaluate
 

@@ -56,6 +56,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+RUN_ENV = "SELFSUP_RUN"  # the run directory, handed by the first process to the ones it launches
+
+
+def is_first_process() -> bool:
+    """False in the extra processes of a multi-process run, known before any process group exists.
+
+    Lightning's script launcher re-runs the command with LOCAL_RANK=1.. (and NODE_RANK), torchrun
+    sets RANK and SLURM sets SLURM_PROCID; a plain process has none of them.
+    """
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            return False
+    return True
+
+
 def default_run_dir(method: str, data: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", data.split(":")[-1].strip("/").split("/")[-1]).strip("-")
     return Path("runs") / f"{method}-{slug or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"

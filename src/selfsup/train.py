@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -51,14 +52,16 @@ def pretrain(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
             f"(--batch-size {config.batch_size}); lower --batch-size"
         )
-    run = Path(config.out) if config.out else rundir.default_run_dir(config.method, config.data)
+    run = _run_dir(config)
     config = dataclasses.replace(config, out=str(run))
     L.seed_everything(config.seed, verbose=False)
     method = get_method(config.method)(config, _data_info(config, train), **data_extra)
-    if checkpoint is None:  # only now, with every input checked, does the run directory appear
-        _claim_run_dir(run)
-        rundir.write_config(run, method.run_config())
-    rundir.write_command(run, command, append=checkpoint is not None)
+    if rundir.is_first_process():  # the processes a multi-device run launches share its folder
+        if checkpoint is None:  # only now, with every input checked, does the folder appear
+            _claim_run_dir(run)
+            rundir.write_config(run, method.run_config())
+        rundir.write_command(run, command, append=checkpoint is not None)
+        os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
 
     trainer = _trainer(config, run, train)
     loaders = _loaders(config, train, test)
@@ -185,6 +188,19 @@ def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _run_dir(config: PretrainConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    if not rundir.is_first_process():
+        if rundir.RUN_ENV in os.environ:  # launched by the first process (Lightning devices>1)
+            return Path(os.environ[rundir.RUN_ENV])
+        raise SelfsupError(
+            "several processes were started (torchrun, SLURM): pass --out so that they share "
+            "one run directory"
+        )
+    return rundir.default_run_dir(config.method, config.data)
 
 
 def _claim_run_dir(run: Path) -> None:
