@@ -131,6 +131,9 @@ def _add_best_of_n(sub, parents) -> None:
     p.add_argument("--n", default="1,2,4,8,16,32,64", help="comma list of n")
     p.add_argument("--gold", default="none", help="none | arithmetic")
     p.add_argument("--limit", type=int, default=128, help="prompts used")
+    p.add_argument(
+        "--pool", type=int, default=0, help="answers sampled per prompt (default: the largest n)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_best_of_n)
@@ -147,7 +150,7 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
         raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
     rows = best_of_n(
         args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
-        args.limit, args.seed,
+        args.limit, args.seed, args.pool,
     )  # fmt: skip
     print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
     for r in rows:

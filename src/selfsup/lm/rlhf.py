@@ -212,6 +212,23 @@ def diverged(stats: dict[str, float], max_kl: float) -> str | None:
 
 
 @torch.no_grad()
+def best_of_n_mean(proxy: np.ndarray, values: np.ndarray, n: int) -> float:
+    """The expected value (e.g. gold score) of the proxy's favourite among n answers drawn
+    without replacement from each row's pool of N, averaged over rows: every one of the
+    C(N, n) subsets counts, not just the first n, which cuts the estimate's variance at small n.
+
+    The answer ranked r-th lowest by proxy is a subset's favourite in C(r-1, n-1) of them; ties
+    go to the earlier answer, as `argmax` breaks them.
+    """
+    rows, pool = proxy.shape
+    if not 1 <= n <= pool:
+        raise SelfsupError(f"best-of-{n} needs 1 <= n <= the pool of {pool} answers")
+    order = np.lexsort((-np.arange(pool)[None].repeat(rows, 0), proxy), axis=1)
+    weights = np.array([math.comb(r, n - 1) for r in range(pool)], dtype=float)
+    weights /= math.comb(pool, n)
+    return float((np.take_along_axis(values, order, axis=1) * weights).sum(1).mean())
+
+
 def best_of_n(
     policy_path: str,
     reward_path: str,
@@ -221,19 +238,22 @@ def best_of_n(
     max_new_tokens: int = 24,
     limit: int = 128,
     seed: int = 0,
+    pool: int = 0,
 ) -> list[dict[str, float]]:
     """For each n: the gold score and proxy reward of the reward model's favourite of n samples,
-    with the analytic KL bound log n - (n-1)/n. One pool of max(ns) samples per prompt serves
-    every n (the first n of the pool)."""
+    with the analytic KL bound log n - (n-1)/n. One pool of `pool` (default: max(ns)) samples
+    per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`)."""
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = _load_prompts(prompts)
     conversations, records = conversations[:limit], records[:limit]
     gold = _gold_fn(gold_name, records)
-    n_max = max(ns)
-    proxy = np.zeros((len(conversations), n_max))
+    pool = pool or max(ns)
+    if pool < max(ns):
+        raise SelfsupError(f"--pool {pool} is smaller than the largest n, {max(ns)}")
+    proxy = np.zeros((len(conversations), pool))
     golds = np.zeros_like(proxy)
-    for j in tqdm(range(n_max), desc="best-of-n samples"):
+    for j in tqdm(range(pool), desc="best-of-n samples"):
         for s in range(0, len(conversations), 64):
             part = conversations[s : s + 64]
             r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
@@ -244,14 +264,13 @@ def best_of_n(
                     golds[s + i, j] = gold(s + i, a)
     rows = []
     for n in ns:
-        pick = proxy[:, :n].argmax(1)
         row = {
             "n": n,
             "kl_bound": math.log(n) - (n - 1) / n,
-            "proxy": float(proxy[np.arange(len(pick)), pick].mean()),
+            "proxy": best_of_n_mean(proxy, proxy, n),
         }
         if gold is not None:
-            row["gold"] = float(golds[np.arange(len(pick)), pick].mean())
+            row["gold"] = best_of_n_mean(proxy, golds, n)
         rows.append(row)
     return rows
 

@@ -1,0 +1,37 @@
+"""The best-of-n estimate over all n-subsets of a pool, against enumerating the subsets."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from selfsup.errors import SelfsupError
+from selfsup.lm.rlhf import best_of_n_mean
+
+
+def _enumerated(proxy: np.ndarray, values: np.ndarray, n: int) -> float:
+    means = []
+    for p, v in zip(proxy, values, strict=True):
+        picks = [
+            v[list(s)][np.argmax(p[list(s)])] for s in itertools.combinations(range(len(p)), n)
+        ]
+        means.append(np.mean(picks))
+    return float(np.mean(means))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_best_of_n_mean_equals_the_average_over_every_subset(n: int) -> None:
+    rng = np.random.default_rng(0)
+    proxy = rng.integers(0, 4, size=(5, 6)).astype(float)  # few levels: many ties
+    values = rng.normal(size=(5, 6))
+    assert best_of_n_mean(proxy, values, n) == pytest.approx(_enumerated(proxy, values, n))
+
+
+def test_best_of_1_is_the_plain_mean_and_best_of_pool_the_argmax() -> None:
+    rng = np.random.default_rng(1)
+    proxy, values = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    assert best_of_n_mean(proxy, values, 1) == pytest.approx(values.mean())
+    best = values[np.arange(4), proxy.argmax(1)].mean()
+    assert best_of_n_mean(proxy, values, 8) == pytest.approx(best)
+    with pytest.raises(SelfsupError, match="pool of 8"):
+        best_of_n_mean(proxy, values, 9)
