@@ -13,7 +13,7 @@ def _encoder(name: str, channels: int, small: bool = True) -> Encoder:
     return Encoder(name, channels, small_images=small, **stats)
 
 
-@pytest.mark.parametrize(("name", "width"), [("convnet", 256), ("convnet-wide", 512)])
+@pytest.mark.parametrize(("name", "width"), [("convnet", 256), ("convnet-wide", 1024)])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [8, 32, 96])
 def test_convnet_shapes(name, width, channels, size):

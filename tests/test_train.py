@@ -195,13 +195,13 @@ def test_views_smaller_than_the_images(tmp_path: Path) -> None:
     assert not (tmp_path / "rot").exists()
 
 
-def test_the_wide_convnet_trains_and_reloads_with_512_features(tmp_path: Path) -> None:
+def test_the_wide_convnet_trains_and_reloads_with_1024_features(tmp_path: Path) -> None:
     options = {**QUICK, "backbone": "convnet-wide", "epochs": 1}
     run = selfsup.pretrain(method="simclr", out=str(tmp_path / "run"), **options)
     encoder = selfsup.load(run)  # rebuilt from config.yaml, weights from encoder.safetensors
-    assert encoder.feature_dim == 512
+    assert encoder.feature_dim == 1024
     features, _ = selfsup.embed(run, limit=20)
-    assert features.shape == (20, 512) and np.isfinite(features).all()
+    assert features.shape == (20, 1024) and np.isfinite(features).all()
 
 
 def test_a_methods_own_option_error_leaves_no_run_directory(tmp_path: Path) -> None:

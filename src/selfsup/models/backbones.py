@@ -54,9 +54,9 @@ def _resnet(factory: Callable[..., ResNet], in_channels: int, small_images: bool
 
 BACKBONES: dict[str, Callable[[int, bool], tuple[nn.Module, int]]] = {
     "convnet": lambda c, small: (ConvNet(c), 256),
-    # The same ConvNet with a 512-channel last block: twice the features for a linear probe, at
-    # little extra time when the last block runs on a 3×3 or 4×4 map (benchmarks/RESULTS.md).
-    "convnet-wide": lambda c, small: (ConvNet(c, (32, 64, 128, 512)), 512),
+    # The same ConvNet with a 1024-channel last block: 4× the features for a linear probe; the
+    # last block runs on a 3×3 map at 24 px, so a step costs ~1.4× (benchmarks/RESULTS.md).
+    "convnet-wide": lambda c, small: (ConvNet(c, (32, 64, 128, 1024)), 1024),
     "resnet18": lambda c, small: (_resnet(resnet18, c, small), 512),
     "resnet50": lambda c, small: (_resnet(resnet50, c, small), 2048),
     # ViTs (mae): build_backbone passes them the image and patch size their positions need.
