@@ -211,7 +211,6 @@ def diverged(stats: dict[str, float], max_kl: float) -> str | None:
     return None
 
 
-@torch.no_grad()
 def best_of_n_mean(proxy: np.ndarray, values: np.ndarray, n: int) -> float:
     """The expected value (e.g. gold score) of the proxy's favourite among n answers drawn
     without replacement from each row's pool of N, averaged over rows: every one of the
@@ -229,6 +228,7 @@ def best_of_n_mean(proxy: np.ndarray, values: np.ndarray, n: int) -> float:
     return float((np.take_along_axis(values, order, axis=1) * weights).sum(1).mean())
 
 
+@torch.no_grad()
 def best_of_n(
     policy_path: str,
     reward_path: str,
