@@ -29,12 +29,14 @@ def test_simclr_probe_beats_random_init_on_digits(tmp_path: Path) -> None:
         recipe="digits",
         out=str(tmp_path / "run"),
     )
-    results = selfsup.evaluate(run, fractions="0.1", seeds=2, baselines="random", kmeans=False)
+    # 2% of the labels (3 per class): where pretraining matters most. Measured on 2026-11-29:
+    # 86.9% against 75.1% for the random-init encoder (at 10% labels the gap is only ~4 points).
+    results = selfsup.evaluate(run, fractions="0.02", seeds=3, baselines="random", kmeans=False)
     accuracy = {
         method: np.mean([r["accuracy"] for r in results["few_label"] if r["method"] == method])
         for method in ("selfsup", "random")
     }
-    assert accuracy["selfsup"] > accuracy["random"] + 0.04, accuracy
+    assert accuracy["selfsup"] > accuracy["random"] + 0.06, accuracy
 
 
 def test_run_directory_holds_everything(tmp_path: Path) -> None:
