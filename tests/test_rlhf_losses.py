@@ -98,6 +98,13 @@ def test_pairwise_loss_is_mean_over_prompts_of_mean_over_pairs():
     assert pairwise_accuracy(rewards.detach(), pairs) == pytest.approx(5 / 6)
 
 
+def test_pair_accuracy_counts_a_tied_reward_half_like_the_labelers_agreement() -> None:
+    rewards = torch.tensor([0.5, 0.5, 0.2])  # A and B the same answer: the same reward
+    pairs = torch.tensor(ranking_pairs("A > B > C", 3))  # (A, B), (A, C), (B, C)
+    assert pairwise_accuracy(rewards, pairs) == pytest.approx((0.5 + 1 + 1) / 3)
+    assert pair_agreement("A > B > C", rewards.tolist()) == (2.5, 3)
+
+
 def test_full_tie_batch_is_an_error():
     with pytest.raises(SelfsupError, match="full tie"):
         pairwise_ranking_loss(torch.zeros(2), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0))

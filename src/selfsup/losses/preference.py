@@ -107,5 +107,8 @@ def pairwise_ranking_loss(rewards: Tensor, pairs: Tensor, prompt_of_pair: Tensor
 
 
 def pairwise_accuracy(rewards: Tensor, pairs: Tensor) -> float:
-    """Fraction of pairs whose winner gets the strictly higher reward."""
-    return (rewards[pairs[:, 0]] > rewards[pairs[:, 1]]).float().mean().item()
+    """Fraction of pairs whose winner gets the higher reward, a tie counting half, as
+    `pair_agreement` scores the labelers' own agreement: two identical answers that a noisy
+    labeler happened to order are a coin flip for any reward model, not its error."""
+    winner, loser = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
+    return ((winner > loser).float() + 0.5 * (winner == loser).float()).mean().item()
