@@ -9,6 +9,7 @@ them. A strictly ordered pair (the labeler put one answer above the other) is on
 - style only: both right or both wrong, one in the house style (gold differs by 0.5);
 - sum only: both in the house style or both not, one with the right sum (gold differs by 1);
 - sum and style: they differ in both.
+An empty answer (gold −0.5) counts as off-style and wrong.
 
     python benchmarks/reward_pairs.py runs/arith-rm data/arith/rankings.jsonl
 """
