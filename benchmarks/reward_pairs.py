@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification
 from selfsup.data.conversations import read_rankings
 from selfsup.lm import hf
 from selfsup.lm.chat_data import ranking_batch
-from selfsup.lm.posttrain import reward_of
+from selfsup.lm.posttrain import _split, reward_of
 
 
 def pair_kind(gold_a: float, gold_b: float) -> str:
@@ -46,8 +46,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96)
     args = parser.parse_args()
 
-    rankings = read_rankings(args.rankings)
-    held_out = rankings[len(rankings) - round(len(rankings) * args.val_fraction) :]
+    _, held_out = _split(read_rankings(args.rankings), args.val_fraction, "ranked prompts")
     if any(r.gold is None for r in held_out):
         raise SystemExit(f"{args.rankings}: the rankings carry no gold scores")
     tokenizer, model = hf.load_tokenizer_and(
