@@ -61,13 +61,12 @@ def main() -> None:
             rewards = reward_of(model, batch["input_ids"], batch["attention_mask"]).tolist()
             gold = [g for r in chunk for g in r.gold]  # type: ignore[union-attr]
             texts = [c for r in chunk for c in r.completions]
-            for winner, loser in batch["pairs"].tolist():
-                kind = pair_kind(gold[winner], gold[loser])
+            for w, l in batch["pairs"].tolist():
+                kind = pair_kind(gold[w], gold[l])
                 pairs[kind] += 1
-                identical += texts[winner] == texts[loser]
-                reward_order = rewards[winner] > rewards[loser]
+                identical += texts[w] == texts[l]
                 if kind != "gold tie":
-                    right[kind] += reward_order == (gold[winner] > gold[loser])
+                    right[kind] += (rewards[w] > rewards[l]) == (gold[w] > gold[l])
 
     total = sum(pairs.values())
     print(
