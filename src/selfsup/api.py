@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from selfsup import run as rundir
 from selfsup.config import EvalConfig
@@ -220,9 +219,9 @@ def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
 
 
 def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from selfsup.device import resolve_device
+
+    return resolve_device(device)
 
 
 def _slug(name: str) -> str:

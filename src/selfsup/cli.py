@@ -9,9 +9,69 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from selfsup.config import EvalConfig, PretrainConfig, add_dataclass_arguments, from_namespace
 from selfsup.errors import SelfsupError
+
+
+class UsageError(Exception):
+    """A command line argparse rejects; `main` prints it as one line with a --help hint."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without the 40-line usage dump on errors, and without abbreviated options
+    (`--fraction` must not silently mean `--fractions`). Sub-parsers inherit the class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def output_file(path: str | None) -> Path | None:
+    """Check early (before any work) that a file can be written at `path`; creates its folder."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise SelfsupError(f"{out} is a folder; give a file name to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfsupError(f"{out}: cannot create its folder {out.parent} ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise SelfsupError(f"{out}: its folder {out.parent} is not writable")
+    return out
+
+
+def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """`selfsup pretrain simclr --help`: the command words of `argv` that the parser knows."""
+    words, current = ["selfsup"], parser
+    for word in (a for a in argv if not a.startswith("-")):
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and word in sub.choices:
+            words.append(word)
+            current = sub.choices[word]
+            continue
+        chooser = next((a for a in current._actions if a.choices and not a.option_strings), None)
+        if chooser is not None and word in chooser.choices:
+            words.append(word)
+        break
+    return " ".join([*words, "--help"])
 
 
 def build_parser(lm: bool = False) -> argparse.ArgumentParser:
@@ -19,12 +79,12 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     torch and Lightning to list their options, so plain `selfsup --help` lists only the group)."""
     from selfsup.methods import METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="selfsup",
         description="Self-supervised representation learning: pretrain on unlabeled images, "
         "then evaluate with few labels.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
     )
@@ -35,9 +95,15 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain",
         help="pretrain an encoder with a self-supervised method",
-        description="Pretrain an encoder; writes a run directory.",
+        description="Pretrain an encoder; writes a run directory. `selfsup pretrain --resume RUN` "
+        "continues RUN (its method and options) from its last checkpoint.",
     )
-    p.add_argument("method", choices=sorted(METHODS), help="self-supervised method")
+    p.add_argument(
+        "method",
+        nargs="?",
+        choices=sorted(METHODS),
+        help="self-supervised method (required unless --resume)",
+    )
     add_dataclass_arguments(p, PretrainConfig)
 
     e = sub.add_parser(
@@ -54,8 +120,8 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--split", default="train", choices=["train", "test"])
     m.add_argument("--data-dir", help="root of torchvision datasets")
     m.add_argument("--download", action="store_true", help="download a missing dataset")
-    m.add_argument("--limit", type=int, help="stratified first N samples")
-    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--limit", type=positive_int, help="stratified first N samples")
+    m.add_argument("--batch-size", type=positive_int, default=256)
     m.add_argument("--device", default="auto")
     m.add_argument(
         "-o",
@@ -98,15 +164,15 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     r.add_argument("run", help="run directory of `selfsup pretrain clip`")
     r.add_argument("query", nargs="?", help="a caption to search for (omit for the metrics)")
     r.add_argument("--data", help="image–caption spec (default: the run's own)")
-    r.add_argument("--top", type=int, default=5, help="images to show (default: 5)")
+    r.add_argument("--top", type=positive_int, default=5, help="images to show (default: 5)")
     r.add_argument("-o", "--output", help="save the best images as a picture (PNG)")
     for q in (z, r):
         q.add_argument("--split", default="test", choices=["train", "test"])
         q.add_argument("--data-dir", help="root of torchvision datasets")
         q.add_argument("--device", default="auto")
     z.add_argument("--download", action="store_true", help="download a missing dataset")
-    z.add_argument("--limit", type=int, help="stratified first N images")
-    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--limit", type=positive_int, help="stratified first N images")
+    z.add_argument("--batch-size", type=positive_int, default=256)
 
     s = sub.add_parser(
         "samples",
@@ -132,7 +198,7 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     a = sub.add_parser("augment-preview", help="draw every augmentation of one image")
     a.add_argument("image", help="an image file (PNG, JPEG, ...)")
     a.add_argument("-o", "--output", default="augmentations.png", help="output PNG")
-    a.add_argument("--size", type=int, default=224, help="side of each panel in pixels")
+    a.add_argument("--size", type=positive_int, default=224, help="side of each panel in pixels")
     a.add_argument("--seed", type=int, default=0)
 
     if lm:
@@ -152,6 +218,8 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
     if args.command == "pretrain":
         from selfsup.train import pretrain
 
+        if args.method is None and not args.resume:
+            raise UsageError("a METHOD is required (or --resume RUN)")
         config = from_namespace(PretrainConfig, args, method=args.method)
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
         from selfsup.run import is_first_process
@@ -176,6 +244,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
     elif args.command == "samples":
         from selfsup.samples import regenerate_samples
 
+        output_file(args.output)
         print(
             regenerate_samples(
                 args.run, checkpoint=args.checkpoint, out=args.output, beside=args.beside
@@ -184,6 +253,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
     elif args.command == "augment-preview":
         from selfsup.augment.preview import augment_preview
 
+        output_file(args.output)
         print(augment_preview(args.image, args.output, size=args.size, seed=args.seed))
     elif args.command == "lm":
         from selfsup.lm.cli import run_lm
@@ -215,6 +285,7 @@ def _embed(args: argparse.Namespace) -> None:
 
     from selfsup.api import embed
 
+    out = output_file(args.output)
     features, labels = embed(
         args.run,
         args.data,
@@ -225,8 +296,6 @@ def _embed(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
     )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, features)
     print(f"{out}: {features.shape[0]} × {features.shape[1]} float32")
     if labels is not None:
@@ -261,6 +330,7 @@ def _zero_shot(args: argparse.Namespace) -> None:
 def _retrieve(args: argparse.Namespace) -> None:
     from selfsup.evaluation.retrieval import format_retrieval, retrieval_evaluation, retrieve
 
+    output_file(args.output)
     if args.query is None:
         r = retrieval_evaluation(
             args.run, args.data, split=args.split, data_dir=args.data_dir, device=args.device
@@ -293,19 +363,35 @@ def _is_lm(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(lm=_is_lm(argv)).parse_args(argv)
+    parser = build_parser(lm=_is_lm(argv))
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(f"{e}; see `{help_hint(parser, argv)}`")
     debug = args.debug or bool(os.environ.get("SELFSUP_DEBUG"))
     try:
         run_command(args, argv)
+    except UsageError as e:
+        return _fail(f"{e}; see `{help_hint(parser, argv)}`")
     except SelfsupError as e:
         if debug:
             traceback.print_exc()
-        print(f"selfsup: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("selfsup: interrupted", file=sys.stderr)
+        return _fail(str(e))
+    except OSError as e:
+        if e.filename is None or debug:  # not about a file the user named: a bug, show it
+            raise
+        return _fail(f"{e.filename}: {e.strerror or e}")
+    except KeyboardInterrupt as e:
+        note = f"; {e}" if str(e) else ""
+        print(f"selfsup: interrupted{note}", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(message: str) -> int:
+    """Print one error line (newlines inside a message are folded) and return exit code 2."""
+    print(f"selfsup: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

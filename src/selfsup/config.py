@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,37 +14,86 @@ from selfsup.errors import SelfsupError
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: its help text, and optionally `check`, the range its value must lie in
+    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]"); None always passes."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _in_range(value: float, rule: str) -> bool:
+    """Whether `value` satisfies `rule` (NaN satisfies none: every comparison is False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(v) for v in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_fields(config: Any) -> None:
+    """Raise a one-line SelfsupError for the first field outside its declared range or type."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        if tp in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SelfsupError(f"{flag} must be a number, got {value!r}")
+        if tp is int and not isinstance(value, int):
+            raise SelfsupError(f"{flag} must be a whole number, got {value!r}")
+        rule = f.metadata.get("check")
+        if rule and not _in_range(value, rule):
+            expected = {
+                ">0": "positive",
+                ">=0": "zero or more",
+                "(0,1)": "between 0 and 1 (exclusive)",
+                "[0,1)": "at least 0 and below 1",
+                "[0,1]": "between 0 and 1",
+            }.get(rule, f"at least {rule[2:]}" if rule.startswith(">=") else rule)
+            raise SelfsupError(f"{flag} must be {expected}, got {value}")
 
 
 @dataclass
 class PretrainConfig:
     """Everything that defines a pretraining run; saved as `config.yaml` in the run directory."""
 
-    method: str = _opt("simclr", "self-supervised method", cli=False)
+    method: str | None = _opt(
+        None, "self-supervised method (default: simclr; with resume, the run's own)", cli=False
+    )
     data: str = _opt(
         "digits", "dataset: digits | npz:DIR_OR_FILE | folder:PATH | cifar10 | mnist | ..."
     )
     data_dir: str | None = _opt(None, "root of torchvision datasets (default $SELFSUP_DATA)")
     download: bool = _opt(False, "download a torchvision dataset if it is missing")
-    limit: int | None = _opt(None, "use a stratified first N training samples (quick tries)")
-    image_size: int | None = _opt(None, "resize folder images to this size (default: first image)")
+    limit: int | None = _opt(
+        None, "use a stratified first N training samples (quick tries)", check=">=1"
+    )
+    image_size: int | None = _opt(
+        None, "resize folder images to this size (default: first image)", check=">=1"
+    )
     backbone: str = _opt("convnet", "encoder: convnet | convnet-wide | resnet18 | resnet50")
     small_images: bool | None = _opt(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )
     recipe: str = _opt("simclr", "augmentation recipe for the two views")
     crop_size: int | None = _opt(
-        None, "simclr/supcon: side of the square views in pixels (default: the image size)"
+        None,
+        "simclr/supcon: side of the square views in pixels (default: the image size)",
+        check=">=4",
     )
-    projection_dim: int = _opt(128, "output size of the projection head")
-    projection_hidden: int = _opt(512, "hidden size of the projection head")
-    temperature: float = _opt(0.5, "InfoNCE temperature")
-    code_dim: int = _opt(64, "autoencoder: size of the code (bottleneck)")
+    projection_dim: int = _opt(128, "output size of the projection head", check=">=1")
+    projection_hidden: int = _opt(512, "hidden size of the projection head", check=">=1")
+    temperature: float = _opt(0.5, "InfoNCE temperature", check=">0")
+    code_dim: int = _opt(64, "autoencoder: size of the code (bottleneck)", check=">=1")
     linear_autoencoder: bool = _opt(
         False, "autoencoder: linear encoder and decoder on pixels (learns PCA's subspace)"
     )
-    denoise: float = _opt(0.0, "autoencoder: std of Gaussian noise added to its input")
+    denoise: float = _opt(0.0, "autoencoder: std of Gaussian noise added to its input", check=">=0")
     # clip: image–caption data, the text transformer and its tokenizer
     templates: str | None = _opt(
         None, "clip: caption templates for labeled data, '|'-separated or a file (each with {})"
@@ -52,61 +102,88 @@ class PretrainConfig:
         False, "clip: skip (and count) caption rows with a missing image or an empty caption"
     )
     caption_holdout: float = _opt(
-        0.2, "clip: the last fraction of caption-file images held out for retrieval"
+        0.2, "clip: the last fraction of caption-file images held out for retrieval", check="[0,1)"
     )
     text_tokenizer: str = _opt("bpe", "clip: caption tokenizer, bpe | char")
-    text_vocab: int = _opt(1024, "clip: BPE vocabulary size (at least 259)")
-    text_width: int = _opt(256, "clip: width of the text transformer")
-    text_layers: int = _opt(4, "clip: layers of the text transformer")
-    text_heads: int = _opt(4, "clip: attention heads of the text transformer")
-    text_context: int = _opt(32, "clip: longest caption in tokens (longer ones are cut)")
+    text_vocab: int = _opt(1024, "clip: BPE vocabulary size (at least 259)", check=">=1")
+    text_width: int = _opt(256, "clip: width of the text transformer", check=">=1")
+    text_layers: int = _opt(4, "clip: layers of the text transformer", check=">=1")
+    text_heads: int = _opt(4, "clip: attention heads of the text transformer", check=">=1")
+    text_context: int = _opt(
+        32, "clip: longest caption in tokens (longer ones are cut)", check=">=2"
+    )
     text_pooling: str = _opt("eot", "clip: text vector: eot (causal, last token) | mean")
     # inpainting (context encoder): the removed region and the loss weights
     mask: str = _opt("center", "inpainting: region removed, center (one square) | random (blocks)")
     mask_size: int | None = _opt(
-        None, "inpainting: side of each removed square (default: center H/2, random H/4)"
+        None,
+        "inpainting: side of each removed square (default: center H/2, random H/4)",
+        check=">=1",
     )
-    mask_blocks: int = _opt(4, "inpainting: squares removed per image with --mask random")
-    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region")
-    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)")
+    mask_blocks: int = _opt(
+        4, "inpainting: squares removed per image with --mask random", check=">=1"
+    )
+    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region", check=">=0")
+    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)", check=">=0")
     rec_outside: float = _opt(
-        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside"
+        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside", check=">=0"
     )
     # mae: the ViT (--backbone vit-mini | vit-tiny | vit-small | vit-base), masking, decoder
-    patch_size: int = _opt(4, "mae: ViT patch side in pixels (must divide the image size)")
-    mask_ratio: float = _opt(0.75, "mae: fraction of patches hidden from the encoder")
+    patch_size: int = _opt(
+        4, "mae: ViT patch side in pixels (must divide the image size)", check=">=1"
+    )
+    mask_ratio: float = _opt(
+        0.75, "mae: fraction of patches hidden from the encoder", check="(0,1)"
+    )
     norm_pix_loss: bool = _opt(True, "mae: normalise each target patch by its mean and std")
-    decoder_dim: int = _opt(128, "mae: width of the light decoder")
-    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder")
+    decoder_dim: int = _opt(128, "mae: width of the light decoder", check=">=1")
+    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder", check=">=1")
     # jigsaw: the tile grid, the random gaps between tiles and the permutation set
-    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)")
+    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)", check=">=2")
     jigsaw_jitter: int | None = _opt(
-        None, "jigsaw: a tile is this many pixels smaller than its cell (default: 0.15 of the cell)"
+        None,
+        "jigsaw: a tile is this many pixels smaller than its cell (default: 0.15 of the cell)",
+        check=">=0",
     )
     jigsaw_permutations: int = _opt(
-        100, "jigsaw: size of the permutation set (greedy maximal minimum Hamming distance)"
+        100,
+        "jigsaw: size of the permutation set (greedy maximal minimum Hamming distance)",
+        check=">=2",
     )
     # colorization: L of Lab in, a distribution over quantised ab colours out
-    ab_grid: float = _opt(10.0, "colorization: side of an ab colour bin (Zhang et al.: 10)")
-    rebalance: float = _opt(
-        0.5, "colorization: class rebalancing, mix of uniform in the prior (1: no rebalancing)"
+    ab_grid: float = _opt(
+        10.0, "colorization: side of an ab colour bin (Zhang et al.: 10)", check=">0"
     )
-    epochs: int = _opt(10, "training epochs")
-    batch_size: int = _opt(256, "images per batch (each gives two views)")
+    rebalance: float = _opt(
+        0.5,
+        "colorization: class rebalancing, mix of uniform in the prior (1: no rebalancing)",
+        check="[0,1]",
+    )
+    epochs: int = _opt(10, "training epochs", check=">=1")
+    batch_size: int = _opt(256, "images per batch (each gives two views)", check=">=1")
     optimizer: str = _opt("adamw", "sgd | lars | adamw")
     lr: float | None = _opt(
-        None, "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256)"
+        None, "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256)", check=">0"
     )
-    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm layers)")
-    warmup_epochs: float = _opt(1.0, "linear warm-up before the cosine decay, in epochs")
+    weight_decay: float = _opt(
+        1e-4, "weight decay (not applied to biases and norm layers)", check=">=0"
+    )
+    warmup_epochs: float = _opt(
+        1.0, "linear warm-up before the cosine decay, in epochs", check=">=0"
+    )
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
     accelerator: str = _opt("auto", "cpu | gpu | auto (Lightning)")
     devices: str = _opt("auto", "number of devices or 'auto' (Lightning)")
     precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed on GPU, else 32)")
-    num_workers: int = _opt(0, "DataLoader workers (only needed for images decoded from disk)")
+    num_workers: int = _opt(
+        0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
+    )
     online_probe: bool = _opt(True, "train a linear probe on detached features when labels exist")
     out: str | None = _opt(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
     resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -122,22 +199,25 @@ class EvalConfig:
     data: str | None = _opt(None, "dataset to evaluate on (default: the run's own)")
     data_dir: str | None = _opt(None, "root of torchvision datasets (default $SELFSUP_DATA)")
     download: bool = _opt(False, "download a torchvision dataset if it is missing")
-    limit: int | None = _opt(None, "use a stratified first N training samples")
+    limit: int | None = _opt(None, "use a stratified first N training samples", check=">=1")
     fractions: str = _opt("0.01,0.1,1.0", "label fractions for the few-label table")
-    seeds: int = _opt(3, "label subsets (seeds) per fraction")
+    seeds: int = _opt(3, "label subsets (seeds) per fraction", check=">=1")
     baselines: str = _opt(
         "raw,pca,random,supervised", "comma list of raw, pca, random, supervised (or 'none')"
     )
     probe: str = _opt("linear", "classifier on frozen features: linear | knn")
-    knn_k: int = _opt(20, "neighbours for the kNN classifier")
+    knn_k: int = _opt(20, "neighbours for the kNN classifier", check=">=1")
     finetune: str = _opt("none", "also fine-tune the encoder: none | all | last-K")
     supervised_steps: int = _opt(
-        300, "optimisation steps of fine-tuning and the supervised baseline"
+        300, "optimisation steps of fine-tuning and the supervised baseline", check=">=1"
     )
     augment: str = _opt("light", "augmentation recipe for fine-tuning and the supervised baseline")
     kmeans: bool = _opt(True, "report k-means clustering (NMI, accuracy) of the embeddings")
-    batch_size: int = _opt(256, "batch size for features and fine-tuning")
+    batch_size: int = _opt(256, "batch size for features and fine-tuning", check=">=1")
     device: str = _opt("auto", "cpu | cuda | auto")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def fraction_list(self) -> tuple[float, ...]:
         try:

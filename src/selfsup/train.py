@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
+import pickle
+import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 
+from selfsup import metrics_log
 from selfsup import run as rundir
 from selfsup.augment import RECIPES
 from selfsup.config import PretrainConfig
@@ -37,14 +39,24 @@ def pretrain(
     `selfsup.pretrain(method="simclr", data="digits", epochs=5)` is the same as
     `selfsup pretrain simclr --data digits --epochs 5`. `command` is recorded in
     RUN/command.txt (the CLI passes its command line; by default the equivalent Python call).
+    `resume=RUN` continues RUN from its last checkpoint with RUN's own options (the method may
+    be omitted; only `epochs` and the engine's options may change).
+
+    Every option, the device, the data and the run directory are checked before anything is
+    written; a run that fails before its first checkpoint leaves no folder behind.
     """
     config = dataclasses.replace(config or PretrainConfig(), **options)
     command = command or _python_call(config)
+    checkpoint, resume_step = None, None
     if config.resume:
-        config, checkpoint = _resume_config(config)
-    else:
-        checkpoint = None
+        config, checkpoint, resume_step = _resume_config(config)
+    elif config.method is None:
+        config = dataclasses.replace(config, method=DEFAULT_METHOD)
     _check_names(config)
+    check_accelerator(config.accelerator)
+    run = _run_dir(config)
+    if checkpoint is None and rundir.is_first_process():
+        _check_run_dir_free(run)  # before the (possibly slow) data loading
 
     train, test, data_extra = _load_data(config)
     if len(train) < config.batch_size:
@@ -52,26 +64,74 @@ def pretrain(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
             f"(--batch-size {config.batch_size}); lower --batch-size"
         )
-    run = _run_dir(config)
     config = dataclasses.replace(config, out=str(run))
     L.seed_everything(config.seed, verbose=False)
     method = get_method(config.method)(config, _data_info(config, train), **data_extra)
+    if checkpoint is not None:
+        _check_checkpoint_fits(method, checkpoint)
+    hint = ResumeHint(run)
+    trainer = _trainer(config, run, train, resume_step, hint)
+    loaders = _loaders(config, train, test)
+    created = False
     if rundir.is_first_process():  # the processes a multi-device run launches share its folder
         if checkpoint is None:  # only now, with every input checked, does the folder appear
             _claim_run_dir(run)
+            created = True
             rundir.write_config(run, method.run_config())
         rundir.write_command(run, command, append=checkpoint is not None)
         os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
 
-    trainer = _trainer(config, run, train)
-    loaders = _loaders(config, train, test)
     try:
         trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
     except NonFiniteLossError as e:
         last = rundir.last_checkpoint(run)
-        kept = f"; the last good checkpoint is {last}" if last else "; no epoch had finished"
+        kept = f"; the last good checkpoint is {last}" if last else _discard(run, created)
         raise SelfsupError(f"{e}{kept}") from None
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
+        if not hint.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
+        last = rundir.last_checkpoint(run)
+        if last is None:
+            raise KeyboardInterrupt(_discard(run, created).lstrip("; ")) from None
+        raise KeyboardInterrupt(
+            f"the last checkpoint is {last}; continue with: selfsup pretrain --resume {run}"
+        ) from None
+    except BaseException:
+        if rundir.last_checkpoint(run) is None:
+            _discard(run, created)
+        raise
     return run
+
+
+DEFAULT_METHOD = "simclr"
+# Options a resumed run may change: the length of training and how the engine runs it.
+RESUMABLE_CHANGES = ("epochs", "accelerator", "devices", "num_workers", "data_dir", "download")
+
+
+def _discard(run: Path, created: bool) -> str:
+    """Remove a run folder this call created that holds no checkpoint: nothing half-written
+    is left to block a retry. Returns the note for the error message."""
+    if created and rundir.is_first_process() and rundir.last_checkpoint(run) is None:
+        shutil.rmtree(run, ignore_errors=True)
+        return f"; no epoch had finished, so {run} was removed"
+    return "; no epoch had finished"
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A one-line error for an accelerator this machine does not have."""
+    name = accelerator.lower()
+    if name not in ACCELERATORS:
+        raise SelfsupError(
+            f"--accelerator {accelerator!r} is unknown; expected one of {', '.join(ACCELERATORS)}"
+        )
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SelfsupError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SelfsupError("--accelerator mps: Apple's MPS is not available on this machine")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 def _load_data(config: PretrainConfig) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
@@ -97,17 +157,68 @@ def _load_data(config: PretrainConfig) -> tuple[ImageData, ImageData | None, dic
     return (*load_splits(config.data, seed=config.seed, **options), {})
 
 
-def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str]:
+def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
+    """(the run's own config with the allowed changes, its last checkpoint, that checkpoint's
+    step), after checking that the checkpoint loads and that no other option was changed."""
     run = Path(config.resume)  # type: ignore[arg-type]
     saved = rundir.read_config(run)
     checkpoint = rundir.last_checkpoint(run)
     if checkpoint is None:
-        raise SelfsupError(f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} to resume")
+        raise SelfsupError(
+            f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} (no epoch finished); "
+            f"start it afresh with --out {run}"
+        )
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     resumed = PretrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    # Only the length of training may change on resume (to extend a finished run).
-    epochs = config.epochs if config.epochs != PretrainConfig.epochs else resumed.epochs
-    return dataclasses.replace(resumed, out=str(run), resume=None, epochs=epochs), str(checkpoint)
+    if config.method is not None and config.method != resumed.method:
+        raise SelfsupError(
+            f"--resume {run}: that run trains {resumed.method}, not {config.method}; "
+            f"omit the method (selfsup pretrain --resume {run})"
+        )
+    defaults = PretrainConfig()
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name in (*RESUMABLE_CHANGES, "method", "resume", "out"):
+            continue
+        given, own = getattr(config, f.name), getattr(resumed, f.name)
+        if given != getattr(defaults, f.name) and given != own:
+            flag = "--" + f.name.replace("_", "-")
+            raise SelfsupError(
+                f"--resume {run}: {flag} {given} differs from the run's {own}; a resumed run "
+                f"keeps its options (only {', '.join(RESUMABLE_CHANGES)} may change)"
+            )
+    changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
+    changes = {k: v for k, v in changes.items() if v != getattr(defaults, k)}
+    step = metrics_log.resumed_step(load_checkpoint(checkpoint))
+    resumed = dataclasses.replace(resumed, **changes, out=str(run), resume=None)
+    return resumed, str(checkpoint), step
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """A Lightning checkpoint loaded with weights_only=True, or a one-line error saying why not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SelfsupError(
+            f"{path}: holds Python objects that weights-only loading refuses; selfsup never "
+            "unpickles checkpoints it did not write"
+        ) from None
+    except Exception as e:  # torch raises several types for truncated or corrupt files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SelfsupError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise SelfsupError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _check_checkpoint_fits(method: Method, checkpoint: str) -> None:
+    state = load_checkpoint(checkpoint)["state_dict"]
+    try:
+        method.load_state_dict(state)  # what fit() does first; here the error is one line
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise SelfsupError(
+            f"{checkpoint}: does not fit the run's {method.config.method} model ({first})"
+        ) from None
 
 
 def _python_call(config: PretrainConfig) -> str:
@@ -133,11 +244,6 @@ def _check_names(config: PretrainConfig) -> None:
     ]:
         if value not in valid:
             raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
-    for option, value in [("--epochs", config.epochs), ("--batch-size", config.batch_size)]:
-        if value < 1:
-            raise SelfsupError(f"{option} must be at least 1, got {value}")
-    if config.temperature <= 0:
-        raise SelfsupError(f"--temperature must be positive, got {config.temperature}")
     if config.crop_size is not None:
         _check_crop_size(config)
 
@@ -203,13 +309,49 @@ def _run_dir(config: PretrainConfig) -> Path:
     return rundir.default_run_dir(config.method, config.data)
 
 
-def _claim_run_dir(run: Path) -> None:
-    if run.exists() and any(run.iterdir()):
+# What a run writes before its first checkpoint: a folder holding only these (and no
+# checkpoint) is the remains of a run that failed or was killed early, and may be reused.
+EARLY_RUN_FILES = {
+    rundir.CONFIG,
+    "command.txt",
+    metrics_log.METRICS,
+    "hparams.yaml",
+    rundir.CHECKPOINTS,
+    "samples",
+    "tensorboard",
+}
+
+
+def _check_run_dir_free(run: Path) -> None:
+    """A one-line error unless `run` can hold a new run: absent, empty, or left by a run that
+    stopped before its first checkpoint."""
+    if run.exists() and not run.is_dir():
+        raise SelfsupError(f"--out {run} is a file, not a folder; choose another --out")
+    if not run.is_dir():
+        return
+    entries = {p.name for p in run.iterdir() if not p.name.startswith(".")}
+    if not entries:
+        return
+    if rundir.last_checkpoint(run) is not None or list(run.glob(f"{rundir.CHECKPOINTS}/*.ckpt")):
         raise SelfsupError(
-            f"run directory {run} already exists and is not empty; pass --resume {run} to "
+            f"run directory {run} already exists and holds checkpoints; pass --resume {run} to "
             "continue it or choose another --out"
         )
-    run.mkdir(parents=True, exist_ok=True)
+    if rundir.CONFIG not in entries or not entries <= EARLY_RUN_FILES:
+        raise SelfsupError(
+            f"run directory {run} already exists and is not empty; choose another --out"
+        )
+
+
+def _claim_run_dir(run: Path) -> None:
+    """Create the run folder (clearing the remains of a run that never checkpointed)."""
+    try:
+        if run.is_dir():
+            for p in run.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfsupError(f"--out {run}: cannot create the run folder ({e.strerror})") from None
 
 
 def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -> list:
@@ -236,7 +378,13 @@ def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -
     return loaders
 
 
-def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
+def _trainer(
+    config: PretrainConfig,
+    run: Path,
+    train: ImageData,
+    resume_step: int | None,
+    hint: ResumeHint,
+) -> L.Trainer:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -248,7 +396,7 @@ def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
     )
     precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
     steps_per_epoch = len(train) // config.batch_size
-    loggers: list = [CSVLogger(save_dir=run, name="", version="")]
+    loggers: list = [metrics_log.RunCSVLogger(run, keep_before=resume_step)]
     if _tensorboard_available():
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -270,9 +418,10 @@ def _trainer(config: PretrainConfig, run: Path, train: ImageData) -> L.Trainer:
                 save_last=True,
                 save_top_k=1,
             ),
+            metrics_log.FlushMetricsWithCheckpoints(),
             ExportEncoder(run),
             SaveSamples(run),
-            ResumeHint(run),
+            hint,
             TQDMProgressBar(leave=True),
         ],
         enable_model_summary=False,
@@ -298,20 +447,16 @@ class ExportEncoder(Callback):
 
 
 class ResumeHint(Callback):
-    """On Ctrl-C (Lightning then exits), say what was kept and how to continue."""
+    """Notes a Ctrl-C, which Lightning turns into sys.exit(1): `pretrain` then raises
+    KeyboardInterrupt with what was kept and how to continue (the CLI exits with 130)."""
 
     def __init__(self, run: Path) -> None:
         self.run = run
+        self.interrupted = False
 
     def on_exception(self, trainer: L.Trainer, method: Method, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            last = rundir.last_checkpoint(self.run)
-            kept = f"the last checkpoint is {last}" if last else "no epoch had finished"
-            print(
-                f"selfsup: interrupted; {kept}; continue with: selfsup pretrain --resume "
-                f"{self.run}",
-                file=sys.stderr,
-            )
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
 
 
 class SaveSamples(Callback):

@@ -89,9 +89,10 @@ def _load_digits() -> Split:
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
     """(x uint8 N×C×H×W, y int64 or None, classes or None) from one .npz file, validated."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise SelfsupError(f"{path}: a single .npy array, expected an .npz with 'x'")
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise SelfsupError(f"{path}: a single .npy array, expected an .npz with 'x'")
+        with z:
             if "x" not in z.files:
                 raise SelfsupError(f"{path}: no 'x' array (found keys: {', '.join(z.files)})")
             x = z["x"]
@@ -114,6 +115,10 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str] 
         if classes is not None and len(y) and not -1 <= y.min() <= y.max() < len(classes):
             k = len(classes)
             raise SelfsupError(f"{path}: 'y' has labels outside -1..{k - 1} ({k} classes)")
+        if len(y) and y.min() < -1:
+            raise SelfsupError(
+                f"{path}: 'y' has label {y.min()}; labels are 0, 1, ... and -1 marks unlabeled"
+            )
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     return xt, None if y is None else torch.from_numpy(y.astype(np.int64)), classes
 

@@ -119,9 +119,9 @@ def _labeled_split(
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from selfsup.device import resolve_device as resolve
+
+    return resolve(device)
 
 
 def slug(name: str) -> str:
