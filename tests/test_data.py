@@ -78,10 +78,13 @@ def test_npz_file_gray_without_labels(tmp_path):
 
 @pytest.mark.skipif(not MNIST_TEST.is_file(), reason="shared MNIST test.npz not present")
 def test_real_mnist_npz_file():
-    train, test = load_splits(f"npz:{MNIST_TEST}")
-    assert test is None and train.x.shape == (10000, 1, 28, 28) and train.x.dtype == torch.uint8
+    train, test = load_splits(f"npz:{MNIST_TEST}")  # one labeled file: 20% is held out
+    assert test.held_out and (len(train), len(test)) == (8000, 2000)
+    assert train.x.shape[1:] == (1, 28, 28) and train.x.dtype == torch.uint8
     assert train.classes is not None and len(train.classes) == 10
-    assert torch.bincount(train.y).tolist()[:2] == [980, 1135]  # the standard MNIST test counts
+    counts = torch.bincount(train.y) + torch.bincount(test.y)
+    assert counts.tolist()[:2] == [980, 1135]  # the standard MNIST test counts
+    assert torch.bincount(test.y).tolist()[:2] == [196, 227]  # stratified: 20% of each
 
 
 @pytest.mark.parametrize(
@@ -125,13 +128,17 @@ def test_folder_class_subfolders(tmp_path):
     _png(tmp_path / "cat" / "a.jpg", (0, 0, 0))
     (tmp_path / "cat" / "notes.txt").write_text("ignored")
     train, test = load_splits(f"folder:{tmp_path}")
-    assert test is None and train.classes == ["cat", "zebra"] and train.y.tolist() == [0, 0, 1]
+    assert train.classes == ["cat", "zebra"] and test.held_out  # round(20% of 3) = 1 held out
+    assert sorted(train.y.tolist() + test.y.tolist()) == [0, 0, 1] and len(test) == 1
     # 12×10 (W×H) images: default size = short side 10, a square centre crop
-    assert train.x.shape == (3, 3, 10, 10) and train.x.dtype == torch.uint8
-    assert train.x[1].flatten(1).float().mean(1).tolist() == [200, 0, 0]  # b.PNG, lossless
-    assert train.x[2, :, 5, 5].tolist() == [10, 20, 30]
-    small, _ = load_splits(f"folder:{tmp_path}", image_size=4)
-    assert small.x.shape == (3, 3, 4, 4) and small.x[2, :, 0, 0].tolist() == [10, 20, 30]
+    both, labels = torch.cat([train.x, test.x]), torch.cat([train.y, test.y])
+    assert both.shape == (3, 3, 10, 10) and both.dtype == torch.uint8
+    colours = [image.flatten(1).float().mean(1).tolist() for image in both]
+    assert [200, 0, 0] in colours  # b.PNG, lossless
+    assert both[labels == 1][0, :, 5, 5].tolist() == [10, 20, 30]
+    small, small_test = load_splits(f"folder:{tmp_path}", image_size=4)
+    both, labels = torch.cat([small.x, small_test.x]), torch.cat([small.y, small_test.y])
+    assert both.shape == (3, 3, 4, 4) and both[labels == 1][0, :, 0, 0].tolist() == [10, 20, 30]
 
 
 def test_folder_flat_and_train_test_splits(tmp_path):
@@ -166,13 +173,14 @@ def test_folder_lazy_path_matches_in_memory(tmp_path, monkeypatch):
     eager, _ = load_splits(f"folder:{tmp_path}", image_size=6)
     monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 0)
     lazy, _ = load_splits(f"folder:{tmp_path}", image_size=6)
-    assert lazy.x is None and lazy.lazy is not None and len(lazy) == 6
+    assert lazy.x is None and lazy.lazy is not None and len(lazy) == 5  # 1 of 6 held out
     assert (lazy.channels, lazy.image_size) == (3, (6, 6))
-    assert torch.equal(lazy.images([5, 0]), eager.x[[5, 0]])
+    assert torch.equal(lazy.images([4, 0]), eager.x[[4, 0]])
     x, y = next(iter(batch_loader(lazy, 4, shuffle=False, drop_last=False)))
-    assert torch.equal(x, eager.x[:4]) and y.tolist() == [0, 0, 0, 1]
+    assert torch.equal(x, eager.x[:4]) and y.tolist() == eager.y[:4].tolist()
     limited, _ = load_splits(f"folder:{tmp_path}", image_size=6, limit=2)
-    assert limited.y.tolist() == [0, 1] and torch.equal(limited.images([1]), eager.x[[3]])
+    first_b = eager.y.tolist().index(1)
+    assert limited.y.tolist() == [0, 1] and torch.equal(limited.images([1]), eager.x[[first_b]])
 
 
 # ---- limit / stratified_indices ---------------------------------------------------------------

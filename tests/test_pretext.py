@@ -222,7 +222,7 @@ def test_short_run_exports_encoder_and_samples(
     assert (run / "samples/epoch001.png").is_file()
     encoder = selfsup.load(run)
     assert encoder(images(4)).shape == (4, encoder.feature_dim)
-    assert len(_metric(run, "train/loss")) == 2 and len(_metric(run, "val/probe_acc")) == 2
+    assert len(_metric(run, "train/loss")) == 2 and len(_metric(run, "test/probe_acc")) == 2
     if method == "rotation":
         assert len(_metric(run, "train/rotation_acc")) == 2
 

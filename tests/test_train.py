@@ -56,7 +56,7 @@ def test_run_directory_holds_everything(tmp_path: Path) -> None:
     assert (run / "config.yaml").stat().st_mode & 0o044 == 0o044  # readable like any file
     with open(run / "metrics.csv") as f:
         columns = next(csv.reader(f))
-    assert "train/loss" in columns and "val/probe_acc" in columns
+    assert "train/loss" in columns and "test/probe_acc" in columns
 
     encoder = selfsup.load(run)
     exported = load_file(run / "encoder.safetensors")
@@ -156,8 +156,9 @@ def test_transfer_evaluation_on_another_dataset_with_finetuning(tmp_path: Path) 
         supervised_steps=100,
         kmeans=True,
     )
-    # MNIST's 28×28 images are resized to the encoder's 8×8; no test split -> 20% held out.
-    assert (results["train_size"], results["test_size"]) == (480, 120)
+    # MNIST's 28×28 images are resized to the encoder's 8×8; no test split -> 20% of the
+    # 10,000 images held out (before --limit, which shrinks the training part only).
+    assert (results["train_size"], results["test_size"]) == (600, 2000)
     methods = {row["method"] for row in results["few_label"]}
     assert methods == {"selfsup", "raw", "finetune (last-1)"}
     assert all(0.3 < row["accuracy"] <= 1 for row in results["few_label"])

@@ -12,7 +12,7 @@ import numpy as np
 
 from selfsup import run as rundir
 from selfsup.config import EvalConfig
-from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
+from selfsup.data import ImageData, adapt_images, load_splits
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import (
     check_options,
@@ -168,12 +168,8 @@ def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]
         limit=config.limit,
         image_size=_folder_size(spec, run_config),
     )
-    if test is None:  # no test split: hold out a stratified 20% of the labeled data
-        held = stratified_indices(
-            train.y.numpy() if train.y is not None else None, len(train) // 5, seed=0
-        )
-        rest = np.setdiff1d(np.arange(len(train)), held)
-        train, test = train.subset(rest), train.subset(held)
+    if test is None:  # load_splits holds out a test split of every labeled source
+        raise SelfsupError(f"--data {spec} has no labels: evaluation needs labeled data")
     return _adapt(train, _shape(run_config)), _adapt(test, _shape(run_config))
 
 

@@ -76,11 +76,20 @@ class PretrainConfig:
     image_size: int | None = _opt(
         None, "resize folder images to this size (default: first image)", check=">=1"
     )
-    backbone: str = _opt("convnet", "encoder: convnet | convnet-wide | resnet18 | resnet50")
+    backbone: str | None = _opt(
+        None,
+        "encoder: convnet | convnet-wide | resnet18 | resnet50 | vit-mini | vit-tiny | vit-small "
+        "| vit-base (default: the method's own, convnet; mae vit-mini)",
+    )
     small_images: bool | None = _opt(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )
-    recipe: str = _opt("simclr", "augmentation recipe for the two views")
+    recipe: str | None = _opt(
+        None,
+        "augmentation recipe of the views: simclr | digits | light | none | crop | flip | ... "
+        "(default: the method's own: simclr; light for clip and colorization; none where the "
+        "method draws no views)",
+    )
     crop_size: int | None = _opt(
         None,
         "simclr/supcon: side of the square views in pixels (default: the image size)",
@@ -123,10 +132,10 @@ class PretrainConfig:
     mask_blocks: int = _opt(
         4, "inpainting: squares removed per image with --mask random", check=">=1"
     )
-    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region", check=">=0")
-    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)", check=">=0")
+    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region")
+    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)")
     rec_outside: float = _opt(
-        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside", check=">=0"
+        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside"
     )
     # mae: the ViT (--backbone vit-mini | vit-tiny | vit-small | vit-base), masking, decoder
     patch_size: int = _opt(
@@ -136,19 +145,17 @@ class PretrainConfig:
         0.75, "mae: fraction of patches hidden from the encoder", check="(0,1)"
     )
     norm_pix_loss: bool = _opt(True, "mae: normalise each target patch by its mean and std")
-    decoder_dim: int = _opt(128, "mae: width of the light decoder", check=">=1")
-    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder", check=">=1")
+    decoder_dim: int = _opt(128, "mae: width of the light decoder")
+    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder")
     # jigsaw: the tile grid, the random gaps between tiles and the permutation set
-    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)", check=">=2")
+    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)")
     jigsaw_jitter: int | None = _opt(
         None,
         "jigsaw: a tile is this many pixels smaller than its cell (default: 0.15 of the cell)",
-        check=">=0",
     )
     jigsaw_permutations: int = _opt(
         100,
         "jigsaw: size of the permutation set (greedy maximal minimum Hamming distance)",
-        check=">=2",
     )
     # colorization: L of Lab in, a distribution over quantised ab colours out
     ab_grid: float = _opt(
@@ -179,6 +186,9 @@ class PretrainConfig:
         0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
     )
     online_probe: bool = _opt(True, "train a linear probe on detached features when labels exist")
+    sync_batchnorm: bool = _opt(
+        False, "synchronise BatchNorm statistics across GPUs (SimCLR's global BN; CUDA only)"
+    )
     out: str | None = _opt(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
     resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
 

@@ -21,6 +21,7 @@ from selfsup import run as rundir
 from selfsup.augment import RECIPES
 from selfsup.config import PretrainConfig
 from selfsup.data import ImageData, batch_loader, load_splits
+from selfsup.data.sources import HOLDOUT
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
@@ -52,8 +53,17 @@ def pretrain(
         config, checkpoint, resume_step = _resume_config(config)
     elif config.method is None:
         config = dataclasses.replace(config, method=DEFAULT_METHOD)
+    if config.method not in METHODS:
+        raise SelfsupError(
+            f"method {config.method!r} is unknown; expected one of {', '.join(METHODS)}"
+        )
+    config = get_method(config.method).with_defaults(config)
     _check_names(config)
     check_accelerator(config.accelerator)
+    if config.sync_batchnorm and not _on_gpu(config):
+        raise SelfsupError(
+            "--sync-batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs on CUDA only)"
+        )
     run = _run_dir(config)
     if checkpoint is None and rundir.is_first_process():
         _check_run_dir_free(run)  # before the (possibly slow) data loading
@@ -66,7 +76,7 @@ def pretrain(
         )
     config = dataclasses.replace(config, out=str(run))
     L.seed_everything(config.seed, verbose=False)
-    method = get_method(config.method)(config, _data_info(config, train), **data_extra)
+    method = get_method(config.method)(config, _data_info(config, train, test), **data_extra)
     if checkpoint is not None:
         _check_checkpoint_fits(method, checkpoint)
     hint = ResumeHint(run)
@@ -263,7 +273,7 @@ def _check_crop_size(config: PretrainConfig) -> None:
         )
 
 
-def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
+def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None) -> dict[str, Any]:
     """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
     g = torch.Generator().manual_seed(config.seed)
     picked = torch.randperm(len(train), generator=g)[:STATS_SAMPLES].sort().values
@@ -279,6 +289,11 @@ def _data_info(config: PretrainConfig, train: ImageData) -> dict[str, Any]:
             "num_classes": len(train.classes) if train.classes and train.has_labels else 0,
             "classes": list(train.classes) if train.classes else None,
             "train_size": len(train),
+            "test_split": None
+            if test is None
+            else f"held out: a stratified {HOLDOUT:.0%} of the labeled images, never pretrained on"
+            if test.held_out
+            else "the source's own",
         },
         "encoder": {
             "backbone": config.backbone,
@@ -391,10 +406,7 @@ def _trainer(
     warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
     devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
-    on_gpu = config.accelerator in ("gpu", "cuda") or (
-        config.accelerator == "auto" and torch.cuda.is_available()
-    )
-    precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
+    precision = config.precision or ("bf16-mixed" if _on_gpu(config) else "32-true")
     steps_per_epoch = len(train) // config.batch_size
     loggers: list = [metrics_log.RunCSVLogger(run, keep_before=resume_step)]
     if _tensorboard_available():
@@ -426,6 +438,13 @@ def _trainer(
         ],
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        sync_batchnorm=config.sync_batchnorm,
+    )
+
+
+def _on_gpu(config: PretrainConfig) -> bool:
+    return config.accelerator in ("gpu", "cuda") or (
+        config.accelerator == "auto" and torch.cuda.is_available()
     )
 
 

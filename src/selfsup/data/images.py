@@ -22,6 +22,7 @@ class ImageData:
     classes: list[str] | None
     name: str
     lazy: Dataset | None = None
+    held_out: bool = False  # a test split carved out of a source that has none (see load_splits)
 
     def __post_init__(self) -> None:
         if (self.x is None) == (self.lazy is None):

@@ -25,6 +25,7 @@ TORCHVISION = {
 }
 SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, " + ", ".join(TORCHVISION)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+HOLDOUT = 0.2  # of a labeled source without a test split, held out as its test split
 IN_MEMORY_BYTES = 2 * 1024**3  # folders decoding to less than this (as uint8) are held in memory
 MAX_DEFAULT_SIZE = 224  # cap on the default folder image size (the first image's short side)
 
@@ -302,7 +303,12 @@ def load_splits(
     image_size: int | None = None,
     seed: int = 0,
 ) -> Split:
-    """(train, test) for a `--data` spec; test is None when the source has no test split.
+    """(train, test) for a `--data` spec.
+
+    A labeled source without a test split gets one: a stratified HOLDOUT (20%) of its images,
+    drawn with a fixed seed before `limit`, so that pretraining, evaluation and `embed` all see
+    the same split and pretraining never sees the held-out images (`test.held_out` is True).
+    test is None only for an unlabeled source without a test split.
 
     `limit` keeps the stratified first `limit` train samples. `image_size` resizes to a square
     (centre crop + resize): folder images always get one size, by default the first image's short
@@ -327,6 +333,8 @@ def load_splits(
     else:
         hint = f"; {spec} is a path: use npz:{spec} or folder:{spec}" if Path(spec).exists() else ""
         raise SelfsupError(f"unknown --data {spec!r}: expected one of {SPECS}{hint}")
+    if test is None and train.has_labels:
+        train, test = hold_out(train)
     if limit is not None:
         train = train.subset(stratified_indices(train.y, min(limit, len(train)), seed=None))
     if image_size is not None:
@@ -334,7 +342,19 @@ def load_splits(
     return train, test
 
 
+def hold_out(data: ImageData) -> tuple[ImageData, ImageData]:
+    """(the rest, a stratified HOLDOUT of `data` as a test split), the same every time."""
+    y = data.y.numpy()  # type: ignore[union-attr]
+    held = stratified_indices(y, round(len(data) * HOLDOUT), seed=0)
+    rest = np.setdiff1d(np.arange(len(data)), held)
+    test = data.subset(held)
+    test.held_out = True
+    return data.subset(rest), test
+
+
 def _resized(data: ImageData | None, size: int) -> ImageData | None:
     if data is None or data.x is None or data.image_size == (size, size):
         return data
-    return ImageData(square_resize(data.x, size), data.y, data.classes, data.name)
+    return ImageData(
+        square_resize(data.x, size), data.y, data.classes, data.name, held_out=data.held_out
+    )

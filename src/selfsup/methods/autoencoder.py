@@ -26,6 +26,8 @@ from selfsup.models.decoders import ConvDecoder
 
 
 class Autoencoder(Method):
+    default_recipe = None  # it reconstructs the image itself (--denoise corrupts it)
+
     def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
         super().__init__(config, data_info)
         dataset = data_info["dataset"]

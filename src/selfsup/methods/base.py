@@ -6,9 +6,10 @@ devices, precision, checkpoints, resume, logging, progress bars -- comes from Li
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -17,16 +18,37 @@ from torch import Tensor, nn
 
 from selfsup.augment import build_recipe
 from selfsup.config import PretrainConfig
-from selfsup.errors import NonFiniteLossError
+from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.models import Encoder
 from selfsup.optim import build_optimizer, parameter_groups, warmup_cosine
 
 
 class Method(L.LightningModule):
-    """Base class: subclasses set up their heads in `__init__` and implement `pretext_loss`."""
+    """Base class: subclasses set up their heads in `__init__` and implement `pretext_loss`.
+
+    A method declares its own defaults: `default_recipe` (None: it draws no augmented views, so
+    `--recipe` does not apply) and `default_backbone`; they fill the options a user left unset.
+    """
+
+    default_recipe: ClassVar[str | None] = "simclr"
+    default_backbone: ClassVar[str] = "convnet"
+
+    @classmethod
+    def with_defaults(cls, config: PretrainConfig) -> PretrainConfig:
+        """`config` with this method's defaults where the user gave no recipe or backbone."""
+        if cls.default_recipe is None and config.recipe not in (None, "none"):
+            raise SelfsupError(
+                f"--recipe {config.recipe}: {config.method} draws no augmented views; omit --recipe"
+            )
+        return dataclasses.replace(
+            config,
+            recipe=config.recipe or cls.default_recipe or "none",
+            backbone=config.backbone or cls.default_backbone,
+        )
 
     def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
         super().__init__()
+        config = self.with_defaults(config)
         self.config = config
         self.data_info = data_info
         self.encoder = Encoder(**data_info["encoder"])
@@ -95,7 +117,9 @@ class Method(L.LightningModule):
             return
         logits = self.probe(self.encoder(x).float())[y >= 0]
         accuracy = (logits.argmax(1) == y[y >= 0]).float().mean()
-        self.log("val/probe_acc", accuracy, prog_bar=True, batch_size=int((y >= 0).sum()))
+        # The online probe's accuracy on the held-out split: a monitor, never used to select a
+        # checkpoint or a setting (so the test split stays out of every choice).
+        self.log("test/probe_acc", accuracy, prog_bar=True, batch_size=int((y >= 0).sum()))
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = parameter_groups(

@@ -99,6 +99,9 @@ class Towers(nn.Module):
 
 
 class CLIP(Method):
+    # Crops and flips only: colour jitter and grayscale would contradict captions ("a red car").
+    default_recipe = "light"
+
     def __init__(
         self,
         config: PretrainConfig,

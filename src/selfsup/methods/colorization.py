@@ -22,7 +22,6 @@ means `light` (crop and flip) here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -111,11 +110,12 @@ class ColorHead(nn.Sequential):
 
 
 class Colorization(Method):
+    default_recipe = "light"  # colour jitter and grayscale would change the colours to predict
+
     def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
         dataset, encoder = data_info["dataset"], data_info["encoder"]
+        config = self.with_defaults(config)
         _check_options(config, dataset, encoder)
-        if config.recipe == PretrainConfig.recipe:
-            config = dataclasses.replace(config, recipe="light")
         encoder = {**encoder, "lightness": True, "mean": [L_MEAN], "std": [L_STD]}
         super().__init__(config, {**data_info, "encoder": encoder})
         h, w = dataset["image_size"]

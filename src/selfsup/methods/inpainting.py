@@ -102,6 +102,8 @@ class Discriminator(nn.Module):
 
 
 class Inpainting(Method):
+    default_recipe = None  # the removed region is the only corruption
+
     def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
         super().__init__(config, data_info)
         dataset = data_info["dataset"]

@@ -107,8 +107,12 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(Method):
+    default_recipe = None  # masking is the only corruption
+    default_backbone = "vit-mini"
+
     def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
-        backbone = "vit-mini" if config.backbone == PretrainConfig.backbone else config.backbone
+        config = self.with_defaults(config)
+        backbone = config.backbone
         if backbone not in VIT_SIZES:
             raise SelfsupError(
                 f"--backbone {config.backbone}: mae needs a ViT, one of {', '.join(VIT_SIZES)}"
