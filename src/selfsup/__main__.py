@@ -1,6 +1,8 @@
 """`python -m selfsup` = the `selfsup` command."""
 
+import sys
+
 from selfsup.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,14 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from selfsup.config import EvalConfig, PretrainConfig, add_dataclass_arguments, from_namespace
+from selfsup import __version__
+from selfsup.config import (
+    EvalConfig,
+    PretrainConfig,
+    add_dataclass_arguments,
+    from_namespace,
+    read_config_file,
+)
 from selfsup.errors import SelfsupError
 
 
@@ -58,6 +65,17 @@ def output_file(path: str | None) -> Path | None:
     return out
 
 
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The sub-parser of the command `argv` names (`selfsup lm pretrain gpt` -> gpt's)."""
+    current = parser
+    for word in (a for a in argv if not a.startswith("-")):
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or word not in sub.choices:
+            break
+        current = sub.choices[word]
+    return current
+
+
 def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
     """`selfsup pretrain simclr --help`: the command words of `argv` that the parser knows."""
     words, current = ["selfsup"], parser
@@ -89,6 +107,7 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
@@ -105,6 +124,7 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
         help="self-supervised method (required unless --resume)",
     )
     add_dataclass_arguments(p, PretrainConfig)
+    p.set_defaults(config_class=PretrainConfig)
 
     e = sub.add_parser(
         "evaluate",
@@ -113,6 +133,14 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     )
     e.add_argument("run", help="run directory written by `selfsup pretrain`")
     add_dataclass_arguments(e, EvalConfig)
+    e.set_defaults(config_class=EvalConfig)
+    for q in (p, e):
+        q.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="options from a YAML file (a run's own config.yaml repeats that run); "
+            "flags given here override it",
+        )
 
     m = sub.add_parser("embed", help="write a dataset's embeddings to a .npy file")
     m.add_argument("run", help="run directory")
@@ -223,9 +251,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         config = from_namespace(PretrainConfig, args, method=args.method)
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
         from selfsup.run import is_first_process
+        from selfsup.train import run_summary
 
         if is_first_process():
-            print(f"run directory: {run}")
+            print(run_summary(run))
     elif args.command == "evaluate":
         from selfsup.api import evaluate
 
@@ -366,8 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(lm=_is_lm(argv))
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "config", None):  # the file's values become defaults; flags win
+            command_parser(parser, argv).set_defaults(
+                **read_config_file(args.config, args.config_class)
+            )
+            args = parser.parse_args(argv)
     except UsageError as e:
         return _fail(f"{e}; see `{help_hint(parser, argv)}`")
+    except SelfsupError as e:
+        return _fail(str(e))
     debug = args.debug or bool(os.environ.get("SELFSUP_DEBUG"))
     try:
         run_command(args, argv)

@@ -71,7 +71,10 @@ class PretrainConfig:
     data_dir: str | None = _opt(None, "root of torchvision datasets (default $SELFSUP_DATA)")
     download: bool = _opt(False, "download a torchvision dataset if it is missing")
     limit: int | None = _opt(
-        None, "use a stratified first N training samples (quick tries)", check=">=1"
+        None,
+        "use a stratified first N training samples, and at most N test samples for the online "
+        "probe (quick tries)",
+        check=">=1",
     )
     image_size: int | None = _opt(
         None, "resize folder images to this size (default: first image)", check=">=1"
@@ -189,6 +192,9 @@ class PretrainConfig:
     sync_batchnorm: bool = _opt(
         False, "synchronise BatchNorm statistics across GPUs (SimCLR's global BN; CUDA only)"
     )
+    progress: bool | None = _opt(
+        None, "progress bars (default: on a terminal; otherwise one line per epoch)"
+    )
     out: str | None = _opt(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
     resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
 
@@ -240,6 +246,55 @@ class EvalConfig:
     def baseline_list(self) -> tuple[str, ...]:
         names = tuple(b.strip() for b in self.baselines.split(",") if b.strip())
         return () if names == ("none",) else names
+
+
+# The sections a run's config.yaml adds to the options (what was learned about the data).
+RUN_SECTIONS = ("dataset", "encoder", "text", "captions")
+
+
+def read_config_file(path: str, cls: type) -> dict[str, Any]:
+    """Options of `cls` from a YAML file, with their types; one line for anything wrong.
+
+    A run's own config.yaml is accepted as it is: its data sections, its run folder (`out`) and
+    `resume` are skipped, so giving it back starts a new run with the same options.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise SelfsupError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SelfsupError(f"--config {path}: not valid YAML ({type(e).__name__})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SelfsupError(f"--config {path}: expected a mapping of option: value")
+    is_run = "encoder" in values
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in RUN_SECTIONS or (is_run and name in ("out", "resume")):
+            continue
+        if name not in fields:
+            raise SelfsupError(f"--config {path}: {key!r} is not an option of this command")
+        tp = _base_type(hints[name])
+        if value is not None and tp is str and not isinstance(value, str):
+            value = str(value)  # `devices: 2` in YAML is the string option "2"
+        if (
+            value is not None
+            and tp is float
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
+            value = float(value)
+        if value is not None and not isinstance(value, tp if tp is not float else (float, int)):
+            raise SelfsupError(f"--config {path}: {key} must be {tp.__name__}, got {value!r}")
+        options[name] = value
+    return options
 
 
 def _base_type(tp: Any) -> Any:

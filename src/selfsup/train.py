@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import os
 import pickle
 import shutil
 import signal
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from selfsup import run as rundir
 from selfsup.augment import RECIPES
 from selfsup.config import PretrainConfig
 from selfsup.data import ImageData, batch_loader, load_splits
-from selfsup.data.sources import HOLDOUT
+from selfsup.data.sources import HOLDOUT, stratified_indices
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
@@ -381,6 +384,8 @@ def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -
         )
     ]
     if config.online_probe and test is not None and test.has_labels:
+        if config.limit is not None and len(test) > config.limit:  # small tries stay small
+            test = test.subset(stratified_indices(test.y, config.limit, seed=None))
         loaders.append(
             batch_loader(
                 test,
@@ -407,6 +412,7 @@ def _trainer(
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
     devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
     precision = config.precision or ("bf16-mixed" if _on_gpu(config) else "32-true")
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
     steps_per_epoch = len(train) // config.batch_size
     loggers: list = [metrics_log.RunCSVLogger(run, keep_before=resume_step)]
     if _tensorboard_available():
@@ -434,8 +440,9 @@ def _trainer(
             ExportEncoder(run),
             SaveSamples(run),
             hint,
-            TQDMProgressBar(leave=True),
+            TQDMProgressBar(leave=True) if progress else EpochLines(),
         ],
+        enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         sync_batchnorm=config.sync_batchnorm,
@@ -498,3 +505,51 @@ class SaveSamples(Callback):
             x.to(method.device), self.folder / f"epoch{trainer.current_epoch:03d}.png"
         )
         method.train(was_training)
+
+
+class EpochLines(Callback):
+    """Instead of progress bars (logs that are not a terminal): one line per finished epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, method: Method) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        if "test/probe_acc" in metrics:
+            parts.append(f"online probe {100 * float(metrics['test/probe_acc']):.1f}%")
+        parts.append(f"{time.perf_counter() - self.start:.1f} s")
+        print("  ".join(parts), flush=True)
+
+
+def run_summary(run: Path) -> str:
+    """What a finished `selfsup pretrain` prints: what was trained, where it went, what next."""
+    config = rundir.read_config(run)
+    last: dict[str, str] = {}
+    metrics = run / metrics_log.METRICS
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                last.update({k: v for k, v in row.items() if v})
+    epochs = int(last["epoch"]) + 1 if "epoch" in last else 0
+    lines = [
+        f"pretrained {config['method']} on {config['data']}: {epochs} epoch(s) of "
+        f"{config['dataset']['train_size']} images"
+    ]
+    if "train/loss" in last:
+        probe = last.get("test/probe_acc")
+        lines.append(
+            f"final loss {float(last['train/loss']):.4f}"
+            + (
+                f"; online linear probe {100 * float(probe):.1f}% on the test split"
+                if probe
+                else ""
+            )
+        )
+    lines.append(f"run: {run}/ (config.yaml, checkpoints/, encoder.safetensors, metrics.csv)")
+    lines.append(f"next: selfsup evaluate {run}")
+    return "\n".join(lines)

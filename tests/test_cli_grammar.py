@@ -1,0 +1,100 @@
+"""One grammar: config files in and out, --version, instant help, small tries, a closing summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfsup.cli import main
+from selfsup.methods.base import Method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
+
+
+def _options(run: Path) -> dict:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    return {k: v for k, v in config.items() if k not in ("out", "encoder")}
+
+
+def test_a_runs_config_yaml_repeats_it_and_flags_override(tmp_path: Path, capsys) -> None:
+    first, again, changed = tmp_path / "first", tmp_path / "again", tmp_path / "changed"
+    argv = ["pretrain", "simclr", *QUICK, "--lr", "0.002", "--temperature", "0.3"]
+    assert main([*argv, "--out", str(first)]) == 0
+    config = str(first / "config.yaml")
+    assert main(["pretrain", "--config", config, "--out", str(again)]) == 0  # no METHOD needed
+    assert _options(again) == _options(first)
+    assert main(["pretrain", "--config", config, "--lr", "0.01", "--out", str(changed)]) == 0
+    expected = {**_options(first), "lr": 0.01}
+    assert _options(changed) == expected
+
+
+def test_a_users_config_file_and_its_mistakes(tmp_path: Path, capsys) -> None:
+    good = tmp_path / "quick.yaml"
+    good.write_text("data: digits\nlimit: 256\nbatch-size: 64\nepochs: 1\ndevices: 1\n")
+    run = tmp_path / "run"
+    assert main(["pretrain", "rotation", "--config", str(good), "--out", str(run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["method"], saved["batch_size"], saved["devices"]) == ("rotation", 64, "1")
+    for text, message in [
+        ("lrr: 1\n", "'lrr' is not an option"),
+        ("epochs: many\n", "epochs must be int"),
+        ("- a list\n", "expected a mapping"),
+        ("data: [unclosed\n", "not valid YAML"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        capsys.readouterr()
+        assert main(["pretrain", "simclr", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert main(["evaluate", str(run), "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_version_and_help_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from selfsup.cli import main\n"
+        "for argv in (['--help'], ['pretrain', 'simclr', '--help'], ['evaluate', '--help'],"
+        " ['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("NO TORCH"), done.stdout[-500:]
+    assert "selfsup 0." in done.stdout
+    assert "--mask-ratio" in done.stdout and "(default: " in done.stdout
+
+
+def test_a_small_try_validates_on_a_small_test_split(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    step = Method.validation_step
+
+    def counting(self, batch, batch_idx):
+        seen.append(len(batch[0]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Method, "validation_step", counting)
+    argv = ["pretrain", "simclr", "--data", "digits", "--limit", "128", "--batch-size", "64"]
+    assert main([*argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert sum(seen) == 128  # not the 360 test digits
+
+
+def test_a_run_ends_with_a_summary_and_epoch_lines_off_a_terminal(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["pretrain", "simclr", *QUICK, "--epochs", "2", "--out", str(run)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("epoch 1/2  loss ") and out[1].startswith("epoch 2/2  loss ")
+    assert out[-1] == f"next: selfsup evaluate {run}"
+    assert 3 <= len(out[2:]) <= 6 and "2 epoch(s) of 256 images" in out[2]
+    assert not any("\r" in line or "it/s" in line for line in out)  # no progress bars
