@@ -16,8 +16,8 @@ count. Zhang et al. measured the prior on ImageNet once; here it is the running 
 colours seen so far in training (kept in the checkpoint, so resumed runs agree). Colours shown
 in the samples are the annealed mean of the distribution (temperature 0.38).
 
-Colour augmentations would change the colours to predict, so the default `--recipe simclr`
-means `light` (crop and flip) here.
+Colour augmentations would change the colours to predict, so the method's default views are
+`light` (crop and flip); an explicit `--recipe` is used as given.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Masked autoencoder (He et al., 2022): hide most patches, encode the rest, rebuild the hidden.
 
-The encoder is a ViT (`--backbone vit-mini|vit-tiny|vit-small|vit-base`; the default convnet
-means vit-mini, the size that trains on a CPU) over `--patch-size` patches. Each step hides a
+The encoder is a ViT (`--backbone vit-mini|vit-tiny|vit-small|vit-base`; by default vit-mini,
+the size that trains on a CPU) over `--patch-size` patches. Each step hides a
 random `--mask-ratio` of every image's patches (argsort of uniform noise, so exactly the same
 number per image); the encoder sees only the visible patches; a light decoder gets the encoded
 tokens plus a shared mask token at every hidden position and predicts their pixels; the loss is
 the MSE on hidden patches only, against targets normalised per patch (`--norm-pix-loss`, on by
 default) or raw [0, 1] pixels. The exported encoder runs the ViT on all patches and returns the
-mean of its output tokens. The run's `--recipe` is not used (no augmentation).
+mean of its output tokens. It draws no augmented views, so it refuses a `--recipe`.
 """
 
 from __future__ import annotations
