@@ -200,6 +200,11 @@ def color_jitter(
     random order. Factors are drawn from U(max(0, 1 - s), 1 + s) and the hue shift from
     U(-hue, hue) turns; saturation scales and hue rotates the chroma plane (I, Q) of YIQ, one
     3×3 matrix per sample. 1-channel images get brightness and contrast only.
+
+    Brightness, contrast and saturation equal torchvision's adjust_* ops; hue does not: it is a
+    YIQ rotation, not torchvision's HSV hue shift (it keeps luma exactly; on random colours the
+    mean |difference| from torchvision's adjust_hue is 0.022 at 0.02 turn and 0.085, at most
+    0.39, at 0.1 turn, SimCLR's widest).
     """
     params = jitter_params(x, g, brightness, contrast, saturation, hue, p)
     return apply_jitter(x.clone(), params)
