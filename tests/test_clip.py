@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torch import Tensor
 
 import selfsup
 from selfsup.cli import main
@@ -53,10 +55,85 @@ def test_logit_scale_is_capped_at_100() -> None:
     scale = LogitScale()
     assert scale.log_scale.item() == pytest.approx(INIT_LOGIT_SCALE)
     with torch.no_grad():
-        scale.log_scale.fill_(7.0)  # e^7 ≈ 1097
-    assert scale().item() == pytest.approx(100.0, rel=1e-5)
-    scale.clamp_()
+        scale.log_scale.fill_(7.0)  # e^7 ≈ 1097, as an optimizer step may leave it
+    scale.clamp_()  # after the step
     assert scale.log_scale.item() == pytest.approx(math.log(100), rel=1e-6)
+    assert scale().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def _naive_clip_loss_and_scale_grad(
+    image: Tensor, text: Tensor, log_scale: float
+) -> tuple[float, float]:
+    """Float64 loops: the symmetric CLIP loss and its derivative in the log-scale ln s.
+
+    With c the cosines and p the softmax of s·c per row, ∂/∂s of a row's CE is Σ_j p_j c_j - c_ii,
+    so ∂L/∂ln s = s · the mean of that over both directions' rows.
+    """
+    unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+    img, txt = [unit(r) for r in image.tolist()], [unit(r) for r in text.tolist()]
+    n, s = len(img), math.exp(log_scale)
+    cos = [
+        [sum(a * b for a, b in zip(img[i], txt[j], strict=True)) for j in range(n)]
+        for i in range(n)
+    ]
+    loss = grad = 0.0
+    for rows in (cos, [list(col) for col in zip(*cos, strict=True)]):
+        for i, row in enumerate(rows):
+            top = max(s * c for c in row)
+            exps = [math.exp(s * c - top) for c in row]
+            z = sum(exps)
+            loss += (top + math.log(z) - s * row[i]) / (2 * n)
+            grad += s * (sum(e * c for e, c in zip(exps, row, strict=True)) / z - row[i]) / (2 * n)
+    return loss, grad
+
+
+@pytest.mark.parametrize("log_scale", [INIT_LOGIT_SCALE, math.log(100)])
+def test_clip_loss_and_scale_gradient_match_a_float64_formula(log_scale: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    scale = LogitScale(init=log_scale).double()
+    scale.clamp_()  # at the cap: exactly where the optimizer's clamp leaves it
+    loss = clip_loss(image.double(), text.double(), scale())
+    loss.backward()
+    stored = scale.log_scale.item()  # ln s as float32 holds it
+    expected_loss, expected_grad = _naive_clip_loss_and_scale_grad(image, text, stored)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert expected_grad > 0.1  # random pairs: the loss wants a softer softmax
+    # at the cap too: a clamp in forward would make this 0 and pin the scale at 100 for good
+    assert scale.log_scale.grad.item() == pytest.approx(expected_grad, rel=1e-10)
+
+
+def test_logit_scale_comes_back_down_from_the_cap() -> None:
+    g = torch.Generator().manual_seed(2)
+    image, text = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    scale = LogitScale(init=math.log(100))
+    optimizer = torch.optim.SGD(scale.parameters(), lr=0.1)
+    clip_loss(image, text, scale()).backward()
+    optimizer.step()
+    scale.clamp_()
+    assert scale().item() < 99.0
+
+
+@pytest.mark.parametrize("log_scale", [INIT_LOGIT_SCALE, math.log(100)])
+def test_clip_loss_matches_open_clip_values_and_gradients(log_scale: float) -> None:
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = LogitScale(init=log_scale).double()
+    ours.clamp_()
+    theirs = torch.tensor(ours.log_scale.item(), dtype=torch.float64, requires_grad=True)
+    loss = clip_loss(image, text, ours())
+    grads = torch.autograd.grad(loss, [image, text, ours.log_scale])
+    # open_clip's model normalises the features and passes logit_scale.exp()
+    reference = open_clip_loss.ClipLoss()(
+        F.normalize(image, dim=1), F.normalize(text, dim=1), theirs.exp()
+    )
+    expected = torch.autograd.grad(reference, [image, text, theirs])
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert expected[2].abs() > 0.01  # open_clip's scale has a gradient at the cap too
 
 
 # ---- text transformer ------------------------------------------------------------------------

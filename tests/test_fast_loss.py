@@ -105,3 +105,20 @@ def test_memory_is_linear_no_n_by_n_tensor(small_blocks: None, loss_fn) -> None:
         loss_fn(z, ids, 0.5).backward()
     # the fast path holds one block (111 elements here) and N×D tensors; the reference N×N
     assert (seen.numel <= n * 8) == (loss_fn is info_nce), seen.numel
+
+
+def test_double_backward_raises_instead_of_dropping_the_second_derivative() -> None:
+    """The saved gradients carry no graph: a gradient penalty through them would silently lose
+    the chunked term's second derivative (here only normalize's would remain), so it must raise."""
+    z = randn(8, 4, seed=5)
+    ids = torch.arange(4).repeat(2)
+    (grad,) = torch.autograd.grad(info_nce(z, ids, 0.5, True), z, create_graph=True)
+    (expected,) = torch.autograd.grad(info_nce_reference(z, ids, 0.5, True), z)
+    torch.testing.assert_close(grad.detach(), expected, rtol=1e-10, atol=1e-12)  # first order: ok
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grad.square().sum(), z)
+    q, k = randn(5, 3, seed=6), randn(7, 3, seed=7)
+    out = weighted_lse(q, k, torch.ones(5, dtype=torch.float64), torch.arange(5))
+    grad_q, _ = torch.autograd.grad(out, [q, k], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grad_q.sum(), k)  # the Hessian's q-k block

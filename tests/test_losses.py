@@ -133,19 +133,65 @@ def test_low_precision_inputs_are_computed_in_float32():
     assert loss.item() == pytest.approx(info_nce(z.bfloat16().float(), ids, 0.1).item(), rel=1e-6)
 
 
-def test_contrastive_margin_by_hand_and_gradient():
+def test_contrastive_margin_squared_distance_form_by_hand_and_gradient():
     f_x = torch.zeros(2, 2)
-    f_pos = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)  # d_pos = 1, 4
-    f_neg = torch.tensor([[0.5, 0.0], [3.0, 0.0]], requires_grad=True)  # d_neg = 0.25, 9
+    f_pos = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)  # d_pos² = 1, 4
+    f_neg = torch.tensor([[0.5, 0.0], [3.0, 0.0]], requires_grad=True)  # d_neg² = 0.25, 9
     # row 0: hinge active, 1 + (1 - 0.25); row 1: hinge inactive, 4 + 0
-    loss = contrastive_margin(f_x, f_pos, f_neg, margin=1.0)
+    loss = contrastive_margin(f_x, f_pos, f_neg, margin=1.0, form="squared-distance")
     assert loss.item() == pytest.approx((1.75 + 4.0) / 2)
     loss.backward()
     # d/df_pos = 2 (f_pos - f_x) / B; d/df_neg = -2 (f_neg - f_x) / B on active rows only
     torch.testing.assert_close(f_pos.grad, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     torch.testing.assert_close(f_neg.grad, torch.tensor([[-0.5, 0.0], [0.0, 0.0]]))
-    wrapped = ContrastiveMarginLoss(margin=10.0)(f_x, f_pos, f_neg)  # both hinges active
+    wrapped = ContrastiveMarginLoss(margin=10.0, form="squared-distance")(f_x, f_pos, f_neg)
     assert wrapped.item() == pytest.approx((1 + 9.75 + 4 + 1) / 2)
+
+
+def _naive_hadsell(f_x, f_pos, f_neg, m):
+    """Float64 loops: mean of d_pos² + max(0, m - d_neg)² and its gradient in f_neg."""
+    loss, grad = 0.0, []
+    for x, p, n in zip(f_x.tolist(), f_pos.tolist(), f_neg.tolist(), strict=True):
+        d_pos_sq = sum((a - b) ** 2 for a, b in zip(x, p, strict=True))
+        d_neg = math.sqrt(sum((a - b) ** 2 for a, b in zip(x, n, strict=True)))
+        gap = max(0.0, m - d_neg)
+        loss += (d_pos_sq + gap**2) / len(f_x)
+        # ∂/∂n of (m - |x - n|)² = -2 gap (n - x) / |x - n| = 2 gap (x - n) / |x - n|
+        row = [2 * gap * (a - b) / d_neg / len(f_x) for a, b in zip(x, n, strict=True)]
+        grad.append(row if gap else [0.0] * len(x))
+    return loss, torch.tensor(grad, dtype=torch.float64)
+
+
+def test_contrastive_margin_hadsell_form_matches_the_paper():
+    g = torch.Generator().manual_seed(0)
+    f_x, f_pos = (
+        torch.randn(64, 3, generator=g, dtype=torch.float64),
+        torch.randn(64, 3, generator=g, dtype=torch.float64),
+    )
+    f_neg = (f_x + torch.randn(64, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    margin = 1.5  # a distance: about half the negatives lie inside it
+    expected, expected_grad = _naive_hadsell(f_x, f_pos, f_neg, margin)
+    assert 10 < int((expected_grad.abs().sum(1) > 0).sum()) < 54  # both sides of the hinge
+    loss = contrastive_margin(f_x, f_pos, f_neg, margin)  # the paper's form is the default
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    torch.testing.assert_close(f_neg.grad, expected_grad, rtol=1e-10, atol=1e-14)
+    module = ContrastiveMarginLoss(margin, form="hadsell")(f_x, f_pos, f_neg)
+    assert module.item() == pytest.approx(expected, rel=1e-12)
+    # one hand case where the forms differ: d_neg = 1.5 inside m = 2, but d_neg² = 2.25 is not
+    one = torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[1.5, 0.0]])
+    assert contrastive_margin(*one, margin=2.0).item() == pytest.approx(0.25)
+    assert contrastive_margin(*one, margin=2.0, form="squared-distance").item() == 0.0
+
+
+def test_contrastive_margin_hadsell_gradient_is_finite_at_zero_distance():
+    f_x = torch.ones(2, 3, requires_grad=True)
+    loss = contrastive_margin(f_x, torch.zeros(2, 3), torch.ones(2, 3), margin=1.0)
+    assert loss.item() == pytest.approx(3 + 1)  # d_pos² = 3, (1 - 0)² = 1
+    loss.backward()
+    assert torch.isfinite(f_x.grad).all()
+    with pytest.raises(ValueError, match="form must be one of hadsell, squared-distance"):
+        contrastive_margin(f_x, f_x, f_x, form="hinge")
 
 
 def test_modules_match_functions_and_reject_bad_temperature():

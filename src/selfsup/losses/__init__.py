@@ -1,6 +1,7 @@
 """Self-supervised losses."""
 
 from selfsup.losses.contrastive import (
+    MARGIN_FORMS,
     ContrastiveMarginLoss,
     InfoNCELoss,
     NTXentLoss,
@@ -10,6 +11,7 @@ from selfsup.losses.contrastive import (
 )
 
 __all__ = [
+    "MARGIN_FORMS",
     "ContrastiveMarginLoss",
     "InfoNCELoss",
     "NTXentLoss",

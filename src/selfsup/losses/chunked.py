@@ -30,7 +30,8 @@ def weighted_lse(q: Tensor, k: Tensor, weights: Tensor, self_cols: Tensor) -> Te
 
     q: M×D anchors (already divided by the temperature), k: N×D, weights: (M,) constants,
     self_cols: (M,) the column of each anchor's own sample in k, left out of its sum (every row
-    must keep at least one other column). Double backward is not supported.
+    must keep at least one other column). Double backward raises (the gradients are formed in the
+    forward pass without a graph; a second derivative through them would silently be zero).
     """
     with torch.autocast(q.device.type, enabled=False):  # the buffers' dtype is q's
         return _WeightedLSE.apply(q, k, weights, self_cols)
@@ -71,15 +72,36 @@ class _WeightedLSE(torch.autograd.Function):
                 torch.mm(e, k, out=grad_q[lo:hi]).mul_(scale)
             if need_k:
                 grad_k.addmm_(e.t(), qb * scale)
-        ctx.save_for_backward(grad_q, grad_k)
+        ctx.save_for_backward(grad_q, grad_k, q, k)  # q, k: only to mark double backward
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        grad_q, grad_k = ctx.saved_tensors
-        return (
-            grad_q * grad_out if grad_q is not None else None,
-            grad_k * grad_out if grad_k is not None else None,
-            None,
-            None,
+        grad_q, grad_k, q, k = ctx.saved_tensors
+        with torch.no_grad():
+            grads = [g * grad_out if g is not None else None for g in (grad_q, grad_k)]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative must raise
+            grads = [_DoubleBackwardError.apply(g, q, k) if g is not None else None for g in grads]
+        return grads[0], grads[1], None, None
+
+
+class _DoubleBackwardError(torch.autograd.Function):
+    """forward(grad, q, k) = grad, as a function of q and k whose backward raises.
+
+    The saved gradients depend on q and k through no graph, so a second derivative (a gradient
+    penalty) would silently lose this term. torch's `once_differentiable` does not help here: it
+    marks a backward's outputs only when the incoming gradient requires grad (under
+    `create_graph=True` it usually does not), and hangs its raising node on a detached leaf that
+    `torch.autograd.grad(..., inputs)` prunes. This node is on the path to q and k, so it runs.
+    """
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, q: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
+        raise RuntimeError(
+            "weighted_lse is once differentiable: trying to differentiate twice "
+            "(double backward through the chunked InfoNCE is not supported)"
         )

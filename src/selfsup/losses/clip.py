@@ -57,9 +57,10 @@ def _at_least_float32(t: Tensor) -> Tensor:
 class LogitScale(nn.Module):
     """CLIP's learnable logit scale, stored as its log: init ln(1/0.07), capped at ln 100.
 
-    forward() returns exp(clamped log), so the scale is never above `max_log` even between
-    optimizer steps; call `clamp_()` after each step so that the stored value is clamped too and
-    keeps receiving gradients (as open_clip does).
+    forward() returns exp(log) unclamped, so the log-scale always receives its gradient, also at
+    the cap (a clamp in forward would give it none there: once at ln 100 it could never come back
+    down). Call `clamp_()` after each optimizer step to keep the stored value in [0, ln 100], as
+    open_clip does (`logit_scale.clamp_(0, math.log(100))` after `optimizer.step()`).
     """
 
     def __init__(self, init: float = INIT_LOGIT_SCALE, max_log: float = MAX_LOGIT_SCALE) -> None:
@@ -68,15 +69,19 @@ class LogitScale(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(float(init)))
 
     def forward(self) -> Tensor:
-        return self.log_scale.clamp(0, self.max_log).exp()
+        return self.log_scale.exp()
 
     @torch.no_grad()
     def clamp_(self) -> None:
+        """Clamp the stored log-scale to [0, max_log] in place (after the optimizer step)."""
         self.log_scale.clamp_(0, self.max_log)
 
 
 class CLIPLoss(nn.Module):
-    """`clip_loss` with its own learnable `LogitScale`: forward(image, text)."""
+    """`clip_loss` with its own learnable `LogitScale`: forward(image, text).
+
+    Call `self.logit_scale.clamp_()` after each optimizer step (see `LogitScale`).
+    """
 
     def __init__(self, init: float = INIT_LOGIT_SCALE, max_log: float = MAX_LOGIT_SCALE) -> None:
         super().__init__()

@@ -140,13 +140,34 @@ def supcon_ids(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels >= 0, labels, -1 - unique_ids(len(labels), labels.device))
 
 
+MARGIN_FORMS = ("hadsell", "squared-distance")
+
+
 def contrastive_margin(
-    f_x: torch.Tensor, f_pos: torch.Tensor, f_neg: torch.Tensor, margin: float = 1.0
+    f_x: torch.Tensor,
+    f_pos: torch.Tensor,
+    f_neg: torch.Tensor,
+    margin: float = 1.0,
+    form: str = "hadsell",
 ) -> torch.Tensor:
-    """Batch mean of ||f_x - f_pos||² + max(0, margin - ||f_x - f_neg||²) (squared distances)."""
-    d_pos = (f_x - f_pos).pow(2).sum(dim=1)
-    d_neg = (f_x - f_neg).pow(2).sum(dim=1)
-    return (d_pos + (margin - d_neg).clamp(min=0)).mean()
+    """Batch mean of d(x, pos)² + hinge(x, neg), d the Euclidean distance.
+
+    form "hadsell" (Hadsell, Chopra & LeCun 2006): hinge = max(0, margin - d)², so `margin` is a
+    distance: negatives farther than it cost nothing. The mean is twice the paper's loss on one
+    similar and one dissimilar pair (the paper halves both terms). form "squared-distance", the
+    earlier default kept for compatibility: hinge = max(0, margin - d²), `margin` a squared
+    distance.
+    """
+    if form not in MARGIN_FORMS:
+        raise ValueError(f"form must be one of {', '.join(MARGIN_FORMS)}, got {form!r}")
+    d_pos_sq = (f_x - f_pos).pow(2).sum(dim=1)
+    if form == "hadsell":
+        # vector_norm's gradient at d = 0 is 0, not NaN (f_x == f_neg)
+        d_neg = torch.linalg.vector_norm(f_x - f_neg, dim=1)
+        hinge = (margin - d_neg).clamp(min=0).pow(2)
+    else:
+        hinge = (margin - (f_x - f_neg).pow(2).sum(dim=1)).clamp(min=0)
+    return (d_pos_sq + hinge).mean()
 
 
 class InfoNCELoss(nn.Module):
@@ -176,9 +197,11 @@ class NTXentLoss(nn.Module):
 class ContrastiveMarginLoss(nn.Module):
     """Module wrapper of `contrastive_margin`: forward(f_x, f_pos, f_neg)."""
 
-    def __init__(self, margin: float = 1.0) -> None:
+    def __init__(self, margin: float = 1.0, form: str = "hadsell") -> None:
         super().__init__()
-        self.margin = margin
+        if form not in MARGIN_FORMS:
+            raise ValueError(f"form must be one of {', '.join(MARGIN_FORMS)}, got {form!r}")
+        self.margin, self.form = margin, form
 
     def forward(self, f_x: torch.Tensor, f_pos: torch.Tensor, f_neg: torch.Tensor) -> torch.Tensor:
-        return contrastive_margin(f_x, f_pos, f_neg, self.margin)
+        return contrastive_margin(f_x, f_pos, f_neg, self.margin, self.form)

@@ -7,9 +7,11 @@ order away (the paper: 64-pixel tiles in 75-pixel cells). Pixels left over when 
 is not a multiple of the grid move the whole grid at random (the paper's 225-pixel crop of a
 256-pixel image). The tiles are shuffled by one of `--jigsaw-permutations` fixed permutations,
 chosen greedily for a large minimum Hamming distance from the run's seed (`permutation_set`
-recomputes them; the checkpoint holds them too). The shared encoder encodes every tile on its
-own; the tile features, concatenated in shuffled order, go to an MLP (hidden size
-`--projection-hidden`) that classifies the permutation.
+recomputes them; the checkpoint holds them too). Every tile is normalised on its own to zero
+mean and unit standard deviation per channel (the paper's guard against shortcuts through
+low-level statistics such as a brightness gradient across the image), then the shared encoder
+encodes every tile on its own; the tile features, concatenated in shuffled order, go to an MLP
+(hidden size `--projection-hidden`) that classifies the permutation.
 
 The encoder learns on tiles (a third of the image side for a 3×3 grid) and is evaluated on whole
 images; its global average pool makes that possible, at the price of a change of scale.
@@ -34,6 +36,7 @@ from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
 from selfsup.models import ProjectionHead
 
+TILE_STD_FLOOR = 1 / 255  # one grey level: flat tiles are centred, not blown up to unit std
 MIN_TILE = 4  # pixels a side: smaller tiles carry too little to place them
 MAX_PERMUTATIONS = 1000  # the greedy search costs count × candidates; the paper's largest set
 CANDIDATES = math.factorial(9)  # every permutation up to 3×3; a random pool this large beyond
@@ -144,6 +147,14 @@ def solve_tiles(shuffled: Tensor, order: Tensor) -> Tensor:
     return shuffled[torch.arange(len(shuffled), device=shuffled.device)[:, None], order.argsort(1)]
 
 
+def normalize_tiles(tiles: Tensor, floor: float = TILE_STD_FLOOR) -> Tensor:
+    """Each tile and channel of ...×C×h×w tiles at zero mean and unit (population) standard
+    deviation, the deviation floored at `floor`; invariant to a tile's brightness and contrast."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    std = tiles.std(dim=(-2, -1), correction=0, keepdim=True).clamp_min(floor)
+    return (tiles - mean) / std
+
+
 def mosaic(tiles: Tensor, grid: int, gap: int = 1) -> Tensor:
     """T×C×h×w tiles -> one C×H×W picture, grid × grid, with white gaps between tiles."""
     _, c, h, w = tiles.shape
@@ -175,9 +186,13 @@ class Jigsaw(Method):
         return shuffle_tiles(tiles, self.permutations, g)
 
     def classify(self, shuffled: Tensor) -> tuple[Tensor, Tensor]:
-        """(permutation logits B×P, tile features B×T×D)."""
+        """(permutation logits B×P, tile features B×T×D) of shuffled [0, 1] tiles, each tile
+        normalised on its own (`normalize_tiles`) before the encoder."""
         b, t = shuffled.shape[:2]
-        features = self.encoder(shuffled.flatten(0, 1)).view(b, t, -1)
+        # Mapped through the inverse of the encoder's dataset normalisation, so that its
+        # backbone sees exactly zero-mean, unit-std tiles.
+        tiles = normalize_tiles(shuffled.flatten(0, 1).float())
+        features = self.encoder(tiles * self.encoder.std + self.encoder.mean).view(b, t, -1)
         return self.classifier(features.flatten(1)).float(), features
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
