@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from kornia.color import lab_to_rgb
 
 import selfsup
-from selfsup.config import PretrainConfig
 from selfsup.errors import SelfsupError
 from selfsup.methods.colorization import (
     Colorization,
@@ -52,7 +51,7 @@ def data_info(
 
 def model(**options: Any) -> Colorization:
     torch.manual_seed(0)
-    method = Colorization(PretrainConfig(method="colorization", **options), data_info())
+    method = Colorization.create(data_info(), method="colorization", **options)
     method.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer here
     return method
 
@@ -195,7 +194,7 @@ def test_colour_loss_falls_on_a_real_cifar_batch() -> None:
 )
 def test_bad_input_is_one_line(options: dict, info: dict, message: str) -> None:
     with pytest.raises(SelfsupError, match=message) as error:
-        Colorization(PretrainConfig(method="colorization", **options), info)
+        Colorization.create(info, method="colorization", **options)
     assert "\n" not in str(error.value)
 
 

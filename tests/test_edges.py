@@ -51,7 +51,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--lr", "nan"], "--lr must be positive, got nan"),
         (["--weight-decay", "-1"], "--weight-decay must be zero or more"),
         (["--temperature", "inf"], "--temperature must be positive"),
-        (["--mask-ratio", "1"], "--mask-ratio must be between 0 and 1"),
+        (["--crop-size", "2"], "--crop-size must be at least 4"),
+        (["--mask-ratio", "0.5"], "unrecognized arguments: --mask-ratio"),  # mae's, not simclr's
         (["--warmup-epochs", "-0.5"], "--warmup-epochs must be zero or more"),
         (["--accelerator", "tpu"], "--accelerator 'tpu' is unknown"),
     ],

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import selfsup
-from selfsup.config import PretrainConfig
 from selfsup.errors import SelfsupError
 from selfsup.methods.inpainting import Inpainting, center_mask, masked_l2, random_block_mask
 
@@ -38,7 +37,7 @@ def data_info(channels: int = 3, size: tuple[int, int] = (16, 16)) -> dict[str, 
 
 def model(**options: Any) -> Inpainting:
     torch.manual_seed(0)
-    method = Inpainting(PretrainConfig(method="inpainting", **options), data_info())
+    method = Inpainting.create(data_info(), method="inpainting", **options)
     method.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer here
     return method
 
@@ -159,7 +158,7 @@ def test_one_backward_gives_each_player_only_its_own_gradient(mask: str) -> None
 def test_reconstruction_improves_on_a_real_cifar_batch(mask: str) -> None:
     x = cifar(16)
     torch.manual_seed(0)
-    method = Inpainting(PretrainConfig(method="inpainting", mask=mask), data_info(size=(32, 32)))
+    method = Inpainting.create(data_info(size=(32, 32)), method="inpainting", mask=mask)
     logged: dict[str, float] = {}
     method.log = lambda name, value, **kw: logged.__setitem__(name, value.item())  # type: ignore[method-assign]
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)

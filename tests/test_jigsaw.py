@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.config import PretrainConfig
 from selfsup.errors import SelfsupError
 from selfsup.methods.jigsaw import (
     Jigsaw,
@@ -152,7 +151,7 @@ def test_tile_brightness_and_contrast_do_not_reach_the_encoder() -> None:
     """Noroozi & Favaro normalise every tile: a per-tile, per-channel affine change of the
     pixels (brightness b, contrast a > 0) must leave the backbone's input unchanged."""
     torch.manual_seed(0)
-    model = Jigsaw(PretrainConfig(method="jigsaw", recipe="none"), data_info())
+    model = Jigsaw.create(data_info(), method="jigsaw", recipe="none")
     seen: list[torch.Tensor] = []
     model.encoder.backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     g = torch.Generator().manual_seed(3)
@@ -189,7 +188,7 @@ def test_tile_brightness_and_contrast_do_not_reach_the_encoder() -> None:
 )
 def test_bad_options_are_one_line(options: dict, size: tuple[int, int], message: str) -> None:
     with pytest.raises(SelfsupError, match=message) as error:
-        Jigsaw(PretrainConfig(method="jigsaw", **options), data_info(size))
+        Jigsaw.create(data_info(size), method="jigsaw", **options)
     assert "\n" not in str(error.value)
 
 
@@ -206,8 +205,7 @@ def test_too_small_images_stop_before_the_run_directory(tmp_path: Path) -> None:
 def test_puzzle_loss_falls_on_a_real_cifar_batch() -> None:
     """Fresh puzzles every step; the loss on other puzzles of the same images falls."""
     torch.manual_seed(0)
-    config = PretrainConfig(method="jigsaw", recipe="none", jigsaw_permutations=10)
-    model = Jigsaw(config, data_info())
+    model = Jigsaw.create(data_info(), method="jigsaw", recipe="none", jigsaw_permutations=10)
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer here
     x, unlabeled = cifar(48), -torch.ones(48, dtype=torch.long)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.config import PretrainConfig
 from selfsup.errors import SelfsupError
 from selfsup.methods.mae import (
     MAE,
@@ -85,8 +84,8 @@ def test_per_patch_target_normalisation_by_hand() -> None:
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_loss_is_mse_on_hidden_patches_and_encoder_sees_only_visible(norm_pix_loss: bool) -> None:
     torch.manual_seed(0)
-    config = PretrainConfig(method="mae", patch_size=4, norm_pix_loss=norm_pix_loss)
-    model = MAE(config, data_info(size=(16, 16)))
+    options = dict(method="mae", patch_size=4, norm_pix_loss=norm_pix_loss)
+    model = MAE.create(data_info(size=(16, 16)), **options)
     assert model.encoder.config["backbone"] == "vit-mini" and model.config.backbone == "vit-mini"
     lengths: list[int] = []
     model.vit.blocks[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
@@ -113,7 +112,7 @@ def test_loss_is_mse_on_hidden_patches_and_encoder_sees_only_visible(norm_pix_lo
 
 def test_exported_encoder_is_the_vit_on_all_patches_mean_pooled() -> None:
     torch.manual_seed(0)
-    model = MAE(PretrainConfig(method="mae", backbone="vit-mini", patch_size=8), data_info())
+    model = MAE.create(data_info(), method="mae", backbone="vit-mini", patch_size=8)
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     normalised = (x.float() / 255 - 0.45) / 0.25
     tokens = model.vit.norm(model.vit.blocks(model.vit.embed(normalised)))
@@ -125,7 +124,7 @@ def test_exported_encoder_is_the_vit_on_all_patches_mean_pooled() -> None:
 def test_loss_decreases_below_the_patch_mean_on_a_real_cifar_batch() -> None:
     x = torch.from_numpy(np.load(CIFAR / "test.npz")["x"][:32]).permute(0, 3, 1, 2).contiguous()
     torch.manual_seed(0)
-    model = MAE(PretrainConfig(method="mae", patch_size=8, decoder_dim=64), data_info())
+    model = MAE.create(data_info(), method="mae", patch_size=8, decoder_dim=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(20):  # a new random mask every step

@@ -16,7 +16,6 @@ from sklearn.decomposition import PCA
 
 import selfsup
 import selfsup.methods
-from selfsup.config import PretrainConfig
 from selfsup.errors import SelfsupError
 from selfsup.methods.autoencoder import Autoencoder
 from selfsup.methods.rotation import Rotation, rotate_batch
@@ -80,7 +79,7 @@ def test_decoder_gives_images_of_any_size_in_unit_range(
 
 def test_autoencoder_loss_is_mse_to_the_input() -> None:
     torch.manual_seed(0)
-    model = Autoencoder(PretrainConfig(method="autoencoder", code_dim=12), data_info())
+    model = Autoencoder.create(data_info(), method="autoencoder", code_dim=12)
     x = images(16)
     loss, features = model.pretext_loss(x, -torch.ones(16, dtype=torch.long), torch.Generator())
     clean = x.float() / 255
@@ -93,7 +92,7 @@ def test_autoencoder_loss_is_mse_to_the_input() -> None:
 
 def test_denoising_corrupts_only_the_input() -> None:
     torch.manual_seed(0)
-    model = Autoencoder(PretrainConfig(method="autoencoder", code_dim=12, denoise=0.3), data_info())
+    model = Autoencoder.create(data_info(), method="autoencoder", code_dim=12, denoise=0.3)
     seen = []
     model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     x = images(16)
@@ -113,10 +112,10 @@ def test_linear_autoencoder_loss_by_hand_and_exported_code(
     tmp_path: Path, registered: None
 ) -> None:
     torch.manual_seed(0)
-    config = PretrainConfig(method="autoencoder", code_dim=5, linear_autoencoder=True)
+    options = dict(method="autoencoder", code_dim=5, linear_autoencoder=True)
     info = data_info()
     info["encoder"].update(backbone="linear", image_size=[8, 8], feature_dim=5)
-    model = Autoencoder(config, info)
+    model = Autoencoder.create(info, **options)
     x = images(16)
     loss, code = model.pretext_loss(x, -torch.ones(16, dtype=torch.long), torch.Generator())
     flat = x.flatten(1).float() / 255
@@ -126,7 +125,7 @@ def test_linear_autoencoder_loss_by_hand_and_exported_code(
     torch.testing.assert_close(loss, ((reconstruction - flat) ** 2).mean())
 
     with pytest.raises(SelfsupError, match="--code-dim 64"):
-        Autoencoder(PretrainConfig(code_dim=64, linear_autoencoder=True), data_info())
+        Autoencoder.create(data_info(), method="autoencoder", code_dim=64, linear_autoencoder=True)
 
     # The exported encoder of a linear-autoencoder run is the learned linear code.
     run = selfsup.pretrain(
@@ -142,10 +141,10 @@ def test_linear_autoencoder_learns_the_pca_subspace() -> None:
     k = 10
     x = digits_uint8()
     torch.manual_seed(0)
-    config = PretrainConfig(method="autoencoder", code_dim=k, linear_autoencoder=True)
+    options = dict(method="autoencoder", code_dim=k, linear_autoencoder=True)
     info = data_info()
     info["encoder"].update(backbone="linear", image_size=[8, 8], feature_dim=k)
-    model = Autoencoder(config, info)
+    model = Autoencoder.create(info, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     labels, g = -torch.ones(len(x), dtype=torch.long), torch.Generator()
     for _ in range(600):
@@ -188,7 +187,7 @@ def test_rotation_batch_holds_all_four_rotations_of_every_image() -> None:
 @pytest.mark.parametrize("size", [(8, 8), (8, 12)])
 def test_rotation_loss_is_cross_entropy_over_the_rotated_batch(size: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    model = Rotation(PretrainConfig(method="rotation", recipe="none"), data_info(size=size))
+    model = Rotation.create(data_info(size=size), method="rotation", recipe="none")
     x = images(6, size=size)
     loss, features = model.pretext_loss(x, -torch.ones(6, dtype=torch.long), torch.Generator())
     rotated, labels = rotate_batch(x.float() / 255)

@@ -65,7 +65,7 @@ def test_bad_input_is_one_line(
     assert err.count("\n") == 1 and "--checkpoint" in err and "no such file" in err
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(SelfsupError, match="is not a readable checkpoint"):
+    with pytest.raises(SelfsupError, match="not a readable checkpoint"):
         regenerate_samples(run, checkpoint=str(broken))
     with pytest.raises(SelfsupError, match="does not fit the mae model"):
         regenerate_samples(run, checkpoint=str(runs["autoencoder"] / "checkpoints/last.ckpt"))

@@ -46,7 +46,7 @@ def replay(model: SupCon, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, tor
 
 def test_loss_is_info_nce_with_labels_and_own_ids_for_unlabeled() -> None:
     torch.manual_seed(0)
-    model = SupCon(PretrainConfig(method="supcon", temperature=0.2), data_info(3))
+    model = SupCon.create(data_info(3), method="supcon", temperature=0.2)
     x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0, 1, -1, 0, -1, 1])
     loss, features = model.pretext_loss(x, y, torch.Generator().manual_seed(5))

@@ -16,10 +16,14 @@ from selfsup.config import (
     EvalConfig,
     PretrainConfig,
     add_dataclass_arguments,
+    add_option,
+    field_types,
     from_namespace,
     read_config_file,
+    type_of,
 )
 from selfsup.errors import SelfsupError
+from selfsup.method_options import all_option_names, method_options, option_names
 
 
 class UsageError(Exception):
@@ -92,9 +96,10 @@ def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
     return " ".join([*words, "--help"])
 
 
-def build_parser(lm: bool = False) -> argparse.ArgumentParser:
+def build_parser(lm: bool = False, method: str | None = None) -> argparse.ArgumentParser:
     """The `selfsup` parser; `lm=True` adds the language-model commands in full (they import
-    torch and Lightning to list their options, so plain `selfsup --help` lists only the group)."""
+    torch and Lightning to list their options, so plain `selfsup --help` lists only the group);
+    `method` adds that method's own options to `pretrain` (read from its file, not imported)."""
     from selfsup.methods import METHODS
 
     parser = Parser(
@@ -124,7 +129,14 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
         help="self-supervised method (required unless --resume)",
     )
     add_dataclass_arguments(p, PretrainConfig)
-    p.set_defaults(config_class=PretrainConfig)
+    option_types = field_types(PretrainConfig)
+    if method is not None:
+        own = p.add_argument_group(f"{method}'s own options")
+        for spec in method_options(method):
+            tp = type_of(spec.type)
+            add_option(own, spec.name, tp, spec.default, spec.help, suppress=True)
+            option_types[spec.name] = tp
+    p.set_defaults(option_types=option_types, ignored_options=all_option_names())
 
     e = sub.add_parser(
         "evaluate",
@@ -133,7 +145,7 @@ def build_parser(lm: bool = False) -> argparse.ArgumentParser:
     )
     e.add_argument("run", help="run directory written by `selfsup pretrain`")
     add_dataclass_arguments(e, EvalConfig)
-    e.set_defaults(config_class=EvalConfig)
+    e.set_defaults(option_types=field_types(EvalConfig), ignored_options=set())
     for q in (p, e):
         q.add_argument(
             "--config",
@@ -248,7 +260,8 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
 
         if args.method is None and not args.resume:
             raise UsageError("a METHOD is required (or --resume RUN)")
-        config = from_namespace(PretrainConfig, args, method=args.method)
+        given = {k: v for k, v in vars(args).items() if k in option_names(args.method or "")}
+        config = from_namespace(PretrainConfig, args, method=args.method, options=given)
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
         from selfsup.run import is_first_process
         from selfsup.train import run_summary
@@ -384,6 +397,31 @@ def _retrieve(args: argparse.Namespace) -> None:
         print(f"picture: {args.output}")
 
 
+def pretrain_method(argv: list[str]) -> str | None:
+    """The method a `selfsup pretrain` command line trains: named, or from the file of
+    `--config FILE` or the run of `--resume RUN` (None if none can be told: errors come later)."""
+    from selfsup.methods import METHODS
+
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != "pretrain":
+        return None
+    named = next((a for a in argv[argv.index("pretrain") + 1 :] if a in METHODS), None)
+    if named is not None:
+        return named
+    for flag, name in (("--config", None), ("--resume", "config.yaml")):
+        if flag in argv[:-1]:
+            path = Path(argv[argv.index(flag) + 1])
+            try:
+                import yaml
+
+                method = yaml.safe_load((path / name if name else path).read_text()).get("method")
+            except Exception:  # the command reports an unreadable file in one line later
+                continue
+            if method in METHODS:
+                return method
+    return None
+
+
 def _is_lm(argv: list[str]) -> bool:
     """Whether the command is `selfsup lm ...` (its first word that is not an option)."""
     words = [a for a in argv if not a.startswith("-")]
@@ -392,13 +430,12 @@ def _is_lm(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(lm=_is_lm(argv))
+    parser = build_parser(lm=_is_lm(argv), method=pretrain_method(argv))
     try:
         args = parser.parse_args(argv)
         if getattr(args, "config", None):  # the file's values become defaults; flags win
-            command_parser(parser, argv).set_defaults(
-                **read_config_file(args.config, args.config_class)
-            )
+            values = read_config_file(args.config, args.option_types, args.ignored_options)
+            command_parser(parser, argv).set_defaults(**values)
             args = parser.parse_args(argv)
     except UsageError as e:
         return _fail(f"{e}; see `{help_hint(parser, argv)}`")

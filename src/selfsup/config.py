@@ -13,10 +13,14 @@ from typing import Any
 from selfsup.errors import SelfsupError
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
     """A config field: its help text, and optionally `check`, the range its value must lie in
-    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]"); None always passes."""
+    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]"); None always passes. `cli=False` keeps it
+    off the command line."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_opt = option  # the name the language modules import (to be renamed with them)
 
 
 def _in_range(value: float, rule: str) -> bool:
@@ -60,7 +64,9 @@ def check_fields(config: Any) -> None:
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a pretraining run; saved as `config.yaml` in the run directory."""
+    """What every pretraining run shares (data, views, engine, optimiser, run folder); each
+    method adds its own `Options` (in its file) through `options`. Saved, flat, as the run's
+    `config.yaml`."""
 
     method: str | None = _opt(
         None, "self-supervised method (default: simclr; with resume, the run's own)", cli=False
@@ -93,82 +99,6 @@ class PretrainConfig:
         "(default: the method's own: simclr; light for clip and colorization; none where the "
         "method draws no views)",
     )
-    crop_size: int | None = _opt(
-        None,
-        "simclr/supcon: side of the square views in pixels (default: the image size)",
-        check=">=4",
-    )
-    projection_dim: int = _opt(128, "output size of the projection head", check=">=1")
-    projection_hidden: int = _opt(512, "hidden size of the projection head", check=">=1")
-    temperature: float = _opt(0.5, "InfoNCE temperature", check=">0")
-    code_dim: int = _opt(64, "autoencoder: size of the code (bottleneck)", check=">=1")
-    linear_autoencoder: bool = _opt(
-        False, "autoencoder: linear encoder and decoder on pixels (learns PCA's subspace)"
-    )
-    denoise: float = _opt(0.0, "autoencoder: std of Gaussian noise added to its input", check=">=0")
-    # clip: image–caption data, the text transformer and its tokenizer
-    templates: str | None = _opt(
-        None, "clip: caption templates for labeled data, '|'-separated or a file (each with {})"
-    )
-    skip_bad: bool = _opt(
-        False, "clip: skip (and count) caption rows with a missing image or an empty caption"
-    )
-    caption_holdout: float = _opt(
-        0.2, "clip: the last fraction of caption-file images held out for retrieval", check="[0,1)"
-    )
-    text_tokenizer: str = _opt("bpe", "clip: caption tokenizer, bpe | char")
-    text_vocab: int = _opt(1024, "clip: BPE vocabulary size (at least 259)", check=">=1")
-    text_width: int = _opt(256, "clip: width of the text transformer", check=">=1")
-    text_layers: int = _opt(4, "clip: layers of the text transformer", check=">=1")
-    text_heads: int = _opt(4, "clip: attention heads of the text transformer", check=">=1")
-    text_context: int = _opt(
-        32, "clip: longest caption in tokens (longer ones are cut)", check=">=2"
-    )
-    text_pooling: str = _opt("eot", "clip: text vector: eot (causal, last token) | mean")
-    # inpainting (context encoder): the removed region and the loss weights
-    mask: str = _opt("center", "inpainting: region removed, center (one square) | random (blocks)")
-    mask_size: int | None = _opt(
-        None,
-        "inpainting: side of each removed square (default: center H/2, random H/4)",
-        check=">=1",
-    )
-    mask_blocks: int = _opt(
-        4, "inpainting: squares removed per image with --mask random", check=">=1"
-    )
-    rec: float = _opt(0.999, "inpainting: weight of the L2 loss on the removed region")
-    adv: float = _opt(0.001, "inpainting: weight of the adversarial loss (0: L2 only)")
-    rec_outside: float = _opt(
-        0.0, "inpainting: weight of the L2 loss outside the region, relative to inside"
-    )
-    # mae: the ViT (--backbone vit-mini | vit-tiny | vit-small | vit-base), masking, decoder
-    patch_size: int = _opt(
-        4, "mae: ViT patch side in pixels (must divide the image size)", check=">=1"
-    )
-    mask_ratio: float = _opt(
-        0.75, "mae: fraction of patches hidden from the encoder", check="(0,1)"
-    )
-    norm_pix_loss: bool = _opt(True, "mae: normalise each target patch by its mean and std")
-    decoder_dim: int = _opt(128, "mae: width of the light decoder")
-    decoder_depth: int = _opt(2, "mae: transformer blocks of the decoder")
-    # jigsaw: the tile grid, the random gaps between tiles and the permutation set
-    jigsaw_grid: int = _opt(3, "jigsaw: tiles per side (3: a 3×3 puzzle)")
-    jigsaw_jitter: int | None = _opt(
-        None,
-        "jigsaw: a tile is this many pixels smaller than its cell (default: 0.15 of the cell)",
-    )
-    jigsaw_permutations: int = _opt(
-        100,
-        "jigsaw: size of the permutation set (greedy maximal minimum Hamming distance)",
-    )
-    # colorization: L of Lab in, a distribution over quantised ab colours out
-    ab_grid: float = _opt(
-        10.0, "colorization: side of an ab colour bin (Zhang et al.: 10)", check=">0"
-    )
-    rebalance: float = _opt(
-        0.5,
-        "colorization: class rebalancing, mix of uniform in the prior (1: no rebalancing)",
-        check="[0,1]",
-    )
     epochs: int = _opt(10, "training epochs", check=">=1")
     batch_size: int = _opt(256, "images per batch (each gives two views)", check=">=1")
     optimizer: str = _opt("adamw", "sgd | lars | adamw")
@@ -197,6 +127,10 @@ class PretrainConfig:
     )
     out: str | None = _opt(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
     resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the method's own options by name (its Options dataclass)", "cli": False},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -252,11 +186,15 @@ class EvalConfig:
 RUN_SECTIONS = ("dataset", "encoder", "text", "captions")
 
 
-def read_config_file(path: str, cls: type) -> dict[str, Any]:
-    """Options of `cls` from a YAML file, with their types; one line for anything wrong.
+def read_config_file(
+    path: str, types: dict[str, type], ignored: set[str] = frozenset()
+) -> dict[str, Any]:
+    """Options from a YAML file, checked against `types` (option name -> type); one line for
+    anything wrong. Keys may be spelled with - or _.
 
-    A run's own config.yaml is accepted as it is: its data sections, its run folder (`out`) and
-    `resume` are skipped, so giving it back starts a new run with the same options.
+    A run's own config.yaml is accepted as it is: its data sections, its run folder (`out`),
+    `resume` and the `ignored` names (other methods' options an older run recorded) are
+    skipped, so giving it back starts a new run with the same options.
     """
     import yaml
 
@@ -272,29 +210,28 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise SelfsupError(f"--config {path}: expected a mapping of option: value")
     is_run = "encoder" in values
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     options: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name in RUN_SECTIONS or (is_run and name in ("out", "resume")):
+        if is_run and (name in RUN_SECTIONS or name in ("out", "resume") or name in ignored):
             continue
-        if name not in fields:
+        if name not in types:
             raise SelfsupError(f"--config {path}: {key!r} is not an option of this command")
-        tp = _base_type(hints[name])
-        if value is not None and tp is str and not isinstance(value, str):
-            value = str(value)  # `devices: 2` in YAML is the string option "2"
-        if (
-            value is not None
-            and tp is float
-            and isinstance(value, int)
-            and not isinstance(value, bool)
-        ):
-            value = float(value)
-        if value is not None and not isinstance(value, tp if tp is not float else (float, int)):
-            raise SelfsupError(f"--config {path}: {key} must be {tp.__name__}, got {value!r}")
-        options[name] = value
+        options[name] = _typed(value, types[name], f"--config {path}: {key}")
     return options
+
+
+def _typed(value: Any, tp: type, where: str) -> Any:
+    """A YAML value as the option's type (`devices: 2` is the string "2"; 1 is 1.0)."""
+    if value is None:
+        return None
+    if tp is str and not isinstance(value, (dict, list)):
+        return str(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise SelfsupError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
 
 
 def _base_type(tp: Any) -> Any:
@@ -305,25 +242,48 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def type_of(annotation: str) -> type:
+    """The option type an annotation names: "int | None" -> int."""
+    names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+    return TYPES[names[0]]
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """A config dataclass's command-line options and their types."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: _base_type(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", True)
+    }
+
+
+def add_option(
+    parser: Any, name: str, tp: type, default: Any, help: str, *, suppress: bool = False
+) -> None:
+    """`--name-with-dashes` (bools as --x/--no-x); `suppress` leaves an option that is not
+    given out of the namespace, so that only what the user chose is passed on."""
+    flag = "--" + name.replace("_", "-")
+    # (argparse's BooleanOptionalAction adds the default to the help itself.)
+    shown = f" (default: {default})" if default is not None and (tp is not bool or suppress) else ""
+    kwargs: dict[str, Any] = dict(
+        dest=name, default=argparse.SUPPRESS if suppress else default, help=help + shown
+    )
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    else:
+        parser.add_argument(flag, type=tp, **kwargs)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Mirror a config dataclass as `--field-name` options (bools become --x/--no-x)."""
-    hints = typing.get_type_hints(cls)
+    types_ = field_types(cls)
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if tp is bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=help_text,
-            )
-        else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=f.default, help=help_text)
+        if f.name in types_:
+            add_option(parser, f.name, types_[f.name], f.default, f.metadata.get("help", ""))
 
 
 def from_namespace(cls: type, ns: argparse.Namespace, **extra: Any) -> Any:

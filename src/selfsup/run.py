@@ -13,6 +13,7 @@ RUN/
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -130,6 +131,26 @@ def load_encoder(run: str | Path) -> torch.nn.Module:
         raise SelfsupError(f"{weights} is not a readable safetensors file ({e})") from None
     encoder.load_state_dict(state)
     return encoder.eval()
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """A Lightning checkpoint loaded with weights_only=True, or a one-line error saying why not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a pickle of objects: damaged or no checkpoint
+            message = f"{path}: not a readable checkpoint (damaged or another format)"
+            raise SelfsupError(message) from None
+        raise SelfsupError(
+            f"{path}: holds Python objects that weights-only loading refuses; selfsup never "
+            "unpickles checkpoints it did not write"
+        ) from None
+    except Exception as e:  # torch raises several types for truncated or corrupt files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SelfsupError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise SelfsupError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
 
 
 def last_checkpoint(run: str | Path) -> Path | None:

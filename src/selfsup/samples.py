@@ -35,37 +35,29 @@ def find_checkpoint(run: Path, checkpoint: str) -> Path:
         raise SelfsupError(f"--checkpoint {checkpoint}: {folder} has no last.ckpt (no epoch ended)")
     if checkpoint == "last":
         return last
-    for state in _load(last).get("callbacks", {}).values():
+    for state in rundir.load_checkpoint(last).get("callbacks", {}).values():
         best = state.get("best_model_path") if isinstance(state, dict) else None
         if best and (folder / Path(best).name).is_file():  # by name: the run may have moved
             return folder / Path(best).name
     raise SelfsupError(f"--checkpoint best: {last} records no best checkpoint in {folder}")
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SelfsupError(f"{path} is not a readable checkpoint ({first})") from None
-
-
 def load_method(run: str | Path, checkpoint: str = "last") -> tuple[Method, Any, int]:
     """(the run's method with the checkpoint's weights in eval mode, its training data, epoch)."""
+    from selfsup.method_options import build_options, config_from_saved
     from selfsup.methods import METHODS, get_method
-    from selfsup.train import _load_data
 
     run = Path(run)
     saved = rundir.read_config(run)
     if saved.get("method") not in METHODS:
         raise SelfsupError(f"{run / rundir.CONFIG}: method {saved.get('method')!r} is unknown")
-    state = _load(find_checkpoint(run, checkpoint))
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    config = PretrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    config = dataclasses.replace(config, out=str(run), resume=None)
-    train, _, extra = _load_data(config)
+    state = rundir.load_checkpoint(find_checkpoint(run, checkpoint))
+    config = dataclasses.replace(config_from_saved(saved), out=str(run), resume=None)
+    method_class = get_method(config.method)
+    options = build_options(config.method, config.options)
+    train, _, extra = method_class.load_data(config, options)
     data_info = {k: saved[k] for k in ("dataset", "encoder")}
-    method = get_method(config.method)(config, data_info, **extra)
+    method = method_class(config, data_info, options, **extra)
     try:
         method.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError) as e:

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import logging
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -23,13 +22,13 @@ from selfsup import metrics_log
 from selfsup import run as rundir
 from selfsup.augment import RECIPES
 from selfsup.config import PretrainConfig
-from selfsup.data import ImageData, batch_loader, load_splits
+from selfsup.data import ImageData, batch_loader
 from selfsup.data.sources import HOLDOUT, stratified_indices
 from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.method_options import build_options, config_from_saved
 from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
 from selfsup.models import BACKBONES
-from selfsup.models.vit import VIT_SIZES
 from selfsup.optim import OPTIMIZERS
 
 STATS_SAMPLES = 10_000
@@ -49,7 +48,13 @@ def pretrain(
     Every option, the device, the data and the run directory are checked before anything is
     written; a run that fails before its first checkpoint leaves no folder behind.
     """
-    config = dataclasses.replace(config or PretrainConfig(), **options)
+    shared = {f.name for f in dataclasses.fields(PretrainConfig)}
+    config = dataclasses.replace(
+        config or PretrainConfig(), **{k: v for k, v in options.items() if k in shared}
+    )
+    own = {k: v for k, v in options.items() if k not in shared}
+    if own:  # the method's own options, by name: `pretrain(method="mae", mask_ratio=0.5)`
+        config = dataclasses.replace(config, options={**config.options, **own})
     command = command or _python_call(config)
     checkpoint, resume_step = None, None
     if config.resume:
@@ -57,10 +62,11 @@ def pretrain(
     elif config.method is None:
         config = dataclasses.replace(config, method=DEFAULT_METHOD)
     if config.method not in METHODS:
-        raise SelfsupError(
-            f"method {config.method!r} is unknown; expected one of {', '.join(METHODS)}"
-        )
-    config = get_method(config.method).with_defaults(config)
+        known = ", ".join(METHODS)
+        raise SelfsupError(f"method {config.method!r} is unknown; expected one of {known}")
+    method_class = get_method(config.method)
+    config = method_class.with_defaults(config)
+    method_options = build_options(config.method, config.options)
     _check_names(config)
     check_accelerator(config.accelerator)
     if config.sync_batchnorm and not _on_gpu(config):
@@ -71,7 +77,7 @@ def pretrain(
     if checkpoint is None and rundir.is_first_process():
         _check_run_dir_free(run)  # before the (possibly slow) data loading
 
-    train, test, data_extra = _load_data(config)
+    train, test, data_extra = method_class.load_data(config, method_options)
     if len(train) < config.batch_size:
         raise SelfsupError(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
@@ -79,7 +85,9 @@ def pretrain(
         )
     config = dataclasses.replace(config, out=str(run))
     L.seed_everything(config.seed, verbose=False)
-    method = get_method(config.method)(config, _data_info(config, train, test), **data_extra)
+    info = _data_info(config, train, test)
+    info["encoder"].update(method_class.encoder_spec(config, method_options, train))
+    method = method_class(config, info, method_options, **data_extra)
     if checkpoint is not None:
         _check_checkpoint_fits(method, checkpoint)
     hint = ResumeHint(run)
@@ -147,29 +155,6 @@ def check_accelerator(accelerator: str) -> None:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def _load_data(config: PretrainConfig) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
-    """(train, test, extra arguments of the method): clip's images come with captions."""
-    options = dict(
-        data_dir=config.data_dir,
-        download=config.download,
-        limit=config.limit,
-        image_size=config.image_size,
-    )
-    if config.method == "clip":
-        from selfsup.data.captions import load_captions
-
-        train, held_out = load_captions(
-            config.data,
-            templates=config.templates,
-            skip_bad=config.skip_bad,
-            holdout=config.caption_holdout,
-            **options,
-        )
-        test = held_out.images if held_out is not None else None
-        return train.images, test, {"captions": train}
-    return (*load_splits(config.data, seed=config.seed, **options), {})
-
-
 def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
     """(the run's own config with the allowed changes, its last checkpoint, that checkpoint's
     step), after checking that the checkpoint loads and that no other option was changed."""
@@ -181,8 +166,7 @@ def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
             f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} (no epoch finished); "
             f"start it afresh with --out {run}"
         )
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    resumed = PretrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    resumed = config_from_saved(saved)
     if config.method is not None and config.method != resumed.method:
         raise SelfsupError(
             f"--resume {run}: that run trains {resumed.method}, not {config.method}; "
@@ -190,7 +174,7 @@ def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
         )
     defaults = PretrainConfig()
     for f in dataclasses.fields(PretrainConfig):
-        if f.name in (*RESUMABLE_CHANGES, "method", "resume", "out"):
+        if f.name in (*RESUMABLE_CHANGES, "method", "resume", "out", "options"):
             continue
         given, own = getattr(config, f.name), getattr(resumed, f.name)
         if given != getattr(defaults, f.name) and given != own:
@@ -199,32 +183,22 @@ def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
                 f"--resume {run}: {flag} {given} differs from the run's {own}; a resumed run "
                 f"keeps its options (only {', '.join(RESUMABLE_CHANGES)} may change)"
             )
+    for name, given in config.options.items():
+        own = resumed.options.get(name)
+        if given != own:
+            raise SelfsupError(
+                f"--resume {run}: --{name.replace('_', '-')} {given} differs from the run's "
+                f"{own}; a resumed run keeps its options"
+            )
     changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
     changes = {k: v for k, v in changes.items() if v != getattr(defaults, k)}
-    step = metrics_log.resumed_step(load_checkpoint(checkpoint))
+    step = metrics_log.resumed_step(rundir.load_checkpoint(checkpoint))
     resumed = dataclasses.replace(resumed, **changes, out=str(run), resume=None)
     return resumed, str(checkpoint), step
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """A Lightning checkpoint loaded with weights_only=True, or a one-line error saying why not."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SelfsupError(
-            f"{path}: holds Python objects that weights-only loading refuses; selfsup never "
-            "unpickles checkpoints it did not write"
-        ) from None
-    except Exception as e:  # torch raises several types for truncated or corrupt files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SelfsupError(f"{path}: not a readable checkpoint ({first})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise SelfsupError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
 def _check_checkpoint_fits(method: Method, checkpoint: str) -> None:
-    state = load_checkpoint(checkpoint)["state_dict"]
+    state = rundir.load_checkpoint(checkpoint)["state_dict"]
     try:
         method.load_state_dict(state)  # what fit() does first; here the error is one line
     except RuntimeError as e:
@@ -238,14 +212,10 @@ def _python_call(config: PretrainConfig) -> str:
     changed = [
         f"{f.name}={getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
-        if getattr(config, f.name) != f.default
+        if f.name != "options" and getattr(config, f.name) != f.default
     ]
+    changed += [f"{name}={value!r}" for name, value in config.options.items()]
     return f"selfsup.pretrain({', '.join(changed)})"
-
-
-# Methods whose views only meet the encoder (global pooling makes it size-agnostic), so views may
-# be smaller than the images: fewer pixels per step, and evaluation still sees whole images.
-CROP_SIZE_METHODS = ("simclr", "supcon")
 
 
 def _check_names(config: PretrainConfig) -> None:
@@ -257,23 +227,6 @@ def _check_names(config: PretrainConfig) -> None:
     ]:
         if value not in valid:
             raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
-    if config.crop_size is not None:
-        _check_crop_size(config)
-
-
-def _check_crop_size(config: PretrainConfig) -> None:
-    if config.method not in CROP_SIZE_METHODS:
-        raise SelfsupError(
-            f"--crop-size applies to {' and '.join(CROP_SIZE_METHODS)} (their loss compares the "
-            f"encoder's features of the views), not to {config.method}"
-        )
-    if config.crop_size < 4:
-        raise SelfsupError(f"--crop-size must be at least 4 pixels, got {config.crop_size}")
-    if config.backbone in VIT_SIZES:
-        raise SelfsupError(
-            f"--crop-size needs a convolutional backbone; {config.backbone}'s position "
-            "embeddings fix its input size"
-        )
 
 
 def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None) -> dict[str, Any]:
@@ -304,12 +257,6 @@ def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None)
             "small_images": small,
             "mean": mean,
             "std": std,
-            # A linear autoencoder's encoder is one linear map of the pixels to its code.
-            **(
-                {"backbone": "linear", "image_size": [h, w], "feature_dim": config.code_dim}
-                if config.method == "autoencoder" and config.linear_autoencoder
-                else {}
-            ),
         },
     }
 

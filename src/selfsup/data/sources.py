@@ -333,7 +333,7 @@ def load_splits(
     else:
         hint = f"; {spec} is a path: use npz:{spec} or folder:{spec}" if Path(spec).exists() else ""
         raise SelfsupError(f"unknown --data {spec!r}: expected one of {SPECS}{hint}")
-    if test is None and train.has_labels:
+    if test is None and train.has_labels and len(train) > 1:
         train, test = hold_out(train)
     if limit is not None:
         train = train.subset(stratified_indices(train.y, min(limit, len(train)), seed=None))
@@ -345,7 +345,7 @@ def load_splits(
 def hold_out(data: ImageData) -> tuple[ImageData, ImageData]:
     """(the rest, a stratified HOLDOUT of `data` as a test split), the same every time."""
     y = data.y.numpy()  # type: ignore[union-attr]
-    held = stratified_indices(y, round(len(data) * HOLDOUT), seed=0)
+    held = stratified_indices(y, max(1, round(len(data) * HOLDOUT)), seed=0)
     rest = np.setdiff1d(np.arange(len(data)), held)
     test = data.subset(held)
     test.held_out = True

@@ -7,7 +7,7 @@ devices, precision, checkpoints, resume, logging, progress bars -- comes from Li
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,18 +18,28 @@ from torch import Tensor, nn
 
 from selfsup.augment import build_recipe
 from selfsup.config import PretrainConfig
+from selfsup.data import ImageData, load_splits
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.models import Encoder
 from selfsup.optim import build_optimizer, parameter_groups, warmup_cosine
 
 
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
 class Method(L.LightningModule):
     """Base class: subclasses set up their heads in `__init__` and implement `pretext_loss`.
 
-    A method declares its own defaults: `default_recipe` (None: it draws no augmented views, so
-    `--recipe` does not apply) and `default_backbone`; they fill the options a user left unset.
+    A method declares what is its own, in its file: `Options` (a dataclass of its options, shown
+    by `selfsup pretrain METHOD --help`), `default_recipe` (None: it draws no augmented views,
+    so `--recipe` does not apply) and `default_backbone`, which fill what a user left unset.
+    Hooks with defaults: `load_data` (what --data means for it), `encoder_spec` (the encoder
+    it trains), `view_size`.
     """
 
+    Options: ClassVar[type] = NoOptions
     default_recipe: ClassVar[str | None] = "simclr"
     default_backbone: ClassVar[str] = "convnet"
 
@@ -46,15 +56,54 @@ class Method(L.LightningModule):
             backbone=config.backbone or cls.default_backbone,
         )
 
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+    @classmethod
+    def load_data(
+        cls, config: PretrainConfig, options: Any
+    ) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
+        """(train, test, extra keyword arguments of the method) for `config.data`."""
+        train, test = load_splits(
+            config.data,
+            data_dir=config.data_dir,
+            download=config.download,
+            limit=config.limit,
+            image_size=config.image_size,
+            seed=config.seed,
+        )
+        return train, test, {}
+
+    @classmethod
+    def encoder_spec(cls, config: PretrainConfig, options: Any, data: ImageData) -> dict[str, Any]:
+        """Changes to the encoder `config.backbone` describes (e.g. a linear encoder)."""
+        return {}
+
+    def view_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The side of the views the recipe draws (the images' own by default)."""
+        return image_size
+
+    @classmethod
+    def create(cls, data_info: dict[str, Any], **options: Any) -> Method:
+        """The method from option names as `selfsup.pretrain` takes them, shared or its own
+        (for tests and notebooks): `MAE.create(info, patch_size=8, backbone="vit-tiny")`."""
+        from selfsup.config import check_fields
+
+        shared = {f.name for f in dataclasses.fields(PretrainConfig)}
+        config = PretrainConfig(**{k: v for k, v in options.items() if k in shared})
+        own = cls.Options(**{k: v for k, v in options.items() if k not in shared})
+        check_fields(own)
+        return cls(config, data_info, own)
+
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Any = None
+    ) -> None:
         super().__init__()
         config = self.with_defaults(config)
         self.config = config
+        self.options = options if options is not None else self.Options()
         self.data_info = data_info
+        dataset = data_info["dataset"]
+        view_size = self.view_size(tuple(dataset["image_size"]))  # may refuse the options
         self.encoder = Encoder(**data_info["encoder"])
         self.encoder.use_channels_last()
-        dataset = data_info["dataset"]
-        view_size = (config.crop_size,) * 2 if config.crop_size else tuple(dataset["image_size"])
         self.views = build_recipe(config.recipe, view_size, dataset["channels"])
         num_classes = dataset["num_classes"]
         # Features are standardised (BN without affine) before the online probe: some pretext
@@ -97,7 +146,7 @@ class Method(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the {self.config.method} loss became {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); lower --lr or raise --temperature"
+                f"(epoch {self.current_epoch}); lower --lr"
             )
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         total = loss
@@ -139,5 +188,7 @@ class Method(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def run_config(self) -> dict[str, Any]:
-        """What config.yaml holds: the user's options plus what was learned about the data."""
-        return {**asdict(self.config), **self.data_info}
+        """What config.yaml holds, flat: the shared options, the method's own, and what was
+        learned about the data."""
+        shared = {k: v for k, v in asdict(self.config).items() if k != "options"}
+        return {**shared, **asdict(self.options), **self.data_info}

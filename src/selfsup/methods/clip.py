@@ -12,6 +12,7 @@ classification and retrieval.
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 
 from selfsup import run as rundir
 from selfsup.augment.preview import _save, _show
-from selfsup.config import PretrainConfig
-from selfsup.data import adapt_images
+from selfsup.config import PretrainConfig, option
+from selfsup.data import ImageData, adapt_images
 from selfsup.data.captions import CaptionData
 from selfsup.errors import SelfsupError
 from selfsup.lm.tokenizer import KINDS
@@ -33,6 +34,30 @@ from selfsup.losses.clip import LogitScale, clip_loss
 from selfsup.methods.base import Method
 from selfsup.models import Encoder
 from selfsup.models.text import POOLINGS, TextTransformer
+
+
+@dataclass
+class Options:
+    """CLIP's own options: caption data, the text transformer and its tokenizer."""
+
+    templates: str | None = option(
+        None, "caption templates for labeled data, '|'-separated or a file (each with {})"
+    )
+    skip_bad: bool = option(
+        False, "skip (and count) caption rows with a missing image or an empty caption"
+    )
+    caption_holdout: float = option(
+        0.2, "the last fraction of caption-file images held out for retrieval", check="[0,1)"
+    )
+    text_tokenizer: str = option("bpe", "caption tokenizer, bpe | char")
+    text_vocab: int = option(1024, "BPE vocabulary size (at least 259)", check=">=1")
+    text_width: int = option(256, "width of the text transformer", check=">=1")
+    text_layers: int = option(4, "layers of the text transformer", check=">=1")
+    text_heads: int = option(4, "attention heads of the text transformer", check=">=1")
+    text_context: int = option(32, "longest caption in tokens (longer ones are cut)", check=">=2")
+    text_pooling: str = option("eot", "text vector: eot (causal, last token) | mean")
+    projection_dim: int = option(128, "size of the shared image–text embedding", check=">=1")
+
 
 PAD, EOT, UNK = "[PAD]", "<|endoftext|>", "[UNK]"
 TOKENIZER_DIR = "tokenizer"
@@ -65,25 +90,25 @@ def train_caption_tokenizer(captions: list[list[str]], kind: str, vocab_size: in
     return train_tokenizer(texts, kind=kind, vocab_size=vocab_size, special_tokens=[PAD, EOT, UNK])
 
 
-def _check_text_options(config: PretrainConfig) -> None:
-    for option, value, valid in [
-        ("--text-tokenizer", config.text_tokenizer, KINDS),
-        ("--text-pooling", config.text_pooling, POOLINGS),
+def _check_text_options(options: Options) -> None:
+    for flag, value, valid in [
+        ("--text-tokenizer", options.text_tokenizer, KINDS),
+        ("--text-pooling", options.text_pooling, POOLINGS),
     ]:
         if value not in valid:
-            raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
-    for option, value, least in [
-        ("--text-vocab", config.text_vocab, 256 + 3),  # BPE: all bytes + PAD, EOT, UNK
-        ("--text-context", config.text_context, 2),
-        ("--text-layers", config.text_layers, 1),
-        ("--text-heads", config.text_heads, 1),
+            raise SelfsupError(f"{flag} {value!r} is unknown; expected one of {', '.join(valid)}")
+    for flag, value, least in [
+        ("--text-vocab", options.text_vocab, 256 + 3),  # BPE: all bytes + PAD, EOT, UNK
+        ("--text-context", options.text_context, 2),
+        ("--text-layers", options.text_layers, 1),
+        ("--text-heads", options.text_heads, 1),
     ]:
         if value < least:
-            raise SelfsupError(f"{option} must be at least {least}, got {value}")
-    if config.text_width % config.text_heads:
+            raise SelfsupError(f"{flag} must be at least {least}, got {value}")
+    if options.text_width % options.text_heads:
         raise SelfsupError(
-            f"--text-width {config.text_width} must be a multiple of "
-            f"--text-heads {config.text_heads}"
+            f"--text-width {options.text_width} must be a multiple of "
+            f"--text-heads {options.text_heads}"
         )
 
 
@@ -99,17 +124,41 @@ class Towers(nn.Module):
 
 
 class CLIP(Method):
+    Options = Options
     # Crops and flips only: colour jitter and grayscale would contradict captions ("a red car").
     default_recipe = "light"
+
+    @classmethod
+    def load_data(
+        cls, config: PretrainConfig, options: Options
+    ) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
+        """Images with captions (caption files hold out their last --caption-holdout for
+        retrieval); the captions go to the method."""
+        from selfsup.data.captions import load_captions
+
+        train, held_out = load_captions(
+            config.data,
+            templates=options.templates,
+            skip_bad=options.skip_bad,
+            holdout=options.caption_holdout,
+            data_dir=config.data_dir,
+            download=config.download,
+            limit=config.limit,
+            image_size=config.image_size,
+        )
+        test = held_out.images if held_out is not None else None
+        return train.images, test, {"captions": train}
 
     def __init__(
         self,
         config: PretrainConfig,
         data_info: dict[str, Any],
+        options: Options | None = None,
         captions: CaptionData | None = None,
     ) -> None:
-        super().__init__(config, data_info)
-        _check_text_options(config)
+        options = options if options is not None else Options()
+        _check_text_options(options)
+        super().__init__(config, data_info, options)
         saved = Path(config.out or "") / TOKENIZER_DIR
         if config.out and (saved / "tokenizer.json").is_file():  # resuming: the run's tokenizer
             from selfsup.lm.tokenizer import load_tokenizer
@@ -117,20 +166,20 @@ class CLIP(Method):
             self.tokenizer = load_tokenizer(saved)
         elif captions is not None:
             self.tokenizer = train_caption_tokenizer(
-                captions.captions, config.text_tokenizer, config.text_vocab
+                captions.captions, options.text_tokenizer, options.text_vocab
             )
         else:
             raise SelfsupError("clip needs image–caption data (see `selfsup pretrain clip --help`)")
         text_config = dict(
             vocab_size=len(self.tokenizer),
-            width=config.text_width,
-            layers=config.text_layers,
-            heads=config.text_heads,
-            context=config.text_context,
+            width=options.text_width,
+            layers=options.text_layers,
+            heads=options.text_heads,
+            context=options.text_context,
             pad_id=self.tokenizer.pad_token_id,
-            pooling=config.text_pooling,
+            pooling=options.text_pooling,
         )
-        self.towers = Towers(text_config, self.encoder.feature_dim, config.projection_dim)
+        self.towers = Towers(text_config, self.encoder.feature_dim, options.projection_dim)
         self.data_info = {**data_info, "text": text_config}
         if captions is not None:
             self.data_info["captions"] = {
@@ -148,7 +197,7 @@ class CLIP(Method):
 
     def _caption_table(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
         """(G×K×context token ids, G caption counts): group g's k-th caption, K the most."""
-        context, pad = self.config.text_context, self.tokenizer.pad_token_id
+        context, pad = self.options.text_context, self.tokenizer.pad_token_id
         counts = torch.tensor([len(c) for c in captions])
         flat = tokenize(self.tokenizer, [c for group in captions for c in group], context)
         table = torch.full((len(captions), int(counts.max()), context), pad, dtype=torch.long)

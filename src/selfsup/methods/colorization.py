@@ -23,6 +23,7 @@ Colour augmentations would change the colours to predict, so the method's defaul
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,23 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from selfsup.augment.preview import _save, _show
-from selfsup.config import PretrainConfig
+from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
 from selfsup.models.vit import VIT_SIZES
+
+
+@dataclass
+class Options:
+    """Colorization's own options: the ab colour bins and class rebalancing."""
+
+    ab_grid: float = option(10.0, "side of an ab colour bin (Zhang et al.: 10)", check=">0")
+    rebalance: float = option(
+        0.5,
+        "class rebalancing, mix of uniform in the prior (1: no rebalancing)",
+        check="[0,1]",
+    )
+
 
 NEIGHBOURS, SIGMA = 5, 5.0  # soft encoding and prior smoothing, as in the paper
 TEMPERATURE = 0.38  # annealed mean: between the mean (1) and the mode (0)
@@ -110,16 +124,20 @@ class ColorHead(nn.Sequential):
 
 
 class Colorization(Method):
+    Options = Options
     default_recipe = "light"  # colour jitter and grayscale would change the colours to predict
 
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        options = options if options is not None else Options()
         dataset, encoder = data_info["dataset"], data_info["encoder"]
         config = self.with_defaults(config)
-        _check_options(config, dataset, encoder)
+        _check_options(config, options, dataset, encoder)
         encoder = {**encoder, "lightness": True, "mean": [L_MEAN], "std": [L_STD]}
-        super().__init__(config, {**data_info, "encoder": encoder})
+        super().__init__(config, {**data_info, "encoder": encoder}, options)
         h, w = dataset["image_size"]
-        self.register_buffer("centres", ab_bins(config.ab_grid))
+        self.register_buffer("centres", ab_bins(options.ab_grid))
         # The running colour prior (bin counts of the training targets seen so far).
         self.register_buffer("counts", torch.zeros(len(self.centres)))
         self.target_size = (max(1, h // 4), max(1, w // 4))
@@ -152,7 +170,7 @@ class Colorization(Method):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(batch_counts)  # one prior on every process
             self.counts += batch_counts
-            weights = rebalancing_weights(self.counts, self.centres, self.config.rebalance)
+            weights = rebalancing_weights(self.counts, self.centres, self.options.rebalance)
         cross_entropy = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
         accuracy = (logits.argmax(dim=1) == hard).float().mean()
         self.log("train/color_acc", accuracy, prog_bar=True)
@@ -181,7 +199,7 @@ class Colorization(Method):
         _save(fig, path)
 
 
-def _check_options(config: PretrainConfig, dataset: dict, encoder: dict) -> None:
+def _check_options(config: PretrainConfig, options: Options, dataset: dict, encoder: dict) -> None:
     # Identical statistics in all three channels: gray images stored as RGB. (A run being
     # reloaded, e.g. by `selfsup samples`, has the L encoder's statistics instead.)
     gray = not encoder.get("lightness") and len({*encoder["mean"]}) == len({*encoder["std"]}) == 1
@@ -196,12 +214,12 @@ def _check_options(config: PretrainConfig, dataset: dict, encoder: dict) -> None
             f"--backbone {config.backbone}: colorization needs a convolutional backbone "
             "(convnet, convnet-wide, resnet18, resnet50) for its per-pixel head"
         )
-    if not 2 <= config.ab_grid <= 50:
+    if not 2 <= options.ab_grid <= 50:
         raise SelfsupError(
-            f"--ab-grid is in ab units, between 2 and 50 (paper: 10), got {config.ab_grid}"
+            f"--ab-grid is in ab units, between 2 and 50 (paper: 10), got {options.ab_grid}"
         )
-    if not 0 < config.rebalance <= 1:
+    if not 0 < options.rebalance <= 1:
         raise SelfsupError(
             f"--rebalance mixes a uniform prior in and must be in (0, 1] (1: none), "
-            f"got {config.rebalance}"
+            f"got {options.rebalance}"
         )

@@ -19,6 +19,7 @@ sees detached paintings, so neither loss moves the other player.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,37 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from selfsup.augment.preview import _save, _show
-from selfsup.config import PretrainConfig
+from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
 from selfsup.models.decoders import ConvDecoder
 
+
+@dataclass
+class Options:
+    """The context encoder's own options: the removed region and the loss weights."""
+
+    mask: str = option("center", "region removed, center (one square) | random (blocks)")
+    mask_size: int | None = option(
+        None,
+        "side of each removed square (default: center H/2, random H/4)",
+        check=">=1",
+    )
+    mask_blocks: int = option(4, "squares removed per image with --mask random", check=">=1")
+    rec: float = option(0.999, "weight of the L2 loss on the removed region")
+    adv: float = option(0.001, "weight of the adversarial loss (0: L2 only)")
+    rec_outside: float = option(0.0, "weight of the L2 loss outside the region, relative to inside")
+
+
 MASKS = ("center", "random")
 
 
-def mask_side(config: PretrainConfig, image_size: tuple[int, int]) -> int:
+def mask_side(options: Options, image_size: tuple[int, int]) -> int:
     """The side of each removed square: --mask-size, or half (center) / a quarter (random) of
     the shorter image side."""
-    if config.mask_size is not None:
-        return config.mask_size
-    return max(1, min(image_size) // (2 if config.mask == "center" else 4))
+    if options.mask_size is not None:
+        return options.mask_size
+    return max(1, min(image_size) // (2 if options.mask == "center" else 4))
 
 
 def center_mask(batch: int, image_size: tuple[int, int], side: int, device: Any = "cpu") -> Tensor:
@@ -102,22 +120,26 @@ class Discriminator(nn.Module):
 
 
 class Inpainting(Method):
+    Options = Options
     default_recipe = None  # the removed region is the only corruption
 
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        options = options if options is not None else Options()
+        super().__init__(config, data_info, options)
         dataset = data_info["dataset"]
         self.image_size: tuple[int, int] = tuple(dataset["image_size"])  # type: ignore[assignment]
-        _check_options(config, self.image_size)
-        self.side = mask_side(config, self.image_size)
+        _check_options(options, self.image_size)
+        self.side = mask_side(options, self.image_size)
         self.decoder = ConvDecoder(self.encoder.feature_dim, dataset["channels"], self.image_size)
-        self.discriminator = Discriminator(dataset["channels"]) if config.adv > 0 else None
+        self.discriminator = Discriminator(dataset["channels"]) if options.adv > 0 else None
 
     def masks(self, batch: int, g: torch.Generator) -> Tensor:
         """B×1×H×W, 1 where pixels are removed."""
-        if self.config.mask == "center":
+        if self.options.mask == "center":
             return center_mask(batch, self.image_size, self.side, g.device)
-        return random_block_mask(batch, self.image_size, self.side, self.config.mask_blocks, g)
+        return random_block_mask(batch, self.image_size, self.side, self.options.mask_blocks, g)
 
     def context(self, clean: Tensor, mask: Tensor) -> Tensor:
         """The encoder's input: removed pixels set to the dataset mean (0 after normalising)."""
@@ -130,7 +152,7 @@ class Inpainting(Method):
 
     def judged(self, images: Tensor) -> Tensor:
         """What the discriminator sees: the centre square (center) or the whole image."""
-        if self.config.mask != "center":
+        if self.options.mask != "center":
             return images
         h, w = self.image_size
         top, left = (h - self.side) // 2, (w - self.side) // 2
@@ -141,9 +163,9 @@ class Inpainting(Method):
         mask = self.masks(len(x), g)
         painted, features = self.paint(clean, mask)
         painted = painted.float()
-        reconstruction = masked_l2(painted, clean, mask, self.config.rec_outside)
+        reconstruction = masked_l2(painted, clean, mask, self.options.rec_outside)
         self.log("train/rec_loss", reconstruction)
-        loss = self.config.rec * reconstruction
+        loss = self.options.rec * reconstruction
         if self.discriminator is None:
             return loss, features
         composite = torch.where(mask.bool(), painted, clean)
@@ -158,7 +180,7 @@ class Inpainting(Method):
         discriminator = F.binary_cross_entropy_with_logits(logits, targets)
         self.log("train/adv_loss", adversarial)
         self.log("train/disc_loss", discriminator)
-        return loss + self.config.adv * adversarial + discriminator, features
+        return loss + self.options.adv * adversarial + discriminator, features
 
     def save_samples(self, x: Tensor, path: Path) -> None:
         """Rows: the context the encoder sees, the painted region pasted into it (titled L2 or
@@ -184,7 +206,7 @@ def inpaint_grid(method: Inpainting, x: Tensor, path: Path, *others: Inpainting)
     context, composite, truth = inpaint_rows(method, x)
     rows = [("context", context)]
     for m, painting in [(m, inpaint_rows(m, x)[1]) for m in others] + [(method, composite)]:
-        label = f"L2 + adversarial ({m.config.adv:g})" if m.config.adv > 0 else "L2 only"
+        label = f"L2 + adversarial ({m.options.adv:g})" if m.options.adv > 0 else "L2 only"
         rows.append((label, painting))
     rows.append(("ground truth", truth))
     fig = Figure(figsize=(1.4 * len(x), 1.6 * len(rows)))
@@ -195,20 +217,22 @@ def inpaint_grid(method: Inpainting, x: Tensor, path: Path, *others: Inpainting)
     return _save(fig, path)
 
 
-def _check_options(config: PretrainConfig, image_size: tuple[int, int]) -> None:
-    if config.mask not in MASKS:
-        raise SelfsupError(f"--mask {config.mask!r} is unknown; expected one of {', '.join(MASKS)}")
-    side = mask_side(config, image_size)
+def _check_options(options: Options, image_size: tuple[int, int]) -> None:
+    if options.mask not in MASKS:
+        raise SelfsupError(
+            f"--mask {options.mask!r} is unknown; expected one of {', '.join(MASKS)}"
+        )
+    side = mask_side(options, image_size)
     h, w = image_size
     if side < 1 or side >= min(h, w):
         raise SelfsupError(
             f"--mask-size {side} must be at least 1 and smaller than the {h}×{w} images "
             "(some context must remain)"
         )
-    if config.mask == "random" and config.mask_blocks < 1:
-        raise SelfsupError(f"--mask-blocks must be at least 1, got {config.mask_blocks}")
-    for option, value in [("--rec", config.rec), ("--adv", config.adv)]:
+    if options.mask == "random" and options.mask_blocks < 1:
+        raise SelfsupError(f"--mask-blocks must be at least 1, got {options.mask_blocks}")
+    for flag, value in [("--rec", options.rec), ("--adv", options.adv)]:
         if value < 0:
-            raise SelfsupError(f"{option} is a loss weight and must be >= 0, got {value}")
-    if config.rec_outside < 0:
-        raise SelfsupError(f"--rec-outside must be >= 0, got {config.rec_outside}")
+            raise SelfsupError(f"{flag} is a loss weight and must be >= 0, got {value}")
+    if options.rec_outside < 0:
+        raise SelfsupError(f"--rec-outside must be >= 0, got {options.rec_outside}")

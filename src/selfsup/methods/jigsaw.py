@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,29 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from selfsup.augment.preview import _save, _show
-from selfsup.config import PretrainConfig
+from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
 from selfsup.models import ProjectionHead
+
+
+@dataclass
+class Options:
+    """Jigsaw's own options: the tile grid, the gaps between tiles, the permutation set."""
+
+    jigsaw_grid: int = option(3, "tiles per side (3: a 3×3 puzzle)")
+    jigsaw_jitter: int | None = option(
+        None,
+        "a tile is this many pixels smaller than its cell (default: 0.15 of the cell)",
+    )
+    jigsaw_permutations: int = option(
+        100,
+        "size of the permutation set (greedy maximal minimum Hamming distance)",
+    )
+    projection_hidden: int = option(
+        512, "hidden size of the MLP that names the permutation", check=">=1"
+    )
+
 
 TILE_STD_FLOOR = 1 / 255  # one grey level: flat tiles are centred, not blown up to unit std
 MIN_TILE = 4  # pixels a side: smaller tiles carry too little to place them
@@ -166,18 +186,23 @@ def mosaic(tiles: Tensor, grid: int, gap: int = 1) -> Tensor:
 
 
 class Jigsaw(Method):
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+    Options = Options
+
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        options = options if options is not None else Options()
         size = data_info["dataset"]["image_size"]
-        self.grid = config.jigsaw_grid
-        self.cell, self.jitter = tile_layout(size, self.grid, config.jigsaw_jitter)
-        check_permutation_count(self.grid, config.jigsaw_permutations)
-        super().__init__(config, data_info)
-        permutations = permutation_set(self.grid**2, config.jigsaw_permutations, config.seed)
+        self.grid = options.jigsaw_grid
+        self.cell, self.jitter = tile_layout(size, self.grid, options.jigsaw_jitter)
+        check_permutation_count(self.grid, options.jigsaw_permutations)
+        super().__init__(config, data_info, options)
+        permutations = permutation_set(self.grid**2, options.jigsaw_permutations, config.seed)
         self.register_buffer("permutations", permutations)
         self.classifier = ProjectionHead(
             self.grid**2 * self.encoder.feature_dim,
-            config.projection_hidden,
-            config.jigsaw_permutations,
+            options.projection_hidden,
+            options.jigsaw_permutations,
         )
 
     def puzzle(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:

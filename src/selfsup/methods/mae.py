@@ -13,6 +13,7 @@ mean of its output tokens. It draws no augmented views, so it refuses a `--recip
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from selfsup.augment.preview import _save, _show
-from selfsup.config import PretrainConfig
+from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
 from selfsup.models.vit import (
@@ -34,6 +35,19 @@ from selfsup.models.vit import (
     sincos_positions,
     transformer,
 )
+
+
+@dataclass
+class Options:
+    """MAE's own options: patches, masking and the light decoder."""
+
+    patch_size: int = option(
+        4, "ViT patch side in pixels (must divide the image size)", check=">=1"
+    )
+    mask_ratio: float = option(0.75, "fraction of patches hidden from the encoder", check="(0,1)")
+    norm_pix_loss: bool = option(True, "normalise each target patch by its mean and std")
+    decoder_dim: int = option(128, "width of the light decoder")
+    decoder_depth: int = option(2, "transformer blocks of the decoder")
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -107,44 +121,48 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(Method):
+    Options = Options
     default_recipe = None  # masking is the only corruption
     default_backbone = "vit-mini"
 
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        options = options if options is not None else Options()
         config = self.with_defaults(config)
         backbone = config.backbone
         if backbone not in VIT_SIZES:
             raise SelfsupError(
                 f"--backbone {config.backbone}: mae needs a ViT, one of {', '.join(VIT_SIZES)}"
             )
-        if not 0 < config.mask_ratio < 1:
-            raise SelfsupError(f"--mask-ratio must be between 0 and 1, got {config.mask_ratio}")
-        if config.decoder_dim < 1 or config.decoder_dim % 32:
+        if not 0 < options.mask_ratio < 1:
+            raise SelfsupError(f"--mask-ratio must be between 0 and 1, got {options.mask_ratio}")
+        if options.decoder_dim < 1 or options.decoder_dim % 32:
             raise SelfsupError(
-                f"--decoder-dim must be a positive multiple of 32, got {config.decoder_dim}"
+                f"--decoder-dim must be a positive multiple of 32, got {options.decoder_dim}"
             )
-        if config.decoder_depth < 1:
-            raise SelfsupError(f"--decoder-depth must be at least 1, got {config.decoder_depth}")
+        if options.decoder_depth < 1:
+            raise SelfsupError(f"--decoder-depth must be at least 1, got {options.decoder_depth}")
         size = data_info["dataset"]["image_size"]
-        check_patch_size(size, config.patch_size)
-        patches = (size[0] // config.patch_size) * (size[1] // config.patch_size)
-        if int(patches * (1 - config.mask_ratio)) < 1:
+        check_patch_size(size, options.patch_size)
+        patches = (size[0] // options.patch_size) * (size[1] // options.patch_size)
+        if int(patches * (1 - options.mask_ratio)) < 1:
             raise SelfsupError(
-                f"--mask-ratio {config.mask_ratio} leaves no visible patch of the {patches}; "
+                f"--mask-ratio {options.mask_ratio} leaves no visible patch of the {patches}; "
                 "lower it or use a smaller --patch-size"
             )
         config = dataclasses.replace(config, backbone=backbone)
         encoder = {**data_info["encoder"], "backbone": backbone}
-        encoder.update(image_size=list(size), patch_size=config.patch_size)
-        super().__init__(config, {**data_info, "encoder": encoder})
+        encoder.update(image_size=list(size), patch_size=options.patch_size)
+        super().__init__(config, {**data_info, "encoder": encoder}, options)
         self.vit: ViT = self.encoder.backbone  # type: ignore[assignment]
         channels = data_info["dataset"]["channels"]
         self.decoder = MAEDecoder(
             self.vit,
-            config.decoder_dim,
-            config.decoder_depth,
-            heads=config.decoder_dim // 32,
-            patch_pixels=config.patch_size**2 * channels,
+            options.decoder_dim,
+            options.decoder_depth,
+            heads=options.decoder_dim // 32,
+            patch_pixels=options.patch_size**2 * channels,
         )
 
     def forward_mae(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -152,11 +170,11 @@ class MAE(Method):
         pixels = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         tokens = self.vit.embed((pixels - self.encoder.mean) / self.encoder.std)
         visible, restore, mask = random_masking(
-            len(x), tokens.shape[1], self.config.mask_ratio, g, x.device
+            len(x), tokens.shape[1], self.options.mask_ratio, g, x.device
         )
         encoded = self.vit.encode(_gather_tokens(tokens, visible))
         prediction = self.decoder(encoded, restore)
-        targets = patch_targets(patchify(pixels, self.vit.patch_size), self.config.norm_pix_loss)
+        targets = patch_targets(patchify(pixels, self.vit.patch_size), self.options.norm_pix_loss)
         return prediction.float(), targets, mask, encoded.mean(dim=1)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -174,7 +192,7 @@ class MAE(Method):
             prediction, _, mask, _ = self.forward_mae(x, g)
         p, grid, channels = self.vit.patch_size, self.vit.grid, x.shape[1]
         truth = patchify(x.float() / 255, p)
-        if self.config.norm_pix_loss:
+        if self.options.norm_pix_loss:
             mean = truth.mean(dim=-1, keepdim=True)
             std = (truth.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
             prediction = prediction * std + mean

@@ -42,8 +42,10 @@ def rotate_batch(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Rotation(Method):
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Any = None
+    ) -> None:
+        super().__init__(config, data_info, options)
         self.classifier = nn.Linear(self.encoder.feature_dim, len(ANGLES))
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:

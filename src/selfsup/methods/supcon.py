@@ -15,14 +15,19 @@ from torch import Tensor
 from selfsup.config import PretrainConfig
 from selfsup.losses.contrastive import info_nce, supcon_ids
 from selfsup.methods.base import Method
+from selfsup.methods.simclr import Options, cropped_view_size
 from selfsup.models import ProjectionHead
 
 
 class SupCon(Method):
-    def __init__(self, config: PretrainConfig, data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    Options = Options  # SimCLR's
+
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        super().__init__(config, data_info, options)
         self.projection = ProjectionHead(
-            self.encoder.feature_dim, config.projection_hidden, config.projection_dim
+            self.encoder.feature_dim, self.options.projection_hidden, self.options.projection_dim
         )
         if data_info["dataset"]["num_classes"] == 0:
             warnings.warn(
@@ -30,9 +35,12 @@ class SupCon(Method):
                 stacklevel=2,
             )
 
+    def view_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        return cropped_view_size(self.config, self.options, image_size)
+
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         views = torch.cat([self.views(x, g), self.views(x, g)])
         features = self.encoder(views)
         z = self.projection(features)
         ids = supcon_ids(y).repeat(2)
-        return info_nce(z, ids, self.config.temperature), features[: len(x)]
+        return info_nce(z, ids, self.options.temperature), features[: len(x)]
