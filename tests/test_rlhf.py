@@ -1,5 +1,6 @@
 """SFT, reward model, PPO and best-of-n on tiny Hugging Face GPT-2 models, offline."""
 
+import dataclasses
 import json
 import types
 
@@ -142,20 +143,41 @@ def AutoTokenizerFrom(run):  # noqa: N802 - reads like the transformers call it 
     return AutoTokenizer.from_pretrained(run / "hf")
 
 
-def test_scores_match_the_sampling_distribution(sft_run):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_scores_match_the_sampling_distribution(sft_run, temperature):
+    """PPO's log-probabilities of the sampled answers are those of the distribution `generate`
+    sampled them from: Hugging Face's own processed scores (suppressed tokens, temperature)."""
+    from selfsup.lm.rollout import encode_prompts
+
     tokenizer = AutoTokenizerFrom(sft_run)
     model = AutoModelForCausalLM.from_pretrained(sft_run / "hf").eval()
     conversations = [
         [{"role": "user", "content": "what is 2 plus 3?"}],
         [{"role": "user", "content": "7 + 8 = ?"}],
+        [{"role": "user", "content": "what is 12 plus 30?"}],
     ]
-    rollout = sample(model, tokenizer, conversations, max_new_tokens=10, generator_seed=3)
-    logits, logprobs, _ = forward_response(model, rollout)
-    # the answers never hold padding or role markers, and their log-probs are finite
-    assert not torch.isin(
-        rollout.responses[rollout.response_mask.bool()], torch.tensor(rollout.suppressed)
-    ).any()
-    assert torch.isfinite(logprobs[rollout.response_mask.bool()]).all()
+    rollout = sample(model, tokenizer, conversations, 10, temperature, generator_seed=3)
+    _, logprobs, _ = forward_response(model, rollout)
+    # the reference: the same sampling call, asked for the scores it sampled from
+    prompts = encode_prompts(tokenizer, conversations)
+    torch.manual_seed(3)
+    out = model.generate(
+        **prompts, do_sample=True, temperature=temperature, top_k=None, top_p=None,
+        max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, suppress_tokens=list(rollout.suppressed),
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, rollout.sequences)  # the same answers
+    scores = torch.stack(out.scores, 1).double().log_softmax(-1)  # B×T×V
+    expected = scores.gather(-1, rollout.responses[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    assert real.sum() > 10
+    torch.testing.assert_close(logprobs[real].double(), expected[real], atol=1e-4, rtol=0)
+    assert not torch.isin(rollout.responses[real], torch.tensor(rollout.suppressed)).any()
+    if temperature != 1.0:  # untempered scores would be off-policy: the check has power
+        untempered = dataclasses.replace(rollout, temperature=1.0)
+        _, plain, _ = forward_response(model, untempered)
+        assert (plain[real].double() - expected[real]).abs().max() > 1e-2
 
 
 def test_reward_model_learns_the_labelers_preference(task, sft_run):

@@ -219,6 +219,7 @@ def _select(rollout: Rollout, idx: Tensor) -> Rollout:
         rollout.response_mask[idx],
         rollout.ended[idx],
         rollout.suppressed,
+        rollout.temperature,
     )
 
 
@@ -230,4 +231,5 @@ def _to(rollout: Rollout, device: torch.device) -> Rollout:
         rollout.response_mask.to(device),
         rollout.ended.to(device),
         rollout.suppressed,
+        rollout.temperature,
     )
