@@ -304,3 +304,88 @@ def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):
     after = mean_reward()
     print(f"mean reward {before:.3f} -> {after:.3f}")
     assert after > 1.5 * before + 0.1  # answers now hold "7" far more often
+
+
+def _naive_gae(rewards, values, mask, gamma, lam):
+    """GAE row by row in float64 Python, from its definition (an independent reference)."""
+    out = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = float(values[b, t + 1]) if t + 1 < n else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            out[b, t] = running
+    return out
+
+
+def _perturbed_trainer(sft_run, **settings):
+    tokenizer = AutoTokenizerFrom(sft_run)
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
+    reward = _CountReward(tokenizer.convert_tokens_to_ids("5"))
+    trainer = PPOTrainer(policy, reward, tokenizer, PPOSettings(**settings))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy away from the reference and a value head that is not 0
+        trainer.model.value_head.linear.weight.normal_(0, 0.3)
+        trainer.model.value_head.linear.bias.fill_(0.2)
+        for p in trainer.policy.transformer.h[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    conversations = [[{"role": "user", "content": f"what is {i} plus 5?"}] for i in range(8)]
+    return trainer, conversations
+
+
+def test_the_trainer_passes_gamma_and_lambda_to_gae_in_their_places(sft_run):
+    gamma, lam, beta = 0.8, 0.5, 0.3
+    trainer, conversations = _perturbed_trainer(
+        sft_run, rollouts=8, minibatch=8, max_new_tokens=8, gamma=gamma, lam=lam, beta=beta
+    )
+    exp = trainer.experience(conversations, seed=0)
+    mask = exp.rollout.response_mask.double()
+    with torch.no_grad():
+        _, ref, _ = forward_response(trainer.reference, exp.rollout)
+    # the per-token rewards by hand: -β·(log π - log π_ref), plus the score on the last token
+    rewards = -beta * (exp.logprobs.double() - ref.double()) * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(8), last] += exp.scores.double()
+    assert (exp.kl.abs() > 1e-3).any() and exp.values.abs().max() > 0.05
+    expected = _naive_gae(rewards.numpy(), exp.values.double().numpy(), mask.numpy(), gamma, lam)
+    returns = torch.from_numpy(expected) + exp.values.double() * mask
+    torch.testing.assert_close(exp.returns.double(), returns, atol=1e-5, rtol=0)
+    swapped = _naive_gae(rewards.numpy(), exp.values.double().numpy(), mask.numpy(), lam, gamma)
+    assert np.abs(swapped - expected).max() > 1e-2  # the check tells γ from λ
+    # the advantages are the same, whitened over the real tokens (unbiased variance)
+    real = torch.from_numpy(expected)[mask.bool()]
+    whitened = (real - real.mean()) / real.std()
+    torch.testing.assert_close(exp.advantages.double()[mask.bool()], whitened, atol=1e-4, rtol=0)
+
+
+def test_target_kl_stops_the_updates_of_an_iteration_early(sft_run):
+    common = dict(rollouts=8, minibatch=4, ppo_epochs=2, lr=1e-3, max_new_tokens=8)
+    trainer, conversations = _perturbed_trainer(sft_run, **common)
+    stats = trainer.update(trainer.experience(conversations, seed=0), seed=0)
+    assert stats["ppo/updates"] == 4  # 2 epochs × 2 minibatches
+    trainer, conversations = _perturbed_trainer(sft_run, **common, target_kl=1e-9)
+    stats = trainer.update(trainer.experience(conversations, seed=0), seed=0)
+    # The first minibatch is scored by the policy that sampled it (approximate KL exactly 0);
+    # after one update the next one's is above 1e-9, so it is not applied.
+    assert stats["ppo/updates"] == 1 and stats["ppo/approx_kl"] == 0.0
+
+
+def test_adaptive_kl_coefficient_by_hand(sft_run):
+    from selfsup.lm.ppo import adaptive_beta
+
+    # Ziegler et al.: e = clip(KL/target - 1, -0.2, 0.2), β ← β·(1 + e·n/horizon)
+    assert adaptive_beta(0.1, 3.0, 6.0, 16, 10000) == pytest.approx(0.1 * (1 - 0.2 * 16 / 10000))
+    assert adaptive_beta(0.1, 6.6, 6.0, 16, 10000) == pytest.approx(0.1 * (1 + 0.1 * 16 / 10000))
+    assert adaptive_beta(0.1, 60.0, 6.0, 100, 100) == pytest.approx(0.1 * 1.2)
+    trainer, conversations = _perturbed_trainer(
+        sft_run, rollouts=8, minibatch=8, max_new_tokens=8, beta=0.2, adaptive_kl=0.01,
+        kl_horizon=40,
+    )  # fmt: skip
+    first = trainer.step(conversations, seed=0)
+    assert first["beta"] == 0.2
+    error = min(max(first["kl"] / 0.01 - 1, -0.2), 0.2)
+    assert trainer.beta == pytest.approx(0.2 * (1 + error * 8 / 40)) and trainer.beta != 0.2
+    beta = trainer.beta
+    assert trainer.step(conversations, seed=1)["beta"] == beta  # the next batch's rewards use it
