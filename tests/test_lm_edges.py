@@ -127,3 +127,245 @@ def test_non_finite_gold_is_refused(tmp_path: Path, gold: str) -> None:
     )
     with pytest.raises(SelfsupError, match=r"r.jsonl:1: 'gold' holds .*finite number"):
         read_rankings(path)
+
+
+# --- runs: bad checkpoints, failed starts, options ------------------------------------------
+
+TINY_GPT = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--batch-size", "8", "--eval-batches", "2", "--final-eval-batches", "2",
+            "--tokenizer", "char", "--no-progress"]  # fmt: skip
+
+
+def _one_line_error(args: list[str], capsys) -> str:
+    from selfsup.cli import main
+
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # (progress bars of a model load may come first, on their own \r-ended line)
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("selfsup: error: "), err
+    assert all(line.startswith("\r") or "it/s" in line for line in err.split("\n")[:-2]), err
+    return last
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what weights_only=True must refuse unread."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+    return path
+
+
+def test_pretrain_resume_refuses_bad_checkpoints_before_writing(tmp_path, corpus, capsys):
+    import torch
+
+    from selfsup.cli import main
+
+    run = tmp_path / "run"
+    assert main(["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "2",
+                 "--eval-interval", "1", "--out", str(run), *TINY_GPT]) == 0  # fmt: skip
+    last = run / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+    command = (run / "command.txt").read_text()
+    marker = tmp_path / "payload-ran"
+    state = torch.load(last, weights_only=True)
+    for name, data in [
+        ("truncated", good[: len(good) // 2]),
+        ("not a checkpoint", b"\x00\xffhello" * 10),
+        ("pickled code", None),
+    ]:
+        if data is None:
+            torch.save({**state, "extra": _Payload(marker)}, last)
+        else:
+            last.write_bytes(data)
+        err = _one_line_error(
+            ["lm", "pretrain", "gpt", "--resume", str(run), "--steps", "3"], capsys
+        )
+        assert f"{last} is not a readable checkpoint" in err, name
+        assert (run / "command.txt").read_text() == command  # nothing written
+    assert not marker.exists()  # the pickle was refused unread
+    assert "refused unread" in err
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a character tokenizer, and a few conversations beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from selfsup.lm.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1,
+                        n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lines = [
+        {"prompt": f"what is {i} plus {i}?", "completion": f"it is {2 * i}."} for i in range(24)
+    ]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def _sft_args(root: Path, out: Path, *more: str) -> list[str]:
+    return ["lm", "sft", "--init", str(root / "base"), "--data", str(root / "sft.jsonl"),
+            "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "48",
+            "--accelerator", "cpu", *more]  # fmt: skip
+
+
+def test_sft_init_and_resume_refuse_bad_weights(tmp_path, chat_base, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from selfsup.cli import main
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(chat_base / "base", bad)
+    weights = load_file(bad / "model.safetensors")
+    (bad / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({**weights, "x": _Payload(marker)}, bad / "pytorch_model.bin")
+    err = _one_line_error(
+        ["lm", "sft", "--init", str(bad), "--data", str(chat_base / "sft.jsonl"), "--out",
+         str(tmp_path / "a")], capsys,
+    )  # fmt: skip
+    assert "cannot load the model (a pickled file that is not plain weights" in err
+    assert not marker.exists() and not (tmp_path / "a").exists()
+    shutil.copytree(chat_base / "base", tmp_path / "truncated")
+    data = (tmp_path / "truncated" / "model.safetensors").read_bytes()
+    (tmp_path / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    err = _one_line_error(
+        ["lm", "sft", "--init", str(tmp_path / "truncated"), "--data",
+         str(chat_base / "sft.jsonl"), "--out", str(tmp_path / "b")], capsys,
+    )  # fmt: skip
+    assert "cannot load the model (SafetensorError" in err and not (tmp_path / "b").exists()
+    # a finished run whose checkpoint is then damaged: --resume says so before writing
+    run = tmp_path / "run"
+    assert main(_sft_args(chat_base, run)) == 0
+    command = (run / "command.txt").read_text()
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 broken")
+    err = _one_line_error(_sft_args(chat_base, run, "--resume"), capsys)
+    assert "last.pt is not a readable selfsup checkpoint" in err
+    assert (run / "command.txt").read_text() == command
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, chat_base, capsys):
+    from selfsup.cli import main
+
+    # GPT: a learning rate that overflows the weights; the loss is NaN at step 2, before any
+    # evaluation: the folder goes, and the same command with a sane --lr then runs into it.
+    run = tmp_path / "gpt"
+    args = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "3", "--eval-interval",
+            "3", "--out", str(run), *TINY_GPT]  # fmt: skip
+    err = _one_line_error([*args, "--lr", "1e38", "--grad-clip", "0"], capsys)
+    assert "loss became nan" in err and "is removed" in err and not run.exists()
+    assert main(args) == 0 and (run / "hf").is_dir()
+    # SFT likewise
+    sft_run = tmp_path / "sft"
+    err = _one_line_error(_sft_args(chat_base, sft_run, "--lr", "1e38"), capsys)
+    assert "loss became nan" in err and "is removed" in err and not sft_run.exists()
+    # A folder left by a run killed before its first checkpoint (no exception to clean up
+    # after) is reused by a fresh run; --resume says how to start afresh.
+    sft_run.mkdir()
+    (sft_run / "config.yaml").write_text("stage: sft\n")
+    (sft_run / "command.txt").write_text("selfsup lm sft ...\n")
+    err = _one_line_error(_sft_args(chat_base, sft_run, "--resume"), capsys)
+    assert "nothing to resume; run the command without --resume to start afresh" in err
+    assert main(_sft_args(chat_base, sft_run)) == 0
+    assert (sft_run / "checkpoints" / "last.pt").is_file()
+    # a folder with anything else in it is still refused
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "config.yaml").write_text("x: 1\n")
+    (other / "notes.txt").write_text("keep me")
+    assert "already exists" in _one_line_error(_sft_args(chat_base, other), capsys)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--lr", "nan", "--lr must be > 0, got nan"),
+        ("--lr", "-1e-3", "--lr must be > 0"),
+        ("--weight-decay", "-0.1", "--weight-decay must be >= 0"),
+        ("--weight-decay", "nan", "--weight-decay must be >= 0"),
+        ("--warmup-steps", "-1", "--warmup-steps must be >= 0"),
+    ],
+)
+def test_bad_numeric_options_are_refused_before_any_folder(
+    tmp_path, corpus, chat_base, capsys, option, value, words
+):
+    gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+           *TINY_GPT, f"{option}={value}"]  # fmt: skip
+    assert words in _one_line_error(gpt, capsys) and not (tmp_path / "g").exists()
+    sft_args = _sft_args(chat_base, tmp_path / "s", f"{option}={value}")
+    assert words in _one_line_error(sft_args, capsys) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_gpu_on_a_machine_without_one_is_one_line(tmp_path, corpus, chat_base, capsys):
+    for accelerator in ("gpu", "cuda"):
+        gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+               *TINY_GPT, "--accelerator", accelerator]  # fmt: skip
+        assert "no CUDA GPU" in _one_line_error(gpt, capsys)
+        sft_args = [*_sft_args(chat_base, tmp_path / "s")[:-2], "--accelerator", accelerator]
+        assert "no CUDA GPU" in _one_line_error(sft_args, capsys)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()
+
+
+def test_reward_training_drops_full_tie_rankings_and_says_how_many(tmp_path, chat_base, capsys):
+    from selfsup.cli import main
+
+    tie = {
+        "prompt": "what is 1 plus 1?",
+        "completions": ["it is 2.", "it is 2."],
+        "ranking": "A = B",
+    }
+    ordered = {"prompt": "what is 2 plus 2?", "completions": ["it is 4.", "it is 5."],
+               "ranking": "A > B"}  # fmt: skip
+    path = tmp_path / "rank.jsonl"
+    # with --batch-size 2 the first batch would hold only ties (no pair: the loss is undefined)
+    path.write_text("\n".join(json.dumps(r) for r in [tie, tie, tie, ordered, ordered]) + "\n")
+    args = ["lm", "reward", "--init", str(chat_base / "base"), "--data", str(path), "--out",
+            str(tmp_path / "rm"), "--epochs", "1", "--batch-size", "2", "--val-fraction", "0",
+            "--max-length", "48", "--accelerator", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 3 of 5 ranked prompts are full ties (no strictly ordered pair)" in out
+    path.write_text("\n".join(json.dumps(r) for r in [tie, tie]) + "\n")
+    args[args.index("--out") + 1] = str(tmp_path / "rm2")
+    assert "every ranking is a full tie" in _one_line_error(args, capsys)
+    assert not (tmp_path / "rm2").exists()
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ("--temperature=0", "--temperature must be > 0"),
+        ("--gamma=1.5", "--gamma must be >= 0 and <= 1"),
+        ("--lam=nan", "--lam must be >= 0 and <= 1"),
+        ("--lr=-1", "--lr must be > 0"),
+        ("--beta=-0.1", "--beta must be >= 0"),
+        ("--ppo-epochs=0", "--ppo-epochs must be at least 1"),
+        ("--target-kl=-1", "--target-kl must be >= 0"),
+    ],
+)
+def test_bad_rlhf_options_are_one_line_before_anything_loads(tmp_path, capsys, option, words):
+    none = str(tmp_path / "none")
+    args = ["lm", "rlhf", "--policy", none, "--reward", none, "--prompts", none, "--out",
+            str(tmp_path / "ppo"), option]  # fmt: skip
+    assert words in _one_line_error(args, capsys)
+    assert not (tmp_path / "ppo").exists()

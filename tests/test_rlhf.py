@@ -225,7 +225,18 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     eval_rows = (task / "ppo" / "eval.csv").read_text().splitlines()
     assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]
     assert len(eval_rows) == 3 and eval_rows[0] == "iteration,proxy,kl,ended,gold"
-    assert (task / "ppo" / "iter0002").is_dir()
+    # the saved policy loads with the loader the next stages use (rlhf --policy, chat, best-of-n)
+    from safetensors.torch import load_file
+
+    from selfsup.lm.rlhf import load_policy
+
+    saved_tokenizer, saved_policy = load_policy(task / "ppo" / "iter0002")
+    assert saved_tokenizer.get_vocab() == AutoTokenizerFrom(sft_run).get_vocab()
+    final = load_file(task / "ppo" / "hf" / "model.safetensors")  # iteration 2 is the last
+    for name, tensor in saved_policy.state_dict().items():
+        if name in final:
+            torch.testing.assert_close(tensor, final[name])
+    assert not (task / "ppo" / "iter0000").exists()  # iteration 0 is --policy itself
     capsys.readouterr()
     # Iteration 1 samples from the reference itself (KL 0); after one update the KL is above
     # any tiny bound: the run stops and names the last policy it saved.
@@ -236,14 +247,19 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
                  "--max-kl", "1e-6", "--accelerator", "cpu"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "PPO stopped at iteration 2" in err and "exceeds --max-kl 1e-06" in err
-    assert err.endswith(f"the last good policy is {task / 'ppo-kl' / 'iter0000'} (lower --lr, "
-                        "raise --beta)")  # fmt: skip
-    assert len((task / "ppo-kl" / "metrics.csv").read_text().splitlines()) == 2
+    assert err.endswith(f"the last good policy is the starting one, {sft_run} (lower --lr, "
+                        f"raise --beta); {task / 'ppo-kl'} is removed")  # fmt: skip
+    assert not (task / "ppo-kl").exists()  # nothing saved: no folder to block a retry
     assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "eval.jsonl"), "--n", "1,4", "--gold", "arithmetic",
                  "--limit", "4", "--max-new-tokens", "12"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "KL bound" in out and "0.636" in out  # log 4 - 3/4
+    # one token is too few for any answer to end: each scores --no-end-score
+    assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
+                 "--prompts", str(data / "eval.jsonl"), "--n", "1", "--limit", "4",
+                 "--max-new-tokens", "1", "--no-end-score", "-5"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["1", "0.000", "-5.000"]
 
 
 def test_chat_holds_a_conversation(sft_run, monkeypatch, capsys):

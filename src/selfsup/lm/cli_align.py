@@ -135,6 +135,12 @@ def _add_best_of_n(sub, parents) -> None:
         "--pool", type=int, default=0, help="answers sampled per prompt (default: the largest n)"
     )
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--no-end-score",
+        type=float,
+        default=-1.0,
+        help="the score of an answer that never emits the end token (default: -1, as lm rlhf)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_best_of_n)
 
@@ -150,7 +156,7 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
         raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
     rows = best_of_n(
         args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
-        args.limit, args.seed, args.pool,
+        args.limit, args.seed, args.pool, args.no_end_score,
     )  # fmt: skip
     print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
     for r in rows:

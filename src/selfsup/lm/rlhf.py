@@ -140,13 +140,7 @@ def evaluate_policy(
 
 def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
-    import lightning as L
-
-    for name in ("policy", "reward", "prompts", "out"):
-        if not getattr(config, name):
-            raise SelfsupError(f"--{name.replace('_', '-')} is required")
-    if config.rollouts < config.minibatch:
-        raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    check_options(config)
     conversations, records = _load_prompts(config.prompts)
     eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
     eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
@@ -157,6 +151,47 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     run = hf.start_run(
         config.out, {"stage": "rlhf", **dataclasses.asdict(config)}, command or "", False
     )
+    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
+        return _ppo_run(
+            run, config, tokenizer, policy, reward_model, conversations, gold, eval_conv, eval_gold
+        )
+
+
+def check_options(config: RLHFConfig) -> None:
+    """One line for a missing or impossible option, before any file is read or written."""
+    for name in ("policy", "reward", "prompts", "out"):
+        if not getattr(config, name):
+            raise SelfsupError(f"--{name.replace('_', '-')} is required")
+    for name in ("rollouts", "minibatch", "ppo_epochs", "iterations", "eval_every",
+                 "eval_samples", "max_new_tokens", "kl_horizon"):  # fmt: skip
+        if getattr(config, name) < 1:
+            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.rollouts < config.minibatch:
+        raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    for name in ("lr", "clip", "value_clip", "temperature", "max_grad_norm"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0, low_open=True)
+    for name in ("beta", "value_coef", "adaptive_kl", "target_kl", "max_kl"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0)
+    hf.check_number("--gamma", config.gamma, 0, 1)
+    hf.check_number("--lam", config.lam, 0, 1)
+    if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
+        raise SelfsupError("--no-end-score and --temperature must be finite numbers")
+    hf.check_accelerator(config.accelerator)
+
+
+def _ppo_run(
+    run: Path,
+    config: RLHFConfig,
+    tokenizer: Any,
+    policy: Any,
+    reward_model: Any,
+    conversations: list[list[Message]],
+    gold: GoldFn | None,
+    eval_conv: list[list[Message]],
+    eval_gold: GoldFn | None,
+) -> Path:
+    import lightning as L
+
     torch.manual_seed(config.seed)
     fabric = L.Fabric(accelerator=config.accelerator, devices=1)
     trainer = PPOTrainer(policy, reward_model, tokenizer, config, fabric)
@@ -172,11 +207,12 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
         )  # fmt: skip
         hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        folder = run / f"iter{iteration:04d}"
-        trainer.policy.save_pretrained(str(folder), safe_serialization=True)
-        saved.append(folder)
+        if iteration:  # iteration 0 is --policy itself
+            name = f"iter{iteration:04d}"
+            hf.save_hf(run, trainer.policy, tokenizer, name)  # loads like RUN/hf
+            saved.append(str(run / name))
 
-    saved: list[Path] = []  # the policies written so far, all from finite updates
+    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     report(0)
     bar = tqdm(range(1, config.iterations + 1), desc="PPO")
     for iteration in bar:
@@ -192,6 +228,7 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
             raise SelfsupError(
                 f"PPO stopped at iteration {iteration}: {problem}; the last good policy is "
                 f"{saved[-1]} (lower --lr, raise --beta)"
+                + ("" if len(saved) > 1 else f"; {run} is removed")
             )
         hf.append_metrics(run, {"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
@@ -239,10 +276,14 @@ def best_of_n(
     limit: int = 128,
     seed: int = 0,
     pool: int = 0,
+    no_end_score: float = -1.0,
 ) -> list[dict[str, float]]:
     """For each n: the gold score and proxy reward of the reward model's favourite of n samples,
     with the analytic KL bound log n - (n-1)/n. One pool of `pool` (default: max(ns)) samples
-    per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`)."""
+    per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`). An answer
+    that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`."""
+    if not math.isfinite(no_end_score):
+        raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = _load_prompts(prompts)
@@ -258,7 +299,8 @@ def best_of_n(
             part = conversations[s : s + 64]
             r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
             score = reward_scores(reward_model, r)
-            proxy[s : s + len(part), j] = torch.where(r.ended, score, torch.full_like(score, -1.0))
+            score = torch.where(r.ended, score, torch.full_like(score, no_end_score))
+            proxy[s : s + len(part), j] = score
             if gold is not None:
                 for i, a in enumerate(decode_responses(tokenizer, r)):
                     golds[s + i, j] = gold(s + i, a)
