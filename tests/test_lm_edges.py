@@ -369,3 +369,38 @@ def test_bad_rlhf_options_are_one_line_before_anything_loads(tmp_path, capsys, o
             str(tmp_path / "ppo"), option]  # fmt: skip
     assert words in _one_line_error(args, capsys)
     assert not (tmp_path / "ppo").exists()
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, chat_base) -> Path:
+    from selfsup.cli import main
+
+    out = tmp_path_factory.mktemp("chat-run") / "sft"
+    assert main(_sft_args(chat_base, out)) == 0
+    return out
+
+
+def test_chat_longer_than_the_context_drops_the_oldest_turns(chat_run, monkeypatch, capsys):
+    from transformers import GPT2LMHeadModel
+
+    from selfsup.cli import main
+
+    lengths = []
+    generate = GPT2LMHeadModel.generate
+
+    def recording(self, *args, **kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "generate", recording)
+    turns = ["what is 12 plus 30?"] * 5 + ["x" * 80, "what is 1 plus 2?", ""]
+    replies = iter(turns)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    capsys.readouterr()
+    assert main(["lm", "chat", str(chat_run), "--max-new-tokens", "8", "--system", "be brief"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant>") == 6  # every turn but the one too long for the model
+    assert "oldest messages are left out" in out
+    assert "selfsup: the message is" in out and "has no room for it" in out
+    # the model (64 positions) was never given more than 64 - 8 prompt tokens
+    assert len(lengths) == 6 and max(lengths) <= 64 - 8

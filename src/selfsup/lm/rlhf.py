@@ -366,16 +366,64 @@ def label(
     }
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions the model reads (GPT-2's n_positions, BERT-style max positions)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def fit_context(
+    tokenizer: Any, messages: Sequence[Message], context: int | None, max_new_tokens: int
+) -> list[Message]:
+    """The latest turns of the conversation whose prompt leaves `max_new_tokens` of the model's
+    `context`: the oldest turns go first (a system message last); the conversation then starts
+    at a user turn. One line when even the last message does not fit."""
+    from selfsup.lm.rollout import encode_prompts
+
+    messages = list(messages)
+    if context is None:
+        return messages
+    if max_new_tokens >= context:
+        raise SelfsupError(
+            f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of "
+            f"{context} tokens"
+        )
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    while True:
+        length = encode_prompts(tokenizer, [system + rest])["input_ids"].shape[1]
+        if length + max_new_tokens <= context:
+            return system + rest
+        if len(rest) > 1:
+            rest = rest[1:]
+            while len(rest) > 1 and rest[0]["role"] != "user":
+                rest = rest[1:]
+        elif system:
+            system = []
+        else:
+            raise SelfsupError(
+                f"the message is {length} tokens long with its markers: with --max-new-tokens "
+                f"{max_new_tokens} the model's context of {context} tokens has no room for it"
+            )
+
+
 def chat_reply(
     model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int, temperature: float
 ) -> str:
-    """The model's next assistant turn (greedy at temperature 0)."""
+    """The model's next assistant turn (greedy at temperature 0). The conversation must fit the
+    model's context (see `fit_context`)."""
     from selfsup.lm.rollout import encode_prompts, suppressed_tokens
     from selfsup.lm.tokenizer import encode_text
 
     for m in messages:
         encode_text(tokenizer, m["content"], what=f"the {m['role']} message")
     prompts = encode_prompts(tokenizer, [messages])
+    context = context_length(model)
+    if context is not None and prompts["input_ids"].shape[1] + max_new_tokens > context:
+        raise SelfsupError(
+            f"the conversation is {prompts['input_ids'].shape[1]} tokens long: with "
+            f"--max-new-tokens {max_new_tokens} it exceeds the model's context of {context}"
+        )
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
         if temperature > 0
