@@ -172,6 +172,7 @@ def to_hf(model: GPT, tokenizer: Any = None) -> Any:
 
     blocks = model.transformer.h
     eos = getattr(tokenizer, "eos_token_id", None)
+    dropout = float(model.transformer.drop.p)
     config = GPT2Config(
         vocab_size=model.vocab_size,
         n_positions=model.block_size,
@@ -179,9 +180,11 @@ def to_hf(model: GPT, tokenizer: Any = None) -> Any:
         n_layer=len(blocks),
         n_head=blocks[0].attn.heads if len(blocks) else 1,
         activation_function=model.activation,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        # the configured dropout, for the stages that train the export further (SFT, reward);
+        # evaluation and generation run in eval mode, PPO turns it off
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=eos,
