@@ -404,3 +404,23 @@ def test_chat_longer_than_the_context_drops_the_oldest_turns(chat_run, monkeypat
     assert "selfsup: the message is" in out and "has no room for it" in out
     # the model (64 positions) was never given more than 64 - 8 prompt tokens
     assert len(lengths) == 6 and max(lengths) <= 64 - 8
+
+
+def test_pretrain_init_refuses_a_pickled_checkpoint(tmp_path, corpus, chat_base, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(chat_base / "base", bad)
+    weights = load_file(bad / "model.safetensors")
+    (bad / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({**weights, "x": _Payload(marker)}, bad / "pytorch_model.bin")
+    err = _one_line_error(
+        ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--init", str(bad), "--out",
+         str(tmp_path / "run"), "--no-progress"], capsys,
+    )  # fmt: skip
+    assert "the weights could not be loaded (a pickled file that is not plain weights" in err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from selfsup.config import _opt
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.lm.train import LanguageModule, LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
@@ -249,13 +250,17 @@ def load_init(path: str) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(f"--init {folder}/config.json is not readable ({e})") from None
+        raise SelfsupError(
+            f"--init {folder}/config.json is not readable ({one_line_reason(e)})"
+        ) from None
     if config.model_type != "bert":
         raise SelfsupError(f"--init {folder}: a {config.model_type!r} checkpoint; expected BERT")
     try:
         model = BertForPreTraining.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise SelfsupError(f"--init {folder}: the weights could not be loaded ({e})") from None
+        raise SelfsupError(
+            f"--init {folder}: the weights could not be loaded ({one_line_reason(e)})"
+        ) from None
     model.vocab_size = config.vocab_size  # what pretrain_lm checks against the tokenizer
     return model
 

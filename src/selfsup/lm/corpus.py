@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.run import _publish as publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -162,7 +163,9 @@ def load_ids(path: str | Path) -> np.memmap:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SelfsupError(f"{path} is not a readable token-id file ({e})") from None
+        raise SelfsupError(
+            f"{path} is not a readable token-id file ({one_line_reason(e)})"
+        ) from None
 
 
 def split_ids(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

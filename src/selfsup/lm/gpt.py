@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from selfsup.config import _opt
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.lm.tokenizer import encode_text, load_tokenizer
 from selfsup.lm.train import LanguageModule, LMConfig
 
@@ -231,7 +232,9 @@ def load_hf_gpt(path: str | Path, what: str = "--init") -> GPT:
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for missing or damaged weights
-        raise SelfsupError(f"{what} {path}: the weights could not be loaded ({e})") from None
+        raise SelfsupError(
+            f"{what} {path}: the weights could not be loaded ({one_line_reason(e)})"
+        ) from None
     finally:
         hf_logging.enable_progress_bar()
     return from_hf(hf)
@@ -247,7 +250,9 @@ def hf_config(path: str | Path, what: str = "--init") -> Any:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(f"{what} {path}/config.json is not readable ({e})") from None
+        raise SelfsupError(
+            f"{what} {path}/config.json is not readable ({one_line_reason(e)})"
+        ) from None
     if config.model_type != "gpt2":
         raise SelfsupError(
             f"{what} {path}: a {config.model_type!r} checkpoint; expected GPT-2 (model_type 'gpt2')"

@@ -54,7 +54,7 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = auto_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except Exception as e:  # missing, truncated, foreign or pickled (not weights-only) files
-        raise SelfsupError(f"{folder}: cannot load the model ({_reason(e)})") from None
+        raise SelfsupError(f"{folder}: cannot load the model ({one_line_reason(e)})") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SelfsupError(
             f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model only "
@@ -63,7 +63,7 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
     return tokenizer, model
 
 
-def _reason(e: Exception) -> str:
+def one_line_reason(e: Exception) -> str:
     """One line on why a model or checkpoint file could not be read."""
     import pickle
 
@@ -159,7 +159,9 @@ def load_checkpoint(run: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or pickled file
-        raise SelfsupError(f"{path} is not a readable selfsup checkpoint ({_reason(e)})") from None
+        raise SelfsupError(
+            f"{path} is not a readable selfsup checkpoint ({one_line_reason(e)})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise SelfsupError(f"{path} is not a selfsup checkpoint (no model weights in it)")
     return state

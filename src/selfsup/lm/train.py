@@ -53,6 +53,7 @@ from selfsup.lm.hf import (
     check_accelerator,
     check_number,
     clear_run,
+    one_line_reason,
     removed_unless_kept,
     unfinished_start,
 )
@@ -398,12 +399,10 @@ def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint of a language-model run, read with weights_only=True (a pickled
     object is refused unread); any unreadable file is one SelfsupError line."""
-    from selfsup.lm.hf import _reason
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or pickled code
-        raise SelfsupError(f"{path} is not a readable checkpoint ({_reason(e)})") from None
+        raise SelfsupError(f"{path} is not a readable checkpoint ({one_line_reason(e)})") from None
     if not isinstance(state, dict) or "state_dict" not in state or "global_step" not in state:
         raise SelfsupError(f"{path} is not a selfsup language-model checkpoint")
     return state
