@@ -424,3 +424,17 @@ def test_pretrain_init_refuses_a_pickled_checkpoint(tmp_path, corpus, chat_base,
     )  # fmt: skip
     assert "the weights could not be loaded (a pickled file that is not plain weights" in err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_label_and_best_of_n_options_are_one_line_before_loading(tmp_path, capsys):
+    none = str(tmp_path / "none")
+    label = ["lm", "label", none, "--prompts", none, "-o", str(tmp_path / "out.jsonl")]
+    assert "--noise must be >= 0, got nan" in _one_line_error([*label, "--noise", "nan"], capsys)
+    best = ["lm", "best-of-n", "--policy", none, "--reward", none, "--prompts", none]
+    assert "--max-new-tokens must be at least 1" in _one_line_error(
+        [*best, "--max-new-tokens", "0"], capsys
+    )
+    assert "--no-end-score must be a finite" in _one_line_error(
+        [*best, "--no-end-score", "nan"], capsys
+    )
+    assert not (tmp_path / "out.jsonl").exists()

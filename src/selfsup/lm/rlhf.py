@@ -284,6 +284,11 @@ def best_of_n(
     that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`."""
     if not math.isfinite(no_end_score):
         raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
+    for option, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise SelfsupError(f"{option} must be at least 1, got {value}")
+    if pool < 0:
+        raise SelfsupError(f"--pool must be at least 0 (0: the largest n), got {pool}")
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = _load_prompts(prompts)
@@ -331,6 +336,9 @@ def label(
     """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers."""
     if not 2 <= k <= 26:
         raise SelfsupError(f"--k must be between 2 and 26 answers per prompt, got {k}")
+    hf.check_number("--noise", noise, 0)
+    if max_new_tokens < 1:
+        raise SelfsupError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tokenizer, policy = load_policy(policy_path)
     conversations, records = _load_prompts(prompts)
     gold = _gold_fn(gold_name, records)
