@@ -438,3 +438,33 @@ def test_label_and_best_of_n_options_are_one_line_before_loading(tmp_path, capsy
         [*best, "--no-end-score", "nan"], capsys
     )
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_pretrain_reuses_the_leftover_of_a_killed_start_and_reads_configs_safely(
+    tmp_path, corpus, capsys
+):
+    import shutil
+
+    from selfsup.cli import main
+
+    args = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "2", "--eval-interval",
+            "1", *TINY_GPT]  # fmt: skip
+    done = tmp_path / "done"
+    assert main([*args, "--out", str(done)]) == 0
+    # what a run killed before its first checkpoint leaves: config, command, tokenizer, ids
+    left = tmp_path / "left"
+    (left / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "command.txt", "tokenizer.json", "tokenizer_config.json",
+                 "tokens.npy"):  # fmt: skip
+        shutil.copy(done / name, left / name)
+    err = _one_line_error(["lm", "pretrain", "gpt", "--resume", str(left)], capsys)
+    assert "no checkpoint" in err and "without --resume" in err
+    assert main([*args, "--out", str(left)]) == 0
+    assert (left / "checkpoints" / "last.ckpt").is_file()
+    assert (left / "command.txt").read_text().count("selfsup") == 1  # a fresh run's record
+    # a damaged config.yaml of a run to resume
+    (done / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
+    err = _one_line_error(["lm", "pretrain", "gpt", "--resume", str(done)], capsys)
+    assert "config.yaml is not readable YAML" in err
+    (done / "config.yaml").write_text("model: gpt\noptions: {n_layer: 1, colour: blue}\n")
+    assert "colour" in _one_line_error(["lm", "pretrain", "gpt", "--resume", str(done)], capsys)

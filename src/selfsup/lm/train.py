@@ -363,14 +363,24 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
     path = Path(run) / rundir.CONFIG
     if not path.is_file():
         raise SelfsupError(f"{path} is missing: {run} is not a selfsup language-model run")
-    saved = yaml.safe_load(path.read_text())
-    if not isinstance(saved, dict) or "options" not in saved or "model" not in saved:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SelfsupError(f"{path} is not readable YAML ({one_line_reason(e)})") from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("options"), dict)
+        or "model" not in saved
+    ):
         raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
-    config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
-    if config.model == "gpt":  # GPT runs from before --activation existed used the tanh GELU
-        saved["options"].setdefault("activation", "gelu_new")
-    options = model_kind(config.model).Options(**saved["options"])
+    try:
+        config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
+        if config.model == "gpt":  # GPT runs from before --activation used the tanh GELU
+            saved["options"].setdefault("activation", "gelu_new")
+        options = model_kind(config.model).Options(**saved["options"])
+    except TypeError as e:  # an option this version does not know
+        raise SelfsupError(f"{path}: {one_line_reason(e)}") from None
     return config, options, saved
 
 
