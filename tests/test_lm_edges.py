@@ -4,6 +4,7 @@ one SelfsupError line (property-based, with hypothesis), and checks of runs' inp
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
 
@@ -59,9 +60,14 @@ records = st.one_of(
 
 def _loads_or_one_line(load, path: Path) -> None:
     try:
-        load(path)
+        loaded = load(path)
     except SelfsupError as e:
         assert "\n" not in str(e) and str(e), repr(str(e))
+        return
+    assert loaded
+    for item in loaded if load is read_rankings else ():  # what loads is usable
+        assert item.gold is None or all(math.isfinite(g) for g in item.gold)
+        assert sorted(i for tier in item.tiers for i in tier) == list(range(len(item.completions)))
 
 
 @FEW
@@ -102,6 +108,40 @@ def test_ranking_strings_parse_to_a_partition_or_one_line(ranking: str, k: int) 
     assert sorted(letters) == sorted(LETTERS[:k])
     assert [LETTERS[i] for tier in tiers for i in tier] == letters
     assert len(tiers) == ranking.count(">") + 1
+
+
+@st.composite
+def ranked_records(draw) -> tuple[dict, bool]:
+    """A well-formed rankings record (k completions, a ranking of all of them, maybe gold
+    scores, maybe not finite) and whether it should load."""
+    k = draw(st.integers(2, 6))
+    order = draw(st.permutations(list(LETTERS[:k])))
+    joins = draw(
+        st.lists(st.sampled_from([" > ", " = ", ">", "="]), min_size=k - 1, max_size=k - 1)
+    )
+    ranking = order[0] + "".join(j + c for j, c in zip(joins, order[1:], strict=True))
+    record = {"prompt": draw(st.text(min_size=1).filter(str.strip)),
+              "completions": draw(st.lists(st.text(max_size=5), min_size=k, max_size=k)),
+              "ranking": ranking}  # fmt: skip
+    gold = draw(st.none() | st.lists(st.floats() | st.integers(), min_size=k, max_size=k))
+    if gold is not None:
+        record["gold"] = gold
+    return record, gold is None or all(math.isfinite(g) for g in gold)
+
+
+@FEW
+@given(item=ranked_records())
+def test_well_formed_rankings_load_unless_a_gold_score_is_not_finite(tmp_path, item) -> None:
+    record, loads = item
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(record) + "\n")  # json writes NaN and Infinity as such
+    if loads:
+        (ranking,) = read_rankings(path)
+        letters = [c for c in record["ranking"] if c in LETTERS]
+        assert [LETTERS[i] for tier in ranking.tiers for i in tier] == letters
+    else:
+        with pytest.raises(SelfsupError, match="must be a finite number"):
+            read_rankings(path)
 
 
 def test_binary_conversations_file_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
