@@ -355,6 +355,16 @@ def test_bad_numeric_options_are_refused_before_any_folder(
     assert words in _one_line_error(sft_args, capsys) and not (tmp_path / "s").exists()
 
 
+def test_bad_precision_and_devices_are_one_line(tmp_path, corpus, chat_base, capsys):
+    gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+           *TINY_GPT]  # fmt: skip
+    assert "--precision 'fp8'" in _one_line_error([*gpt, "--precision", "fp8"], capsys)
+    assert "--devices 'two'" in _one_line_error([*gpt, "--devices", "two"], capsys)
+    sft_args = _sft_args(chat_base, tmp_path / "s", "--precision", "half")
+    assert "--precision 'half'" in _one_line_error(sft_args, capsys)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_gpu_on_a_machine_without_one_is_one_line(tmp_path, corpus, chat_base, capsys):
     for accelerator in ("gpu", "cuda"):

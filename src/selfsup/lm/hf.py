@@ -219,3 +219,16 @@ def check_number(
         if high != float("inf"):
             bound += f" and <= {high:g}"
         raise SelfsupError(f"{option} must be {bound}, got {value}")
+
+
+def check_precision(value: str | None) -> None:
+    """--precision: a value Lightning knows (None: the run's default)."""
+    if value is None:
+        return
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    known = (*get_args(_PRECISION_INPUT_STR), "16", "32", "64", "bf16")
+    if value not in known:
+        raise SelfsupError(f"--precision {value!r}: expected one of {', '.join(known)}")

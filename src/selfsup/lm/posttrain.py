@@ -75,6 +75,7 @@ def _require(config: TuneConfig) -> None:
     hf.check_number("--weight-decay", config.weight_decay, 0)
     hf.check_number("--warmup-steps", config.warmup_steps, 0)
     hf.check_accelerator(config.accelerator)
+    hf.check_precision(config.precision)
     if config.resume:  # a missing or damaged checkpoint: one line before the model loads
         run = Path(config.out)
         if not (run / hf.CHECKPOINT).is_file():

@@ -27,6 +27,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
 from selfsup.lm.hf import (
     check_accelerator,
     check_number,
+    check_precision,
     clear_run,
     one_line_reason,
     removed_unless_kept,
@@ -328,6 +330,12 @@ def _check(config: LMConfig) -> None:
     if not 0 <= config.beta2 < 1:
         raise SelfsupError(f"--beta2 must be in [0, 1), got {config.beta2}")
     check_accelerator(config.accelerator)
+    check_precision(config.precision)
+    if not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?", str(config.devices)):
+        raise SelfsupError(
+            f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
+            "list of device indices"
+        )
     if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
         raise SelfsupError(
             f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
