@@ -52,7 +52,9 @@ class PPOSettings:
     gamma: float = _opt(1.0, "discount of GAE")
     lam: float = _opt(0.95, "lambda of GAE")
     max_new_tokens: int = _opt(24, "longest answer in tokens")
-    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
+    temperature: float = _opt(
+        1.0, "sampling temperature of the rollouts (their log-probabilities use it too)"
+    )
     no_end_score: float = _opt(-1.0, "the score of an answer that never emits the end token")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
     adaptive_kl: float = _opt(
