@@ -197,3 +197,70 @@ def _options(run: Path) -> Options:
     import yaml
 
     return Options(**yaml.safe_load((run / "config.yaml").read_text())["options"])
+
+
+def test_sentence_pairs_follow_the_paragraphs_of_an_indented_text(tmp_path: Path) -> None:
+    """Byte-level BPE merges "\\n\\n" and the next line's indentation into one token: a
+    paragraph break all the same. No IsNext pair may cross one, and a NotNext sentence comes
+    from another document (the corpus has several)."""
+    from selfsup.lm.bert import SPECIAL_TOKENS
+    from selfsup.lm.corpus import encode_corpus
+    from selfsup.lm.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["king", "crown", "sword", "night", "storm", "rose", "ghost", "river"]
+    where, documents = {}, []
+    for d in range(4):
+        paragraphs = []
+        for p in range(12):
+            lines = []
+            for k in range(int(rng.integers(1, 5))):
+                line = f"{words[(d + p + k) % 8]} of {d} and {p} and {k} speaks"
+                where[line] = (d, p, k)
+                lines.append("    " + line + ("." if k % 2 else ","))
+            paragraphs.append("\n".join(lines))
+        documents.append("\n\n".join(paragraphs) + "\n")
+    tokenizer = train_tokenizer(documents, "bpe", 400, special_tokens=SPECIAL_TOKENS)
+    merged = [t for t in tokenizer.get_vocab() if t.count("Ċ") >= 2 and not t.strip("ĊĠ")]
+    assert merged  # the case at stake: paragraph breaks merged with indentation into one token
+    module = build(lm_config("bert"), Options(max_length=48), tokenizer, None)
+    ids = encode_corpus(tokenizer, documents, tmp_path / "tokens.npy")
+
+    def sentence(span: tuple[int, int]) -> tuple[int, int, int]:
+        text = tokenizer.decode(ids[span[0] : span[1]].tolist())
+        assert "\n" not in text, text  # one whole line
+        return where[text.strip().rstrip(".,")]
+
+    labels = []
+    for _ in range(1000):
+        a, b, label = module.finder.sentence_pair(ids, rng)
+        (da, pa, ka), (db, pb, kb) = sentence(a), sentence(b)
+        if label == IS_NEXT:
+            assert (db, pb, kb) == (da, pa, ka + 1)  # the next line of the same paragraph
+        else:
+            assert db != da  # another document
+        labels.append(label)
+    assert np.mean(np.array(labels) == NOT_NEXT) == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_exported_tokenizer_gives_a_pair_its_segment_ids(bert_run: Path) -> None:
+    """Reloaded from disk, the tokenizer encodes a sentence pair as training packed it
+    (`pack_pair`: segment 0 for [CLS] A [SEP], 1 for B [SEP]), so the model sees the same
+    input and gives the same logits."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_run / "hf"), local_files_only=True)
+    model = AutoModelForMaskedLM.from_pretrained(str(bert_run / "hf"), local_files_only=True)
+    a, b = "First Citizen:", "Hear me speak."  # within the 48 positions
+    encoded = tokenizer(a, b, return_tensors="pt")
+    ids_a = tokenizer.encode(a, add_special_tokens=False)
+    ids_b = tokenizer.encode(b, add_special_tokens=False)
+    ids, types = pack_pair(ids_a, ids_b, 1000, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert encoded["input_ids"][0].tolist() == ids
+    assert "token_type_ids" in encoded and encoded["token_type_ids"][0].tolist() == types
+    with torch.no_grad():
+        logits = model.eval()(**encoded).logits
+        packed = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits
+        no_types = model(input_ids=torch.tensor([ids])).logits
+    torch.testing.assert_close(logits, packed)
+    assert (logits - no_types).abs().max() > 1e-3  # segment ids matter to the model

@@ -102,6 +102,23 @@ def test_both_gelus_survive_the_hugging_face_round_trip(activation: str) -> None
         assert not torch.allclose(other.eval()(ids), ours(ids), atol=1e-6)  # it matters
 
 
+def test_the_export_keeps_the_configured_dropout(tmp_path: Path) -> None:
+    """Stages that train the export further (SFT, reward model) get the pretraining dropout
+    back from the saved config, not 0."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ours = GPT(50, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.25).eval()
+    to_hf(ours).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (hf.config.resid_pdrop, hf.config.embd_pdrop, hf.config.attn_pdrop) == (0.25,) * 3
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        hf.train()
+        assert not torch.allclose(hf(ids).logits, hf(ids).logits)  # dropout is on in training
+
+
 @needs_data
 def test_generate_command(run: Path, capsys) -> None:
     args = ["lm", "generate", str(run), "--prompt", "KING:", "--max-new-tokens", "30"]

@@ -7,6 +7,7 @@ from selfsup.lm.icl import (
     RegressionTransformer,
     averaging,
     evaluate_regression,
+    few_shot_prompt,
     interleave,
     least_squares,
     nearest_neighbours,
@@ -68,3 +69,22 @@ def test_a_trained_transformer_learns_in_context():
     assert max(learned[3:]) < 0.6
     assert sum(learned[3:]) < sum(errors["averaging"][3:])
     assert errors["least squares"][3] < 1e-6  # one example pins w down when d = 1
+
+
+def test_few_shot_prompts_end_where_pretraining_text_continues():
+    """The prompt's tokens are a prefix of the tokens of the same lines as the corpus writes
+    them (question, space, answer): with byte-level BPE a prompt ending in a space would end in
+    a lone space token instead of the answer's first token " The"."""
+    from selfsup.lm.tokenizer import train_tokenizer
+
+    lines = [f"What is {a} plus {b}? The answer is {a + b}." for a in range(12) for b in range(12)]
+    tokenizer = train_tokenizer(["\n".join(lines)], kind="bpe", vocab_size=300)
+    demos = [("What is 2 plus 3?", "The answer is 5."), ("What is 4 plus 4?", "The answer is 8.")]
+    question, answer = "What is 7 plus 1?", "The answer is 8."
+    for k in (0, 1, 2):
+        prompt = few_shot_prompt(demos[:k], question)
+        as_in_the_corpus = "".join(f"{q} {a}\n" for q, a in demos[:k]) + f"{question} {answer}"
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        full = tokenizer.encode(as_in_the_corpus, add_special_tokens=False)
+        assert full[: len(ids)] == ids, (tokenizer.convert_ids_to_tokens(ids)[-3:], k)
+        assert tokenizer.decode(ids).endswith("?")

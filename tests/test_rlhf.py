@@ -1,5 +1,6 @@
 """SFT, reward model, PPO and best-of-n on tiny Hugging Face GPT-2 models, offline."""
 
+import dataclasses
 import json
 import types
 
@@ -142,20 +143,41 @@ def AutoTokenizerFrom(run):  # noqa: N802 - reads like the transformers call it 
     return AutoTokenizer.from_pretrained(run / "hf")
 
 
-def test_scores_match_the_sampling_distribution(sft_run):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_scores_match_the_sampling_distribution(sft_run, temperature):
+    """PPO's log-probabilities of the sampled answers are those of the distribution `generate`
+    sampled them from: Hugging Face's own processed scores (suppressed tokens, temperature)."""
+    from selfsup.lm.rollout import encode_prompts
+
     tokenizer = AutoTokenizerFrom(sft_run)
     model = AutoModelForCausalLM.from_pretrained(sft_run / "hf").eval()
     conversations = [
         [{"role": "user", "content": "what is 2 plus 3?"}],
         [{"role": "user", "content": "7 + 8 = ?"}],
+        [{"role": "user", "content": "what is 12 plus 30?"}],
     ]
-    rollout = sample(model, tokenizer, conversations, max_new_tokens=10, generator_seed=3)
-    logits, logprobs, _ = forward_response(model, rollout)
-    # the answers never hold padding or role markers, and their log-probs are finite
-    assert not torch.isin(
-        rollout.responses[rollout.response_mask.bool()], torch.tensor(rollout.suppressed)
-    ).any()
-    assert torch.isfinite(logprobs[rollout.response_mask.bool()]).all()
+    rollout = sample(model, tokenizer, conversations, 10, temperature, generator_seed=3)
+    _, logprobs, _ = forward_response(model, rollout)
+    # the reference: the same sampling call, asked for the scores it sampled from
+    prompts = encode_prompts(tokenizer, conversations)
+    torch.manual_seed(3)
+    out = model.generate(
+        **prompts, do_sample=True, temperature=temperature, top_k=None, top_p=None,
+        max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, suppress_tokens=list(rollout.suppressed),
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, rollout.sequences)  # the same answers
+    scores = torch.stack(out.scores, 1).double().log_softmax(-1)  # B×T×V
+    expected = scores.gather(-1, rollout.responses[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    assert real.sum() > 10
+    torch.testing.assert_close(logprobs[real].double(), expected[real], atol=1e-4, rtol=0)
+    assert not torch.isin(rollout.responses[real], torch.tensor(rollout.suppressed)).any()
+    if temperature != 1.0:  # untempered scores would be off-policy: the check has power
+        untempered = dataclasses.replace(rollout, temperature=1.0)
+        _, plain, _ = forward_response(model, untempered)
+        assert (plain[real].double() - expected[real]).abs().max() > 1e-2
 
 
 def test_reward_model_learns_the_labelers_preference(task, sft_run):
@@ -203,7 +225,18 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     eval_rows = (task / "ppo" / "eval.csv").read_text().splitlines()
     assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]
     assert len(eval_rows) == 3 and eval_rows[0] == "iteration,proxy,kl,ended,gold"
-    assert (task / "ppo" / "iter0002").is_dir()
+    # the saved policy loads with the loader the next stages use (rlhf --policy, chat, best-of-n)
+    from safetensors.torch import load_file
+
+    from selfsup.lm.rlhf import load_policy
+
+    saved_tokenizer, saved_policy = load_policy(task / "ppo" / "iter0002")
+    assert saved_tokenizer.get_vocab() == AutoTokenizerFrom(sft_run).get_vocab()
+    final = load_file(task / "ppo" / "hf" / "model.safetensors")  # iteration 2 is the last
+    for name, tensor in saved_policy.state_dict().items():
+        if name in final:
+            torch.testing.assert_close(tensor, final[name])
+    assert not (task / "ppo" / "iter0000").exists()  # iteration 0 is --policy itself
     capsys.readouterr()
     # Iteration 1 samples from the reference itself (KL 0); after one update the KL is above
     # any tiny bound: the run stops and names the last policy it saved.
@@ -214,14 +247,19 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
                  "--max-kl", "1e-6", "--accelerator", "cpu"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "PPO stopped at iteration 2" in err and "exceeds --max-kl 1e-06" in err
-    assert err.endswith(f"the last good policy is {task / 'ppo-kl' / 'iter0000'} (lower --lr, "
-                        "raise --beta)")  # fmt: skip
-    assert len((task / "ppo-kl" / "metrics.csv").read_text().splitlines()) == 2
+    assert err.endswith(f"the last good policy is the starting one, {sft_run} (lower --lr, "
+                        f"raise --beta); {task / 'ppo-kl'} is removed")  # fmt: skip
+    assert not (task / "ppo-kl").exists()  # nothing saved: no folder to block a retry
     assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "eval.jsonl"), "--n", "1,4", "--gold", "arithmetic",
                  "--limit", "4", "--max-new-tokens", "12"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "KL bound" in out and "0.636" in out  # log 4 - 3/4
+    # one token is too few for any answer to end: each scores --no-end-score
+    assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
+                 "--prompts", str(data / "eval.jsonl"), "--n", "1", "--limit", "4",
+                 "--max-new-tokens", "1", "--no-end-score", "-5"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["1", "0.000", "-5.000"]
 
 
 def test_chat_holds_a_conversation(sft_run, monkeypatch, capsys):
@@ -282,3 +320,88 @@ def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):
     after = mean_reward()
     print(f"mean reward {before:.3f} -> {after:.3f}")
     assert after > 1.5 * before + 0.1  # answers now hold "7" far more often
+
+
+def _naive_gae(rewards, values, mask, gamma, lam):
+    """GAE row by row in float64 Python, from its definition (an independent reference)."""
+    out = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = float(values[b, t + 1]) if t + 1 < n else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            out[b, t] = running
+    return out
+
+
+def _perturbed_trainer(sft_run, **settings):
+    tokenizer = AutoTokenizerFrom(sft_run)
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
+    reward = _CountReward(tokenizer.convert_tokens_to_ids("5"))
+    trainer = PPOTrainer(policy, reward, tokenizer, PPOSettings(**settings))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy away from the reference and a value head that is not 0
+        trainer.model.value_head.linear.weight.normal_(0, 0.3)
+        trainer.model.value_head.linear.bias.fill_(0.2)
+        for p in trainer.policy.transformer.h[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    conversations = [[{"role": "user", "content": f"what is {i} plus 5?"}] for i in range(8)]
+    return trainer, conversations
+
+
+def test_the_trainer_passes_gamma_and_lambda_to_gae_in_their_places(sft_run):
+    gamma, lam, beta = 0.8, 0.5, 0.3
+    trainer, conversations = _perturbed_trainer(
+        sft_run, rollouts=8, minibatch=8, max_new_tokens=8, gamma=gamma, lam=lam, beta=beta
+    )
+    exp = trainer.experience(conversations, seed=0)
+    mask = exp.rollout.response_mask.double()
+    with torch.no_grad():
+        _, ref, _ = forward_response(trainer.reference, exp.rollout)
+    # the per-token rewards by hand: -β·(log π - log π_ref), plus the score on the last token
+    rewards = -beta * (exp.logprobs.double() - ref.double()) * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(8), last] += exp.scores.double()
+    assert (exp.kl.abs() > 1e-3).any() and exp.values.abs().max() > 0.05
+    expected = _naive_gae(rewards.numpy(), exp.values.double().numpy(), mask.numpy(), gamma, lam)
+    returns = torch.from_numpy(expected) + exp.values.double() * mask
+    torch.testing.assert_close(exp.returns.double(), returns, atol=1e-5, rtol=0)
+    swapped = _naive_gae(rewards.numpy(), exp.values.double().numpy(), mask.numpy(), lam, gamma)
+    assert np.abs(swapped - expected).max() > 1e-2  # the check tells γ from λ
+    # the advantages are the same, whitened over the real tokens (unbiased variance)
+    real = torch.from_numpy(expected)[mask.bool()]
+    whitened = (real - real.mean()) / real.std()
+    torch.testing.assert_close(exp.advantages.double()[mask.bool()], whitened, atol=1e-4, rtol=0)
+
+
+def test_target_kl_stops_the_updates_of_an_iteration_early(sft_run):
+    common = dict(rollouts=8, minibatch=4, ppo_epochs=2, lr=1e-3, max_new_tokens=8)
+    trainer, conversations = _perturbed_trainer(sft_run, **common)
+    stats = trainer.update(trainer.experience(conversations, seed=0), seed=0)
+    assert stats["ppo/updates"] == 4  # 2 epochs × 2 minibatches
+    trainer, conversations = _perturbed_trainer(sft_run, **common, target_kl=1e-9)
+    stats = trainer.update(trainer.experience(conversations, seed=0), seed=0)
+    # The first minibatch is scored by the policy that sampled it (approximate KL exactly 0);
+    # after one update the next one's is above 1e-9, so it is not applied.
+    assert stats["ppo/updates"] == 1 and stats["ppo/approx_kl"] == 0.0
+
+
+def test_adaptive_kl_coefficient_by_hand(sft_run):
+    from selfsup.lm.ppo import adaptive_beta
+
+    # Ziegler et al.: e = clip(KL/target - 1, -0.2, 0.2), β ← β·(1 + e·n/horizon)
+    assert adaptive_beta(0.1, 3.0, 6.0, 16, 10000) == pytest.approx(0.1 * (1 - 0.2 * 16 / 10000))
+    assert adaptive_beta(0.1, 6.6, 6.0, 16, 10000) == pytest.approx(0.1 * (1 + 0.1 * 16 / 10000))
+    assert adaptive_beta(0.1, 60.0, 6.0, 100, 100) == pytest.approx(0.1 * 1.2)
+    trainer, conversations = _perturbed_trainer(
+        sft_run, rollouts=8, minibatch=8, max_new_tokens=8, beta=0.2, adaptive_kl=0.01,
+        kl_horizon=40,
+    )  # fmt: skip
+    first = trainer.step(conversations, seed=0)
+    assert first["beta"] == 0.2
+    error = min(max(first["kl"] / 0.01 - 1, -0.2), 0.2)
+    assert trainer.beta == pytest.approx(0.2 * (1 + error * 8 / 40)) and trainer.beta != 0.2
+    beta = trainer.beta
+    assert trainer.step(conversations, seed=1)["beta"] == beta  # the next batch's rewards use it

@@ -182,8 +182,24 @@ def test_value_loss_clips_around_old_values():
     assert loss.item() == pytest.approx(0.5 * (3.24 + 1) / 2)
 
 
-def test_token_logprobs():
-    logits = torch.randn(2, 3, 5)
-    tokens = torch.randint(0, 5, (2, 3))
-    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+def test_token_logprobs_against_a_language_models_own_loss():
+    """Independent references: transformers' GPT-2 cross-entropy (its `labels` loss) and the
+    softmax written out in float64."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    )
+    ids = torch.randint(0, 11, (3, 8))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    logprobs = token_logprobs(out.logits[:, :-1], ids[:, 1:])
+    assert logprobs.shape == (3, 7)
+    torch.testing.assert_close(-logprobs.mean(), out.loss, atol=1e-5, rtol=0)
+    logits = out.logits[:, :-1].double()
+    for b in range(3):
+        for t in range(7):
+            row = [math.exp(v) for v in logits[b, t].tolist()]
+            expected = math.log(row[ids[b, t + 1]] / sum(row))
+            assert logprobs[b, t].item() == pytest.approx(expected, abs=1e-5)

@@ -158,3 +158,17 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path: Path) -> Non
     with pytest.raises(SelfsupError, match="--window must be at least 1"):
         pretrain_word2vec(corpus=str(corpus), window=0, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_leaves_no_folder_to_block_the_retry(tmp_path: Path) -> None:
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
+    settings = dict(corpus=str(corpus), dim=8, window=2, min_count=1, epochs=1, sample=0.0,
+                    batch_words=64, progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(SelfsupError, match="--lr must be > 0, got nan"):
+        pretrain_word2vec(**{**settings, "lr": float("nan")})
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SelfsupError, match="loss became"):  # the weights overflow at once
+        pretrain_word2vec(**{**settings, "lr": 1e38, "optimizer": "sgd"})
+    assert not (tmp_path / "run").exists()
+    assert (pretrain_word2vec(**settings) / "vectors.safetensors").is_file()

@@ -20,6 +20,7 @@ trained on; the model then answers a prompt rendered up to ``<ASSISTANT>`` and s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,18 +51,27 @@ def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise SelfsupError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SelfsupError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise SelfsupError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SelfsupError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); expected a JSONL file"
+        ) from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SelfsupError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise SelfsupError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise SelfsupError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:
@@ -151,9 +161,11 @@ def read_rankings(path: str | Path) -> list[Ranking]:
         if gold is not None and (
             not isinstance(gold, list)
             or len(gold) != len(completions)
-            or not all(isinstance(g, int | float) for g in gold)
+            or not all(isinstance(g, int | float) and not isinstance(g, bool) for g in gold)
         ):
             raise SelfsupError(f"{where}: 'gold' must list one number per completion")
+        if gold is not None and not all(math.isfinite(g) for g in gold):
+            raise SelfsupError(f"{where}: 'gold' holds {gold}: every score must be a finite number")
         out.append(
             Ranking(
                 prompt,

@@ -8,10 +8,14 @@ Two pretext tasks on a pair of sentences `[CLS] A [SEP] B [SEP]`:
   predicts which.
 
 Sentences are lines: a pair (A, B) is two consecutive non-empty lines of one paragraph (a blank
-line or a document boundary separates paragraphs). In tinyshakespeare a paragraph is one
-speech, "FIRST CITIZEN:" followed by its lines, so a true pair is a speaker and their first line
-or two successive lines of a speech. Pairs are found from random places in the memory-mapped
-token ids, so longer sentences are drawn a little more often than short ones.
+or whitespace-only line or a document boundary separates paragraphs), judged on the text the
+tokens stand for: byte-level BPE merges a paragraph break and the next line's indentation into
+one token ("\\n\\n   "), which still ends the paragraph. A random B (NotNext) comes from another
+document where the corpus has several (BERT's rule), else from anywhere but A's next line. In
+tinyshakespeare a paragraph is one speech, "FIRST CITIZEN:" followed by its lines, so a true pair
+is a speaker and their first line or two successive lines of a speech. Pairs are found from
+random places in the memory-mapped token ids, so longer sentences are drawn a little more often
+than short ones.
 
 The model is transformers' BertForPreTraining (small by default), exported to RUN/hf with its
 tokenizer: AutoModelForMaskedLM + AutoTokenizer load it. The tokenizer is byte-level BPE, as
@@ -34,6 +38,7 @@ from torch import Tensor
 
 from selfsup.config import _opt
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.lm.train import LanguageModule, LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
@@ -103,28 +108,51 @@ def pack_pair(a: np.ndarray, b: np.ndarray, max_length: int, cls: int, sep: int)
 
 
 class SentenceFinder:
-    """Sentences (lines) of a token-id array, found around random places.
+    """Sentences (lines) of a token-id array, found around random places, split as the text is.
 
-    `breaks` are the ids of line-break tokens; `stops` (document separators) end a paragraph
-    like a blank line does. Looks at most `window` tokens ahead, so longer sentences are cut.
+    A line ends at a newline and a paragraph at a blank (or whitespace-only) line or a document
+    separator, judged from the text the tokens stand for: `breaks` maps each whitespace-only
+    token holding newlines to how many it holds (a byte-level BPE merges "\\n\\n " into one
+    token: that is a paragraph break, not a line break), `spaces` are the whitespace-only tokens
+    without one, `stops` the document separators. Looks at most `window` tokens ahead, so longer
+    sentences are cut.
     """
 
-    def __init__(self, breaks: set[int], stops: set[int], window: int) -> None:
-        self.breaks = np.array(sorted(breaks | stops), dtype=np.int64)
+    def __init__(
+        self,
+        breaks: dict[int, int] | set[int],
+        stops: set[int],
+        window: int,
+        spaces: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        counts = dict(breaks) if isinstance(breaks, dict) else dict.fromkeys(breaks, 1)
+        counts.update(dict.fromkeys(stops, 1 << 20))  # a separator ends a paragraph
+        self.breaks = np.array(sorted(counts), dtype=np.int64)
         self.stops = np.array(sorted(stops), dtype=np.int64)
+        self.whitespace = np.array(sorted(set(counts) | set(spaces)), dtype=np.int64)
+        self.newlines = np.zeros(max(counts, default=0) + 1, dtype=np.int64)
+        for token, count in counts.items():
+            self.newlines[token] = count
         self.window = window
+        self._documents: dict[int, tuple[int, np.ndarray]] = {}
 
     def lines(self, ids: np.ndarray, start: int) -> list[tuple[int, int, bool]]:
-        """(start, end, paragraph ends here) of the whole lines after the first break at or
+        """(start, end, paragraph ends here) of the whole lines after the first line break at or
         after `start`, within the window."""
-        piece = np.asarray(ids[start : start + self.window])
-        cuts = np.flatnonzero(np.isin(piece, self.breaks))
-        stop = np.isin(piece[cuts], self.stops)
+        piece = np.asarray(ids[start : start + self.window]).astype(np.int64)
+        white = np.isin(piece, self.whitespace).astype(np.int8)
+        newlines = self.newlines[np.minimum(piece, len(self.newlines) - 1)]
+        newlines[piece >= len(self.newlines)] = 0
+        edges = np.diff(np.concatenate([[0], white, [0]]))
+        run_starts, run_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        total = np.concatenate([[0], np.cumsum(newlines)])
+        counts = total[run_ends] - total[run_starts]
+        separators = [(s, e, n) for s, e, n in zip(run_starts, run_ends, counts, strict=True) if n]
         found = []
-        for i in range(len(cuts) - 1):
-            s, e = cuts[i] + 1, cuts[i + 1]
-            blank_after = i + 2 < len(cuts) and cuts[i + 2] == e + 1 and not stop[i + 1]
-            found.append((start + s, start + e, bool(stop[i + 1] or blank_after)))
+        for (_, e0, _), (s1, e1, n1) in zip(separators, separators[1:], strict=False):
+            if e1 >= len(piece):  # the whitespace may go on past the window: unknown
+                break
+            found.append((start + int(e0), start + int(s1), bool(n1 >= 2)))
         return found
 
     def pair(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -136,9 +164,32 @@ class SentenceFinder:
                     return s, e, s2, e2
         raise SelfsupError(NO_PAIRS)
 
-    def line(self, ids: np.ndarray, rng: np.random.Generator, not_at: int) -> tuple[int, int]:
-        """(start, end) of a random non-empty line that does not start at `not_at`."""
+    def document_starts(self, ids: np.ndarray) -> np.ndarray:
+        """Where each document of `ids` starts (after a separator), found once per array."""
+        key = id(ids)
+        if key not in self._documents or self._documents[key][0] != len(ids):
+            found = [np.array([0])]
+            for s in range(0, len(ids), 1 << 24):
+                chunk = np.asarray(ids[s : s + (1 << 24)])
+                found.append(s + np.flatnonzero(np.isin(chunk, self.stops)) + 1)
+            starts = np.unique(np.concatenate(found))
+            self._documents[key] = (len(ids), starts[starts < len(ids)])
+        return self._documents[key][1]
+
+    def line(
+        self, ids: np.ndarray, rng: np.random.Generator, not_at: int, apart_from: int | None = None
+    ) -> tuple[int, int]:
+        """(start, end) of a random non-empty line that does not start at `not_at`; where `ids`
+        holds several documents, from another document than the one around `apart_from`
+        (BERT's rule for a random next sentence)."""
+        starts = self.document_starts(ids) if apart_from is not None else np.array([0])
+        document = np.searchsorted(starts, apart_from or 0, side="right")
         for _ in range(MAX_TRIES):
+            for s, e, _ in self.lines(ids, int(rng.integers(0, max(1, len(ids) - 2)))):
+                elsewhere = len(starts) < 2 or np.searchsorted(starts, s, "right") != document
+                if e > s and s != not_at and elsewhere:
+                    return s, e
+        for _ in range(MAX_TRIES):  # one document dwarfs the others: any other line will do
             for s, e, _ in self.lines(ids, int(rng.integers(0, max(1, len(ids) - 2)))):
                 if e > s and s != not_at:
                     return s, e
@@ -148,11 +199,12 @@ class SentenceFinder:
         self, ids: np.ndarray, rng: np.random.Generator
     ) -> tuple[tuple[int, int], tuple[int, int], int]:
         """(A span, B span, label): B is A's next line (IS_NEXT) or, with probability 1/2, a
-        random line of the corpus other than that one (NOT_NEXT)."""
+        random line of another document where there are several, else of the corpus other
+        than that one (NOT_NEXT)."""
         a0, a1, b0, b1 = self.pair(ids, rng)
         if rng.random() < 0.5:
             return (a0, a1), (b0, b1), IS_NEXT
-        return (a0, a1), self.line(ids, rng, not_at=b0), NOT_NEXT
+        return (a0, a1), self.line(ids, rng, not_at=b0, apart_from=a0), NOT_NEXT
 
 
 NO_PAIRS = (
@@ -182,6 +234,9 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    # ... and saved: tokenizer_config.json keeps init_kwargs, not the attribute, so a tokenizer
+    # reloaded with AutoTokenizer would drop the segment ids of a sentence pair
+    tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)
     return tokenizer
 
 
@@ -195,13 +250,17 @@ def load_init(path: str) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(f"--init {folder}/config.json is not readable ({e})") from None
+        raise SelfsupError(
+            f"--init {folder}/config.json is not readable ({one_line_reason(e)})"
+        ) from None
     if config.model_type != "bert":
         raise SelfsupError(f"--init {folder}: a {config.model_type!r} checkpoint; expected BERT")
     try:
         model = BertForPreTraining.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise SelfsupError(f"--init {folder}: the weights could not be loaded ({e})") from None
+        raise SelfsupError(
+            f"--init {folder}: the weights could not be loaded ({one_line_reason(e)})"
+        ) from None
     model.vocab_size = config.vocab_size  # what pretrain_lm checks against the tokenizer
     return model
 
@@ -268,14 +327,17 @@ class BertModule(LanguageModule):
         )
         self.register_buffer("special", torch.zeros(self.vocab_size, dtype=torch.bool))
         self.special[list(special)] = True
+        breaks, spaces = _whitespace_ids(tokenizer)
         self.finder = SentenceFinder(
-            breaks=_line_break_ids(tokenizer),
+            breaks=breaks,
             stops={tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set(),
             window=4 * options.max_length,
+            spaces=spaces,
         )
+        self.has_line_breaks = bool(breaks)
 
     def check_data(self, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
-        if len(self.finder.breaks) == 0:
+        if not self.has_line_breaks:
             raise SelfsupError(
                 "the tokenizer has no line-break token: BERT's sentence pairs are lines "
                 "(use --tokenizer bpe or char)"
@@ -337,14 +399,18 @@ class BertModule(LanguageModule):
         save_hf(run, self.model, tokenizer)
 
 
-def _line_break_ids(tokenizer: Any) -> set[int]:
-    """Tokens that are only whitespace with a newline in it (e.g. "\\n", byte-level "Ċ")."""
-    found = set()
+def _whitespace_ids(tokenizer: Any) -> tuple[dict[int, int], set[int]]:
+    """({token: newlines in it} of the whitespace-only tokens holding a newline (e.g. "\\n",
+    byte-level "Ċ", "ĊĊĠ"), the whitespace-only tokens without one)."""
+    breaks, spaces = {}, set()
     for i in range(len(tokenizer)):
         text = tokenizer.decode([i])
-        if "\n" in text and not text.strip():
-            found.add(i)
-    return found
+        if text and not text.strip():
+            if "\n" in text:
+                breaks[i] = text.count("\n")
+            else:
+                spaces.add(i)
+    return breaks, spaces
 
 
 # --- using a trained model -----------------------------------------------------------------

@@ -135,6 +135,12 @@ def _add_best_of_n(sub, parents) -> None:
         "--pool", type=int, default=0, help="answers sampled per prompt (default: the largest n)"
     )
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--no-end-score",
+        type=float,
+        default=-1.0,
+        help="the score of an answer that never emits the end token (default: -1, as lm rlhf)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_best_of_n)
 
@@ -150,7 +156,7 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
         raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
     rows = best_of_n(
         args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
-        args.limit, args.seed, args.pool,
+        args.limit, args.seed, args.pool, args.no_end_score,
     )  # fmt: skip
     print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
     for r in rows:
@@ -168,9 +174,19 @@ def _add_chat(sub, parents) -> None:
 
 
 def _run_chat(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import chat_reply, load_policy
+    from selfsup.lm.rlhf import chat_reply, context_length, fit_context, load_policy
 
+    if args.max_new_tokens < 1:
+        raise SelfsupError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise SelfsupError(f"--temperature must be at least 0, got {args.temperature}")
     tokenizer, model = load_policy(args.run)
+    context = context_length(model)
+    if context is not None and args.max_new_tokens >= context:
+        raise SelfsupError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room in the model's context of "
+            f"{context} tokens"
+        )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("(an empty line or Ctrl-D ends the conversation)")
     while True:
@@ -183,7 +199,14 @@ def _run_chat(args: argparse.Namespace, command: str) -> None:
             break
         messages.append({"role": "user", "content": text})
         try:
-            reply = chat_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+            kept = fit_context(tokenizer, messages, context, args.max_new_tokens)
+            if len(kept) < len(messages):  # as `lm generate` keeps the end of a long prompt
+                print(
+                    f"(the conversation outgrew the model's context of {context} tokens: its "
+                    f"{len(messages) - len(kept)} oldest messages are left out)"
+                )
+            reply = chat_reply(model, tokenizer, kept, args.max_new_tokens, args.temperature)
+            messages[:] = kept
         except SelfsupError as e:  # e.g. characters the tokenizer lacks: say so, keep talking
             print(f"selfsup: {e}")
             messages.pop()

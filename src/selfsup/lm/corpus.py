@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.run import _publish as publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -80,13 +81,17 @@ def _read_text(path: Path, encoding: str) -> str:
 
 def _read_jsonl(path: Path, encoding: str, text_field: str) -> list[str]:
     texts = []
-    for number, line in enumerate(_decode(path, encoding).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 etc., which JSON
+    # strings may hold unescaped.
+    for number, line in enumerate(_decode(path, encoding).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise SelfsupError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise SelfsupError(f"{path}, line {number}: JSON nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise SelfsupError(
                 f"{path}, line {number}: expected an object with a string field {text_field!r} "
@@ -158,7 +163,9 @@ def load_ids(path: str | Path) -> np.memmap:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SelfsupError(f"{path} is not a readable token-id file ({e})") from None
+        raise SelfsupError(
+            f"{path} is not a readable token-id file ({one_line_reason(e)})"
+        ) from None
 
 
 def split_ids(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from selfsup.config import _opt
 from selfsup.errors import SelfsupError
+from selfsup.lm.hf import one_line_reason
 from selfsup.lm.tokenizer import encode_text, load_tokenizer
 from selfsup.lm.train import LanguageModule, LMConfig
 
@@ -172,6 +173,7 @@ def to_hf(model: GPT, tokenizer: Any = None) -> Any:
 
     blocks = model.transformer.h
     eos = getattr(tokenizer, "eos_token_id", None)
+    dropout = float(model.transformer.drop.p)
     config = GPT2Config(
         vocab_size=model.vocab_size,
         n_positions=model.block_size,
@@ -179,9 +181,11 @@ def to_hf(model: GPT, tokenizer: Any = None) -> Any:
         n_layer=len(blocks),
         n_head=blocks[0].attn.heads if len(blocks) else 1,
         activation_function=model.activation,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        # the configured dropout, for the stages that train the export further (SFT, reward);
+        # evaluation and generation run in eval mode, PPO turns it off
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=eos,
@@ -228,7 +232,9 @@ def load_hf_gpt(path: str | Path, what: str = "--init") -> GPT:
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for missing or damaged weights
-        raise SelfsupError(f"{what} {path}: the weights could not be loaded ({e})") from None
+        raise SelfsupError(
+            f"{what} {path}: the weights could not be loaded ({one_line_reason(e)})"
+        ) from None
     finally:
         hf_logging.enable_progress_bar()
     return from_hf(hf)
@@ -244,7 +250,9 @@ def hf_config(path: str | Path, what: str = "--init") -> Any:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(f"{what} {path}/config.json is not readable ({e})") from None
+        raise SelfsupError(
+            f"{what} {path}/config.json is not readable ({one_line_reason(e)})"
+        ) from None
     if config.model_type != "gpt2":
         raise SelfsupError(
             f"{what} {path}: a {config.model_type!r} checkpoint; expected GPT-2 (model_type 'gpt2')"

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +53,8 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = auto_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise SelfsupError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # missing, truncated, foreign or pickled (not weights-only) files
+        raise SelfsupError(f"{folder}: cannot load the model ({one_line_reason(e)})") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SelfsupError(
             f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model only "
@@ -60,14 +63,28 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
     return tokenizer, model
 
 
-def save_hf(run: Path, model: Any, tokenizer: Any) -> None:
-    """Export model and tokenizer to RUN/hf (written beside, then swapped in)."""
-    tmp = run / f".{HF_DIR}.tmp"
+def one_line_reason(e: Exception) -> str:
+    """One line on why a model or checkpoint file could not be read."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return (
+            "a pickled file that is not plain weights: it is refused unread (weights_only); "
+            "save it with safetensors"
+        )
+    lines = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
+
+
+def save_hf(run: Path, model: Any, tokenizer: Any, name: str = HF_DIR) -> None:
+    """Export model and tokenizer to RUN/NAME (default RUN/hf; written beside, then swapped in):
+    what `load_tokenizer_and` reads back."""
+    tmp = run / f".{name}.tmp"
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    final = run / HF_DIR
+    final = run / name
     if final.exists():
-        old = run / f".{HF_DIR}.old"
+        old = run / f".{name}.old"
         final.rename(old)
         tmp.rename(final)
         for f in old.iterdir():
@@ -77,14 +94,52 @@ def save_hf(run: Path, model: Any, tokenizer: Any) -> None:
         tmp.rename(final)
 
 
+# What a run of these stages writes before its first checkpoint (or policy): a folder holding
+# only these, and no checkpoint, is the leftover of a run that failed early and may be reused.
+EARLY_FILES = frozenset({"config.yaml", "command.txt", "metrics.csv", "eval.csv", "checkpoints"})
+
+
+def unfinished_start(run: Path, early: frozenset[str] = EARLY_FILES) -> bool:
+    """True when `run` holds nothing but what a run that failed before its first checkpoint
+    leaves (config, command, metrics, temporary exports), with a selfsup config.yaml."""
+    if not (run / "config.yaml").is_file():
+        return False
+    for entry in run.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith((".tmp", ".old")):
+            continue
+        if entry.name not in early:
+            return False
+        if entry.is_dir() and any(entry.iterdir()):  # a checkpoint folder with something in it
+            return False
+    return True
+
+
+def clear_run(run: Path) -> None:
+    """Remove a run folder (one `unfinished_start` accepted, or one this process created)."""
+    shutil.rmtree(run, ignore_errors=True)
+
+
 def start_run(out: str | Path, config: dict[str, Any], command: str, resume: bool) -> Path:
-    """Create (or, resuming, reuse) the run directory and record config and command."""
+    """Create (or, resuming, reuse) the run directory and record config and command. A folder
+    left by a run that failed before its first checkpoint is cleared and reused."""
     run = Path(out)
     if resume:
         if not (run / CHECKPOINT).is_file():
-            raise SelfsupError(f"--resume: {run / CHECKPOINT} is missing, nothing to resume")
+            hint = (
+                "; run the command without --resume to start afresh"
+                if run.is_dir() and unfinished_start(run)
+                else ""
+            )
+            raise SelfsupError(f"--resume: {run / CHECKPOINT} is missing, nothing to resume{hint}")
+        load_checkpoint(run)  # a truncated or foreign checkpoint: one line, before any write
+    elif run.is_file():
+        raise SelfsupError(f"--out {run} is a file; expected a run directory")
     elif run.exists() and any(run.iterdir()):
-        raise SelfsupError(f"{run} already exists and is not empty; pick another --out or --resume")
+        if not unfinished_start(run):
+            raise SelfsupError(
+                f"{run} already exists and is not empty; pick another --out or --resume"
+            )
+        clear_run(run)
     run.mkdir(parents=True, exist_ok=True)
     if not resume:
         rundir.atomic_write_text(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -102,11 +157,14 @@ def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(run: Path) -> dict[str, Any]:
     path = run / CHECKPOINT
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or pickled file
         raise SelfsupError(
-            f"{path} is not a readable selfsup checkpoint ({e.__class__.__name__})"
+            f"{path} is not a readable selfsup checkpoint ({one_line_reason(e)})"
         ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise SelfsupError(f"{path} is not a selfsup checkpoint (no model weights in it)")
+    return state
 
 
 def append_metrics(run: Path, row: dict[str, Any], name: str = "metrics.csv") -> None:
@@ -122,3 +180,55 @@ def append_metrics(run: Path, row: dict[str, Any], name: str = "metrics.csv") ->
         if f.tell() == 0:
             writer.writeheader()
         writer.writerow(row)
+
+
+@contextmanager
+def removed_unless_kept(run: Path, kept: Any) -> Iterator[None]:
+    """Remove the run folder when the block fails (a bad option found late, a NaN loss at the
+    first step, ...) before `kept(run)` says it holds something worth keeping: a failed start
+    must not leave a folder that blocks both a fresh run and --resume. Ctrl-C keeps it (a later
+    run into it clears it, see `unfinished_start`)."""
+    try:
+        yield
+    except Exception:
+        if not kept(run):
+            clear_run(run)
+        raise
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_accelerator(value: str) -> None:
+    """--accelerator: one of ACCELERATORS, and a GPU only where CUDA is available."""
+    if value not in ACCELERATORS:
+        raise SelfsupError(f"--accelerator {value!r}: expected one of {', '.join(ACCELERATORS)}")
+    if value == "mps" and not torch.backends.mps.is_available():
+        raise SelfsupError("--accelerator mps: this machine has no Apple GPU (use cpu or auto)")
+    if value in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SelfsupError(f"--accelerator {value}: this machine has no CUDA GPU (use cpu or auto)")
+
+
+def check_number(
+    option: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
+) -> None:
+    """One line unless low <= value <= high (low < value with low_open), NaN refused."""
+    ok = value == value and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high != float("inf"):
+            bound += f" and <= {high:g}"
+        raise SelfsupError(f"{option} must be {bound}, got {value}")
+
+
+def check_precision(value: str | None) -> None:
+    """--precision: a value Lightning knows (None: the run's default)."""
+    if value is None:
+        return
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    known = (*get_args(_PRECISION_INPUT_STR), "16", "32", "64", "bf16")
+    if value not in known:
+        raise SelfsupError(f"--precision {value!r}: expected one of {', '.join(known)}")

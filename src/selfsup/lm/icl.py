@@ -183,6 +183,13 @@ def _qa_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def few_shot_prompt(demos: Sequence[tuple[str, str]], question: str) -> str:
+    """k "QUESTION ANSWER" lines, then the question. The prompt ends at the question, not at
+    the space before the answer: a byte-level BPE writes " 5" as one token, so a prompt ending
+    in a space would end in a lone space token the model never saw before an answer."""
+    return "".join(f"{q} {a}\n" for q, a in demos) + question
+
+
 def few_shot(
     model_path: str,
     data: str,
@@ -219,7 +226,7 @@ def few_shot(
         correct = 0
         for question, answer in tqdm(asked, desc=f"{k}-shot", leave=False):
             demos = [pool[i] for i in rng.choice(len(pool), k, replace=False)] if k else []
-            prompt = "".join(f"{q} {a}\n" for q, a in demos) + f"{question} "
+            prompt = few_shot_prompt(demos, question)
             ids = torch.tensor([encode_text(tokenizer, prompt, "the prompt")])
             if ids.shape[1] + max_new_tokens > context:
                 raise SelfsupError(

@@ -64,9 +64,23 @@ def _split(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list
 
 
 def _require(config: TuneConfig) -> None:
+    """The options' checks, before any file is read or written."""
     for name in ("init", "data", "out"):
         if not getattr(config, name):
             raise SelfsupError(f"--{name} is required")
+    for name in ("epochs", "batch_size", "max_length"):
+        if getattr(config, name) < 1:
+            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
+    hf.check_number("--lr", config.lr, 0, low_open=True)
+    hf.check_number("--weight-decay", config.weight_decay, 0)
+    hf.check_number("--warmup-steps", config.warmup_steps, 0)
+    hf.check_accelerator(config.accelerator)
+    hf.check_precision(config.precision)
+    if config.resume:  # a missing or damaged checkpoint: one line before the model loads
+        run = Path(config.out)
+        if not (run / hf.CHECKPOINT).is_file():
+            hf.start_run(run, {}, "", resume=True)  # says what is missing, writes nothing
+        hf.load_checkpoint(run)
 
 
 def sft(config: TuneConfig, command: str | None = None) -> Path:
@@ -100,6 +114,15 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     _require(config)
     torch.manual_seed(config.seed)  # the new score head and dropout masks
     rankings = read_rankings(config.data)
+    ordered = [r for r in rankings if len(r.tiers) > 1]
+    if len(ordered) < len(rankings):  # e.g. K identical answers that the labeler tied
+        print(
+            f"{config.data}: {len(rankings) - len(ordered)} of {len(rankings)} ranked prompts "
+            "are full ties (no strictly ordered pair) and are left out"
+        )
+    if not ordered:
+        raise SelfsupError(f"{config.data}: every ranking is a full tie: nothing to learn from")
+    rankings = ordered
     tokenizer, model = hf.load_tokenizer_and(
         config.init, AutoModelForSequenceClassification, num_labels=1
     )
@@ -168,12 +191,27 @@ def _fit(
     loss_fn: LossFn,
     extra: dict[str, float] | None = None,
 ) -> Path:
-    import lightning as L
-
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
     run = hf.start_run(
         config.out, {"stage": stage, **dataclasses.asdict(config)}, command, config.resume
     )
+    with hf.removed_unless_kept(run, lambda r: (r / hf.CHECKPOINT).is_file()):
+        return _train(run, stage, config, model, tokenizer, train, val, loss_fn, extra)
+
+
+def _train(
+    run: Path,
+    stage: str,
+    config: TuneConfig,
+    model: Any,
+    tokenizer: Any,
+    train: list,
+    val: list,
+    loss_fn: LossFn,
+    extra: dict[str, float] | None,
+) -> Path:
+    import lightning as L
+
     fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -205,7 +243,11 @@ def _fit(
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"the {stage} loss became {loss.item()} in epoch {epoch + 1}; lower --lr"
-                    + (f"; the last good epoch is in {run / hf.CHECKPOINT}" if epoch else "")
+                    + (
+                        f"; the last good epoch is in {run / hf.CHECKPOINT}"
+                        if (run / hf.CHECKPOINT).is_file()
+                        else f"; nothing is kept ({run} is removed)"
+                    )
                 )
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)

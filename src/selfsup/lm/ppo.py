@@ -52,9 +52,30 @@ class PPOSettings:
     gamma: float = _opt(1.0, "discount of GAE")
     lam: float = _opt(0.95, "lambda of GAE")
     max_new_tokens: int = _opt(24, "longest answer in tokens")
-    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
+    temperature: float = _opt(
+        1.0, "sampling temperature of the rollouts (their log-probabilities use it too)"
+    )
     no_end_score: float = _opt(-1.0, "the score of an answer that never emits the end token")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    adaptive_kl: float = _opt(
+        0.0,
+        "adapt beta to hold the rollouts' KL from the reference near this many nats per answer "
+        "(Ziegler et al. 2019; 0: a fixed --beta)",
+    )
+    kl_horizon: int = _opt(10000, "adaptive KL: the horizon (in answers) of beta's adaptation")
+    target_kl: float = _opt(
+        0.0,
+        "end an iteration's PPO epochs early once a minibatch's approximate KL from the "
+        "rollouts' policy exceeds this (0: never)",
+    )
+
+
+def adaptive_beta(beta: float, kl: float, target: float, answers: int, horizon: int) -> float:
+    """The KL coefficient after one batch of `answers` rollouts with mean KL `kl` (TRL's
+    AdaptiveKLController; Ziegler et al. 2019):
+    β·(1 + clip(kl/target - 1, ±0.2)·answers/horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * answers / horizon)
 
 
 class ValueHead(nn.Module):
@@ -116,6 +137,7 @@ class PPOTrainer:
         import lightning as L
 
         self.settings = settings
+        self.beta = settings.beta  # the KL coefficient now (it moves with --adaptive-kl)
         self.tokenizer = tokenizer
         self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -143,14 +165,16 @@ class PPOTrainer:
         scores = reward_scores(self.reward_model, rollout)
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, s.no_end_score))
         mask = rollout.response_mask.float()
-        rewards, _ = shaped_rewards(scores, logprobs, ref_logprobs, mask, s.beta)
+        rewards, _ = shaped_rewards(scores, logprobs, ref_logprobs, mask, self.beta)
         advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
         advantages = masked_whiten(advantages, mask)
         kl = kl_to_reference(logprobs, ref_logprobs, mask)
         return Experience(rollout, logprobs, values, advantages, returns, scores, kl)
 
     def update(self, exp: Experience, seed: int) -> dict[str, float]:
-        """Several epochs of minibatch PPO updates; returns the mean statistics."""
+        """Several epochs of minibatch PPO updates; returns the mean statistics. With
+        `target_kl`, the first minibatch whose approximate KL from the rollouts' policy exceeds
+        it is not applied and the iteration's updates end (`ppo/updates` counts those made)."""
         s = self.settings
         self.model.train()
         _disable_dropout(self.model)
@@ -159,27 +183,35 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy", "value", "clip", "approx_kl", "entropy")
         }
-        for _ in range(s.ppo_epochs):
-            for idx in torch.randperm(n, generator=g).split(s.minibatch):
-                idx = idx.to(self.fabric.device)
-                part = _select(exp.rollout, idx)
-                mask = part.response_mask.float()
-                logits, logprobs, values = self.model(part)
-                pg, clip_fraction, approx_kl = policy_loss(
-                    logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
-                )
-                vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.fabric.backward(pg + s.value_coef * vf)
-                self.fabric.clip_gradients(self.model, self.optimizer, max_norm=s.max_grad_norm)
-                self.optimizer.step()
-                with torch.no_grad():
-                    stats["entropy"].append(entropy(logits, mask).item())
-                stats["policy"].append(pg.item())
-                stats["value"].append(vf.item())
-                stats["clip"].append(clip_fraction.item())
-                stats["approx_kl"].append(approx_kl.item())
-        return {f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}
+        updates = 0
+        batches = [
+            idx
+            for _ in range(s.ppo_epochs)
+            for idx in torch.randperm(n, generator=g).split(s.minibatch)
+        ]
+        for idx in batches:
+            idx = idx.to(self.fabric.device)
+            part = _select(exp.rollout, idx)
+            mask = part.response_mask.float()
+            logits, logprobs, values = self.model(part)
+            pg, clip_fraction, approx_kl = policy_loss(
+                logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
+            )
+            vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
+            if s.target_kl > 0 and approx_kl.item() > s.target_kl:
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            self.fabric.backward(pg + s.value_coef * vf)
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=s.max_grad_norm)
+            self.optimizer.step()
+            updates += 1
+            with torch.no_grad():
+                stats["entropy"].append(entropy(logits, mask).item())
+            stats["policy"].append(pg.item())
+            stats["value"].append(vf.item())
+            stats["clip"].append(clip_fraction.item())
+            stats["approx_kl"].append(approx_kl.item())
+        return {**{f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}, "ppo/updates": updates}
 
     def step(
         self, conversations: Sequence[Sequence[Message]], seed: int, gold: GoldFn | None = None
@@ -188,8 +220,10 @@ class PPOTrainer:
         exp = self.experience(conversations, seed)
         stats = self.update(exp, seed)
         mask = exp.rollout.response_mask.float()
+        s = self.settings
         stats.update(
             {
+                "beta": self.beta,
                 "reward": exp.scores.mean().item(),
                 "kl": exp.kl.mean().item(),
                 "answer_tokens": mask.sum(1).mean().item(),
@@ -197,6 +231,10 @@ class PPOTrainer:
                 "value_mean": masked_mean(exp.values, mask).item(),
             }
         )
+        if s.adaptive_kl > 0:
+            self.beta = adaptive_beta(
+                self.beta, stats["kl"], s.adaptive_kl, len(conversations), s.kl_horizon
+            )
         if gold is not None:
             answers = decode_responses(self.tokenizer, exp.rollout)
             stats["gold"] = float(np.mean([gold(i, a) for i, a in enumerate(answers)]))
@@ -219,6 +257,7 @@ def _select(rollout: Rollout, idx: Tensor) -> Rollout:
         rollout.response_mask[idx],
         rollout.ended[idx],
         rollout.suppressed,
+        rollout.temperature,
     )
 
 
@@ -230,4 +269,5 @@ def _to(rollout: Rollout, device: torch.device) -> Rollout:
         rollout.response_mask.to(device),
         rollout.ended.to(device),
         rollout.suppressed,
+        rollout.temperature,
     )

@@ -140,13 +140,7 @@ def evaluate_policy(
 
 def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
-    import lightning as L
-
-    for name in ("policy", "reward", "prompts", "out"):
-        if not getattr(config, name):
-            raise SelfsupError(f"--{name.replace('_', '-')} is required")
-    if config.rollouts < config.minibatch:
-        raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    check_options(config)
     conversations, records = _load_prompts(config.prompts)
     eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
     eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
@@ -157,6 +151,47 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     run = hf.start_run(
         config.out, {"stage": "rlhf", **dataclasses.asdict(config)}, command or "", False
     )
+    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
+        return _ppo_run(
+            run, config, tokenizer, policy, reward_model, conversations, gold, eval_conv, eval_gold
+        )
+
+
+def check_options(config: RLHFConfig) -> None:
+    """One line for a missing or impossible option, before any file is read or written."""
+    for name in ("policy", "reward", "prompts", "out"):
+        if not getattr(config, name):
+            raise SelfsupError(f"--{name.replace('_', '-')} is required")
+    for name in ("rollouts", "minibatch", "ppo_epochs", "iterations", "eval_every",
+                 "eval_samples", "max_new_tokens", "kl_horizon"):  # fmt: skip
+        if getattr(config, name) < 1:
+            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.rollouts < config.minibatch:
+        raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    for name in ("lr", "clip", "value_clip", "temperature", "max_grad_norm"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0, low_open=True)
+    for name in ("beta", "value_coef", "adaptive_kl", "target_kl", "max_kl"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0)
+    hf.check_number("--gamma", config.gamma, 0, 1)
+    hf.check_number("--lam", config.lam, 0, 1)
+    if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
+        raise SelfsupError("--no-end-score and --temperature must be finite numbers")
+    hf.check_accelerator(config.accelerator)
+
+
+def _ppo_run(
+    run: Path,
+    config: RLHFConfig,
+    tokenizer: Any,
+    policy: Any,
+    reward_model: Any,
+    conversations: list[list[Message]],
+    gold: GoldFn | None,
+    eval_conv: list[list[Message]],
+    eval_gold: GoldFn | None,
+) -> Path:
+    import lightning as L
+
     torch.manual_seed(config.seed)
     fabric = L.Fabric(accelerator=config.accelerator, devices=1)
     trainer = PPOTrainer(policy, reward_model, tokenizer, config, fabric)
@@ -172,11 +207,12 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
         )  # fmt: skip
         hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        folder = run / f"iter{iteration:04d}"
-        trainer.policy.save_pretrained(str(folder), safe_serialization=True)
-        saved.append(folder)
+        if iteration:  # iteration 0 is --policy itself
+            name = f"iter{iteration:04d}"
+            hf.save_hf(run, trainer.policy, tokenizer, name)  # loads like RUN/hf
+            saved.append(str(run / name))
 
-    saved: list[Path] = []  # the policies written so far, all from finite updates
+    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     report(0)
     bar = tqdm(range(1, config.iterations + 1), desc="PPO")
     for iteration in bar:
@@ -192,6 +228,7 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
             raise SelfsupError(
                 f"PPO stopped at iteration {iteration}: {problem}; the last good policy is "
                 f"{saved[-1]} (lower --lr, raise --beta)"
+                + ("" if len(saved) > 1 else f"; {run} is removed")
             )
         hf.append_metrics(run, {"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
@@ -239,10 +276,19 @@ def best_of_n(
     limit: int = 128,
     seed: int = 0,
     pool: int = 0,
+    no_end_score: float = -1.0,
 ) -> list[dict[str, float]]:
     """For each n: the gold score and proxy reward of the reward model's favourite of n samples,
     with the analytic KL bound log n - (n-1)/n. One pool of `pool` (default: max(ns)) samples
-    per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`)."""
+    per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`). An answer
+    that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`."""
+    if not math.isfinite(no_end_score):
+        raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
+    for option, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise SelfsupError(f"{option} must be at least 1, got {value}")
+    if pool < 0:
+        raise SelfsupError(f"--pool must be at least 0 (0: the largest n), got {pool}")
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = _load_prompts(prompts)
@@ -258,7 +304,8 @@ def best_of_n(
             part = conversations[s : s + 64]
             r = sample(policy, tokenizer, part, max_new_tokens, 1.0, 0, seed + 1000 * j + s)
             score = reward_scores(reward_model, r)
-            proxy[s : s + len(part), j] = torch.where(r.ended, score, torch.full_like(score, -1.0))
+            score = torch.where(r.ended, score, torch.full_like(score, no_end_score))
+            proxy[s : s + len(part), j] = score
             if gold is not None:
                 for i, a in enumerate(decode_responses(tokenizer, r)):
                     golds[s + i, j] = gold(s + i, a)
@@ -289,6 +336,9 @@ def label(
     """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers."""
     if not 2 <= k <= 26:
         raise SelfsupError(f"--k must be between 2 and 26 answers per prompt, got {k}")
+    hf.check_number("--noise", noise, 0)
+    if max_new_tokens < 1:
+        raise SelfsupError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tokenizer, policy = load_policy(policy_path)
     conversations, records = _load_prompts(prompts)
     gold = _gold_fn(gold_name, records)
@@ -324,16 +374,64 @@ def label(
     }
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions the model reads (GPT-2's n_positions, BERT-style max positions)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def fit_context(
+    tokenizer: Any, messages: Sequence[Message], context: int | None, max_new_tokens: int
+) -> list[Message]:
+    """The latest turns of the conversation whose prompt leaves `max_new_tokens` of the model's
+    `context`: the oldest turns go first (a system message last); the conversation then starts
+    at a user turn. One line when even the last message does not fit."""
+    from selfsup.lm.rollout import encode_prompts
+
+    messages = list(messages)
+    if context is None:
+        return messages
+    if max_new_tokens >= context:
+        raise SelfsupError(
+            f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of "
+            f"{context} tokens"
+        )
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    while True:
+        length = encode_prompts(tokenizer, [system + rest])["input_ids"].shape[1]
+        if length + max_new_tokens <= context:
+            return system + rest
+        if len(rest) > 1:
+            rest = rest[1:]
+            while len(rest) > 1 and rest[0]["role"] != "user":
+                rest = rest[1:]
+        elif system:
+            system = []
+        else:
+            raise SelfsupError(
+                f"the message is {length} tokens long with its markers: with --max-new-tokens "
+                f"{max_new_tokens} the model's context of {context} tokens has no room for it"
+            )
+
+
 def chat_reply(
     model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int, temperature: float
 ) -> str:
-    """The model's next assistant turn (greedy at temperature 0)."""
+    """The model's next assistant turn (greedy at temperature 0). The conversation must fit the
+    model's context (see `fit_context`)."""
     from selfsup.lm.rollout import encode_prompts, suppressed_tokens
     from selfsup.lm.tokenizer import encode_text
 
     for m in messages:
         encode_text(tokenizer, m["content"], what=f"the {m['role']} message")
     prompts = encode_prompts(tokenizer, [messages])
+    context = context_length(model)
+    if context is not None and prompts["input_ids"].shape[1] + max_new_tokens > context:
+        raise SelfsupError(
+            f"the conversation is {prompts['input_ids'].shape[1]} tokens long: with "
+            f"--max-new-tokens {max_new_tokens} it exceeds the model's context of {context}"
+        )
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
         if temperature > 0

@@ -29,6 +29,7 @@ class Rollout:
     response_mask: Tensor  # B×T, 1 on answer tokens up to and including the end token
     ended: Tensor  # B bool: the answer has its end token
     suppressed: tuple[int, ...] = ()  # token ids the policy may not emit (padding, role markers)
+    temperature: float = 1.0  # the answers were sampled from softmax(logits / temperature)
 
     @property
     def responses(self) -> Tensor:
@@ -99,7 +100,7 @@ def sample(
     after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
     response_mask = (~after_end).long()
     attention_mask = torch.cat([prompts["attention_mask"], response_mask], 1)
-    return Rollout(sequences, attention_mask, p, response_mask, ended, suppressed)
+    return Rollout(sequences, attention_mask, p, response_mask, ended, suppressed, temperature)
 
 
 def forward_response(
@@ -107,7 +108,10 @@ def forward_response(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logits B×T×V, log-probabilities B×T of the answer tokens, values B×T or None).
 
-    Position P-1+t predicts answer token t; the value of that state is read there too.
+    Position P-1+t predicts answer token t; the value of that state is read there too. The
+    logits are those of the distribution the answers were sampled from: suppressed tokens
+    masked out and divided by the rollout's temperature (as TRL does), so that PPO's ratios,
+    KL and advantages are computed on-policy at any `--temperature`.
     """
     out = model(
         input_ids=rollout.sequences,
@@ -119,6 +123,8 @@ def forward_response(
     logits = out.logits[:, p - 1 : p - 1 + t]
     if rollout.suppressed:  # the distribution the answers were sampled from
         logits = logits.index_fill(-1, torch.tensor(rollout.suppressed, device=logits.device), -1e4)
+    if rollout.temperature != 1.0:
+        logits = logits / rollout.temperature
     values = None
     if value_head is not None:
         values = value_head(out.hidden_states[-1][:, p - 1 : p - 1 + t]).squeeze(-1).float()

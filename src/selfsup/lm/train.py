@@ -27,6 +27,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -49,6 +50,15 @@ from selfsup import run as rundir
 from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
+from selfsup.lm.hf import (
+    check_accelerator,
+    check_number,
+    check_precision,
+    clear_run,
+    one_line_reason,
+    removed_unless_kept,
+    unfinished_start,
+)
 from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.optim import warmup_cosine
 
@@ -247,11 +257,15 @@ def pretrain_lm(
     _check(config)
     run = Path(config.out) if config.out else _default_run_dir(config)
     config = dataclasses.replace(config, out=str(run))
+    if run.is_file():
+        raise SelfsupError(f"--out {run} is a file; expected a run directory")
     if run.exists() and any(run.iterdir()):
-        raise SelfsupError(
-            f"run directory {run} already exists and is not empty; pass --resume {run} to "
-            "continue it or choose another --out"
-        )
+        if not unfinished_start(run, EARLY_FILES):
+            raise SelfsupError(
+                f"run directory {run} already exists and is not empty; pass --resume {run} to "
+                "continue it or choose another --out"
+            )
+        clear_run(run)  # what a run that failed before its first checkpoint left
     tokenizer, init = _tokenizer_and_init(config, kind)
     texts = read_texts(config.corpus, config.encoding, config.text_field)  # type: ignore[arg-type]
     if tokenizer is None:
@@ -278,7 +292,21 @@ def pretrain_lm(
     saved = {**asdict(config), "options": asdict(module.options), "tokenizer_size": len(tokenizer)}
     rundir.write_config(run, saved)
     rundir.write_command(run, command)
-    return _fit(run, config, module, tokenizer, checkpoint=None)
+    with removed_unless_kept(run, _has_checkpoint):
+        return _fit(run, config, module, tokenizer, checkpoint=None)
+
+
+# What pretrain_lm writes before the first checkpoint: a folder holding only these (and no
+# checkpoint) is the leftover of a failed start, reused by the next run into it.
+EARLY_FILES = frozenset(
+    {TOKENS, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", rundir.CONFIG,
+     "command.txt", "metrics.csv", "hparams.yaml", rundir.CHECKPOINTS}
+)  # fmt: skip
+
+
+def _has_checkpoint(run: Path) -> bool:
+    folder = run / rundir.CHECKPOINTS
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _check(config: LMConfig) -> None:
@@ -294,8 +322,20 @@ def _check(config: LMConfig) -> None:
     for option, value in positive:
         if value < 1:
             raise SelfsupError(f"{option} must be at least 1, got {value}")
-    if config.lr <= 0:
-        raise SelfsupError(f"--lr must be positive, got {config.lr}")
+    check_number("--lr", config.lr, 0, low_open=True)
+    check_number("--weight-decay", config.weight_decay, 0)
+    check_number("--warmup-steps", config.warmup_steps, 0)
+    check_number("--grad-clip", config.grad_clip, 0)
+    check_number("--min-lr-fraction", config.min_lr_fraction, 0, 1)
+    if not 0 <= config.beta2 < 1:
+        raise SelfsupError(f"--beta2 must be in [0, 1), got {config.beta2}")
+    check_accelerator(config.accelerator)
+    check_precision(config.precision)
+    if not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?", str(config.devices)):
+        raise SelfsupError(
+            f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
+            "list of device indices"
+        )
     if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
         raise SelfsupError(
             f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
@@ -331,14 +371,24 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
     path = Path(run) / rundir.CONFIG
     if not path.is_file():
         raise SelfsupError(f"{path} is missing: {run} is not a selfsup language-model run")
-    saved = yaml.safe_load(path.read_text())
-    if not isinstance(saved, dict) or "options" not in saved or "model" not in saved:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SelfsupError(f"{path} is not readable YAML ({one_line_reason(e)})") from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("options"), dict)
+        or "model" not in saved
+    ):
         raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
-    config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
-    if config.model == "gpt":  # GPT runs from before --activation existed used the tanh GELU
-        saved["options"].setdefault("activation", "gelu_new")
-    options = model_kind(config.model).Options(**saved["options"])
+    try:
+        config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
+        if config.model == "gpt":  # GPT runs from before --activation used the tanh GELU
+            saved["options"].setdefault("activation", "gelu_new")
+        options = model_kind(config.model).Options(**saved["options"])
+    except TypeError as e:  # an option this version does not know
+        raise SelfsupError(f"{path}: {one_line_reason(e)}") from None
     return config, options, saved
 
 
@@ -349,7 +399,11 @@ def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
     saved_config, options, _ = read_lm_config(run)
     checkpoint = rundir.last_checkpoint(run)
     if checkpoint is None:
-        raise SelfsupError(f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} yet")
+        raise SelfsupError(
+            f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} yet; run the command "
+            f"without --resume (--out {run}) to start afresh"
+        )
+    read_checkpoint(checkpoint)  # truncated, foreign or pickled: one line, before any write
     # Only the length of training may change on resume (to extend a finished run).
     steps = config.steps if config.steps != LMConfig.steps else saved_config.steps
     config = dataclasses.replace(saved_config, steps=steps, out=str(run), resume=None, init=None)
@@ -360,13 +414,25 @@ def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
     return _fit(run, config, module, tokenizer, checkpoint=checkpoint)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint of a language-model run, read with weights_only=True (a pickled
+    object is refused unread); any unreadable file is one SelfsupError line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or pickled code
+        raise SelfsupError(f"{path} is not a readable checkpoint ({one_line_reason(e)})") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "global_step" not in state:
+        raise SelfsupError(f"{path} is not a selfsup language-model checkpoint")
+    return state
+
+
 def _fit(
     run: Path, config: LMConfig, module: LanguageModule, tokenizer: Any, checkpoint: Path | None
 ) -> Path:
     train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
     start = 0
     if checkpoint is not None:
-        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
+        start = int(read_checkpoint(checkpoint)["global_step"])
     trainer = _trainer(config, run)
     if config.batch_size % trainer.world_size:
         raise SelfsupError(
@@ -390,7 +456,11 @@ def _fit(
         )
     except NonFiniteLossError as e:
         last = rundir.last_checkpoint(run)
-        kept = f"; the last good checkpoint is {last}" if last else "; no evaluation had run"
+        kept = (
+            f"; the last good checkpoint is {last}"
+            if last
+            else f"; no evaluation had run, so nothing is kept ({run} is removed)"
+        )
         raise SelfsupError(f"{e}{kept}") from None
     seconds = time.perf_counter() - began
     results = final_estimate(run, config, module, val_ids)
@@ -523,9 +593,16 @@ class ResumeHint(Callback):
     def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
             last = rundir.last_checkpoint(self.run)
-            kept = f"the last checkpoint is {last}" if last else "no evaluation had run yet"
-            print(
-                f"selfsup: interrupted; {kept}; continue with: selfsup lm pretrain "
-                f"{module.config.model} --resume {self.run}",
-                file=sys.stderr,
-            )
+            if last:
+                again = (
+                    f"continue with: selfsup lm pretrain {module.config.model} --resume {self.run}"
+                )
+                print(
+                    f"selfsup: interrupted; the last checkpoint is {last}; {again}", file=sys.stderr
+                )
+            else:
+                print(
+                    "selfsup: interrupted before the first evaluation; nothing to resume: run the "
+                    f"same command again to start afresh in {self.run}",
+                    file=sys.stderr,
+                )

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerFast
 from selfsup import run as rundir
 from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.lm.hf import check_accelerator, check_number, removed_unless_kept
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
@@ -253,7 +254,7 @@ def pretrain_word2vec(
     word vectors, `output`: the context vectors), results.json (training speed), checkpoints/
     and metrics.csv.
     """
-    from selfsup.lm.corpus import encode_corpus, read_texts
+    from selfsup.lm.corpus import read_texts
 
     config = replace(config or Word2VecConfig(), **settings)
     if not config.corpus:
@@ -270,8 +271,9 @@ def pretrain_word2vec(
             raise SelfsupError(f"{option} must be at least 1, got {value}")
     if config.optimizer not in ("sgd", "adam"):
         raise SelfsupError(f"--optimizer {config.optimizer!r} is unknown; expected sgd or adam")
-    if config.lr <= 0 or config.sample < 0:
-        raise SelfsupError("--lr must be positive and --sample at least 0")
+    check_number("--lr", config.lr, 0, low_open=True)
+    check_number("--sample", config.sample, 0)
+    check_accelerator(config.accelerator)
     texts = read_texts(config.corpus, config.encoding, config.text_field)
     tokenizer = word_tokenizer(texts, config.min_count)
     if len(tokenizer) < 2:
@@ -281,6 +283,16 @@ def pretrain_word2vec(
         )
     run = Path(config.out or rundir.default_run_dir("lm-word2vec", config.corpus))
     _claim(run)
+    # a run that fails (e.g. a NaN loss) leaves no folder to block the retry: it has no resume
+    with removed_unless_kept(run, lambda r: (r / "results.json").is_file()):
+        return _train(run, config, tokenizer, texts, command)
+
+
+def _train(
+    run: Path, config: Word2VecConfig, tokenizer: Any, texts: list[str], command: str | None
+) -> Path:
+    from selfsup.lm.corpus import encode_corpus
+
     saved = {"model": "word2vec", **asdict(config), "vocabulary": len(tokenizer)}
     rundir.atomic_write_text(run / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     rundir.write_command(run, command or f"pretrain_word2vec({config!r})")
@@ -326,6 +338,8 @@ def pretrain_word2vec(
 
 
 def _claim(run: Path) -> None:
+    if run.is_file():
+        raise SelfsupError(f"--out {run} is a file; expected a run directory")
     if run.exists() and any(run.iterdir()):
         raise SelfsupError(f"run directory {run} already exists and is not empty; choose --out")
     run.mkdir(parents=True, exist_ok=True)
