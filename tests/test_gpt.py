@@ -163,11 +163,28 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain_lm(model="gpt", out=str(tmp_path / "cut"), **settings)
     monkeypatch.setattr(GPTModule, "loss", loss)
+    rows_at_crash = _rows(tmp_path / "cut" / "metrics.csv")
+    assert max(int(r["step"]) for r in rows_at_crash) > 10  # logged past the checkpoint
     pretrain_lm(model="gpt", resume=str(tmp_path / "cut"), progress=False)  # from step 10
     a = load_file(whole / "hf" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "hf" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+    # metrics.csv: the same rows as the uninterrupted run (none lost, none doubled)
+    straight, resumed = _rows(whole / "metrics.csv"), _rows(tmp_path / "cut" / "metrics.csv")
+    assert [(r["step"], sorted(k for k in r if r[k])) for r in straight] == [
+        (r["step"], sorted(k for k in r if r[k])) for r in resumed
+    ]
+    for x, y in zip(straight, resumed, strict=True):
+        for key in (k for k in x if x[k] and k != "train_seconds"):
+            assert float(x[key]) == pytest.approx(float(y[key]), rel=1e-5, abs=1e-7), key
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _cli_error(args: list[str], capsys) -> str:
@@ -231,3 +248,28 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path: Path) -> None:
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     results = [json.loads((r / "results.json").read_text()) for r in (one, two)]
     assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], abs=1e-5)
+
+
+def test_ctrl_c_exits_130_with_the_command_that_continues(tmp_path: Path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
+    loss = GPTModule.loss
+
+    def interrupted_at_step_15(self, batch):
+        if self.training and self.global_step == 15:
+            raise KeyboardInterrupt
+        return loss(self, batch)
+
+    monkeypatch.setattr(GPTModule, "loss", interrupted_at_step_15)
+    run = tmp_path / "run"
+    argv = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "20"]
+    argv += ["--eval-interval", "10", "--eval-batches", "2", "--final-eval-batches", "2"]
+    argv += ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
+    argv += ["--batch-size", "4", "--no-progress", "--out", str(run)]
+    capsys.readouterr()
+    assert main(argv) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint.endswith(f"continue with: selfsup lm pretrain gpt --resume {run}"), hint
+    monkeypatch.setattr(GPTModule, "loss", loss)
+    assert main(hint.split("continue with: selfsup ")[1].split()) == 0
+    assert (run / "hf" / "model.safetensors").is_file()

@@ -1,7 +1,6 @@
 """RUN/metrics.csv that survives `--resume`: Lightning's CSVLogger deletes the file it finds.
 
-A resumed run keeps the rows logged before its checkpoint (a row's `step` is the number of
-optimiser steps taken when it was logged) and drops the rows an interrupted run logged after
+A resumed run keeps the rows logged before its checkpoint and drops the rows an interrupted run logged after
 it, so an interrupted-then-resumed run ends with the same rows as an uninterrupted one.
 Rows are flushed to disk with every checkpoint, so a run killed without warning (kill -9) still
 has the rows its last checkpoint covers.
@@ -27,9 +26,10 @@ METRICS = "metrics.csv"
 
 
 def resumed_step(checkpoint: dict[str, Any]) -> int:
-    """The optimiser steps a Lightning checkpoint had taken (what metrics rows count)."""
-    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-    return int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+    """The optimiser steps G a Lightning checkpoint had taken. A row logged at the end of
+    optimiser step k carries step k - 1, so the rows a checkpoint covers are those below G,
+    whether it was saved at an epoch's end or by a validation within one."""
+    return int(checkpoint.get("global_step", 0))
 
 
 def keep_rows_before(path: Path, step: int) -> list[str]:
@@ -68,11 +68,18 @@ class _KeepingWriter(ExperimentWriter):
 
 class RunCSVLogger(CSVLogger):
     """CSVLogger writing RUN/metrics.csv; `keep_before` (a resumed run's checkpoint step) keeps
-    the rows logged before that step instead of deleting the file."""
+    the rows logged before that step instead of deleting the file. `drop` names columns not to
+    write (a run counted in steps has no meaningful `epoch`: Lightning restarts its count on
+    resume)."""
 
-    def __init__(self, run: Path, keep_before: int | None = None) -> None:
-        super().__init__(save_dir=run, name="", version="")
-        self.keep_before = keep_before
+    def __init__(
+        self, run: Path, keep_before: int | None = None, drop: tuple[str, ...] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(save_dir=run, name="", version="", **kwargs)
+        self.keep_before, self.drop = keep_before, drop
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k not in self.drop}, step)
 
     @property
     @rank_zero_experiment

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-import sys
+import signal
 import tempfile
 import time
 import warnings
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from selfsup import metrics_log
 from selfsup import run as rundir
 from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
@@ -430,10 +430,12 @@ def _fit(
     run: Path, config: LMConfig, module: LanguageModule, tokenizer: Any, checkpoint: Path | None
 ) -> Path:
     train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
-    start = 0
+    start, keep_before = 0, None
     if checkpoint is not None:
-        start = int(read_checkpoint(checkpoint)["global_step"])
-    trainer = _trainer(config, run)
+        state = read_checkpoint(checkpoint)
+        start, keep_before = int(state["global_step"]), metrics_log.resumed_step(state)
+    hint = ResumeHint(run)
+    trainer = _trainer(config, run, hint, keep_before)
     if config.batch_size % trainer.world_size:
         raise SelfsupError(
             f"--batch-size {config.batch_size} does not split evenly over "
@@ -462,6 +464,11 @@ def _fit(
             else f"; no evaluation had run, so nothing is kept ({run} is removed)"
         )
         raise SelfsupError(f"{e}{kept}") from None
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
+        if hint.message is None:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
+        raise KeyboardInterrupt(hint.message) from None
     seconds = time.perf_counter() - began
     results = final_estimate(run, config, module, val_ids)
     results["train_seconds"] = round(seconds, 2)  # periodic validation included
@@ -529,7 +536,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _trainer(config: LMConfig, run: Path) -> L.Trainer:
+def _trainer(
+    config: LMConfig, run: Path, hint: ResumeHint, keep_before: int | None = None
+) -> L.Trainer:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for pattern in (
         ".*does not have many workers.*",
@@ -557,7 +566,8 @@ def _trainer(config: LMConfig, run: Path) -> L.Trainer:
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        ResumeHint(run),
+        metrics_log.FlushMetricsWithCheckpoints(),
+        hint,
     ]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(20, config.steps // 100))))
@@ -570,8 +580,11 @@ def _trainer(config: LMConfig, run: Path) -> L.Trainer:
         strategy=strategy,
         use_distributed_sampler=False,  # StepBatches shares each batch out itself
         precision=precision,
-        logger=CSVLogger(
-            save_dir=run, name="", version="", flush_logs_every_n_steps=config.eval_interval
+        logger=metrics_log.RunCSVLogger(
+            run,
+            keep_before=keep_before,
+            drop=("epoch",),
+            flush_logs_every_n_steps=config.eval_interval,
         ),
         log_every_n_steps=max(1, min(50, config.eval_interval // 5)),
         val_check_interval=config.eval_interval,
@@ -585,24 +598,24 @@ def _trainer(config: LMConfig, run: Path) -> L.Trainer:
 
 
 class ResumeHint(Callback):
-    """On Ctrl-C (Lightning then exits), say what was kept and how to continue."""
+    """Notes a Ctrl-C (Lightning then calls sys.exit(1)) with what was kept and how to continue;
+    `_fit` raises it as KeyboardInterrupt, which the CLI ends with exit code 130."""
 
     def __init__(self, run: Path) -> None:
         self.run = run
+        self.message: str | None = None
 
     def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            last = rundir.last_checkpoint(self.run)
-            if last:
-                again = (
-                    f"continue with: selfsup lm pretrain {module.config.model} --resume {self.run}"
-                )
-                print(
-                    f"selfsup: interrupted; the last checkpoint is {last}; {again}", file=sys.stderr
-                )
-            else:
-                print(
-                    "selfsup: interrupted before the first evaluation; nothing to resume: run the "
-                    f"same command again to start afresh in {self.run}",
-                    file=sys.stderr,
-                )
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        last = rundir.last_checkpoint(self.run)
+        if last:
+            self.message = (
+                f"the last checkpoint is {last}; continue with: selfsup lm pretrain "
+                f"{module.config.model} --resume {self.run}"
+            )
+        else:
+            self.message = (
+                "before the first evaluation, nothing to resume: run the same command again "
+                f"to start afresh in {self.run}"
+            )
