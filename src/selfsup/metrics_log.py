@@ -1,7 +1,8 @@
 """RUN/metrics.csv that survives `--resume`: Lightning's CSVLogger deletes the file it finds.
 
-A resumed run keeps the rows logged before its checkpoint and drops the rows an interrupted run logged after
-it, so an interrupted-then-resumed run ends with the same rows as an uninterrupted one.
+A resumed run keeps the rows logged before its checkpoint and drops the rows an interrupted run
+logged after it, so an interrupted-then-resumed run ends with the same rows as an uninterrupted
+one.
 Rows are flushed to disk with every checkpoint, so a run killed without warning (kill -9) still
 has the rows its last checkpoint covers.
 """
