@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from selfsup import draw
 from selfsup.augment.recipes import build_recipe
 from selfsup.errors import SelfsupError
 
@@ -46,25 +46,6 @@ def _load(image: Path, size: int) -> Tensor:
     return x[..., top : top + size, left : left + size].clamp(0, 1)
 
 
-def _show(ax: Axes, img: Tensor, title: str | None = None) -> None:
-    """Draw one C×H×W float image (gray when C=1) without axes."""
-    arr = img.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-    if arr.shape[2] == 1:
-        ax.imshow(arr[..., 0], cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(arr)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
-
-
-def _save(fig: Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    return out
-
-
 def augment_preview(image: str | Path, out: str | Path, *, size: int = 224, seed: int = 0) -> Path:
     """Save a PNG grid of the image and each augmentation applied to it, labelled."""
     x = _load(Path(image), size)
@@ -78,8 +59,8 @@ def augment_preview(image: str | Path, out: str | Path, *, size: int = 224, seed
             views.append((label, build_recipe(recipe, (size, size), 3)(x, g)))
     fig = Figure(figsize=(2.2 * 5, 2.4 * 2))
     for ax, (label, v) in zip(fig.subplots(2, 5).flat, views, strict=True):
-        _show(ax, v[0], label)
-    return _save(fig, out)
+        draw.show(ax, v[0], label)
+    return draw.save(fig, out)
 
 
 def view_grid(x: Tensor, views: Sequence[Tensor], out: str | Path, *, n: int = 8) -> Path:
@@ -87,10 +68,5 @@ def view_grid(x: Tensor, views: Sequence[Tensor], out: str | Path, *, n: int = 8
     image, then its augmented views (`views`: float [0, 1] batches aligned with `x`)."""
     n = min(n, len(x))
     x = x.float() / 255 if x.dtype == torch.uint8 else x
-    fig = Figure(figsize=(1.6 * (1 + len(views)), 1.6 * n))
-    axes = np.asarray(fig.subplots(n, 1 + len(views), squeeze=False))
-    for i in range(n):
-        _show(axes[i, 0], x[i], "image" if i == 0 else None)
-        for j, v in enumerate(views, 1):
-            _show(axes[i, j], v[i], f"view {j}" if i == 0 else None)
-    return _save(fig, out)
+    columns = [("image", x[:n]), *((f"view {j}", v[:n]) for j, v in enumerate(views, 1))]
+    return draw.image_columns(columns, out)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selfsup import draw
 from selfsup import run as rundir
 from selfsup.data.captions import CaptionData
 from selfsup.errors import SelfsupError
@@ -207,13 +208,11 @@ def _picture(query: str, images: torch.Tensor, hits: list[dict[str, Any]], out: 
 
     from matplotlib.figure import Figure
 
-    from selfsup.augment.preview import _save, _show
-
     fig = Figure(figsize=(2.2 * len(hits), 2.9), layout="constrained")
     fig.suptitle(f"“{textwrap.shorten(query, 90)}”", fontsize=10)
     axes = fig.subplots(1, len(hits), squeeze=False)[0]
     for ax, image, hit in zip(axes, images, hits, strict=True):
-        _show(ax, image.float() / 255)
+        draw.show(ax, image.float() / 255)
         name = hit["name"] if len(hit["name"]) <= 26 else hit["name"][:25] + "…"
         ax.set_title(f"{hit['rank']}. {hit['score']:.2f}\n{name}", fontsize=8)
-    _save(fig, out)
+    draw.save(fig, out)

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig, option
 from selfsup.data import ImageData
 from selfsup.errors import SelfsupError
@@ -108,9 +107,4 @@ class Autoencoder(Method):
         if self.options.denoise > 0:
             rows.append((f"noisy (std {self.options.denoise:g})", inputs))
         rows.append(("reconstruction", reconstruction.clamp(0, 1)))
-        fig = Figure(figsize=(1.4 * len(x), 1.6 * len(rows)))
-        axes = np.asarray(fig.subplots(len(rows), len(x), squeeze=False))
-        for r, (label, images) in enumerate(rows):
-            for i in range(len(x)):
-                _show(axes[r, i], images[i].cpu(), label if i == 0 else None)
-        _save(fig, path)
+        draw.image_rows(rows, path)

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from selfsup import draw
 from selfsup import run as rundir
-from selfsup.augment.preview import _save, _show
 from selfsup.config import PretrainConfig, option
 from selfsup.data import ImageData, adapt_images
 from selfsup.data.captions import CaptionData
@@ -245,14 +245,14 @@ class CLIP(Method):
         fig.suptitle("captions the model ranks highest for each image", fontsize=9)
         axes = np.asarray(fig.subplots(n, 2, squeeze=False, width_ratios=[1, 4]))
         for i in range(n):
-            _show(axes[i, 0], x[i].cpu().float() / 255)
+            draw.show(axes[i, 0], x[i].cpu().float() / 255)
             lines = [
                 f"{s:.2f}  " + textwrap.shorten(decode(groups[j], skip_special_tokens=True), 70)
                 for s, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)
             ]
             axes[i, 1].axis("off")
             axes[i, 1].text(0, 0.5, "\n".join(lines), fontsize=8, va="center")
-        _save(fig, path)
+        draw.save(fig, path)
 
 
 def _trim(ids: Tensor, pad: int) -> Tensor:

@@ -27,15 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from kornia.color import lab_to_rgb, rgb_to_lab
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
@@ -191,12 +189,7 @@ class Colorization(Method):
         with torch.no_grad():
             lightness, colour = self.colorize(x)
         rows = [("L input", lightness), ("predicted", colour), ("ground truth", x.float() / 255)]
-        fig = Figure(figsize=(1.4 * len(x), 1.6 * len(rows)))
-        axes = np.asarray(fig.subplots(len(rows), len(x), squeeze=False))
-        for r, (label, images) in enumerate(rows):
-            for i in range(len(x)):
-                _show(axes[r, i], images[i].cpu(), label if i == 0 else None)
-        _save(fig, path)
+        draw.image_rows(rows, path)
 
 
 def _check_options(config: PretrainConfig, options: Options, dataset: dict, encoder: dict) -> None:

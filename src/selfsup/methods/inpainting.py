@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
@@ -209,12 +207,7 @@ def inpaint_grid(method: Inpainting, x: Tensor, path: Path, *others: Inpainting)
         label = f"L2 + adversarial ({m.options.adv:g})" if m.options.adv > 0 else "L2 only"
         rows.append((label, painting))
     rows.append(("ground truth", truth))
-    fig = Figure(figsize=(1.4 * len(x), 1.6 * len(rows)))
-    axes = np.asarray(fig.subplots(len(rows), len(x), squeeze=False))
-    for r, (label, images) in enumerate(rows):
-        for i in range(len(x)):
-            _show(axes[r, i], images[i].cpu(), label if i == 0 else None)
-    return _save(fig, path)
+    return draw.image_rows(rows, path)
 
 
 def _check_options(options: Options, image_size: tuple[int, int]) -> None:

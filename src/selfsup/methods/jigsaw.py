@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
@@ -244,10 +244,10 @@ class Jigsaw(Method):
         axes = np.asarray(fig.subplots(len(rows), len(x), squeeze=False))
         for r, tiles in enumerate(rows):
             for i in range(len(x)):
-                _show(axes[r, i], mosaic(tiles[i].cpu(), self.grid))
+                draw.show(axes[r, i], mosaic(tiles[i].cpu(), self.grid))
         for i in range(len(x)):
             right = bool(predicted[i] == labels[i])
             axes[1, i].set_title(
                 "right" if right else "wrong", fontsize=9, color="green" if right else "red"
             )
-        _save(fig, path)
+        draw.save(fig, path)

@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig, option
 from selfsup.errors import SelfsupError
 from selfsup.methods.base import Method
@@ -202,10 +200,6 @@ class MAE(Method):
             ("reconstruction", torch.where(hidden, prediction, truth)),
             ("ground truth", truth),
         ]
-        fig = Figure(figsize=(1.4 * len(x), 1.6 * len(rows)))
-        axes = np.asarray(fig.subplots(len(rows), len(x), squeeze=False))
-        for r, (label, patches) in enumerate(rows):
-            images = unpatchify(patches, p, channels, grid).clamp(0, 1).cpu()
-            for i in range(len(x)):
-                _show(axes[r, i], images[i], label if i == 0 else None)
-        _save(fig, path)
+        draw.image_rows(
+            [(label, unpatchify(patches, p, channels, grid)) for label, patches in rows], path
+        )

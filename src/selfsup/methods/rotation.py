@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.augment.preview import _save, _show
+from selfsup import draw
 from selfsup.config import PretrainConfig
 from selfsup.methods.base import Method
 
@@ -69,9 +69,9 @@ class Rotation(Method):
         for k in range(len(ANGLES)):
             for i in range(n):
                 j = k * n + i
-                _show(axes[i, k], inputs[j].cpu())
+                draw.show(axes[i, k], inputs[j].cpu())
                 right = bool(predicted[j] == labels[j])
                 axes[i, k].set_title(
                     f"{ANGLES[int(predicted[j])]}°", fontsize=9, color="green" if right else "red"
                 )
-        _save(fig, path)
+        draw.save(fig, path)
