@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from selfsup.augment import ops
+from selfsup.data.transforms import LUMA
 
 # ITU-R 601 luma rows: the colour-drop matrix
-_LUMA = torch.tensor(ops._LUMA)
+_LUMA = torch.tensor(LUMA)
 
 
 def crop_flip_color(
@@ -52,7 +53,7 @@ def crop_flip_color(
     size = crop.pop("size")
     size = (size, size) if isinstance(size, int) else tuple(size)
     boxes = ops.crop_boxes(x, g, **crop)
-    flipped = ops._coin(x, g, flip.get("p", 0.5)) if flip is not None else None
+    flipped = ops.coin(x, g, flip.get("p", 0.5)) if flip is not None else None
     v = ops.resample_boxes(x, boxes, size, flipped)
     if jitter is None and drop is None:
         return v
@@ -65,7 +66,7 @@ def crop_flip_color(
     eye = torch.eye(c, device=v.device, dtype=v.dtype)
     matrix = ops.chroma_matrix(saturation.to(v.dtype), angle.to(v.dtype)) if c == 3 else eye
     if drop is not None:
-        gray = ops._coin(v, g, drop.get("p", 0.2))
+        gray = ops.coin(v, g, drop.get("p", 0.2))
         if c == 3:  # a 1-channel image is its own luminance
             luma = _LUMA.to(v).expand(3, 3)
             matrix = torch.where(gray[:, None, None], luma, eye) @ matrix

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.data.transforms import LUMA
+
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale; also the Y row of YIQ.
-_LUMA = (0.299, 0.587, 0.114)
-_RGB_TO_YIQ = torch.tensor([_LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)])
+_RGB_TO_YIQ = torch.tensor([LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
-def _coin(x: Tensor, g: torch.Generator, p: float) -> Tensor:
+def coin(x: Tensor, g: torch.Generator, p: float) -> Tensor:
     """Per-sample bool (B,): True with probability p."""
     return torch.rand(x.shape[0], generator=g, device=x.device) < p
 
@@ -33,7 +34,7 @@ def _gray(x: Tensor) -> Tensor:
     """Luminance B×1×H×W (the image itself when it has one channel)."""
     if x.shape[1] == 1:
         return x
-    w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    w = x.new_tensor(LUMA).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -127,7 +128,7 @@ def random_resized_crop(
 
 def horizontal_flip(x: Tensor, g: torch.Generator, p: float = 0.5) -> Tensor:
     """Mirror left-right each sample with probability p."""
-    return torch.where(_coin(x, g, p).view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(coin(x, g, p).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def jitter_params(
@@ -142,7 +143,7 @@ def jitter_params(
     """`color_jitter`'s per-sample factors (brightness, contrast, saturation) and hue angle in
     radians, each (B,); the identity (1, 1, 1, 0) where the p-coin says no. Saturation and hue
     are drawn only for images with more than one channel."""
-    on = _coin(x, g, p)
+    on = coin(x, g, p)
 
     def factor(s: float) -> Tensor:
         return torch.where(on, _uniform(x, g, max(0.0, 1 - s), 1 + s), 1.0)
@@ -212,7 +213,7 @@ def color_jitter(
 
 def grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
     """Replace each sample by its luminance with probability p ("colour drop"); keeps C."""
-    return torch.where(_coin(x, g, p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    return torch.where(coin(x, g, p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
 
 def rotation(x: Tensor, g: torch.Generator, p: float = 1.0) -> Tensor:
@@ -220,7 +221,7 @@ def rotation(x: Tensor, g: torch.Generator, p: float = 1.0) -> Tensor:
     non-square images only by 0 or 180°."""
     square = x.shape[-1] == x.shape[-2]
     k = torch.randint(4, (x.shape[0],), generator=g, device=x.device)
-    k = torch.where(_coin(x, g, p), k if square else k // 2 * 2, 0)
+    k = torch.where(coin(x, g, p), k if square else k // 2 * 2, 0)
     out = x.clone()
     for turns in (1, 2, 3):
         idx = (k == turns).nonzero().squeeze(1)
@@ -240,14 +241,14 @@ def cutout(x: Tensor, g: torch.Generator, size_frac: float = 0.5, p: float = 0.5
     cols = torch.arange(w, device=x.device)
     in_rows = (rows >= top) & (rows < top + side)  # B×H
     in_cols = (cols >= left) & (cols < left + side)  # B×W
-    mask = in_rows[:, :, None] & in_cols[:, None, :] & _coin(x, g, p)[:, None, None]
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & coin(x, g, p)[:, None, None]
     return x.masked_fill(mask[:, None], 0.0)
 
 
 def gaussian_noise(x: Tensor, g: torch.Generator, std: float = 0.1, p: float = 0.5) -> Tensor:
     """With probability p add N(0, std²) pixel noise; clamped to [0, 1]."""
     noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-    scale = torch.where(_coin(x, g, p), std, 0.0).view(-1, 1, 1, 1)
+    scale = torch.where(coin(x, g, p), std, 0.0).view(-1, 1, 1, 1)
     return (x + noise * scale).clamp_(0, 1)
 
 
@@ -270,7 +271,7 @@ def gaussian_blur(
     kern = torch.exp(-(t**2) / (2 * s[:, None] ** 2))
     kern = kern / kern.sum(1, keepdim=True)
     delta = (t == 0).to(x.dtype)
-    kern = torch.where(_coin(x, g, p)[:, None], kern, delta).repeat_interleave(c, 0)
+    kern = torch.where(coin(x, g, p)[:, None], kern, delta).repeat_interleave(c, 0)
     y = F.pad(x.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect")
     y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c)
     y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)
