@@ -169,7 +169,7 @@ def test_parameter_distributions() -> None:
         assert stats.kstest(factor[on].numpy(), stats.uniform(0.6, 0.8).cdf).pvalue > 1e-3
     turns = (angle[on] / (2 * math.pi)).numpy()
     assert stats.kstest(turns, stats.uniform(-0.1, 0.2).cdf).pvalue > 1e-3
-    assert abs(ops._coin(x, gen(11), 0.2).float().mean().item() - 0.2) < 0.015
+    assert abs(ops.coin(x, gen(11), 0.2).float().mean().item() - 0.2) < 0.015
 
 
 def _torchvision_boxes(h: int, w: int, n: int) -> torch.Tensor:

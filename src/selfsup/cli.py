@@ -129,7 +129,7 @@ def build_parser(lm: bool = False, method: str | None = None) -> argparse.Argume
         help="self-supervised method (required unless --resume)",
     )
     add_dataclass_arguments(p, PretrainConfig)
-    option_types = field_types(PretrainConfig)
+    option_types = {**field_types(PretrainConfig), "method": str}  # a file may name METHOD
     if method is not None:
         own = p.add_argument_group(f"{method}'s own options")
         for spec in method_options(method):
