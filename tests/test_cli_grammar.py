@@ -59,7 +59,7 @@ def test_version_and_help_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "from selfsup.cli import main\n"
-        "for argv in (['--help'], ['pretrain', 'simclr', '--help'], ['evaluate', '--help'],"
+        "for argv in (['--help'], ['pretrain', 'mae', '--help'], ['evaluate', '--help'],"
         " ['--version']):\n"
         "    try:\n"
         "        main(argv)\n"

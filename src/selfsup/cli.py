@@ -136,7 +136,10 @@ def build_parser(lm: bool = False, method: str | None = None) -> argparse.Argume
             tp = type_of(spec.type)
             add_option(own, spec.name, tp, spec.default, spec.help, suppress=True)
             option_types[spec.name] = tp
-    p.set_defaults(option_types=option_types, ignored_options=all_option_names())
+    # An older run's config.yaml records every method's options: the others' are skipped.
+    p.set_defaults(
+        option_types=option_types, ignored_options=all_option_names() - set(option_types)
+    )
 
     e = sub.add_parser(
         "evaluate",
