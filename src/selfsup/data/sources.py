@@ -224,14 +224,15 @@ def _scan(
     return paths, labels, classes
 
 
-def _folder_split(
-    root: Path, classes: list[str] | None, size: int | None, limit: int | None, name: str
+def _folder_images(
+    paths: list[Path],
+    labels: list[int] | None,
+    classes: list[str] | None,
+    size: int | None,
+    name: str,
+    root: Path,
 ) -> tuple[ImageData, int]:
-    paths, labels, classes = _scan(root, classes)
-    if limit is not None:
-        keep = stratified_indices(labels, min(limit, len(paths)), seed=None)  # before decoding
-        paths = [paths[i] for i in keep]
-        labels = None if labels is None else [labels[i] for i in keep]
+    """Decode image files (in memory when they fit, else on demand) -> (ImageData, size)."""
     if size is None:
         size = min(*_decode(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
@@ -245,16 +246,37 @@ def _folder_split(
 
 
 def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None) -> Split:
+    """Split by `train/` + `test/` (or `val/`); a labeled folder without them gets its test
+    split held out (as load_splits does for every source) and `limit` applied after that, all
+    before any image is decoded."""
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise SelfsupError(f"--data {spec}: {root} is not a folder")
-    if not (root / "train").is_dir():
-        return _folder_split(root, None, image_size, limit, spec)[0], None
-    train, size = _folder_split(root / "train", None, image_size, limit, spec)
+    train_root = root / "train" if (root / "train").is_dir() else root
     test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    paths, labels, classes = _scan(train_root, None)
+    held: list[int] = []
+    if train_root == root or test_root is None:
+        test_root = None
+        if labels is not None and len(paths) > 1:
+            held = held_out_indices(np.asarray(labels)).tolist()
+    rest = sorted(set(range(len(paths))) - set(held))
+    if limit is not None:
+        rest_labels = None if labels is None else [labels[i] for i in rest]
+        rest = [rest[i] for i in stratified_indices(rest_labels, min(limit, len(rest)), seed=None)]
+
+    def pick(idx: list[int]) -> tuple[list[Path], list[int] | None]:
+        return [paths[i] for i in idx], None if labels is None else [labels[i] for i in idx]
+
+    train, size = _folder_images(*pick(rest), classes, image_size, spec, train_root)
+    if held:
+        test, _ = _folder_images(*pick(held), classes, size, spec, train_root)
+        test.held_out = True
+        return train, test
     if test_root is None:
         return train, None
-    return train, _folder_split(test_root, train.classes, size, None, spec)[0]
+    test_paths, test_labels, _ = _scan(test_root, classes)
+    return train, _folder_images(test_paths, test_labels, classes, size, spec, test_root)[0]
 
 
 # ---- torchvision -----------------------------------------------------------------------------
@@ -342,10 +364,14 @@ def load_splits(
     return train, test
 
 
+def held_out_indices(y: np.ndarray) -> np.ndarray:
+    """The sorted indices of a stratified HOLDOUT of labels `y` (at least one), fixed seed."""
+    return stratified_indices(y, max(1, round(len(y) * HOLDOUT)), seed=0)
+
+
 def hold_out(data: ImageData) -> tuple[ImageData, ImageData]:
     """(the rest, a stratified HOLDOUT of `data` as a test split), the same every time."""
-    y = data.y.numpy()  # type: ignore[union-attr]
-    held = stratified_indices(y, max(1, round(len(data) * HOLDOUT)), seed=0)
+    held = held_out_indices(data.y.numpy())  # type: ignore[union-attr]
     rest = np.setdiff1d(np.arange(len(data)), held)
     test = data.subset(held)
     test.held_out = True
