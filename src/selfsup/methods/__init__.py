@@ -22,6 +22,10 @@ METHODS: dict[str, str] = {
     "mae": "selfsup.methods.mae:MAE",
     "jigsaw": "selfsup.methods.jigsaw:Jigsaw",
     "colorization": "selfsup.methods.colorization:Colorization",
+    "simsiam": "selfsup.methods.simsiam:SimSiam",
+    "byol": "selfsup.methods.byol:BYOL",
+    "vicreg": "selfsup.methods.vicreg:VICReg",
+    "barlow-twins": "selfsup.methods.barlow_twins:BarlowTwins",
 }
 
 

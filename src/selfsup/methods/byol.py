@@ -1,0 +1,63 @@
+"""BYOL (Grill et al., 2020): an online network (encoder, projector, predictor) predicts the
+projection that a slow target network -- an exponential moving average of the online one --
+gives of the other view. The target's momentum rises from `--momentum` to 1 on a cosine
+schedule over the run; the target is part of the checkpoint, so a resumed run continues it
+exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfsup.config import PretrainConfig, option
+from selfsup.losses.noncontrastive import negative_cosine
+from selfsup.methods.base import Method
+from selfsup.models import ProjectionHead
+from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+
+
+@dataclass
+class Options:
+    """BYOL's own options (the paper: 256-d projections, 4096 hidden, momentum 0.996)."""
+
+    projection_dim: int = option(256, "output size of the projector and predictor", check=">=1")
+    projection_hidden: int = option(1024, "hidden size of the projector and predictor", check=">=1")
+    momentum: float = option(
+        0.99, "the target's EMA momentum at the start (rises to 1 by the end)", check="[0,1]"
+    )
+
+
+class BYOL(Method):
+    Options = Options
+
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        super().__init__(config, data_info, options)
+        o = self.options
+        self.projection = ProjectionHead(
+            self.encoder.feature_dim, o.projection_hidden, o.projection_dim
+        )
+        self.predictor = ProjectionHead(o.projection_dim, o.projection_hidden, o.projection_dim)
+        self.target_encoder = frozen_copy(self.encoder)
+        self.target_projection = frozen_copy(self.projection)
+
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        views = torch.cat([self.views(x, g), self.views(x, g)])
+        features = self.encoder(views)
+        p1, p2 = self.predictor(self.projection(features)).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target_projection(self.target_encoder(views)).chunk(2)
+        loss = (negative_cosine(p1, t2) + negative_cosine(p2, t1)) / 2
+        return loss, features[: len(x)]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each optimiser step: target <- tau target + (1 - tau) online."""
+        total = int(self.trainer.estimated_stepping_batches)
+        tau = cosine_momentum(self.global_step, total, self.options.momentum)
+        ema_update(self.target_encoder, self.encoder, tau)
+        ema_update(self.target_projection, self.projection, tau)
+        self.log("train/momentum", tau)

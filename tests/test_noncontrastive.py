@@ -1,0 +1,169 @@
+"""Methods without negatives (SimSiam, BYOL, VICReg, Barlow Twins): losses against float64
+formulas written from the papers and against lightly where installed; EMA targets by hand; each
+method trains through the CLI, and BYOL's target survives --resume exactly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from selfsup.cli import main
+from selfsup.losses.noncontrastive import barlow_twins, negative_cosine, vicreg
+from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(n: int = 12, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.7
+    return a, a + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def _vicreg_by_loops(a, b, lam=25.0, mu=25.0, nu=1.0, eps=1e-4) -> float:
+    n, d = a.shape
+    a, b = a.tolist(), b.tolist()
+    inv = sum((a[i][j] - b[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+
+    def std_hinge(z):
+        total = 0.0
+        for j in range(d):
+            m = sum(z[i][j] for i in range(n)) / n
+            var = sum((z[i][j] - m) ** 2 for i in range(n)) / (n - 1)
+            total += max(0.0, 1 - math.sqrt(var + eps))
+        return total / d
+
+    def cov_off(z):
+        means = [sum(z[i][j] for i in range(n)) / n for j in range(d)]
+        total = 0.0
+        for j in range(d):
+            for k in range(d):
+                if j != k:
+                    c = sum((z[i][j] - means[j]) * (z[i][k] - means[k]) for i in range(n)) / (n - 1)
+                    total += c**2
+        return total / d
+
+    return lam * inv + mu * (std_hinge(a) + std_hinge(b)) / 2 + nu * (cov_off(a) + cov_off(b))
+
+
+def _barlow_by_loops(a, b, lam=5e-3, eps=1e-5) -> float:
+    n, d = a.shape
+    a, b = a.tolist(), b.tolist()
+
+    def standardise(z):
+        cols = []
+        for j in range(d):
+            m = sum(z[i][j] for i in range(n)) / n
+            s = math.sqrt(sum((z[i][j] - m) ** 2 for i in range(n)) / n + eps)
+            cols.append([(z[i][j] - m) / s for i in range(n)])
+        return cols
+
+    za, zb = standardise(a), standardise(b)
+    total = 0.0
+    for j in range(d):
+        for k in range(d):
+            c = sum(za[j][i] * zb[k][i] for i in range(n)) / n
+            total += (1 - c) ** 2 if j == k else lam * c**2
+    return total
+
+
+def test_vicreg_matches_the_papers_formula_term_by_term() -> None:
+    a, b = _pair()
+    assert vicreg(a, b).item() == pytest.approx(_vicreg_by_loops(a, b), rel=1e-9)
+    # each weight scales its own term (a swapped weight would fail here)
+    assert vicreg(a, b, 1.0, 0.0, 0.0).item() == pytest.approx(
+        _vicreg_by_loops(a, b, 1.0, 0.0, 0.0), rel=1e-9
+    )
+    assert vicreg(a, b, 0.0, 1.0, 0.0).item() == pytest.approx(
+        _vicreg_by_loops(a, b, 0.0, 1.0, 0.0), rel=1e-9
+    )
+
+
+def test_barlow_twins_matches_the_papers_formula() -> None:
+    a, b = _pair()
+    assert barlow_twins(a, b).item() == pytest.approx(_barlow_by_loops(a, b), rel=1e-6)
+    assert barlow_twins(a, b, 0.5).item() == pytest.approx(_barlow_by_loops(a, b, 0.5), rel=1e-6)
+
+
+def test_negative_cosine_stops_the_gradient_of_its_target() -> None:
+    p, z = (t.requires_grad_() for t in _pair())
+    loss = negative_cosine(p, z)
+    by_hand = -sum(
+        float(p[i] @ z[i]) / (float(p[i].norm()) * float(z[i].norm())) for i in range(len(p))
+    ) / len(p)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-9)
+    loss.backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_losses_agree_with_lightly() -> None:
+    lightly_loss = pytest.importorskip("lightly.loss")
+    a, b = (t.float() for t in _pair(32, 16))
+    torch.testing.assert_close(vicreg(a, b), lightly_loss.VICRegLoss()(a, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        barlow_twins(a, b), lightly_loss.BarlowTwinsLoss()(a, b), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        negative_cosine(a, b), lightly_loss.NegativeCosineSimilarity()(a, b.detach())
+    )
+
+
+def test_ema_update_and_the_cosine_momentum_schedule_by_hand() -> None:
+    online = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    target = frozen_copy(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    before = [p.clone() for p in target.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+        online[1].running_mean.fill_(0.5)
+    ema_update(target, online, 0.9)
+    for t, o, b in zip(target.parameters(), online.parameters(), before, strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    assert torch.equal(target[1].running_mean, online[1].running_mean)
+    assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
+
+
+QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("method", ["simsiam", "byol", "vicreg", "barlow-twins"])
+def test_each_method_trains_from_the_command_line(method: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["pretrain", method, *QUICK, "--out", str(run)]) == 0
+    assert (run / "encoder.safetensors").is_file()
+
+
+def test_byol_target_network_survives_resume_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted in its second epoch and resumed, a run ends where an uninterrupted one does:
+    the target network and the momentum schedule continue, not restart."""
+    from selfsup.methods.byol import BYOL
+
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    argv = ["pretrain", "byol", *QUICK[:-1], "2"]
+    assert main([*argv, "--out", str(straight)]) == 0
+    step = BYOL.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(BYOL, "training_step", interrupted)
+    assert main([*argv, "--out", str(halted)]) == 130
+    monkeypatch.setattr(BYOL, "training_step", step)
+    assert main(["pretrain", "--resume", str(halted)]) == 0
+    a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    targets = [k for k in a if k.startswith("target_")]
+    assert targets
+    for k in targets:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
