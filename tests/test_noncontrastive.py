@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from selfsup.cli import main
-from selfsup.losses.noncontrastive import barlow_twins, negative_cosine, vicreg
+from selfsup.losses.noncontrastive import barlow_twins, negative_cosine, queue_info_nce, vicreg
 from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +100,51 @@ def test_negative_cosine_stops_the_gradient_of_its_target() -> None:
     assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_moco_loss_is_cross_entropy_against_the_queue_by_hand() -> None:
+    q, k = _pair(5, 4)
+    queue = _pair(7, 4, seed=1)[0]
+    t = 0.2
+
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    total = 0.0
+    for i in range(5):
+        qi, ki = unit(q[i].tolist()), unit(k[i].tolist())
+        logits = [sum(a * b for a, b in zip(qi, ki, strict=True)) / t]
+        logits += [sum(a * b for a, b in zip(qi, unit(n), strict=True)) / t for n in queue.tolist()]
+        total += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+    assert queue_info_nce(q, k, queue, t).item() == pytest.approx(total / 5, rel=1e-9)
+
+
+def test_moco_queue_overwrites_the_oldest_keys_and_wraps_around() -> None:
+    from selfsup.methods.moco import MoCo
+
+    info = {
+        "dataset": {"channels": 1, "image_size": [8, 8], "num_classes": 0},
+        "encoder": {
+            "backbone": "convnet",
+            "in_channels": 1,
+            "small_images": True,
+            "mean": [0.3],
+            "std": [0.3],
+        },
+    }
+    model = MoCo.create(info, method="moco", queue_size=5, projection_dim=3)
+    before = model.queue.clone()
+    keys = torch.randn(3, 3)
+    model.enqueue(keys)
+    torch.testing.assert_close(model.queue[:3], torch.nn.functional.normalize(keys, dim=1))
+    torch.testing.assert_close(model.queue[3:], before[3:])
+    assert int(model.queue_ptr) == 3
+    more = torch.randn(3, 3)
+    model.enqueue(more)  # slots 3, 4, then 0
+    normal = torch.nn.functional.normalize(more, dim=1)
+    torch.testing.assert_close(model.queue[[3, 4, 0]], normal)
+    assert int(model.queue_ptr) == 1
+
+
 def test_losses_agree_with_lightly() -> None:
     lightly_loss = pytest.importorskip("lightly.loss")
     a, b = (t.float() for t in _pair(32, 16))
@@ -133,37 +178,39 @@ def test_ema_update_and_the_cosine_momentum_schedule_by_hand() -> None:
 QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
 
 
-@pytest.mark.parametrize("method", ["simsiam", "byol", "vicreg", "barlow-twins"])
+@pytest.mark.parametrize("method", ["moco", "simsiam", "byol", "vicreg", "barlow-twins"])
 def test_each_method_trains_from_the_command_line(method: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["pretrain", method, *QUICK, "--out", str(run)]) == 0
     assert (run / "encoder.safetensors").is_file()
 
 
-def test_byol_target_network_survives_resume_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("method", "kept"), [("byol", "target_"), ("moco", "queue")])
+def test_momentum_state_survives_resume_exactly(
+    method: str, kept: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Interrupted in its second epoch and resumed, a run ends where an uninterrupted one does:
-    the target network and the momentum schedule continue, not restart."""
-    from selfsup.methods.byol import BYOL
+    BYOL's target network and MoCo's queue and key encoder continue, not restart."""
+    from selfsup.methods import get_method
 
+    cls = get_method(method)
     straight, halted = tmp_path / "straight", tmp_path / "halted"
-    argv = ["pretrain", "byol", *QUICK[:-1], "2"]
+    argv = ["pretrain", method, *QUICK[:-1], "2"]
     assert main([*argv, "--out", str(straight)]) == 0
-    step = BYOL.training_step
+    step = cls.training_step
 
     def interrupted(self, batch, batch_idx):
         if self.current_epoch == 1 and batch_idx == 1:
             raise KeyboardInterrupt
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(BYOL, "training_step", interrupted)
+    monkeypatch.setattr(cls, "training_step", interrupted)
     assert main([*argv, "--out", str(halted)]) == 130
-    monkeypatch.setattr(BYOL, "training_step", step)
+    monkeypatch.setattr(cls, "training_step", step)
     assert main(["pretrain", "--resume", str(halted)]) == 0
     a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    targets = [k for k in a if k.startswith("target_")]
+    targets = [k for k in a if k.startswith(kept) or k.startswith("key_")]
     assert targets
     for k in targets:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

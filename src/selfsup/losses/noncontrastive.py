@@ -1,7 +1,7 @@
-"""Losses without negatives: two views of an image are pulled together, and collapse to a
-constant is prevented by other means -- an asymmetric predictor and a stop-gradient (SimSiam,
-BYOL), a variance and decorrelation penalty (VICReg), or a cross-correlation pushed to the
-identity (Barlow Twins).
+"""Losses of the momentum and non-contrastive methods. Two views of an image are pulled
+together; collapse to a constant is prevented by negatives from a queue of earlier keys (MoCo),
+by an asymmetric predictor and a stop-gradient (SimSiam, BYOL), by a variance and decorrelation
+penalty (VICReg), or by a cross-correlation pushed to the identity (Barlow Twins).
 
 Pure functions of B×D embeddings, written after the papers and their authors' code; each is
 tested against a float64 formula and, where installed, lightly's implementation.
@@ -74,3 +74,13 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, redundancy: float = 5e-3) -> Tensor:
 
 def _standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+
+def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo's InfoNCE (He et al., 2020): each query's positive is its own key (the other view
+    through the momentum encoder, no gradient), its negatives the queue of earlier keys.
+    q, k: B×D; queue: K×D; all L2-normalised here. -mean log softmax([q·k, q·queue] / T)[0]."""
+    q, k, queue = (F.normalize(_at_least_float32(t), dim=-1) for t in (q, k.detach(), queue))
+    positive = (q * k).sum(dim=-1, keepdim=True)
+    logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))

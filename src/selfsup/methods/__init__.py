@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "mae": "selfsup.methods.mae:MAE",
     "jigsaw": "selfsup.methods.jigsaw:Jigsaw",
     "colorization": "selfsup.methods.colorization:Colorization",
+    "moco": "selfsup.methods.moco:MoCo",
     "simsiam": "selfsup.methods.simsiam:SimSiam",
     "byol": "selfsup.methods.byol:BYOL",
     "vicreg": "selfsup.methods.vicreg:VICReg",
