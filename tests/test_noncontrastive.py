@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from selfsup.cli import main
-from selfsup.losses.noncontrastive import barlow_twins, negative_cosine, queue_info_nce, vicreg
+from selfsup.losses.noncontrastive import (
+    barlow_twins,
+    dino,
+    negative_cosine,
+    queue_info_nce,
+    vicreg,
+)
 from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,6 +151,33 @@ def test_moco_queue_overwrites_the_oldest_keys_and_wraps_around() -> None:
     assert int(model.queue_ptr) == 1
 
 
+def test_dino_loss_by_hand_over_pairs_of_different_views() -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    student = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3)]  # 1 local
+    center = torch.randn(5, generator=g, dtype=torch.float64) * 0.1
+    tt, ts = 0.04, 0.1
+
+    def softmax(v):
+        m = max(v)
+        e = [math.exp(x - m) for x in v]
+        return [x / sum(e) for x in e]
+
+    terms = []
+    for i, t in enumerate(teacher):
+        for j, s in enumerate(student):
+            if i == j:
+                continue
+            for b in range(3):
+                p = softmax(
+                    [(x - c) / tt for x, c in zip(t[b].tolist(), center.tolist(), strict=True)]
+                )
+                q = softmax([x / ts for x in s[b].tolist()])
+                terms.append(-sum(pi * math.log(qi) for pi, qi in zip(p, q, strict=True)))
+    expected = sum(terms) / len(terms)
+    assert dino(teacher, student, center, tt, ts).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_losses_agree_with_lightly() -> None:
     lightly_loss = pytest.importorskip("lightly.loss")
     a, b = (t.float() for t in _pair(32, 16))
@@ -155,6 +188,10 @@ def test_losses_agree_with_lightly() -> None:
     torch.testing.assert_close(
         negative_cosine(a, b), lightly_loss.NegativeCosineSimilarity()(a, b.detach())
     )
+    views = [a, b, a.flip(0)]
+    reference = lightly_loss.DINOLoss(output_dim=16)  # its centre starts at zero
+    ours = dino(views[:2], views, torch.zeros(16), 0.04, 0.1)
+    torch.testing.assert_close(ours, reference(views[:2], views, teacher_temp=0.04))
 
 
 def test_ema_update_and_the_cosine_momentum_schedule_by_hand() -> None:
@@ -178,14 +215,16 @@ def test_ema_update_and_the_cosine_momentum_schedule_by_hand() -> None:
 QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
 
 
-@pytest.mark.parametrize("method", ["moco", "simsiam", "byol", "vicreg", "barlow-twins"])
+@pytest.mark.parametrize("method", ["moco", "simsiam", "byol", "dino", "vicreg", "barlow-twins"])
 def test_each_method_trains_from_the_command_line(method: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["pretrain", method, *QUICK, "--out", str(run)]) == 0
     assert (run / "encoder.safetensors").is_file()
 
 
-@pytest.mark.parametrize(("method", "kept"), [("byol", "target_"), ("moco", "queue")])
+@pytest.mark.parametrize(
+    ("method", "kept"), [("byol", "target_"), ("moco", "queue"), ("dino", "teacher_")]
+)
 def test_momentum_state_survives_resume_exactly(
     method: str, kept: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,7 +249,7 @@ def test_momentum_state_survives_resume_exactly(
     assert main(["pretrain", "--resume", str(halted)]) == 0
     a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    targets = [k for k in a if k.startswith(kept) or k.startswith("key_")]
+    targets = [k for k in a if k.startswith((kept, "key_", "center"))]
     assert targets
     for k in targets:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -84,3 +84,24 @@ def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2
     positive = (q * k).sum(dim=-1, keepdim=True)
     logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def dino(
+    teacher: list[Tensor],
+    student: list[Tensor],
+    center: Tensor,
+    teacher_temperature: float = 0.04,
+    student_temperature: float = 0.1,
+) -> Tensor:
+    """DINO's self-distillation (Caron et al., 2021): the student's log-softmax at
+    `student_temperature` against the teacher's centred, sharpened softmax, over every pair of
+    a teacher view i and a *different* student view j (the teacher sees the global views, which
+    are the student's first views). Mean over pairs and samples; no gradient to the teacher."""
+    targets = [
+        F.softmax((t.detach().float() - center) / teacher_temperature, dim=-1) for t in teacher
+    ]
+    logs = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+    pairs = [(i, j) for i in range(len(targets)) for j in range(len(logs)) if i != j]
+    if not pairs:
+        raise ValueError("dino needs at least two views")
+    return sum(-(targets[i] * logs[j]).sum(-1).mean() for i, j in pairs) / len(pairs)

@@ -24,6 +24,7 @@ METHODS: dict[str, str] = {
     "colorization": "selfsup.methods.colorization:Colorization",
     "moco": "selfsup.methods.moco:MoCo",
     "simsiam": "selfsup.methods.simsiam:SimSiam",
+    "dino": "selfsup.methods.dino:DINO",
     "byol": "selfsup.methods.byol:BYOL",
     "vicreg": "selfsup.methods.vicreg:VICReg",
     "barlow-twins": "selfsup.methods.barlow_twins:BarlowTwins",

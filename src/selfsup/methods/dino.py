@@ -1,0 +1,94 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels. A student (encoder + head)
+matches, at temperature 0.1, the softmax of a momentum (EMA) teacher over `--out-dim`
+prototypes; the teacher's outputs are centred (a running mean, `--center-momentum`) and
+sharpened (`--teacher-temperature` 0.04), which together keep them from collapsing. The head is
+an MLP to an L2-normalised bottleneck, then prototypes of unit norm. Teacher and centre are in
+the checkpoint, so resume continues them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.config import PretrainConfig, option
+from selfsup.distributed import gather_no_grad
+from selfsup.losses.noncontrastive import dino
+from selfsup.methods.base import Method
+from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+
+
+@dataclass
+class Options:
+    """DINO's own options (the paper: 65,536 prototypes, a 2048-wide head, momentum 0.996)."""
+
+    out_dim: int = option(1024, "number of prototypes the head scores", check=">=2")
+    projection_hidden: int = option(512, "hidden size of the head's MLP", check=">=1")
+    bottleneck: int = option(128, "size of the L2-normalised bottleneck", check=">=1")
+    teacher_temperature: float = option(0.04, "the teacher's softmax temperature", check=">0")
+    student_temperature: float = option(0.1, "the student's softmax temperature", check=">0")
+    center_momentum: float = option(0.9, "momentum of the teacher's running centre", check="[0,1]")
+    momentum: float = option(
+        0.99, "the teacher's EMA momentum at the start (rises to 1 by the end)", check="[0,1]"
+    )
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU) -> L2-normalised bottleneck -> unit-norm prototypes (weight norm, g = 1)."""
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+
+class DINO(Method):
+    Options = Options
+
+    def __init__(
+        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
+    ) -> None:
+        super().__init__(config, data_info, options)
+        o = self.options
+        self.head = DINOHead(self.encoder.feature_dim, o.projection_hidden, o.bottleneck, o.out_dim)
+        self.teacher_encoder = frozen_copy(self.encoder)
+        self.teacher_head = frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(o.out_dim))
+
+    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        views = torch.cat([self.views(x, g), self.views(x, g)])
+        features = self.encoder(views)
+        student = list(self.head(features).chunk(2))
+        with torch.no_grad():
+            teacher = list(self.teacher_head(self.teacher_encoder(views)).chunk(2))
+        o = self.options
+        loss = dino(teacher, student, self.center, o.teacher_temperature, o.student_temperature)
+        if self.training:
+            self.update_center(torch.cat(teacher))
+        return loss, features[: len(x)]
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """center <- m center + (1 - m) mean of the teacher's outputs (over every process)."""
+        mean = gather_no_grad(teacher.float()).mean(dim=0)
+        m = self.options.center_momentum
+        self.center.mul_(m).add_(mean.to(self.center.dtype), alpha=1 - m)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each optimiser step: teacher <- tau teacher + (1 - tau) student."""
+        total = int(self.trainer.estimated_stepping_batches)
+        tau = cosine_momentum(self.global_step, total, self.options.momentum)
+        ema_update(self.teacher_encoder, self.encoder, tau)
+        ema_update(self.teacher_head, self.head, tau)
