@@ -253,3 +253,41 @@ def test_momentum_state_survives_resume_exactly(
     assert targets
     for k in targets:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_crop_keeps_the_recipe_but_splits_the_crop_scale() -> None:
+    from selfsup.augment.recipes import GLOBAL_SCALE, LOCAL_SCALE, RECIPES, multi_crop
+
+    global_views, local_views = multi_crop("simclr", (32, 32), 12, 3)
+    others = [s for s in RECIPES["simclr"]((32, 32), 3) if s[0] != "crop"]
+    assert global_views.steps == [("crop", {"size": (32, 32), "scale": GLOBAL_SCALE}), *others]
+    assert local_views.steps[0] == ("crop", {"size": (12, 12), "scale": LOCAL_SCALE})
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert global_views(x, g).shape == (5, 3, 32, 32) and local_views(x, g).shape == (5, 3, 12, 12)
+
+
+def test_dino_multi_crop_gives_the_student_local_views_and_the_teacher_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    import selfsup.methods.dino as dino_method
+
+    seen: list[tuple[int, list[tuple[int, ...]]]] = []
+    loss = dino_method.dino
+
+    def recording(teacher, student, *args):
+        seen.append((len(teacher), [tuple(s.shape) for s in student]))
+        return loss(teacher, student, *args)
+
+    monkeypatch.setattr(dino_method, "dino", recording)
+    images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", x=images)
+    argv = ["pretrain", "dino", "--data", f"npz:{tmp_path / 'x.npz'}", "--batch-size", "32"]
+    argv += ["--epochs", "1", "--local-crops", "3", "--local-size", "8"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    teachers, students = seen[0]
+    assert teachers == 2 and len(students) == 5  # 2 global + 3 local views
+    assert main(["pretrain", "dino", "--local-crops", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

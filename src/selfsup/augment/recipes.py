@@ -103,3 +103,24 @@ def build_recipe(name: str, image_size: tuple[int, int], channels: int) -> Augme
     if name not in RECIPES:
         raise SelfsupError(f"unknown augmentation recipe {name!r}; expected one of {list(RECIPES)}")
     return Augment(RECIPES[name](tuple(image_size), channels))
+
+
+# DINO's split of the crop scale between its views: global crops cover much of the image,
+# local crops small parts of it (Caron et al. 2021: (0.4, 1) and (0.05, 0.4)).
+GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)
+
+
+def multi_crop(
+    name: str, image_size: tuple[int, int], local_size: int, channels: int
+) -> tuple[Augment, Augment]:
+    """Multi-crop (SwAV, DINO): the recipe's views as (global views at `image_size` from crops
+    of GLOBAL_SCALE, local views at `local_size` from crops of LOCAL_SCALE). Everything but the
+    crop is the recipe's own; a recipe without a crop gets one first."""
+    if name not in RECIPES:
+        raise SelfsupError(f"unknown augmentation recipe {name!r}; expected one of {list(RECIPES)}")
+
+    def with_crop(size: tuple[int, int], scale: tuple[float, float]) -> Augment:
+        steps = [s for s in RECIPES[name](size, channels) if s[0] != "crop"]
+        return Augment([("crop", {"size": size, "scale": scale}), *steps])
+
+    return with_crop(tuple(image_size), GLOBAL_SCALE), with_crop((local_size,) * 2, LOCAL_SCALE)

@@ -3,7 +3,9 @@ matches, at temperature 0.1, the softmax of a momentum (EMA) teacher over `--out
 prototypes; the teacher's outputs are centred (a running mean, `--center-momentum`) and
 sharpened (`--teacher-temperature` 0.04), which together keep them from collapsing. The head is
 an MLP to an L2-normalised bottleneck, then prototypes of unit norm. Teacher and centre are in
-the checkpoint, so resume continues them."""
+the checkpoint, so resume continues them. `--local-crops K` adds multi-crop: the two global
+views come from large crops, K local views at `--local-size` from small ones, and only the
+student sees the local views."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.augment.recipes import multi_crop
 from selfsup.config import PretrainConfig, option
 from selfsup.distributed import gather_no_grad
+from selfsup.errors import SelfsupError
 from selfsup.losses.noncontrastive import dino
 from selfsup.methods.base import Method
 from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.models.vit import VIT_SIZES
 
 
 @dataclass
@@ -33,6 +38,12 @@ class Options:
     center_momentum: float = option(0.9, "momentum of the teacher's running centre", check="[0,1]")
     momentum: float = option(
         0.99, "the teacher's EMA momentum at the start (rises to 1 by the end)", check="[0,1]"
+    )
+    local_crops: int = option(
+        0, "multi-crop: small local views per image beside the 2 global ones (DINO: 8)", check=">=0"
+    )
+    local_size: int | None = option(
+        None, "multi-crop: side of the local views (default: half the image side)", check=">=4"
     )
 
 
@@ -66,11 +77,25 @@ class DINO(Method):
         self.teacher_encoder = frozen_copy(self.encoder)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(o.out_dim))
+        if o.local_crops:  # global views from large crops, local views from small ones
+            if config.backbone in VIT_SIZES:
+                raise SelfsupError(
+                    f"--local-crops needs a convolutional backbone; {config.backbone}'s "
+                    "position embeddings fix its input size"
+                )
+            size = tuple(data_info["dataset"]["image_size"])
+            local = o.local_size or max(4, min(size) // 2)
+            channels = data_info["dataset"]["channels"]
+            self.views, self.local_views = multi_crop(config.recipe, size, local, channels)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         views = torch.cat([self.views(x, g), self.views(x, g)])
         features = self.encoder(views)
         student = list(self.head(features).chunk(2))
+        if self.options.local_crops:  # the student alone sees the local views
+            k = self.options.local_crops
+            local = torch.cat([self.local_views(x, g) for _ in range(k)])
+            student += list(self.head(self.encoder(local)).chunk(k))
         with torch.no_grad():
             teacher = list(self.teacher_head(self.teacher_encoder(views)).chunk(2))
         o = self.options
