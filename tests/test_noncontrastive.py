@@ -14,6 +14,7 @@ from torch import nn
 from selfsup.cli import main
 from selfsup.losses.noncontrastive import (
     barlow_twins,
+    batch_info_nce,
     dino,
     negative_cosine,
     queue_info_nce,
@@ -124,6 +125,23 @@ def test_moco_loss_is_cross_entropy_against_the_queue_by_hand() -> None:
     assert queue_info_nce(q, k, queue, t).item() == pytest.approx(total / 5, rel=1e-9)
 
 
+def test_moco_v3_loss_is_cross_entropy_over_the_batch_keys_by_hand() -> None:
+    q, k = _pair(4, 3)
+    t = 0.5
+
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    total = 0.0
+    keys = [unit(v) for v in k.tolist()]
+    for i, qi in enumerate(unit(v) for v in q.tolist()):
+        logits = [sum(a * b for a, b in zip(qi, kj, strict=True)) / t for kj in keys]
+        total += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    expected = total / 4 * 2 * t
+    assert batch_info_nce(q, k, t).item() == pytest.approx(expected, rel=1e-9)
+
+
 def test_moco_queue_overwrites_the_oldest_keys_and_wraps_around() -> None:
     from selfsup.methods.moco import MoCo
 
@@ -215,7 +233,9 @@ def test_ema_update_and_the_cosine_momentum_schedule_by_hand() -> None:
 QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
 
 
-@pytest.mark.parametrize("method", ["moco", "simsiam", "byol", "dino", "vicreg", "barlow-twins"])
+@pytest.mark.parametrize(
+    "method", ["moco", "moco-v3", "simsiam", "byol", "dino", "vicreg", "barlow-twins"]
+)
 def test_each_method_trains_from_the_command_line(method: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["pretrain", method, *QUICK, "--out", str(run)]) == 0

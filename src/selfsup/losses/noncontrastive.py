@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.distributed import gather_no_grad, rank
+
 
 def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
     """-mean cos(p, stopgrad(z)): SimSiam's D(p, z) (Chen & He, 2021). BYOL's loss
@@ -105,3 +107,13 @@ def dino(
     if not pairs:
         raise ValueError("dino needs at least two views")
     return sum(-(targets[i] * logs[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+
+
+def batch_info_nce(q: Tensor, k: Tensor, temperature: float = 1.0) -> Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He, 2021): each query's positive is the key of
+    its own image, its negatives the keys of the other images of the (global) batch; scaled by
+    2T as in the authors' code. q, k: B×D, L2-normalised here; no gradient to the keys."""
+    q = F.normalize(_at_least_float32(q), dim=-1)
+    k = F.normalize(_at_least_float32(gather_no_grad(k.detach())), dim=-1)
+    labels = torch.arange(len(q), device=q.device) + rank() * len(q)
+    return F.cross_entropy(q @ k.T / temperature, labels) * 2 * temperature

@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "jigsaw": "selfsup.methods.jigsaw:Jigsaw",
     "colorization": "selfsup.methods.colorization:Colorization",
     "moco": "selfsup.methods.moco:MoCo",
+    "moco-v3": "selfsup.methods.moco_v3:MoCoV3",
     "simsiam": "selfsup.methods.simsiam:SimSiam",
     "dino": "selfsup.methods.dino:DINO",
     "byol": "selfsup.methods.byol:BYOL",
