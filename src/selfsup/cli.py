@@ -238,6 +238,21 @@ def build_parser(lm: bool = False, method: str | None = None) -> argparse.Argume
         help="inpainting: other runs (e.g. --adv 0) drawn as extra rows on the same images",
     )
 
+    x = sub.add_parser(
+        "export",
+        help="write a run's encoder for use without selfsup (ONNX, TorchScript, safetensors)",
+        description="Images float [0, 1] N×C×H×W at the run's size -> features N×D; the "
+        "normalisation is inside. Default output: RUN/export/encoder.{onnx,pt,safetensors}.",
+    )
+    x.add_argument("run", help="run directory written by `selfsup pretrain`")
+    x.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "torchscript", "safetensors"],
+        help="(default: onnx)",
+    )
+    x.add_argument("-o", "--output", help="output file")
+
     a = sub.add_parser("augment-preview", help="draw every augmentation of one image")
     a.add_argument("image", help="an image file (PNG, JPEG, ...)")
     a.add_argument("-o", "--output", default="augmentations.png", help="output PNG")
@@ -295,6 +310,12 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
                 args.run, checkpoint=args.checkpoint, out=args.output, beside=args.beside
             )
         )
+    elif args.command == "export":
+        from selfsup.export import export
+
+        output_file(args.output)
+        path = export(args.run, args.format, args.output)
+        print(f"{path}: the encoder as {args.format} (images [0, 1] N×C×H×W -> features N×D)")
     elif args.command == "augment-preview":
         from selfsup.augment.preview import augment_preview
 

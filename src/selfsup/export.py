@@ -1,0 +1,71 @@
+"""`selfsup export RUN`: the encoder for use without selfsup.
+
+- `onnx`: float [0, 1] images N×C×H×W (the run's size) -> features N×D, any batch size; runs in
+  onnxruntime (checked against torch to 1e-4 at export).
+- `torchscript`: the same function as a TorchScript file (`torch.jit.load`, no selfsup needed).
+- `safetensors`: the weights with the architecture in the file's metadata (`selfsup_encoder`, the
+  JSON of the run's encoder config), for `selfsup.models.Encoder(**config)`.
+
+Normalisation (and colorization's RGB -> L) is inside the exported function: feed it images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from selfsup import run as rundir
+from selfsup.errors import SelfsupError
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+
+
+def export(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> Path:
+    """Write RUN's encoder in `format`; returns the file (default RUN/export/encoder.SUFFIX)."""
+    if format not in FORMATS:
+        raise SelfsupError(f"--format {format!r} is unknown; expected one of {', '.join(FORMATS)}")
+    run = Path(run)
+    encoder = rundir.load_encoder(run).float().eval()
+    config = rundir.read_config(run)
+    channels, (h, w) = config["dataset"]["channels"], config["dataset"]["image_size"]
+    path = Path(out) if out else run / "export" / f"encoder{SUFFIXES[format]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, channels, h, w)
+    if format == "safetensors":
+        tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(tensors, str(path), metadata={"selfsup_encoder": json.dumps(encoder.config)})
+    elif format == "torchscript":
+        with torch.no_grad():
+            torch.jit.trace(encoder, example).save(str(path))
+    else:
+        _onnx(encoder, example, path)
+    return path
+
+
+def _onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SelfsupError(
+            "--format onnx needs onnx and onnxruntime: pip install 'selfsup[export]'"
+        ) from None
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,  # the TorchScript-based exporter: no onnxscript rewrite needed
+        )
+        expected = encoder(example).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": example.numpy()})[0]
+    if not abs(got - expected).max() <= 1e-4 * max(1.0, abs(expected).max()):
+        path.unlink(missing_ok=True)
+        raise SelfsupError(f"{path}: the ONNX model does not match torch (> 1e-4); not kept")
