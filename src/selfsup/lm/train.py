@@ -29,10 +29,11 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,7 +48,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfsup import metrics_log
 from selfsup import run as rundir
-from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
 from selfsup.lm.hf import (
@@ -59,44 +59,13 @@ from selfsup.lm.hf import (
     removed_unless_kept,
     unfinished_start,
 )
+from selfsup.lm.options import LMConfig
 from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.optim import warmup_cosine
 
 TOKENS = "tokens.npy"
 RESULTS = "results.json"
 BEST = "best"
-
-
-@dataclass
-class LMConfig:
-    """Options every `selfsup lm pretrain KIND` shares; saved in RUN/config.yaml."""
-
-    model: str = _opt("gpt", "model kind", cli=False)
-    corpus: str | None = _opt(None, "a .txt or .jsonl file, or a folder of them")
-    encoding: str = _opt("utf-8", "text encoding of the corpus files")
-    text_field: str = _opt("text", "field holding the text in JSONL records")
-    tokenizer: str = _opt("char", "char | bpe | a folder holding a tokenizer.json to reuse")
-    vocab_size: int = _opt(8192, "bpe: vocabulary size")
-    val_fraction: float = _opt(0.1, "last fraction of the tokens kept for validation")
-    steps: int = _opt(2000, "optimisation steps")
-    batch_size: int = _opt(12, "sequences per batch")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    min_lr_fraction: float = _opt(0.1, "the cosine decays to this fraction of --lr")
-    warmup_steps: int = _opt(100, "linear warm-up steps before the cosine decay")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
-    beta2: float = _opt(0.99, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = _opt(250, "validate every N steps")
-    eval_batches: int = _opt(20, "batches per periodic validation")
-    final_eval_batches: int = _opt(200, "batches of the final validation estimate")
-    init: str | None = _opt(None, "start from this local Hugging Face checkpoint folder")
-    seed: int = _opt(0, "random seed (initialisation, batches)")
-    accelerator: str = _opt("auto", "cpu | gpu | auto (Lightning)")
-    devices: str = _opt("1", "number of devices (Lightning)")
-    precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed on GPU, else 32)")
-    progress: bool = _opt(True, "show a progress bar")
-    out: str | None = _opt(None, "run directory (default runs/lm-KIND-CORPUS-TIMESTAMP)")
-    resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
 
 
 def model_kind(name: str) -> ModuleType:
@@ -232,6 +201,8 @@ def step_loader(module, ids, batch_size: int, seed: int, start: int, stop: int) 
 def lm_config(model: str = "gpt", **settings: Any) -> LMConfig:
     """LMConfig for a model kind: the kind's own `DEFAULTS` (if any), then `settings`."""
     kind = model_kind(model)
+    if "corpus" in settings:  # the name before `data` (issue 19)
+        settings["data"] = settings.pop("corpus")
     return LMConfig(model=model, **{**getattr(kind, "DEFAULTS", {}), **settings})
 
 
@@ -244,8 +215,8 @@ def pretrain_lm(
 ) -> Path:
     """Pretrain a language model; returns the run directory.
 
-    `pretrain_lm(model="gpt", corpus="shakespeare.txt", steps=500)` is the same as
-    `selfsup lm pretrain gpt --corpus shakespeare.txt --steps 500`; the kind's own options go
+    `pretrain_lm(model="gpt", data="shakespeare.txt", steps=500)` is the same as
+    `selfsup lm pretrain gpt --data shakespeare.txt --steps 500`; the kind's own options go
     in `options` (e.g. `selfsup.lm.gpt.Options(n_layer=2)`).
     """
     config = dataclasses.replace(config, **settings) if config else lm_config(**settings)
@@ -267,7 +238,7 @@ def pretrain_lm(
             )
         clear_run(run)  # what a run that failed before its first checkpoint left
     tokenizer, init = _tokenizer_and_init(config, kind)
-    texts = read_texts(config.corpus, config.encoding, config.text_field)  # type: ignore[arg-type]
+    texts = read_texts(config.data, config.encoding, config.text_field)  # type: ignore[arg-type]
     if tokenizer is None:
         tokenizer = train_tokenizer(
             texts, config.tokenizer, config.vocab_size, special_tokens=kind.SPECIAL_TOKENS
@@ -310,8 +281,8 @@ def _has_checkpoint(run: Path) -> bool:
 
 
 def _check(config: LMConfig) -> None:
-    if not config.corpus:
-        raise SelfsupError("--corpus is required: a .txt or .jsonl file, or a folder of them")
+    if not config.data:
+        raise SelfsupError("--data is required: a .txt or .jsonl file, or a folder of them")
     positive = [
         ("--steps", config.steps),
         ("--batch-size", config.batch_size),
@@ -362,7 +333,7 @@ def _tokenizer_and_init(config: LMConfig, kind: ModuleType) -> tuple[Any, Any]:
 
 
 def _default_run_dir(config: LMConfig) -> Path:
-    corpus = Path(str(config.corpus)).stem or "corpus"
+    corpus = Path(str(config.data)).stem or "corpus"
     return Path("runs") / f"lm-{config.model}-{corpus}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -382,6 +353,8 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
     ):
         raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
+    if "corpus" in saved:  # runs from before `data` was named so (issue 19)
+        saved.setdefault("data", saved.pop("corpus"))
     try:
         config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
         if config.model == "gpt":  # GPT runs from before --activation used the tanh GELU
@@ -569,8 +542,10 @@ def _trainer(
         metrics_log.FlushMetricsWithCheckpoints(),
         hint,
     ]
-    if config.progress:
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(20, config.steps // 100))))
+    callbacks.append(ValidationLines(config.steps, bar=progress))
     return L.Trainer(
         default_root_dir=run,
         max_steps=config.steps,
@@ -592,9 +567,29 @@ def _trainer(
         gradient_clip_val=config.grad_clip or None,
         callbacks=callbacks,
         enable_model_summary=False,
-        enable_progress_bar=config.progress,
+        enable_progress_bar=progress,
         num_sanity_val_steps=0,
     )
+
+
+class ValidationLines(Callback):
+    """Prints `step N/STEPS: val/loss X` after each periodic validation (above the progress
+    bar when there is one), so that a log shows how training went."""
+
+    def __init__(self, steps: int, bar: bool) -> None:
+        self.steps, self.bar = steps, bar
+
+    def on_validation_end(self, trainer: L.Trainer, module: Any) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        line = f"step {trainer.global_step}/{self.steps}: val/loss {float(loss):.4f}"
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
 
 
 class ResumeHint(Callback):
