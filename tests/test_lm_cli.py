@@ -103,6 +103,8 @@ def test_corpus_is_a_deprecated_spelling_of_data(tmp_path, capsys):
     assert str(missing) in err.split("selfsup: error: ")[1]  # the value went to --data
     err = _error(["lm", "pretrain", "gpt", "--out", str(tmp_path / "r")], capsys)
     assert "--data is required" in err
+    err = _error([*argv, "--preset", "baby"], capsys)  # parsed twice, noted once
+    assert err.count("note: --corpus") == 1 and str(missing) in err
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Any
 
 from selfsup.config import field_types
 from selfsup.lm.cli_align import ALIGN_COMMANDS
-from selfsup.lm.cli_common import add_config_arguments, add_deprecated, summary
+from selfsup.lm.cli_common import QUIET, add_config_arguments, add_deprecated, summary
 from selfsup.lm.cli_words import WORD_COMMANDS
 
 
@@ -77,7 +77,11 @@ def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.
         return args
     parser = build_parser(lm=True)
     command_parser(parser, argv).set_defaults(**values)
-    return parser.parse_args(argv)
+    QUIET["notes"] = True  # the first parse printed them
+    try:
+        return parser.parse_args(argv)
+    finally:
+        QUIET["notes"] = False
 
 
 RUN_ONLY = ("out", "resume", "tokenizer_size", "vocabulary")  # what a run adds to its options

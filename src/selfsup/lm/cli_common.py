@@ -52,8 +52,12 @@ class Deprecated(argparse.Action):
         setattr(namespace, self.dest, self.const if values is None else values)
 
 
+QUIET = {"notes": False}  # True while a command line is parsed a second time
+
+
 def deprecation(old: str, new: str) -> None:
-    print(f"selfsup: note: {old} is deprecated; use {new}", file=sys.stderr)
+    if not QUIET["notes"]:
+        print(f"selfsup: note: {old} is deprecated; use {new}", file=sys.stderr)
 
 
 def add_deprecated(parser: Any, old: str, dest: str, new: str, **kwargs: Any) -> None:
