@@ -200,3 +200,11 @@ def test_config_file_errors_are_one_line(preset_run, tmp_path, capsys):
     assert "n_layer must be int" in _error(
         ["lm", "pretrain", "gpt", "--config", str(nested)], capsys
     )
+
+
+def test_few_shot_counts_questions_with_limit(tmp_path, capsys):
+    text = _help(["lm", "icl", "few-shot"], capsys)
+    assert "--limit LIMIT" in text and "--questions" not in text
+    argv = ["lm", "icl", "few-shot", str(tmp_path / "no-run"), "--data", str(tmp_path / "p.jsonl")]
+    err = _error([*argv, "--questions", "5"], capsys)
+    assert "note: --questions is deprecated; use --limit" in err

@@ -285,7 +285,10 @@ def _add_icl(sub, parents) -> None:
     f.add_argument("run", help="a pretrained model (run directory or local HF folder)")
     f.add_argument("--data", required=True, help="JSONL of prompt/completion pairs")
     f.add_argument("--shots", default="0,1,2,4,8", help="comma list of k")
-    f.add_argument("--questions", type=int, default=100, help="pairs asked (the last ones)")
+    f.add_argument(
+        "--limit", type=int, default=100, help="pairs asked, the file's last ones (default: 100)"
+    )
+    add_deprecated(f, "--questions", "limit", "--limit", type=int)
     f.add_argument("--max-new-tokens", type=int, default=24)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(handler=_run_few_shot)
@@ -326,10 +329,10 @@ def _run_few_shot(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.icl import few_shot
 
     accuracy = few_shot(
-        args.run, args.data, _ints(args.shots, "--shots"), args.questions, args.max_new_tokens,
+        args.run, args.data, _ints(args.shots, "--shots"), args.limit, args.max_new_tokens,
         args.seed,
     )  # fmt: skip
-    print(f"{'k':>3}  accuracy ({args.questions} questions, exact match)")
+    print(f"{'k':>3}  accuracy ({args.limit} questions, exact match)")
     for k, acc in accuracy.items():
         print(f"{k:3d}  {100 * acc:5.1f}%")
 
