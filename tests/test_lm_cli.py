@@ -208,3 +208,18 @@ def test_few_shot_counts_questions_with_limit(tmp_path, capsys):
     argv = ["lm", "icl", "few-shot", str(tmp_path / "no-run"), "--data", str(tmp_path / "p.jsonl")]
     err = _error([*argv, "--questions", "5"], capsys)
     assert "note: --questions is deprecated; use --limit" in err
+
+
+def test_word2vec_summary_and_config(corpus, tmp_path):
+    first, again = tmp_path / "w2v", tmp_path / "again"
+    argv = ["lm", "pretrain", "word2vec", "--data", str(corpus), "--min-count", "1", "--dim",
+            "4", "--epochs", "1", "--no-progress", "--out", str(first)]  # fmt: skip
+    tail = _stdout_of(argv).strip().splitlines()[-3:]
+    words = json.loads((first / "results.json").read_text())["words"]
+    assert tail[0].startswith(f"run directory: {first}/")
+    assert tail[1].startswith(f"{words:,} words in ")
+    assert tail[2] == f"next: selfsup lm neighbors {first} WORD"
+    _stdout_of(["lm", "pretrain", "word2vec", "--config", str(first / "config.yaml"), "--out",
+                str(again)])  # fmt: skip
+    saved = [yaml.safe_load((r / "config.yaml").read_text()) for r in (first, again)]
+    assert {**saved[0], "out": ""} == {**saved[1], "out": ""}

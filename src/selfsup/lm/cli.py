@@ -139,7 +139,10 @@ def _pretrain_summary(model: str, run: Path) -> list[str]:
     q = shlex.quote(str(run))
     if model == "word2vec":
         metric = (
-            f"{results['words']:,} words in {results['seconds']} s" if "words" in results else ""
+            f"{results['words']:,} words in {results['seconds']} s "
+            f"({results['words_per_s']:,} words/s; results.json)"
+            if "words_per_s" in results
+            else ""
         )
         written = "config.yaml, vectors.safetensors, vocab.tsv, metrics.csv"
         after = f"selfsup lm neighbors {q} WORD"
