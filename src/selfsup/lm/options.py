@@ -19,7 +19,7 @@ from typing import Any
 from selfsup.config import option
 
 PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per validation)"
-DEVICES_HELP = "number of devices, or 'auto' for all of the accelerator's (Lightning)"
+DEVICES_HELP = "number of devices or 'auto' (every GPU, one process each; one on a CPU)"
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LMConfig:
     init: str | None = option(None, "start from this local Hugging Face checkpoint folder")
     seed: int = option(0, "random seed (initialisation, batches)")
     accelerator: str = option("auto", "cpu | gpu | auto (Lightning)")
-    devices: str = option("1", DEVICES_HELP + "; language runs use one unless told")
+    devices: str = option("auto", DEVICES_HELP)
     precision: str | None = option(
         None, "Lightning precision (default: bf16-mixed on GPU, else 32)"
     )

@@ -519,13 +519,13 @@ def _trainer(
         ".*LeafSpec.*",
     ):
         warnings.filterwarnings("ignore", pattern)
-    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
-    # Several processes: forked after the run directory and token ids are ready (a re-launched
-    # script would prepare them again in every process); CUDA is not touched before the fork.
-    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
     on_gpu = config.accelerator in ("gpu", "cuda") or (
         config.accelerator == "auto" and torch.cuda.is_available()
     )
+    devices = _devices(config.devices, on_gpu)
+    # Several processes: forked after the run directory and token ids are ready (a re-launched
+    # script would prepare them again in every process); CUDA is not touched before the fork.
+    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
     precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
     callbacks: list[Callback] = [
         # Lightning writes checkpoints atomically (temporary file, then rename).
@@ -570,6 +570,18 @@ def _trainer(
         enable_progress_bar=progress,
         num_sanity_val_steps=0,
     )
+
+
+def _devices(text: str, on_gpu: bool) -> int | str:
+    """--devices for Lightning: `auto` is every GPU (one forked process each), else one process,
+    as Lightning's `auto` is for image runs; a number is that many."""
+    if text == "auto":
+        if not on_gpu:
+            return 1
+        from lightning.fabric.accelerators.cuda import num_cuda_devices  # does not start CUDA
+
+        return max(1, num_cuda_devices())
+    return int(text) if text.isdigit() else text
 
 
 class ValidationLines(Callback):
