@@ -223,3 +223,11 @@ def test_word2vec_summary_and_config(corpus, tmp_path):
                 str(again)])  # fmt: skip
     saved = [yaml.safe_load((r / "config.yaml").read_text()) for r in (first, again)]
     assert {**saved[0], "out": ""} == {**saved[1], "out": ""}
+
+
+def test_devices_auto_means_every_gpu_or_one_cpu_process():
+    from selfsup.lm.train import _devices
+
+    assert _devices("auto", on_gpu=False) == 1
+    assert _devices("3", on_gpu=False) == 3 and _devices("0,1", on_gpu=True) == "0,1"
+    assert _devices("auto", on_gpu=True) == max(1, __import__("torch").cuda.device_count())
