@@ -231,3 +231,17 @@ def test_devices_auto_means_every_gpu_or_one_cpu_process():
     assert _devices("auto", on_gpu=False) == 1
     assert _devices("3", on_gpu=False) == 3 and _devices("0,1", on_gpu=True) == "0,1"
     assert _devices("auto", on_gpu=True) == max(1, __import__("torch").cuda.device_count())
+
+
+def test_usage_mistakes_of_lm_pretrain_are_told_before_torch_is_imported(tmp_path):
+    code = (
+        "import sys\nfrom selfsup.cli import main\n"
+        f"code = main(['lm', 'pretrain', 'gpt', '--data', {str(tmp_path)!r}, '--steps', '0'])\n"
+        "print('EXIT', code, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "EXIT 2 False", done.stdout + done.stderr
+    assert done.stderr == "selfsup: error: --steps must be at least 1, got 0\n"

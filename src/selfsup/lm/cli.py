@@ -117,10 +117,8 @@ def _file_values(path: str, model: str) -> dict[str, Any]:
 
 def _run_pretrain(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm import MODELS
-    from selfsup.lm.options import KINDS
-    from selfsup.lm.train import pretrain_lm
+    from selfsup.lm.options import KINDS, LMConfig, check_ranges
 
-    module = importlib.import_module(MODELS[args.model])
     configs = []
     for config_class in KINDS[args.model].configs:
         names = {f.name for f in dataclasses.fields(config_class)}
@@ -128,6 +126,11 @@ def _run_pretrain(args: argparse.Namespace, command: str) -> None:
         if "model" in names:
             values["model"] = args.model
         configs.append(config_class(**values))
+    if isinstance(configs[0], LMConfig) and not configs[0].resume:
+        check_ranges(configs[0])  # a usage mistake is told before torch is imported
+    from selfsup.lm.train import pretrain_lm
+
+    module = importlib.import_module(MODELS[args.model])
     run = Path(getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command))
     summary(_pretrain_summary(args.model, run))
 

@@ -13,10 +13,12 @@ directory), `--resume RUN`, `--seed`, `--accelerator`, `--devices`, `--precision
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from selfsup.config import option
+from selfsup.errors import SelfsupError
 
 PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per validation)"
 DEVICES_HELP = "number of devices or 'auto' (every GPU, one process each; one on a CPU)"
@@ -257,3 +259,43 @@ KINDS: dict[str, Kind] = {
         {},
     ),
 }
+
+
+def check_number(
+    flag: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
+) -> None:
+    """One line unless low <= value <= high (low < value with low_open), NaN refused."""
+    ok = value == value and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high != float("inf"):
+            bound += f" and <= {high:g}"
+        raise SelfsupError(f"{flag} must be {bound}, got {value}")
+
+
+def check_ranges(config: LMConfig) -> None:
+    """The checks of a new run's options that need no file and no torch (one line each)."""
+    if not config.data:
+        raise SelfsupError("--data is required: a .txt or .jsonl file, or a folder of them")
+    positive = [
+        ("--steps", config.steps),
+        ("--batch-size", config.batch_size),
+        ("--eval-interval", config.eval_interval),
+        ("--eval-batches", config.eval_batches),
+        ("--final-eval-batches", config.final_eval_batches),
+    ]
+    for flag, value in positive:
+        if value < 1:
+            raise SelfsupError(f"{flag} must be at least 1, got {value}")
+    check_number("--lr", config.lr, 0, low_open=True)
+    check_number("--weight-decay", config.weight_decay, 0)
+    check_number("--warmup-steps", config.warmup_steps, 0)
+    check_number("--grad-clip", config.grad_clip, 0)
+    check_number("--min-lr-fraction", config.min_lr_fraction, 0, 1)
+    if not 0 <= config.beta2 < 1:
+        raise SelfsupError(f"--beta2 must be in [0, 1), got {config.beta2}")
+    if not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?", str(config.devices)):
+        raise SelfsupError(
+            f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
+            "list of device indices"
+        )

@@ -27,7 +27,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -52,14 +51,13 @@ from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
 from selfsup.lm.hf import (
     check_accelerator,
-    check_number,
     check_precision,
     clear_run,
     one_line_reason,
     removed_unless_kept,
     unfinished_start,
 )
-from selfsup.lm.options import LMConfig
+from selfsup.lm.options import LMConfig, check_ranges
 from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.optim import warmup_cosine
 
@@ -281,32 +279,9 @@ def _has_checkpoint(run: Path) -> bool:
 
 
 def _check(config: LMConfig) -> None:
-    if not config.data:
-        raise SelfsupError("--data is required: a .txt or .jsonl file, or a folder of them")
-    positive = [
-        ("--steps", config.steps),
-        ("--batch-size", config.batch_size),
-        ("--eval-interval", config.eval_interval),
-        ("--eval-batches", config.eval_batches),
-        ("--final-eval-batches", config.final_eval_batches),
-    ]
-    for option, value in positive:
-        if value < 1:
-            raise SelfsupError(f"{option} must be at least 1, got {value}")
-    check_number("--lr", config.lr, 0, low_open=True)
-    check_number("--weight-decay", config.weight_decay, 0)
-    check_number("--warmup-steps", config.warmup_steps, 0)
-    check_number("--grad-clip", config.grad_clip, 0)
-    check_number("--min-lr-fraction", config.min_lr_fraction, 0, 1)
-    if not 0 <= config.beta2 < 1:
-        raise SelfsupError(f"--beta2 must be in [0, 1), got {config.beta2}")
+    check_ranges(config)  # (the command line checks these before it imports torch)
     check_accelerator(config.accelerator)
     check_precision(config.precision)
-    if not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?", str(config.devices)):
-        raise SelfsupError(
-            f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
-            "list of device indices"
-        )
     if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
         raise SelfsupError(
             f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
