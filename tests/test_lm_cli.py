@@ -245,3 +245,17 @@ def test_usage_mistakes_of_lm_pretrain_are_told_before_torch_is_imported(tmp_pat
     )
     assert done.stdout.strip() == "EXIT 2 False", done.stdout + done.stderr
     assert done.stderr == "selfsup: error: --steps must be at least 1, got 0\n"
+
+
+def test_kinds_declare_the_options_their_modules_train_with():
+    import importlib
+
+    from selfsup.lm import MODELS
+    from selfsup.lm.options import KINDS, LMConfig
+
+    assert set(KINDS) == set(MODELS)
+    for name, kind in KINDS.items():
+        module = importlib.import_module(MODELS[name])
+        declared = getattr(module, "CLI_CONFIGS", (LMConfig, getattr(module, "Options", None)))
+        assert kind.configs == declared, name
+        assert kind.defaults == getattr(module, "DEFAULTS", {}), name

@@ -1,15 +1,18 @@
 """The `selfsup lm ...` command group: language-model pretraining, tokenizers, generation.
 
 How to add to it:
-- a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS`. By
-  default the command mirrors `LMConfig` and the module's `Options` dataclass as flags and calls
-  `pretrain_lm` (see `selfsup.lm.train`). A kind with its own entry instead defines
-  `CLI_CONFIGS` (the dataclasses to mirror, in order) and `run_pretrain(*configs, command=...)`
-  returning the run directory.
+- a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS` and its
+  options in `selfsup.lm.options.KINDS` (the dataclasses to mirror as flags, torch-free, so that
+  help and usage errors stay instant; the module imports them from there). By default the
+  command calls `pretrain_lm` (see `selfsup.lm.train`) with LMConfig and the kind's Options; a
+  kind with its own entry defines `run_pretrain(*configs, command=...)` returning the run
+  directory.
 - a command `selfsup lm NAME`: write `_add_NAME(sub, parents)`, which adds the subparser with
   `parents=parents` and `set_defaults(handler=...)`, where the handler takes
   `(args, command: str)`; then append `_add_NAME` to COMMANDS. Import heavy modules inside the
-  handler, so that `selfsup --help` stays fast.
+  handler (options from `selfsup.lm.options`), so that `selfsup lm ... --help` stays instant.
+- every training command ends with `cli_common.summary(...)`: the run directory, the headline
+  metric, the next command.
 """
 
 from __future__ import annotations

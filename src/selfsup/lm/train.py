@@ -3,7 +3,7 @@
 Every language model (`selfsup lm pretrain KIND`) trains through this one entry. A model kind
 is a module listed in `selfsup.lm.MODELS` that provides
 
-    Options          a dataclass of the kind's own options (mirrored as CLI flags)
+    Options          the kind's own options (declared in selfsup.lm.options, mirrored as flags)
     SPECIAL_TOKENS   the special tokens its tokenizer needs (e.g. "[MASK]")
     build(config, options, tokenizer, init) -> LanguageModule
 
