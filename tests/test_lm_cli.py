@@ -259,3 +259,12 @@ def test_kinds_declare_the_options_their_modules_train_with():
         declared = getattr(module, "CLI_CONFIGS", (LMConfig, getattr(module, "Options", None)))
         assert kind.configs == declared, name
         assert kind.defaults == getattr(module, "DEFAULTS", {}), name
+
+
+def test_sft_no_resume_is_a_deprecated_no_op(tmp_path, capsys):
+    argv = ["lm", "sft", "--init", str(tmp_path / "none"), "--data", str(tmp_path / "c.jsonl"),
+            "--out", str(tmp_path / "run"), "--no-resume"]  # fmt: skip
+    err = _error(argv, capsys)
+    assert "note: --no-resume is deprecated; leave it out" in err
+    assert "--resume" not in err.split("selfsup: error: ")[1]  # a new run, not a resumed one
+    assert not (tmp_path / "run").exists()

@@ -65,7 +65,7 @@ def _add_tune(sub, parents, name: str, help_text: str) -> None:
         help="continue the run in this directory from its last epoch (--init and --data "
         "default to the run's own)",
     )
-    add_deprecated(p, "--no-resume", "resume", "nothing (a new run is the default)", nargs=0)
+    add_deprecated(p, "--no-resume", "resume", "leave it out (a new run is the default)", nargs=0)
     p.set_defaults(handler=_run_tune, stage=name)
 
 

@@ -49,15 +49,17 @@ class Deprecated(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
         deprecation(option_string or self.dest, self.new)
-        setattr(namespace, self.dest, self.const if values is None else values)
+        setattr(namespace, self.dest, self.const if values in (None, []) else values)
 
 
 QUIET = {"notes": False}  # True while a command line is parsed a second time
 
 
 def deprecation(old: str, new: str) -> None:
+    """One stderr line: `old` is deprecated; use `new` (an option), or `new` as said."""
     if not QUIET["notes"]:
-        print(f"selfsup: note: {old} is deprecated; use {new}", file=sys.stderr)
+        hint = f"use {new}" if new.startswith("--") else new
+        print(f"selfsup: note: {old} is deprecated; {hint}", file=sys.stderr)
 
 
 def add_deprecated(parser: Any, old: str, dest: str, new: str, **kwargs: Any) -> None:
