@@ -76,6 +76,25 @@ def test_training_commands_share_the_vocabulary(command, capsys):
         assert "--resume [RUN]" in text or "--resume RUN" in text
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "tokenize",
+        "generate",
+        "label",
+        "best-of-n",
+        "chat",
+        "icl few-shot",
+        "neighbors",
+        "fill-mask",
+        "arithmetic",
+    ],  # fmt: skip
+)
+def test_no_option_shows_an_empty_default(command, capsys):
+    text = _help(["lm", *command.split()], capsys)
+    assert "(default: )" not in text and "(default: None)" not in text
+
+
 def test_required_options_are_marked_and_enforced(capsys):
     text = _help(["lm", "rlhf"], capsys)
     for option in ("--policy POLICY", "--reward REWARD", "--prompts PROMPTS", "--out OUT"):
