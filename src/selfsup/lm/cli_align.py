@@ -90,7 +90,7 @@ def _run_tune(args: argparse.Namespace, command: str) -> None:
         metric = _metric_line(last, ("val_loss", "train_loss"))
         after = f"selfsup lm chat {q}  (or: selfsup lm label {q} --prompts P.jsonl -o R.jsonl)"
     else:
-        metric = _metric_line(last, ("val_accuracy", "val_loss", "train_loss"))
+        metric = _metric_line(last, ("val_pair_acc", "val_loss", "train_loss"))
         after = f"selfsup lm rlhf --policy SFT_RUN --reward {q} --prompts P.jsonl --out OUT"
     summary(
         [
