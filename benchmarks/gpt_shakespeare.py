@@ -72,7 +72,7 @@ def main() -> None:
     began = time.perf_counter()
     run = pretrain_lm(
         model="gpt",
-        corpus=args.corpus,
+        data=args.corpus,
         tokenizer="char",
         weight_decay=0.1,
         beta2=0.99,

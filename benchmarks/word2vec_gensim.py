@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     run = pretrain_word2vec(
-        corpus=args.corpus,
+        data=args.corpus,
         batch_words=CHUNK,
         progress=False,
         out=str(Path(tempfile.mkdtemp()) / "run"),

@@ -99,7 +99,7 @@ def test_a_corpus_without_sentence_pairs_is_one_line(tmp_path: Path) -> None:
     corpus = tmp_path / "one-line.txt"
     corpus.write_text("one line per paragraph\n\n" * 200)
     with pytest.raises(SelfsupError, match="too few sentence pairs"):
-        pretrain_lm(model="bert", corpus=str(corpus), tokenizer="char", out=str(tmp_path / "r"))
+        pretrain_lm(model="bert", data=str(corpus), tokenizer="char", out=str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
 
 
@@ -113,7 +113,7 @@ def bert_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pretrain_lm(
         lm_config(
             "bert",
-            corpus=str(corpus),
+            data=str(corpus),
             tokenizer="char",
             steps=150,
             batch_size=32,
@@ -178,7 +178,7 @@ def test_init_from_a_local_checkpoint(bert_run: Path, tmp_path: Path) -> None:
     run = pretrain_lm(
         lm_config(
             "bert",
-            corpus=str(bert_run / ".." / "shakespeare.txt"),
+            data=str(bert_run / ".." / "shakespeare.txt"),
             init=str(bert_run),
             steps=1,
             eval_interval=1,

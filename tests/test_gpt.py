@@ -52,7 +52,7 @@ def run(tmp_path_factory) -> Path:
         pytest.skip("../shared/data is absent")
     out = tmp_path_factory.mktemp("gpt") / "run"
     return pretrain_lm(
-        model="gpt", corpus=str(SHAKESPEARE), steps=200, eval_interval=100, out=str(out),
+        model="gpt", data=str(SHAKESPEARE), steps=200, eval_interval=100, out=str(out),
         options=SMALL, **QUICK,
     )  # fmt: skip
 
@@ -138,7 +138,7 @@ def test_generate_command(run: Path, capsys) -> None:
 def test_init_starts_from_a_hugging_face_checkpoint(run: Path, tmp_path: Path) -> None:
     source = json.loads((run / "results.json").read_text())["final"]["loss"]
     again = pretrain_lm(
-        model="gpt", corpus=str(SHAKESPEARE), init=str(run / "hf"), steps=1, eval_interval=1,
+        model="gpt", data=str(SHAKESPEARE), init=str(run / "hf"), steps=1, eval_interval=1,
         out=str(tmp_path / "again"), **{**QUICK, "lr": 1e-9},
     )  # fmt: skip
     results = json.loads((again / "results.json").read_text())
@@ -149,7 +149,7 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
     tiny = Options(block_size=16, n_layer=1, n_head=2, n_embd=16)
-    settings = dict(corpus=str(corpus), steps=30, eval_interval=10, options=tiny, **QUICK)
+    settings = dict(data=str(corpus), steps=30, eval_interval=10, options=tiny, **QUICK)
     whole = pretrain_lm(model="gpt", out=str(tmp_path / "whole"), **settings)
 
     loss = GPTModule.loss
@@ -203,10 +203,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> Non
     latin.write_bytes(b"caf\xe9\n" * 50)
     out = tmp_path / "runs" / "x"
     pretrain = ["lm", "pretrain", "gpt", "--out", str(out), "--no-progress"]
-    assert "--block-size 64" in _cli_error([*pretrain, "--corpus", str(short)], capsys)
-    assert "empty" in _cli_error([*pretrain, "--corpus", str(empty)], capsys)
-    assert "byte 3" in _cli_error([*pretrain, "--corpus", str(latin)], capsys)
-    assert "--n-head" in _cli_error([*pretrain, "--corpus", str(short), "--n-head", "3"], capsys)
+    assert "--block-size 64" in _cli_error([*pretrain, "--data", str(short)], capsys)
+    assert "empty" in _cli_error([*pretrain, "--data", str(empty)], capsys)
+    assert "byte 3" in _cli_error([*pretrain, "--data", str(latin)], capsys)
+    assert "--n-head" in _cli_error([*pretrain, "--data", str(short), "--n-head", "3"], capsys)
     assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
 
 
@@ -214,13 +214,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> Non
 def test_vocabulary_mismatch_is_one_line(run: Path, tmp_path: Path, capsys) -> None:
     bigger = train_tokenizer(["abcdefghij" * 50], "bpe", vocab_size=300)
     bigger.save_pretrained(str(tmp_path / "tok"))
-    args = ["lm", "pretrain", "gpt", "--corpus", str(SHAKESPEARE), "--init", str(run / "hf")]
+    args = ["lm", "pretrain", "gpt", "--data", str(SHAKESPEARE), "--init", str(run / "hf")]
     error = _cli_error([*args, "--tokenizer", str(tmp_path / "tok"), "--out", "x"], capsys)
     assert "vocabulary mismatch" in error and not Path("x").exists()
     with pytest.raises(SelfsupError, match="model_type 'gpt2'"):
         (tmp_path / "bert").mkdir()
         (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-        pretrain_lm(model="gpt", corpus=str(SHAKESPEARE), init=str(tmp_path / "bert"))
+        pretrain_lm(model="gpt", data=str(SHAKESPEARE), init=str(tmp_path / "bert"))
 
 
 def test_two_processes_take_the_same_steps_as_one(tmp_path: Path) -> None:
@@ -231,7 +231,7 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path: Path) -> None:
     test process itself, with the thread pools earlier tests started, can deadlock."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
-    common = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "6"]
+    common = ["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "6"]
     common += ["--eval-interval", "3", "--block-size", "16", "--n-layer", "1", "--n-head", "2"]
     common += ["--n-embd", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"]
     common += ["--eval-batches", "10", "--final-eval-batches", "20", "--no-progress"]
@@ -262,7 +262,7 @@ def test_ctrl_c_exits_130_with_the_command_that_continues(tmp_path: Path, monkey
 
     monkeypatch.setattr(GPTModule, "loss", interrupted_at_step_15)
     run = tmp_path / "run"
-    argv = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "20"]
+    argv = ["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "20"]
     argv += ["--eval-interval", "10", "--eval-batches", "2", "--final-eval-batches", "2"]
     argv += ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
     argv += ["--batch-size", "4", "--no-progress", "--out", str(run)]

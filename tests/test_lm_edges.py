@@ -213,7 +213,7 @@ def test_pretrain_resume_refuses_bad_checkpoints_before_writing(tmp_path, corpus
     from selfsup.cli import main
 
     run = tmp_path / "run"
-    assert main(["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "2",
+    assert main(["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "2",
                  "--eval-interval", "1", "--out", str(run), *TINY_GPT]) == 0  # fmt: skip
     last = run / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
@@ -294,12 +294,24 @@ def test_sft_init_and_resume_refuse_bad_weights(tmp_path, chat_base, capsys):
     assert "cannot load the model (SafetensorError" in err and not (tmp_path / "b").exists()
     # a finished run whose checkpoint is then damaged: --resume says so before writing
     run = tmp_path / "run"
+    capsys.readouterr()
     assert main(_sft_args(chat_base, run)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3].startswith(f"run directory: {run}/") and "val loss" in out[-2]
+    assert out[-1].startswith(f"next: selfsup lm chat {run}")
+    # --resume RUN alone: --init, --data and --out are the run's own (finished: nothing to do)
+    assert main(["lm", "sft", "--resume", str(run), "--epochs", "1", "--accelerator", "cpu"]) == 0
     command = (run / "command.txt").read_text()
     (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 broken")
-    err = _one_line_error(_sft_args(chat_base, run, "--resume"), capsys)
+    err = _one_line_error(_sft_args(chat_base, run, "--resume", str(run)), capsys)
     assert "last.pt is not a readable selfsup checkpoint" in err
     assert (run / "command.txt").read_text() == command
+    # the older bare --resume (the run in --out) still works, with a note
+    assert main(_sft_args(chat_base, run, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "note: --resume without RUN is deprecated" in err and "last.pt is not a" in err
+    err = _one_line_error(_sft_args(chat_base, run, "--resume", str(tmp_path / "other")), capsys)
+    assert "names another" in err
 
 
 def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, chat_base, capsys):
@@ -308,7 +320,7 @@ def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, c
     # GPT: a learning rate that overflows the weights; the loss is NaN at step 2, before any
     # evaluation: the folder goes, and the same command with a sane --lr then runs into it.
     run = tmp_path / "gpt"
-    args = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "3", "--eval-interval",
+    args = ["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "3", "--eval-interval",
             "3", "--out", str(run), *TINY_GPT]  # fmt: skip
     err = _one_line_error([*args, "--lr", "1e38", "--grad-clip", "0"], capsys)
     assert "loss became nan" in err and "is removed" in err and not run.exists()
@@ -322,7 +334,7 @@ def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, c
     sft_run.mkdir()
     (sft_run / "config.yaml").write_text("stage: sft\n")
     (sft_run / "command.txt").write_text("selfsup lm sft ...\n")
-    err = _one_line_error(_sft_args(chat_base, sft_run, "--resume"), capsys)
+    err = _one_line_error(_sft_args(chat_base, sft_run, "--resume", str(sft_run)), capsys)
     assert "nothing to resume; run the command without --resume to start afresh" in err
     assert main(_sft_args(chat_base, sft_run)) == 0
     assert (sft_run / "checkpoints" / "last.pt").is_file()
@@ -348,7 +360,7 @@ def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, c
 def test_bad_numeric_options_are_refused_before_any_folder(
     tmp_path, corpus, chat_base, capsys, option, value, words
 ):
-    gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+    gpt = ["lm", "pretrain", "gpt", "--data", str(corpus), "--out", str(tmp_path / "g"),
            *TINY_GPT, f"{option}={value}"]  # fmt: skip
     assert words in _one_line_error(gpt, capsys) and not (tmp_path / "g").exists()
     sft_args = _sft_args(chat_base, tmp_path / "s", f"{option}={value}")
@@ -356,7 +368,7 @@ def test_bad_numeric_options_are_refused_before_any_folder(
 
 
 def test_bad_precision_and_devices_are_one_line(tmp_path, corpus, chat_base, capsys):
-    gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+    gpt = ["lm", "pretrain", "gpt", "--data", str(corpus), "--out", str(tmp_path / "g"),
            *TINY_GPT]  # fmt: skip
     assert "--precision 'fp8'" in _one_line_error([*gpt, "--precision", "fp8"], capsys)
     assert "--devices 'two'" in _one_line_error([*gpt, "--devices", "two"], capsys)
@@ -368,7 +380,7 @@ def test_bad_precision_and_devices_are_one_line(tmp_path, corpus, chat_base, cap
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_gpu_on_a_machine_without_one_is_one_line(tmp_path, corpus, chat_base, capsys):
     for accelerator in ("gpu", "cuda"):
-        gpt = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--out", str(tmp_path / "g"),
+        gpt = ["lm", "pretrain", "gpt", "--data", str(corpus), "--out", str(tmp_path / "g"),
                *TINY_GPT, "--accelerator", accelerator]  # fmt: skip
         assert "no CUDA GPU" in _one_line_error(gpt, capsys)
         sft_args = [*_sft_args(chat_base, tmp_path / "s")[:-2], "--accelerator", accelerator]
@@ -469,7 +481,7 @@ def test_pretrain_init_refuses_a_pickled_checkpoint(tmp_path, corpus, chat_base,
     marker = tmp_path / "payload-ran"
     torch.save({**weights, "x": _Payload(marker)}, bad / "pytorch_model.bin")
     err = _one_line_error(
-        ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--init", str(bad), "--out",
+        ["lm", "pretrain", "gpt", "--data", str(corpus), "--init", str(bad), "--out",
          str(tmp_path / "run"), "--no-progress"], capsys,
     )  # fmt: skip
     assert "the weights could not be loaded (a pickled file that is not plain weights" in err
@@ -497,7 +509,7 @@ def test_pretrain_reuses_the_leftover_of_a_killed_start_and_reads_configs_safely
 
     from selfsup.cli import main
 
-    args = ["lm", "pretrain", "gpt", "--corpus", str(corpus), "--steps", "2", "--eval-interval",
+    args = ["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "2", "--eval-interval",
             "1", *TINY_GPT]  # fmt: skip
     done = tmp_path / "done"
     assert main([*args, "--out", str(done)]) == 0

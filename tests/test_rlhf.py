@@ -216,11 +216,18 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     assert "a second labeler agrees on" in capsys.readouterr().out
     assert main(["lm", "reward", "--init", str(sft_run), "--data", str(task / "labels.jsonl"),
                  "--out", str(task / "rm-cli"), "--epochs", "1"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out.splitlines()[-3:]  # where, how good, what next
+    assert summary[0].startswith(f"run directory: {task / 'rm-cli'}/")
+    assert summary[1].startswith("val pair acc ") and "after epoch 1" in summary[1]
+    assert summary[2].startswith(f"next: selfsup lm rlhf --policy SFT_RUN --reward {task}")
     assert main(["lm", "rlhf", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "rl.jsonl"), "--gold", "arithmetic", "--out",
                  str(task / "ppo"), "--iterations", "2", "--eval-every", "2", "--eval-samples", "4",
                  "--rollouts", "8", "--minibatch", "4", "--max-new-tokens", "12",
                  "--accelerator", "cpu"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out.splitlines()[-3:]
+    assert summary[1].startswith("held-out proxy ") and "after iteration 2" in summary[1]
+    assert summary[2] == f"next: selfsup lm chat {task / 'ppo'}"
     train_rows = (task / "ppo" / "metrics.csv").read_text().splitlines()
     eval_rows = (task / "ppo" / "eval.csv").read_text().splitlines()
     assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]

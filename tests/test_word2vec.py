@@ -110,7 +110,7 @@ def kinds_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("w2v")
     (folder / "kinds.txt").write_text("\n".join(lines) + "\n")
     return pretrain_word2vec(
-        corpus=str(folder / "kinds.txt"),
+        data=str(folder / "kinds.txt"),
         dim=32,
         window=3,
         min_count=2,
@@ -154,16 +154,16 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path: Path) -> Non
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("one two three\n")
     with pytest.raises(SelfsupError, match="--min-count 5"):
-        pretrain_word2vec(corpus=str(corpus), out=str(tmp_path / "run"))
+        pretrain_word2vec(data=str(corpus), out=str(tmp_path / "run"))
     with pytest.raises(SelfsupError, match="--window must be at least 1"):
-        pretrain_word2vec(corpus=str(corpus), window=0, out=str(tmp_path / "run"))
+        pretrain_word2vec(data=str(corpus), window=0, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_a_failed_run_leaves_no_folder_to_block_the_retry(tmp_path: Path) -> None:
     corpus = tmp_path / "words.txt"
     corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
-    settings = dict(corpus=str(corpus), dim=8, window=2, min_count=1, epochs=1, sample=0.0,
+    settings = dict(data=str(corpus), dim=8, window=2, min_count=1, epochs=1, sample=0.0,
                     batch_words=64, progress=False, out=str(tmp_path / "run"))  # fmt: skip
     with pytest.raises(SelfsupError, match="--lr must be > 0, got nan"):
         pretrain_word2vec(**{**settings, "lr": float("nan")})

@@ -26,7 +26,6 @@ leading space.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,36 +35,17 @@ from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
-from selfsup.config import _opt
 from selfsup.errors import SelfsupError
 from selfsup.lm.hf import one_line_reason
+from selfsup.lm.options import BERT_DEFAULTS
+from selfsup.lm.options import BertOptions as Options
 from selfsup.lm.train import LanguageModule, LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
 IS_NEXT, NOT_NEXT = 0, 1
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>")
-DEFAULTS = {
-    "tokenizer": "bpe",
-    "vocab_size": 4096,
-    "batch_size": 32,
-    "lr": 5e-4,
-    "weight_decay": 0.01,
-    "steps": 2000,
-}
+DEFAULTS = BERT_DEFAULTS
 MAX_TRIES = 200  # random places tried per pair before concluding the text has no pairs
-
-
-@dataclass
-class Options:
-    """BERT options of `selfsup lm pretrain bert` (a small BERT; base is 768 × 12 × 12)."""
-
-    hidden_size: int = _opt(128, "width of the transformer")
-    num_layers: int = _opt(2, "transformer layers")
-    num_heads: int = _opt(2, "attention heads")
-    intermediate_size: int = _opt(512, "width of the feed-forward layers")
-    max_length: int = _opt(64, "longest pair in tokens, [CLS] and [SEP]s included")
-    dropout: float = _opt(0.1, "dropout probability")
-    mask_prob: float = _opt(0.15, "fraction of the tokens chosen for prediction")
 
 
 # --- the two pretext tasks, on tensors of token ids -------------------------------------------
@@ -208,7 +188,7 @@ class SentenceFinder:
 
 
 NO_PAIRS = (
-    "--corpus has too few sentence pairs for next-sentence prediction: BERT needs paragraphs "
+    "--data has too few sentence pairs for next-sentence prediction: BERT needs paragraphs "
     "of at least two consecutive non-empty lines in both the training and the validation split"
 )
 

@@ -1,15 +1,18 @@
 """The `selfsup lm ...` command group: language-model pretraining, tokenizers, generation.
 
 How to add to it:
-- a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS`. By
-  default the command mirrors `LMConfig` and the module's `Options` dataclass as flags and calls
-  `pretrain_lm` (see `selfsup.lm.train`). A kind with its own entry instead defines
-  `CLI_CONFIGS` (the dataclasses to mirror, in order) and `run_pretrain(*configs, command=...)`
-  returning the run directory.
+- a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS` and its
+  options in `selfsup.lm.options.KINDS` (the dataclasses to mirror as flags, torch-free, so that
+  help and usage errors stay instant; the module imports them from there). By default the
+  command calls `pretrain_lm` (see `selfsup.lm.train`) with LMConfig and the kind's Options; a
+  kind with its own entry defines `run_pretrain(*configs, command=...)` returning the run
+  directory.
 - a command `selfsup lm NAME`: write `_add_NAME(sub, parents)`, which adds the subparser with
   `parents=parents` and `set_defaults(handler=...)`, where the handler takes
   `(args, command: str)`; then append `_add_NAME` to COMMANDS. Import heavy modules inside the
-  handler, so that `selfsup --help` stays fast.
+  handler (options from `selfsup.lm.options`), so that `selfsup lm ... --help` stays instant.
+- every training command ends with `cli_common.summary(...)`: the run directory, the headline
+  metric, the next command.
 """
 
 from __future__ import annotations
@@ -17,56 +20,152 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from selfsup.config import add_dataclass_arguments
+from selfsup.config import field_types
 from selfsup.lm.cli_align import ALIGN_COMMANDS
+from selfsup.lm.cli_common import QUIET, add_config_arguments, add_deprecated, summary
 from selfsup.lm.cli_words import WORD_COMMANDS
 
 
 def _add_pretrain(sub, parents: list[argparse.ArgumentParser]) -> None:
-    from selfsup.lm import MODELS
+    from selfsup.lm.options import KINDS
 
     p = sub.add_parser(
         "pretrain",
         parents=parents,
         help="pretrain a language model on a text corpus",
-        description="Pretrain a language model; writes a run directory.",
+        description="Pretrain a language model; writes a run directory. Language models count "
+        "training in --steps (word2vec in --epochs).",
     )
     kinds = p.add_subparsers(dest="model", required=True, metavar="MODEL")
-    for name, module_name in MODELS.items():
-        module = importlib.import_module(module_name)
-        k = kinds.add_parser(name, parents=parents, help=(module.__doc__ or "").split("\n")[0])
-        for config_class in _cli_configs(module):
-            add_dataclass_arguments(k, config_class)
-        k.set_defaults(**getattr(module, "DEFAULTS", {}), handler=_run_pretrain)
+    for name, kind in KINDS.items():
+        k = kinds.add_parser(name, parents=parents, help=kind.help, description=kind.help)
+        for config_class in kind.configs:
+            add_config_arguments(k, config_class, kind.defaults)
+        add_deprecated(k, "--corpus", "data", "--data")
+        if kind.presets:
+            k.add_argument(
+                "--preset",
+                choices=sorted(kind.presets),
+                help="named settings (benchmarks/gpt_shakespeare.py's recipes); flags given "
+                "here override them",
+            )
+        k.add_argument(
+            "--config",
+            dest="config_file",
+            metavar="FILE.yaml",
+            help="options from a YAML file (a run's own config.yaml repeats that run); flags "
+            "given here override it",
+        )
+        k.set_defaults(**kind.defaults, handler=_run_pretrain)
 
 
-def _cli_configs(module) -> tuple[type, ...]:
-    from selfsup.lm.train import LMConfig
+def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """`args` parsed again with the --preset's settings, then the --config file's, as defaults
+    (flags given win over both)."""
+    from selfsup.cli import build_parser, command_parser
+    from selfsup.lm.options import KINDS
 
-    return getattr(module, "CLI_CONFIGS", (LMConfig, getattr(module, "Options", None)))
+    values: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        values.update(KINDS[args.model].presets[args.preset])
+    if getattr(args, "config_file", None):
+        values.update(_file_values(args.config_file, args.model))
+    if not values:
+        return args
+    parser = build_parser(lm=True)
+    command_parser(parser, argv).set_defaults(**values)
+    QUIET["notes"] = True  # the first parse printed them
+    try:
+        return parser.parse_args(argv)
+    finally:
+        QUIET["notes"] = False
+
+
+RUN_ONLY = ("out", "resume", "tokenizer_size", "vocabulary")  # what a run adds to its options
+
+
+def _file_values(path: str, model: str) -> dict[str, Any]:
+    """The options in a YAML file for `lm pretrain MODEL`; a run's own config.yaml (its kind's
+    options nested under `options`) is accepted as it is, less its run folder."""
+    from selfsup.config import _typed, read_config_file
+    from selfsup.errors import SelfsupError
+    from selfsup.lm.options import KINDS
+
+    types: dict[str, type] = {}
+    for config_class in KINDS[model].configs:
+        types.update(field_types(config_class))
+    extra = {"options": dict, "model": str, "corpus": str, **dict.fromkeys(RUN_ONLY, str)}
+    extra |= {"tokenizer_size": int, "vocabulary": int}
+    values = read_config_file(path, {**extra, **types})
+    if values.get("model", model) != model:
+        raise SelfsupError(
+            f"--config {path}: options of a {values['model']} run; use "
+            f"`selfsup lm pretrain {values['model']}`"
+        )
+    for key, value in (values.pop("options", None) or {}).items():
+        name = str(key).replace("-", "_")
+        if name not in types:
+            raise SelfsupError(f"--config {path}: {key!r} is not an option of {model}")
+        values[name] = _typed(value, types[name], f"--config {path}: {key}")
+    if "corpus" in values:  # runs from before `data` was named so
+        values.setdefault("data", values.pop("corpus"))
+    return {k: v for k, v in values.items() if k in types}
 
 
 def _run_pretrain(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm import MODELS
-    from selfsup.lm.train import pretrain_lm
+    from selfsup.lm.options import KINDS, LMConfig, check_ranges
 
-    module = importlib.import_module(MODELS[args.model])
     configs = []
-    for config_class in _cli_configs(module):
+    for config_class in KINDS[args.model].configs:
         names = {f.name for f in dataclasses.fields(config_class)}
         values = {k: v for k, v in vars(args).items() if k in names}
         if "model" in names:
             values["model"] = args.model
         configs.append(config_class(**values))
-    run = getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command)
-    print(f"run directory: {run}")
-    results = Path(run) / "results.json"
-    if results.is_file():
-        print(f"results: {results}")
+    if isinstance(configs[0], LMConfig) and not configs[0].resume:
+        check_ranges(configs[0])  # a usage mistake is told before torch is imported
+    from selfsup.lm.train import pretrain_lm
+
+    module = importlib.import_module(MODELS[args.model])
+    run = Path(getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command))
+    summary(_pretrain_summary(args.model, run))
+
+
+def _pretrain_summary(model: str, run: Path) -> list[str]:
+    results = (
+        json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
+    )
+    q = shlex.quote(str(run))
+    if model == "word2vec":
+        metric = (
+            f"{results['words']:,} words in {results['seconds']} s "
+            f"({results['words_per_s']:,} words/s; results.json)"
+            if "words_per_s" in results
+            else ""
+        )
+        written = "config.yaml, vectors.safetensors, vocab.tsv, metrics.csv"
+        after = f"selfsup lm neighbors {q} WORD"
+    else:
+        metric = (
+            f"validation loss {results['val_loss']:.4f} ({results.get('kept', 'final')} weights, "
+            f"{results.get('eval_batches', '?')} batches; results.json)"
+            if "val_loss" in results
+            else ""
+        )
+        written = "config.yaml, checkpoints/, hf/, metrics.csv, results.json"
+        after = (
+            f"selfsup lm generate {q} --prompt 'ROMEO:'"
+            if model == "gpt"
+            else f"selfsup lm fill-mask {q} 'The man went to the [MASK] .'"
+        )
+    return [f"run directory: {run}/ ({written})", metric, f"next: {after}"]
 
 
 def _add_tokenize(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -149,4 +248,6 @@ def add_lm_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run_lm(args: argparse.Namespace, argv: list[str]) -> None:
+    if args.lm_command == "pretrain":
+        args = with_preset_and_file(args, argv)
     args.handler(args, shlex.join(["selfsup", *argv]))

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+from pathlib import Path
 from typing import Any
 
-from selfsup.config import add_dataclass_arguments
 from selfsup.errors import SelfsupError
+from selfsup.lm.cli_common import add_config_arguments, add_deprecated, deprecation, summary
+from selfsup.lm.options import RLHFConfig, TuneConfig
 
 
 def _config(cls: type, args: argparse.Namespace) -> Any:
@@ -27,7 +30,10 @@ def _add_arithmetic(sub, parents) -> None:
     p.add_argument("folder", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft", type=int, default=2000, help="demonstrations (default: 2000)")
-    p.add_argument("--prompts", type=int, default=512, help="prompts per prompt file")
+    p.add_argument(
+        "--num-prompts", type=int, default=512, help="prompts per prompt file (default: 512)"
+    )
+    add_deprecated(p, "--prompts", "num_prompts", "--num-prompts", type=int)
     p.add_argument(
         "--max-operand", type=int, default=50, help="operands from 0 to this (default: 50)"
     )
@@ -38,16 +44,28 @@ def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.arithmetic import write_task
 
     for name, count in write_task(
-        args.folder, args.seed, args.sft, args.prompts, args.max_operand
+        args.folder, args.seed, args.sft, args.num_prompts, args.max_operand
     ).items():
         print(f"{args.folder}/{name}: {count} {'lines' if name.endswith('txt') else 'records'}")
 
 
 def _add_tune(sub, parents, name: str, help_text: str) -> None:
-    from selfsup.lm.posttrain import TuneConfig
-
-    p = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
-    add_dataclass_arguments(p, TuneConfig)
+    p = sub.add_parser(
+        name,
+        parents=parents,
+        help=help_text,
+        description=help_text + "; writes a run directory (training counted in --epochs).",
+    )
+    add_config_arguments(p, TuneConfig, skip=("resume",))
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        nargs="?",
+        const=True,
+        help="continue the run in this directory from its last epoch (--init and --data "
+        "default to the run's own)",
+    )
+    add_deprecated(p, "--no-resume", "resume", "leave it out (a new run is the default)", nargs=0)
     p.set_defaults(handler=_run_tune, stage=name)
 
 
@@ -60,11 +78,47 @@ def _add_reward(sub, parents) -> None:
 
 
 def _run_tune(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.posttrain import TuneConfig, sft, train_reward
+    from selfsup.lm.posttrain import sft, train_reward
 
+    if args.resume is True:  # the bare flag of before `--resume RUN`
+        deprecation("--resume without RUN", "--resume RUN")
     config = _config(TuneConfig, args)
-    run = (sft if args.stage == "sft" else train_reward)(config, command=command)
-    print(f"run directory: {run} (Hugging Face model in {run}/hf)")
+    run = Path((sft if args.stage == "sft" else train_reward)(config, command=command))
+    last = _last_row(run / "metrics.csv")
+    q = shlex.quote(str(run))
+    if args.stage == "sft":
+        metric = _metric_line(last, ("val_loss", "train_loss"))
+        after = f"selfsup lm chat {q}  (or: selfsup lm label {q} --prompts P.jsonl -o R.jsonl)"
+    else:
+        metric = _metric_line(last, ("val_pair_acc", "val_loss", "train_loss"))
+        after = f"selfsup lm rlhf --policy SFT_RUN --reward {q} --prompts P.jsonl --out OUT"
+    summary(
+        [
+            f"run directory: {run}/ (hf/ the Hugging Face model, metrics.csv, checkpoint)",
+            metric,
+            f"next: {after}",
+        ]
+    )
+
+
+def _last_row(path: Path) -> dict[str, str]:
+    """The last row of a metrics.csv (empty if there is none)."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def _metric_line(
+    row: dict[str, str], names: tuple[str, ...], step: str = "epoch", file: str = "metrics.csv"
+) -> str:
+    """`val loss 1.234, ... after epoch 3 (metrics.csv)` from a metrics row ("" if none)."""
+    shown = [f"{n.replace('_', ' ')} {float(row[n]):.4g}" for n in names if row.get(n)]
+    where = f" after {step} {row[step]}" if row.get(step) else ""
+    return f"{', '.join(shown)}{where} ({file})" if shown else ""
 
 
 def _add_label(sub, parents) -> None:
@@ -99,8 +153,6 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
 
 
 def _add_rlhf(sub, parents) -> None:
-    from selfsup.lm.rlhf import RLHFConfig
-
     p = sub.add_parser(
         "rlhf",
         parents=parents,
@@ -108,15 +160,22 @@ def _add_rlhf(sub, parents) -> None:
         description="RLHF with PPO: per-token KL penalty to the SFT model, GAE, clipped "
         "surrogate and value losses. Writes a run directory.",
     )
-    add_dataclass_arguments(p, RLHFConfig)
+    add_config_arguments(p, RLHFConfig)
     p.set_defaults(handler=_run_rlhf)
 
 
 def _run_rlhf(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import RLHFConfig, rlhf
+    from selfsup.lm.rlhf import rlhf
 
-    run = rlhf(_config(RLHFConfig, args), command=command)
-    print(f"run directory: {run} (policy in {run}/hf, metrics in {run}/metrics.csv)")
+    run = Path(rlhf(_config(RLHFConfig, args), command=command))
+    last = _last_row(run / "eval.csv")
+    summary(
+        [
+            f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
+            "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
+            f"next: selfsup lm chat {shlex.quote(str(run))}",
+        ]
+    )
 
 
 def _add_best_of_n(sub, parents) -> None:
@@ -226,7 +285,10 @@ def _add_icl(sub, parents) -> None:
     f.add_argument("run", help="a pretrained model (run directory or local HF folder)")
     f.add_argument("--data", required=True, help="JSONL of prompt/completion pairs")
     f.add_argument("--shots", default="0,1,2,4,8", help="comma list of k")
-    f.add_argument("--questions", type=int, default=100, help="pairs asked (the last ones)")
+    f.add_argument(
+        "--limit", type=int, default=100, help="pairs asked, the file's last ones (default: 100)"
+    )
+    add_deprecated(f, "--questions", "limit", "--limit", type=int)
     f.add_argument("--max-new-tokens", type=int, default=24)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(handler=_run_few_shot)
@@ -245,6 +307,11 @@ def _add_icl(sub, parents) -> None:
     r.add_argument("--heads", type=int, default=4)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-o", "--output", default="icl-regression.png", help="plot of error against k")
+    r.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar (default: on a terminal)",
+    )
     r.set_defaults(handler=_run_regression)
 
 
@@ -262,12 +329,18 @@ def _run_few_shot(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.icl import few_shot
 
     accuracy = few_shot(
-        args.run, args.data, _ints(args.shots, "--shots"), args.questions, args.max_new_tokens,
+        args.run, args.data, _ints(args.shots, "--shots"), args.limit, args.max_new_tokens,
         args.seed,
     )  # fmt: skip
-    print(f"{'k':>3}  accuracy ({args.questions} questions, exact match)")
+    print(f"{'k':>3}  accuracy ({args.limit} questions, exact match)")
     for k, acc in accuracy.items():
         print(f"{k:3d}  {100 * acc:5.1f}%")
+
+
+def _progress(flag: bool | None) -> bool:
+    import sys
+
+    return flag if flag is not None else sys.stderr.isatty()
 
 
 def _run_regression(args: argparse.Namespace, command: str) -> None:
@@ -277,7 +350,7 @@ def _run_regression(args: argparse.Namespace, command: str) -> None:
 
     model = train_regression(
         args.dims, args.points, args.steps, args.batch_size, args.lr, args.width, args.layers,
-        args.heads, args.seed,
+        args.heads, args.seed, progress=_progress(args.progress),
     )  # fmt: skip
     result = evaluate_regression(model, args.dims, args.points)
     names = list(result.errors)

@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.config import _opt
 from selfsup.errors import SelfsupError
 from selfsup.lm.hf import one_line_reason
+from selfsup.lm.options import GPTOptions as Options
 from selfsup.lm.tokenizer import encode_text, load_tokenizer
 from selfsup.lm.train import LanguageModule, LMConfig
 
@@ -261,18 +260,6 @@ def hf_config(path: str | Path, what: str = "--init") -> Any:
 
 
 # --- Training (a kind of `selfsup lm pretrain`) -----------------------------------------
-
-
-@dataclass
-class Options:
-    """GPT options of `selfsup lm pretrain gpt` (defaults: nanoGPT's CPU "baby GPT")."""
-
-    block_size: int = _opt(64, "context length in tokens")
-    n_layer: int = _opt(4, "transformer blocks")
-    n_head: int = _opt(4, "attention heads")
-    n_embd: int = _opt(128, "width of the residual stream")
-    dropout: float = _opt(0.0, "dropout probability")
-    activation: str = _opt("gelu", "MLP activation: gelu (exact) | gelu_new (GPT-2's tanh form)")
 
 
 SPECIAL_TOKENS = ("<|endoftext|>",)  # separates documents; starts generation from nothing

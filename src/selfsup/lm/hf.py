@@ -24,6 +24,7 @@ import yaml
 
 from selfsup import run as rundir
 from selfsup.errors import SelfsupError
+from selfsup.lm.options import check_number  # noqa: F401  (the stages import it from here)
 
 HF_DIR = "hf"
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -207,18 +208,6 @@ def check_accelerator(value: str) -> None:
         raise SelfsupError("--accelerator mps: this machine has no Apple GPU (use cpu or auto)")
     if value in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SelfsupError(f"--accelerator {value}: this machine has no CUDA GPU (use cpu or auto)")
-
-
-def check_number(
-    option: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
-) -> None:
-    """One line unless low <= value <= high (low < value with low_open), NaN refused."""
-    ok = value == value and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        if high != float("inf"):
-            bound += f" and <= {high:g}"
-        raise SelfsupError(f"{option} must be {bound}, got {value}")
 
 
 def check_precision(value: str | None) -> None:

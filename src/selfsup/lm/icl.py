@@ -214,7 +214,7 @@ def few_shot(
     pairs = _qa_pairs(data)
     if len(pairs) <= questions:
         raise SelfsupError(
-            f"--data has {len(pairs)} pairs: need more than --questions {questions} "
+            f"--data has {len(pairs)} pairs: need more than --limit {questions} "
             "(the rest are demonstrations)"
         )
     pool, asked = pairs[:-questions], pairs[-questions:]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup.config import _opt
 from selfsup.data.conversations import Ranking, read_conversations, read_rankings
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm import hf
 from selfsup.lm.chat_data import add_chat_tokens, collate, next_token_loss, pack, ranking_batch
 from selfsup.lm.chat_data import sft_example as _sft_example
+from selfsup.lm.options import TuneConfig
 from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.optim import warmup_cosine
-
-
-@dataclass
-class TuneConfig:
-    """Options shared by `selfsup lm sft` and `selfsup lm reward` (same names in Python)."""
-
-    init: str = _opt("", "the model to start from: a run directory or a local HF folder")
-    data: str = _opt("", "JSONL: conversations (sft) or rankings (reward)")
-    out: str = _opt("", "run directory to write")
-    epochs: int = _opt(3, "passes over the training data")
-    batch_size: int = _opt(16, "conversations (sft) or ranked prompts (reward) per step")
-    lr: float = _opt(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_steps: int = _opt(10, "linear warm-up steps")
-    max_length: int = _opt(256, "tokens per conversation (longer ones are cut)")
-    pack: bool = _opt(False, "sft: pack conversations into blocks of --max-length tokens")
-    val_fraction: float = _opt(0.1, "the last fraction of the file validates")
-    seed: int = _opt(0, "random seed (order of the examples)")
-    accelerator: str = _opt("auto", "cpu | gpu | auto")
-    precision: str = _opt("32-true", "Lightning precision, e.g. bf16-mixed on a GPU")
-    resume: bool = _opt(False, "continue the run in --out from its last epoch")
 
 
 def _split(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
@@ -63,8 +42,24 @@ def _split(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list
     return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
 
 
-def _require(config: TuneConfig) -> None:
-    """The options' checks, before any file is read or written."""
+def _require(config: TuneConfig) -> TuneConfig:
+    """The options' checks, before any file is read or written; `--resume RUN` becomes the run
+    to write (`resume=True`, the older form, means the one in --out)."""
+    if config.resume is True:
+        config = dataclasses.replace(config, resume=config.out)
+    elif config.resume:
+        if config.out and Path(config.out) != Path(config.resume):
+            raise SelfsupError(
+                f"--resume {config.resume} continues that run; --out {config.out} names another"
+            )
+        config = dataclasses.replace(config, out=config.resume)
+    if config.resume and not (config.init and config.data):  # the run's own, as it recorded
+        saved = _saved_config(Path(config.out))
+        config = dataclasses.replace(
+            config,
+            init=config.init or saved.get("init", ""),
+            data=config.data or saved.get("data", ""),
+        )
     for name in ("init", "data", "out"):
         if not getattr(config, name):
             raise SelfsupError(f"--{name} is required")
@@ -81,13 +76,24 @@ def _require(config: TuneConfig) -> None:
         if not (run / hf.CHECKPOINT).is_file():
             hf.start_run(run, {}, "", resume=True)  # says what is missing, writes nothing
         hf.load_checkpoint(run)
+    return config
+
+
+def _saved_config(run: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}  # the checks below say what is missing
+    return saved if isinstance(saved, dict) else {}
 
 
 def sft(config: TuneConfig, command: str | None = None) -> Path:
     """Supervised fine-tuning; returns the run directory."""
     from transformers import AutoModelForCausalLM
 
-    _require(config)
+    config = _require(config)
     torch.manual_seed(config.seed)  # new embedding rows and dropout masks
     conversations = read_conversations(config.data)
     tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
@@ -111,7 +117,7 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     """Reward model from rankings; returns the run directory."""
     from transformers import AutoModelForSequenceClassification
 
-    _require(config)
+    config = _require(config)
     torch.manual_seed(config.seed)  # the new score head and dropout masks
     rankings = read_rankings(config.data)
     ordered = [r for r in rankings if len(r.tiers) > 1]
@@ -193,7 +199,7 @@ def _fit(
 ) -> Path:
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
     run = hf.start_run(
-        config.out, {"stage": stage, **dataclasses.asdict(config)}, command, config.resume
+        config.out, {"stage": stage, **dataclasses.asdict(config)}, command, bool(config.resume)
     )
     with hf.removed_unless_kept(run, lambda r: (r / hf.CHECKPOINT).is_file()):
         return _train(run, stage, config, model, tokenizer, train, val, loss_fn, extra)
@@ -221,6 +227,7 @@ def _train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(max(1, min(config.warmup_steps, total)), total)
     )
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
     start_epoch = 0
     if config.resume:
         state = hf.load_checkpoint(run)
@@ -233,7 +240,11 @@ def _train(
     for epoch in range(start_epoch, config.epochs):
         model.train()
         order = np.random.default_rng(config.seed + epoch).permutation(len(train))
-        bar = tqdm(range(steps_per_epoch), desc=f"{stage} epoch {epoch + 1}/{config.epochs}")
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{stage} epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+        )
         losses = []
         for step in bar:
             batch = [

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from selfsup.config import _opt
 from selfsup.data.conversations import Message
+from selfsup.lm.options import PPOSettings
 from selfsup.lm.rollout import Rollout, decode_responses, forward_response, reward_scores, sample
 from selfsup.losses.ppo import (
     entropy,
@@ -35,39 +35,6 @@ from selfsup.losses.ppo import (
 )
 
 GoldFn = Callable[[int, str], float]  # (prompt index, answer text) -> gold score
-
-
-@dataclass
-class PPOSettings:
-    """The knobs of PPO for language models (defaults after InstructGPT / TRL's PPO)."""
-
-    rollouts: int = _opt(16, "answers sampled per iteration")
-    minibatch: int = _opt(8, "answers per PPO update")
-    ppo_epochs: int = _opt(4, "passes of PPO updates over each batch of answers")
-    lr: float = _opt(1e-5, "learning rate of policy and value head (AdamW)")
-    beta: float = _opt(0.05, "KL penalty per token, beta * (log pi - log pi_ref)")
-    clip: float = _opt(0.2, "clip range of the policy ratio")
-    value_clip: float = _opt(0.2, "clip range of the value update")
-    value_coef: float = _opt(0.1, "weight of the value loss")
-    gamma: float = _opt(1.0, "discount of GAE")
-    lam: float = _opt(0.95, "lambda of GAE")
-    max_new_tokens: int = _opt(24, "longest answer in tokens")
-    temperature: float = _opt(
-        1.0, "sampling temperature of the rollouts (their log-probabilities use it too)"
-    )
-    no_end_score: float = _opt(-1.0, "the score of an answer that never emits the end token")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    adaptive_kl: float = _opt(
-        0.0,
-        "adapt beta to hold the rollouts' KL from the reference near this many nats per answer "
-        "(Ziegler et al. 2019; 0: a fixed --beta)",
-    )
-    kl_horizon: int = _opt(10000, "adaptive KL: the horizon (in answers) of beta's adaptation")
-    target_kl: float = _opt(
-        0.0,
-        "end an iteration's PPO epochs early once a minibatch's approximate KL from the "
-        "rollouts' policy exceeds this (0: never)",
-    )
 
 
 def adaptive_beta(beta: float, kl: float, target: float, answers: int, horizon: int) -> float:

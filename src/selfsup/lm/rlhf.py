@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup.config import _opt
 from selfsup.data.conversations import Message, read_prompts
 from selfsup.errors import SelfsupError
 from selfsup.lm import hf
@@ -34,31 +33,12 @@ from selfsup.lm.arithmetic import (
     simulated_ranking,
 )
 from selfsup.lm.chat_data import add_chat_tokens
-from selfsup.lm.ppo import GoldFn, PPOSettings, PPOTrainer, kl_to_reference
+from selfsup.lm.options import PPOSettings, RLHFConfig
+from selfsup.lm.ppo import GoldFn, PPOTrainer, kl_to_reference
 from selfsup.lm.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.losses.preference import pair_agreement
 
 GOLDS = ("none", "arithmetic")
-
-
-@dataclass
-class RLHFConfig(PPOSettings):
-    """Options of `selfsup lm rlhf` (PPO's knobs plus the run's inputs)."""
-
-    policy: str = _opt("", "the SFT run (or local HF folder) to start from; also the reference")
-    reward: str = _opt("", "the reward-model run (or local HF folder)")
-    prompts: str = _opt("", "JSONL of prompts for the rollouts")
-    eval_prompts: str = _opt("", "JSONL of held-out prompts for the report (default: --prompts)")
-    gold: str = _opt("none", "a known true score to report beside the proxy: none | arithmetic")
-    out: str = _opt("", "run directory to write")
-    iterations: int = _opt(50, "PPO iterations (sample, score, update)")
-    eval_every: int = _opt(10, "evaluate and save the policy every this many iterations")
-    eval_samples: int = _opt(128, "held-out prompts per evaluation")
-    max_kl: float = _opt(
-        0.0, "stop when the rollouts' mean KL from the reference exceeds this (0: no bound)"
-    )
-    seed: int = _opt(0, "random seed")
-    accelerator: str = _opt("auto", "cpu | gpu | auto")
 
 
 def _gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
@@ -214,7 +194,8 @@ def _ppo_run(
 
     saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     report(0)
-    bar = tqdm(range(1, config.iterations + 1), desc="PPO")
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    bar = tqdm(range(1, config.iterations + 1), desc="PPO", disable=not progress)
     for iteration in bar:
         idx = rng.choice(
             len(conversations), config.rollouts, replace=len(conversations) < config.rollouts

@@ -3,7 +3,7 @@
 Every language model (`selfsup lm pretrain KIND`) trains through this one entry. A model kind
 is a module listed in `selfsup.lm.MODELS` that provides
 
-    Options          a dataclass of the kind's own options (mirrored as CLI flags)
+    Options          the kind's own options (declared in selfsup.lm.options, mirrored as flags)
     SPECIAL_TOKENS   the special tokens its tokenizer needs (e.g. "[MASK]")
     build(config, options, tokenizer, init) -> LanguageModule
 
@@ -27,12 +27,12 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
+import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,56 +47,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfsup import metrics_log
 from selfsup import run as rundir
-from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
 from selfsup.lm.hf import (
     check_accelerator,
-    check_number,
     check_precision,
     clear_run,
     one_line_reason,
     removed_unless_kept,
     unfinished_start,
 )
+from selfsup.lm.options import LMConfig, check_ranges
 from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.optim import warmup_cosine
 
 TOKENS = "tokens.npy"
 RESULTS = "results.json"
 BEST = "best"
-
-
-@dataclass
-class LMConfig:
-    """Options every `selfsup lm pretrain KIND` shares; saved in RUN/config.yaml."""
-
-    model: str = _opt("gpt", "model kind", cli=False)
-    corpus: str | None = _opt(None, "a .txt or .jsonl file, or a folder of them")
-    encoding: str = _opt("utf-8", "text encoding of the corpus files")
-    text_field: str = _opt("text", "field holding the text in JSONL records")
-    tokenizer: str = _opt("char", "char | bpe | a folder holding a tokenizer.json to reuse")
-    vocab_size: int = _opt(8192, "bpe: vocabulary size")
-    val_fraction: float = _opt(0.1, "last fraction of the tokens kept for validation")
-    steps: int = _opt(2000, "optimisation steps")
-    batch_size: int = _opt(12, "sequences per batch")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    min_lr_fraction: float = _opt(0.1, "the cosine decays to this fraction of --lr")
-    warmup_steps: int = _opt(100, "linear warm-up steps before the cosine decay")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
-    beta2: float = _opt(0.99, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = _opt(250, "validate every N steps")
-    eval_batches: int = _opt(20, "batches per periodic validation")
-    final_eval_batches: int = _opt(200, "batches of the final validation estimate")
-    init: str | None = _opt(None, "start from this local Hugging Face checkpoint folder")
-    seed: int = _opt(0, "random seed (initialisation, batches)")
-    accelerator: str = _opt("auto", "cpu | gpu | auto (Lightning)")
-    devices: str = _opt("1", "number of devices (Lightning)")
-    precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed on GPU, else 32)")
-    progress: bool = _opt(True, "show a progress bar")
-    out: str | None = _opt(None, "run directory (default runs/lm-KIND-CORPUS-TIMESTAMP)")
-    resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
 
 
 def model_kind(name: str) -> ModuleType:
@@ -232,6 +199,8 @@ def step_loader(module, ids, batch_size: int, seed: int, start: int, stop: int) 
 def lm_config(model: str = "gpt", **settings: Any) -> LMConfig:
     """LMConfig for a model kind: the kind's own `DEFAULTS` (if any), then `settings`."""
     kind = model_kind(model)
+    if "corpus" in settings:  # the name before `data` (issue 19)
+        settings["data"] = settings.pop("corpus")
     return LMConfig(model=model, **{**getattr(kind, "DEFAULTS", {}), **settings})
 
 
@@ -244,8 +213,8 @@ def pretrain_lm(
 ) -> Path:
     """Pretrain a language model; returns the run directory.
 
-    `pretrain_lm(model="gpt", corpus="shakespeare.txt", steps=500)` is the same as
-    `selfsup lm pretrain gpt --corpus shakespeare.txt --steps 500`; the kind's own options go
+    `pretrain_lm(model="gpt", data="shakespeare.txt", steps=500)` is the same as
+    `selfsup lm pretrain gpt --data shakespeare.txt --steps 500`; the kind's own options go
     in `options` (e.g. `selfsup.lm.gpt.Options(n_layer=2)`).
     """
     config = dataclasses.replace(config, **settings) if config else lm_config(**settings)
@@ -267,7 +236,7 @@ def pretrain_lm(
             )
         clear_run(run)  # what a run that failed before its first checkpoint left
     tokenizer, init = _tokenizer_and_init(config, kind)
-    texts = read_texts(config.corpus, config.encoding, config.text_field)  # type: ignore[arg-type]
+    texts = read_texts(config.data, config.encoding, config.text_field)  # type: ignore[arg-type]
     if tokenizer is None:
         tokenizer = train_tokenizer(
             texts, config.tokenizer, config.vocab_size, special_tokens=kind.SPECIAL_TOKENS
@@ -310,32 +279,9 @@ def _has_checkpoint(run: Path) -> bool:
 
 
 def _check(config: LMConfig) -> None:
-    if not config.corpus:
-        raise SelfsupError("--corpus is required: a .txt or .jsonl file, or a folder of them")
-    positive = [
-        ("--steps", config.steps),
-        ("--batch-size", config.batch_size),
-        ("--eval-interval", config.eval_interval),
-        ("--eval-batches", config.eval_batches),
-        ("--final-eval-batches", config.final_eval_batches),
-    ]
-    for option, value in positive:
-        if value < 1:
-            raise SelfsupError(f"{option} must be at least 1, got {value}")
-    check_number("--lr", config.lr, 0, low_open=True)
-    check_number("--weight-decay", config.weight_decay, 0)
-    check_number("--warmup-steps", config.warmup_steps, 0)
-    check_number("--grad-clip", config.grad_clip, 0)
-    check_number("--min-lr-fraction", config.min_lr_fraction, 0, 1)
-    if not 0 <= config.beta2 < 1:
-        raise SelfsupError(f"--beta2 must be in [0, 1), got {config.beta2}")
+    check_ranges(config)  # (the command line checks these before it imports torch)
     check_accelerator(config.accelerator)
     check_precision(config.precision)
-    if not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?", str(config.devices)):
-        raise SelfsupError(
-            f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
-            "list of device indices"
-        )
     if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
         raise SelfsupError(
             f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
@@ -362,7 +308,7 @@ def _tokenizer_and_init(config: LMConfig, kind: ModuleType) -> tuple[Any, Any]:
 
 
 def _default_run_dir(config: LMConfig) -> Path:
-    corpus = Path(str(config.corpus)).stem or "corpus"
+    corpus = Path(str(config.data)).stem or "corpus"
     return Path("runs") / f"lm-{config.model}-{corpus}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -382,6 +328,8 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
     ):
         raise SelfsupError(f"{path} is not a language-model run config (no 'model'/'options')")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
+    if "corpus" in saved:  # runs from before `data` was named so (issue 19)
+        saved.setdefault("data", saved.pop("corpus"))
     try:
         config = LMConfig(**{k: v for k, v in saved.items() if k in fields})
         if config.model == "gpt":  # GPT runs from before --activation used the tanh GELU
@@ -546,13 +494,13 @@ def _trainer(
         ".*LeafSpec.*",
     ):
         warnings.filterwarnings("ignore", pattern)
-    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
-    # Several processes: forked after the run directory and token ids are ready (a re-launched
-    # script would prepare them again in every process); CUDA is not touched before the fork.
-    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
     on_gpu = config.accelerator in ("gpu", "cuda") or (
         config.accelerator == "auto" and torch.cuda.is_available()
     )
+    devices = _devices(config.devices, on_gpu)
+    # Several processes: forked after the run directory and token ids are ready (a re-launched
+    # script would prepare them again in every process); CUDA is not touched before the fork.
+    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
     precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
     callbacks: list[Callback] = [
         # Lightning writes checkpoints atomically (temporary file, then rename).
@@ -569,8 +517,10 @@ def _trainer(
         metrics_log.FlushMetricsWithCheckpoints(),
         hint,
     ]
-    if config.progress:
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(20, config.steps // 100))))
+    callbacks.append(ValidationLines(config.steps, bar=progress))
     return L.Trainer(
         default_root_dir=run,
         max_steps=config.steps,
@@ -592,9 +542,41 @@ def _trainer(
         gradient_clip_val=config.grad_clip or None,
         callbacks=callbacks,
         enable_model_summary=False,
-        enable_progress_bar=config.progress,
+        enable_progress_bar=progress,
         num_sanity_val_steps=0,
     )
+
+
+def _devices(text: str, on_gpu: bool) -> int | str:
+    """--devices for Lightning: `auto` is every GPU (one forked process each), else one process,
+    as Lightning's `auto` is for image runs; a number is that many."""
+    if text == "auto":
+        if not on_gpu:
+            return 1
+        from lightning.fabric.accelerators.cuda import num_cuda_devices  # does not start CUDA
+
+        return max(1, num_cuda_devices())
+    return int(text) if text.isdigit() else text
+
+
+class ValidationLines(Callback):
+    """Prints `step N/STEPS: val/loss X` after each periodic validation (above the progress
+    bar when there is one), so that a log shows how training went."""
+
+    def __init__(self, steps: int, bar: bool) -> None:
+        self.steps, self.bar = steps, bar
+
+    def on_validation_end(self, trainer: L.Trainer, module: Any) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        line = f"step {trainer.global_step}/{self.steps}: val/loss {float(loss):.4f}"
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
 
 
 class ResumeHint(Callback):

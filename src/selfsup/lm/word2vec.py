@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from selfsup import run as rundir
-from selfsup.config import _opt
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.hf import check_accelerator, check_number, removed_unless_kept
+from selfsup.lm.options import Word2VecConfig
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
@@ -146,30 +147,6 @@ def analogy_query(vectors: Tensor, a: int, b: int, c: int) -> Tensor:
 # --- training: a word-level vocabulary, a Lightning module, the run directory ----------------
 
 
-@dataclass
-class Word2VecConfig:
-    """`selfsup lm pretrain word2vec`: gensim's names and defaults where it has the option."""
-
-    corpus: str | None = _opt(None, "a .txt or .jsonl file, or a folder of them")
-    encoding: str = _opt("utf-8", "text encoding of the corpus files")
-    text_field: str = _opt("text", "field of the text in .jsonl records")
-    dim: int = _opt(100, "size of the word vectors (gensim: vector_size)")
-    window: int = _opt(5, "largest distance between a word and its context")
-    negatives: int = _opt(5, "noise words per (word, context) pair (gensim: negative)")
-    min_count: int = _opt(5, "ignore words seen fewer times")
-    sample: float = _opt(1e-3, "subsampling threshold for frequent words (0: keep all)")
-    epochs: int = _opt(5, "passes over the corpus")
-    optimizer: str = _opt(
-        "sgd", "sgd (word2vec's, per-pair rate) | adam (steadier on small vocabularies)"
-    )
-    lr: float = _opt(0.025, "learning rate, decayed linearly to 0 (gensim: alpha; adam: try 0.03)")
-    batch_words: int = _opt(2000, "consecutive words per step (windows stay inside)")
-    seed: int = _opt(0, "random seed (initialisation, subsampling, windows, negatives)")
-    accelerator: str = _opt("cpu", "cpu | gpu | auto (Lightning)")
-    progress: bool = _opt(True, "show a progress bar")
-    out: str | None = _opt(None, "run directory (default runs/lm-word2vec-CORPUS-TIMESTAMP)")
-
-
 CLI_CONFIGS = (Word2VecConfig,)  # `selfsup lm pretrain word2vec` mirrors this, not LMConfig
 
 
@@ -246,8 +223,8 @@ def pretrain_word2vec(
 ) -> Path:
     """Train word vectors on a corpus; returns the run directory.
 
-    `pretrain_word2vec(corpus="shakespeare.txt", epochs=5)` is the same as
-    `selfsup lm pretrain word2vec --corpus shakespeare.txt --epochs 5`.
+    `pretrain_word2vec(data="shakespeare.txt", epochs=5)` is the same as
+    `selfsup lm pretrain word2vec --data shakespeare.txt --epochs 5`.
 
     RUN/ holds config.yaml, command.txt, tokenizer.json (the vocabulary), ids.npy (the corpus
     as word ids), vocab.tsv (word and count, by frequency), vectors.safetensors (`input`: the
@@ -256,9 +233,11 @@ def pretrain_word2vec(
     """
     from selfsup.lm.corpus import read_texts
 
+    if "corpus" in settings:  # the name before `data` (issue 19)
+        settings["data"] = settings.pop("corpus")
     config = replace(config or Word2VecConfig(), **settings)
-    if not config.corpus:
-        raise SelfsupError("--corpus is required: a .txt or .jsonl file, or a folder of them")
+    if not config.data:
+        raise SelfsupError("--data is required: a .txt or .jsonl file, or a folder of them")
     for option, value in [
         ("--dim", config.dim),
         ("--window", config.window),
@@ -274,14 +253,14 @@ def pretrain_word2vec(
     check_number("--lr", config.lr, 0, low_open=True)
     check_number("--sample", config.sample, 0)
     check_accelerator(config.accelerator)
-    texts = read_texts(config.corpus, config.encoding, config.text_field)
+    texts = read_texts(config.data, config.encoding, config.text_field)
     tokenizer = word_tokenizer(texts, config.min_count)
     if len(tokenizer) < 2:
         raise SelfsupError(
-            f"corpus {config.corpus} has no word seen at least --min-count {config.min_count} "
+            f"corpus {config.data} has no word seen at least --min-count {config.min_count} "
             "times; lower --min-count"
         )
-    run = Path(config.out or rundir.default_run_dir("lm-word2vec", config.corpus))
+    run = Path(config.out or rundir.default_run_dir("lm-word2vec", config.data))
     _claim(run)
     # a run that fails (e.g. a NaN loss) leaves no folder to block the retry: it has no resume
     with removed_unless_kept(run, lambda r: (r / "results.json").is_file()):
@@ -314,6 +293,7 @@ def _train(
         shuffle=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
     trainer = L.Trainer(
         default_root_dir=run,
         max_epochs=config.epochs,
@@ -322,8 +302,8 @@ def _train(
         logger=CSVLogger(save_dir=run, name="", version=""),
         log_every_n_steps=10,
         callbacks=[ModelCheckpoint(dirpath=run / rundir.CHECKPOINTS, save_last=True)]
-        + ([TQDMProgressBar(refresh_rate=10)] if config.progress else []),
-        enable_progress_bar=config.progress,
+        + ([TQDMProgressBar(refresh_rate=10)] if progress else []),
+        enable_progress_bar=progress,
         enable_model_summary=False,
     )
     start = time.perf_counter()

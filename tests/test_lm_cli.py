@@ -1,0 +1,289 @@
+"""The `selfsup lm` grammar (issue 19): instant help without torch, the vocabulary shared with
+the image side, deprecated spellings, presets, --config, and the closing summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import selfsup
+from selfsup.cli import main
+
+SRC = str(Path(selfsup.__file__).resolve().parents[1])
+TRAINING = [
+    ["lm", "pretrain", "gpt"],
+    ["lm", "pretrain", "bert"],
+    ["lm", "pretrain", "word2vec"],
+    ["lm", "sft"],
+    ["lm", "reward"],
+    ["lm", "rlhf"],
+    ["lm", "icl", "regression"],
+]
+TINY = ["--block-size", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--batch-size", "4", "--eval-batches", "1", "--final-eval-batches", "1",
+        "--accelerator", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _help(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _error(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("selfsup: error: ") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["lm"], ["lm", "pretrain", "gpt"], ["lm", "sft"]])
+def test_help_imports_no_torch(command):
+    code = (
+        "import sys\nfrom selfsup.cli import main\n"
+        f"try:\n    main({[*command, '--help']!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: selfsup" in done.stdout
+    assert done.stdout.rstrip().endswith("HEAVY []"), done.stdout[-300:]
+
+
+@pytest.mark.parametrize("command", TRAINING, ids=" ".join)
+def test_training_commands_share_the_vocabulary(command, capsys):
+    text = _help(command, capsys)
+    assert "--progress, --no-progress" in text
+    assert "(default: )" not in text and "(default: None)" not in text
+    if command[1] != "icl":
+        assert "--seed SEED" in text and "--accelerator" in text
+    if command[1] in ("pretrain", "sft", "reward"):
+        assert "--data DATA" in text and "--corpus" not in text
+    if command[1] in ("pretrain", "sft", "reward") and command[-1] != "word2vec":
+        assert "--resume [RUN]" in text or "--resume RUN" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "tokenize",
+        "generate",
+        "label",
+        "best-of-n",
+        "chat",
+        "icl few-shot",
+        "neighbors",
+        "fill-mask",
+        "arithmetic",
+    ],  # fmt: skip
+)
+def test_no_option_shows_an_empty_default(command, capsys):
+    text = _help(["lm", *command.split()], capsys)
+    assert "(default: )" not in text and "(default: None)" not in text
+
+
+def test_required_options_are_marked_and_enforced(capsys):
+    text = _help(["lm", "rlhf"], capsys)
+    for option in ("--policy POLICY", "--reward REWARD", "--prompts PROMPTS", "--out OUT"):
+        assert option in text.split("options:")[0]  # not in brackets in the usage line
+        assert f"[{option}]" not in text
+    err = _error(["lm", "rlhf", "--reward", "r", "--prompts", "p.jsonl", "--out", "o"], capsys)
+    assert "required: --policy" in err
+
+
+def test_arithmetic_counts_prompts_with_num_prompts(tmp_path, capsys):
+    assert main(["lm", "arithmetic", str(tmp_path / "a"), "--sft", "4", "--num-prompts", "6"]) == 0
+    assert len((tmp_path / "a" / "rl.jsonl").read_text().splitlines()) == 6
+    capsys.readouterr()
+    # the old spelling still works, with a note
+    assert main(["lm", "arithmetic", str(tmp_path / "b"), "--sft", "4", "--prompts", "3"]) == 0
+    assert "--prompts is deprecated; use --num-prompts" in capsys.readouterr().err
+    assert len((tmp_path / "b" / "rl.jsonl").read_text().splitlines()) == 3
+
+
+def test_corpus_is_a_deprecated_spelling_of_data(tmp_path, capsys):
+    missing = tmp_path / "no-such-corpus.txt"
+    argv = ["lm", "pretrain", "gpt", "--corpus", str(missing), "--out", str(tmp_path / "r")]
+    err = _error(argv, capsys)
+    assert "selfsup: note: --corpus is deprecated; use --data" in err
+    assert str(missing) in err.split("selfsup: error: ")[1]  # the value went to --data
+    err = _error(["lm", "pretrain", "gpt", "--out", str(tmp_path / "r")], capsys)
+    assert "--data is required" in err
+    err = _error([*argv, "--preset", "baby"], capsys)  # parsed twice, noted once
+    assert err.count("note: --corpus") == 1 and str(missing) in err
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 40)
+    return path
+
+
+@pytest.fixture(scope="module")
+def preset_run(corpus, tmp_path_factory) -> tuple[Path, str]:
+    """A two-step GPT from --preset baby-fast, its flags overriding the preset's."""
+    import torch
+
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("runs") / "gpt"
+    argv = ["lm", "pretrain", "gpt", "--preset", "baby-fast", "--data", str(corpus),
+            "--steps", "2", "--eval-interval", "1", "--warmup-steps", "1", "--out", str(run),
+            *TINY]  # fmt: skip
+    out = _stdout_of(argv)
+    return run, out
+
+
+def _stdout_of(argv: list[str]) -> str:
+    """Run `selfsup ARGV` in this process; its standard output."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return buffer.getvalue()
+
+
+def test_preset_gives_settings_and_flags_override_them(preset_run):
+    run, _ = preset_run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 4e-3 and saved["min_lr_fraction"] == 0.1  # baby-fast's
+    assert saved["steps"] == 2 and saved["options"]["block_size"] == 8  # the flags'
+    assert saved["data"] and "corpus" not in saved
+
+
+def test_pretrain_prints_validation_lines_and_a_summary(preset_run):
+    run, out = preset_run
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
+        "step 1/2",
+        "step 2/2",
+    ]
+    results = json.loads((run / "results.json").read_text())
+    tail = lines[-3:]
+    assert tail[0].startswith(f"run directory: {run}/")
+    assert f"validation loss {results['val_loss']:.4f}" in tail[1]
+    assert tail[2] == f"next: selfsup lm generate {run} --prompt 'ROMEO:'"
+
+
+def test_a_runs_config_yaml_repeats_it(preset_run, tmp_path, capsys):
+    run, _ = preset_run
+    again = tmp_path / "again"
+    _stdout_of(
+        [
+            "lm",
+            "pretrain",
+            "gpt",
+            "--config",
+            str(run / "config.yaml"),
+            "--out",
+            str(again),
+            "--eval-batches",
+            "2",
+        ]  # fmt: skip
+    )
+    first = yaml.safe_load((run / "config.yaml").read_text())
+    second = yaml.safe_load((again / "config.yaml").read_text())
+    assert second.pop("eval_batches") == 2 and first.pop("eval_batches") == 1  # the flag wins
+    assert {**first, "out": None} == {**second, "out": None}
+    assert (run / "tokens.npy").read_bytes() == (again / "tokens.npy").read_bytes()
+
+
+def test_config_file_errors_are_one_line(preset_run, tmp_path, capsys):
+    run, _ = preset_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    assert "'stepz' is not an option" in _error(
+        ["lm", "pretrain", "gpt", "--config", str(bad)], capsys
+    )
+    bert = tmp_path / "bert.yaml"
+    bert.write_text((run / "config.yaml").read_text().replace("model: gpt", "model: bert"))
+    err = _error(["lm", "pretrain", "gpt", "--config", str(bert), "--out", "x"], capsys)
+    assert "use `selfsup lm pretrain bert`" in err
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("options:\n  n_layer: two\n")
+    assert "n_layer must be int" in _error(
+        ["lm", "pretrain", "gpt", "--config", str(nested)], capsys
+    )
+
+
+def test_few_shot_counts_questions_with_limit(tmp_path, capsys):
+    text = _help(["lm", "icl", "few-shot"], capsys)
+    assert "--limit LIMIT" in text and "--questions" not in text
+    argv = ["lm", "icl", "few-shot", str(tmp_path / "no-run"), "--data", str(tmp_path / "p.jsonl")]
+    err = _error([*argv, "--questions", "5"], capsys)
+    assert "note: --questions is deprecated; use --limit" in err
+
+
+def test_word2vec_summary_and_config(corpus, tmp_path):
+    first, again = tmp_path / "w2v", tmp_path / "again"
+    argv = ["lm", "pretrain", "word2vec", "--data", str(corpus), "--min-count", "1", "--dim",
+            "4", "--epochs", "1", "--no-progress", "--out", str(first)]  # fmt: skip
+    tail = _stdout_of(argv).strip().splitlines()[-3:]
+    words = json.loads((first / "results.json").read_text())["words"]
+    assert tail[0].startswith(f"run directory: {first}/")
+    assert tail[1].startswith(f"{words:,} words in ")
+    assert tail[2] == f"next: selfsup lm neighbors {first} WORD"
+    _stdout_of(["lm", "pretrain", "word2vec", "--config", str(first / "config.yaml"), "--out",
+                str(again)])  # fmt: skip
+    saved = [yaml.safe_load((r / "config.yaml").read_text()) for r in (first, again)]
+    assert {**saved[0], "out": ""} == {**saved[1], "out": ""}
+
+
+def test_devices_auto_means_every_gpu_or_one_cpu_process():
+    from selfsup.lm.train import _devices
+
+    assert _devices("auto", on_gpu=False) == 1
+    assert _devices("3", on_gpu=False) == 3 and _devices("0,1", on_gpu=True) == "0,1"
+    assert _devices("auto", on_gpu=True) == max(1, __import__("torch").cuda.device_count())
+
+
+def test_usage_mistakes_of_lm_pretrain_are_told_before_torch_is_imported(tmp_path):
+    code = (
+        "import sys\nfrom selfsup.cli import main\n"
+        f"code = main(['lm', 'pretrain', 'gpt', '--data', {str(tmp_path)!r}, '--steps', '0'])\n"
+        "print('EXIT', code, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "EXIT 2 False", done.stdout + done.stderr
+    assert done.stderr == "selfsup: error: --steps must be at least 1, got 0\n"
+
+
+def test_kinds_declare_the_options_their_modules_train_with():
+    import importlib
+
+    from selfsup.lm import MODELS
+    from selfsup.lm.options import KINDS, LMConfig
+
+    assert set(KINDS) == set(MODELS)
+    for name, kind in KINDS.items():
+        module = importlib.import_module(MODELS[name])
+        declared = getattr(module, "CLI_CONFIGS", (LMConfig, getattr(module, "Options", None)))
+        assert kind.configs == declared, name
+        assert kind.defaults == getattr(module, "DEFAULTS", {}), name
+
+
+def test_sft_no_resume_is_a_deprecated_no_op(tmp_path, capsys):
+    argv = ["lm", "sft", "--init", str(tmp_path / "none"), "--data", str(tmp_path / "c.jsonl"),
+            "--out", str(tmp_path / "run"), "--no-resume"]  # fmt: skip
+    err = _error(argv, capsys)
+    assert "note: --no-resume is deprecated; leave it out" in err
+    assert "--resume" not in err.split("selfsup: error: ")[1]  # a new run, not a resumed one
+    assert not (tmp_path / "run").exists()
