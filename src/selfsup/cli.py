@@ -96,10 +96,9 @@ def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
     return " ".join([*words, "--help"])
 
 
-def build_parser(lm: bool = False, method: str | None = None) -> argparse.ArgumentParser:
-    """The `selfsup` parser; `lm=True` adds the language-model commands in full (they import
-    torch and Lightning to list their options, so plain `selfsup --help` lists only the group);
-    `method` adds that method's own options to `pretrain` (read from its file, not imported)."""
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """The `selfsup` parser (building it imports no torch); `method` adds that method's own
+    options to `pretrain` (read from its file, not imported)."""
     from selfsup.methods import METHODS
 
     parser = Parser(
@@ -259,16 +258,9 @@ def build_parser(lm: bool = False, method: str | None = None) -> argparse.Argume
     a.add_argument("--size", type=positive_int, default=224, help="side of each panel in pixels")
     a.add_argument("--seed", type=int, default=0)
 
-    if lm:
-        from selfsup.lm.cli import add_lm_parser  # `selfsup lm ...`: language models (issue 6)
+    from selfsup.lm.cli import add_lm_parser  # `selfsup lm ...`: language models (torch-free)
 
-        add_lm_parser(sub, parents=[common])
-    else:
-        sub.add_parser(
-            "lm",
-            help="language self-supervision: tokenizers, word2vec, BERT, GPT, SFT, reward "
-            "model, RLHF, in-context learning (selfsup lm --help)",
-        )
+    add_lm_parser(sub, parents=[common])
     return parser
 
 
@@ -446,15 +438,9 @@ def pretrain_method(argv: list[str]) -> str | None:
     return None
 
 
-def _is_lm(argv: list[str]) -> bool:
-    """Whether the command is `selfsup lm ...` (its first word that is not an option)."""
-    words = [a for a in argv if not a.startswith("-")]
-    return bool(words) and words[0] == "lm"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(lm=_is_lm(argv), method=pretrain_method(argv))
+    parser = build_parser(method=pretrain_method(argv))
     try:
         args = parser.parse_args(argv)
         if getattr(args, "config", None):  # the file's values become defaults; flags win

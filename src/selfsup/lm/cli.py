@@ -78,7 +78,7 @@ def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.
         values.update(_file_values(args.config_file, args.model))
     if not values:
         return args
-    parser = build_parser(lm=True)
+    parser = build_parser()
     command_parser(parser, argv).set_defaults(**values)
     QUIET["notes"] = True  # the first parse printed them
     try:
