@@ -57,3 +57,18 @@ def image_columns(columns: Sequence[tuple[str, Tensor]], out: str | Path) -> Pat
         for i in range(count):
             show(axes[i, c], images[i], label if i == 0 else None)
     return save(fig, out)
+
+
+def image_sheet(
+    images: Tensor, out: str | Path, titles: Sequence[str] = (), columns: int = 8
+) -> Path:
+    """A contact sheet: float [0, 1] images B×C×H×W in rows of `columns`, each with its title."""
+    rows = -(-len(images) // columns)
+    fig = Figure(figsize=(1.5 * columns, 1.7 * rows))
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).flat
+    for i, ax in enumerate(axes):
+        if i < len(images):
+            show(ax, images[i], titles[i] if i < len(titles) else None)
+        else:
+            ax.set_axis_off()
+    return save(fig, out)

@@ -23,6 +23,7 @@ class ImageData:
     name: str
     lazy: Dataset | None = None
     held_out: bool = False  # a test split carved out of a source that has none (see load_splits)
+    paths: list[str] | None = None  # image i's file, for sources that are files (folders)
 
     def __post_init__(self) -> None:
         if (self.x is None) == (self.lazy is None):
@@ -58,7 +59,8 @@ class ImageData:
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageData:
         indices = torch.as_tensor(indices, dtype=torch.long)
         y = self.y[indices] if self.y is not None else None
+        paths = [self.paths[i] for i in indices.tolist()] if self.paths is not None else None
         if self.x is not None:
-            return ImageData(self.x[indices], y, self.classes, self.name)
+            return ImageData(self.x[indices], y, self.classes, self.name, paths=paths)
         lazy = torch.utils.data.Subset(self.lazy, indices.tolist())  # type: ignore[arg-type]
-        return ImageData(None, y, self.classes, self.name, lazy=lazy)
+        return ImageData(None, y, self.classes, self.name, lazy=lazy, paths=paths)

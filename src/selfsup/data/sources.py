@@ -237,12 +237,13 @@ def _folder_images(
         size = min(*_decode(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
     ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
+    files = [str(p) for p in paths]
     if len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
-        return ImageData(None, y, classes, name, lazy=ds), size
+        return ImageData(None, y, classes, name, lazy=ds, paths=files), size
     x = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(ds)), desc=f"decoding {root}", unit="img", disable=None):
         x[i] = ds[i][0]
-    return ImageData(x, y, classes, name), size
+    return ImageData(x, y, classes, name, paths=files), size
 
 
 def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None) -> Split:
@@ -382,5 +383,10 @@ def _resized(data: ImageData | None, size: int) -> ImageData | None:
     if data is None or data.x is None or data.image_size == (size, size):
         return data
     return ImageData(
-        square_resize(data.x, size), data.y, data.classes, data.name, held_out=data.held_out
+        square_resize(data.x, size),
+        data.y,
+        data.classes,
+        data.name,
+        held_out=data.held_out,
+        paths=data.paths,
     )
