@@ -62,7 +62,14 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     """
     config = dataclasses.replace(config or EvalConfig(), **options)
     seeds = tuple(range(config.seeds))
-    check_options(config.fraction_list(), seeds, config.baseline_list(), config.probe)
+    check_options(
+        config.fraction_list(),
+        seeds,
+        config.baseline_list(),
+        config.probe,
+        config.probe_c,
+        config.cv_folds,
+    )
     run = Path(run)
     run_config = rundir.read_config(run)
     encoder = load(run)
@@ -88,9 +95,12 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         augment=config.augment,
         device=device,
         features=(train_f, test_f),
+        probe_c=config.probe_c,
+        cv_folds=config.cv_folds,
     )
-    full = [r["accuracy"] for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
+    full = [r for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
     labeled = train_y >= 0
+    probe_details: dict = {}
     results: dict[str, Any] = {
         "run": str(run),
         "data": train.name,
@@ -98,11 +108,23 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         "test_size": len(test),
         "probe": config.probe,
         "supervised_steps": config.supervised_steps,
-        "linear_probe": full[0]
+        "linear_probe": full[0]["accuracy"]
         if full and config.probe == "linear"
-        else linear_probe(train_f[labeled], train_y[labeled], test_f, test_y),
+        else linear_probe(
+            train_f[labeled],
+            train_y[labeled],
+            test_f,
+            test_y,
+            C=config.probe_c,
+            folds=config.cv_folds,
+            device=device,
+            details=probe_details,
+        ),
         "knn": knn_accuracy(train_f[labeled], train_y[labeled], test_f, test_y, k=config.knn_k),
     }
+    c_row = full[0] if full and config.probe == "linear" else probe_details
+    if "C" in c_row:
+        results["linear_probe_C"] = c_row["C"]
     if config.kmeans:
         n_classes = len(np.unique(test_y[test_y >= 0]))
         results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)

@@ -138,6 +138,10 @@ class EvalConfig:
     kmeans: bool = _opt(True, "report k-means clustering (NMI, accuracy) of the embeddings")
     batch_size: int = _opt(256, "batch size for features and fine-tuning")
     device: str = _opt("auto", "cpu | cuda | auto")
+    probe_c: float | None = _opt(
+        None, "fixed C of the linear probe (default: k-fold cross-validation per labeled subset)"
+    )
+    cv_folds: int = _opt(5, "folds of the cross-validation choosing the probe's C")
 
     def fraction_list(self) -> tuple[float, ...]:
         try:

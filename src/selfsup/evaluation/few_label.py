@@ -18,10 +18,10 @@ from selfsup.errors import SelfsupError
 
 from .features import extract_features
 from .finetune import finetune
-from .probes import knn_accuracy, linear_probe
+from .probes import knn_accuracy, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
-PROBES = {"linear": linear_probe, "knn": knn_accuracy}
+PROBES = ("linear", "knn")
 
 
 class _Pixels(nn.Module):
@@ -59,8 +59,25 @@ def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
         return make()
 
 
+def _probe_fields(details: dict) -> dict:
+    """The row fields of a linear probe's fit: its C, how it was chosen, its iterations."""
+    if not details:
+        return {}
+    return {
+        "C": details["C"],
+        "C_by": "cv" if details["cv"] else "fixed",
+        "probe_iterations": details["n_iter"],
+        "probe_converged": details["converged"],
+    }
+
+
 def check_options(
-    fractions: Sequence[float], seeds: Sequence[int], baselines: Sequence[str], probe: str
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    baselines: Sequence[str],
+    probe: str,
+    probe_c: float | None = None,
+    cv_folds: int = 5,
 ) -> None:
     """Reject bad options before any features are computed."""
     if probe not in PROBES:
@@ -72,6 +89,10 @@ def check_options(
         raise SelfsupError(f"--fractions: expected label fractions in (0, 1], got {fractions}")
     if not seeds:
         raise SelfsupError("--seeds: expected at least one label subset")
+    if probe_c is not None and not probe_c > 0:
+        raise SelfsupError(f"--probe-c: expected a positive C, got {probe_c}")
+    if cv_folds < 2:
+        raise SelfsupError(f"--cv-folds: expected at least 2 folds, got {cv_folds}")
 
 
 def few_label_evaluation(
@@ -92,24 +113,27 @@ def few_label_evaluation(
     device: str | torch.device = "cpu",
     progress: bool = True,
     features: tuple[np.ndarray, np.ndarray] | None = None,
+    probe_c: float | None = None,
+    cv_folds: int = 5,
 ) -> list[dict]:
     """Accuracy of "selfsup" (the encoder's features) and each baseline for every label fraction
     and seed, all on the same stratified labeled subset of `train`:
 
     raw pixels, PCA(pca_dim) fitted on all train images (unlabeled use), a random encoder's
-    features (all with `probe`: "linear" or "knn"), and "supervised": `random_encoder()` fine-tuned
-    end to end on the subset with `augment` (supervised_steps, or supervised_epochs when steps is
-    None).
+    features (all with `probe`: "linear" or "knn"; the linear probe's C by stratified
+    `cv_folds`-fold cross-validation inside each labeled subset, or `probe_c`), and
+    "supervised": `random_encoder()` fine-tuned end to end on the subset with `augment`
+    (supervised_steps, or supervised_epochs when steps is None).
     `random_encoder` defaults to a re-initialised copy of `encoder`. Features are computed once;
     `features` passes the encoder's (train, test) features when they are already at hand.
-    Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised).
+    Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised),
+    linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged}.
     """
-    check_options(fractions, seeds, baselines, probe)
+    check_options(fractions, seeds, baselines, probe, probe_c, cv_folds)
     for d in (train, test):
         if not d.has_labels:
             raise SelfsupError(f"few-label evaluation: the data {d.name!r} has no labels")
     make_random = random_encoder or (lambda: _reinitialised(encoder))
-    run_probe = PROBES[probe]
 
     def extract(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
         kw = {"batch_size": batch_size, "device": device, "progress": progress}
@@ -129,18 +153,38 @@ def few_label_evaluation(
     train_y, test_y = train.y.numpy(), test.y.numpy()  # type: ignore[union-attr]
     labeled = test_y >= 0
     test_y = test_y[labeled]
+    if probe == "linear":  # standardised once per representation with the statistics of all
+        # training features (no labels), moved to the device once, reused by every subset
+        feats = {
+            name: tuple(standardize(tr, te[labeled], device=device))
+            for name, (tr, te) in feats.items()
+        }
     rows = []
-    probed: dict[tuple[str, bytes], float] = {}  # the probes are deterministic: at 100% every
-    for fraction, seed in tqdm(  # seed draws the same subset, so each is fitted once
+    probed: dict[tuple[str, bytes], tuple[float, dict]] = {}  # the probes are deterministic: at
+    for fraction, seed in tqdm(  # 100% every seed draws the same subset, so each is fitted once
         list(itertools.product(fractions, seeds)), desc="few-label", disable=not progress
     ):
         idx = labeled_subset(train_y, fraction, seed)
-        accuracy = {}
+        accuracy, info = {}, {}
         for name, (tr, te) in feats.items():
             key = (name, idx.tobytes())
             if key not in probed:
-                probed[key] = run_probe(tr[idx], train_y[idx], te[labeled], test_y)
-            accuracy[name] = probed[key]
+                details: dict = {}
+                if probe == "linear":
+                    acc = probe_accuracy(
+                        tr[torch.as_tensor(idx, device=tr.device)],
+                        train_y[idx],
+                        te,
+                        test_y,
+                        C=probe_c,
+                        folds=cv_folds,
+                        seed=seed,
+                        details=details,
+                    )
+                else:
+                    acc = knn_accuracy(tr[idx], train_y[idx], te[labeled], test_y)
+                probed[key] = acc, details
+            accuracy[name], info[name] = probed[key]
         if "supervised" in baselines:
             accuracy["supervised"] = finetune(
                 _seeded(make_random, seed),
@@ -162,6 +206,7 @@ def few_label_evaluation(
                 "n_labels": len(idx),
                 "accuracy": float(acc),
                 "probe": "finetune" if name == "supervised" else probe,
+                **_probe_fields(info.get(name, {})),
             }
             for name, acc in accuracy.items()
         ]
