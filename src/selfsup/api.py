@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from selfsup import run as rundir
+from selfsup.augment.recipes import RECIPES
 from selfsup.config import EvalConfig
 from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
 from selfsup.errors import SelfsupError
@@ -26,6 +27,7 @@ from selfsup.evaluation import (
     labeled_subset,
     linear_probe,
     plot_few_label,
+    supervised_rule,
     write_results,
 )
 from selfsup.models import Encoder
@@ -90,9 +92,10 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         baselines=config.baseline_list(),
         random_encoder=lambda: Encoder(**run_config["encoder"]),
         probe=config.probe,
-        supervised_steps=config.supervised_steps,
+        supervised_steps=config.supervised_max_steps,
+        supervised_epochs=config.supervised_epochs,
         batch_size=config.batch_size,
-        augment=config.augment,
+        augment=_supervised_augment(config, run_config),
         device=device,
         features=(train_f, test_f),
         probe_c=config.probe_c,
@@ -108,6 +111,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         "test_size": len(test),
         "probe": config.probe,
         "supervised_steps": config.supervised_steps,
+        "supervised_rule": supervised_rule(config.supervised_epochs, config.supervised_max_steps),
         "linear_probe": full[0]["accuracy"]
         if full and config.probe == "linear"
         else linear_probe(
@@ -179,6 +183,14 @@ def _finetune_rows(
                 }
             )
     return rows
+
+
+def _supervised_augment(config: EvalConfig, run_config: dict) -> str:
+    """--supervised-augment, else the run's pretraining recipe, else --augment."""
+    if config.supervised_augment:
+        return config.supervised_augment
+    recipe = run_config.get("recipe")
+    return recipe if recipe in RECIPES else config.augment
 
 
 def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]:

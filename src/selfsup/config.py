@@ -142,6 +142,15 @@ class EvalConfig:
         None, "fixed C of the linear probe (default: k-fold cross-validation per labeled subset)"
     )
     cv_folds: int = _opt(5, "folds of the cross-validation choosing the probe's C")
+    supervised_epochs: int = _opt(
+        30, "epochs of the supervised baseline over its labeled subset (early-stopped)"
+    )
+    supervised_max_steps: int | None = _opt(
+        None, "upper bound on the supervised baseline's steps (--supervised-steps: --finetune only)"
+    )
+    supervised_augment: str | None = _opt(
+        None, "augmentation of the supervised baseline (default: the run's pretraining recipe)"
+    )
 
     def fraction_list(self) -> tuple[float, ...]:
         try:

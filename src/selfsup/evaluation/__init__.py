@@ -1,7 +1,13 @@
 """Evaluating representations: frozen-feature probes, fine-tuning and few-label comparisons."""
 
 from .features import extract_features
-from .few_label import check_options, few_label_evaluation, labeled_subset
+from .few_label import (
+    check_options,
+    few_label_evaluation,
+    labeled_subset,
+    supervised_reference,
+    supervised_rule,
+)
 from .finetune import Classifier, classifier_accuracy, finetune, fit_classifier
 from .probes import kmeans_scores, knn_accuracy, linear_probe
 from .report import format_table, plot_few_label, summarize, write_results
@@ -21,5 +27,7 @@ __all__ = [
     "linear_probe",
     "plot_few_label",
     "summarize",
+    "supervised_reference",
+    "supervised_rule",
     "write_results",
 ]

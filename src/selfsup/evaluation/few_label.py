@@ -17,7 +17,7 @@ from selfsup.data.images import ImageData
 from selfsup.errors import SelfsupError
 
 from .features import extract_features
-from .finetune import finetune
+from .finetune import _num_classes, classifier_accuracy, fit_classifier
 from .probes import knn_accuracy, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
@@ -57,6 +57,79 @@ def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
+
+
+SUPERVISED_MIN_STEPS = 100
+SUPERVISED_VAL_FRACTION = 0.2
+SUPERVISED_PATIENCE = 5
+
+
+def supervised_rule(epochs: int, max_steps: int | None) -> str:
+    """The supervised reference's training budget, in words (printed beside the table)."""
+    cap = f", at most {max_steps}" if max_steps else ""
+    return (
+        f"supervised: the same architecture trained end to end on each labeled subset with the "
+        f"pretraining augmentation, {epochs} epochs over its training part (at least "
+        f"{SUPERVISED_MIN_STEPS} steps{cap}), early-stopped on a stratified "
+        f"{SUPERVISED_VAL_FRACTION:.0%} of the subset held out (classes with one label stay in "
+        f"training; no early stopping when none can be held out)"
+    )
+
+
+def _holdout(y: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded stratified SUPERVISED_VAL_FRACTION of positions in y (at least 1 of each class
+    with 2 or more labels, none of a class with 1)."""
+    g = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) >= 2:
+            held.append(g.permutation(idx)[: max(1, round(SUPERVISED_VAL_FRACTION * len(idx)))])
+    return np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+
+
+def supervised_reference(
+    make: Callable[[], nn.Module],
+    train: ImageData,
+    test: ImageData,
+    *,
+    seed: int,
+    epochs: int = 30,
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    augment: str = "light",
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """Test accuracy of `make()` (seeded) trained end to end on the labeled `train` by the rule of
+    `supervised_rule`, and {steps, best_step, val_labels}."""
+    y = train.y.numpy()  # type: ignore[union-attr]
+    held = _holdout(y, seed)
+    fit_part = train.subset(np.setdiff1d(np.arange(len(y)), held))
+    bs = min(batch_size, len(fit_part))
+    steps = max(SUPERVISED_MIN_STEPS, epochs * (len(fit_part) // bs))
+    if max_steps:
+        steps = min(steps, max_steps)
+    info: dict = {}
+    model = fit_classifier(
+        _seeded(make, seed),
+        fit_part,
+        num_classes=_num_classes(train, test),
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        augment=augment,
+        device=device,
+        val=train.subset(held) if len(held) else None,
+        patience=SUPERVISED_PATIENCE,
+        eval_every=max(len(fit_part) // bs, 10),
+        info=info,
+    )
+    accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
+    return accuracy, {
+        "steps": info["steps"],
+        "best_step": info["best_step"],
+        "val_labels": len(held),
+    }
 
 
 def _probe_fields(details: dict) -> dict:
@@ -106,7 +179,7 @@ def few_label_evaluation(
     random_encoder: Callable[[], nn.Module] | None = None,
     probe: str = "linear",
     pca_dim: int = 64,
-    supervised_steps: int | None = 1000,
+    supervised_steps: int | None = None,
     supervised_epochs: int = 30,
     batch_size: int = 256,
     augment: str = "light",
@@ -122,12 +195,13 @@ def few_label_evaluation(
     raw pixels, PCA(pca_dim) fitted on all train images (unlabeled use), a random encoder's
     features (all with `probe`: "linear" or "knn"; the linear probe's C by stratified
     `cv_folds`-fold cross-validation inside each labeled subset, or `probe_c`), and
-    "supervised": `random_encoder()` fine-tuned end to end on the subset with `augment`
-    (supervised_steps, or supervised_epochs when steps is None).
+    "supervised": `random_encoder()` trained end to end on the subset with `augment` for
+    `supervised_epochs` epochs, early-stopped, at most `supervised_steps` steps (`supervised_rule`).
     `random_encoder` defaults to a re-initialised copy of `encoder`. Features are computed once;
     `features` passes the encoder's (train, test) features when they are already at hand.
     Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised),
-    linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged}.
+    linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged},
+    supervised rows {steps, best_step, val_labels}.
     """
     check_options(fractions, seeds, baselines, probe, probe_c, cv_folds)
     for d in (train, test):
@@ -186,15 +260,14 @@ def few_label_evaluation(
                 probed[key] = acc, details
             accuracy[name], info[name] = probed[key]
         if "supervised" in baselines:
-            accuracy["supervised"] = finetune(
-                _seeded(make_random, seed),
+            accuracy["supervised"], info["supervised"] = supervised_reference(
+                make_random,
                 train.subset(idx),
                 test,
-                trainable="all",
-                epochs=supervised_epochs,
-                steps=supervised_steps,
-                batch_size=batch_size,
                 seed=seed,
+                epochs=supervised_epochs,
+                max_steps=supervised_steps,
+                batch_size=batch_size,
                 augment=augment,
                 device=device,
             )
@@ -206,7 +279,7 @@ def few_label_evaluation(
                 "n_labels": len(idx),
                 "accuracy": float(acc),
                 "probe": "finetune" if name == "supervised" else probe,
-                **_probe_fields(info.get(name, {})),
+                **(info[name] if name == "supervised" else _probe_fields(info[name])),
             }
             for name, acc in accuracy.items()
         ]
