@@ -16,7 +16,15 @@ from sklearn.preprocessing import StandardScaler
 from selfsup.data.images import ImageData
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import few_label_evaluation, labeled_subset, linear_probe, probes
-from selfsup.evaluation.probes import C_GRID, DEFAULT_C, choose_c, cv_folds, fit_logistic
+from selfsup.evaluation.probes import (
+    C_GRID,
+    DEFAULT_C,
+    Preconditioner,
+    choose_c,
+    cv_folds,
+    fit_logistic,
+    standardize,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -38,13 +46,13 @@ def _sklearn(x: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
 
 @pytest.fixture(scope="module")
 def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw MNIST pixels (784 features, some constant): 1,000 train and 1,000 test images."""
+    """Raw MNIST pixels (784 features, some constant): 600 train and 1,000 test images."""
     if not (MNIST / "train.npz").is_file():
         pytest.skip("needs ../shared/data/mnist")
     with np.load(MNIST / "train.npz") as tr, np.load(MNIST / "test.npz") as te:
         return (
-            tr["x"][:1000].reshape(1000, -1) / 255.0,
-            tr["y"][:1000],
+            tr["x"][:600].reshape(600, -1) / 255.0,
+            tr["y"][:600],
             te["x"][:1000].reshape(1000, -1) / 255.0,
             te["y"][:1000],
         )
@@ -70,6 +78,30 @@ def test_probe_matches_sklearn_on_raw_mnist_pixels(mnist, fraction):
         assert f_ours <= f_sk * (1 + 1e-4)
         # linear_probe standardises with the training statistics the same way
         assert linear_probe(x[idx], y[idx], x_test, y_test, C=C) == pytest.approx(ours, abs=0.003)
+
+
+def test_preconditioned_fit_is_the_same_fit_in_fewer_iterations():
+    """Pixel-like features (a few strong shared directions): L-BFGS in V = W L reaches
+    scikit-learn's minimum (the same problem, reparametrised) in far fewer iterations."""
+    g = np.random.default_rng(0)
+    y = np.arange(1000) % 4
+    x = g.normal(size=(1000, 4)) @ g.normal(size=(4, 100)) * 3 + g.normal(size=(1000, 100))
+    x[:, :4] += np.eye(4)[y]
+    xs = standardize(x)[0]
+    pre = Preconditioner(xs)
+    assert pre.worthwhile
+    C = 1.0
+    plain, fast = fit_logistic(xs, y, C), fit_logistic(xs, y, C, precondition=pre)
+    assert fast.converged and fast.n_iter < 0.5 * plain.n_iter, (fast.n_iter, plain.n_iter)
+    xd = xs.double().numpy()
+    sk = LogisticRegression(C=C, max_iter=5000).fit(xd, y)  # its default tol: slow enough here
+    f_fast = _sk_objective(fast.weight.double().numpy(), fast.bias.double().numpy(), xd, y, C)
+    assert f_fast <= _sk_objective(sk.coef_, sk.intercept_, xd, y, C) * (1 + 1e-6)
+
+
+def test_preconditioner_stays_off_where_it_would_not_help(mnist):
+    """Raw MNIST pixels: no few dominant directions (top eigenvalue 6% of the trace)."""
+    assert not Preconditioner(standardize(mnist[0])[0]).worthwhile
 
 
 def test_binary_probe_has_sklearns_single_weight_vector():
@@ -170,3 +202,20 @@ def test_bad_probe_options(c, folds, flag):
     d = ImageData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4) % 2, None, "x")
     with pytest.raises(SelfsupError, match=flag):
         few_label_evaluation(torch.nn.Flatten(), d, d, probe_c=c, cv_folds=folds, progress=False)
+
+
+def test_cv_on_a_stratified_sample_of_a_large_subset(monkeypatch):
+    """Above cv_max_samples the CV fits see a stratified sample; the final fit sees everything."""
+    g = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [300, 200, 100])
+    x = torch.tensor(g.normal(size=(600, 5)) + np.eye(5)[y], dtype=torch.float32)
+    sizes, real_fit = [], probes.fit_logistic
+
+    def spy(xs, ys, C, **kw):
+        sizes.append(np.bincount(ys, minlength=3).tolist())
+        return real_fit(xs, ys, C, **kw)
+
+    monkeypatch.setattr(probes, "fit_logistic", spy)
+    probes.probe_accuracy(x, y, x, y, folds=4, cv_max_samples=120)
+    assert sizes[-1] == [300, 200, 100]  # the final fit: all labels
+    assert len(sizes) > 4 and all(s == [45, 30, 15] for s in sizes[:-1])  # 3/4 of 60/40/20

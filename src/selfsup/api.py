@@ -100,6 +100,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         features=(train_f, test_f),
         probe_c=config.probe_c,
         cv_folds=config.cv_folds,
+        cv_max_samples=config.cv_max_samples,
     )
     full = [r for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
     labeled = train_y >= 0
@@ -123,6 +124,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
             folds=config.cv_folds,
             device=device,
             details=probe_details,
+            cv_max_samples=config.cv_max_samples,
         ),
         "knn": knn_accuracy(train_f[labeled], train_y[labeled], test_f, test_y, k=config.knn_k),
     }

@@ -151,6 +151,9 @@ class EvalConfig:
     supervised_augment: str | None = _opt(
         None, "augmentation of the supervised baseline (default: the run's pretraining recipe)"
     )
+    cv_max_samples: int = _opt(
+        10_000, "cross-validate the probe's C on at most this many labels of a subset (stratified)"
+    )
 
     def fraction_list(self) -> tuple[float, ...]:
         try:

@@ -18,7 +18,7 @@ from selfsup.errors import SelfsupError
 
 from .features import extract_features
 from .finetune import _num_classes, classifier_accuracy, fit_classifier
-from .probes import knn_accuracy, probe_accuracy, standardize
+from .probes import Preconditioner, knn_accuracy, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
 PROBES = ("linear", "knn")
@@ -188,13 +188,15 @@ def few_label_evaluation(
     features: tuple[np.ndarray, np.ndarray] | None = None,
     probe_c: float | None = None,
     cv_folds: int = 5,
+    cv_max_samples: int | None = 10_000,
 ) -> list[dict]:
     """Accuracy of "selfsup" (the encoder's features) and each baseline for every label fraction
     and seed, all on the same stratified labeled subset of `train`:
 
     raw pixels, PCA(pca_dim) fitted on all train images (unlabeled use), a random encoder's
     features (all with `probe`: "linear" or "knn"; the linear probe's C by stratified
-    `cv_folds`-fold cross-validation inside each labeled subset, or `probe_c`), and
+    `cv_folds`-fold cross-validation inside each labeled subset, on at most `cv_max_samples` of
+    its labels, or `probe_c`), and
     "supervised": `random_encoder()` trained end to end on the subset with `augment` for
     `supervised_epochs` epochs, early-stopped, at most `supervised_steps` steps (`supervised_rule`).
     `random_encoder` defaults to a re-initialised copy of `encoder`. Features are computed once;
@@ -233,6 +235,7 @@ def few_label_evaluation(
             name: tuple(standardize(tr, te[labeled], device=device))
             for name, (tr, te) in feats.items()
         }
+        precondition = {name: Preconditioner(tr) for name, (tr, _) in feats.items()}
     rows = []
     probed: dict[tuple[str, bytes], tuple[float, dict]] = {}  # the probes are deterministic: at
     for fraction, seed in tqdm(  # 100% every seed draws the same subset, so each is fitted once
@@ -254,6 +257,8 @@ def few_label_evaluation(
                         folds=cv_folds,
                         seed=seed,
                         details=details,
+                        precondition=precondition[name],
+                        cv_max_samples=cv_max_samples,
                     )
                 else:
                     acc = knn_accuracy(tr[idx], train_y[idx], te[labeled], test_y)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from selfsup.errors import SelfsupError
 
@@ -24,7 +24,7 @@ def _np(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-C_GRID = tuple(10.0**k for k in range(-4, 3))  # 1e-4 ... 1e2, searched by cross-validation
+C_GRID = tuple(10.0**k for k in range(-5, 3))  # 1e-5 ... 1e2, searched by cross-validation
 DEFAULT_C = 1.0  # when a class has fewer than 2 labels and C cannot be cross-validated
 
 
@@ -81,6 +81,36 @@ def standardize(train_f: ArrayLike, *others: ArrayLike, **kw: Any) -> list[torch
     return [(t - mean) / std for t in tensors]
 
 
+class Preconditioner:
+    """The second moments S of standardised features (from at most `max_rows` seeded rows), for
+    L-BFGS in the variables V = W L, where L L^T = S·h + I/(C·n) approximates the objective's
+    Hessian (h = 1/K, or 1/4 for two classes): the same minimiser, far fewer iterations when a
+    few directions dominate S (`worthwhile`: the top eigenvalue is >= 10% of the trace; CIFAR-10
+    pixels 27%, 4-10x fewer iterations; MNIST pixels 6%, where it needs more). Cholesky factors
+    are cached per (h, C·n) rounded to a tenth of a decade."""
+
+    def __init__(self, x: torch.Tensor, max_rows: int = 10_000, seed: int = 0) -> None:
+        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        sub = x[rows.to(x.device)].double()
+        self.moments = sub.T @ sub / len(sub)
+        self.dtype = x.dtype
+        self._factors: dict[tuple[float, float], torch.Tensor] = {}
+        v = torch.ones(len(self.moments), device=x.device, dtype=torch.float64)
+        for _ in range(50):  # power iteration for the top eigenvalue
+            v = self.moments @ v
+            v = v / v.norm().clamp_min(1e-30)
+        top = float(v @ self.moments @ v)
+        self.worthwhile = top >= 0.1 * float(self.moments.trace())
+
+    def factor(self, h: float, ridge: float) -> torch.Tensor:
+        key = (h, round(float(np.log10(ridge)), 1))
+        if key not in self._factors:
+            eye = torch.eye(len(self.moments), device=self.moments.device, dtype=torch.float64)
+            lower = torch.linalg.cholesky(self.moments * h + eye * 10 ** key[1])
+            self._factors[key] = lower.to(self.dtype)
+        return self._factors[key]
+
+
 def fit_logistic(
     x: torch.Tensor,
     y: ArrayLike,
@@ -89,13 +119,15 @@ def fit_logistic(
     init: LogisticFit | None = None,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    precondition: Preconditioner | None = None,
 ) -> LogisticFit:
     """Multinomial logistic regression by full-batch L-BFGS on `x`'s device and dtype.
 
     Minimises scikit-learn's objective C · sum(log-loss) + ||W||² / 2 with an unpenalised
     intercept (divided by C · n, as scikit-learn does) until the largest gradient entry is at
     most `tol`, the objective stalls at the dtype's precision, or `max_iter` iterations
-    (`converged` is False only then). `init` warm-starts from a fit on the same classes.
+    (`converged` is False only then). `init` warm-starts from a fit on the same classes;
+    `precondition` (made from these features' distribution) speeds it up when n >= features.
     """
     classes, codes = np.unique(_np(y), return_inverse=True)
     if len(classes) < 2:
@@ -112,9 +144,17 @@ def fit_logistic(
         weight = torch.zeros(k, dim, device=x.device, dtype=x.dtype)
         bias = torch.zeros(k, device=x.device, dtype=x.dtype)
     l2 = 1.0 / (2.0 * C * n)
+    lower = (  # below n = dim the triangular solves cost more than the data products
+        precondition.factor(0.25 if k == 1 else 1 / k, 2 * l2)
+        if precondition is not None and precondition.worthwhile and n >= dim
+        else None
+    )
+    v = weight @ lower if lower is not None else weight  # the variables L-BFGS moves
 
     def closure() -> torch.Tensor:
         # the gradient by hand: autograd's x.T @ g is ~20x slower than g.T @ x on a tall x
+        if lower is not None:  # W = V L^-1
+            weight[:] = torch.linalg.solve_triangular(lower.T, v.T, upper=True).T
         z = _linear(x, weight, bias)
         if k == 1:
             loss = F.binary_cross_entropy_with_logits(z, onehot)
@@ -123,23 +163,35 @@ def fit_logistic(
             logp = torch.log_softmax(z, 1)
             loss = -(logp * onehot).sum() / n
             g = (logp.exp() - onehot) / n
-        weight.grad = g.T @ x + (2 * l2) * weight
+        weight.grad = grad_w = g.T @ x + (2 * l2) * weight
+        v.grad = (
+            grad_w
+            if lower is None
+            else torch.linalg.solve_triangular(lower, grad_w.T, upper=False).T  # dV = dW L^-T
+        )
         bias.grad = g.sum(0)
         return loss + l2 * weight.square().sum()
 
+    chunk = min(25, max_iter)
     opt = torch.optim.LBFGS(
-        [weight, bias],
+        [v, bias],
         lr=1,
-        max_iter=max_iter,
-        max_eval=2 * max_iter,
-        tolerance_grad=tol,
+        max_iter=chunk,
+        max_eval=2 * chunk,
+        tolerance_grad=tol if lower is None else 0.0,  # V's gradient is not W's: checked below
         tolerance_change=1e-12 if x.dtype == torch.float64 else 1e-9,
         history_size=10,
         line_search_fn="strong_wolfe",
     )
+    n_iter = 0
     with torch.no_grad(), _few_threads(x):
-        opt.step(closure)
-    n_iter = int(opt.state[weight].get("n_iter", 0))
+        while n_iter < max_iter:  # chunks of L-BFGS iterations (the history carries over)
+            opt.step(closure)
+            done = int(opt.state[v].get("n_iter", 0)) - n_iter
+            n_iter += done
+            closure()  # at the accepted point: W and the largest entry of W's gradient
+            if done < chunk or max(weight.grad.abs().max(), bias.grad.abs().max()) <= tol:
+                break  # converged, or stalled at the dtype's precision
     return LogisticFit(weight, bias, classes, C, n_iter, n_iter < max_iter)
 
 
@@ -158,6 +210,8 @@ def choose_c(
     seed: int = 0,
     max_iter: int = 1000,
     tol: float = 1e-5,
+    precondition: Preconditioner | None = None,
+    max_samples: int | None = None,
 ) -> tuple[float, dict[float, float]]:
     """C with the best mean held-out accuracy in stratified k-fold cross-validation on (x, y)
     alone (ties: the lower held-out log-loss), and the mean accuracy of each C tried.
@@ -165,8 +219,17 @@ def choose_c(
     C goes up the grid with warm starts per fold and stops after two Cs in a row below the best
     (held-out accuracy is unimodal in C in practice; large Cs cost the most iterations). When a
     class has fewer than 2 labels, no cross-validation is possible: DEFAULT_C and an empty dict.
+    Above `max_samples` labels, the cross-validation runs on a seeded stratified sample of that
+    many of them (the chosen C then fits all, as k-fold's C fits all k folds).
     """
     y = _np(y)
+    if max_samples is not None and len(y) > max_samples:
+        keep = np.sort(
+            train_test_split(
+                np.arange(len(y)), train_size=max_samples, stratify=y, random_state=seed
+            )[0]
+        )
+        x, y = x[torch.as_tensor(keep, device=x.device)], y[keep]
     k = cv_folds(y, folds)
     if k < 2:
         return DEFAULT_C, {}
@@ -185,7 +248,9 @@ def choose_c(
     for c in sorted(grid):
         acc, nll = [], []
         for i, (x_tr, y_tr, x_va, y_va) in enumerate(parts):
-            fits[i] = fit = fit_logistic(x_tr, y_tr, c, init=fits[i], max_iter=max_iter, tol=tol)
+            fits[i] = fit = fit_logistic(
+                x_tr, y_tr, c, init=fits[i], max_iter=max_iter, tol=tol, precondition=precondition
+            )
             logp = torch.log_softmax(fit.logits(x_va).double(), 1).cpu().numpy()
             codes = np.searchsorted(fit.classes, y_va)
             acc.append(np.mean(fit.classes[logp.argmax(1)] == y_va))
@@ -209,6 +274,7 @@ def linear_probe(
     max_iter: int = 1000,
     device: str | torch.device = "cpu",
     details: dict | None = None,
+    cv_max_samples: int | None = None,
 ) -> float:
     """Test accuracy of a multinomial logistic regression on features standardised with the
     training features' statistics; C by `choose_c` on the training set unless given. With a
@@ -216,7 +282,16 @@ def linear_probe(
     cross-validation accuracies and the final fit's iterations."""
     x, x_test = standardize(train_f, test_f, device=device)
     return probe_accuracy(
-        x, _np(train_y), x_test, _np(test_y), C=C, folds=folds, max_iter=max_iter, details=details
+        x,
+        _np(train_y),
+        x_test,
+        _np(test_y),
+        C=C,
+        folds=folds,
+        max_iter=max_iter,
+        details=details,
+        precondition=Preconditioner(x) if len(x) >= x.shape[1] else None,
+        cv_max_samples=cv_max_samples,
     )
 
 
@@ -231,6 +306,8 @@ def probe_accuracy(
     seed: int = 0,
     max_iter: int = 1000,
     details: dict | None = None,
+    precondition: Preconditioner | None = None,
+    cv_max_samples: int | None = None,
 ) -> float:
     """`linear_probe` on already standardised tensors: C (cross-validated on (x, y) alone
     unless given), one fit on all of (x, y), and the accuracy on (x_test, test_y)."""
@@ -238,8 +315,16 @@ def probe_accuracy(
         return float(np.mean(test_y == y[0]))
     cv: dict[float, float] = {}
     if C is None:
-        C, cv = choose_c(x, y, folds=folds, seed=seed, max_iter=max_iter)
-    fit = fit_logistic(x, y, C, max_iter=max_iter)
+        C, cv = choose_c(
+            x,
+            y,
+            folds=folds,
+            seed=seed,
+            max_iter=max_iter,
+            precondition=precondition,
+            max_samples=cv_max_samples,
+        )
+    fit = fit_logistic(x, y, C, max_iter=max_iter, precondition=precondition)
     if details is not None:
         details.update(C=C, cv=cv, n_iter=fit.n_iter, converged=fit.converged)
     return float(np.mean(fit.predict(x_test) == test_y))
