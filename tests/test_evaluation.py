@@ -21,6 +21,7 @@ from selfsup.evaluation import (
     few_label_evaluation,
     finetune,
     fit_classifier,
+    flip_labels,
     format_table,
     kmeans_scores,
     knn_accuracy,
@@ -349,3 +350,38 @@ def test_early_stopping_returns_the_best_checkpoint(digits):
     assert info["steps"] < 120 and info["steps"] % 3 == 0  # stopped early, at a check
     assert info["steps"] - info["best_step"] == 2 * 3  # two checks without improvement
     assert classifier_accuracy(model, val) == info["val_accuracy"]  # the best, not the last
+
+
+def test_flip_labels_flips_exactly_that_many_to_other_classes():
+    y = np.repeat(np.arange(5), 40)
+    noisy = flip_labels(y, 0.3, seed=1)
+    assert np.sum(noisy != y) == 60  # round(0.3 * 200), each to a different class
+    assert set(np.unique(noisy)) <= set(range(5))
+    np.testing.assert_array_equal(noisy, flip_labels(y, 0.3, seed=1))
+    assert not np.array_equal(noisy, flip_labels(y, 0.3, seed=2))
+    assert np.sum(flip_labels(y, 1.0, seed=0) == y) == 0
+
+
+def test_label_noise_rows_train_on_flipped_labels(digits, monkeypatch):
+    train, test = digits
+    seen = []
+    real = few_label_module.probe_accuracy
+    monkeypatch.setattr(
+        few_label_module,
+        "probe_accuracy",
+        lambda x, y, *a, **kw: seen.append(y.copy()) or real(x, y, *a, **kw),
+    )
+    rows = few_label_evaluation(
+        convnet(), train, test, fractions=(1.0,), seeds=(0,), baselines=("raw",),
+        label_noise=(0.4,), progress=False,
+    )  # fmt: skip
+    clean = {r["method"]: r["accuracy"] for r in rows if "label_noise" not in r}
+    noisy = {r["method"]: r["accuracy"] for r in rows if r.get("label_noise") == 0.4}
+    assert set(clean) == set(noisy) == {"selfsup", "raw"}
+    y = train.y.numpy()
+    flipped = [np.mean(s != y) for s in seen]
+    assert sorted(flipped) == pytest.approx([0, 0, 0.4, 0.4], abs=1e-3)  # per representation
+    assert noisy["raw"] < clean["raw"]
+    assert "40%" not in format_table(rows) and format_table(rows, 0.4) != format_table(rows)
+    with pytest.raises(SelfsupError, match="--label-noise"):
+        few_label_evaluation(convnet(), train, test, label_noise=(1.5,), progress=False)

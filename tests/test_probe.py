@@ -219,3 +219,13 @@ def test_cv_on_a_stratified_sample_of_a_large_subset(monkeypatch):
     probes.probe_accuracy(x, y, x, y, folds=4, cv_max_samples=120)
     assert sizes[-1] == [300, 200, 100]  # the final fit: all labels
     assert len(sizes) > 4 and all(s == [45, 30, 15] for s in sizes[:-1])  # 3/4 of 60/40/20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_on_cuda_matches_cpu():
+    d = load_digits()
+    x, y = d.data[:600], d.target[:600]
+    a, b = {}, {}
+    cpu = linear_probe(x, y, d.data[600:], d.target[600:], details=a)
+    gpu = linear_probe(x, y, d.data[600:], d.target[600:], details=b, device="cuda")
+    assert a["C"] == b["C"] and abs(cpu - gpu) <= 0.003

@@ -26,6 +26,7 @@ from selfsup.evaluation import (
     knn_accuracy,
     labeled_subset,
     linear_probe,
+    noise_levels,
     plot_few_label,
     supervised_rule,
     write_results,
@@ -71,6 +72,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         config.probe,
         config.probe_c,
         config.cv_folds,
+        _noise_rates(config.label_noise),
     )
     run = Path(run)
     run_config = rundir.read_config(run)
@@ -101,8 +103,13 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         probe_c=config.probe_c,
         cv_folds=config.cv_folds,
         cv_max_samples=config.cv_max_samples,
+        label_noise=_noise_rates(config.label_noise),
     )
-    full = [r for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
+    full = [
+        r
+        for r in rows
+        if r["method"] == "selfsup" and r["fraction"] == 1.0 and not r.get("label_noise")
+    ]
     labeled = train_y >= 0
     probe_details: dict = {}
     results: dict[str, Any] = {
@@ -144,7 +151,11 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     plot_few_label(rows, out / "few_label.png")
     _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
     rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    results["table"] = format_table(rows)
+    results["table"] = format_table(rows) + "".join(
+        f"\n\nthe probe trained with {100 * rate:g}% of its labels flipped (test labels clean):\n"
+        + format_table(rows, rate)
+        for rate in noise_levels(rows)
+    )
     results["out"] = str(out)
     return results
 
@@ -185,6 +196,16 @@ def _finetune_rows(
                 }
             )
     return rows
+
+
+def _noise_rates(text: str) -> tuple[float, ...]:
+    """--label-noise "0.2,0.4" -> (0.2, 0.4)."""
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise SelfsupError(
+            f"--label-noise {text!r}: expected comma-separated rates like 0.2,0.4"
+        ) from None
 
 
 def _supervised_augment(config: EvalConfig, run_config: dict) -> str:

@@ -154,6 +154,9 @@ class EvalConfig:
     cv_max_samples: int = _opt(
         10_000, "cross-validate the probe's C on at most this many labels of a subset (stratified)"
     )
+    label_noise: str = _opt(
+        "", "also probe with these fractions of the training labels flipped, e.g. 0.2,0.4"
+    )
 
     def fraction_list(self) -> tuple[float, ...]:
         try:

@@ -31,6 +31,19 @@ class _Pixels(nn.Module):
         return x.flatten(1).float() / 255
 
 
+def flip_labels(y: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Symmetric label noise: round(rate · n) positions, drawn with `seed`, get a label drawn
+    uniformly from the other classes present in `y`."""
+    g = np.random.default_rng([seed, 20])
+    classes = np.unique(y)
+    out = y.copy()
+    for i in g.choice(len(y), round(rate * len(y)), replace=False):
+        others = classes[classes != y[i]]
+        if len(others):
+            out[i] = others[g.integers(len(others))]
+    return out
+
+
 def labeled_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of round(fraction · n_c) (at least 1) labeled samples of each class c,
     drawn by a seeded permutation within the class; smaller fractions nest in larger ones."""
@@ -151,6 +164,7 @@ def check_options(
     probe: str,
     probe_c: float | None = None,
     cv_folds: int = 5,
+    label_noise: Sequence[float] = (),
 ) -> None:
     """Reject bad options before any features are computed."""
     if probe not in PROBES:
@@ -160,6 +174,8 @@ def check_options(
         raise SelfsupError(f"--baselines: unknown {unknown}; expected from {', '.join(BASELINES)}")
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise SelfsupError(f"--fractions: expected label fractions in (0, 1], got {fractions}")
+    if any(not 0 < r <= 1 for r in label_noise):
+        raise SelfsupError(f"--label-noise: expected flip rates in (0, 1], got {list(label_noise)}")
     if not seeds:
         raise SelfsupError("--seeds: expected at least one label subset")
     if probe_c is not None and not probe_c > 0:
@@ -189,6 +205,7 @@ def few_label_evaluation(
     probe_c: float | None = None,
     cv_folds: int = 5,
     cv_max_samples: int | None = 10_000,
+    label_noise: Sequence[float] = (),
 ) -> list[dict]:
     """Accuracy of "selfsup" (the encoder's features) and each baseline for every label fraction
     and seed, all on the same stratified labeled subset of `train`:
@@ -203,9 +220,11 @@ def few_label_evaluation(
     `features` passes the encoder's (train, test) features when they are already at hand.
     Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised),
     linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged},
-    supervised rows {steps, best_step, val_labels}.
+    supervised rows {steps, best_step, val_labels}. For each rate in `label_noise` the probes are
+    also trained on the subset's labels with that fraction flipped (`flip_labels`; rows with
+    `label_noise`; no supervised row).
     """
-    check_options(fractions, seeds, baselines, probe, probe_c, cv_folds)
+    check_options(fractions, seeds, baselines, probe, probe_c, cv_folds, label_noise)
     for d in (train, test):
         if not d.has_labels:
             raise SelfsupError(f"few-label evaluation: the data {d.name!r} has no labels")
@@ -237,33 +256,56 @@ def few_label_evaluation(
         }
         precondition = {name: Preconditioner(tr) for name, (tr, _) in feats.items()}
     rows = []
-    probed: dict[tuple[str, bytes], tuple[float, dict]] = {}  # the probes are deterministic: at
-    for fraction, seed in tqdm(  # 100% every seed draws the same subset, so each is fitted once
+    probed: dict[tuple[str, bytes, float], tuple[float, dict]] = {}  # the probes are
+    # deterministic: at 100% every seed draws the same subset, so each is fitted once
+
+    def run_probe(name: str, idx: np.ndarray, labels: np.ndarray, noise: float, seed: int):
+        key = (name, idx.tobytes(), noise)
+        if key not in probed:
+            tr, te = feats[name]
+            details: dict = {}
+            if probe == "linear":
+                acc = probe_accuracy(
+                    tr[torch.as_tensor(idx, device=tr.device)],
+                    labels,
+                    te,
+                    test_y,
+                    C=probe_c,
+                    folds=cv_folds,
+                    seed=seed,
+                    details=details,
+                    precondition=precondition[name],
+                    cv_max_samples=cv_max_samples,
+                )
+            else:
+                acc = knn_accuracy(tr[idx], labels, te[labeled], test_y)
+            probed[key] = acc, details
+        return probed[key]
+
+    for fraction, seed in tqdm(
         list(itertools.product(fractions, seeds)), desc="few-label", disable=not progress
     ):
         idx = labeled_subset(train_y, fraction, seed)
+        noisy_rows = []
+        for noise in label_noise:  # the probe's training labels flipped; the test set is clean
+            noisy = flip_labels(train_y[idx], noise, seed)
+            for name in feats:
+                acc, details = run_probe(name, idx, noisy, noise, seed)
+                noisy_rows.append(
+                    {
+                        "method": name,
+                        "fraction": float(fraction),
+                        "seed": int(seed),
+                        "n_labels": len(idx),
+                        "accuracy": float(acc),
+                        "probe": probe,
+                        "label_noise": float(noise),
+                        **_probe_fields(details),
+                    }
+                )
         accuracy, info = {}, {}
-        for name, (tr, te) in feats.items():
-            key = (name, idx.tobytes())
-            if key not in probed:
-                details: dict = {}
-                if probe == "linear":
-                    acc = probe_accuracy(
-                        tr[torch.as_tensor(idx, device=tr.device)],
-                        train_y[idx],
-                        te,
-                        test_y,
-                        C=probe_c,
-                        folds=cv_folds,
-                        seed=seed,
-                        details=details,
-                        precondition=precondition[name],
-                        cv_max_samples=cv_max_samples,
-                    )
-                else:
-                    acc = knn_accuracy(tr[idx], train_y[idx], te[labeled], test_y)
-                probed[key] = acc, details
-            accuracy[name], info[name] = probed[key]
+        for name in feats:
+            accuracy[name], info[name] = run_probe(name, idx, train_y[idx], 0.0, seed)
         if "supervised" in baselines:
             accuracy["supervised"], info["supervised"] = supervised_reference(
                 make_random,
@@ -287,5 +329,5 @@ def few_label_evaluation(
                 **(info[name] if name == "supervised" else _probe_fields(info[name])),
             }
             for name, acc in accuracy.items()
-        ]
+        ] + noisy_rows
     return rows
