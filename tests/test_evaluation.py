@@ -16,10 +16,12 @@ from torch import nn
 from selfsup.data.images import ImageData
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import (
+    classifier_accuracy,
     extract_features,
     few_label_evaluation,
     finetune,
     fit_classifier,
+    flip_labels,
     format_table,
     kmeans_scores,
     knn_accuracy,
@@ -27,8 +29,11 @@ from selfsup.evaluation import (
     linear_probe,
     plot_few_label,
     summarize,
+    supervised_reference,
     write_results,
 )
+from selfsup.evaluation import few_label as few_label_module
+from selfsup.evaluation.few_label import _holdout
 from selfsup.models import Encoder
 
 
@@ -188,8 +193,8 @@ def test_finetune_is_seeded_and_steps_override_epochs(digits):
     assert not torch.equal(a.head.weight, c.head.weight)
     calls = []
     enc.register_forward_hook(lambda *_: calls.append(1))  # the hook is shared by deep copies
-    fit_classifier(enc, train, steps=7, **kw)  # 3 steps per epoch -> ceil(7 / 3) = 3 epochs
-    assert len(calls) == 9
+    fit_classifier(enc, train, steps=7, **kw)  # 3 steps per epoch: 2 epochs and 1 step
+    assert len(calls) == 7
 
 
 def test_labeled_subset_is_stratified_seeded_and_nested():
@@ -229,6 +234,9 @@ def test_few_label_evaluation_rows(digits):
     assert {r["n_labels"] for r in rows if r["fraction"] == 1.0} == {1437}
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert {r["probe"] for r in rows if r["method"] != "supervised"} == {"linear"}
+    supervised = [r for r in rows if r["method"] == "supervised"]
+    assert all(r["steps"] <= 15 and r["val_labels"] > 0 for r in supervised)  # capped at 15
+    assert {r["C_by"] for r in rows if r["method"] != "supervised"} == {"cv"}
     raw_full = [r["accuracy"] for r in rows if r["method"] == "raw" and r["fraction"] == 1.0]
     assert min(raw_full) > 0.85
 
@@ -294,3 +302,86 @@ def test_write_results_round_trips(tmp_path):
 def test_plot_writes_png(tmp_path):
     out = plot_few_label(ROWS, tmp_path / "curve.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_supervised_holdout_is_stratified_and_keeps_single_labels():
+    y = np.repeat([0, 1, 2, 3], [10, 5, 2, 1])
+    held = _holdout(y, seed=0)
+    assert np.bincount(y[held], minlength=4).tolist() == [2, 1, 1, 0]
+    assert not np.array_equal(held, _holdout(y, seed=1))
+    assert len(_holdout(np.arange(5), seed=0)) == 0  # one label per class: nothing held out
+
+
+def test_supervised_budget_scales_with_the_labeled_set(digits, monkeypatch):
+    """Steps requested = max(100, epochs * steps per epoch of the training part), capped."""
+    train, test = digits
+    asked = []
+
+    def fake_fit(*args, steps, val, info, **kw):
+        asked.append((steps, len(val) if val is not None else 0))
+        info.update(steps=steps, best_step=steps)
+        return convnet()
+
+    monkeypatch.setattr(few_label_module, "fit_classifier", fake_fit)
+    monkeypatch.setattr(few_label_module, "classifier_accuracy", lambda *a, **kw: 0.5)
+    one_each = labeled_subset(train.y.numpy(), 0.001, 0)  # 10 labels, one per class
+    for idx, kw in [(one_each, {}), (slice(None), {}), (slice(None), {"max_steps": 50})] + [
+        (slice(None), {"epochs": 100})
+    ]:
+        supervised_reference(convnet, train.subset(torch.arange(1437)[idx]), test, seed=0, **kw)
+    fit_1437 = 1437 - len(_holdout(train.y[:1437].numpy(), 0))
+    assert asked == [
+        (100, 0),  # one label per class: the minimum, nothing held out to early-stop on
+        (max(100, 30 * (fit_1437 // 256)), 1437 - fit_1437),
+        (50, 1437 - fit_1437),
+        (100 * (fit_1437 // 256), 1437 - fit_1437),
+    ]
+
+
+def test_early_stopping_returns_the_best_checkpoint(digits):
+    train, _ = digits
+    fit_part, val = train.subset(torch.arange(300)), train.subset(torch.arange(300, 400))
+    torch.manual_seed(0)
+    info: dict = {}
+    model = fit_classifier(
+        convnet(), fit_part, epochs=40, lr=3e-2, batch_size=100, augment="none", val=val,
+        patience=2, eval_every=3, info=info,
+    )  # fmt: skip
+    assert info["steps"] < 120 and info["steps"] % 3 == 0  # stopped early, at a check
+    assert info["steps"] - info["best_step"] == 2 * 3  # two checks without improvement
+    assert classifier_accuracy(model, val) == info["val_accuracy"]  # the best, not the last
+
+
+def test_flip_labels_flips_exactly_that_many_to_other_classes():
+    y = np.repeat(np.arange(5), 40)
+    noisy = flip_labels(y, 0.3, seed=1)
+    assert np.sum(noisy != y) == 60  # round(0.3 * 200), each to a different class
+    assert set(np.unique(noisy)) <= set(range(5))
+    np.testing.assert_array_equal(noisy, flip_labels(y, 0.3, seed=1))
+    assert not np.array_equal(noisy, flip_labels(y, 0.3, seed=2))
+    assert np.sum(flip_labels(y, 1.0, seed=0) == y) == 0
+
+
+def test_label_noise_rows_train_on_flipped_labels(digits, monkeypatch):
+    train, test = digits
+    seen = []
+    real = few_label_module.probe_accuracy
+    monkeypatch.setattr(
+        few_label_module,
+        "probe_accuracy",
+        lambda x, y, *a, **kw: seen.append(y.copy()) or real(x, y, *a, **kw),
+    )
+    rows = few_label_evaluation(
+        convnet(), train, test, fractions=(1.0,), seeds=(0,), baselines=("raw",),
+        label_noise=(0.4,), progress=False,
+    )  # fmt: skip
+    clean = {r["method"]: r["accuracy"] for r in rows if "label_noise" not in r}
+    noisy = {r["method"]: r["accuracy"] for r in rows if r.get("label_noise") == 0.4}
+    assert set(clean) == set(noisy) == {"selfsup", "raw"}
+    y = train.y.numpy()
+    flipped = [np.mean(s != y) for s in seen]
+    assert sorted(flipped) == pytest.approx([0, 0, 0.4, 0.4], abs=1e-3)  # per representation
+    assert noisy["raw"] < clean["raw"]
+    assert "40%" not in format_table(rows) and format_table(rows, 0.4) != format_table(rows)
+    with pytest.raises(SelfsupError, match="--label-noise"):
+        few_label_evaluation(convnet(), train, test, label_noise=(1.5,), progress=False)

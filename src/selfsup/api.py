@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from selfsup import run as rundir
+from selfsup.augment.recipes import RECIPES
 from selfsup.config import EvalConfig
 from selfsup.data import ImageData, adapt_images, load_splits
 from selfsup.errors import SelfsupError
@@ -24,7 +25,9 @@ from selfsup.evaluation import (
     knn_accuracy,
     labeled_subset,
     linear_probe,
+    noise_levels,
     plot_few_label,
+    supervised_rule,
     write_results,
 )
 from selfsup.models import Encoder
@@ -61,7 +64,15 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     """
     config = dataclasses.replace(config or EvalConfig(), **options)
     seeds = tuple(range(config.seeds))
-    check_options(config.fraction_list(), seeds, config.baseline_list(), config.probe)
+    check_options(
+        config.fraction_list(),
+        seeds,
+        config.baseline_list(),
+        config.probe,
+        config.probe_c,
+        config.cv_folds,
+        _noise_rates(config.label_noise),
+    )
     run = Path(run)
     run_config = rundir.read_config(run)
     encoder = load(run)
@@ -82,14 +93,24 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         baselines=config.baseline_list(),
         random_encoder=lambda: Encoder(**run_config["encoder"]),
         probe=config.probe,
-        supervised_steps=config.supervised_steps,
+        supervised_steps=config.supervised_max_steps,
+        supervised_epochs=config.supervised_epochs,
         batch_size=config.batch_size,
-        augment=config.augment,
+        augment=_supervised_augment(config, run_config),
         device=device,
         features=(train_f, test_f),
+        probe_c=config.probe_c,
+        cv_folds=config.cv_folds,
+        cv_max_samples=config.cv_max_samples,
+        label_noise=_noise_rates(config.label_noise),
     )
-    full = [r["accuracy"] for r in rows if r["method"] == "selfsup" and r["fraction"] == 1.0]
+    full = [
+        r
+        for r in rows
+        if r["method"] == "selfsup" and r["fraction"] == 1.0 and not r.get("label_noise")
+    ]
     labeled = train_y >= 0
+    probe_details: dict = {}
     results: dict[str, Any] = {
         "run": str(run),
         "data": train.name,
@@ -97,11 +118,25 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         "test_size": len(test),
         "probe": config.probe,
         "supervised_steps": config.supervised_steps,
-        "linear_probe": full[0]
+        "supervised_rule": supervised_rule(config.supervised_epochs, config.supervised_max_steps),
+        "linear_probe": full[0]["accuracy"]
         if full and config.probe == "linear"
-        else linear_probe(train_f[labeled], train_y[labeled], test_f, test_y),
+        else linear_probe(
+            train_f[labeled],
+            train_y[labeled],
+            test_f,
+            test_y,
+            C=config.probe_c,
+            folds=config.cv_folds,
+            device=device,
+            details=probe_details,
+            cv_max_samples=config.cv_max_samples,
+        ),
         "knn": knn_accuracy(train_f[labeled], train_y[labeled], test_f, test_y, k=config.knn_k),
     }
+    c_row = full[0] if full and config.probe == "linear" else probe_details
+    if "C" in c_row:
+        results["linear_probe_C"] = c_row["C"]
     if config.kmeans:
         n_classes = len(np.unique(test_y[test_y >= 0]))
         results["kmeans"] = kmeans_scores(test_f[test_y >= 0], test_y[test_y >= 0], n_classes)
@@ -115,7 +150,11 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     plot_few_label(rows, out / "few_label.png")
     _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
     rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    results["table"] = format_table(rows)
+    results["table"] = format_table(rows) + "".join(
+        f"\n\nthe probe trained with {100 * rate:g}% of its labels flipped (test labels clean):\n"
+        + format_table(rows, rate)
+        for rate in noise_levels(rows)
+    )
     results["out"] = str(out)
     return results
 
@@ -156,6 +195,24 @@ def _finetune_rows(
                 }
             )
     return rows
+
+
+def _noise_rates(text: str) -> tuple[float, ...]:
+    """--label-noise "0.2,0.4" -> (0.2, 0.4)."""
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise SelfsupError(
+            f"--label-noise {text!r}: expected comma-separated rates like 0.2,0.4"
+        ) from None
+
+
+def _supervised_augment(config: EvalConfig, run_config: dict) -> str:
+    """--supervised-augment, else the run's pretraining recipe, else --augment."""
+    if config.supervised_augment:
+        return config.supervised_augment
+    recipe = run_config.get("recipe")
+    return recipe if recipe in RECIPES else config.augment
 
 
 def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]:

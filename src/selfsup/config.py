@@ -165,6 +165,25 @@ class EvalConfig:
     kmeans: bool = _opt(True, "report k-means clustering (NMI, accuracy) of the embeddings")
     batch_size: int = _opt(256, "batch size for features and fine-tuning", check=">=1")
     device: str = _opt("auto", "cpu | cuda | auto")
+    probe_c: float | None = _opt(
+        None, "fixed C of the linear probe (default: k-fold cross-validation per labeled subset)"
+    )
+    cv_folds: int = _opt(5, "folds of the cross-validation choosing the probe's C")
+    supervised_epochs: int = _opt(
+        30, "epochs of the supervised baseline over its labeled subset (early-stopped)"
+    )
+    supervised_max_steps: int | None = _opt(
+        None, "upper bound on the supervised baseline's steps (--supervised-steps: --finetune only)"
+    )
+    supervised_augment: str | None = _opt(
+        None, "augmentation of the supervised baseline (default: the run's pretraining recipe)"
+    )
+    cv_max_samples: int = _opt(
+        10_000, "cross-validate the probe's C on at most this many labels of a subset (stratified)"
+    )
+    label_noise: str = _opt(
+        "", "also probe with these fractions of the training labels flipped, e.g. 0.2,0.4"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -17,11 +17,11 @@ from selfsup.data.images import ImageData
 from selfsup.errors import SelfsupError
 
 from .features import extract_features
-from .finetune import finetune
-from .probes import knn_accuracy, linear_probe
+from .finetune import _num_classes, classifier_accuracy, fit_classifier
+from .probes import Preconditioner, knn_accuracy, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
-PROBES = {"linear": linear_probe, "knn": knn_accuracy}
+PROBES = ("linear", "knn")
 
 
 class _Pixels(nn.Module):
@@ -29,6 +29,19 @@ class _Pixels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1).float() / 255
+
+
+def flip_labels(y: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Symmetric label noise: round(rate · n) positions, drawn with `seed`, get a label drawn
+    uniformly from the other classes present in `y`."""
+    g = np.random.default_rng([seed, 20])
+    classes = np.unique(y)
+    out = y.copy()
+    for i in g.choice(len(y), round(rate * len(y)), replace=False):
+        others = classes[classes != y[i]]
+        if len(others):
+            out[i] = others[g.integers(len(others))]
+    return out
 
 
 def labeled_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -59,8 +72,99 @@ def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
         return make()
 
 
+SUPERVISED_MIN_STEPS = 100
+SUPERVISED_VAL_FRACTION = 0.2
+SUPERVISED_PATIENCE = 5
+
+
+def supervised_rule(epochs: int, max_steps: int | None) -> str:
+    """The supervised reference's training budget, in words (printed beside the table)."""
+    cap = f", at most {max_steps}" if max_steps else ""
+    return (
+        f"supervised: the same architecture trained end to end on each labeled subset with the "
+        f"pretraining augmentation, {epochs} epochs over its training part (at least "
+        f"{SUPERVISED_MIN_STEPS} steps{cap}), early-stopped on a stratified "
+        f"{SUPERVISED_VAL_FRACTION:.0%} of the subset held out (classes with one label stay in "
+        f"training; no early stopping when none can be held out)"
+    )
+
+
+def _holdout(y: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded stratified SUPERVISED_VAL_FRACTION of positions in y (at least 1 of each class
+    with 2 or more labels, none of a class with 1)."""
+    g = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) >= 2:
+            held.append(g.permutation(idx)[: max(1, round(SUPERVISED_VAL_FRACTION * len(idx)))])
+    return np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+
+
+def supervised_reference(
+    make: Callable[[], nn.Module],
+    train: ImageData,
+    test: ImageData,
+    *,
+    seed: int,
+    epochs: int = 30,
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    augment: str = "light",
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """Test accuracy of `make()` (seeded) trained end to end on the labeled `train` by the rule of
+    `supervised_rule`, and {steps, best_step, val_labels}."""
+    y = train.y.numpy()  # type: ignore[union-attr]
+    held = _holdout(y, seed)
+    fit_part = train.subset(np.setdiff1d(np.arange(len(y)), held))
+    bs = min(batch_size, len(fit_part))
+    steps = max(SUPERVISED_MIN_STEPS, epochs * (len(fit_part) // bs))
+    if max_steps:
+        steps = min(steps, max_steps)
+    info: dict = {}
+    model = fit_classifier(
+        _seeded(make, seed),
+        fit_part,
+        num_classes=_num_classes(train, test),
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        augment=augment,
+        device=device,
+        val=train.subset(held) if len(held) else None,
+        patience=SUPERVISED_PATIENCE,
+        eval_every=max(len(fit_part) // bs, 10),
+        info=info,
+    )
+    accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
+    return accuracy, {
+        "steps": info["steps"],
+        "best_step": info["best_step"],
+        "val_labels": len(held),
+    }
+
+
+def _probe_fields(details: dict) -> dict:
+    """The row fields of a linear probe's fit: its C, how it was chosen, its iterations."""
+    if not details:
+        return {}
+    return {
+        "C": details["C"],
+        "C_by": "cv" if details["cv"] else "fixed",
+        "probe_iterations": details["n_iter"],
+        "probe_converged": details["converged"],
+    }
+
+
 def check_options(
-    fractions: Sequence[float], seeds: Sequence[int], baselines: Sequence[str], probe: str
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    baselines: Sequence[str],
+    probe: str,
+    probe_c: float | None = None,
+    cv_folds: int = 5,
+    label_noise: Sequence[float] = (),
 ) -> None:
     """Reject bad options before any features are computed."""
     if probe not in PROBES:
@@ -70,8 +174,14 @@ def check_options(
         raise SelfsupError(f"--baselines: unknown {unknown}; expected from {', '.join(BASELINES)}")
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise SelfsupError(f"--fractions: expected label fractions in (0, 1], got {fractions}")
+    if any(not 0 < r <= 1 for r in label_noise):
+        raise SelfsupError(f"--label-noise: expected flip rates in (0, 1], got {list(label_noise)}")
     if not seeds:
         raise SelfsupError("--seeds: expected at least one label subset")
+    if probe_c is not None and not probe_c > 0:
+        raise SelfsupError(f"--probe-c: expected a positive C, got {probe_c}")
+    if cv_folds < 2:
+        raise SelfsupError(f"--cv-folds: expected at least 2 folds, got {cv_folds}")
 
 
 def few_label_evaluation(
@@ -85,31 +195,40 @@ def few_label_evaluation(
     random_encoder: Callable[[], nn.Module] | None = None,
     probe: str = "linear",
     pca_dim: int = 64,
-    supervised_steps: int | None = 1000,
+    supervised_steps: int | None = None,
     supervised_epochs: int = 30,
     batch_size: int = 256,
     augment: str = "light",
     device: str | torch.device = "cpu",
     progress: bool = True,
     features: tuple[np.ndarray, np.ndarray] | None = None,
+    probe_c: float | None = None,
+    cv_folds: int = 5,
+    cv_max_samples: int | None = 10_000,
+    label_noise: Sequence[float] = (),
 ) -> list[dict]:
     """Accuracy of "selfsup" (the encoder's features) and each baseline for every label fraction
     and seed, all on the same stratified labeled subset of `train`:
 
     raw pixels, PCA(pca_dim) fitted on all train images (unlabeled use), a random encoder's
-    features (all with `probe`: "linear" or "knn"), and "supervised": `random_encoder()` fine-tuned
-    end to end on the subset with `augment` (supervised_steps, or supervised_epochs when steps is
-    None).
+    features (all with `probe`: "linear" or "knn"; the linear probe's C by stratified
+    `cv_folds`-fold cross-validation inside each labeled subset, on at most `cv_max_samples` of
+    its labels, or `probe_c`), and
+    "supervised": `random_encoder()` trained end to end on the subset with `augment` for
+    `supervised_epochs` epochs, early-stopped, at most `supervised_steps` steps (`supervised_rule`).
     `random_encoder` defaults to a re-initialised copy of `encoder`. Features are computed once;
     `features` passes the encoder's (train, test) features when they are already at hand.
-    Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised).
+    Rows: {method, fraction, seed, n_labels, accuracy, probe} (probe "finetune" for supervised),
+    linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged},
+    supervised rows {steps, best_step, val_labels}. For each rate in `label_noise` the probes are
+    also trained on the subset's labels with that fraction flipped (`flip_labels`; rows with
+    `label_noise`; no supervised row).
     """
-    check_options(fractions, seeds, baselines, probe)
+    check_options(fractions, seeds, baselines, probe, probe_c, cv_folds, label_noise)
     for d in (train, test):
         if not d.has_labels:
             raise SelfsupError(f"few-label evaluation: the data {d.name!r} has no labels")
     make_random = random_encoder or (lambda: _reinitialised(encoder))
-    run_probe = PROBES[probe]
 
     def extract(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
         kw = {"batch_size": batch_size, "device": device, "progress": progress}
@@ -129,28 +248,73 @@ def few_label_evaluation(
     train_y, test_y = train.y.numpy(), test.y.numpy()  # type: ignore[union-attr]
     labeled = test_y >= 0
     test_y = test_y[labeled]
+    if probe == "linear":  # standardised once per representation with the statistics of all
+        # training features (no labels), moved to the device once, reused by every subset
+        feats = {
+            name: tuple(standardize(tr, te[labeled], device=device))
+            for name, (tr, te) in feats.items()
+        }
+        precondition = {name: Preconditioner(tr) for name, (tr, _) in feats.items()}
     rows = []
-    probed: dict[tuple[str, bytes], float] = {}  # the probes are deterministic: at 100% every
-    for fraction, seed in tqdm(  # seed draws the same subset, so each is fitted once
+    probed: dict[tuple[str, bytes, float], tuple[float, dict]] = {}  # the probes are
+    # deterministic: at 100% every seed draws the same subset, so each is fitted once
+
+    def run_probe(name: str, idx: np.ndarray, labels: np.ndarray, noise: float, seed: int):
+        key = (name, idx.tobytes(), noise)
+        if key not in probed:
+            tr, te = feats[name]
+            details: dict = {}
+            if probe == "linear":
+                acc = probe_accuracy(
+                    tr[torch.as_tensor(idx, device=tr.device)],
+                    labels,
+                    te,
+                    test_y,
+                    C=probe_c,
+                    folds=cv_folds,
+                    seed=seed,
+                    details=details,
+                    precondition=precondition[name],
+                    cv_max_samples=cv_max_samples,
+                )
+            else:
+                acc = knn_accuracy(tr[idx], labels, te[labeled], test_y)
+            probed[key] = acc, details
+        return probed[key]
+
+    for fraction, seed in tqdm(
         list(itertools.product(fractions, seeds)), desc="few-label", disable=not progress
     ):
         idx = labeled_subset(train_y, fraction, seed)
-        accuracy = {}
-        for name, (tr, te) in feats.items():
-            key = (name, idx.tobytes())
-            if key not in probed:
-                probed[key] = run_probe(tr[idx], train_y[idx], te[labeled], test_y)
-            accuracy[name] = probed[key]
+        noisy_rows = []
+        for noise in label_noise:  # the probe's training labels flipped; the test set is clean
+            noisy = flip_labels(train_y[idx], noise, seed)
+            for name in feats:
+                acc, details = run_probe(name, idx, noisy, noise, seed)
+                noisy_rows.append(
+                    {
+                        "method": name,
+                        "fraction": float(fraction),
+                        "seed": int(seed),
+                        "n_labels": len(idx),
+                        "accuracy": float(acc),
+                        "probe": probe,
+                        "label_noise": float(noise),
+                        **_probe_fields(details),
+                    }
+                )
+        accuracy, info = {}, {}
+        for name in feats:
+            accuracy[name], info[name] = run_probe(name, idx, train_y[idx], 0.0, seed)
         if "supervised" in baselines:
-            accuracy["supervised"] = finetune(
-                _seeded(make_random, seed),
+            accuracy["supervised"], info["supervised"] = supervised_reference(
+                make_random,
                 train.subset(idx),
                 test,
-                trainable="all",
-                epochs=supervised_epochs,
-                steps=supervised_steps,
-                batch_size=batch_size,
                 seed=seed,
+                epochs=supervised_epochs,
+                max_steps=supervised_steps,
+                batch_size=batch_size,
                 augment=augment,
                 device=device,
             )
@@ -162,7 +326,8 @@ def few_label_evaluation(
                 "n_labels": len(idx),
                 "accuracy": float(acc),
                 "probe": "finetune" if name == "supervised" else probe,
+                **(info[name] if name == "supervised" else _probe_fields(info[name])),
             }
             for name, acc in accuracy.items()
-        ]
+        ] + noisy_rows
     return rows

@@ -69,12 +69,19 @@ def fit_classifier(
     optimizer: str = "adamw",
     weight_decay: float = 1e-4,
     progress: bool = False,
+    val: ImageData | None = None,
+    patience: int = 5,
+    eval_every: int | None = None,
+    info: dict | None = None,
 ) -> Classifier:
     """Train a copy of `encoder` plus a linear head on the labeled part of `train`.
 
     Frozen encoder parts get no gradients and stay in eval mode (BN statistics, dropout).
-    `steps`, when given, replaces `epochs` by ceil(steps / steps_per_epoch) epochs. Shuffling and
+    `steps`, when given, replaces `epochs`: training stops after that many steps. Shuffling and
     augmentation use generators seeded with `seed`, so a seed gives the same model.
+    With `val` (labeled), the accuracy on it is measured every `eval_every` steps (default: each
+    epoch): training stops after `patience` checks without improvement and returns the best
+    model. `info`, when given, receives the steps taken and the best check's step and accuracy.
     """
     if optimizer not in ("adamw", "sgd"):
         raise SelfsupError(f"finetune optimizer: expected 'adamw' or 'sgd', got {optimizer!r}")
@@ -100,18 +107,21 @@ def fit_classifier(
     steps_per_epoch = len(train) // bs
     if steps is not None:
         epochs = math.ceil(steps / steps_per_epoch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    total = steps if steps is not None else epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
     aug = build_recipe(augment, train.image_size, train.channels).to(device)
     shuffle_g = torch.Generator().manual_seed(seed)
     aug_g = torch.Generator(device=device).manual_seed(seed)
 
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"finetune {trainable}", disable=not progress)
+    bar = tqdm(total=total, desc=f"finetune {trainable}", disable=not progress)
+    every = eval_every or steps_per_epoch
+    step, best, best_step, best_state, bad = 0, -1.0, 0, None, 0
     for _ in range(epochs):
-        model.train()
-        for module in frozen:
-            module.training = False
         perm = torch.randperm(len(train), generator=shuffle_g)[: steps_per_epoch * bs]
         for idx in perm.view(steps_per_epoch, bs):
+            model.train()
+            for module in frozen:
+                module.training = False
             x = aug(train.images(idx).to(device), aug_g)
             loss = F.cross_entropy(model(x), train.y[idx].to(device))  # type: ignore[index]
             if not torch.isfinite(loss):
@@ -121,7 +131,23 @@ def fit_classifier(
             opt.step()
             sched.step()
             bar.update()
+            step += 1
+            if val is not None and step % every == 0:
+                acc = classifier_accuracy(model, val, batch_size=max(bs, 256), device=device)
+                if acc > best:
+                    best, best_step, bad = acc, step, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad += 1
+            if bad >= patience or step == total:
+                break
+        if bad >= patience or step == total:
+            break
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if info is not None:
+        info.update(steps=step, best_step=best_step, val_accuracy=best if val else None)
     return model.eval()
 
 

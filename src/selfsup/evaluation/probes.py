@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from selfsup.errors import SelfsupError
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -17,22 +24,310 @@ def _np(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+C_GRID = tuple(10.0**k for k in range(-5, 3))  # 1e-5 ... 1e2, searched by cross-validation
+DEFAULT_C = 1.0  # when a class has fewer than 2 labels and C cannot be cross-validated
+
+
+@dataclass
+class LogisticFit:
+    """A fitted multinomial logistic regression: logits = x @ weight.T + bias, `weight` K×D (one
+    row when there are two classes, as in scikit-learn), over `classes` (sorted labels)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    classes: np.ndarray
+    C: float
+    n_iter: int
+    converged: bool
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = _linear(x, self.weight, self.bias)
+        return torch.cat([torch.zeros_like(z), z], 1) if z.shape[1] == 1 else z
+
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        return self.classes[self.logits(x).argmax(1).cpu().numpy()]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias, as (weight @ x.T).T: several times faster than x @ weight.T for a
+    tall x and few classes on CPU (MKL)."""
+    return (weight @ x.T).T + bias
+
+
+@contextmanager
+def _few_threads(x: torch.Tensor) -> Iterator[None]:
+    """One torch thread for a small problem on CPU: the threads' synchronisation costs more than
+    it saves there, and up to 100x on a busy machine (measured on 2 shared cores)."""
+    if x.device.type != "cpu" or x.numel() >= 2**24 or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def standardize(train_f: ArrayLike, *others: ArrayLike, **kw: Any) -> list[torch.Tensor]:
+    """`train_f` and `others` as tensors (keyword `device`, `dtype`) centred and scaled by the
+    mean and std of `train_f` (a constant feature keeps scale 1, as in scikit-learn)."""
+    device, dtype = kw.get("device", "cpu"), kw.get("dtype", torch.float32)
+    tensors = [torch.as_tensor(_np(a), device=device).to(dtype) for a in (train_f, *others)]
+    x64 = tensors[0].double()
+    mean, std = x64.mean(0), x64.std(0, unbiased=False)
+    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    mean, std = mean.to(dtype), std.to(dtype)
+    return [(t - mean) / std for t in tensors]
+
+
+class Preconditioner:
+    """The second moments S of standardised features (from at most `max_rows` seeded rows), for
+    L-BFGS in the variables V = W L, where L L^T = S·h + I/(C·n) approximates the objective's
+    Hessian (h = 1/K, or 1/4 for two classes): the same minimiser, far fewer iterations when a
+    few directions dominate S (`worthwhile`: the top eigenvalue is >= 10% of the trace; CIFAR-10
+    pixels 27%, 4-10x fewer iterations; MNIST pixels 6%, where it needs more). Cholesky factors
+    are cached per (h, C·n) rounded to a tenth of a decade."""
+
+    def __init__(self, x: torch.Tensor, max_rows: int = 10_000, seed: int = 0) -> None:
+        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        sub = x[rows.to(x.device)].double()
+        self.moments = sub.T @ sub / len(sub)
+        self.dtype = x.dtype
+        self._factors: dict[tuple[float, float], torch.Tensor] = {}
+        v = torch.ones(len(self.moments), device=x.device, dtype=torch.float64)
+        for _ in range(50):  # power iteration for the top eigenvalue
+            v = self.moments @ v
+            v = v / v.norm().clamp_min(1e-30)
+        top = float(v @ self.moments @ v)
+        self.worthwhile = top >= 0.1 * float(self.moments.trace())
+
+    def factor(self, h: float, ridge: float) -> torch.Tensor:
+        key = (h, round(float(np.log10(ridge)), 1))
+        if key not in self._factors:
+            eye = torch.eye(len(self.moments), device=self.moments.device, dtype=torch.float64)
+            lower = torch.linalg.cholesky(self.moments * h + eye * 10 ** key[1])
+            self._factors[key] = lower.to(self.dtype)
+        return self._factors[key]
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: ArrayLike,
+    C: float,
+    *,
+    init: LogisticFit | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    precondition: Preconditioner | None = None,
+) -> LogisticFit:
+    """Multinomial logistic regression by full-batch L-BFGS on `x`'s device and dtype.
+
+    Minimises scikit-learn's objective C · sum(log-loss) + ||W||² / 2 with an unpenalised
+    intercept (divided by C · n, as scikit-learn does) until the largest gradient entry is at
+    most `tol`, the objective stalls at the dtype's precision, or `max_iter` iterations
+    (`converged` is False only then). `init` warm-starts from a fit on the same classes;
+    `precondition` (made from these features' distribution) speeds it up when n >= features.
+    """
+    classes, codes = np.unique(_np(y), return_inverse=True)
+    if len(classes) < 2:
+        raise SelfsupError("logistic regression needs at least two classes")
+    n, dim = x.shape
+    k = 1 if len(classes) == 2 else len(classes)
+    target = torch.as_tensor(codes, device=x.device)
+    onehot = (
+        target[:, None].to(x.dtype) if k == 1 else F.one_hot(target, k).to(x.dtype)  # type: ignore[arg-type]
+    )
+    if init is not None:
+        weight, bias = init.weight.clone(), init.bias.clone()
+    else:
+        weight = torch.zeros(k, dim, device=x.device, dtype=x.dtype)
+        bias = torch.zeros(k, device=x.device, dtype=x.dtype)
+    l2 = 1.0 / (2.0 * C * n)
+    lower = (  # below n = dim the triangular solves cost more than the data products
+        precondition.factor(0.25 if k == 1 else 1 / k, 2 * l2)
+        if precondition is not None and precondition.worthwhile and n >= dim
+        else None
+    )
+    v = weight @ lower if lower is not None else weight  # the variables L-BFGS moves
+
+    def closure() -> torch.Tensor:
+        # the gradient by hand: autograd's x.T @ g is ~20x slower than g.T @ x on a tall x
+        if lower is not None:  # W = V L^-1
+            weight[:] = torch.linalg.solve_triangular(lower.T, v.T, upper=True).T
+        z = _linear(x, weight, bias)
+        if k == 1:
+            loss = F.binary_cross_entropy_with_logits(z, onehot)
+            g = (torch.sigmoid(z) - onehot) / n
+        else:
+            logp = torch.log_softmax(z, 1)
+            loss = -(logp * onehot).sum() / n
+            g = (logp.exp() - onehot) / n
+        weight.grad = grad_w = g.T @ x + (2 * l2) * weight
+        v.grad = (
+            grad_w
+            if lower is None
+            else torch.linalg.solve_triangular(lower, grad_w.T, upper=False).T  # dV = dW L^-T
+        )
+        bias.grad = g.sum(0)
+        return loss + l2 * weight.square().sum()
+
+    chunk = min(25, max_iter)
+    opt = torch.optim.LBFGS(
+        [v, bias],
+        lr=1,
+        max_iter=chunk,
+        max_eval=2 * chunk,
+        tolerance_grad=tol if lower is None else 0.0,  # V's gradient is not W's: checked below
+        tolerance_change=1e-12 if x.dtype == torch.float64 else 1e-9,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
+    n_iter = 0
+    with torch.no_grad(), _few_threads(x):
+        while n_iter < max_iter:  # chunks of L-BFGS iterations (the history carries over)
+            opt.step(closure)
+            done = int(opt.state[v].get("n_iter", 0)) - n_iter
+            n_iter += done
+            closure()  # at the accepted point: W and the largest entry of W's gradient
+            if done < chunk or max(weight.grad.abs().max(), bias.grad.abs().max()) <= tol:
+                break  # converged, or stalled at the dtype's precision
+    return LogisticFit(weight, bias, classes, C, n_iter, n_iter < max_iter)
+
+
+def cv_folds(y: np.ndarray, folds: int) -> int:
+    """Folds for stratified cross-validation: `folds`, fewer when the rarest class has fewer
+    labels, 0 (no cross-validation) when a class has fewer than 2."""
+    return min(folds, int(np.unique(y, return_counts=True)[1].min()))
+
+
+def choose_c(
+    x: torch.Tensor,
+    y: ArrayLike,
+    *,
+    grid: Sequence[float] = C_GRID,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+    precondition: Preconditioner | None = None,
+    max_samples: int | None = None,
+) -> tuple[float, dict[float, float]]:
+    """C with the best mean held-out accuracy in stratified k-fold cross-validation on (x, y)
+    alone (ties: the lower held-out log-loss), and the mean accuracy of each C tried.
+
+    C goes up the grid with warm starts per fold and stops after two Cs in a row below the best
+    (held-out accuracy is unimodal in C in practice; large Cs cost the most iterations). When a
+    class has fewer than 2 labels, no cross-validation is possible: DEFAULT_C and an empty dict.
+    Above `max_samples` labels, the cross-validation runs on a seeded stratified sample of that
+    many of them (the chosen C then fits all, as k-fold's C fits all k folds).
+    """
+    y = _np(y)
+    if max_samples is not None and len(y) > max_samples:
+        keep = np.sort(
+            train_test_split(
+                np.arange(len(y)), train_size=max_samples, stratify=y, random_state=seed
+            )[0]
+        )
+        x, y = x[torch.as_tensor(keep, device=x.device)], y[keep]
+    k = cv_folds(y, folds)
+    if k < 2:
+        return DEFAULT_C, {}
+    splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    parts = [
+        (
+            x[torch.as_tensor(tr, device=x.device)],
+            y[tr],
+            x[torch.as_tensor(va, device=x.device)],
+            y[va],
+        )
+        for tr, va in splits
+    ]
+    fits: list[LogisticFit | None] = [None] * k
+    scores: dict[float, tuple[float, float]] = {}
+    for c in sorted(grid):
+        acc, nll = [], []
+        for i, (x_tr, y_tr, x_va, y_va) in enumerate(parts):
+            fits[i] = fit = fit_logistic(
+                x_tr, y_tr, c, init=fits[i], max_iter=max_iter, tol=tol, precondition=precondition
+            )
+            logp = torch.log_softmax(fit.logits(x_va).double(), 1).cpu().numpy()
+            codes = np.searchsorted(fit.classes, y_va)
+            acc.append(np.mean(fit.classes[logp.argmax(1)] == y_va))
+            nll.append(-np.mean(logp[np.arange(len(y_va)), codes]))
+        scores[c] = (float(np.mean(acc)), float(np.mean(nll)))
+        best = max(scores.values(), key=lambda s: (s[0], -s[1]))[0]
+        if len(scores) >= 3 and all(s[0] < best for s in list(scores.values())[-2:]):
+            break
+    chosen = max(scores, key=lambda c: (scores[c][0], -scores[c][1]))
+    return chosen, {c: s[0] for c, s in scores.items()}
+
+
 def linear_probe(
     train_f: ArrayLike,
     train_y: ArrayLike,
     test_f: ArrayLike,
     test_y: ArrayLike,
     *,
+    C: float | None = None,
+    folds: int = 5,
     max_iter: int = 1000,
+    device: str | torch.device = "cpu",
+    details: dict | None = None,
+    cv_max_samples: int | None = None,
 ) -> float:
-    """Test accuracy of a multinomial logistic regression (lbfgs, fixed C=1) on standardised
-    features. With a single training class it predicts that class."""
-    train_f, train_y, test_f, test_y = map(_np, (train_f, train_y, test_f, test_y))
-    if len(np.unique(train_y)) < 2:
-        return float(np.mean(test_y == train_y[0]))
-    scaler = StandardScaler().fit(train_f)
-    clf = LogisticRegression(C=1.0, max_iter=max_iter).fit(scaler.transform(train_f), train_y)
-    return float(clf.score(scaler.transform(test_f), test_y))
+    """Test accuracy of a multinomial logistic regression on features standardised with the
+    training features' statistics; C by `choose_c` on the training set unless given. With a
+    single training class it predicts that class. `details`, when given, receives C, the
+    cross-validation accuracies and the final fit's iterations."""
+    x, x_test = standardize(train_f, test_f, device=device)
+    return probe_accuracy(
+        x,
+        _np(train_y),
+        x_test,
+        _np(test_y),
+        C=C,
+        folds=folds,
+        max_iter=max_iter,
+        details=details,
+        precondition=Preconditioner(x) if len(x) >= x.shape[1] else None,
+        cv_max_samples=cv_max_samples,
+    )
+
+
+def probe_accuracy(
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_test: torch.Tensor,
+    test_y: np.ndarray,
+    *,
+    C: float | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 1000,
+    details: dict | None = None,
+    precondition: Preconditioner | None = None,
+    cv_max_samples: int | None = None,
+) -> float:
+    """`linear_probe` on already standardised tensors: C (cross-validated on (x, y) alone
+    unless given), one fit on all of (x, y), and the accuracy on (x_test, test_y)."""
+    if len(np.unique(y)) < 2:
+        return float(np.mean(test_y == y[0]))
+    cv: dict[float, float] = {}
+    if C is None:
+        C, cv = choose_c(
+            x,
+            y,
+            folds=folds,
+            seed=seed,
+            max_iter=max_iter,
+            precondition=precondition,
+            max_samples=cv_max_samples,
+        )
+    fit = fit_logistic(x, y, C, max_iter=max_iter, precondition=precondition)
+    if details is not None:
+        details.update(C=C, cv=cv, n_iter=fit.n_iter, converged=fit.converged)
+    return float(np.mean(fit.predict(x_test) == test_y))
 
 
 def knn_accuracy(

@@ -24,12 +24,13 @@ def _fraction_label(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], label_noise: float = 0.0) -> list[dict]:
     """Mean and std (sample std; 0 for one seed) of accuracy over seeds per method × fraction,
-    methods in table order, fractions ascending."""
+    methods in table order, fractions ascending; rows of that `label_noise` (0: clean) only."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[row["method"], row["fraction"]].append(row)
+        if row.get("label_noise", 0.0) == label_noise:
+            groups[row["method"], row["fraction"]].append(row)
     out = []
     for method, fraction in sorted(groups, key=lambda k: (_method_key(k[0]), k[1])):
         group = groups[method, fraction]
@@ -47,9 +48,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def format_table(rows: list[dict]) -> str:
-    """A text table: one line per method, one column per label fraction, "mean ± std" in %."""
-    summary = summarize(rows)
+def noise_levels(rows: list[dict]) -> list[float]:
+    """The label-noise rates of the rows, ascending (without 0, the clean rows)."""
+    return sorted({r["label_noise"] for r in rows if r.get("label_noise", 0.0) > 0})
+
+
+def format_table(rows: list[dict], label_noise: float = 0.0) -> str:
+    """A text table: one line per method, one column per label fraction, "mean ± std" in %
+    (rows of that `label_noise`; 0: clean)."""
+    summary = summarize(rows, label_noise)
     fractions = sorted({s["fraction"] for s in summary})
     methods = list(dict.fromkeys(s["method"] for s in summary))
     cells = {
