@@ -98,3 +98,19 @@ def test_a_run_ends_with_a_summary_and_epoch_lines_off_a_terminal(tmp_path: Path
     assert out[-1] == f"next: selfsup evaluate {run}"
     assert 3 <= len(out[2:]) <= 6 and "2 epoch(s) of 256 images" in out[2]
     assert not any("\r" in line or "it/s" in line for line in out)  # no progress bars
+
+
+def test_limit_bounds_the_test_split_of_embed_and_evaluate(tmp_path: Path, capsys) -> None:
+    import json
+
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "simclr", *QUICK, "--out", str(run)]) == 0
+    out = tmp_path / "e.npy"
+    assert main(["embed", str(run), "--split", "test", "--limit", "50", "-o", str(out)]) == 0
+    assert np.load(out).shape[0] == 50  # not the 360 test digits
+    argv = ["evaluate", str(run), "--limit", "200", "--fractions", "1", "--seeds", "1"]
+    assert main([*argv, "--baselines", "none", "--no-kmeans"]) == 0
+    results = json.loads((run / "eval" / "digits" / "results.json").read_text())
+    assert (results["train_size"], results["test_size"]) == (200, 200)

@@ -13,7 +13,7 @@ import numpy as np
 from selfsup import run as rundir
 from selfsup.augment.recipes import RECIPES
 from selfsup.config import EvalConfig
-from selfsup.data import ImageData, adapt_images, load_splits
+from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import (
     check_options,
@@ -51,7 +51,7 @@ def embed(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (N×D float32) and labels (or None) of a dataset under a run's encoder."""
     encoder = load(run)
-    dataset = _dataset_for(run, data, split, data_dir, download, limit)
+    dataset = dataset_for(run, data, split, data_dir, download, limit)
     features = extract_features(encoder, dataset, batch_size=batch_size, device=_device(device))
     labels = dataset.y.numpy() if dataset.y is not None else None
     return features, labels
@@ -227,6 +227,8 @@ def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]
     )
     if test is None:  # load_splits holds out a test split of every labeled source
         raise SelfsupError(f"--data {spec} has no labels: evaluation needs labeled data")
+    if config.limit is not None and len(test) > config.limit:  # small tries stay small
+        test = test.subset(stratified_indices(test.y, config.limit, seed=None))
     return _adapt(train, _shape(run_config)), _adapt(test, _shape(run_config))
 
 
@@ -240,7 +242,16 @@ def _folder_size(spec: str, run_config: dict) -> int | None:
     return run_config["dataset"]["image_size"][0] if spec.startswith("folder:") else None
 
 
-def _dataset_for(run, data, split, data_dir, download, limit) -> ImageData:
+def dataset_for(
+    run: str | Path,
+    data: str | None = None,
+    split: str = "train",
+    data_dir: str | None = None,
+    download: bool = False,
+    limit: int | None = None,
+) -> ImageData:
+    """A split of `data` (default: the run's own) as the run's encoder sees it (channels and
+    size converted); `limit` keeps a stratified first N of the split, test split included."""
     if split not in ("train", "test"):
         raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
     run_config = rundir.read_config(run)
@@ -255,6 +266,8 @@ def _dataset_for(run, data, split, data_dir, download, limit) -> ImageData:
     if split == "test" and test is None:
         raise SelfsupError(f"--data {spec} has no test split")
     dataset = train if split == "train" else test
+    if split == "test" and limit is not None and len(test) > limit:  # type: ignore[arg-type]
+        dataset = test.subset(stratified_indices(test.y, limit, seed=None))  # type: ignore[union-attr]
     return _adapt(dataset, _shape(run_config))  # type: ignore[arg-type]
 
 

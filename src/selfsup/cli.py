@@ -162,7 +162,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     m.add_argument("--split", default="train", choices=["train", "test"])
     m.add_argument("--data-dir", help="root of torchvision datasets")
     m.add_argument("--download", action="store_true", help="download a missing dataset")
-    m.add_argument("--limit", type=positive_int, help="stratified first N samples")
+    m.add_argument(
+        "--limit", type=positive_int, help="stratified first N samples (of either split)"
+    )
     m.add_argument("--batch-size", type=positive_int, default=256)
     m.add_argument("--device", default="auto")
     m.add_argument(

@@ -68,65 +68,67 @@ class PretrainConfig:
     method adds its own `Options` (in its file) through `options`. Saved, flat, as the run's
     `config.yaml`."""
 
-    method: str | None = _opt(
+    method: str | None = option(
         None, "self-supervised method (default: simclr; with resume, the run's own)", cli=False
     )
-    data: str = _opt(
+    data: str = option(
         "digits", "dataset: digits | npz:DIR_OR_FILE | folder:PATH | cifar10 | mnist | ..."
     )
-    data_dir: str | None = _opt(None, "root of torchvision datasets (default $SELFSUP_DATA)")
-    download: bool = _opt(False, "download a torchvision dataset if it is missing")
-    limit: int | None = _opt(
+    data_dir: str | None = option(None, "root of torchvision datasets (default $SELFSUP_DATA)")
+    download: bool = option(False, "download a torchvision dataset if it is missing")
+    limit: int | None = option(
         None,
         "use a stratified first N training samples, and at most N test samples for the online "
         "probe (quick tries)",
         check=">=1",
     )
-    image_size: int | None = _opt(
+    image_size: int | None = option(
         None, "resize folder images to this size (default: first image)", check=">=1"
     )
-    backbone: str | None = _opt(
+    backbone: str | None = option(
         None,
         "encoder: convnet | convnet-wide | resnet18 | resnet50 | vit-mini | vit-tiny | vit-small "
         "| vit-base (default: the method's own, convnet; mae vit-mini)",
     )
-    small_images: bool | None = _opt(
+    small_images: bool | None = option(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )
-    recipe: str | None = _opt(
+    recipe: str | None = option(
         None,
         "augmentation recipe of the views: simclr | digits | light | none | crop | flip | ... "
         "(default: the method's own: simclr; light for clip and colorization; none where the "
         "method draws no views)",
     )
-    epochs: int = _opt(10, "training epochs", check=">=1")
-    batch_size: int = _opt(256, "images per batch (each gives two views)", check=">=1")
-    optimizer: str = _opt("adamw", "sgd | lars | adamw")
-    lr: float | None = _opt(
+    epochs: int = option(10, "training epochs", check=">=1")
+    batch_size: int = option(256, "images per batch (each gives two views)", check=">=1")
+    optimizer: str = option("adamw", "sgd | lars | adamw")
+    lr: float | None = option(
         None, "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256)", check=">0"
     )
-    weight_decay: float = _opt(
+    weight_decay: float = option(
         1e-4, "weight decay (not applied to biases and norm layers)", check=">=0"
     )
-    warmup_epochs: float = _opt(
+    warmup_epochs: float = option(
         1.0, "linear warm-up before the cosine decay, in epochs", check=">=0"
     )
-    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
-    accelerator: str = _opt("auto", "cpu | gpu | auto (Lightning)")
-    devices: str = _opt("auto", "number of devices or 'auto' (Lightning)")
-    precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed on GPU, else 32)")
-    num_workers: int = _opt(
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)")
+    accelerator: str = option("auto", "cpu | gpu | auto (Lightning)")
+    devices: str = option("auto", "number of devices or 'auto' (Lightning)")
+    precision: str | None = option(
+        None, "Lightning precision (default: bf16-mixed on GPU, else 32)"
+    )
+    num_workers: int = option(
         0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
     )
-    online_probe: bool = _opt(True, "train a linear probe on detached features when labels exist")
-    sync_batchnorm: bool = _opt(
+    online_probe: bool = option(True, "train a linear probe on detached features when labels exist")
+    sync_batchnorm: bool = option(
         False, "synchronise BatchNorm statistics across GPUs (SimCLR's global BN; CUDA only)"
     )
-    progress: bool | None = _opt(
+    progress: bool | None = option(
         None, "progress bars (default: on a terminal; otherwise one line per epoch)"
     )
-    out: str | None = _opt(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
-    resume: str | None = _opt(None, "continue the run in this directory from its last checkpoint")
+    out: str | None = option(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
+    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
     options: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "the method's own options by name (its Options dataclass)", "cli": False},
@@ -146,42 +148,46 @@ class PretrainConfig:
 class EvalConfig:
     """What `selfsup evaluate` measures; results go to RUN/eval/<data>/."""
 
-    data: str | None = _opt(None, "dataset to evaluate on (default: the run's own)")
-    data_dir: str | None = _opt(None, "root of torchvision datasets (default $SELFSUP_DATA)")
-    download: bool = _opt(False, "download a torchvision dataset if it is missing")
-    limit: int | None = _opt(None, "use a stratified first N training samples", check=">=1")
-    fractions: str = _opt("0.01,0.1,1.0", "label fractions for the few-label table")
-    seeds: int = _opt(3, "label subsets (seeds) per fraction", check=">=1")
-    baselines: str = _opt(
+    data: str | None = option(None, "dataset to evaluate on (default: the run's own)")
+    data_dir: str | None = option(None, "root of torchvision datasets (default $SELFSUP_DATA)")
+    download: bool = option(False, "download a torchvision dataset if it is missing")
+    limit: int | None = option(
+        None, "use a stratified first N training and at most N test samples", check=">=1"
+    )
+    fractions: str = option("0.01,0.1,1.0", "label fractions for the few-label table")
+    seeds: int = option(3, "label subsets (seeds) per fraction", check=">=1")
+    baselines: str = option(
         "raw,pca,random,supervised", "comma list of raw, pca, random, supervised (or 'none')"
     )
-    probe: str = _opt("linear", "classifier on frozen features: linear | knn")
-    knn_k: int = _opt(20, "neighbours for the kNN classifier", check=">=1")
-    finetune: str = _opt("none", "also fine-tune the encoder: none | all | last-K")
-    supervised_steps: int = _opt(
+    probe: str = option("linear", "classifier on frozen features: linear | knn")
+    knn_k: int = option(20, "neighbours for the kNN classifier", check=">=1")
+    finetune: str = option("none", "also fine-tune the encoder: none | all | last-K")
+    supervised_steps: int = option(
         300, "optimisation steps of fine-tuning and the supervised baseline", check=">=1"
     )
-    augment: str = _opt("light", "augmentation recipe for fine-tuning and the supervised baseline")
-    kmeans: bool = _opt(True, "report k-means clustering (NMI, accuracy) of the embeddings")
-    batch_size: int = _opt(256, "batch size for features and fine-tuning", check=">=1")
-    device: str = _opt("auto", "cpu | cuda | auto")
-    probe_c: float | None = _opt(
+    augment: str = option(
+        "light", "augmentation recipe for fine-tuning and the supervised baseline"
+    )
+    kmeans: bool = option(True, "report k-means clustering (NMI, accuracy) of the embeddings")
+    batch_size: int = option(256, "batch size for features and fine-tuning", check=">=1")
+    device: str = option("auto", "cpu | cuda | auto")
+    probe_c: float | None = option(
         None, "fixed C of the linear probe (default: k-fold cross-validation per labeled subset)"
     )
-    cv_folds: int = _opt(5, "folds of the cross-validation choosing the probe's C")
-    supervised_epochs: int = _opt(
+    cv_folds: int = option(5, "folds of the cross-validation choosing the probe's C")
+    supervised_epochs: int = option(
         30, "epochs of the supervised baseline over its labeled subset (early-stopped)"
     )
-    supervised_max_steps: int | None = _opt(
+    supervised_max_steps: int | None = option(
         None, "upper bound on the supervised baseline's steps (--supervised-steps: --finetune only)"
     )
-    supervised_augment: str | None = _opt(
+    supervised_augment: str | None = option(
         None, "augmentation of the supervised baseline (default: the run's pretraining recipe)"
     )
-    cv_max_samples: int = _opt(
+    cv_max_samples: int = option(
         10_000, "cross-validate the probe's C on at most this many labels of a subset (stratified)"
     )
-    label_noise: str = _opt(
+    label_noise: str = option(
         "", "also probe with these fractions of the training labels flipped, e.g. 0.2,0.4"
     )
 
@@ -236,11 +242,11 @@ def read_config_file(
             continue
         if name not in types:
             raise SelfsupError(f"--config {path}: {key!r} is not an option of this command")
-        options[name] = _typed(value, types[name], f"--config {path}: {key}")
+        options[name] = typed_value(value, types[name], f"--config {path}: {key}")
     return options
 
 
-def _typed(value: Any, tp: type, where: str) -> Any:
+def typed_value(value: Any, tp: type, where: str) -> Any:
     """A YAML value as the option's type (`devices: 2` is the string "2"; 1 is 1.0)."""
     if value is None:
         return None

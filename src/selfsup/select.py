@@ -109,9 +109,12 @@ def select(
     """Choose `budget` training images of `data` (default: the run's own) to label; writes
     a CSV (rank, index, path where the images are files) and a contact sheet PNG beside it."""
     from selfsup import draw
-    from selfsup.api import embed_dataset
+    from selfsup.api import dataset_for, load
+    from selfsup.device import resolve_device
+    from selfsup.evaluation import extract_features
 
-    features, dataset = embed_dataset(run, data, device=device)
+    dataset = dataset_for(run, data)
+    features = extract_features(load(run), dataset, device=resolve_device(device))
     picks = choose(features, budget, strategy, seed)
     out = Path(out) if out else Path(run) / "select" / f"{strategy}-{budget}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ RUN_ONLY = ("out", "resume", "tokenizer_size", "vocabulary")  # what a run adds 
 def _file_values(path: str, model: str) -> dict[str, Any]:
     """The options in a YAML file for `lm pretrain MODEL`; a run's own config.yaml (its kind's
     options nested under `options`) is accepted as it is, less its run folder."""
-    from selfsup.config import _typed, read_config_file
+    from selfsup.config import read_config_file, typed_value
     from selfsup.errors import SelfsupError
     from selfsup.lm.options import KINDS
 
@@ -112,7 +112,7 @@ def _file_values(path: str, model: str) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in types:
             raise SelfsupError(f"--config {path}: {key!r} is not an option of {model}")
-        values[name] = _typed(value, types[name], f"--config {path}: {key}")
+        values[name] = typed_value(value, types[name], f"--config {path}: {key}")
     if "corpus" in values:  # runs from before `data` was named so
         values.setdefault("data", values.pop("corpus"))
     return {k: v for k, v in values.items() if k in types}
