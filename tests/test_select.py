@@ -3,6 +3,8 @@ whose answer is known, and the random baseline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,28 @@ def test_random_is_seeded_and_distinct_and_bad_requests_are_one_line() -> None:
     ]:
         with pytest.raises(SelfsupError, match=message):
             choose(z, budget, strategy)
+
+
+def test_select_from_the_command_line_writes_the_picks_and_a_contact_sheet(tmp_path) -> None:
+    import csv
+
+    from PIL import Image
+
+    from selfsup.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    argv = ["pretrain", "simclr", "--data", f"folder:{folder}", "--batch-size", "16"]
+    assert main([*argv, "--epochs", "1", "--out", str(run)]) == 0
+    out = tmp_path / "picks.csv"
+    assert main(["select", str(run), "--budget", "6", "--strategy", "kcenter", "-o", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert len({r["index"] for r in rows}) == 6
+    assert all(Path(r["path"]).is_file() and Path(r["path"]).parent == folder for r in rows)
+    assert Image.open(out.with_suffix(".png")).size[0] > 100
+    assert main(["select", str(run), "--budget", "0"]) == 2

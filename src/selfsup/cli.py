@@ -239,6 +239,26 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         help="inpainting: other runs (e.g. --adv 0) drawn as extra rows on the same images",
     )
 
+    c = sub.add_parser(
+        "select",
+        help="choose which images to label, from a run's embeddings (no labels used)",
+        description="Write RUN/select/STRATEGY-N.csv (rank, index, path) and a contact sheet "
+        "of the picks. typiclust: the most typical image of each of N clusters (best with few "
+        "labels); kcenter: a greedy coreset that covers the embeddings; random: the baseline.",
+    )
+    c.add_argument("run", help="run directory written by `selfsup pretrain`")
+    c.add_argument("--budget", type=positive_int, required=True, help="images to label (required)")
+    c.add_argument(
+        "--strategy",
+        default="typiclust",
+        choices=["typiclust", "kcenter", "random"],
+        help="(default: typiclust)",
+    )
+    c.add_argument("--data", help="images to choose from (default: the run's training images)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("-o", "--output", help="output CSV (the contact sheet goes beside it)")
+
     x = sub.add_parser(
         "export",
         help="write a run's encoder for use without selfsup (ONNX, TorchScript, safetensors)",
@@ -304,6 +324,21 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
                 args.run, checkpoint=args.checkpoint, out=args.output, beside=args.beside
             )
         )
+    elif args.command == "select":
+        from selfsup.select import select
+
+        output_file(args.output)
+        r = select(
+            args.run,
+            args.budget,
+            strategy=args.strategy,
+            data=args.data,
+            seed=args.seed,
+            out=args.output,
+            device=args.device,
+        )
+        print(f"{len(r['indices'])} images to label ({r['strategy']}): {r['csv']}")
+        print(f"contact sheet: {r['sheet']}")
     elif args.command == "export":
         from selfsup.export import export
 

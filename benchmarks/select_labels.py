@@ -1,0 +1,58 @@
+"""Which images to label: a linear probe trained on the images a strategy picks, against the
+same probe on uniformly random images (not stratified: a user does not know the classes).
+
+    python benchmarks/select_labels.py RUN                      # the run's own data
+    python benchmarks/select_labels.py RUN --budgets 10,20,50,100,500 --seeds 3
+
+Prints, per budget, the test accuracy (mean ± std over seeds) of typiclust, kcenter and random,
+and the gain of each strategy over random. The strategies see only the embeddings; the labels
+of the chosen images are then read from the dataset, as a person would provide them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from selfsup.api import dataset_for, load
+from selfsup.evaluation import extract_features
+from selfsup.evaluation.probes import linear_probe
+from selfsup.select import STRATEGIES, choose
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--budgets", default="10,20,50,100,500")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    encoder = load(args.run)
+    train, test = dataset_for(args.run, split="train"), dataset_for(args.run, split="test")
+    train_f = extract_features(encoder, train, progress=False)
+    test_f = extract_features(encoder, test, progress=False)
+    train_y, test_y = train.y.numpy(), test.y.numpy()
+    print(f"{args.run}: choosing from {len(train)} images, testing on {len(test)}")
+    print(f"{'budget':>6}  " + "  ".join(f"{s:>14}" for s in STRATEGIES) + "  gain over random")
+    for budget in (int(b) for b in args.budgets.split(",")):
+        if budget > len(train):
+            continue
+        scores: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+        for seed in range(args.seeds):
+            for strategy in STRATEGIES:
+                start = time.perf_counter()
+                picks = choose(train_f, budget, strategy, seed)
+                seconds = time.perf_counter() - start
+                accuracy = linear_probe(train_f[picks], train_y[picks], test_f, test_y)
+                scores[strategy].append(100 * accuracy)
+                if seed == 0 and strategy != "random" and seconds > 5:
+                    print(f"  ({strategy} took {seconds:.1f} s at budget {budget})")
+        cells = [f"{np.mean(v):6.1f} ± {np.std(v):4.1f}" for v in scores.values()]
+        base = np.mean(scores["random"])
+        gains = [f"{s} {np.mean(scores[s]) - base:+.1f}" for s in STRATEGIES if s != "random"]
+        print(f"{budget:>6}  " + "  ".join(cells) + "  " + ", ".join(gains))
+
+
+if __name__ == "__main__":
+    main()
