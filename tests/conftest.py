@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,3 +15,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SimCLR trained on scikit-learn's digits with the demo's settings (about a minute on two
+    cores), shared by the tests that need an encoder which has learned something."""
+    import selfsup
+
+    return selfsup.pretrain(
+        method="simclr",
+        data="digits",
+        batch_size=256,
+        epochs=25,
+        lr=2e-3,
+        temperature=0.2,
+        recipe="digits",
+        out=str(tmp_path_factory.mktemp("digits") / "run"),
+    )

@@ -259,6 +259,32 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("-o", "--output", help="output CSV (the contact sheet goes beside it)")
 
+    k = sub.add_parser(
+        "classify",
+        help="train a classifier from a few labels: the run's frozen encoder and a linear head",
+        description="Labels: a CSV with the header path,label (image files) or index,label "
+        "(positions in the run's training images), or folder:PATH with class sub-folders. "
+        "Writes one file (encoder, feature statistics, head; classes in its metadata).",
+    )
+    k.add_argument("run", help="run directory written by `selfsup pretrain`")
+    k.add_argument("--labels", required=True, help="labels CSV or folder:PATH (required)")
+    k.add_argument("--out", required=True, help="the classifier file to write (required)")
+    k.add_argument("--data", help="the images `index` rows count in (default: the run's)")
+    k.add_argument("--device", default="auto")
+
+    v = sub.add_parser(
+        "predict",
+        help="label a folder of images with a classifier from `selfsup classify`",
+        description="Streams the images in batches; writes path, label, confidence, one "
+        "probability per class and low_confidence (1 below --threshold).",
+    )
+    v.add_argument("classifier", help="file written by `selfsup classify`")
+    v.add_argument("images", help="folder:PATH (searched recursively)")
+    v.add_argument("-o", "--output", required=True, help="predictions CSV (required)")
+    v.add_argument("--threshold", type=float, default=0.5, help="(default: 0.5)")
+    v.add_argument("--batch-size", type=positive_int, default=256)
+    v.add_argument("--device", default="auto")
+
     x = sub.add_parser(
         "export",
         help="write a run's encoder for use without selfsup (ONNX, TorchScript, safetensors)",
@@ -339,6 +365,29 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         )
         print(f"{len(r['indices'])} images to label ({r['strategy']}): {r['csv']}")
         print(f"contact sheet: {r['sheet']}")
+    elif args.command == "classify":
+        from selfsup.classify import classify
+
+        output_file(args.out)
+        r = classify(args.run, args.labels, args.out, data=args.data, device=args.device)
+        print(
+            f"{r['out']}: {len(r['classes'])} classes from {r['labels']} labels (C {r['C']:g}, "
+            f"training accuracy {100 * r['train_accuracy']:.1f}%)\n"
+            f"next: selfsup predict {r['out']} folder:IMAGES -o predictions.csv"
+        )
+    elif args.command == "predict":
+        from selfsup.classify import predict
+
+        output_file(args.output)
+        r = predict(
+            args.classifier,
+            args.images,
+            args.output,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            device=args.device,
+        )
+        print(f"{r['out']}: {r['images']} images labelled, {r['low_confidence']} flagged")
     elif args.command == "export":
         from selfsup.export import export
 

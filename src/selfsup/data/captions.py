@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from selfsup.data.images import ImageData
-from selfsup.data.sources import MAX_DEFAULT_SIZE, _decode, load_splits, stratified_indices
+from selfsup.data.sources import MAX_DEFAULT_SIZE, decode_image, load_splits, stratified_indices
 from selfsup.data.transforms import square_resize
 from selfsup.errors import SelfsupError
 
@@ -247,7 +247,7 @@ def _read_caption_file(path: Path, spec: str, skip_bad: bool, size: int | None) 
     files, x = [], []
     for name in by_image:
         try:
-            image = _decode(str(path.parent / name))
+            image = decode_image(str(path.parent / name))
         except SelfsupError as e:
             bad.reasons += [f"line {n}: {e}" for n, im, _ in rows if im == name]
             continue

@@ -163,7 +163,7 @@ def _load_npz(arg: str, spec: str) -> Split:
 # ---- image folders ---------------------------------------------------------------------------
 
 
-def _decode(path: str) -> torch.Tensor:
+def decode_image(path: str) -> torch.Tensor:
     """One image file -> uint8 3×H×W (torchvision.io, falling back to PIL)."""
     from torchvision.io import ImageReadMode, decode_image
 
@@ -191,7 +191,7 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return square_resize(_decode(self.paths[i]), self.size), self.labels[i]
+        return square_resize(decode_image(self.paths[i]), self.size), self.labels[i]
 
 
 def _images_under(d: Path, recursive: bool) -> list[Path]:
@@ -201,7 +201,7 @@ def _images_under(d: Path, recursive: bool) -> list[Path]:
     )
 
 
-def _scan(
+def scan_folder(
     root: Path, classes: list[str] | None
 ) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """Class sub-folders (those holding images) -> (paths, labels, classes); else flat images."""
@@ -234,7 +234,7 @@ def _folder_images(
 ) -> tuple[ImageData, int]:
     """Decode image files (in memory when they fit, else on demand) -> (ImageData, size)."""
     if size is None:
-        size = min(*_decode(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
+        size = min(*decode_image(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
     ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
     files = [str(p) for p in paths]
@@ -255,7 +255,7 @@ def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None)
         raise SelfsupError(f"--data {spec}: {root} is not a folder")
     train_root = root / "train" if (root / "train").is_dir() else root
     test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    paths, labels, classes = _scan(train_root, None)
+    paths, labels, classes = scan_folder(train_root, None)
     held: list[int] = []
     if train_root == root or test_root is None:
         test_root = None
@@ -276,7 +276,7 @@ def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None)
         return train, test
     if test_root is None:
         return train, None
-    test_paths, test_labels, _ = _scan(test_root, classes)
+    test_paths, test_labels, _ = scan_folder(test_root, classes)
     return train, _folder_images(test_paths, test_labels, classes, size, spec, test_root)[0]
 
 
