@@ -18,7 +18,7 @@ from selfsup.errors import SelfsupError
 
 from .features import extract_features
 from .finetune import _num_classes, classifier_accuracy, fit_classifier
-from .probes import Preconditioner, knn_accuracy, probe_accuracy, standardize
+from .probes import Preconditioner, _one_thread, knn_accuracy, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
 PROBES = ("linear", "knn")
@@ -123,20 +123,21 @@ def supervised_reference(
     if max_steps:
         steps = min(steps, max_steps)
     info: dict = {}
-    model = fit_classifier(
-        _seeded(make, seed),
-        fit_part,
-        num_classes=_num_classes(train, test),
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        augment=augment,
-        device=device,
-        val=train.subset(held) if len(held) else None,
-        patience=SUPERVISED_PATIENCE,
-        eval_every=max(len(fit_part) // bs, 10),
-        info=info,
-    )
+    with _one_thread(torch.empty(0, device=device)):  # see probes._one_thread
+        model = fit_classifier(
+            _seeded(make, seed),
+            fit_part,
+            num_classes=_num_classes(train, test),
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            augment=augment,
+            device=device,
+            val=train.subset(held) if len(held) else None,
+            patience=SUPERVISED_PATIENCE,
+            eval_every=max(len(fit_part) // bs, 10),
+            info=info,
+        )
     accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
     return accuracy, {
         "steps": info["steps"],

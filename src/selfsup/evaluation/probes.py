@@ -55,10 +55,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 @contextmanager
-def _few_threads(x: torch.Tensor) -> Iterator[None]:
-    """One torch thread for a small problem on CPU: the threads' synchronisation costs more than
-    it saves there, and up to 100x on a busy machine (measured on 2 shared cores)."""
-    if x.device.type != "cpu" or x.numel() >= 2**24 or torch.get_num_threads() == 1:
+def _one_thread(x: torch.Tensor) -> Iterator[None]:
+    """One torch thread for a fit on CPU: on 2 cores shared with other work, two threads made
+    L-BFGS 3-6x slower (up to 100x on tiny problems: the threads wait on each other); one
+    thread also makes the result independent of the machine's thread count."""
+    if x.device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     threads = torch.get_num_threads()
@@ -184,7 +185,7 @@ def fit_logistic(
         line_search_fn="strong_wolfe",
     )
     n_iter = 0
-    with torch.no_grad(), _few_threads(x):
+    with torch.no_grad(), _one_thread(x):
         while n_iter < max_iter:  # chunks of L-BFGS iterations (the history carries over)
             opt.step(closure)
             done = int(opt.state[v].get("n_iter", 0)) - n_iter
