@@ -417,10 +417,7 @@ def print_results(results: dict) -> None:
         "over label subsets:\n" + results["table"]
     )
     if any(row["method"] == "supervised" for row in results["few_label"]):
-        print(
-            f"(supervised: the same encoder trained end to end on those labels for "
-            f"{results['supervised_steps']} steps)"
-        )
+        print(f"(supervised: {results['supervised_rule']})")
     print(f"\nresults and plots: {results['out']}")
 
 

@@ -20,9 +20,6 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-_opt = option  # the name the language modules import (to be renamed with them)
-
-
 def _in_range(value: float, rule: str) -> bool:
     """Whether `value` satisfies `rule` (NaN satisfies none: every comparison is False)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -163,7 +160,9 @@ class EvalConfig:
     knn_k: int = option(20, "neighbours for the kNN classifier", check=">=1")
     finetune: str = option("none", "also fine-tune the encoder: none | all | last-K")
     supervised_steps: int = option(
-        300, "optimisation steps of fine-tuning and the supervised baseline", check=">=1"
+        300,
+        "optimisation steps of --finetune (the supervised baseline has its own rule)",
+        check=">=1",
     )
     augment: str = option(
         "light", "augmentation recipe for fine-tuning and the supervised baseline"
