@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +143,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         rows += _finetune_rows(encoder, train, test, config, seeds, device)
     results["few_label"] = rows
 
-    out = run / "eval" / _slug(train.name)
+    out = run / "eval" / rundir.slug(train.name)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot_few_label(rows, out / "few_label.png")
@@ -288,10 +287,6 @@ def _device(device: str) -> str:
     from selfsup.device import resolve_device
 
     return resolve_device(device)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name.split(":")[-1].strip("/").split("/")[-1]) or "data"
 
 
 def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str] | None) -> None:

@@ -32,7 +32,7 @@ CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 
 
-def _publish(tmp: str, path: Path) -> None:
+def publish(tmp: str, path: Path) -> None:
     """Give the temporary file the usual permissions (mkstemp makes it private), then rename."""
     umask = os.umask(0)
     os.umask(umask)
@@ -47,7 +47,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -72,9 +72,14 @@ def is_first_process() -> bool:
     return True
 
 
+def slug(name: str) -> str:
+    """A data spec as a folder name: 'npz:../data/cifar10' -> 'cifar10'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name.split(":")[-1].strip("/").split("/")[-1]) or "data"
+
+
 def default_run_dir(method: str, data: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", data.split(":")[-1].strip("/").split("/")[-1]).strip("-")
-    return Path("runs") / f"{method}-{slug or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = slug(data).strip("-") or "data"
+    return Path("runs") / f"{method}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_config(run: Path, config: dict[str, Any]) -> None:
@@ -110,7 +115,7 @@ def export_encoder(encoder: torch.nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -71,7 +71,7 @@ def crop_flip_color(
             luma = _LUMA.to(v).expand(3, 3)
             matrix = torch.where(gray[:, None, None], luma, eye) @ matrix
     matrix = matrix * (contrast * brightness)[:, None, None]
-    mean = ops._gray(v.mean((2, 3), keepdim=True)).view(b)  # the crop's mean luma
+    mean = ops.gray(v.mean((2, 3), keepdim=True)).view(b)  # the crop's mean luma
     offset = ((1 - contrast) * brightness * mean).view(b, 1, 1)
     out = torch.baddbmm(offset, matrix.expand(b, c, c), v.view(b, c, h * w))
     return out.view(b, c, h, w).clamp_(0, 1)

@@ -30,7 +30,7 @@ def _uniform(x: Tensor, g: torch.Generator, low: float, high: float) -> Tensor:
     return torch.rand(x.shape[0], generator=g, device=x.device) * (high - low) + low
 
 
-def _gray(x: Tensor) -> Tensor:
+def gray(x: Tensor) -> Tensor:
     """Luminance B×1×H×W (the image itself when it has one channel)."""
     if x.shape[1] == 1:
         return x
@@ -177,7 +177,7 @@ def apply_jitter(x: Tensor, params: tuple[Tensor, Tensor, Tensor, Tensor]) -> Te
     clamps to [0, 1] after each, as torchvision's functional ops do. Modifies x in place."""
     brightness, contrast, saturation, angle = (t.to(x.dtype) for t in params)
     x = x.mul_(brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
-    mean = _gray(x).mean((1, 2, 3), keepdim=True)
+    mean = gray(x).mean((1, 2, 3), keepdim=True)
     x = x.sub_(mean).mul_(contrast.view(-1, 1, 1, 1)).add_(mean).clamp_(0, 1)
     if x.shape[1] == 1:
         return x
@@ -213,7 +213,7 @@ def color_jitter(
 
 def grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
     """Replace each sample by its luminance with probability p ("colour drop"); keeps C."""
-    return torch.where(coin(x, g, p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    return torch.where(coin(x, g, p).view(-1, 1, 1, 1), gray(x).expand_as(x), x)
 
 
 def rotation(x: Tensor, g: torch.Generator, p: float = 1.0) -> Tensor:
@@ -281,9 +281,9 @@ def gaussian_blur(
 def sobel(x: Tensor, g: torch.Generator | None = None) -> Tensor:
     """Sobel gradient magnitude of the luminance, divided by each image's maximum (a constant
     image gives 0) and repeated to C channels. Deterministic; `g` is accepted for uniformity."""
-    gray = F.pad(_gray(x), (1, 1, 1, 1), mode="replicate")
+    luma = F.pad(gray(x), (1, 1, 1, 1), mode="replicate")
     kx = x.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    grad = F.conv2d(gray, torch.stack([kx, kx.T])[:, None])
+    grad = F.conv2d(luma, torch.stack([kx, kx.T])[:, None])
     mag = grad.pow(2).sum(1, keepdim=True).sqrt()
     mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1e-6)
     return mag.expand_as(x).contiguous()

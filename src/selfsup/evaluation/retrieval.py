@@ -132,7 +132,7 @@ def retrieval_evaluation(
     On the run's held-out images by default (caption files: the last --caption-holdout of the
     images). Writes RUN/eval/DATA/retrieval.json.
     """
-    from selfsup.evaluation.zero_shot import resolve_device, slug
+    from selfsup.evaluation.zero_shot import resolve_device
     from selfsup.methods.clip import load_clip
 
     pairs = held_out_pairs(run, data, split, data_dir)
@@ -155,7 +155,7 @@ def retrieval_evaluation(
         "metrics": metrics,
         "chance": chance_metrics(owners, len(pairs.images)),
     }
-    out = Path(run) / "eval" / slug(pairs.images.name)
+    out = Path(run) / "eval" / rundir.slug(pairs.images.name)
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out / "retrieval.json", json.dumps(results, indent=2) + "\n")
     results["out"] = str(out / "retrieval.json")

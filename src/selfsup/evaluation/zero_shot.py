@@ -8,7 +8,6 @@ similarity. No labeled image is seen.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,7 @@ def zero_shot_evaluation(
         **topk_accuracy(image_emb, labels, weights.cpu()),
         "chance_top1": 100 / len(names),
     }
-    out = run / "eval" / slug(spec)
+    out = run / "eval" / rundir.slug(spec)
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out / "zero_shot.json", json.dumps(results, indent=2) + "\n")
     results["out"] = str(out / "zero_shot.json")
@@ -122,8 +121,3 @@ def resolve_device(device: str) -> str:
     from selfsup.device import resolve_device as resolve
 
     return resolve(device)
-
-
-def slug(name: str) -> str:
-    """A data spec as a folder name: 'npz:../data/cifar10' -> 'cifar10'."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", name.split(":")[-1].strip("/").split("/")[-1]) or "data"

@@ -16,7 +16,7 @@ import numpy as np
 
 from selfsup.errors import SelfsupError
 from selfsup.lm.hf import one_line_reason
-from selfsup.run import _publish as publish  # umask permissions, then an atomic rename
+from selfsup.run import publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 1 << 16  # encode in ~64 kB pieces (cut at line ends): batched, in parallel

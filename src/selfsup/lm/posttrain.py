@@ -26,8 +26,14 @@ from tqdm.auto import tqdm
 from selfsup.data.conversations import Ranking, read_conversations, read_rankings
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm import hf
-from selfsup.lm.chat_data import add_chat_tokens, collate, next_token_loss, pack, ranking_batch
-from selfsup.lm.chat_data import sft_example as _sft_example
+from selfsup.lm.chat_data import (
+    add_chat_tokens,
+    collate,
+    next_token_loss,
+    pack,
+    ranking_batch,
+    sft_example,
+)
 from selfsup.lm.options import TuneConfig
 from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.optim import warmup_cosine
@@ -100,7 +106,7 @@ def sft(config: TuneConfig, command: str | None = None) -> Path:
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     _set_special_ids(model, tokenizer)
-    examples = [_sft_example(tokenizer, c, config.max_length) for c in conversations]
+    examples = [sft_example(tokenizer, c, config.max_length) for c in conversations]
     train, val = _split(examples, config.val_fraction, "conversations")
     if config.pack:
         train = pack(train, config.max_length)
