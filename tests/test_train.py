@@ -148,8 +148,8 @@ def test_transfer_evaluation_on_another_dataset_with_finetuning(tmp_path: Path) 
         kmeans=True,
     )
     # MNIST's 28×28 images are resized to the encoder's 8×8; no test split -> 20% of the
-    # 10,000 images held out (before --limit, which shrinks the training part only).
-    assert (results["train_size"], results["test_size"]) == (600, 2000)
+    # 10,000 images held out (before --limit, which then keeps 600 of each part).
+    assert (results["train_size"], results["test_size"]) == (600, 600)
     methods = {row["method"] for row in results["few_label"]}
     assert methods == {"selfsup", "raw", "finetune (last-1)"}
     assert all(0.3 < row["accuracy"] <= 1 for row in results["few_label"])
