@@ -19,17 +19,9 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SimCLR trained on scikit-learn's digits with the demo's settings (about a minute on two
-    cores), shared by the tests that need an encoder which has learned something."""
+    """SimCLR trained on scikit-learn's digits with `selfsup demo`'s settings, 25 epochs (about a
+    minute on two cores), shared by the tests that need an encoder which has learned something."""
     import selfsup
+    from selfsup.demo import DEMO
 
-    return selfsup.pretrain(
-        method="simclr",
-        data="digits",
-        batch_size=256,
-        epochs=25,
-        lr=2e-3,
-        temperature=0.2,
-        recipe="digits",
-        out=str(tmp_path_factory.mktemp("digits") / "run"),
-    )
+    return selfsup.pretrain(DEMO, epochs=25, out=str(tmp_path_factory.mktemp("digits") / "run"))

@@ -417,7 +417,7 @@ def print_results(results: dict) -> None:
         "over label subsets:\n" + results["table"]
     )
     if any(row["method"] == "supervised" for row in results["few_label"]):
-        print(f"(supervised: {results['supervised_rule']})")
+        print(f"({results['supervised_rule']})")
     print(f"\nresults and plots: {results['out']}")
 
 

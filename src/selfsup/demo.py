@@ -15,8 +15,8 @@ DEMO = PretrainConfig(
     epochs=30,
     optimizer="adamw",
     lr=2e-3,
-    temperature=0.2,
     recipe="digits",
+    options={"temperature": 0.2},  # SimCLR's own option
 )
 
 
