@@ -269,6 +269,11 @@ def test_momentum_state_survives_resume_exactly(
     assert main(["pretrain", "--resume", str(halted)]) == 0
     a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    import csv
+
+    with open(straight / "metrics.csv") as f:
+        taus = [float(r["train/momentum"]) for r in csv.DictReader(f) if r.get("train/momentum")]
+    assert len(taus) >= 2 and all(0.99 <= t <= 1 for t in taus) and taus == sorted(taus)
     targets = [k for k in a if k.startswith((kept, "key_", "center"))]
     assert targets
     for k in targets:

@@ -42,6 +42,10 @@ class Method(L.LightningModule):
     Options: ClassVar[type] = NoOptions
     default_recipe: ClassVar[str | None] = "simclr"
     default_backbone: ClassVar[str] = "convnet"
+    # Momentum (EMA) copies, as (target, online) attribute names: after every optimiser step
+    # target <- tau target + (1 - tau) online, tau rising from `options.momentum` to 1 on a
+    # cosine schedule (BYOL's). The targets are modules, so they are in every checkpoint.
+    momentum_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     @classmethod
     def with_defaults(cls, config: PretrainConfig) -> PretrainConfig:
@@ -169,6 +173,17 @@ class Method(L.LightningModule):
         # The online probe's accuracy on the held-out split: a monitor, never used to select a
         # checkpoint or a setting (so the test split stays out of every choice).
         self.log("test/probe_acc", accuracy, prog_bar=True, batch_size=int((y >= 0).sum()))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.momentum_targets:
+            return
+        from selfsup.models.ema import cosine_momentum, ema_update
+
+        total = int(self.trainer.estimated_stepping_batches)
+        tau = cosine_momentum(self.global_step, total, self.options.momentum)
+        for target, online in self.momentum_targets:
+            ema_update(getattr(self, target), getattr(self, online), tau)
+        self.log("train/momentum", tau)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = parameter_groups(

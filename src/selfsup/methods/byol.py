@@ -16,7 +16,7 @@ from selfsup.config import PretrainConfig, option
 from selfsup.losses.noncontrastive import negative_cosine
 from selfsup.methods.base import Method
 from selfsup.models import ProjectionHead
-from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.models.ema import frozen_copy
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Options:
 
 class BYOL(Method):
     Options = Options
+    momentum_targets = (("target_encoder", "encoder"), ("target_projection", "projection"))
 
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
@@ -53,11 +54,3 @@ class BYOL(Method):
             t1, t2 = self.target_projection(self.target_encoder(views)).chunk(2)
         loss = (negative_cosine(p1, t2) + negative_cosine(p2, t1)) / 2
         return loss, features[: len(x)]
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After each optimiser step: target <- tau target + (1 - tau) online."""
-        total = int(self.trainer.estimated_stepping_batches)
-        tau = cosine_momentum(self.global_step, total, self.options.momentum)
-        ema_update(self.target_encoder, self.encoder, tau)
-        ema_update(self.target_projection, self.projection, tau)
-        self.log("train/momentum", tau)

@@ -22,7 +22,7 @@ from selfsup.distributed import gather_no_grad
 from selfsup.errors import SelfsupError
 from selfsup.losses.noncontrastive import dino
 from selfsup.methods.base import Method
-from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.models.ema import frozen_copy
 from selfsup.models.vit import VIT_SIZES
 
 
@@ -67,6 +67,7 @@ class DINOHead(nn.Module):
 
 class DINO(Method):
     Options = Options
+    momentum_targets = (("teacher_encoder", "encoder"), ("teacher_head", "head"))
 
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
@@ -110,10 +111,3 @@ class DINO(Method):
         mean = gather_no_grad(teacher.float()).mean(dim=0)
         m = self.options.center_momentum
         self.center.mul_(m).add_(mean.to(self.center.dtype), alpha=1 - m)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After each optimiser step: teacher <- tau teacher + (1 - tau) student."""
-        total = int(self.trainer.estimated_stepping_batches)
-        tau = cosine_momentum(self.global_step, total, self.options.momentum)
-        ema_update(self.teacher_encoder, self.encoder, tau)
-        ema_update(self.teacher_head, self.head, tau)

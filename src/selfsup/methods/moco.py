@@ -18,7 +18,7 @@ from selfsup.distributed import gather_no_grad
 from selfsup.losses.noncontrastive import queue_info_nce
 from selfsup.methods.base import Method
 from selfsup.models import ProjectionHead
-from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.models.ema import frozen_copy
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Options:
 
 class MoCo(Method):
     Options = Options
+    momentum_targets = (("key_encoder", "encoder"), ("key_projection", "projection"))
 
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
@@ -72,10 +73,3 @@ class MoCo(Method):
         slots = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
         self.queue[slots] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After each optimiser step: key encoder <- tau key encoder + (1 - tau) query encoder."""
-        total = int(self.trainer.estimated_stepping_batches)
-        tau = cosine_momentum(self.global_step, total, self.options.momentum)
-        ema_update(self.key_encoder, self.encoder, tau)
-        ema_update(self.key_projection, self.projection, tau)

@@ -15,7 +15,7 @@ from selfsup.config import PretrainConfig, option
 from selfsup.losses.noncontrastive import batch_info_nce
 from selfsup.methods.base import Method
 from selfsup.models import ProjectionHead
-from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.models.ema import frozen_copy
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Options:
 
 class MoCoV3(Method):
     Options = Options
+    momentum_targets = (("key_encoder", "encoder"), ("key_projection", "projection"))
 
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
@@ -54,10 +55,3 @@ class MoCoV3(Method):
             k1, k2 = self.key_projection(self.key_encoder(views)).chunk(2)
         t = self.options.temperature
         return batch_info_nce(q1, k2, t) + batch_info_nce(q2, k1, t), features[: len(x)]
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After each optimiser step: key encoder <- tau key encoder + (1 - tau) query encoder."""
-        total = int(self.trainer.estimated_stepping_batches)
-        tau = cosine_momentum(self.global_step, total, self.options.momentum)
-        ema_update(self.key_encoder, self.encoder, tau)
-        ema_update(self.key_projection, self.projection, tau)
