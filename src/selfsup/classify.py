@@ -85,7 +85,7 @@ def read_labels(spec: str) -> tuple[list[str | int], list[str], Path | None]:
     return ids, labels, path.parent
 
 
-def _file_images(paths: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
+def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 N×C×H×W of image files at the encoder's channels and size."""
     from selfsup.data.sources import decode_image
     from selfsup.data.transforms import adapt_images, square_resize
@@ -116,7 +116,7 @@ def classify(
             raise SelfsupError(f"--labels {labels}: index {bad} is past the {len(images)} images")
         x = images.images(torch.as_tensor(ids))
     else:
-        x = _file_images([str(i) for i in ids], shape)  # type: ignore[arg-type]
+        x = load_image_files([str(i) for i in ids], shape)  # type: ignore[arg-type]
     features = _features(encoder, x, device).double()
     mean, std = features.mean(0), features.std(0, unbiased=False)
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
@@ -249,7 +249,7 @@ def predict(
         )
         for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=None):
             batch = files[start : start + batch_size]
-            x = _file_images(batch, model.input_shape).to(model.mean.device)
+            x = load_image_files(batch, model.input_shape).to(model.mean.device)
             probs = model(x).cpu().numpy()
             for path, p in zip(batch, probs, strict=True):
                 low = bool(p.max() < threshold)

@@ -285,6 +285,29 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=positive_int, default=256)
     v.add_argument("--device", default="auto")
 
+    n = sub.add_parser(
+        "index",
+        help="embed a folder of images for similarity search (`selfsup similar`)",
+        description="Streams the images in batches; writes the unit-norm embeddings, the paths "
+        "and the run into one .npz.",
+    )
+    n.add_argument("run", help="run directory written by `selfsup pretrain`")
+    n.add_argument("images", help="folder:PATH (searched recursively)")
+    n.add_argument("-o", "--output", required=True, help="the index file to write (required)")
+    n.add_argument("--batch-size", type=positive_int, default=256)
+    n.add_argument("--device", default="auto")
+
+    q = sub.add_parser(
+        "similar",
+        help="the images of an index most similar to an image (cosine, exact search)",
+        description="Prints rank, similarity and path; with -o also a picture of the query and "
+        "its neighbours (PNG) and the same list as CSV beside it.",
+    )
+    q.add_argument("index", help="file written by `selfsup index`")
+    q.add_argument("image", help="the query image file")
+    q.add_argument("-k", type=positive_int, default=8, help="neighbours (default: 8)")
+    q.add_argument("-o", "--output", help="picture of the neighbours (PNG; CSV beside it)")
+
     x = sub.add_parser(
         "export",
         help="write a run's encoder for use without selfsup (ONNX, TorchScript, safetensors)",
@@ -388,6 +411,24 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
             device=args.device,
         )
         print(f"{r['out']}: {r['images']} images labelled, {r['low_confidence']} flagged")
+    elif args.command == "index":
+        from selfsup.search import build_index
+
+        output_file(args.output)
+        r = build_index(
+            args.run, args.images, args.output, batch_size=args.batch_size, device=args.device
+        )
+        print(f"{r['out']}: {r['images']} images, {r['dim']}-d embeddings")
+        print(f"next: selfsup similar {r['out']} IMAGE -k 8 -o neighbours.png")
+    elif args.command == "similar":
+        from selfsup.search import similar
+
+        output_file(args.output)
+        r = similar(args.index, args.image, k=args.k, out=args.output)
+        for hit in r["hits"]:
+            print(f"{hit['rank']:3d}. {hit['similarity']:.3f}  {hit['path']}")
+        if r["picture"]:
+            print(f"picture: {r['picture']} (list: {Path(r['picture']).with_suffix('.csv')})")
     elif args.command == "export":
         from selfsup.export import export
 
