@@ -29,6 +29,7 @@ from selfsup.evaluation import (
     supervised_rule,
     write_results,
 )
+from selfsup.evaluation.shift import corruption_list, shift_evaluation
 from selfsup.models import Encoder
 
 
@@ -72,6 +73,8 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         config.cv_folds,
         _noise_rates(config.label_noise),
     )
+    if config.shift:
+        corruption_list(config.shift)  # an unknown name: one line before any work
     run = Path(run)
     run_config = rundir.read_config(run)
     encoder = load(run)
@@ -142,11 +145,16 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     if config.finetune != "none":
         rows += _finetune_rows(encoder, train, test, config, seeds, device)
     results["few_label"] = rows
+    if config.shift:
+        results["shift_corruptions"] = list(corruption_list(config.shift))
+        results["shift"] = _shift_results(config, run_config, encoder, train, test, train_f, device)
 
     out = run / "eval" / rundir.slug(train.name)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot_few_label(rows, out / "few_label.png")
+    if "shift" in results:
+        _plot_shift(results["shift"], out / "shift.png")
     _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
     rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     results["table"] = format_table(rows) + "".join(
@@ -194,6 +202,92 @@ def _finetune_rows(
                 }
             )
     return rows
+
+
+def _shift_results(
+    config: EvalConfig,
+    run_config: dict,
+    encoder: Encoder,
+    train: ImageData,
+    test: ImageData,
+    train_f: np.ndarray,
+    device: str,
+) -> dict[str, Any]:
+    """Distribution shift: selfsup's probe beside raw pixels and the random-init encoder (those
+    of --baselines), each trained once on the clean labeled training images."""
+    labeled = train.y.numpy() >= 0  # type: ignore[union-attr]
+    train_l = train.subset(np.flatnonzero(labeled))
+
+    def encoded(model: Encoder):
+        def features(images: Any) -> np.ndarray:
+            data = images if isinstance(images, ImageData) else ImageData(images, None, None, "")
+            return extract_features(
+                model, data, batch_size=config.batch_size, device=device, progress=False
+            )
+
+        return features
+
+    encoders = {"selfsup": encoded(encoder)}
+    if "raw" in config.baseline_list():
+        encoders["raw"] = lambda images: (
+            (images.images(range(len(images))) if isinstance(images, ImageData) else images)
+            .flatten(1)
+            .float()
+            .numpy()
+            / 255
+        )
+    if "random" in config.baseline_list():
+        encoders["random"] = encoded(Encoder(**run_config["encoder"]))
+    test_x = test.images(range(len(test)))
+    return shift_evaluation(
+        encoders,
+        train_l,
+        train.y.numpy()[labeled],  # type: ignore[union-attr]
+        test_x,
+        test.y.numpy(),  # type: ignore[union-attr]
+        corruption_list(config.shift),
+        probe=lambda f, y: _fitted_probe(f, y, config),
+        clean_train={"selfsup": train_f[labeled]},
+    )
+
+
+def _fitted_probe(train_f: np.ndarray, train_y: np.ndarray, config: EvalConfig):
+    """The linear probe of `selfsup evaluate` (standardised features, C by CV unless given),
+    fitted once; returns features -> predicted labels."""
+    import torch
+
+    from selfsup.evaluation.probes import DEFAULT_C, choose_c, cv_folds, fit_logistic
+
+    x = torch.as_tensor(train_f).float()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    z = (x - mean) / std
+    folds = cv_folds(train_y, config.cv_folds)
+    C = config.probe_c or (
+        choose_c(z, train_y, folds=folds, max_samples=config.cv_max_samples)[0]
+        if folds
+        else DEFAULT_C
+    )
+    fit = fit_logistic(z, train_y, C)
+    return lambda f: fit.predict((torch.as_tensor(f).float() - mean) / std)
+
+
+def _plot_shift(shift: dict[str, Any], out: Path) -> None:
+    """Accuracy against severity (mean over the corruptions), one line per representation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for name, row in shift.items():
+        curves = [v for k, v in row.items() if isinstance(v, list)]
+        mean = [100 * row["clean"]] + [100 * float(np.mean(s)) for s in zip(*curves, strict=True)]
+        ax.plot(range(4), mean, marker="o", label=name)
+    ax.set_xticks(range(4), ["clean", "1", "2", "3"])
+    ax.set_xlabel("corruption severity")
+    ax.set_ylabel("accuracy (%), mean over corruptions")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
 def _noise_rates(text: str) -> tuple[float, ...]:

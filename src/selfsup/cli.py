@@ -459,6 +459,13 @@ def print_results(results: dict) -> None:
     )
     if any(row["method"] == "supervised" for row in results["few_label"]):
         print(f"({results['supervised_rule']})")
+    if "shift" in results:
+        from selfsup.evaluation.shift import format_shift_table
+
+        print(
+            "\naccuracy (%) under distribution shift (probe trained on clean labels; severities "
+            "1/2/3):\n" + format_shift_table(results["shift"], tuple(results["shift_corruptions"]))
+        )
     print(f"\nresults and plots: {results['out']}")
 
 

@@ -189,6 +189,11 @@ class EvalConfig:
     label_noise: str = option(
         "", "also probe with these fractions of the training labels flipped, e.g. 0.2,0.4"
     )
+    shift: str = option(
+        "",
+        "also test under corruptions at 3 severities: 'all' or some of gaussian-noise, blur, "
+        "contrast, jpeg, brightness (a probe trained on clean labels; beside raw and random)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
