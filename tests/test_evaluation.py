@@ -385,3 +385,27 @@ def test_label_noise_rows_train_on_flipped_labels(digits, monkeypatch):
     assert "40%" not in format_table(rows) and format_table(rows, 0.4) != format_table(rows)
     with pytest.raises(SelfsupError, match="--label-noise"):
         few_label_evaluation(convnet(), train, test, label_noise=(1.5,), progress=False)
+
+
+def test_the_supervised_reference_under_label_noise_trains_on_the_flipped_labels(
+    digits, monkeypatch
+):
+    train, test = digits
+    seen = []
+    real = few_label_module.supervised_reference
+    monkeypatch.setattr(
+        few_label_module,
+        "supervised_reference",
+        lambda make, subset, *a, **kw: (
+            seen.append(subset.y.numpy().copy()) or real(make, subset, *a, **kw)
+        ),
+    )
+    rows = few_label_evaluation(
+        convnet(), train, test, fractions=(0.1,), seeds=(0,), baselines=("supervised",),
+        label_noise=(0.4,), supervised_epochs=1, supervised_steps=3, progress=False,
+    )  # fmt: skip
+    idx = few_label_module.labeled_subset(train.y.numpy(), 0.1, 0)
+    truth = train.y.numpy()[idx]
+    flipped = sorted(float(np.mean(y != truth)) for y in seen)
+    assert flipped == pytest.approx([0.0, 0.4], abs=0.01)
+    assert {r["method"] for r in rows if r.get("label_noise") == 0.4} == {"selfsup", "supervised"}

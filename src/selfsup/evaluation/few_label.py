@@ -223,7 +223,7 @@ def few_label_evaluation(
     linear-probe rows also {C, C_by ("cv" or "fixed"), probe_iterations, probe_converged},
     supervised rows {steps, best_step, val_labels}. For each rate in `label_noise` the probes are
     also trained on the subset's labels with that fraction flipped (`flip_labels`; rows with
-    `label_noise`; no supervised row).
+    `label_noise`; the supervised reference is trained on the flipped labels too).
     """
     check_options(fractions, seeds, baselines, probe, probe_c, cv_folds, label_noise)
     for d in (train, test):
@@ -302,6 +302,32 @@ def few_label_evaluation(
                         "probe": probe,
                         "label_noise": float(noise),
                         **_probe_fields(details),
+                    }
+                )
+            if "supervised" in baselines:  # trained, and early-stopped, on the noisy labels
+                subset = train.subset(idx)
+                subset.y = torch.as_tensor(noisy, dtype=torch.long)
+                acc, details = supervised_reference(
+                    make_random,
+                    subset,
+                    test,
+                    seed=seed,
+                    epochs=supervised_epochs,
+                    max_steps=supervised_steps,
+                    batch_size=batch_size,
+                    augment=augment,
+                    device=device,
+                )
+                noisy_rows.append(
+                    {
+                        "method": "supervised",
+                        "fraction": float(fraction),
+                        "seed": int(seed),
+                        "n_labels": len(idx),
+                        "accuracy": float(acc),
+                        "probe": "finetune",
+                        "label_noise": float(noise),
+                        **details,
                     }
                 )
         accuracy, info = {}, {}
