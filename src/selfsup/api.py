@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from selfsup import run as rundir
 from selfsup.augment.recipes import RECIPES
 from selfsup.config import EvalConfig
 from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
+from selfsup.device import resolve_device
 from selfsup.errors import SelfsupError
 from selfsup.evaluation import (
     check_options,
@@ -29,6 +31,8 @@ from selfsup.evaluation import (
     supervised_rule,
     write_results,
 )
+from selfsup.evaluation.few_label import Pixels
+from selfsup.evaluation.probes import fit_probe
 from selfsup.evaluation.shift import corruption_list, shift_evaluation
 from selfsup.models import Encoder
 
@@ -52,7 +56,9 @@ def embed(
     """Features (N×D float32) and labels (or None) of a dataset under a run's encoder."""
     encoder = load(run)
     dataset = dataset_for(run, data, split, data_dir, download, limit)
-    features = extract_features(encoder, dataset, batch_size=batch_size, device=_device(device))
+    features = extract_features(
+        encoder, dataset, batch_size=batch_size, device=resolve_device(device)
+    )
     labels = dataset.y.numpy() if dataset.y is not None else None
     return features, labels
 
@@ -78,7 +84,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     run = Path(run)
     run_config = rundir.read_config(run)
     encoder = load(run)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     train, test = _splits(run_config, config)
     if not train.has_labels:
         raise SelfsupError(f"--data {train.name} has no labels: evaluation needs labeled data")
@@ -147,7 +153,9 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     results["few_label"] = rows
     if config.shift:
         results["shift_corruptions"] = list(corruption_list(config.shift))
-        results["shift"] = _shift_results(config, run_config, encoder, train, test, train_f, device)
+        results["shift"] = _shift_results(
+            config, run_config, encoder, train, test, (train_f, test_f), device
+        )
 
     out = run / "eval" / rundir.slug(train.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +218,7 @@ def _shift_results(
     encoder: Encoder,
     train: ImageData,
     test: ImageData,
-    train_f: np.ndarray,
+    features_of_run: tuple[np.ndarray, np.ndarray],
     device: str,
 ) -> dict[str, Any]:
     """Distribution shift: selfsup's probe beside raw pixels and the random-init encoder (those
@@ -218,7 +226,7 @@ def _shift_results(
     labeled = train.y.numpy() >= 0  # type: ignore[union-attr]
     train_l = train.subset(np.flatnonzero(labeled))
 
-    def encoded(model: Encoder):
+    def encoded(model: torch.nn.Module):
         def features(images: Any) -> np.ndarray:
             data = images if isinstance(images, ImageData) else ImageData(images, None, None, "")
             return extract_features(
@@ -229,13 +237,7 @@ def _shift_results(
 
     encoders = {"selfsup": encoded(encoder)}
     if "raw" in config.baseline_list():
-        encoders["raw"] = lambda images: (
-            (images.images(range(len(images))) if isinstance(images, ImageData) else images)
-            .flatten(1)
-            .float()
-            .numpy()
-            / 255
-        )
+        encoders["raw"] = encoded(Pixels())
     if "random" in config.baseline_list():
         encoders["random"] = encoded(Encoder(**run_config["encoder"]))
     test_x = test.images(range(len(test)))
@@ -246,30 +248,13 @@ def _shift_results(
         test_x,
         test.y.numpy(),  # type: ignore[union-attr]
         corruption_list(config.shift),
-        probe=lambda f, y: _fitted_probe(f, y, config),
-        clean_train={"selfsup": train_f[labeled]},
+        probe=lambda f, y: (
+            fit_probe(
+                f, y, C=config.probe_c, folds=config.cv_folds, cv_max_samples=config.cv_max_samples
+            ).predict
+        ),
+        clean={"selfsup": (features_of_run[0][labeled], features_of_run[1])},
     )
-
-
-def _fitted_probe(train_f: np.ndarray, train_y: np.ndarray, config: EvalConfig):
-    """The linear probe of `selfsup evaluate` (standardised features, C by CV unless given),
-    fitted once; returns features -> predicted labels."""
-    import torch
-
-    from selfsup.evaluation.probes import DEFAULT_C, choose_c, cv_folds, fit_logistic
-
-    x = torch.as_tensor(train_f).float()
-    mean, std = x.mean(0), x.std(0, unbiased=False)
-    std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    z = (x - mean) / std
-    folds = cv_folds(train_y, config.cv_folds)
-    C = config.probe_c or (
-        choose_c(z, train_y, folds=folds, max_samples=config.cv_max_samples)[0]
-        if folds
-        else DEFAULT_C
-    )
-    fit = fit_logistic(z, train_y, C)
-    return lambda f: fit.predict((torch.as_tensor(f).float() - mean) / std)
 
 
 def _plot_shift(shift: dict[str, Any], out: Path) -> None:
@@ -322,12 +307,8 @@ def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]
         raise SelfsupError(f"--data {spec} has no labels: evaluation needs labeled data")
     if config.limit is not None and len(test) > config.limit:  # small tries stay small
         test = test.subset(stratified_indices(test.y, config.limit, seed=None))
-    return _adapt(train, _shape(run_config)), _adapt(test, _shape(run_config))
-
-
-def _shape(run_config: dict) -> tuple[int, int, int]:
-    dataset = run_config["dataset"]
-    return dataset["channels"], *dataset["image_size"]
+    shape = rundir.input_shape(run_config)
+    return _adapt(train, shape), _adapt(test, shape)
 
 
 def _folder_size(spec: str, run_config: dict) -> int | None:
@@ -361,7 +342,7 @@ def dataset_for(
     dataset = train if split == "train" else test
     if split == "test" and limit is not None and len(test) > limit:  # type: ignore[arg-type]
         dataset = test.subset(stratified_indices(test.y, limit, seed=None))  # type: ignore[union-attr]
-    return _adapt(dataset, _shape(run_config))  # type: ignore[arg-type]
+    return _adapt(dataset, rundir.input_shape(run_config))  # type: ignore[arg-type]
 
 
 def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
@@ -375,12 +356,6 @@ def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
         )
     x = adapt_images(data.x, shape[0], (shape[1], shape[2]))
     return ImageData(x, data.y, data.classes, data.name)
-
-
-def _device(device: str) -> str:
-    from selfsup.device import resolve_device
-
-    return resolve_device(device)
 
 
 def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str] | None) -> None:

@@ -102,13 +102,15 @@ def classify(
     """Train the classifier on the labeled images and save it to `out` (one file)."""
     from selfsup import run as rundir
     from selfsup.api import dataset_for, load
+    from selfsup.data import ImageData
     from selfsup.device import resolve_device
-    from selfsup.evaluation.probes import DEFAULT_C, choose_c, cv_folds, fit_logistic
+    from selfsup.evaluation import extract_features
+    from selfsup.evaluation.probes import fit_probe
 
     ids, names, _ = read_labels(labels)
     encoder, device = load(run), resolve_device(device)
     config = rundir.read_config(run)
-    shape = (config["dataset"]["channels"], *config["dataset"]["image_size"])
+    shape = rundir.input_shape(config)
     if isinstance(ids[0], int):
         images = dataset_for(run, data)
         bad = next((i for i in ids if i >= len(images)), None)  # type: ignore[operator]
@@ -117,16 +119,11 @@ def classify(
         x = images.images(torch.as_tensor(ids))
     else:
         x = load_image_files([str(i) for i in ids], shape)  # type: ignore[arg-type]
-    features = _features(encoder, x, device).double()
-    mean, std = features.mean(0), features.std(0, unbiased=False)
-    std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    z = ((features - mean) / std).float()
+    features = extract_features(encoder, ImageData(x, None, None, labels), device=device)
     classes = sorted(set(names))
     y = np.array([classes.index(n) for n in names])
-    folds = cv_folds(y, 5)
-    C = choose_c(z, y, folds=folds)[0] if folds else DEFAULT_C
-    fit = fit_logistic(z, y, C)
-    head_w, head_b = fit.weight.detach().float(), fit.bias.detach().float()
+    probe = fit_probe(features, y)
+    head_w, head_b = probe.fit.weight.detach().float(), probe.fit.bias.detach().float()
     if head_w.shape[0] == 1:  # two classes: one logit against a fixed 0
         head_w, head_b = (
             torch.cat([torch.zeros_like(head_w), head_w]),
@@ -137,8 +134,8 @@ def classify(
     }
     tensors.update(
         {
-            "feature.mean": mean.float(),
-            "feature.std": std.float(),
+            "feature.mean": probe.mean,
+            "feature.std": probe.std,
             "head.weight": head_w.cpu(),
             "head.bias": head_b.cpu(),
         }
@@ -148,30 +145,20 @@ def classify(
         "selfsup_encoder": json.dumps(encoder.config),
         "classes": json.dumps(classes),
         "input_shape": json.dumps(list(shape)),
-        "C": str(C),
+        "C": str(probe.fit.C),
         "run": str(run),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
-    train_accuracy = float(np.mean(fit.predict(z) == y))
+    train_accuracy = float(np.mean(probe.predict(features) == y))
     return {
         "out": str(out),
         "classes": classes,
         "labels": len(y),
-        "C": C,
+        "C": probe.fit.C,
         "train_accuracy": train_accuracy,
     }
-
-
-def _features(
-    encoder: torch.nn.Module, x: torch.Tensor, device: str, batch: int = 256
-) -> torch.Tensor:
-    encoder.eval().to(device)
-    with torch.inference_mode():
-        return torch.cat(
-            [encoder(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
-        )
 
 
 class Classifier(torch.nn.Module):
@@ -208,16 +195,12 @@ class Classifier(torch.nn.Module):
 
 def image_files(spec: str) -> list[str]:
     """The image files of `folder:PATH` (or a plain folder path), recursively, sorted."""
-    from selfsup.data.sources import IMAGE_EXTENSIONS
+    from selfsup.data.sources import images_under
 
     root = Path(spec[len("folder:") :] if spec.startswith("folder:") else spec).expanduser()
     if not root.is_dir():
         raise SelfsupError(f"{spec}: not a folder of images")
-    files = sorted(
-        str(p)
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    files = [str(p) for p in images_under(root, recursive=True)]
     if not files:
         raise SelfsupError(f"{spec}: no images in it")
     return files

@@ -69,31 +69,33 @@ def output_file(path: str | None) -> Path | None:
     return out
 
 
-def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
-    """The sub-parser of the command `argv` names (`selfsup lm pretrain gpt` -> gpt's)."""
-    current = parser
+def _command_path(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[list[str], argparse.ArgumentParser, str | None]:
+    """(the command words of `argv`, the sub-parser they lead to, the first word after them)."""
+    words, current = [], parser
     for word in (a for a in argv if not a.startswith("-")):
         sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
         if sub is None or word not in sub.choices:
-            break
+            return words, current, word
+        words.append(word)
         current = sub.choices[word]
-    return current
+    return words, current, None
+
+
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The sub-parser of the command `argv` names (`selfsup lm pretrain gpt` -> gpt's)."""
+    return _command_path(parser, argv)[1]
 
 
 def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
-    """`selfsup pretrain simclr --help`: the command words of `argv` that the parser knows."""
-    words, current = ["selfsup"], parser
-    for word in (a for a in argv if not a.startswith("-")):
-        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is not None and word in sub.choices:
-            words.append(word)
-            current = sub.choices[word]
-            continue
-        chooser = next((a for a in current._actions if a.choices and not a.option_strings), None)
-        if chooser is not None and word in chooser.choices:
-            words.append(word)
-        break
-    return " ".join([*words, "--help"])
+    """`selfsup pretrain simclr --help`: the command words of `argv` that the parser knows (a
+    positional with choices, such as pretrain's METHOD, counts when valid)."""
+    words, current, after = _command_path(parser, argv)
+    chooser = next((a for a in current._actions if a.choices and not a.option_strings), None)
+    if after is not None and chooser is not None and after in chooser.choices:
+        words.append(after)
+    return " ".join(["selfsup", *words, "--help"])
 
 
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:

@@ -141,6 +141,15 @@ class PretrainConfig:
         return {"adamw": 1e-3, "sgd": 0.06 * scale, "lars": 0.3 * scale}[self.optimizer]
 
 
+def split_options(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PretrainConfig's fields, the rest: a method's own options) of options given by name."""
+    shared = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return (
+        {k: v for k, v in values.items() if k in shared},
+        {k: v for k, v in values.items() if k not in shared},
+    )
+
+
 @dataclass
 class EvalConfig:
     """What `selfsup evaluate` measures; results go to RUN/eval/<data>/."""

@@ -31,7 +31,7 @@ def export(run: str | Path, format: str = "onnx", out: str | Path | None = None)
     run = Path(run)
     encoder = rundir.load_encoder(run).float().eval()
     config = rundir.read_config(run)
-    channels, (h, w) = config["dataset"]["channels"], config["dataset"]["image_size"]
+    channels, h, w = rundir.input_shape(config)
     path = Path(out) if out else run / "export" / f"encoder{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, channels, h, w)

@@ -97,13 +97,14 @@ def all_option_names() -> set[str]:
     return set().union(*(option_names(m) for m in METHODS))
 
 
-def build_options(method: str, values: dict[str, Any]) -> Any:
-    """`method`'s Options dataclass (imported: training is starting) from `values`, checked."""
+def build_options(method: str, values: dict[str, Any], cls: type | None = None) -> Any:
+    """`method`'s Options dataclass (`cls`, else imported from the method: training is
+    starting) from `values`, checked; an option it does not have is a one-line error."""
     from selfsup.config import check_fields
     from selfsup.errors import SelfsupError
     from selfsup.methods import get_method
 
-    cls = get_method(method).Options
+    cls = cls or get_method(method).Options
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

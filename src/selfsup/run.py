@@ -101,6 +101,12 @@ def read_config(run: str | Path) -> dict[str, Any]:
     return config
 
 
+def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a run's encoder was trained on."""
+    dataset = config["dataset"]
+    return dataset["channels"], *dataset["image_size"]
+
+
 def write_command(run: Path, command: str, *, append: bool = False) -> None:
     """Record the command line; a resumed run adds its command below the first."""
     path = run / "command.txt"
@@ -143,16 +149,16 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # not a pickle of objects: damaged or no checkpoint
-            message = f"{path}: not a readable checkpoint (damaged or another format)"
-            raise SelfsupError(message) from None
-        raise SelfsupError(
-            f"{path}: holds Python objects that weights-only loading refuses; selfsup never "
+        reason = (
+            "it holds Python objects: refused unread by weights-only loading; selfsup never "
             "unpickles checkpoints it did not write"
-        ) from None
+            if "global" in str(e).lower()
+            else "damaged or another format"
+        )
+        raise SelfsupError(f"{path} is not a readable checkpoint ({reason})") from None
     except Exception as e:  # torch raises several types for truncated or corrupt files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SelfsupError(f"{path}: not a readable checkpoint ({first})") from None
+        raise SelfsupError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise SelfsupError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint

@@ -30,10 +30,10 @@ def build_index(
     from selfsup.api import load
     from selfsup.classify import image_files, load_image_files
     from selfsup.device import resolve_device
-    from selfsup.run import read_config
+    from selfsup.run import input_shape, read_config
 
     config = read_config(run)
-    shape = (config["dataset"]["channels"], *config["dataset"]["image_size"])
+    shape = input_shape(config)
     encoder, device = load(run), resolve_device(device)
     encoder.to(device)
     files = image_files(images)
@@ -84,13 +84,13 @@ def similar(
     of the query and its neighbours and a CSV beside it (rank, path, similarity)."""
     from selfsup.api import load
     from selfsup.classify import load_image_files
-    from selfsup.run import read_config
+    from selfsup.run import input_shape, read_config
 
     features, paths, run = load_index(index)
     if not Path(image).is_file():
         raise SelfsupError(f"{image}: no such image file")
     config = read_config(run)
-    shape = (config["dataset"]["channels"], *config["dataset"]["image_size"])
+    shape = input_shape(config)
     query_image = load_image_files([str(image)], shape)
     with torch.inference_mode():
         query = torch.nn.functional.normalize(load(run)(query_image).float(), dim=1)[0].numpy()

@@ -81,9 +81,10 @@ def typiclust(z: np.ndarray, budget: int, seed: int = 0) -> np.ndarray:
         members = np.flatnonzero(labels == cluster)
         if len(members):
             picks.append(int(members[np.argmax(typicality(z[members]))]))
-    chosen = set(picks)
-    rest = [i for i in kcenter(z, len(z), seed) if i not in chosen]  # k-means left a cluster empty
-    return np.asarray(picks + rest[: budget - len(picks)])
+    if len(picks) < budget:  # k-means left a cluster empty: fill up with k-center picks
+        chosen = set(picks)
+        picks += [i for i in kcenter(z, len(z), seed) if i not in chosen][: budget - len(picks)]
+    return np.asarray(picks)
 
 
 def typicality(z: np.ndarray, k: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from selfsup import metrics_log
 from selfsup import run as rundir
 from selfsup.augment import RECIPES
-from selfsup.config import PretrainConfig
+from selfsup.config import PretrainConfig, split_options
 from selfsup.data import ImageData, batch_loader
 from selfsup.data.sources import HOLDOUT, stratified_indices
 from selfsup.errors import NonFiniteLossError, SelfsupError
@@ -48,17 +48,15 @@ def pretrain(
     Every option, the device, the data and the run directory are checked before anything is
     written; a run that fails before its first checkpoint leaves no folder behind.
     """
-    shared = {f.name for f in dataclasses.fields(PretrainConfig)}
-    config = dataclasses.replace(
-        config or PretrainConfig(), **{k: v for k, v in options.items() if k in shared}
-    )
-    own = {k: v for k, v in options.items() if k not in shared}
+    shared, own = split_options(options)
+    config = dataclasses.replace(config or PretrainConfig(), **shared)
     if own:  # the method's own options, by name: `pretrain(method="mae", mask_ratio=0.5)`
         config = dataclasses.replace(config, options={**config.options, **own})
     command = command or _python_call(config)
-    checkpoint, resume_step = None, None
+    checkpoint, resume_step, state = None, None, None
     if config.resume:
-        config, checkpoint, resume_step = _resume_config(config)
+        config, checkpoint, state = _resume_config(config)
+        resume_step = metrics_log.resumed_step(state)
     elif config.method is None:
         config = dataclasses.replace(config, method=DEFAULT_METHOD)
     if config.method not in METHODS:
@@ -88,8 +86,9 @@ def pretrain(
     info = _data_info(config, train, test)
     info["encoder"].update(method_class.encoder_spec(config, method_options, train))
     method = method_class(config, info, method_options, **data_extra)
-    if checkpoint is not None:
-        _check_checkpoint_fits(method, checkpoint)
+    if state is not None:
+        _check_checkpoint_fits(method, checkpoint, state["state_dict"])
+        state = None  # Lightning reads the file again itself
     hint = ResumeHint(run)
     trainer = _trainer(config, run, train, resume_step, hint)
     loaders = _loaders(config, train, test)
@@ -155,9 +154,9 @@ def check_accelerator(accelerator: str) -> None:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
-    """(the run's own config with the allowed changes, its last checkpoint, that checkpoint's
-    step), after checking that the checkpoint loads and that no other option was changed."""
+def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, dict[str, Any]]:
+    """(the run's own config with the allowed changes, its last checkpoint's path, the loaded
+    checkpoint), after checking that it loads and that no other option was changed."""
     run = Path(config.resume)  # type: ignore[arg-type]
     saved = rundir.read_config(run)
     checkpoint = rundir.last_checkpoint(run)
@@ -192,13 +191,12 @@ def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, int]:
             )
     changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
     changes = {k: v for k, v in changes.items() if v != getattr(defaults, k)}
-    step = metrics_log.resumed_step(rundir.load_checkpoint(checkpoint))
+    state = rundir.load_checkpoint(checkpoint)  # damaged or pickled: one line, before any write
     resumed = dataclasses.replace(resumed, **changes, out=str(run), resume=None)
-    return resumed, str(checkpoint), step
+    return resumed, str(checkpoint), state
 
 
-def _check_checkpoint_fits(method: Method, checkpoint: str) -> None:
-    state = rundir.load_checkpoint(checkpoint)["state_dict"]
+def _check_checkpoint_fits(method: Method, checkpoint: str, state: dict[str, Any]) -> None:
     try:
         method.load_state_dict(state)  # what fit() does first; here the error is one line
     except RuntimeError as e:
@@ -220,7 +218,6 @@ def _python_call(config: PretrainConfig) -> str:
 
 def _check_names(config: PretrainConfig) -> None:
     for option, value, valid in [
-        ("method", config.method, METHODS),
         ("--backbone", config.backbone, BACKBONES),
         ("--optimizer", config.optimizer, OPTIMIZERS),
         ("--recipe", config.recipe, RECIPES),

@@ -194,7 +194,7 @@ class FolderImages(Dataset):
         return square_resize(decode_image(self.paths[i]), self.size), self.labels[i]
 
 
-def _images_under(d: Path, recursive: bool) -> list[Path]:
+def images_under(d: Path, recursive: bool) -> list[Path]:
     files = d.rglob("*") if recursive else d.iterdir()
     return sorted(
         p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
@@ -206,9 +206,9 @@ def scan_folder(
 ) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """Class sub-folders (those holding images) -> (paths, labels, classes); else flat images."""
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    by_class = {d.name: imgs for d in subdirs if (imgs := _images_under(d, recursive=True))}
+    by_class = {d.name: imgs for d in subdirs if (imgs := images_under(d, recursive=True))}
     if not by_class:
-        paths = _images_under(root, recursive=False)
+        paths = images_under(root, recursive=False)
         if not paths:
             exts = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
             raise SelfsupError(f"{root}: no images ({exts}) in it or in class sub-folders")

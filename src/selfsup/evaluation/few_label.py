@@ -24,7 +24,7 @@ BASELINES = ("raw", "pca", "random", "supervised")
 PROBES = ("linear", "knn")
 
 
-class _Pixels(nn.Module):
+class Pixels(nn.Module):
     """Raw pixels as features: flattened, scaled to [0, 1]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +237,7 @@ def few_label_evaluation(
 
     feats = {"selfsup": features if features is not None else extract(encoder)}
     if "raw" in baselines or "pca" in baselines:
-        raw = extract(_Pixels())
+        raw = extract(Pixels())
         if "raw" in baselines:
             feats["raw"] = raw
         if "pca" in baselines:

@@ -75,11 +75,50 @@ def standardize(train_f: ArrayLike, *others: ArrayLike, **kw: Any) -> list[torch
     mean and std of `train_f` (a constant feature keeps scale 1, as in scikit-learn)."""
     device, dtype = kw.get("device", "cpu"), kw.get("dtype", torch.float32)
     tensors = [torch.as_tensor(_np(a), device=device).to(dtype) for a in (train_f, *others)]
-    x64 = tensors[0].double()
+    mean, std = feature_scale(tensors[0])
+    return [(t - mean) / std for t in tensors]
+
+
+def feature_scale(train_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of each feature, computed in float64, returned in `train_f`'s dtype; a
+    constant feature keeps scale 1, as in scikit-learn."""
+    x64 = train_f.double()
     mean, std = x64.mean(0), x64.std(0, unbiased=False)
     std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
-    mean, std = mean.to(dtype), std.to(dtype)
-    return [(t - mean) / std for t in tensors]
+    return mean.to(train_f.dtype), std.to(train_f.dtype)
+
+
+@dataclass
+class Probe:
+    """A linear probe fitted once: the training features' statistics and the regression."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    fit: LogisticFit
+
+    def scaled(self, f: ArrayLike) -> torch.Tensor:
+        return (torch.as_tensor(_np(f)).to(self.mean) - self.mean) / self.std
+
+    def predict(self, f: ArrayLike) -> np.ndarray:
+        return self.fit.predict(self.scaled(f))
+
+
+def fit_probe(
+    train_f: ArrayLike,
+    train_y: ArrayLike,
+    *,
+    C: float | None = None,
+    folds: int = 5,
+    cv_max_samples: int | None = None,
+) -> Probe:
+    """`linear_probe`'s regression kept for later use (classify, shift): standardised features,
+    C by `choose_c` on the training set unless given."""
+    x = torch.as_tensor(_np(train_f)).float()
+    mean, std = feature_scale(x)
+    z = (x - mean) / std
+    if C is None:
+        C = choose_c(z, train_y, folds=folds, max_samples=cv_max_samples)[0]
+    return Probe(mean, std, fit_logistic(z, train_y, C))
 
 
 class Preconditioner:

@@ -132,7 +132,7 @@ def retrieval_evaluation(
     On the run's held-out images by default (caption files: the last --caption-holdout of the
     images). Writes RUN/eval/DATA/retrieval.json.
     """
-    from selfsup.evaluation.zero_shot import resolve_device
+    from selfsup.device import resolve_device
     from selfsup.methods.clip import load_clip
 
     pairs = held_out_pairs(run, data, split, data_dir)
@@ -177,7 +177,7 @@ def retrieve(
 
     Searches the run's held-out images by default; `output` saves them as a picture.
     """
-    from selfsup.evaluation.zero_shot import resolve_device
+    from selfsup.device import resolve_device
     from selfsup.methods.clip import load_clip
 
     if not query.strip():

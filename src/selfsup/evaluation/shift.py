@@ -112,18 +112,20 @@ def shift_evaluation(
     corruptions: tuple[str, ...],
     *,
     probe: Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]],
-    clean_train: dict[str, np.ndarray] | None = None,
+    clean: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """For each representation (name -> features of uint8 images): a probe trained once on the
     clean training features, scored on the clean test images and on every corruption and
-    severity. Returns {method: {"clean": acc, corruption: [acc per severity], "mean_drop": ...}}."""
+    severity. `clean`: (train, test) features already computed, by name. Returns
+    {method: {"clean": acc, corruption: [acc per severity], "mean_drop": ...}}."""
     results: dict[str, Any] = {}
     for name, features in encoders.items():
-        train_f = (clean_train or {}).get(name)
-        if train_f is None:
-            train_f = features(train_images)
+        if clean and name in clean:
+            train_f, test_f = clean[name]
+        else:
+            train_f, test_f = features(train_images), features(test_images)
         predict = probe(train_f, train_y)
-        row: dict[str, Any] = {"clean": float(np.mean(predict(features(test_images)) == test_y))}
+        row: dict[str, Any] = {"clean": float(np.mean(predict(test_f) == test_y))}
         drops = []
         for corruption in corruptions:
             accs = []

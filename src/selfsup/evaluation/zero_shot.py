@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from selfsup import run as rundir
 from selfsup.data import ImageData, load_splits, stratified_indices
+from selfsup.device import resolve_device
 from selfsup.errors import SelfsupError
 
 
@@ -115,9 +116,3 @@ def _labeled_split(
     if limit is not None and split == "test":
         images = images.subset(stratified_indices(images.y, min(limit, len(images)), seed=None))
     return images
-
-
-def resolve_device(device: str) -> str:
-    from selfsup.device import resolve_device as resolve
-
-    return resolve(device)

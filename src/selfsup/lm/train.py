@@ -351,7 +351,8 @@ def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
             f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} yet; run the command "
             f"without --resume (--out {run}) to start afresh"
         )
-    read_checkpoint(checkpoint)  # truncated, foreign or pickled: one line, before any write
+    # truncated, foreign or pickled: one line, before any write
+    start = int(read_checkpoint(checkpoint)["global_step"])
     # Only the length of training may change on resume (to extend a finished run).
     steps = config.steps if config.steps != LMConfig.steps else saved_config.steps
     config = dataclasses.replace(saved_config, steps=steps, out=str(run), resume=None, init=None)
@@ -359,29 +360,29 @@ def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
     L.seed_everything(config.seed, verbose=False)
     module = kind.build(config, options, tokenizer, None)
     rundir.write_command(run, command, append=True)
-    return _fit(run, config, module, tokenizer, checkpoint=checkpoint)
+    return _fit(run, config, module, tokenizer, checkpoint=checkpoint, start=start)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint of a language-model run, read with weights_only=True (a pickled
     object is refused unread); any unreadable file is one SelfsupError line."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign, or pickled code
-        raise SelfsupError(f"{path} is not a readable checkpoint ({one_line_reason(e)})") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "global_step" not in state:
+    state = rundir.load_checkpoint(path)
+    if "global_step" not in state:
         raise SelfsupError(f"{path} is not a selfsup language-model checkpoint")
     return state
 
 
 def _fit(
-    run: Path, config: LMConfig, module: LanguageModule, tokenizer: Any, checkpoint: Path | None
+    run: Path,
+    config: LMConfig,
+    module: LanguageModule,
+    tokenizer: Any,
+    checkpoint: Path | None,
+    start: int = 0,
 ) -> Path:
+    """Train from step `start` (a resumed run's checkpoint step; its metrics rows below it kept)."""
     train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
-    start, keep_before = 0, None
-    if checkpoint is not None:
-        state = read_checkpoint(checkpoint)
-        start, keep_before = int(state["global_step"]), metrics_log.resumed_step(state)
+    keep_before = start if checkpoint is not None else None
     hint = ResumeHint(run)
     trainer = _trainer(config, run, hint, keep_before)
     if config.batch_size % trainer.world_size:

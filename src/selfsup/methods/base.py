@@ -88,13 +88,14 @@ class Method(L.LightningModule):
     def create(cls, data_info: dict[str, Any], **options: Any) -> Method:
         """The method from option names as `selfsup.pretrain` takes them, shared or its own
         (for tests and notebooks): `MAE.create(info, patch_size=8, backbone="vit-tiny")`."""
-        from selfsup.config import check_fields
+        from selfsup.config import split_options
+        from selfsup.method_options import build_options
 
-        shared = {f.name for f in dataclasses.fields(PretrainConfig)}
-        config = PretrainConfig(**{k: v for k, v in options.items() if k in shared})
-        own = cls.Options(**{k: v for k, v in options.items() if k not in shared})
-        check_fields(own)
-        return cls(config, data_info, own)
+        shared, own = split_options(options)
+        config = PretrainConfig(**shared)
+        return cls(
+            config, data_info, build_options(config.method or cls.__name__, own, cls.Options)
+        )
 
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Any = None

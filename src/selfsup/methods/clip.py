@@ -318,5 +318,5 @@ def load_clip(run: str | Path) -> CLIPModel:
     except Exception as e:  # safetensors raises several types for a damaged file
         raise SelfsupError(f"{weights} is not a readable clip weights file ({e})") from None
     tokenizer = load_tokenizer(Path(run) / TOKENIZER_DIR)
-    shape = (config["dataset"]["channels"], *config["dataset"]["image_size"])
+    shape = rundir.input_shape(config)
     return CLIPModel(encoder, towers, tokenizer, config["text"]["context"], shape).eval()  # type: ignore[arg-type]
