@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from selfsup.lm.gpt import Options
-from selfsup.lm.train import pretrain_lm
+from selfsup.lm.models.gpt import Options
+from selfsup.lm.training.pretrain import pretrain_lm
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 BABY = dict(

@@ -23,9 +23,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from selfsup.data.conversations import read_rankings
-from selfsup.lm import hf
-from selfsup.lm.chat_data import ranking_batch
-from selfsup.lm.posttrain import _split, reward_of
+from selfsup.lm.data.chat_data import ranking_batch
+from selfsup.lm.models import hf
+from selfsup.lm.training.posttrain import _split, reward_of
 
 
 def pair_kind(gold_a: float, gold_b: float) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.lm.word2vec import WordVectors, pretrain_word2vec
+from selfsup.lm.models.word2vec import WordVectors, pretrain_word2vec
 
 SETTINGS = dict(dim=100, window=5, negatives=5, min_count=5, sample=1e-3, lr=0.025, epochs=5)
 CHUNK = 2000

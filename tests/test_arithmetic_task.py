@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.arithmetic import (
+from selfsup.lm.data.arithmetic import (
     Problem,
     demonstration,
     gold_score,

@@ -12,7 +12,7 @@ import torch
 
 from selfsup.cli import main
 from selfsup.errors import SelfsupError
-from selfsup.lm.bert import (
+from selfsup.lm.models.bert import (
     IGNORE,
     IS_NEXT,
     NOT_NEXT,
@@ -23,7 +23,7 @@ from selfsup.lm.bert import (
     mask_tokens,
     pack_pair,
 )
-from selfsup.lm.train import lm_config, pretrain_lm
+from selfsup.lm.training.pretrain import lm_config, pretrain_lm
 
 SHAKESPEARE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
@@ -203,9 +203,9 @@ def test_sentence_pairs_follow_the_paragraphs_of_an_indented_text(tmp_path: Path
     """Byte-level BPE merges "\\n\\n" and the next line's indentation into one token: a
     paragraph break all the same. No IsNext pair may cross one, and a NotNext sentence comes
     from another document (the corpus has several)."""
-    from selfsup.lm.bert import SPECIAL_TOKENS
-    from selfsup.lm.corpus import encode_corpus
-    from selfsup.lm.tokenizer import train_tokenizer
+    from selfsup.lm.data.corpus import encode_corpus
+    from selfsup.lm.data.tokenizer import train_tokenizer
+    from selfsup.lm.models.bert import SPECIAL_TOKENS
 
     rng = np.random.default_rng(0)
     words = ["king", "crown", "sword", "night", "storm", "rose", "ghost", "river"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.rlhf import best_of_n_mean
+from selfsup.lm.alignment.rlhf import best_of_n_mean
 
 
 def _enumerated(proxy: np.ndarray, values: np.ndarray, n: int) -> float:

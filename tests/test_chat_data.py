@@ -5,7 +5,7 @@ import torch
 
 from selfsup.data.conversations import Ranking
 from selfsup.errors import SelfsupError
-from selfsup.lm.chat_data import (
+from selfsup.lm.data.chat_data import (
     IGNORE,
     add_chat_tokens,
     collate,
@@ -14,7 +14,7 @@ from selfsup.lm.chat_data import (
     ranking_batch,
     sft_example,
 )
-from selfsup.lm.tokenizer import train_tokenizer
+from selfsup.lm.data.tokenizer import train_tokenizer
 
 CHAT = [{"role": "user", "content": "2 plus 3?"}, {"role": "assistant", "content": "5."}]
 

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfsup.cli import main
 from selfsup.errors import SelfsupError
-from selfsup.lm.corpus import load_ids, split_ids
-from selfsup.lm.gpt import GPT, GPTModule, Options, from_hf, load_run, to_hf
-from selfsup.lm.tokenizer import train_tokenizer
-from selfsup.lm.train import pretrain_lm
+from selfsup.lm.data.corpus import load_ids, split_ids
+from selfsup.lm.data.tokenizer import train_tokenizer
+from selfsup.lm.models.gpt import GPT, GPTModule, Options, from_hf, load_run, to_hf
+from selfsup.lm.training.pretrain import pretrain_lm
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 needs_data = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is absent")

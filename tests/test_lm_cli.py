@@ -245,7 +245,7 @@ def test_word2vec_summary_and_config(corpus, tmp_path):
 
 
 def test_devices_auto_means_every_gpu_or_one_cpu_process():
-    from selfsup.lm.train import _devices
+    from selfsup.lm.training.pretrain import _devices
 
     assert _devices("auto", on_gpu=False) == 1
     assert _devices("3", on_gpu=False) == 3 and _devices("0,1", on_gpu=True) == "0,1"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from selfsup.data.conversations import read_conversations, read_prompts, read_rankings
 from selfsup.errors import SelfsupError
-from selfsup.lm.corpus import read_texts
+from selfsup.lm.data.corpus import read_texts
 from selfsup.losses.preference import LETTERS, parse_ranking
 
 FEW = settings(
@@ -243,7 +243,7 @@ def chat_base(tmp_path_factory) -> Path:
     """A tiny GPT-2 with a character tokenizer, and a few conversations beside it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from selfsup.lm.tokenizer import train_tokenizer
+    from selfsup.lm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("chat")
     tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")

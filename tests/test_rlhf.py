@@ -11,25 +11,25 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from selfsup.cli import main
 from selfsup.errors import SelfsupError
-from selfsup.lm.arithmetic import (
+from selfsup.lm.alignment.ppo import PPOSettings, PPOTrainer
+from selfsup.lm.alignment.rollout import forward_response, sample
+from selfsup.lm.data.arithmetic import (
     demonstration,
     gold_score,
     problems,
     simulated_ranking,
     write_task,
 )
-from selfsup.lm.chat_data import add_chat_tokens
-from selfsup.lm.posttrain import TuneConfig, sft, train_reward
-from selfsup.lm.ppo import PPOSettings, PPOTrainer
-from selfsup.lm.rollout import forward_response, sample
-from selfsup.lm.tokenizer import train_tokenizer
+from selfsup.lm.data.chat_data import add_chat_tokens
+from selfsup.lm.data.tokenizer import train_tokenizer
+from selfsup.lm.training.posttrain import TuneConfig, sft, train_reward
 from selfsup.losses.ppo import policy_loss
 
 ALPHABET = "0123456789 abcdefghijklmnopqrstuvwxyzACLTW?.+=,-"
 
 
 def problems_of(path):
-    from selfsup.lm.arithmetic import problem_of
+    from selfsup.lm.data.arithmetic import problem_of
 
     return [problem_of(json.loads(line)) for line in path.read_text().splitlines()]
 
@@ -75,7 +75,7 @@ def test_sft_learns_the_answers_and_exports_a_chat_model(sft_run):
 def test_sft_resume_continues_exactly(task, monkeypatch):
     from safetensors.torch import load_file
 
-    from selfsup.lm import hf
+    from selfsup.lm.models import hf
 
     lines = (task / "data" / "sft.jsonl").read_text().splitlines()[:48]
     (task / "sft48.jsonl").write_text("\n".join(lines) + "\n")
@@ -147,7 +147,7 @@ def AutoTokenizerFrom(run):  # noqa: N802 - reads like the transformers call it 
 def test_scores_match_the_sampling_distribution(sft_run, temperature):
     """PPO's log-probabilities of the sampled answers are those of the distribution `generate`
     sampled them from: Hugging Face's own processed scores (suppressed tokens, temperature)."""
-    from selfsup.lm.rollout import encode_prompts
+    from selfsup.lm.alignment.rollout import encode_prompts
 
     tokenizer = AutoTokenizerFrom(sft_run)
     model = AutoModelForCausalLM.from_pretrained(sft_run / "hf").eval()
@@ -235,7 +235,7 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     # the saved policy loads with the loader the next stages use (rlhf --policy, chat, best-of-n)
     from safetensors.torch import load_file
 
-    from selfsup.lm.rlhf import load_policy
+    from selfsup.lm.alignment.rlhf import load_policy
 
     saved_tokenizer, saved_policy = load_policy(task / "ppo" / "iter0002")
     assert saved_tokenizer.get_vocab() == AutoTokenizerFrom(sft_run).get_vocab()
@@ -281,7 +281,7 @@ def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
     with pytest.raises(SelfsupError, match="--init is required"):
         sft(TuneConfig(data="x.jsonl", out="y"))
     with pytest.raises(SelfsupError, match="no chat markers"):
-        from selfsup.lm.rlhf import load_policy
+        from selfsup.lm.alignment.rlhf import load_policy
 
         load_policy(task / "base")
     capsys.readouterr()
@@ -294,7 +294,7 @@ def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
 
 
 def test_divergence_is_named():
-    from selfsup.lm.rlhf import diverged
+    from selfsup.lm.alignment.rlhf import diverged
 
     good = {"ppo/policy": 0.1, "ppo/value": 0.2, "reward": 1.0, "kl": 3.0}
     assert diverged(good, 0.0) is None and diverged(good, 5.0) is None
@@ -303,7 +303,7 @@ def test_divergence_is_named():
 
 
 def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):
-    from selfsup.lm.rollout import reward_scores
+    from selfsup.lm.alignment.rollout import reward_scores
 
     tokenizer = AutoTokenizerFrom(sft_run)
     policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
@@ -396,7 +396,7 @@ def test_target_kl_stops_the_updates_of_an_iteration_early(sft_run):
 
 
 def test_adaptive_kl_coefficient_by_hand(sft_run):
-    from selfsup.lm.ppo import adaptive_beta
+    from selfsup.lm.alignment.ppo import adaptive_beta
 
     # Ziegler et al.: e = clip(KL/target - 1, -0.2, 0.2), β ← β·(1 + e·n/horizon)
     assert adaptive_beta(0.1, 3.0, 6.0, 16, 10000) == pytest.approx(0.1 * (1 - 0.2 * 16 / 10000))

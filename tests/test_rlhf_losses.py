@@ -64,7 +64,7 @@ def test_pair_agreement_credits_ties_half():
 
 
 def test_a_second_noisy_labeler_agrees_less_the_noisier_they_are():
-    from selfsup.lm.arithmetic import labeler_scores, simulated_ranking
+    from selfsup.lm.data.arithmetic import labeler_scores, simulated_ranking
 
     rng = np.random.default_rng(0)
     gold = [[1.5, 1.0, 0.5, 0.0, -0.5, 1.0] for _ in range(300)]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from selfsup.cli import main
 from selfsup.errors import SelfsupError
-from selfsup.lm.word2vec import (
+from selfsup.lm.models.word2vec import (
     WordVectors,
     chunk_pairs,
     keep_probabilities,

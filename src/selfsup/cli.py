@@ -331,7 +331,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--size", type=positive_int, default=224, help="side of each panel in pixels")
     a.add_argument("--seed", type=int, default=0)
 
-    from selfsup.lm.cli import add_lm_parser  # `selfsup lm ...`: language models (torch-free)
+    from selfsup.lm.cli.main import add_lm_parser  # `selfsup lm ...`: language models (torch-free)
 
     add_lm_parser(sub, parents=[common])
     return parser
@@ -443,7 +443,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         output_file(args.output)
         print(augment_preview(args.image, args.output, size=args.size, seed=args.seed))
     elif args.command == "lm":
-        from selfsup.lm.cli import run_lm
+        from selfsup.lm.cli.main import run_lm
 
         run_lm(args, argv)
 

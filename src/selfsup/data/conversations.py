@@ -199,7 +199,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int
     """(token ids, trained-on flags): each segment is tokenized on its own, so that no token
     straddles a prompt/answer boundary and the prompt tokens carry no loss. The markers must be
     special tokens of the tokenizer (one id each)."""
-    from selfsup.lm.tokenizer import encode_text
+    from selfsup.lm.data.tokenizer import encode_text
 
     ids: list[int] = []
     trained: list[bool] = []

@@ -1,9 +1,10 @@
 """The options of every `selfsup lm` training command, without torch.
 
 The command line builds its parsers from these dataclasses, so `selfsup lm ... --help` and
-usage errors stay instant; the modules that train import them from here (`selfsup.lm.gpt.Options`
-is `GPTOptions`, `selfsup.lm.train.LMConfig` is `LMConfig`, ...). Only the standard library
-and `selfsup.config` may be imported here (tests/test_lm_cli.py checks that torch is not).
+usage errors stay instant; the modules that train import them from here
+(`selfsup.lm.models.gpt.Options` is `GPTOptions`, `selfsup.lm.training.pretrain.LMConfig` is
+`LMConfig`, ...). Only the standard library and `selfsup.config` may be imported here
+(tests/test_lm_cli.py checks that torch is not).
 
 Vocabulary shared with the image side: `--data` (the input file or folder), `--out` (the run
 directory), `--resume RUN`, `--seed`, `--accelerator`, `--devices`, `--precision`,

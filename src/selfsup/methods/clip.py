@@ -29,7 +29,7 @@ from selfsup.config import PretrainConfig, option
 from selfsup.data import ImageData, adapt_images
 from selfsup.data.captions import CaptionData
 from selfsup.errors import SelfsupError
-from selfsup.lm.tokenizer import KINDS
+from selfsup.lm.data.tokenizer import KINDS
 from selfsup.losses.clip import LogitScale, clip_loss
 from selfsup.methods.base import Method
 from selfsup.models import Encoder
@@ -84,7 +84,7 @@ def tokenize(tokenizer: Any, texts: list[str], context: int) -> Tensor:
 
 def train_caption_tokenizer(captions: list[list[str]], kind: str, vocab_size: int) -> Any:
     """A tokenizer learned from the training captions (lower-cased)."""
-    from selfsup.lm.tokenizer import train_tokenizer
+    from selfsup.lm.data.tokenizer import train_tokenizer
 
     texts = [normalize_caption(c) for group in captions for c in group]
     return train_tokenizer(texts, kind=kind, vocab_size=vocab_size, special_tokens=[PAD, EOT, UNK])
@@ -161,7 +161,7 @@ class CLIP(Method):
         super().__init__(config, data_info, options)
         saved = Path(config.out or "") / TOKENIZER_DIR
         if config.out and (saved / "tokenizer.json").is_file():  # resuming: the run's tokenizer
-            from selfsup.lm.tokenizer import load_tokenizer
+            from selfsup.lm.data.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(saved)
         elif captions is not None:
@@ -303,7 +303,7 @@ class CLIPModel(nn.Module):
 
 def load_clip(run: str | Path) -> CLIPModel:
     """The image and text encoders of a `clip` run (eval mode)."""
-    from selfsup.lm.tokenizer import load_tokenizer
+    from selfsup.lm.data.tokenizer import load_tokenizer
 
     config = rundir.read_config(run)
     if config.get("method") != "clip" or "text" not in config:

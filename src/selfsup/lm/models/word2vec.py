@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerFast
 
 from selfsup import run as rundir
 from selfsup.errors import NonFiniteLossError, SelfsupError
-from selfsup.lm.hf import check_accelerator, check_number, removed_unless_kept
+from selfsup.lm.models.hf import check_accelerator, check_number, removed_unless_kept
 from selfsup.lm.options import Word2VecConfig
 
 UNK = "[UNK]"
@@ -231,7 +231,7 @@ def pretrain_word2vec(
     word vectors, `output`: the context vectors), results.json (training speed), checkpoints/
     and metrics.csv.
     """
-    from selfsup.lm.corpus import read_texts
+    from selfsup.lm.data.corpus import read_texts
 
     if "corpus" in settings:  # the name before `data` (issue 19)
         settings["data"] = settings.pop("corpus")
@@ -270,7 +270,7 @@ def pretrain_word2vec(
 def _train(
     run: Path, config: Word2VecConfig, tokenizer: Any, texts: list[str], command: str | None
 ) -> Path:
-    from selfsup.lm.corpus import encode_corpus
+    from selfsup.lm.data.corpus import encode_corpus
 
     saved = {"model": "word2vec", **asdict(config), "vocabulary": len(tokenizer)}
     rundir.atomic_write_text(run / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
@@ -343,7 +343,7 @@ class WordVectors:
     """A trained run's word vectors: `neighbors("king")`, `analogy("king", "man", "woman")`."""
 
     def __init__(self, run: str | Path) -> None:
-        from selfsup.lm.tokenizer import load_tokenizer
+        from selfsup.lm.data.tokenizer import load_tokenizer
 
         path = Path(run) / VECTORS
         if not path.is_file():
@@ -376,5 +376,5 @@ class WordVectors:
 
 
 def run_pretrain(config: Word2VecConfig, *, command: str) -> Path:
-    """The `selfsup lm pretrain word2vec` entry (see selfsup.lm.cli)."""
+    """The `selfsup lm pretrain word2vec` entry (see selfsup.lm.cli.main)."""
     return pretrain_word2vec(config, command=command)

@@ -36,10 +36,10 @@ from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.hf import one_line_reason
+from selfsup.lm.models.hf import one_line_reason
 from selfsup.lm.options import BERT_DEFAULTS
 from selfsup.lm.options import BertOptions as Options
-from selfsup.lm.train import LanguageModule, LMConfig
+from selfsup.lm.training.pretrain import LanguageModule, LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
 IS_NEXT, NOT_NEXT = 0, 1
@@ -224,7 +224,7 @@ def load_init(path: str) -> Any:
     """A local BERT checkpoint (a run directory, its hf/ folder, or any BERT folder)."""
     from transformers import AutoConfig, BertForPreTraining
 
-    from selfsup.lm.hf import hf_dir
+    from selfsup.lm.models.hf import hf_dir
 
     folder = hf_dir(path)
     try:
@@ -374,7 +374,7 @@ class BertModule(LanguageModule):
 
     def export(self, run: Path, tokenizer: Any) -> None:
         """RUN/hf: BertForPreTraining + tokenizer, for AutoModelForMaskedLM / AutoTokenizer."""
-        from selfsup.lm.hf import save_hf
+        from selfsup.lm.models.hf import save_hf
 
         save_hf(run, self.model, tokenizer)
 
@@ -402,8 +402,8 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5) -> list[list[tuple[str
     the run's hf/ export loaded with AutoModelForMaskedLM + AutoTokenizer."""
     from transformers import AutoModelForMaskedLM
 
-    from selfsup.lm.hf import load_tokenizer_and
-    from selfsup.lm.tokenizer import encode_text
+    from selfsup.lm.data.tokenizer import encode_text
+    from selfsup.lm.models.hf import load_tokenizer_and
 
     if top_k < 1:
         raise SelfsupError(f"--top-k must be at least 1, got {top_k}")

@@ -1,5 +1,5 @@
 """`selfsup lm` commands for the stages after pretraining: SFT, labeling, reward model, RLHF,
-best-of-n and chat (added to the group's COMMANDS in `selfsup.lm.cli`)."""
+best-of-n and chat (added to the group's COMMANDS in `selfsup.lm.cli.main`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.cli_common import add_config_arguments, add_deprecated, deprecation, summary
+from selfsup.lm.cli.common import add_config_arguments, add_deprecated, deprecation, summary
 from selfsup.lm.options import RLHFConfig, TuneConfig
 
 
@@ -41,7 +41,7 @@ def _add_arithmetic(sub, parents) -> None:
 
 
 def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.arithmetic import write_task
+    from selfsup.lm.data.arithmetic import write_task
 
     for name, count in write_task(
         args.folder, args.seed, args.sft, args.num_prompts, args.max_operand
@@ -78,7 +78,7 @@ def _add_reward(sub, parents) -> None:
 
 
 def _run_tune(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.posttrain import sft, train_reward
+    from selfsup.lm.training.posttrain import sft, train_reward
 
     if args.resume is True:  # the bare flag of before `--resume RUN`
         deprecation("--resume without RUN", "--resume RUN")
@@ -139,7 +139,7 @@ def _add_label(sub, parents) -> None:
 
 
 def _run_label(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import label
+    from selfsup.lm.alignment.rlhf import label
 
     stats = label(
         args.policy, args.prompts, args.output, args.k, args.gold, args.noise,
@@ -165,7 +165,7 @@ def _add_rlhf(sub, parents) -> None:
 
 
 def _run_rlhf(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import rlhf
+    from selfsup.lm.alignment.rlhf import rlhf
 
     run = Path(rlhf(_config(RLHFConfig, args), command=command))
     last = _last_row(run / "eval.csv")
@@ -205,7 +205,7 @@ def _add_best_of_n(sub, parents) -> None:
 
 
 def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import best_of_n
+    from selfsup.lm.alignment.rlhf import best_of_n
 
     try:
         ns = sorted({int(n) for n in args.n.split(",") if n.strip()})
@@ -233,7 +233,7 @@ def _add_chat(sub, parents) -> None:
 
 
 def _run_chat(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.rlhf import chat_reply, context_length, fit_context, load_policy
+    from selfsup.lm.alignment.rlhf import chat_reply, context_length, fit_context, load_policy
 
     if args.max_new_tokens < 1:
         raise SelfsupError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -326,7 +326,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 
 def _run_few_shot(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.icl import few_shot
+    from selfsup.lm.evaluation.icl import few_shot
 
     accuracy = few_shot(
         args.run, args.data, _ints(args.shots, "--shots"), args.limit, args.max_new_tokens,
@@ -346,7 +346,7 @@ def _progress(flag: bool | None) -> bool:
 def _run_regression(args: argparse.Namespace, command: str) -> None:
     from pathlib import Path
 
-    from selfsup.lm.icl import evaluate_regression, plot_regression, train_regression
+    from selfsup.lm.evaluation.icl import evaluate_regression, plot_regression, train_regression
 
     model = train_regression(
         args.dims, args.points, args.steps, args.batch_size, args.lr, args.width, args.layers,

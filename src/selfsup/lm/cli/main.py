@@ -4,14 +4,14 @@ How to add to it:
 - a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS` and its
   options in `selfsup.lm.options.KINDS` (the dataclasses to mirror as flags, torch-free, so that
   help and usage errors stay instant; the module imports them from there). By default the
-  command calls `pretrain_lm` (see `selfsup.lm.train`) with LMConfig and the kind's Options; a
-  kind with its own entry defines `run_pretrain(*configs, command=...)` returning the run
+  command calls `pretrain_lm` (see `selfsup.lm.training.pretrain`) with LMConfig and the kind's
+  Options; a kind with its own entry defines `run_pretrain(*configs, command=...)` returning the run
   directory.
 - a command `selfsup lm NAME`: write `_add_NAME(sub, parents)`, which adds the subparser with
   `parents=parents` and `set_defaults(handler=...)`, where the handler takes
   `(args, command: str)`; then append `_add_NAME` to COMMANDS. Import heavy modules inside the
   handler (options from `selfsup.lm.options`), so that `selfsup lm ... --help` stays instant.
-- every training command ends with `cli_common.summary(...)`: the run directory, the headline
+- every training command ends with `common.summary(...)`: the run directory, the headline
   metric, the next command.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.config import field_types
-from selfsup.lm.cli_align import ALIGN_COMMANDS
-from selfsup.lm.cli_common import QUIET, add_config_arguments, add_deprecated, summary
-from selfsup.lm.cli_words import WORD_COMMANDS
+from selfsup.lm.cli.align import ALIGN_COMMANDS
+from selfsup.lm.cli.common import QUIET, add_config_arguments, add_deprecated, summary
+from selfsup.lm.cli.words import WORD_COMMANDS
 
 
 def _add_pretrain(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -131,7 +131,7 @@ def _run_pretrain(args: argparse.Namespace, command: str) -> None:
         configs.append(config_class(**values))
     if isinstance(configs[0], LMConfig) and not configs[0].resume:
         check_ranges(configs[0])  # a usage mistake is told before torch is imported
-    from selfsup.lm.train import pretrain_lm
+    from selfsup.lm.training.pretrain import pretrain_lm
 
     module = importlib.import_module(MODELS[args.model])
     run = Path(getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command))
@@ -181,7 +181,7 @@ def _add_tokenize(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _run_tokenize(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.tokenizer import encode_text, load_tokenizer
+    from selfsup.lm.data.tokenizer import encode_text, load_tokenizer
 
     tokenizer = load_tokenizer(args.run)
     ids = encode_text(tokenizer, args.text, "TEXT")
@@ -216,7 +216,7 @@ def _add_generate(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _run_generate(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.gpt import generate_text
+    from selfsup.lm.models.gpt import generate_text
 
     texts = generate_text(
         args.run,

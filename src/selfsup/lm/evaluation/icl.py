@@ -206,8 +206,8 @@ def few_shot(
     """
     from transformers import AutoModelForCausalLM
 
-    from selfsup.lm import hf
-    from selfsup.lm.tokenizer import encode_text
+    from selfsup.lm.data.tokenizer import encode_text
+    from selfsup.lm.models import hf
 
     tokenizer, model = hf.load_tokenizer_and(model_path, AutoModelForCausalLM)
     model.eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.hf import one_line_reason
+from selfsup.lm.models.hf import one_line_reason
 from selfsup.run import publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")

@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 
 from selfsup.data.conversations import Message, read_prompts
 from selfsup.errors import SelfsupError
-from selfsup.lm import hf
-from selfsup.lm.arithmetic import (
+from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
+from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.lm.data.arithmetic import (
     gold_score,
     labeler_scores,
     problem_of,
     simulated_ranking,
 )
-from selfsup.lm.chat_data import add_chat_tokens
+from selfsup.lm.data.chat_data import add_chat_tokens
+from selfsup.lm.models import hf
 from selfsup.lm.options import PPOSettings, RLHFConfig
-from selfsup.lm.ppo import GoldFn, PPOTrainer, kl_to_reference
-from selfsup.lm.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.losses.preference import pair_agreement
 
 GOLDS = ("none", "arithmetic")
@@ -367,7 +367,7 @@ def fit_context(
     """The latest turns of the conversation whose prompt leaves `max_new_tokens` of the model's
     `context`: the oldest turns go first (a system message last); the conversation then starts
     at a user turn. One line when even the last message does not fit."""
-    from selfsup.lm.rollout import encode_prompts
+    from selfsup.lm.alignment.rollout import encode_prompts
 
     messages = list(messages)
     if context is None:
@@ -401,8 +401,8 @@ def chat_reply(
 ) -> str:
     """The model's next assistant turn (greedy at temperature 0). The conversation must fit the
     model's context (see `fit_context`)."""
-    from selfsup.lm.rollout import encode_prompts, suppressed_tokens
-    from selfsup.lm.tokenizer import encode_text
+    from selfsup.lm.alignment.rollout import encode_prompts, suppressed_tokens
+    from selfsup.lm.data.tokenizer import encode_text
 
     for m in messages:
         encode_text(tokenizer, m["content"], what=f"the {m['role']} message")

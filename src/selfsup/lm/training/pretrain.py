@@ -48,8 +48,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from selfsup import metrics_log
 from selfsup import run as rundir
 from selfsup.errors import NonFiniteLossError, SelfsupError
-from selfsup.lm.corpus import encode_corpus, load_ids, read_texts, split_ids
-from selfsup.lm.hf import (
+from selfsup.lm.data.corpus import encode_corpus, load_ids, read_texts, split_ids
+from selfsup.lm.data.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from selfsup.lm.models.hf import (
     check_accelerator,
     check_precision,
     clear_run,
@@ -58,7 +59,6 @@ from selfsup.lm.hf import (
     unfinished_start,
 )
 from selfsup.lm.options import LMConfig, check_ranges
-from selfsup.lm.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.optim import warmup_cosine
 
 TOKENS = "tokens.npy"
@@ -215,7 +215,7 @@ def pretrain_lm(
 
     `pretrain_lm(model="gpt", data="shakespeare.txt", steps=500)` is the same as
     `selfsup lm pretrain gpt --data shakespeare.txt --steps 500`; the kind's own options go
-    in `options` (e.g. `selfsup.lm.gpt.Options(n_layer=2)`).
+    in `options` (e.g. `selfsup.lm.models.gpt.Options(n_layer=2)`).
     """
     config = dataclasses.replace(config, **settings) if config else lm_config(**settings)
     kind = model_kind(config.model)

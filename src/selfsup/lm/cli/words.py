@@ -1,4 +1,4 @@
-"""`selfsup lm neighbors` (word2vec) and `selfsup lm fill-mask` (BERT); see selfsup.lm.cli."""
+"""`selfsup lm neighbors` (word2vec) and `selfsup lm fill-mask` (BERT); see selfsup.lm.cli.main."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _add_neighbors(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def _run_neighbors(args: argparse.Namespace, command: str) -> None:
     from selfsup.errors import SelfsupError
-    from selfsup.lm.word2vec import WordVectors
+    from selfsup.lm.models.word2vec import WordVectors
 
     if (args.word is None) == (args.analogy is None):
         raise SelfsupError("give either WORD or --analogy A B C")
@@ -56,7 +56,7 @@ def _add_fill_mask(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _run_fill_mask(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.bert import fill_mask
+    from selfsup.lm.models.bert import fill_mask
 
     for number, candidates in enumerate(fill_mask(args.run, args.text, args.top_k), start=1):
         print(f"[MASK] {number}:")

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.hf import one_line_reason
+from selfsup.lm.data.tokenizer import encode_text, load_tokenizer
+from selfsup.lm.models.hf import one_line_reason
 from selfsup.lm.options import GPTOptions as Options
-from selfsup.lm.tokenizer import encode_text, load_tokenizer
-from selfsup.lm.train import LanguageModule, LMConfig
+from selfsup.lm.training.pretrain import LanguageModule, LMConfig
 
 HF_DIR = "hf"
 

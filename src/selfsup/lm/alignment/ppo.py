@@ -22,8 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.conversations import Message
+from selfsup.lm.alignment.rollout import (
+    Rollout,
+    decode_responses,
+    forward_response,
+    reward_scores,
+    sample,
+)
 from selfsup.lm.options import PPOSettings
-from selfsup.lm.rollout import Rollout, decode_responses, forward_response, reward_scores, sample
 from selfsup.losses.ppo import (
     entropy,
     gae,

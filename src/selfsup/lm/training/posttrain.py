@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from selfsup.data.conversations import Ranking, read_conversations, read_rankings
 from selfsup.errors import NonFiniteLossError, SelfsupError
-from selfsup.lm import hf
-from selfsup.lm.chat_data import (
+from selfsup.lm.data.chat_data import (
     add_chat_tokens,
     collate,
     next_token_loss,
@@ -34,6 +33,7 @@ from selfsup.lm.chat_data import (
     ranking_batch,
     sft_example,
 )
+from selfsup.lm.models import hf
 from selfsup.lm.options import TuneConfig
 from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.optim import warmup_cosine

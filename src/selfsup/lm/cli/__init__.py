@@ -1,0 +1,2 @@
+"""The `selfsup lm ...` command group (`main`), its stage commands (`align`, `words`) and
+shared helpers (`common`)."""

@@ -1,0 +1,2 @@
+"""Language data: text corpora, tokenizers, chat batches, and the arithmetic task with its
+simulated labelers."""

@@ -1,0 +1,1 @@
+"""Evaluating language models: in-context learning."""

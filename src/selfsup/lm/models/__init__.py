@@ -1,0 +1,1 @@
+"""Language models: GPT, BERT, word2vec, and Hugging Face model folders in run directories."""
