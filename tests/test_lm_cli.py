@@ -96,10 +96,12 @@ def test_no_option_shows_an_empty_default(command, capsys):
 
 
 def test_required_options_are_marked_and_enforced(capsys):
-    text = _help(["lm", "rlhf"], capsys)
+    text = " ".join(_help(["lm", "rlhf"], capsys).split("options:")[1].split())
     for option in ("--policy POLICY", "--reward REWARD", "--prompts PROMPTS", "--out OUT"):
-        assert option in text.split("options:")[0]  # not in brackets in the usage line
-        assert f"[{option}]" not in text
+        # required on the command line or in the --config file, so argparse does not enforce it
+        described = text.split(option, 1)[1].split(" --")[0]
+        assert described.endswith("(required)"), described
+    assert "(required)" not in text.split("--eval-prompts", 1)[1].split(" --out")[0]
     err = _error(["lm", "rlhf", "--reward", "r", "--prompts", "p.jsonl", "--out", "o"], capsys)
     assert "required: --policy" in err
 
@@ -287,3 +289,91 @@ def test_sft_no_resume_is_a_deprecated_no_op(tmp_path, capsys):
     assert "note: --no-resume is deprecated; leave it out" in err
     assert "--resume" not in err.split("selfsup: error: ")[1]  # a new run, not a resumed one
     assert not (tmp_path / "run").exists()
+
+
+def _captured_stage(monkeypatch, module: str, name: str, tmp_path: Path) -> list:
+    """Replace the training function `module.name` with one that records its config."""
+    import importlib
+
+    seen: list = []
+
+    def record(config, command=None):
+        seen.append(config)
+        (tmp_path / "recorded").mkdir(exist_ok=True)
+        return tmp_path / "recorded"
+
+    monkeypatch.setattr(importlib.import_module(module), name, record)
+    return seen
+
+
+def test_sft_config_file_sets_options_and_flags_override_it(monkeypatch, tmp_path, capsys):
+    seen = _captured_stage(monkeypatch, "selfsup.lm.training.posttrain", "sft", tmp_path)
+    file = tmp_path / "sft.yaml"
+    file.write_text("init: base\ndata: chats.jsonl\nout: from-file\nepochs: 7\nlr: 0.002\n")
+    assert main(["lm", "sft", "--config", str(file), "--lr", "0.005"]) == 0
+    config = seen[-1]
+    assert (config.init, config.data, config.out) == ("base", "chats.jsonl", "from-file")
+    assert (config.epochs, config.lr) == (7, 0.005)  # the file's epochs, the flag's lr
+    # a run's own config.yaml (which records its stage) repeats it in a new --out
+    saved = {"stage": "sft", "init": "base", "data": "chats.jsonl", "out": "old-run", "epochs": 2,
+             "resume": None, "progress": None}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["lm", "sft", "--config", str(tmp_path / "run.yaml"), "--out", "new"]) == 0
+    assert (seen[-1].out, seen[-1].epochs, seen[-1].resume) == ("new", 2, None)
+    err = _error(["lm", "reward", "--config", str(tmp_path / "run.yaml"), "--out", "x"], capsys)
+    assert "options of a sft run; use `selfsup lm sft`" in err
+    file.write_text("init: base\nbeta: 0.1\n")
+    assert "'beta' is not an option" in _error(["lm", "sft", "--config", str(file)], capsys)
+
+
+def test_rlhf_required_options_may_come_from_the_config_file(monkeypatch, tmp_path, capsys):
+    seen = _captured_stage(monkeypatch, "selfsup.lm.alignment.rlhf", "rlhf", tmp_path)
+    file = tmp_path / "rlhf.yaml"
+    file.write_text("policy: sft\nreward: rm\nprompts: p.jsonl\nbeta: 0.2\n")
+    err = _error(["lm", "rlhf", "--config", str(file)], capsys)
+    assert "the following arguments are required: --out;" in err
+    assert main(["lm", "rlhf", "--config", str(file), "--out", "o", "--iterations", "3"]) == 0
+    config = seen[-1]
+    assert (config.policy, config.reward, config.prompts, config.out) == (
+        "sft",
+        "rm",
+        "p.jsonl",
+        "o",
+    )
+    assert (config.beta, config.iterations) == (0.2, 3)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lm", "sft", "--init", "i", "--data", "d", "--out"],
+        ["lm", "reward", "--init", "i", "--data", "d", "--out"],
+        ["lm", "rlhf", "--policy", "p", "--reward", "r", "--prompts", "q", "--out"],
+        ["lm", "pretrain", "word2vec", "--data", "d", "--out"],
+    ],
+    ids=lambda c: " ".join(c[:3]),
+)
+def test_one_process_stages_refuse_several_devices_and_unknown_precision(command, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    err = _error([*command, out, "--devices", "2"], capsys)
+    assert "--devices 2: this stage trains in one process on one device" in err
+    err = _error([*command, out, "--precision", "half-ish"], capsys)
+    assert "--precision 'half-ish': expected one of" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_icl_regression_ends_with_a_summary(tmp_path, capsys):
+    plot = tmp_path / "icl.png"
+    argv = ["lm", "icl", "regression", "--steps", "5", "--dims", "2", "--points", "6",
+            "--no-progress", "-o", str(plot)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = {int(row.split()[0]): row.split()[1:] for row in lines if row[:3].strip().isdigit()}
+    assert sorted(table) == list(range(6)) and plot.stat().st_size > 0
+    assert lines[-3].startswith(f"plot: {plot} ")
+    transformer, least_squares, three_nn = table[4][:3]  # k = 2d
+    assert lines[-2] == (
+        f"at k = 4: transformer {transformer}, least squares {least_squares}, 3-NN {three_nn}"
+    )
+    assert lines[-1].endswith("selfsup lm icl regression --dims 2 --points 6 --steps 10")

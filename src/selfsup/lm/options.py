@@ -23,6 +23,17 @@ from selfsup.errors import SelfsupError
 
 PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per validation)"
 DEVICES_HELP = "number of devices or 'auto' (every GPU, one process each; one on a CPU)"
+ONE_DEVICE_HELP = "1 or auto: this stage trains in one process, on one device"
+PRECISION_HELP = "Lightning precision, e.g. bf16-mixed on a GPU"
+
+
+def check_one_device(devices: str) -> None:
+    """--devices of a stage that trains in one process: 1 or auto, anything else one line."""
+    if str(devices) not in ("1", "auto"):
+        raise SelfsupError(
+            f"--devices {devices}: this stage trains in one process on one device (1 or auto); "
+            "data-parallel training is built for `selfsup pretrain` and `selfsup lm pretrain`"
+        )
 
 
 @dataclass
@@ -118,6 +129,8 @@ class Word2VecConfig:
     batch_words: int = option(2000, "consecutive words per step (windows stay inside)")
     seed: int = option(0, "random seed (initialisation, subsampling, windows, negatives)")
     accelerator: str = option("cpu", "cpu | gpu | auto (Lightning)")
+    devices: str = option("1", ONE_DEVICE_HELP)
+    precision: str = option("32-true", PRECISION_HELP)
     progress: bool | None = option(None, "progress bar (default: on a terminal)")
     out: str | None = option(None, "run directory (default runs/lm-word2vec-CORPUS-TIMESTAMP)")
 
@@ -145,7 +158,8 @@ class TuneConfig:
     val_fraction: float = option(0.1, "the last fraction of the file validates")
     seed: int = option(0, "random seed (order of the examples)")
     accelerator: str = option("auto", "cpu | gpu | auto")
-    precision: str = option("32-true", "Lightning precision, e.g. bf16-mixed on a GPU")
+    devices: str = option("1", ONE_DEVICE_HELP)
+    precision: str = option("32-true", PRECISION_HELP)
     progress: bool | None = option(None, "progress bars (default: on a terminal)")
     resume: str | None = option(
         None, "continue the run in this directory from its last epoch (True: the one in --out)"
@@ -207,6 +221,8 @@ class RLHFConfig(PPOSettings):
     )
     seed: int = option(0, "random seed")
     accelerator: str = option("auto", "cpu | gpu | auto")
+    devices: str = option("1", ONE_DEVICE_HELP)
+    precision: str = option("32-true", PRECISION_HELP)
     progress: bool | None = option(None, "progress bar (default: on a terminal)")
 
 

@@ -35,7 +35,7 @@ from selfsup.lm.data.arithmetic import (
 )
 from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.models import hf
-from selfsup.lm.options import PPOSettings, RLHFConfig
+from selfsup.lm.options import PPOSettings, RLHFConfig, check_one_device
 from selfsup.losses.preference import pair_agreement
 
 GOLDS = ("none", "arithmetic")
@@ -157,6 +157,8 @@ def check_options(config: RLHFConfig) -> None:
     if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
         raise SelfsupError("--no-end-score and --temperature must be finite numbers")
     hf.check_accelerator(config.accelerator)
+    hf.check_precision(config.precision)
+    check_one_device(config.devices)
 
 
 def _ppo_run(
@@ -173,7 +175,7 @@ def _ppo_run(
     import lightning as L
 
     torch.manual_seed(config.seed)
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1)
+    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     trainer = PPOTrainer(policy, reward_model, tokenizer, config, fabric)
     rng = np.random.default_rng(config.seed)
     settings = PPOSettings(

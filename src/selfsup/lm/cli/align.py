@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
-from selfsup.lm.cli.common import add_config_arguments, add_deprecated, deprecation, summary
+from selfsup.lm.cli.common import (
+    add_config_arguments,
+    add_config_file,
+    add_deprecated,
+    deprecation,
+    summary,
+)
 from selfsup.lm.options import RLHFConfig, TuneConfig
 
 
@@ -66,7 +72,8 @@ def _add_tune(sub, parents, name: str, help_text: str) -> None:
         "default to the run's own)",
     )
     add_deprecated(p, "--no-resume", "resume", "leave it out (a new run is the default)", nargs=0)
-    p.set_defaults(handler=_run_tune, stage=name)
+    add_config_file(p)
+    p.set_defaults(handler=_run_tune, stage=name, config_class=TuneConfig)
 
 
 def _add_sft(sub, parents) -> None:
@@ -161,7 +168,8 @@ def _add_rlhf(sub, parents) -> None:
         "surrogate and value losses. Writes a run directory.",
     )
     add_config_arguments(p, RLHFConfig)
-    p.set_defaults(handler=_run_rlhf)
+    add_config_file(p)
+    p.set_defaults(handler=_run_rlhf, stage="rlhf", config_class=RLHFConfig)
 
 
 def _run_rlhf(args: argparse.Namespace, command: str) -> None:
@@ -359,7 +367,16 @@ def _run_regression(args: argparse.Namespace, command: str) -> None:
     for k in result.ks:
         print(f"{k:3d} " + " ".join(f"{result.errors[n][k]:13.3f}" for n in names))
     plot_regression(result, Path(args.output))
-    print(f"plot: {args.output}")
+    k = min(2 * args.dims, result.ks[-1])  # past d examples least squares is exact
+    summary(
+        [
+            f"plot: {args.output} (error against k, the transformer beside its baselines)",
+            f"at k = {k}: transformer {result.errors['transformer'][k]:.3f}, least squares "
+            f"{result.errors['least squares'][k]:.3f}, 3-NN {result.errors['3-NN'][k]:.3f}",
+            "next: longer training brings the transformer toward least squares: selfsup lm icl "
+            f"regression --dims {args.dims} --points {args.points} --steps {2 * args.steps}",
+        ]
+    )
 
 
 ALIGN_COMMANDS = [

@@ -22,12 +22,12 @@ def add_config_arguments(
         if f.name not in types or f.name in skip:
             continue
         help_text = f.metadata.get("help", "")
-        if f.metadata.get("required"):
+        if f.metadata.get("required"):  # checked after --config is read (`check_required`)
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=types[f.name],
-                required=True,
+                default="",
                 help=help_text + " (required)",
             )
         else:
@@ -37,6 +37,49 @@ def add_config_arguments(
             parser._actions[-1].default = default
             if f.name == "resume":
                 parser._actions[-1].metavar = "RUN"
+
+
+def add_config_file(parser: Any) -> None:
+    """`--config FILE.yaml`: the command's options from a file; flags given override it."""
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE.yaml",
+        help="options from a YAML file (a run's own config.yaml repeats that run); flags given "
+        "here override it",
+    )
+
+
+def check_required(args: argparse.Namespace, cls: type) -> None:
+    """argparse's error for the required options of `cls` that neither the command line nor
+    the --config file gave."""
+    from selfsup.cli import UsageError
+
+    missing = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("required") and not getattr(args, f.name, None)
+    ]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def stage_file_values(path: str, cls: type, stage: str) -> dict[str, Any]:
+    """The options of `selfsup lm STAGE` in a YAML file. A stage run's own config.yaml (which
+    records `stage`) is accepted as it is, less its run folder, so it repeats that run."""
+    from selfsup.config import read_config_file
+    from selfsup.errors import SelfsupError
+
+    values = read_config_file(path, {**field_types(cls), "stage": str})
+    recorded = values.pop("stage", None)
+    if recorded is not None:
+        if recorded != stage:
+            raise SelfsupError(
+                f"--config {path}: options of a {recorded} run; use `selfsup lm {recorded}`"
+            )
+        values.pop("out", None)
+        values.pop("resume", None)
+    return values
 
 
 class Deprecated(argparse.Action):

@@ -28,7 +28,15 @@ from typing import Any
 
 from selfsup.config import field_types
 from selfsup.lm.cli.align import ALIGN_COMMANDS
-from selfsup.lm.cli.common import QUIET, add_config_arguments, add_deprecated, summary
+from selfsup.lm.cli.common import (
+    QUIET,
+    add_config_arguments,
+    add_config_file,
+    add_deprecated,
+    check_required,
+    stage_file_values,
+    summary,
+)
 from selfsup.lm.cli.words import WORD_COMMANDS
 
 
@@ -55,20 +63,13 @@ def _add_pretrain(sub, parents: list[argparse.ArgumentParser]) -> None:
                 help="named settings (benchmarks/gpt_shakespeare.py's recipes); flags given "
                 "here override them",
             )
-        k.add_argument(
-            "--config",
-            dest="config_file",
-            metavar="FILE.yaml",
-            help="options from a YAML file (a run's own config.yaml repeats that run); flags "
-            "given here override it",
-        )
+        add_config_file(k)
         k.set_defaults(**kind.defaults, handler=_run_pretrain)
 
 
 def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     """`args` parsed again with the --preset's settings, then the --config file's, as defaults
     (flags given win over both)."""
-    from selfsup.cli import build_parser, command_parser
     from selfsup.lm.options import KINDS
 
     values: dict[str, Any] = {}
@@ -76,6 +77,15 @@ def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.
         values.update(KINDS[args.model].presets[args.preset])
     if getattr(args, "config_file", None):
         values.update(_file_values(args.config_file, args.model))
+    return _parse_again(args, argv, values)
+
+
+def _parse_again(
+    args: argparse.Namespace, argv: list[str], values: dict[str, Any]
+) -> argparse.Namespace:
+    """`argv` parsed again with `values` as the command's defaults (no-op without values)."""
+    from selfsup.cli import build_parser, command_parser
+
     if not values:
         return args
     parser = build_parser()
@@ -250,4 +260,9 @@ def add_lm_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 def run_lm(args: argparse.Namespace, argv: list[str]) -> None:
     if args.lm_command == "pretrain":
         args = with_preset_and_file(args, argv)
+    elif getattr(args, "config_file", None):  # sft, reward, rlhf
+        values = stage_file_values(args.config_file, args.config_class, args.stage)
+        args = _parse_again(args, argv, values)
+    if getattr(args, "config_class", None):
+        check_required(args, args.config_class)
     args.handler(args, shlex.join(["selfsup", *argv]))

@@ -41,8 +41,13 @@ from transformers import PreTrainedTokenizerFast
 
 from selfsup import run as rundir
 from selfsup.errors import NonFiniteLossError, SelfsupError
-from selfsup.lm.models.hf import check_accelerator, check_number, removed_unless_kept
-from selfsup.lm.options import Word2VecConfig
+from selfsup.lm.models.hf import (
+    check_accelerator,
+    check_number,
+    check_precision,
+    removed_unless_kept,
+)
+from selfsup.lm.options import Word2VecConfig, check_one_device
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
@@ -253,6 +258,8 @@ def pretrain_word2vec(
     check_number("--lr", config.lr, 0, low_open=True)
     check_number("--sample", config.sample, 0)
     check_accelerator(config.accelerator)
+    check_precision(config.precision)
+    check_one_device(config.devices)
     texts = read_texts(config.data, config.encoding, config.text_field)
     tokenizer = word_tokenizer(texts, config.min_count)
     if len(tokenizer) < 2:
@@ -299,6 +306,7 @@ def _train(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
         devices=1,
+        precision=config.precision,
         logger=CSVLogger(save_dir=run, name="", version=""),
         log_every_n_steps=10,
         callbacks=[ModelCheckpoint(dirpath=run / rundir.CHECKPOINTS, save_last=True)]

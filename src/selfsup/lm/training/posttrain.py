@@ -34,7 +34,7 @@ from selfsup.lm.data.chat_data import (
     sft_example,
 )
 from selfsup.lm.models import hf
-from selfsup.lm.options import TuneConfig
+from selfsup.lm.options import TuneConfig, check_one_device
 from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.optim import warmup_cosine
 
@@ -77,6 +77,7 @@ def _require(config: TuneConfig) -> TuneConfig:
     hf.check_number("--warmup-steps", config.warmup_steps, 0)
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
+    check_one_device(config.devices)
     if config.resume:  # a missing or damaged checkpoint: one line before the model loads
         run = Path(config.out)
         if not (run / hf.CHECKPOINT).is_file():
