@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,53 @@ def test_limit_bounds_the_test_split_of_embed_and_evaluate(tmp_path: Path, capsy
     assert main([*argv, "--baselines", "none", "--no-kmeans"]) == 0
     results = json.loads((run / "eval" / "digits" / "results.json").read_text())
     assert (results["train_size"], results["test_size"]) == (200, 200)
+
+
+def _leaves(parser, words=()):
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(words), parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaves(sub, (*words, name))
+
+
+def test_every_command_takes_a_config_file() -> None:
+    from selfsup.cli import build_parser
+
+    leaves = dict(_leaves(build_parser()))
+    assert {"pretrain", "evaluate", "select", "lm best-of-n", "lm icl few-shot"} <= set(leaves)
+    missing = [name for name, p in leaves.items() if "--config" not in p._option_string_actions]
+    assert not missing
+
+
+def test_a_config_file_on_any_command_gives_options_and_flags_win(tmp_path: Path, capsys) -> None:
+    file = tmp_path / "task.yaml"
+    file.write_text("sft: 5\nnum-prompts: 7\nmax_operand: 9\n")
+    folder = tmp_path / "task"
+    assert main(["lm", "arithmetic", str(folder), "--config", str(file), "--num-prompts", "3"]) == 0
+
+    def records(name: str) -> int:
+        return len((folder / name).read_text().splitlines())
+
+    assert (records("sft.jsonl"), records("rl.jsonl")) == (5, 3)  # the file's 5, the flag's 3
+    assert all(o <= 9 for o in map(int, re.findall(r"\d+", (folder / "rl.jsonl").read_text())))
+    # the file may give options argparse requires; its mistakes are one line each
+    for text, message in [
+        ("reward: rm\nprompts: p.jsonl\nlimit: 0\n", "required: --policy"),
+        ("policy: a\nreward: rm\nprompts: p.jsonl\nlimit: 0\n", "--limit must be at least 1"),
+        ("policy: a\nbogus: 1\n", "'bogus' is not an option of this command"),
+        ("policy: [a, b]\n", "policy takes one value, got a list"),
+        ("limit: many\n", "argument --limit: invalid int value: 'many'"),
+    ]:
+        file.write_text(text)
+        capsys.readouterr()
+        assert main(["lm", "best-of-n", "--config", str(file)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (text, err)
+    file.write_text(f"folder: {folder}\n")  # a positional stays on the command line
+    capsys.readouterr()
+    assert main(["lm", "arithmetic", str(folder), "--config", str(file)]) == 2
+    assert "'folder' is given on the command line" in capsys.readouterr().err

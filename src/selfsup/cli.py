@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from selfsup import __version__
+from selfsup import __version__, option_files
 from selfsup.config import (
     EvalConfig,
     PretrainConfig,
@@ -334,6 +334,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     from selfsup.lm.cli.main import add_lm_parser  # `selfsup lm ...`: language models (torch-free)
 
     add_lm_parser(sub, parents=[common])
+    option_files.add_everywhere(parser)  # --config FILE.yaml on every other command
     return parser
 
 
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(method=pretrain_method(argv))
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(option_files.expand(parser, argv))  # --config's options first
         if getattr(args, "config", None):  # the file's values become defaults; flags win
             values = read_config_file(args.config, args.option_types, args.ignored_options)
             command_parser(parser, argv).set_defaults(**values)
