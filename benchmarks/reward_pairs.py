@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification
 from selfsup.data.conversations import read_rankings
 from selfsup.lm.data.chat_data import ranking_batch
 from selfsup.lm.models import hf
-from selfsup.lm.training.posttrain import _split, reward_of
+from selfsup.lm.training.posttrain import reward_of, split_validation
 
 
 def pair_kind(gold_a: float, gold_b: float) -> str:
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96)
     args = parser.parse_args()
 
-    _, held_out = _split(read_rankings(args.rankings), args.val_fraction, "ranked prompts")
+    rankings = read_rankings(args.rankings)
+    _, held_out = split_validation(rankings, args.val_fraction, "ranked prompts")
     if any(r.gold is None for r in held_out):
         raise SystemExit(f"{args.rankings}: the rankings carry no gold scores")
     tokenizer, model = hf.load_tokenizer_and(

@@ -69,7 +69,7 @@ def output_file(path: str | None) -> Path | None:
     return out
 
 
-def _command_path(
+def command_path(
     parser: argparse.ArgumentParser, argv: list[str]
 ) -> tuple[list[str], argparse.ArgumentParser, str | None]:
     """(the command words of `argv`, the sub-parser they lead to, the first word after them)."""
@@ -85,13 +85,13 @@ def _command_path(
 
 def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
     """The sub-parser of the command `argv` names (`selfsup lm pretrain gpt` -> gpt's)."""
-    return _command_path(parser, argv)[1]
+    return command_path(parser, argv)[1]
 
 
 def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
     """`selfsup pretrain simclr --help`: the command words of `argv` that the parser knows (a
     positional with choices, such as pretrain's METHOD, counts when valid)."""
-    words, current, after = _command_path(parser, argv)
+    words, current, after = command_path(parser, argv)
     chooser = next((a for a in current._actions if a.choices and not a.option_strings), None)
     if after is not None and chooser is not None and after in chooser.choices:
         words.append(after)

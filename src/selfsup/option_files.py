@@ -32,9 +32,9 @@ def expand(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`argv` with the options of its `--config FILE.yaml` inserted after its command words
     (unchanged when the command has no such option or none is given). Done before parsing, so
     the file may give the command's required options."""
-    from selfsup.cli import _command_path
+    from selfsup.cli import command_path
 
-    words, leaf, _ = _command_path(parser, argv)
+    words, leaf, _ = command_path(parser, argv)
     action = leaf._option_string_actions.get("--config")
     path = _given(argv, "--config")
     if action is None or action.dest != DEST or path is None:

@@ -39,7 +39,7 @@ from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwis
 from selfsup.optim import warmup_cosine
 
 
-def _split(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
+def split_validation(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
     if not 0 <= fraction < 1:
         raise SelfsupError(f"--val-fraction must be in [0, 1), got {fraction}")
     n_val = round(len(items) * fraction)
@@ -108,7 +108,7 @@ def sft(config: TuneConfig, command: str | None = None) -> Path:
         model.resize_token_embeddings(len(tokenizer))
     _set_special_ids(model, tokenizer)
     examples = [sft_example(tokenizer, c, config.max_length) for c in conversations]
-    train, val = _split(examples, config.val_fraction, "conversations")
+    train, val = split_validation(examples, config.val_fraction, "conversations")
     if config.pack:
         train = pack(train, config.max_length)
 
@@ -142,7 +142,7 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     _set_special_ids(model, tokenizer)
-    train, val = _split(rankings, config.val_fraction, "ranked prompts")
+    train, val = split_validation(rankings, config.val_fraction, "ranked prompts")
 
     def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
         b = ranking_batch(tokenizer, batch, config.max_length)
