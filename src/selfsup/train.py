@@ -101,6 +101,7 @@ def pretrain(
         rundir.write_command(run, command, append=checkpoint is not None)
         os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
 
+    began = time.perf_counter()
     try:
         trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
     except NonFiniteLossError as e:
@@ -121,6 +122,14 @@ def pretrain(
         if rundir.last_checkpoint(run) is None:
             _discard(run, created)
         raise
+    if rundir.is_first_process():
+        from selfsup.reporting import record_run_info, write_run_report
+
+        steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
+        images = steps * config.batch_size * trainer.world_size
+        device = str(trainer.strategy.root_device)
+        record_run_info(run, time.perf_counter() - began, images, device)
+        write_run_report(run)
     return run
 
 
@@ -495,5 +504,7 @@ def run_summary(run: Path) -> str:
             )
         )
     lines.append(f"run: {run}/ (config.yaml, checkpoints/, encoder.safetensors, metrics.csv)")
+    if (run / "report.html").is_file():
+        lines.append(f"report: {run / 'report.html'}")
     lines.append(f"next: selfsup evaluate {run}")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from selfsup.data.sources import stratified_indices
-from selfsup.report.page import Section, fig_img, legend, note
+from selfsup.reporting.page import Section, fig_img, legend, note
 
 MAP_POINTS = 5000  # t-SNE points at most (a stratified, seeded subsample of the test split)
 GALLERY = 10_000  # training images the neighbours are searched among (stratified first N)
@@ -76,9 +76,10 @@ def embedding_sections(run: Path, config: dict[str, Any]) -> list[Section]:
 
     encoder = load(run)
     device = resolve_device("auto")
-    train = dataset_for(run, split="train", limit=GALLERY)
+    small = config.get("limit")  # a small try stays small
+    train = dataset_for(run, split="train", limit=min(GALLERY, small or GALLERY))
     try:
-        test, split = dataset_for(run, split="test"), "held-out test"
+        test, split = dataset_for(run, split="test", limit=small), "held-out test"
     except Exception:  # a source without a test split: the map shows training images
         test, split = train, "training"
     y_all = test.y.numpy() if test.y is not None else None

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from selfsup.report.curves import curve_figure, groups, read_csv
-from selfsup.report.page import RunPage, Section, fig_img, img, note, table
+from selfsup.reporting.curves import curve_figure, groups, read_csv
+from selfsup.reporting.page import RunPage, Section, fig_img, img, note, table
 
 
 def image_sections(run: Path, config: dict[str, Any], page: RunPage, *, embeddings: bool) -> None:
@@ -18,7 +18,7 @@ def image_sections(run: Path, config: dict[str, Any], page: RunPage, *, embeddin
         page.missing.append("encoder.safetensors (no epoch finished): no map or neighbours")
     elif embeddings:
         try:
-            from selfsup.report.images import embedding_sections
+            from selfsup.reporting.images import embedding_sections
 
             page.sections += embedding_sections(run, config)
         except Exception as e:  # noqa: BLE001 - data moved, unreadable weights...: say so
@@ -53,7 +53,7 @@ def curves_section(run: Path, page: RunPage, files: tuple[str, ...] = ("metrics.
 
 
 def few_label_sections(run: Path, page: RunPage) -> list[Section]:
-    from selfsup.report import read_json
+    from selfsup.reporting import read_json
 
     found = sorted((run / "eval").glob("*/results.json")) if (run / "eval").is_dir() else []
     results = [(p.parent, read_json(p)) for p in found]
@@ -149,7 +149,7 @@ def samples_section(run: Path, page: RunPage) -> Section:
 
 def summary_row(run: Path) -> list[str]:
     """what, steps, final loss, probe/val, few-label, wall time: one line per run."""
-    from selfsup.report import read_json, run_kind
+    from selfsup.reporting import read_json, run_kind
 
     kind, config = run_kind(run)
     what = " ".join(

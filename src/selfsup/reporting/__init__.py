@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
-from selfsup.report.page import RunPage, Section, esc, render, table
+from selfsup.reporting.page import RunPage, Section, esc, render, table
 
 REPORT = "report.html"
 RUN_INFO = "run_info.json"
@@ -134,11 +134,11 @@ def run_page(run: Path, name: str, *, embeddings: bool = True) -> RunPage:
     if not config:
         page.missing.append("config.yaml (unreadable or absent: not a finished selfsup run?)")
     if kind == "image":
-        from selfsup.report.image_run import image_sections
+        from selfsup.reporting.image_run import image_sections
 
         image_sections(run, config, page, embeddings=embeddings)
     else:
-        from selfsup.report.language_run import language_sections
+        from selfsup.reporting.language_run import language_sections
 
         language_sections(run, config, page)
     page.sections.append(_about(run, config))
@@ -146,7 +146,7 @@ def run_page(run: Path, name: str, *, embeddings: bool = True) -> RunPage:
 
 
 def _about(run: Path, config: dict[str, Any]) -> Section:
-    from selfsup.report.page import pre
+    from selfsup.reporting.page import pre
 
     s = Section("about", "Configuration, command, versions")
     command = run / "command.txt"
@@ -196,7 +196,7 @@ def read_json(path: Path) -> Any:
 def _summary(runs: list[Path], pages: list[RunPage]) -> str:
     rows = []
     for run, page in zip(runs, pages):
-        from selfsup.report.image_run import summary_row
+        from selfsup.reporting.image_run import summary_row
 
         rows.append([page.name, page.kind, *summary_row(run)])
     header = ["run", "kind", "what", "steps", "final loss", "probe / val", "few-label", "wall (s)"]

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from selfsup.report.image_run import curves_section
-from selfsup.report.page import RunPage, Section, esc, fig_img, pre, table
+from selfsup.reporting.image_run import curves_section
+from selfsup.reporting.page import RunPage, Section, esc, fig_img, pre, table
 
 KNOWN = {"results.json", "fill_mask.json", "best_of_n.json", "answers.json"}
 NEIGHBOUR_WORDS = ("king", "love", "good", "day", "man", "death", "night", "lord")
@@ -26,7 +26,7 @@ ANALOGY = ("king", "man", "woman")
 
 
 def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
-    from selfsup.report import read_json
+    from selfsup.reporting import read_json
 
     page.sections.append(curves_section(run, page))
     if (run / "eval.csv").is_file():
@@ -35,7 +35,7 @@ def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
         page.sections.append(s)
     results = read_json(run / "results.json")
     if isinstance(results, dict):
-        from selfsup.report import _flatten
+        from selfsup.reporting import _flatten
 
         s = Section("results", "Results (results.json)")
         s.body = table(["result", "value"], [(k, _fmt(v)) for k, v in _flatten(results)])
@@ -67,7 +67,7 @@ def _fmt(v: Any) -> str:
 
 def _any_table(data: Any) -> str:
     """A list of flat dicts as a table, a dict as key/value rows, anything else as text."""
-    from selfsup.report import _flatten
+    from selfsup.reporting import _flatten
 
     if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         header = list(dict.fromkeys(k for r in data for k in r))
@@ -94,7 +94,7 @@ def _samples(run: Path, kind: str, page: RunPage) -> Section:
 
 
 def _fill_mask(run: Path, page: RunPage) -> Section:
-    from selfsup.report import read_json
+    from selfsup.reporting import read_json
 
     s = Section("fill_mask", "Fill-mask examples")
     data = read_json(run / "fill_mask.json")
@@ -151,7 +151,7 @@ def word_vectors(run: Path) -> tuple[list[str], np.ndarray]:
 
 
 def _best_of_n(run: Path) -> Section:
-    from selfsup.report import read_json
+    from selfsup.reporting import read_json
 
     s = Section("best_of_n", "Best-of-n")
     data = read_json(run / "best_of_n.json")
@@ -173,7 +173,7 @@ def _best_of_n(run: Path) -> Section:
 
 
 def _answers(run: Path) -> Section:
-    from selfsup.report import read_json
+    from selfsup.reporting import read_json
 
     s = Section("answers", "Answers before and after")
     s.body = _any_table(read_json(run / "answers.json"))
