@@ -8,6 +8,7 @@ see: console errors, images that did not decode, page width, and a screenshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -108,10 +109,8 @@ class Browser:
             self.events.append(message)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing anyway
             self.send("Browser.close")
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -135,6 +134,9 @@ CHECK = """(() => {
     height: document.documentElement.scrollHeight,
   });
 })()"""
+
+
+ERRORS = ("error", "assert")
 
 
 def render(path: Path, width: int = 1280, height: int = 900) -> dict[str, Any]:
@@ -167,8 +169,10 @@ def render(path: Path, width: int = 1280, height: int = 900) -> dict[str, Any]:
         errors = []
         for e in browser.events:
             p = e.get("params", {})
-            if e.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                errors.append(" ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+            if e.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ERRORS:
+                errors.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in p["args"])
+                )
             elif e.get("method") == "Runtime.exceptionThrown":
                 errors.append(p.get("exceptionDetails", {}).get("text", "exception"))
             elif e.get("method") == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
@@ -184,5 +188,7 @@ if __name__ == "__main__":
     width = int(sys.argv[3]) if len(sys.argv) > 3 else 1280
     state = render(Path(sys.argv[1]), width=width)
     Path(sys.argv[2]).write_bytes(state.pop("screenshot"))
-    state["images"] = f"{len(state['images'])} images, widths {[i['width'] for i in state['images']]}"
+    state["images"] = (
+        f"{len(state['images'])} images, widths {[i['width'] for i in state['images']]}"
+    )
     print(json.dumps(state, indent=1))

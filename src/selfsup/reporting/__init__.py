@@ -8,6 +8,7 @@ folder lacks is listed on the page, never raised.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -47,7 +48,9 @@ def report(
         out = runs[0] / REPORT
     out = Path(out)
     names = _names(runs)
-    pages = [run_page(run, name, embeddings=embeddings) for run, name in zip(runs, names)]
+    pages = [
+        run_page(run, name, embeddings=embeddings) for run, name in zip(runs, names, strict=True)
+    ]
     title = title or ("selfsup: " + " vs ".join(names))
     page = render(pages, title, _summary(runs, pages))
     atomic_write_text(out, page)
@@ -96,10 +99,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for name in ("selfsup", "torch", "lightning", "transformers", "numpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -195,7 +196,7 @@ def read_json(path: Path) -> Any:
 
 def _summary(runs: list[Path], pages: list[RunPage]) -> str:
     rows = []
-    for run, page in zip(runs, pages):
+    for run, page in zip(runs, pages, strict=True):
         from selfsup.reporting.image_run import summary_row
 
         rows.append([page.name, page.kind, *summary_row(run)])

@@ -97,10 +97,7 @@ def _summary_table(summary: list[dict], caption: str) -> str:
     methods = list(dict.fromkeys(x["method"] for x in summary))
     cell = {(x["method"], x["fraction"]): x for x in summary}
     header = ["method", *(f"{100 * f:g}%" for f in fractions)]
-    body = [
-        [m, *(_mean_std(cell.get((m, f))) for f in fractions)]
-        for m in methods
-    ]
+    body = [[m, *(_mean_std(cell.get((m, f))) for f in fractions)] for m in methods]
     labels = ["labels", *(f"{cell_n(cell, f):.0f}" for f in fractions)]
     return f"<p>accuracy (%), mean ± std over label subsets; {caption}</p>" + table(
         header, [labels, *body]

@@ -13,7 +13,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from selfsup.data.sources import stratified_indices
-from selfsup.reporting.page import Section, fig_img, legend, note
+from selfsup.reporting.page import Section, fig_img, legend
 
 MAP_POINTS = 5000  # t-SNE points at most (a stratified, seeded subsample of the test split)
 GALLERY = 10_000  # training images the neighbours are searched among (stratified first N)
@@ -50,6 +50,23 @@ def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
         f = PCA(50, random_state=seed).fit_transform(f)
     perplexity = float(min(30.0, max(2.0, (len(f) - 1) / 3)))
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(f)
+
+
+def image_grid(rows: int, columns: int, cell: float = 1.1) -> tuple[Figure, np.ndarray]:
+    """A figure of rows × columns image axes with room for a short title over each; laid out
+    by hand (a constrained layout of ~70 axes costs seconds)."""
+    fig = Figure(figsize=(cell * columns, (cell + 0.2) * rows))
+    fig.grid = True  # type: ignore[attr-defined]  # figure_png: no tight box either
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=1 - 0.2 / (cell + 0.2) / rows * 1.2,
+        wspace=0.08,
+        hspace=0.25,
+    )
+    return fig, np.asarray(axes)
 
 
 def _show(ax: Any, image: Any, title: str | None = None, colour: str = "black") -> None:
@@ -105,19 +122,20 @@ def _map_section(f: np.ndarray, y: np.ndarray | None, classes: Any, split: str, 
     ax = fig.add_subplot()
     labelled = y is not None and (y >= 0).any()
     items = []
+    size = 7 if len(f) > 2000 else 16
     if labelled:
         present = sorted(int(c) for c in np.unique(y) if c >= 0)
         colours = class_colours(max(present) + 1)
         for c in present:
             m = y == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=7, color=colours[c], alpha=0.8, linewidths=0)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=colours[c], alpha=0.8, linewidths=0)
             items.append((_name(classes, c), colours[c]))
         if (y < 0).any():
             m = y < 0
-            ax.scatter(xy[m, 0], xy[m, 1], s=5, color="#bbbbbb", linewidths=0)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color="#bbbbbb", linewidths=0)
             items.append(("unlabeled", "#bbbbbb"))
     else:
-        ax.scatter(xy[:, 0], xy[:, 1], s=5, color="#1f77b4", linewidths=0)
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, color="#1f77b4", linewidths=0)
     ax.set_xticks([])
     ax.set_yticks([])
     caption = (
@@ -138,8 +156,7 @@ def _neighbour_section(shown: Any, f: np.ndarray, y: Any, train: Any, g: np.ndar
     gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
     nearest = np.argsort(-(fn @ gn.T), axis=1, kind="stable")[:, :k]
     gy = train.y.numpy() if train.y is not None else None
-    fig = Figure(figsize=(1.05 * (k + 1), 1.2 * len(q)), layout="constrained")
-    axes = np.asarray(fig.subplots(len(q), k + 1, squeeze=False))
+    fig, axes = image_grid(len(q), k + 1)
     same = total = 0
     queries = shown.images(q)
     for r, (qi, row) in enumerate(zip(q, nearest, strict=True)):
@@ -175,8 +192,7 @@ def _augment_section(train: Any, config: dict[str, Any], torch: Any) -> Section:
     x = train.images(np.arange(n)).float() / 255
     gen = torch.Generator().manual_seed(0)
     views = [augment(x, gen) for _ in range(4)]
-    fig = Figure(figsize=(1.3 * 5, 1.35 * n), layout="constrained")
-    axes = np.asarray(fig.subplots(n, 5, squeeze=False))
+    fig, axes = image_grid(n, 5, cell=1.3)
     for i in range(n):
         _show(axes[i, 0], x[i], "image" if i == 0 else None)
         for j, v in enumerate(views, 1):

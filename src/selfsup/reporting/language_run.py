@@ -131,11 +131,15 @@ def _word2vec(run: Path, page: RunPage) -> Section:
         target = a - b + c
         sims = unit @ (target / max(np.linalg.norm(target), 1e-12))
         best = [i for i in np.argsort(-sims) if words[i] not in ANALOGY][:5]
-        s.body += f"<p>{esc(' - '.join(ANALOGY[:2]))} + {esc(ANALOGY[2])} ≈ " + esc(
-            ", ".join(f"{words[i]} ({sims[i]:.2f})" for i in best)
-        ) + "</p>"
+        s.body += (
+            f"<p>{esc(' - '.join(ANALOGY[:2]))} + {esc(ANALOGY[2])} ≈ "
+            + esc(", ".join(f"{words[i]} ({sims[i]:.2f})" for i in best))
+            + "</p>"
+        )
     else:
-        s.notes.append(f"analogy {' - '.join(ANALOGY[:2])} + {ANALOGY[2]}: a word is not in the vocabulary")
+        s.notes.append(
+            f"analogy {' - '.join(ANALOGY[:2])} + {ANALOGY[2]}: a word is not in the vocabulary"
+        )
     return s
 
 

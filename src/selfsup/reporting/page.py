@@ -16,7 +16,8 @@ CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;
 background:#fafafa}
 main{max-width:1400px;margin:0 auto;padding:12px}
-h1{font-size:1.5em;margin:.4em 0}h2{font-size:1.2em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}
+h1{font-size:1.5em;margin:.4em 0}
+h2{font-size:1.2em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}
 h3{font-size:1em;margin:.2em 0 .4em;overflow-wrap:anywhere}
 p,li,td,th,figcaption{overflow-wrap:anywhere}
 .row{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,380px),1fr));gap:12px}
@@ -67,9 +68,10 @@ def png_uri(data: bytes) -> str:
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes (tight box)."""
+    """The figure as PNG bytes (a tight box, unless the figure has its own layout)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    tight = fig.get_layout_engine() is not None or not getattr(fig, "grid", False)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return buf.getvalue()
 
 
@@ -77,9 +79,11 @@ def img(data: bytes, alt: str, *, pixels: bool = False, caption: str = "") -> st
     """An <img> holding the PNG bytes as a data URI, with an optional caption."""
     cls = ' class="pixels"' if pixels else ""
     tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}"{cls}>'
-    return f"<figure style='margin:0'>{tag}<figcaption>{esc(caption)}</figcaption></figure>" if (
-        caption
-    ) else tag
+    return (
+        f"<figure style='margin:0'>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
+        if (caption)
+        else tag
+    )
 
 
 def fig_img(fig: Figure, alt: str, caption: str = "") -> str:
