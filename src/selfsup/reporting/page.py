@@ -22,8 +22,8 @@ h3{font-size:1em;margin:.2em 0 .4em;overflow-wrap:anywhere}
 p,li,td,th,figcaption{overflow-wrap:anywhere}
 .row{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,380px),1fr));gap:12px}
 .cell{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:10px;min-width:0}
-img{max-width:100%;height:auto;display:block;margin:4px 0;image-rendering:auto}
-img.pixels{image-rendering:pixelated}
+img{max-width:100%;height:auto;display:block;margin:4px 0}
+figure{display:inline-block;vertical-align:top;width:min(100%,580px);margin:0 8px 8px 0}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.9em;margin:4px 0}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
@@ -75,15 +75,10 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def img(data: bytes, alt: str, *, pixels: bool = False, caption: str = "") -> str:
-    """An <img> holding the PNG bytes as a data URI, with an optional caption."""
-    cls = ' class="pixels"' if pixels else ""
-    tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}"{cls}>'
-    return (
-        f"<figure style='margin:0'>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
-        if (caption)
-        else tag
-    )
+def img(data: bytes, alt: str, *, caption: str = "") -> str:
+    """A figure: an <img> holding the PNG bytes as a data URI, and its caption."""
+    tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}">'
+    return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def fig_img(fig: Figure, alt: str, caption: str = "") -> str:
