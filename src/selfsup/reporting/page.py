@@ -19,14 +19,16 @@ main{max-width:1400px;margin:0 auto;padding:12px}
 h1{font-size:1.5em;margin:.4em 0}
 h2{font-size:1.2em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}
 h3{font-size:1em;margin:.2em 0 .4em;overflow-wrap:anywhere}
-p,li,td,th,figcaption{overflow-wrap:anywhere}
+p,li,figcaption{overflow-wrap:anywhere}
 .row{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,380px),1fr));gap:12px}
 .cell{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:10px;min-width:0}
 img{max-width:100%;height:auto;display:block;margin:4px 0}
 figure{display:inline-block;vertical-align:top;width:min(100%,580px);margin:0 8px 8px 0}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.9em;margin:4px 0}
-td,th{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top;
+overflow-wrap:break-word}
+td{max-width:40em}
 th:first-child,td:first-child{text-align:left}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f4f4f4;padding:6px;font-size:.85em;
 margin:4px 0;max-height:28em;overflow-y:auto}
