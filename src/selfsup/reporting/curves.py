@@ -51,7 +51,7 @@ def groups(rows: list[dict[str, float]]) -> dict[str, list[str]]:
     for c in columns:
         out.setdefault(_group(metric_name(c)), []).append(c)
     order = {title: i for i, (title, _) in enumerate(GROUPS)}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 2)))
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(GROUPS))))
 
 
 GROUPS = (  # (plot title, words a column's name may contain), first match wins
