@@ -200,3 +200,16 @@ def test_the_report_renders_in_headless_chromium(evaluated, tmp_path: Path) -> N
         shot = np.asarray(Image.open(io.BytesIO(state["screenshot"])).convert("L"), dtype=float)
         assert shot.shape[1] == width
         assert shot.std() > 10 and len(np.unique(shot)) > 20  # text and plots, not a blank page
+
+
+def test_pretrain_ends_by_writing_the_report_and_printing_its_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SELFSUP_REPORT", "1")
+    run = tmp_path / "run"
+    argv = ["pretrain", "simclr", "--data", "digits", "--limit", "256", "--batch-size", "128"]
+    argv += ["--epochs", "1", "--out", str(run), "--no-online-probe"]
+    assert main(argv) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    page = Page((run / "report.html").read_text())
+    assert {"curves", "map", "neighbours", "samples"} <= {a.get("id") for a in page.all("section")}
+    session = json.loads((run / "run_info.json").read_text())["sessions"][0]
+    assert session["images"] == 2 * 128  # 256 // 128 steps of 128 images

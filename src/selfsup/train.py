@@ -35,7 +35,11 @@ STATS_SAMPLES = 10_000
 
 
 def pretrain(
-    config: PretrainConfig | None = None, *, command: str | None = None, **options: Any
+    config: PretrainConfig | None = None,
+    *,
+    command: str | None = None,
+    report: bool = True,
+    **options: Any,
 ) -> Path:
     """Pretrain a self-supervised encoder; returns the run directory.
 
@@ -45,6 +49,7 @@ def pretrain(
     `resume=RUN` continues RUN from its last checkpoint with RUN's own options (the method may
     be omitted; only `epochs` and the engine's options may change).
 
+    `report=False` skips RUN/report.html at the end (see `selfsup.reporting`).
     Every option, the device, the data and the run directory are checked before anything is
     written; a run that fails before its first checkpoint leaves no folder behind.
     """
@@ -129,7 +134,8 @@ def pretrain(
         images = steps * config.batch_size * trainer.world_size
         device = str(trainer.strategy.root_device)
         record_run_info(run, time.perf_counter() - began, images, device)
-        write_run_report(run)
+        if report:
+            write_run_report(run)
     return run
 
 
