@@ -1,10 +1,24 @@
 """Shared test fixtures."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_automatic_reports() -> Iterator[None]:
+    """`pretrain` and `evaluate` write RUN/report.html at their end (a t-SNE, a few figures):
+    off for the suite's many short runs; tests/test_report.py turns it on where it checks it."""
+    before = os.environ.get("SELFSUP_REPORT")
+    os.environ["SELFSUP_REPORT"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("SELFSUP_REPORT", None)
+    else:
+        os.environ["SELFSUP_REPORT"] = before
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import selfsup
 run = selfsup.pretrain(method="simclr", data="digits", recipe="digits", epochs=30)
 encoder = selfsup.load(run)              # images -> features
 results = selfsup.evaluate(run)          # linear probe, kNN, k-means, few-label table
+selfsup.report([run], "report.html")     # one self-contained HTML page of runs side by side
 """
 
 from importlib import import_module
@@ -17,6 +18,8 @@ _EXPORTS = {
     "evaluate": "selfsup.api",
     "embed": "selfsup.api",
     "load": "selfsup.api",
+    "report": "selfsup.reporting",
+    "write_run_report": "selfsup.reporting",
     "PretrainConfig": "selfsup.config",
     "EvalConfig": "selfsup.config",
     "SelfsupError": "selfsup.errors",

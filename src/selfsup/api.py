@@ -171,6 +171,11 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         for rate in noise_levels(rows)
     )
     results["out"] = str(out)
+    from selfsup.reporting import write_run_report
+
+    report = write_run_report(run)
+    if report is not None:
+        results["report"] = str(report)
     return results
 
 

@@ -331,6 +331,21 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--size", type=positive_int, default=224, help="side of each panel in pixels")
     a.add_argument("--seed", type=int, default=0)
 
+    w = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of one or several runs, side by side",
+        description="Curves, few-label results, embedding map, nearest neighbours, samples and "
+        "configuration of each run (image or language); pictures inside the file, no network. "
+        "What a run folder lacks is listed on the page.",
+    )
+    w.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    w.add_argument("-o", "--output", help="the page to write (default: RUN/report.html of one run)")
+    w.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="skip the sections that run the encoder (map, neighbours, augmentations)",
+    )
+
     from selfsup.lm.cli.main import add_lm_parser  # `selfsup lm ...`: language models (torch-free)
 
     add_lm_parser(sub, parents=[common])
@@ -443,6 +458,11 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
 
         output_file(args.output)
         print(augment_preview(args.image, args.output, size=args.size, seed=args.seed))
+    elif args.command == "report":
+        from selfsup.reporting import report
+
+        output_file(args.output)
+        print(report(args.runs, args.output, embeddings=not args.no_embeddings))
     elif args.command == "lm":
         from selfsup.lm.cli.main import run_lm
 
@@ -470,6 +490,8 @@ def print_results(results: dict) -> None:
             "1/2/3):\n" + format_shift_table(results["shift"], tuple(results["shift_corruptions"]))
         )
     print(f"\nresults and plots: {results['out']}")
+    if results.get("report"):
+        print(f"report: {results['report']}")
 
 
 def _embed(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ def demo(out: str = "runs/demo", epochs: int | None = None) -> dict:
     if (run / "config.yaml").is_file():
         shutil.rmtree(run)
     print(f"selfsup demo: SimCLR on scikit-learn digits (1,437 train / 360 test images) -> {run}")
-    pretrain(DEMO, out=str(run), epochs=epochs or DEMO.epochs)
+    pretrain(DEMO, out=str(run), epochs=epochs or DEMO.epochs, report=False)  # evaluate writes it
     results = evaluate(run)  # the supervised baseline trains with the run's recipe ("digits")
     print_results(results)
     return results

@@ -35,7 +35,11 @@ STATS_SAMPLES = 10_000
 
 
 def pretrain(
-    config: PretrainConfig | None = None, *, command: str | None = None, **options: Any
+    config: PretrainConfig | None = None,
+    *,
+    command: str | None = None,
+    report: bool = True,
+    **options: Any,
 ) -> Path:
     """Pretrain a self-supervised encoder; returns the run directory.
 
@@ -45,6 +49,7 @@ def pretrain(
     `resume=RUN` continues RUN from its last checkpoint with RUN's own options (the method may
     be omitted; only `epochs` and the engine's options may change).
 
+    `report=False` skips RUN/report.html at the end (see `selfsup.reporting`).
     Every option, the device, the data and the run directory are checked before anything is
     written; a run that fails before its first checkpoint leaves no folder behind.
     """
@@ -101,6 +106,7 @@ def pretrain(
         rundir.write_command(run, command, append=checkpoint is not None)
         os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
 
+    began = time.perf_counter()
     try:
         trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
     except NonFiniteLossError as e:
@@ -121,6 +127,15 @@ def pretrain(
         if rundir.last_checkpoint(run) is None:
             _discard(run, created)
         raise
+    if rundir.is_first_process():
+        from selfsup.reporting import record_run_info, write_run_report
+
+        steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
+        images = steps * config.batch_size * trainer.world_size
+        device = str(trainer.strategy.root_device)
+        record_run_info(run, time.perf_counter() - began, images, device)
+        if report:
+            write_run_report(run)
     return run
 
 
@@ -495,5 +510,7 @@ def run_summary(run: Path) -> str:
             )
         )
     lines.append(f"run: {run}/ (config.yaml, checkpoints/, encoder.safetensors, metrics.csv)")
+    if (run / "report.html").is_file():
+        lines.append(f"report: {run / 'report.html'}")
     lines.append(f"next: selfsup evaluate {run}")
     return "\n".join(lines)
