@@ -264,3 +264,29 @@ def test_the_exported_tokenizer_gives_a_pair_its_segment_ids(bert_run: Path) -> 
         no_types = model(input_ids=torch.tensor([ids])).logits
     torch.testing.assert_close(logits, packed)
     assert (logits - no_types).abs().max() > 1e-3  # segment ids matter to the model
+
+
+def test_held_out_sentences_come_from_the_corpus_tail() -> None:
+    from selfsup.lm.evaluation.showcase import held_out_sentences
+
+    lines = [f"line {i} has six words here" for i in range(100)]
+    lines[95] = "too short"
+    picked = held_out_sentences(["\n".join(lines)], count=4)
+    # the last 10 lines less the short one: 90..99 without 95, every 9 // 4 = 2nd
+    assert picked == [lines[i] for i in (90, 92, 94, 97)]
+
+
+def test_a_bert_run_leaves_fill_mask_examples_for_its_report(bert_run: Path) -> None:
+    from selfsup.lm.evaluation.showcase import write_fill_mask_examples
+
+    text = (bert_run.parent / "shakespeare.txt").read_text()
+    lines = {line.strip() for line in text.splitlines()}
+    path = write_fill_mask_examples(bert_run, [text], top_k=3)
+    rows = json.loads(path.read_text())
+    assert rows
+    for row in rows:
+        assert row["text"].count("[MASK]") == 1 and row["answer"].isalpha()
+        assert row["text"].replace("[MASK]", row["answer"]) in lines  # one char put back
+        probabilities = [p for _, p in row["candidates"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1

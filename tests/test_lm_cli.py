@@ -377,3 +377,10 @@ def test_icl_regression_ends_with_a_summary(tmp_path, capsys):
         f"at k = 4: transformer {transformer}, least squares {least_squares}, 3-NN {three_nn}"
     )
     assert lines[-1].endswith("selfsup lm icl regression --dims 2 --points 6 --steps 10")
+
+
+def test_a_gpt_run_leaves_samples_for_its_report(preset_run, corpus):
+    run, _ = preset_run
+    samples = (run / "samples.txt").read_text().split("\n---------------\n")
+    assert len(samples) == 3 and all(s.strip() for s in samples)
+    assert set("".join(samples)) <= set(corpus.read_text()) | {"\n"}  # the corpus's characters

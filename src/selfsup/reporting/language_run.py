@@ -2,7 +2,7 @@
 
 Besides metrics.csv / eval.csv and results.json, a stage may leave (and the page shows):
   samples.txt or samples/*.txt  text the model wrote
-  fill_mask.json                [{"text": ..., "candidates": [[token, probability], ...]}, ...]
+  fill_mask.json                [{"text": ..., "answer": ..., "candidates": [[token, p], ...]}]
   best_of_n.json                [{"n": 1, "proxy": ..., "gold": ...}, ...]: drawn against n
   answers.json                  [{"prompt": ..., "before": ..., "after": ...}, ...]
   any other RUN/*.json          shown as a table
@@ -105,6 +105,8 @@ def _fill_mask(run: Path, page: RunPage) -> Section:
     for item in data:
         cands = item.get("candidates", []) if isinstance(item, dict) else []
         s.body += f"<p>{esc(item.get('text', '') if isinstance(item, dict) else item)}</p>"
+        if isinstance(item, dict) and item.get("answer"):
+            s.body += f"<p>the masked word: <b>{esc(item['answer'])}</b></p>"
         s.body += table(["candidate", "probability"], [(c[0], _fmt(c[1])) for c in cands])
     return s
 

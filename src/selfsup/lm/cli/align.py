@@ -15,6 +15,7 @@ from selfsup.lm.cli.common import (
     add_config_file,
     add_deprecated,
     deprecation,
+    report_line,
     summary,
 )
 from selfsup.lm.options import RLHFConfig, TuneConfig
@@ -103,6 +104,7 @@ def _run_tune(args: argparse.Namespace, command: str) -> None:
         [
             f"run directory: {run}/ (hf/ the Hugging Face model, metrics.csv, checkpoint)",
             metric,
+            report_line(run),
             f"next: {after}",
         ]
     )
@@ -181,6 +183,7 @@ def _run_rlhf(args: argparse.Namespace, command: str) -> None:
         [
             f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
             "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
+            report_line(run),
             f"next: selfsup lm chat {shlex.quote(str(run))}",
         ]
     )

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from selfsup.config import add_option, field_types
@@ -115,3 +116,12 @@ def summary(lines: Sequence[str]) -> None:
     """The closing lines of a training command (what was written where, its headline metric,
     the next command)."""
     print("\n".join(line for line in lines if line))
+
+
+def report_line(run: Path) -> str:
+    """Write or refresh RUN/report.html (`selfsup report`); the summary line naming it ("" when
+    it was not written, e.g. SELFSUP_REPORT=0)."""
+    from selfsup.reporting import write_run_report
+
+    page = write_run_report(run)
+    return f"report: {page}" if page else ""

@@ -34,6 +34,7 @@ from selfsup.lm.cli.common import (
     add_config_file,
     add_deprecated,
     check_required,
+    report_line,
     stage_file_values,
     summary,
 )
@@ -145,7 +146,23 @@ def _run_pretrain(args: argparse.Namespace, command: str) -> None:
 
     module = importlib.import_module(MODELS[args.model])
     run = Path(getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command))
-    summary(_pretrain_summary(args.model, run))
+    _showcase(args.model, run, configs[0])
+    *written, after = _pretrain_summary(args.model, run)
+    summary([*written, report_line(run), after])
+
+
+def _showcase(model: str, run: Path, config: Any) -> None:
+    """What the report shows of a finished run: a GPT's samples, a BERT's fill-mask guesses."""
+    from selfsup.lm.evaluation import showcase
+
+    if model == "gpt":
+        showcase.write_gpt_samples(run)
+    elif model == "bert":
+        from selfsup.lm.data.corpus import read_texts
+
+        showcase.write_fill_mask_examples(
+            run, read_texts(config.data, config.encoding, config.text_field)
+        )
 
 
 def _pretrain_summary(model: str, run: Path) -> list[str]:
