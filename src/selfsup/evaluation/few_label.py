@@ -101,7 +101,7 @@ def _holdout(y: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
 
 
-def supervised_reference(
+def train_supervised(
     make: Callable[[], nn.Module],
     train: ImageData,
     test: ImageData,
@@ -112,9 +112,10 @@ def supervised_reference(
     batch_size: int = 256,
     augment: str = "light",
     device: str | torch.device = "cpu",
-) -> tuple[float, dict]:
-    """Test accuracy of `make()` (seeded) trained end to end on the labeled `train` by the rule of
-    `supervised_rule`, and {steps, best_step, val_labels}."""
+) -> tuple[nn.Module, dict]:
+    """`make()` (seeded) trained end to end on the labeled `train` by the rule of
+    `supervised_rule` (classes: those of `train` and `test`), and {steps, best_step,
+    val_labels}."""
     y = train.y.numpy()  # type: ignore[union-attr]
     held = _holdout(y, seed)
     fit_part = train.subset(np.setdiff1d(np.arange(len(y)), held))
@@ -138,12 +139,35 @@ def supervised_reference(
             eval_every=max(len(fit_part) // bs, 10),
             info=info,
         )
+    return model, {"steps": info["steps"], "best_step": info["best_step"], "val_labels": len(held)}
+
+
+def supervised_reference(
+    make: Callable[[], nn.Module],
+    train: ImageData,
+    test: ImageData,
+    *,
+    seed: int,
+    epochs: int = 30,
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    augment: str = "light",
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """Test accuracy of `train_supervised`'s network, and its {steps, best_step, val_labels}."""
+    model, info = train_supervised(
+        make,
+        train,
+        test,
+        seed=seed,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        augment=augment,
+        device=device,
+    )
     accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
-    return accuracy, {
-        "steps": info["steps"],
-        "best_step": info["best_step"],
-        "val_labels": len(held),
-    }
+    return accuracy, info
 
 
 def _probe_fields(details: dict) -> dict:
