@@ -409,3 +409,22 @@ def test_the_supervised_reference_under_label_noise_trains_on_the_flipped_labels
     flipped = sorted(float(np.mean(y != truth)) for y in seen)
     assert flipped == pytest.approx([0.0, 0.4], abs=0.01)
     assert {r["method"] for r in rows if r.get("label_noise") == 0.4} == {"selfsup", "supervised"}
+
+
+def test_supervised_references_in_threads_give_the_rows_of_one_after_another(digits, monkeypatch):
+    """The supervised networks train in worker threads beside the probes: the same rows, in the
+    same order, as trained inline one after another (a job's result under another job's key,
+    or a seed that depends on the thread, fails this)."""
+    from contextlib import nullcontext
+
+    train, test = digits
+    kw = dict(
+        fractions=(0.1, 1.0), seeds=(0, 1), baselines=("supervised",), label_noise=(0.2,),
+        random_encoder=convnet, supervised_steps=4, progress=False,
+    )  # fmt: skip
+    encoder = convnet()
+    threaded = few_label_evaluation(encoder, train, test, **kw)
+    monkeypatch.setattr(few_label_module, "_workers", lambda *a: nullcontext(None))
+    inline = few_label_evaluation(encoder, train, test, **kw)
+    assert threaded == inline
+    assert len({r["accuracy"] for r in inline if r["method"] == "supervised"}) > 2
