@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
@@ -428,3 +429,31 @@ def test_supervised_references_in_threads_give_the_rows_of_one_after_another(dig
     inline = few_label_evaluation(encoder, train, test, **kw)
     assert threaded == inline
     assert len({r["accuracy"] for r in inline if r["method"] == "supervised"}) > 2
+
+
+def test_label_noise_figure_draws_the_tables_means(digits, tmp_path):
+    """label_noise.png: per label fraction, each method's mean accuracy at 0% and each noise
+    rate, the numbers of the printed tables (read back from the drawn lines)."""
+    from selfsup.evaluation.report import plot_label_noise
+
+    rows = [
+        {"method": m, "fraction": f, "seed": s, "n_labels": 10, "accuracy": a + 0.01 * s, **extra}
+        for m, a0 in (("selfsup", 0.9), ("raw", 0.7))
+        for f in (0.1, 1.0)
+        for s in (0, 1)
+        for a, extra in ((a0, {}), (a0 - 0.2, {"label_noise": 0.4}))
+    ]
+    lines = []
+    real_errorbar = matplotlib.axes.Axes.errorbar
+
+    def spy(ax, x, y, *a, **kw):
+        lines.append((ax, kw["label"], list(x), list(y)))
+        return real_errorbar(ax, x, y, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(matplotlib.axes.Axes, "errorbar", spy)
+        out = plot_label_noise(rows, tmp_path / "noise.png")
+    drawn = {(ax.get_title(), label): (x, y) for ax, label, x, y in lines}
+    assert out.is_file() and out.stat().st_size > 0
+    assert drawn["100% of the labels", "raw"] == ([0, 40], pytest.approx([70.5, 50.5]))
+    assert drawn["10% of the labels", "selfsup"] == ([0, 40], pytest.approx([90.5, 70.5]))

@@ -28,6 +28,7 @@ from selfsup.evaluation import (
     linear_probe,
     noise_levels,
     plot_few_label,
+    plot_label_noise,
     supervised_rule,
     write_results,
 )
@@ -161,6 +162,8 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot_few_label(rows, out / "few_label.png")
+    if noise_levels(rows):
+        plot_label_noise(rows, out / "label_noise.png")
     if "shift" in results:
         _plot_shift(results["shift"], out / "shift.png")
     _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
