@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
@@ -409,3 +410,50 @@ def test_the_supervised_reference_under_label_noise_trains_on_the_flipped_labels
     flipped = sorted(float(np.mean(y != truth)) for y in seen)
     assert flipped == pytest.approx([0.0, 0.4], abs=0.01)
     assert {r["method"] for r in rows if r.get("label_noise") == 0.4} == {"selfsup", "supervised"}
+
+
+def test_supervised_references_in_threads_give_the_rows_of_one_after_another(digits, monkeypatch):
+    """The supervised networks train in worker threads beside the probes: the same rows, in the
+    same order, as trained inline one after another (a job's result under another job's key,
+    or a seed that depends on the thread, fails this)."""
+    from contextlib import nullcontext
+
+    train, test = digits
+    kw = dict(
+        fractions=(0.1, 1.0), seeds=(0, 1), baselines=("supervised",), label_noise=(0.2,),
+        random_encoder=convnet, supervised_steps=4, progress=False,
+    )  # fmt: skip
+    encoder = convnet()
+    threaded = few_label_evaluation(encoder, train, test, **kw)
+    monkeypatch.setattr(few_label_module, "_workers", lambda *a: nullcontext(None))
+    inline = few_label_evaluation(encoder, train, test, **kw)
+    assert threaded == inline
+    assert len({r["accuracy"] for r in inline if r["method"] == "supervised"}) > 2
+
+
+def test_label_noise_figure_draws_the_tables_means(digits, tmp_path):
+    """label_noise.png: per label fraction, each method's mean accuracy at 0% and each noise
+    rate, the numbers of the printed tables (read back from the drawn lines)."""
+    from selfsup.evaluation.report import plot_label_noise
+
+    rows = [
+        {"method": m, "fraction": f, "seed": s, "n_labels": 10, "accuracy": a + 0.01 * s, **extra}
+        for m, a0 in (("selfsup", 0.9), ("raw", 0.7))
+        for f in (0.1, 1.0)
+        for s in (0, 1)
+        for a, extra in ((a0, {}), (a0 - 0.2, {"label_noise": 0.4}))
+    ]
+    lines = []
+    real_errorbar = matplotlib.axes.Axes.errorbar
+
+    def spy(ax, x, y, *a, **kw):
+        lines.append((ax, kw["label"], list(x), list(y)))
+        return real_errorbar(ax, x, y, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(matplotlib.axes.Axes, "errorbar", spy)
+        out = plot_label_noise(rows, tmp_path / "noise.png")
+    drawn = {(ax.get_title(), label): (x, y) for ax, label, x, y in lines}
+    assert out.is_file() and out.stat().st_size > 0
+    assert drawn["100% of the labels", "raw"] == ([0, 40], pytest.approx([70.5, 50.5]))
+    assert drawn["10% of the labels", "selfsup"] == ([0, 40], pytest.approx([90.5, 70.5]))

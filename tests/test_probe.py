@@ -99,6 +99,28 @@ def test_preconditioned_fit_is_the_same_fit_in_fewer_iterations():
     assert f_fast <= _sk_objective(sk.coef_, sk.intercept_, xd, y, C) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_problems_fitted_together_each_reach_their_own_minimum(precondition):
+    """Folds of different sizes in one L-BFGS (zero-padded): each fit is scikit-learn's on its
+    own rows (padding rows that took part, or a shared mean over all rows, would move them)."""
+    d = load_digits()
+    x = torch.tensor(StandardScaler().fit_transform(d.data[:900]), dtype=torch.float64)
+    y = d.target[:900]
+    rows = [np.arange(0, 300), np.arange(300, 550), np.arange(550, 900, 2)]  # 300, 250, 175
+    pre = Preconditioner(x)
+    pre.worthwhile = precondition  # both code paths, whatever the spectrum says
+    C = 0.1
+    fits = probes.fit_logistic_many(
+        [x[r] for r in rows], [y[r] for r in rows], C, tol=1e-8, precondition=pre
+    )
+    for fit, r in zip(fits, rows, strict=True):
+        sk = _sklearn(x[r].numpy(), y[r], C)
+        np.testing.assert_allclose(fit.weight.numpy(), sk.coef_, atol=2e-4)
+        np.testing.assert_allclose(fit.bias.numpy(), sk.intercept_, atol=2e-4)
+    with pytest.raises(SelfsupError, match="same classes"):
+        probes.fit_logistic_many([x[:50], x[:60]], [y[:50] % 2, y[:60] % 3], C)
+
+
 def test_preconditioner_stays_off_where_it_would_not_help(mnist):
     """Raw MNIST pixels: no few dominant directions (top eigenvalue 6% of the trace)."""
     assert not Preconditioner(standardize(mnist[0])[0]).worthwhile
@@ -174,13 +196,13 @@ def test_few_label_fits_see_only_the_labeled_subset(monkeypatch):
     train = ImageData(x[:500], y[:500], classes, "digits")
     test = ImageData(x[500:800], y[500:800], classes, "digits")
     seen = []
-    real_fit = probes.fit_logistic
+    real_fit = probes.fit_logistic_many  # every fit goes through it (CV folds together)
 
     def spy(xs, ys, C, **kw):
-        seen.append(xs.clone())
+        seen.extend(x.clone() for x in xs)
         return real_fit(xs, ys, C, **kw)
 
-    monkeypatch.setattr(probes, "fit_logistic", spy)
+    monkeypatch.setattr(probes, "fit_logistic_many", spy)
     rows = few_label_evaluation(
         torch.nn.Flatten(), train, test, fractions=(0.1,), seeds=(3,), baselines=(),
         progress=False,
@@ -209,13 +231,13 @@ def test_cv_on_a_stratified_sample_of_a_large_subset(monkeypatch):
     g = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], [300, 200, 100])
     x = torch.tensor(g.normal(size=(600, 5)) + np.eye(5)[y], dtype=torch.float32)
-    sizes, real_fit = [], probes.fit_logistic
+    sizes, real_fit = [], probes.fit_logistic_many
 
     def spy(xs, ys, C, **kw):
-        sizes.append(np.bincount(ys, minlength=3).tolist())
+        sizes.extend(np.bincount(y, minlength=3).tolist() for y in ys)
         return real_fit(xs, ys, C, **kw)
 
-    monkeypatch.setattr(probes, "fit_logistic", spy)
+    monkeypatch.setattr(probes, "fit_logistic_many", spy)
     probes.probe_accuracy(x, y, x, y, folds=4, cv_max_samples=120)
     assert sizes[-1] == [300, 200, 100]  # the final fit: all labels
     assert len(sizes) > 4 and all(s == [45, 30, 15] for s in sizes[:-1])  # 3/4 of 60/40/20

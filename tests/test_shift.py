@@ -95,3 +95,20 @@ def test_evaluate_with_shift(digits_run: Path, capsys) -> None:
     assert main([*argv, "--shift", "fog"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown corruption fog" in err and len(err.splitlines()) == 1
+
+
+def test_supervised_reference_under_shift(digits_run: Path, capsys) -> None:
+    """The supervised network trained on the clean labels is scored under shift too; its clean
+    column is the few-label table's supervised row on the same labels and seed (100%, seed 0)."""
+    argv = ["evaluate", str(digits_run), "--fractions", "1", "--seeds", "1", "--no-kmeans"]
+    assert main([*argv, "--baselines", "supervised", "--shift", "contrast"]) == 0
+    assert "supervised" in capsys.readouterr().out
+    results = json.loads((digits_run / "eval" / "digits" / "results.json").read_text())
+    shift = results["shift"]
+    assert set(shift) == {"selfsup", "supervised"}
+    (row,) = [r for r in results["few_label"] if r["method"] == "supervised"]
+    assert shift["supervised"]["clean"] == pytest.approx(row["accuracy"], abs=1e-9)
+    contrast = shift["supervised"]["contrast"]
+    assert len(contrast) == 3 and contrast[2] < shift["supervised"]["clean"]
+    drops = [shift["supervised"]["clean"] - a for a in contrast]
+    assert shift["supervised"]["mean_drop"] == pytest.approx(np.mean(drops))

@@ -28,10 +28,11 @@ from selfsup.evaluation import (
     linear_probe,
     noise_levels,
     plot_few_label,
+    plot_label_noise,
     supervised_rule,
     write_results,
 )
-from selfsup.evaluation.few_label import Pixels
+from selfsup.evaluation.few_label import Pixels, train_supervised
 from selfsup.evaluation.probes import fit_probe
 from selfsup.evaluation.shift import corruption_list, shift_evaluation
 from selfsup.models import Encoder
@@ -161,6 +162,8 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot_few_label(rows, out / "few_label.png")
+    if noise_levels(rows):
+        plot_label_noise(rows, out / "label_noise.png")
     if "shift" in results:
         _plot_shift(results["shift"], out / "shift.png")
     _plot_embeddings(test_f, test_y, out / "embeddings.png", test.classes)
@@ -226,8 +229,9 @@ def _shift_results(
     features_of_run: tuple[np.ndarray, np.ndarray],
     device: str,
 ) -> dict[str, Any]:
-    """Distribution shift: selfsup's probe beside raw pixels and the random-init encoder (those
-    of --baselines), each trained once on the clean labeled training images."""
+    """Distribution shift: selfsup's probe beside raw pixels and the random-init encoder, and
+    the supervised reference (those of --baselines), each trained once on the clean labeled
+    training images (the supervised network by `supervised_rule`, seed 0)."""
     labeled = train.y.numpy() >= 0  # type: ignore[union-attr]
     train_l = train.subset(np.flatnonzero(labeled))
 
@@ -245,6 +249,20 @@ def _shift_results(
         encoders["raw"] = encoded(Pixels())
     if "random" in config.baseline_list():
         encoders["random"] = encoded(Encoder(**run_config["encoder"]))
+    classifiers = {}
+    if "supervised" in config.baseline_list():
+        model, _ = train_supervised(
+            lambda: Encoder(**run_config["encoder"]),
+            train_l,
+            test,
+            seed=0,
+            epochs=config.supervised_epochs,
+            max_steps=config.supervised_max_steps,
+            batch_size=config.batch_size,
+            augment=_supervised_augment(config, run_config),
+            device=device,
+        )
+        classifiers["supervised"] = lambda images: encoded(model)(images).argmax(1)
     test_x = test.images(range(len(test)))
     return shift_evaluation(
         encoders,
@@ -259,6 +277,7 @@ def _shift_results(
             ).predict
         ),
         clean={"selfsup": (features_of_run[0][labeled], features_of_run[1])},
+        classifiers=classifiers,
     )
 
 

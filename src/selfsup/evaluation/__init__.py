@@ -11,7 +11,14 @@ from .few_label import (
 )
 from .finetune import Classifier, classifier_accuracy, finetune, fit_classifier
 from .probes import kmeans_scores, knn_accuracy, linear_probe
-from .report import format_table, noise_levels, plot_few_label, summarize, write_results
+from .report import (
+    format_table,
+    noise_levels,
+    plot_few_label,
+    plot_label_noise,
+    summarize,
+    write_results,
+)
 
 __all__ = [
     "check_options",
@@ -29,6 +36,7 @@ __all__ = [
     "noise_levels",
     "flip_labels",
     "plot_few_label",
+    "plot_label_noise",
     "summarize",
     "supervised_reference",
     "supervised_rule",

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Sequence
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -65,9 +69,12 @@ def _reinitialised(encoder: nn.Module) -> nn.Module:
     return fresh
 
 
+_GLOBAL_RNG = threading.Lock()  # supervised references initialise in parallel threads
+
+
 def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
     """`make()` under a fixed global seed, leaving the caller's RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
 
@@ -101,7 +108,7 @@ def _holdout(y: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
 
 
-def supervised_reference(
+def train_supervised(
     make: Callable[[], nn.Module],
     train: ImageData,
     test: ImageData,
@@ -112,9 +119,10 @@ def supervised_reference(
     batch_size: int = 256,
     augment: str = "light",
     device: str | torch.device = "cpu",
-) -> tuple[float, dict]:
-    """Test accuracy of `make()` (seeded) trained end to end on the labeled `train` by the rule of
-    `supervised_rule`, and {steps, best_step, val_labels}."""
+) -> tuple[nn.Module, dict]:
+    """`make()` (seeded) trained end to end on the labeled `train` by the rule of
+    `supervised_rule` (classes: those of `train` and `test`), and {steps, best_step,
+    val_labels}."""
     y = train.y.numpy()  # type: ignore[union-attr]
     held = _holdout(y, seed)
     fit_part = train.subset(np.setdiff1d(np.arange(len(y)), held))
@@ -138,12 +146,35 @@ def supervised_reference(
             eval_every=max(len(fit_part) // bs, 10),
             info=info,
         )
+    return model, {"steps": info["steps"], "best_step": info["best_step"], "val_labels": len(held)}
+
+
+def supervised_reference(
+    make: Callable[[], nn.Module],
+    train: ImageData,
+    test: ImageData,
+    *,
+    seed: int,
+    epochs: int = 30,
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    augment: str = "light",
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """Test accuracy of `train_supervised`'s network, and its {steps, best_step, val_labels}."""
+    model, info = train_supervised(
+        make,
+        train,
+        test,
+        seed=seed,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        augment=augment,
+        device=device,
+    )
     accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
-    return accuracy, {
-        "steps": info["steps"],
-        "best_step": info["best_step"],
-        "val_labels": len(held),
-    }
+    return accuracy, info
 
 
 def _probe_fields(details: dict) -> dict:
@@ -183,6 +214,32 @@ def check_options(
         raise SelfsupError(f"--probe-c: expected a positive C, got {probe_c}")
     if cv_folds < 2:
         raise SelfsupError(f"--cv-folds: expected at least 2 folds, got {cv_folds}")
+
+
+@contextmanager
+def _workers(device: str | torch.device, jobs: int) -> Iterator[ThreadPoolExecutor | None]:
+    """Threads for the supervised references on a CPU with 2+ cores (None: run them inline).
+
+    Each training is seeded by its own generators (and `_seeded` under a lock), so the results do
+    not depend on the threads. torch runs one thread per fit meanwhile: the workers are the
+    parallelism, and nothing spins waiting on a busy core (see probes._one_thread).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if torch.device(device).type != "cpu" or jobs < 2 or (cores or 1) < 2:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool = ThreadPoolExecutor(min(2, cores or 1), thread_name_prefix="supervised")
+        try:
+            yield pool
+        except BaseException:  # Ctrl-C or a failed fit: drop the trainings not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def few_label_evaluation(
@@ -283,78 +340,72 @@ def few_label_evaluation(
             probed[key] = acc, details
         return probed[key]
 
-    for fraction, seed in tqdm(
-        list(itertools.product(fractions, seeds)), desc="few-label", disable=not progress
-    ):
-        idx = labeled_subset(train_y, fraction, seed)
-        noisy_rows = []
-        for noise in label_noise:  # the probe's training labels flipped; the test set is clean
-            noisy = flip_labels(train_y[idx], noise, seed)
-            for name in feats:
-                acc, details = run_probe(name, idx, noisy, noise, seed)
-                noisy_rows.append(
-                    {
-                        "method": name,
-                        "fraction": float(fraction),
-                        "seed": int(seed),
-                        "n_labels": len(idx),
-                        "accuracy": float(acc),
-                        "probe": probe,
-                        "label_noise": float(noise),
-                        **_probe_fields(details),
-                    }
+    subsets = {
+        (fraction, seed): labeled_subset(train_y, fraction, seed)
+        for fraction, seed in itertools.product(fractions, seeds)
+    }
+    noisy_labels = {
+        (fraction, seed, noise): flip_labels(train_y[idx], noise, seed)
+        for (fraction, seed), idx in subsets.items()
+        for noise in label_noise
+    }
+    jobs = [(f, s, 0.0) for f, s in subsets] + list(noisy_labels)
+    if "supervised" not in baselines:
+        jobs = []
+    bar = tqdm(total=len(subsets) + len(jobs), desc="few-label", disable=not progress)
+
+    def supervised(fraction: float, seed: int, noise: float) -> tuple[float, dict]:
+        subset = train.subset(subsets[fraction, seed])
+        if noise:  # trained, and early-stopped, on the noisy labels
+            subset.y = torch.as_tensor(noisy_labels[fraction, seed, noise], dtype=torch.long)
+        out = supervised_reference(
+            make_random,
+            subset,
+            test,
+            seed=seed,
+            epochs=supervised_epochs,
+            max_steps=supervised_steps,
+            batch_size=batch_size,
+            augment=augment,
+            device=device,
+        )
+        bar.update()
+        return out
+
+    def row(name: str, fraction: float, seed: int, noise: float, acc: float, info: dict) -> dict:
+        return {
+            "method": name,
+            "fraction": float(fraction),
+            "seed": int(seed),
+            "n_labels": len(subsets[fraction, seed]),
+            "accuracy": float(acc),
+            "probe": "finetune" if name == "supervised" else probe,
+            **({"label_noise": float(noise)} if noise else {}),
+            **(info if name == "supervised" else _probe_fields(info)),
+        }
+
+    # the supervised networks train in worker threads while this one fits the probes
+    with _workers(device, len(jobs)) as pool:
+        futures = {job: pool.submit(supervised, *job) for job in jobs} if pool else {}
+        probe_rows: dict[tuple, list[dict]] = {}
+        for (fraction, seed), idx in subsets.items():
+            for noise in (0.0, *label_noise):
+                labels = noisy_labels[fraction, seed, noise] if noise else train_y[idx]
+                probe_rows[fraction, seed, noise] = [
+                    row(name, fraction, seed, noise, *run_probe(name, idx, labels, noise, seed))
+                    for name in feats
+                ]
+            bar.update()
+        trained = {
+            job: futures[job].result() if job in futures else supervised(*job) for job in jobs
+        }
+    bar.close()
+    rows = []
+    for fraction, seed in subsets:  # the clean rows of a subset, then its noisy ones
+        for noise in (0.0, *label_noise):
+            rows += probe_rows[fraction, seed, noise]
+            if (fraction, seed, noise) in trained:
+                rows.append(
+                    row("supervised", fraction, seed, noise, *trained[fraction, seed, noise])
                 )
-            if "supervised" in baselines:  # trained, and early-stopped, on the noisy labels
-                subset = train.subset(idx)
-                subset.y = torch.as_tensor(noisy, dtype=torch.long)
-                acc, details = supervised_reference(
-                    make_random,
-                    subset,
-                    test,
-                    seed=seed,
-                    epochs=supervised_epochs,
-                    max_steps=supervised_steps,
-                    batch_size=batch_size,
-                    augment=augment,
-                    device=device,
-                )
-                noisy_rows.append(
-                    {
-                        "method": "supervised",
-                        "fraction": float(fraction),
-                        "seed": int(seed),
-                        "n_labels": len(idx),
-                        "accuracy": float(acc),
-                        "probe": "finetune",
-                        "label_noise": float(noise),
-                        **details,
-                    }
-                )
-        accuracy, info = {}, {}
-        for name in feats:
-            accuracy[name], info[name] = run_probe(name, idx, train_y[idx], 0.0, seed)
-        if "supervised" in baselines:
-            accuracy["supervised"], info["supervised"] = supervised_reference(
-                make_random,
-                train.subset(idx),
-                test,
-                seed=seed,
-                epochs=supervised_epochs,
-                max_steps=supervised_steps,
-                batch_size=batch_size,
-                augment=augment,
-                device=device,
-            )
-        rows += [
-            {
-                "method": name,
-                "fraction": float(fraction),
-                "seed": int(seed),
-                "n_labels": len(idx),
-                "accuracy": float(acc),
-                "probe": "finetune" if name == "supervised" else probe,
-                **(info[name] if name == "supervised" else _probe_fields(info[name])),
-            }
-            for name, acc in accuracy.items()
-        ] + noisy_rows
     return rows

@@ -26,6 +26,8 @@ def _np(a: ArrayLike) -> np.ndarray:
 
 C_GRID = tuple(10.0**k for k in range(-5, 3))  # 1e-5 ... 1e2, searched by cross-validation
 DEFAULT_C = 1.0  # when a class has fewer than 2 labels and C cannot be cross-validated
+WORTHWHILE = 0.23  # the preconditioner's threshold: see Preconditioner
+BATCH_ELEMENTS = 2**17  # CV folds share one L-BFGS below this many rows x features (on CPU)
 
 
 @dataclass
@@ -125,9 +127,11 @@ class Preconditioner:
     """The second moments S of standardised features (from at most `max_rows` seeded rows), for
     L-BFGS in the variables V = W L, where L L^T = S·h + I/(C·n) approximates the objective's
     Hessian (h = 1/K, or 1/4 for two classes): the same minimiser, far fewer iterations when a
-    few directions dominate S (`worthwhile`: the top eigenvalue is >= 10% of the trace; CIFAR-10
-    pixels 27%, 4-10x fewer iterations; MNIST pixels 6%, where it needs more). Cholesky factors
-    are cached per (h, C·n) rounded to a tenth of a decade."""
+    few directions dominate S (`worthwhile`: the top eigenvalue is >= WORTHWHILE of the trace).
+    Measured (fits at 5,000 / 1,437 labels, C = 0.01 and 1): CIFAR-10 pixels 27%, convnet features
+    of a SimCLR run 27% and of a random one 37%: 2-8x fewer iterations; digits' SimCLR convnet
+    features 19%, random convnet 11%, pixels 12%, and MNIST pixels 6%: 1.5-4x more. Cholesky
+    factors are cached per (h, C·n) rounded to a tenth of a decade."""
 
     def __init__(self, x: torch.Tensor, max_rows: int = 10_000, seed: int = 0) -> None:
         rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]
@@ -140,7 +144,7 @@ class Preconditioner:
             v = self.moments @ v
             v = v / v.norm().clamp_min(1e-30)
         top = float(v @ self.moments @ v)
-        self.worthwhile = top >= 0.1 * float(self.moments.trace())
+        self.worthwhile = top >= WORTHWHILE * float(self.moments.trace())
 
     def factor(self, h: float, ridge: float) -> torch.Tensor:
         key = (h, round(float(np.log10(ridge)), 1))
@@ -169,24 +173,65 @@ def fit_logistic(
     (`converged` is False only then). `init` warm-starts from a fit on the same classes;
     `precondition` (made from these features' distribution) speeds it up when n >= features.
     """
-    classes, codes = np.unique(_np(y), return_inverse=True)
+    return fit_logistic_many(
+        [x], [y], C, inits=[init], max_iter=max_iter, tol=tol, precondition=precondition
+    )[0]
+
+
+def fit_logistic_many(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[ArrayLike],
+    C: float,
+    *,
+    inits: Sequence[LogisticFit | None] | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    precondition: Preconditioner | None = None,
+) -> list[LogisticFit]:
+    """`fit_logistic` on each (x, y) of a batch of problems with the same classes (and feature
+    count) at once: one L-BFGS on the sum of their objectives (each has its own minimum; the
+    sum's minimum is all of them), stacked and zero-padded to the longest x, stopped when the
+    largest gradient entry of every problem is at most `tol`. For small problems (the folds of
+    cross-validation) the work per iteration is mostly Python and shared, so k problems cost
+    little more than one. The fits report the batch's iterations.
+    """
+    coded = [np.unique(_np(y), return_inverse=True) for y in ys]
+    classes = coded[0][0]
     if len(classes) < 2:
         raise SelfsupError("logistic regression needs at least two classes")
-    n, dim = x.shape
-    k = 1 if len(classes) == 2 else len(classes)
-    target = torch.as_tensor(codes, device=x.device)
-    onehot = (
-        target[:, None].to(x.dtype) if k == 1 else F.one_hot(target, k).to(x.dtype)  # type: ignore[arg-type]
-    )
-    if init is not None:
-        weight, bias = init.weight.clone(), init.bias.clone()
-    else:
-        weight = torch.zeros(k, dim, device=x.device, dtype=x.dtype)
-        bias = torch.zeros(k, device=x.device, dtype=x.dtype)
-    l2 = 1.0 / (2.0 * C * n)
+    if any(not np.array_equal(c, classes) for c, _ in coded):
+        raise SelfsupError("fit_logistic_many: every problem needs the same classes")
+    x0 = xs[0]
+    b, dim, sizes = len(xs), x0.shape[1], [len(x) for x in xs]
+    n_max, k = max(sizes), 1 if len(classes) == 2 else len(classes)
+    dev, dtype = x0.device, x0.dtype
+    x = torch.zeros(b, n_max, dim, device=dev, dtype=dtype)
+    onehot = torch.zeros(b, n_max, k, device=dev, dtype=dtype)
+    for i, (xi, (_, codes)) in enumerate(zip(xs, coded, strict=True)):
+        x[i, : len(xi)] = xi
+        target = torch.as_tensor(codes, device=dev)
+        onehot[i, : len(xi)] = (
+            target[:, None].to(dtype) if k == 1 else F.one_hot(target, k).to(dtype)
+        )
+    # padding rows weigh 0; each problem's mean is over its own rows
+    mask = None
+    if min(sizes) < n_max:
+        rows = torch.arange(n_max, device=dev)
+        mask = (rows < torch.tensor(sizes, device=dev)[:, None]).to(dtype)[..., None]
+    n = torch.tensor(sizes, device=dev, dtype=dtype)[:, None, None]
+    inits = list(inits) if inits is not None else [None] * b
+    weight = torch.stack(
+        [i.weight if i is not None else torch.zeros(k, dim, device=dev, dtype=dtype) for i in inits]
+    ).clone()
+    bias = torch.stack(
+        [i.bias if i is not None else torch.zeros(k, device=dev, dtype=dtype) for i in inits]
+    ).clone()
+    l2 = 1.0 / (2.0 * C * n)  # B×1×1
     lower = (  # below n = dim the triangular solves cost more than the data products
-        precondition.factor(0.25 if k == 1 else 1 / k, 2 * l2)
-        if precondition is not None and precondition.worthwhile and n >= dim
+        torch.stack(
+            [precondition.factor(0.25 if k == 1 else 1 / k, 2 / (2 * C * m)) for m in sizes]
+        )
+        if precondition is not None and precondition.worthwhile and min(sizes) >= dim
         else None
     )
     v = weight @ lower if lower is not None else weight  # the variables L-BFGS moves
@@ -194,23 +239,26 @@ def fit_logistic(
     def closure() -> torch.Tensor:
         # the gradient by hand: autograd's x.T @ g is ~20x slower than g.T @ x on a tall x
         if lower is not None:  # W = V L^-1
-            weight[:] = torch.linalg.solve_triangular(lower.T, v.T, upper=True).T
-        z = _linear(x, weight, bias)
+            weight[:] = torch.linalg.solve_triangular(lower.mT, v.mT, upper=True).mT
+        z = (weight @ x.mT).mT + bias[:, None]  # B×n×K, as (W X^T)^T: see _linear
         if k == 1:
-            loss = F.binary_cross_entropy_with_logits(z, onehot)
-            g = (torch.sigmoid(z) - onehot) / n
+            losses = F.binary_cross_entropy_with_logits(z, onehot, reduction="none")
+            g = torch.sigmoid(z) - onehot
         else:
-            logp = torch.log_softmax(z, 1)
-            loss = -(logp * onehot).sum() / n
-            g = (logp.exp() - onehot) / n
-        weight.grad = grad_w = g.T @ x + (2 * l2) * weight
+            logp = torch.log_softmax(z, 2)
+            losses = -(logp * onehot)
+            g = logp.exp() - onehot
+        if mask is not None:
+            losses, g = losses * mask, g * mask
+        g = g / n
+        weight.grad = grad_w = g.mT @ x + (2 * l2) * weight
         v.grad = (
             grad_w
             if lower is None
-            else torch.linalg.solve_triangular(lower, grad_w.T, upper=False).T  # dV = dW L^-T
+            else torch.linalg.solve_triangular(lower, grad_w.mT, upper=False).mT  # dV = dW L^-T
         )
-        bias.grad = g.sum(0)
-        return loss + l2 * weight.square().sum()
+        bias.grad = g.sum(1)
+        return (losses / n).sum() + (l2 * weight.square()).sum()
 
     chunk = min(25, max_iter)
     opt = torch.optim.LBFGS(
@@ -219,7 +267,7 @@ def fit_logistic(
         max_iter=chunk,
         max_eval=2 * chunk,
         tolerance_grad=tol if lower is None else 0.0,  # V's gradient is not W's: checked below
-        tolerance_change=1e-12 if x.dtype == torch.float64 else 1e-9,
+        tolerance_change=1e-12 if dtype == torch.float64 else 1e-9,
         history_size=10,
         line_search_fn="strong_wolfe",
     )
@@ -232,7 +280,9 @@ def fit_logistic(
             closure()  # at the accepted point: W and the largest entry of W's gradient
             if done < chunk or max(weight.grad.abs().max(), bias.grad.abs().max()) <= tol:
                 break  # converged, or stalled at the dtype's precision
-    return LogisticFit(weight, bias, classes, C, n_iter, n_iter < max_iter)
+    return [
+        LogisticFit(weight[i], bias[i], classes, C, n_iter, n_iter < max_iter) for i in range(b)
+    ]
 
 
 def cv_folds(y: np.ndarray, folds: int) -> int:
@@ -284,13 +334,23 @@ def choose_c(
         for tr, va in splits
     ]
     fits: list[LogisticFit | None] = [None] * k
+    # small folds: the work per L-BFGS iteration is mostly Python, shared by one L-BFGS on all
+    # (digits, 114 labels: 2x faster); large ones on CPU: the joint L-BFGS needs ~10% more
+    # iterations than the slowest fold, which costs more than it saves (1,150 labels x 256: 1.2x)
+    together = x.device.type != "cpu" or len(y) * x.shape[1] <= BATCH_ELEMENTS
     scores: dict[float, tuple[float, float]] = {}
     for c in sorted(grid):
         acc, nll = [], []
-        for i, (x_tr, y_tr, x_va, y_va) in enumerate(parts):
-            fits[i] = fit = fit_logistic(
-                x_tr, y_tr, c, init=fits[i], max_iter=max_iter, tol=tol, precondition=precondition
+        kw = {"max_iter": max_iter, "tol": tol, "precondition": precondition}
+        if together:  # each fold warm-started from its fit at the previous C
+            fits = fit_logistic_many(
+                [p[0] for p in parts], [p[1] for p in parts], c, inits=fits, **kw
             )
+        else:
+            fits = [
+                fit_logistic(p[0], p[1], c, init=f, **kw) for p, f in zip(parts, fits, strict=True)
+            ]
+        for fit, (_, _, x_va, y_va) in zip(fits, parts, strict=True):
             logp = torch.log_softmax(fit.logits(x_va).double(), 1).cpu().numpy()
             codes = np.searchsorted(fit.classes, y_va)
             acc.append(np.mean(fit.classes[logp.argmax(1)] == y_va))

@@ -120,3 +120,39 @@ def plot_few_label(rows: list[dict], out_png: str | Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_png, lambda p: fig.savefig(p, format="png", dpi=120))
     return out_png
+
+
+def plot_label_noise(rows: list[dict], out_png: str | Path) -> Path:
+    """Accuracy (%) against the fraction of flipped labels (0 = clean), one panel per label
+    fraction, one line with error bars per method."""
+    rates = [0.0, *noise_levels(rows)]
+    fractions = sorted({r["fraction"] for r in rows})
+    fig = Figure(figsize=(4 * len(fractions), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(fractions), squeeze=False)[0]
+    for ax, fraction in zip(axes, fractions, strict=True):
+        by_rate = {
+            rate: {s["method"]: s for s in summarize(rows, rate) if s["fraction"] == fraction}
+            for rate in rates
+        }
+        for method in by_rate[0.0]:
+            pts = [(rate, by_rate[rate][method]) for rate in rates if method in by_rate[rate]]
+            ax.errorbar(
+                [100 * rate for rate, _ in pts],
+                [100 * s["mean"] for _, s in pts],
+                yerr=[100 * s["std"] for _, s in pts],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        ax.set_xticks([100 * r for r in rates])
+        ax.set(
+            title=f"{_fraction_label(fraction)} of the labels",
+            xlabel="labels flipped (%)",
+            ylabel="test accuracy (%)",
+        )
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_png, lambda p: fig.savefig(p, format="png", dpi=120))
+    return out_png

@@ -113,30 +113,40 @@ def shift_evaluation(
     *,
     probe: Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]],
     clean: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    classifiers: dict[str, Callable[[Tensor], np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """For each representation (name -> features of uint8 images): a probe trained once on the
     clean training features, scored on the clean test images and on every corruption and
-    severity. `clean`: (train, test) features already computed, by name. Returns
+    severity. `clean`: (train, test) features already computed, by name. `classifiers` (name ->
+    predicted labels of uint8 images, e.g. the supervised reference trained on the clean
+    labels) are scored the same way. Each corruption is made once for all of them. Returns
     {method: {"clean": acc, corruption: [acc per severity], "mean_drop": ...}}."""
-    results: dict[str, Any] = {}
+    predictors: dict[str, Callable[[Tensor], np.ndarray]] = {}
+    clean_test: dict[str, np.ndarray] = {}
     for name, features in encoders.items():
         if clean and name in clean:
             train_f, test_f = clean[name]
         else:
             train_f, test_f = features(train_images), features(test_images)
         predict = probe(train_f, train_y)
-        row: dict[str, Any] = {"clean": float(np.mean(predict(test_f) == test_y))}
-        drops = []
-        for corruption in corruptions:
-            accs = []
-            for severity in SEVERITIES:
-                corrupted = CORRUPTIONS[corruption](test_images, severity, 0)
-                accs.append(float(np.mean(predict(features(corrupted)) == test_y)))
-            row[corruption] = accs
-            drops += [row["clean"] - a for a in accs]
-        row["mean_drop"] = float(np.mean(drops))
-        results[name] = row
-    return results
+        predictors[name] = lambda images, p=predict, f=features: p(f(images))
+        clean_test[name] = predict(test_f)
+    for name, classify in (classifiers or {}).items():
+        predictors[name] = classify
+        clean_test[name] = classify(test_images)
+    rows: dict[str, Any] = {
+        name: {"clean": float(np.mean(pred == test_y))} for name, pred in clean_test.items()
+    }
+    for corruption in corruptions:
+        for name in rows:
+            rows[name][corruption] = []
+        for severity in SEVERITIES:
+            corrupted = CORRUPTIONS[corruption](test_images, severity, 0)
+            for name, predict_images in predictors.items():
+                rows[name][corruption].append(float(np.mean(predict_images(corrupted) == test_y)))
+    for row in rows.values():
+        row["mean_drop"] = float(np.mean([row["clean"] - a for c in corruptions for a in row[c]]))
+    return rows
 
 
 def format_shift_table(results: dict[str, Any], corruptions: tuple[str, ...]) -> str:
