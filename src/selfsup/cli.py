@@ -272,6 +272,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     k.add_argument("--labels", required=True, help="labels CSV or folder:PATH (required)")
     k.add_argument("--out", required=True, help="the classifier file to write (required)")
     k.add_argument("--data", help="the images `index` rows count in (default: the run's)")
+    k.add_argument(
+        "--finetune",
+        action="store_true",
+        help="train the encoder too, from the linear head's solution (slower; how long is "
+        "chosen on 20%% of the labels held out)",
+    )
+    k.add_argument("--seed", type=int, default=0)
     k.add_argument("--device", default="auto")
 
     v = sub.add_parser(
@@ -401,7 +408,21 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         from selfsup.classify import classify
 
         output_file(args.out)
-        r = classify(args.run, args.labels, args.out, data=args.data, device=args.device)
+        r = classify(
+            args.run,
+            args.labels,
+            args.out,
+            data=args.data,
+            device=args.device,
+            finetune=args.finetune,
+            seed=args.seed,
+        )
+        if r["finetune"]:
+            f = r["finetune"]
+            print(
+                f"fine-tuned {f['rounds']} rounds (best on {f['held_out']} held-out labels; "
+                "0: the linear head alone was best)"
+            )
         print(
             f"{r['out']}: {len(r['classes'])} classes from {r['labels']} labels (C {r['C']:g}, "
             f"training accuracy {100 * r['train_accuracy']:.1f}%)\n"
