@@ -113,7 +113,11 @@ def exact_search(
     best_scores = torch.empty(len(q), 0)
     best_ids = torch.empty(len(q), 0, dtype=torch.long)
     for start in range(0, len(features), CHUNK):
-        scores = q @ torch.from_numpy(np.asarray(features[start : start + CHUNK], np.float32)).T
+        chunk = np.asarray(features[start : start + CHUNK], np.float32)
+        if len(q) == 1:  # one query: numpy's matrix-vector product, ~2.5x torch's on one core
+            scores = torch.from_numpy(chunk @ q[0].numpy())[None]
+        else:
+            scores = q @ torch.from_numpy(chunk).T
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)
         best_ids = torch.cat([best_ids, top.indices + start], dim=1)
