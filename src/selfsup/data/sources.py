@@ -281,9 +281,7 @@ def _load_folder(
     if test_root is None:
         return train, None
     test_paths, test_labels, _ = scan_folder(test_root, classes)
-    return train, _folder_images(
-        test_paths, test_labels, classes, size, spec, test_root, stream
-    )[0]
+    return train, _folder_images(test_paths, test_labels, classes, size, spec, test_root, stream)[0]
 
 
 # ---- torchvision -----------------------------------------------------------------------------
