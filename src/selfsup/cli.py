@@ -468,6 +468,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         r = similar(args.index, args.image, k=args.k, out=args.output)
         for hit in r["hits"]:
             print(f"{hit['rank']:3d}. {hit['similarity']:.3f}  {hit['path']}")
+        print(f"({r['search']} search)")
         if r["picture"]:
             print(f"picture: {r['picture']} (list: {Path(r['picture']).with_suffix('.csv')})")
     elif args.command == "export":
