@@ -57,6 +57,7 @@ def build(
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit-norm centroids: lists by cosine, like the queries
     index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # no warning on small collections (nlist is capped)
     rng = np.random.default_rng(seed)
     train = min(n, TRAIN_PER_LIST * nlist)
     index.train(features[np.sort(rng.choice(n, train, replace=False))] if train < n else features)
@@ -68,15 +69,19 @@ def build(
     while True:
         index.nprobe = nprobe
         found = _without_self(index.search(queries, k + 1)[1], rows, k)
-        measured = float(
-            np.mean(
-                [len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(found, truth, strict=True)]
-            )
-        )
+        measured = _recall(found, truth)
         if measured >= recall or nprobe >= nlist:
             break
         nprobe = min(2 * nprobe, nlist)
     return index, {"lists": nlist, "nprobe": nprobe, "sample_recall": measured}
+
+
+def _recall(found: list[list[int]], truth: list[list[int]]) -> float:
+    """Mean share of each true answer list that `found` has (1 where there is none to find)."""
+    shares = [
+        len(set(a) & set(b)) / len(b) if b else 1.0 for a, b in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(shares))
 
 
 def _without_self(ids: np.ndarray, rows: np.ndarray, k: int) -> list[list[int]]:
