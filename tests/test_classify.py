@@ -80,3 +80,47 @@ def test_labels_from_class_folders_and_bad_label_files(
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert main(["predict", str(bad), f"folder:{folder}", "-o", str(tmp_path / "p.csv")]) == 2
+
+
+def test_finetune_matches_or_beats_the_frozen_probe(digits_run: Path, tmp_path: Path) -> None:
+    """10 labels per class: the fine-tuned classifier against scikit-learn's logistic regression
+    on the frozen features of the same labels (the probe it starts from, fitted independently)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from selfsup.api import load
+    from selfsup.classify import Classifier
+    from selfsup.evaluation import extract_features
+
+    train, test = load_splits("digits")
+    y = train.y.numpy()
+    rng = np.random.default_rng(0)
+    picks = np.concatenate(
+        [rng.choice(np.flatnonzero(y == c), 10, replace=False) for c in range(10)]
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text("index,label\n" + "".join(f"{i},{y[i]}\n" for i in picks))
+    model = tmp_path / "ft.classifier"
+    argv = ["classify", str(digits_run), "--labels", str(labels), "--out", str(model)]
+    assert main([*argv, "--finetune"]) == 0
+    classifier = Classifier(model)
+    with torch.inference_mode():
+        predicted = np.array(classifier.classes)[classifier(test.x).argmax(1).numpy()]
+    finetuned = np.mean(predicted.astype(int) == test.y.numpy())
+
+    encoder = load(digits_run)
+    f_train = extract_features(encoder, train.subset(picks), progress=False)
+    f_test = extract_features(encoder, test, progress=False)
+    scale = StandardScaler().fit(f_train)
+    frozen = LogisticRegression(max_iter=5000).fit(scale.transform(f_train), y[picks])
+    reference = frozen.score(scale.transform(f_test), test.y.numpy())
+    # Measured 2026-12-01: 93.1% fine-tuned (2 rounds chosen) against 92.8% for the reference.
+    assert finetuned >= reference - 0.01, (finetuned, reference)
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            classifier.encoder.state_dict().values(), encoder.state_dict().values(), strict=True
+        )
+    )
+    assert changed  # the encoder itself was trained, not only the head

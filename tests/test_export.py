@@ -66,3 +66,38 @@ def test_bad_export_requests_are_one_line(run: Path, tmp_path: Path, capsys) -> 
     assert main(["export", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("selfsup: error:") for line in err)
+
+
+@pytest.fixture(scope="module")
+def resnet_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("export") / "resnet"
+    argv = ["pretrain", "simclr", "--data", "digits", "--backbone", "resnet18", "--limit", "64"]
+    assert main([*argv, "--batch-size", "32", "--epochs", "1", "--out", str(out)]) == 0
+    path = out / "encoder-export.safetensors"
+    assert main(["export", str(out), "--format", "safetensors", "-o", str(path)]) == 0
+    return out, path
+
+
+def _readme_rebuild_block() -> str:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```python", readme.index("plain torchvision rebuilds it"))
+    return readme[start + len("```python") : readme.index("```", start + 9)]
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_the_readme_rebuilds_a_resnet_without_selfsup(resnet_export, library: str) -> None:
+    run, path = resnet_export
+    code = _readme_rebuild_block().replace("runs/photos/export/encoder.safetensors", str(path))
+    if library == "timm":  # the README's one-line change for timm
+        pytest.importorskip("timm")
+        readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+        timm_line = "net = timm.create_model(" + readme.split("`net = timm.create_model(")[1]
+        timm_line = timm_line.split("`", 1)[0]
+        torchvision_line = next(line for line in code.splitlines() if line.startswith("net = "))
+        code = "import timm\n" + code.replace(torchvision_line, timm_line)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 (the README's own code)
+    with torch.no_grad():
+        expected = selfsup.load(run).eval()(namespace["images"])
+        torch.testing.assert_close(namespace["features"], expected, atol=1e-5, rtol=1e-4)
+    assert namespace["features"].shape == (4, 512)

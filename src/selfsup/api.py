@@ -56,7 +56,7 @@ def embed(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (N×D float32) and labels (or None) of a dataset under a run's encoder."""
     encoder = load(run)
-    dataset = dataset_for(run, data, split, data_dir, download, limit)
+    dataset = dataset_for(run, data, split, data_dir, download, limit, stream=True)
     features = extract_features(
         encoder, dataset, batch_size=batch_size, device=resolve_device(device)
     )
@@ -347,9 +347,11 @@ def dataset_for(
     data_dir: str | None = None,
     download: bool = False,
     limit: int | None = None,
+    stream: bool = False,
 ) -> ImageData:
     """A split of `data` (default: the run's own) as the run's encoder sees it (channels and
-    size converted); `limit` keeps a stratified first N of the split, test split included."""
+    size converted); `limit` keeps a stratified first N of the split, test split included;
+    `stream`: a folder's images are decoded as they are used (one pass, bounded memory)."""
     if split not in ("train", "test"):
         raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
     run_config = rundir.read_config(run)
@@ -360,6 +362,7 @@ def dataset_for(
         download=download,
         limit=limit,
         image_size=_folder_size(spec, run_config),
+        stream=stream,
     )
     if split == "test" and test is None:
         raise SelfsupError(f"--data {spec} has no test split")
@@ -374,12 +377,24 @@ def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
     if (data.channels, *data.image_size) == tuple(shape):
         return data
     if data.x is None:
-        raise SelfsupError(
-            f"--data {data.name} has images of shape {(data.channels, *data.image_size)} but the "
-            f"encoder expects {tuple(shape)}; resize the folder with --image-size"
-        )
+        lazy = _AdaptedImages(data.lazy, shape)
+        return ImageData(None, data.y, data.classes, data.name, lazy=lazy, paths=data.paths)
     x = adapt_images(data.x, shape[0], (shape[1], shape[2]))
-    return ImageData(x, data.y, data.classes, data.name)
+    return ImageData(x, data.y, data.classes, data.name, paths=data.paths)
+
+
+class _AdaptedImages(torch.utils.data.Dataset):
+    """A lazy dataset's images converted, one at a time, to the encoder's channels and size."""
+
+    def __init__(self, lazy: Any, shape: tuple[int, int, int]) -> None:
+        self.lazy, self.shape = lazy, shape
+
+    def __len__(self) -> int:
+        return len(self.lazy)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.lazy[i]
+        return adapt_images(x[None], self.shape[0], (self.shape[1], self.shape[2]))[0], y
 
 
 def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str] | None) -> None:

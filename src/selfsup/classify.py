@@ -97,15 +97,20 @@ def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Ten
 
 
 def classify(
-    run: str | Path, labels: str, out: str | Path, *, data: str | None = None, device: str = "auto"
+    run: str | Path,
+    labels: str,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    device: str = "auto",
+    finetune: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Train the classifier on the labeled images and save it to `out` (one file)."""
+    """Train the classifier on the labeled images and save it to `out` (one file); with
+    `finetune`, the encoder is trained too (see `finetune_head`)."""
     from selfsup import run as rundir
     from selfsup.api import dataset_for, load
-    from selfsup.data import ImageData
     from selfsup.device import resolve_device
-    from selfsup.evaluation import extract_features
-    from selfsup.evaluation.probes import fit_probe
 
     ids, names, _ = read_labels(labels)
     encoder, device = load(run), resolve_device(device)
@@ -119,25 +124,25 @@ def classify(
         x = images.images(torch.as_tensor(ids))
     else:
         x = load_image_files([str(i) for i in ids], shape)  # type: ignore[arg-type]
-    features = extract_features(encoder, ImageData(x, None, None, labels), device=device)
     classes = sorted(set(names))
     y = np.array([classes.index(n) for n in names])
-    probe = fit_probe(features, y)
-    head_w, head_b = probe.fit.weight.detach().float(), probe.fit.bias.detach().float()
-    if head_w.shape[0] == 1:  # two classes: one logit against a fixed 0
-        head_w, head_b = (
-            torch.cat([torch.zeros_like(head_w), head_w]),
-            torch.cat([torch.zeros_like(head_b), head_b]),
-        )
+    info: dict[str, Any] = {}
+    if finetune:
+        from selfsup.augment.recipes import RECIPES
+
+        recipe = config.get("recipe") if config.get("recipe") in RECIPES else "light"
+        model = finetune_head(encoder, x, y, recipe=recipe, seed=seed, device=device, info=info)
+    else:
+        model = probe_head(encoder, x, y, device)
     tensors = {
-        f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()
+        f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()
     }
     tensors.update(
         {
-            "feature.mean": probe.mean,
-            "feature.std": probe.std,
-            "head.weight": head_w.cpu(),
-            "head.bias": head_b.cpu(),
+            "feature.mean": model.mean.cpu(),
+            "feature.std": model.std.cpu(),
+            "head.weight": model.head.weight.detach().cpu().contiguous(),
+            "head.bias": model.head.bias.detach().cpu().contiguous(),
         }
     )
     metadata = {
@@ -145,20 +150,147 @@ def classify(
         "selfsup_encoder": json.dumps(encoder.config),
         "classes": json.dumps(classes),
         "input_shape": json.dumps(list(shape)),
-        "C": str(probe.fit.C),
+        "C": str(model.C),
+        "finetuned": json.dumps(info),
         "run": str(run),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
-    train_accuracy = float(np.mean(probe.predict(features) == y))
+    with torch.inference_mode():
+        predicted = model.to(device)(x.to(device)).argmax(1).cpu().numpy()
     return {
         "out": str(out),
         "classes": classes,
         "labels": len(y),
-        "C": probe.fit.C,
-        "train_accuracy": train_accuracy,
+        "C": model.C,
+        "train_accuracy": float(np.mean(predicted == y)),
+        "finetune": info,
     }
+
+
+class Head(torch.nn.Module):
+    """Encoder, feature standardisation, linear head: uint8 images -> class logits."""
+
+    def __init__(self, encoder: torch.nn.Module, probe: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mean", probe.mean.float())
+        self.register_buffer("std", probe.std.float())
+        w, b = probe.fit.weight.detach().float(), probe.fit.bias.detach().float()
+        if w.shape[0] == 1:  # two classes: one logit against a fixed 0
+            w, b = torch.cat([torch.zeros_like(w), w]), torch.cat([torch.zeros_like(b), b])
+        self.head = torch.nn.Linear(w.shape[1], w.shape[0])
+        self.head.load_state_dict({"weight": w, "bias": b})
+        self.C = float(probe.fit.C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.encoder(x).float() - self.mean) / self.std)
+
+
+def probe_head(encoder: torch.nn.Module, x: torch.Tensor, y: np.ndarray, device: Any) -> Head:
+    """The frozen encoder and a logistic regression (C cross-validated) on its features."""
+    from selfsup.data import ImageData
+    from selfsup.evaluation import extract_features
+    from selfsup.evaluation.probes import fit_probe
+
+    data = ImageData(x, None, None, "labels")
+    features = extract_features(encoder, data, device=device, progress=False)
+    return Head(encoder, fit_probe(features, y)).eval()
+
+
+ENCODER_LR, HEAD_LR = 1e-4, 1e-3  # AdamW; the encoder moves 10x slower than the head
+MAX_ROUNDS, PATIENCE, ROUND_STEPS, BATCH = 20, 3, 10, 64
+
+
+def finetune_head(
+    encoder: torch.nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    *,
+    recipe: str,
+    seed: int = 0,
+    device: Any = "cpu",
+    info: dict[str, Any] | None = None,
+) -> Head:
+    """Fine-tune the encoder and head from the linear probe's solution (LP-FT, Kumar et al.
+    2022), with the run's augmentation, AdamW (ENCODER_LR for the encoder, HEAD_LR for the
+    head) and the encoder's BatchNorm statistics frozen. How long: chosen on a stratified 20%
+    of the labels held out (rounds of at least ROUND_STEPS steps, up to MAX_ROUNDS, stopped
+    after PATIENCE rounds without a better held-out accuracy; round 0 is the probe itself);
+    then the probe and the fine-tuning are redone on all the labels for that many rounds."""
+    from selfsup.evaluation.few_label import _holdout
+
+    held = _holdout(y, seed)
+    rounds = 0
+    if len(held):
+        kept = np.setdiff1d(np.arange(len(y)), held)
+        val = (x[torch.as_tensor(held)], y[held])
+        rounds = _finetune(encoder, x[torch.as_tensor(kept)], y[kept], recipe, seed, device, val)[1]
+    model = _finetune(encoder, x, y, recipe, seed, device, None, rounds)[0]
+    if info is not None:
+        info.update(rounds=rounds, held_out=len(held), recipe=recipe)
+    return model
+
+
+def _finetune(
+    encoder: torch.nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    recipe: str,
+    seed: int,
+    device: Any,
+    val: tuple[torch.Tensor, np.ndarray] | None,
+    rounds: int = MAX_ROUNDS,
+) -> tuple[Head, int]:
+    """(model, best round): `rounds` rounds of fine-tuning, early-stopped on `val` if given."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from selfsup.augment import build_recipe
+
+    model = probe_head(copy.deepcopy(encoder), x, y, device).to(device)
+    if rounds == 0:
+        return model, 0
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": ENCODER_LR},
+            {"params": model.head.parameters(), "lr": HEAD_LR},
+        ],
+        weight_decay=1e-4,
+    )
+    aug = build_recipe(recipe, tuple(x.shape[-2:]), x.shape[1]).to(device)
+    g, aug_g = torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
+    targets = torch.as_tensor(y, device=device)
+    steps = max(ROUND_STEPS, -(-len(y) // BATCH))
+
+    def score() -> tuple[float, float]:  # held-out (accuracy, -loss): higher is better
+        with torch.inference_mode():
+            logits = model(val[0].to(device)).float()  # type: ignore[index]
+            t = torch.as_tensor(val[1], device=device)  # type: ignore[index]
+            return float((logits.argmax(1) == t).float().mean()), -float(F.cross_entropy(logits, t))
+
+    best, best_round = (score() if val else None), 0
+    best_state = copy.deepcopy(model.state_dict()) if val else None
+    for r in range(1, rounds + 1):
+        model.eval()  # BatchNorm statistics (and dropout) stay as pretrained
+        for _ in range(steps):
+            idx = torch.randint(len(y), (min(BATCH, len(y)),), generator=g)
+            logits = model(aug(x[idx].to(device), aug_g))
+            loss = F.cross_entropy(logits.float(), targets[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if val is not None:
+            now = score()
+            if now > best:  # type: ignore[operator]
+                best, best_round, best_state = now, r, copy.deepcopy(model.state_dict())
+            elif r - best_round >= PATIENCE:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), (best_round if val is not None else rounds)
 
 
 class Classifier(torch.nn.Module):

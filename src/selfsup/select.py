@@ -114,7 +114,7 @@ def select(
     from selfsup.device import resolve_device
     from selfsup.evaluation import extract_features
 
-    dataset = dataset_for(run, data)
+    dataset = dataset_for(run, data, stream=True)  # one pass: never all in memory
     features = extract_features(load(run), dataset, device=resolve_device(device))
     picks = choose(features, budget, strategy, seed)
     out = Path(out) if out else Path(run) / "select" / f"{strategy}-{budget}.csv"

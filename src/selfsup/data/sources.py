@@ -231,14 +231,16 @@ def _folder_images(
     size: int | None,
     name: str,
     root: Path,
+    stream: bool = False,
 ) -> tuple[ImageData, int]:
-    """Decode image files (in memory when they fit, else on demand) -> (ImageData, size)."""
+    """Decode image files (in memory when they fit and not `stream`, else on demand) ->
+    (ImageData, size)."""
     if size is None:
         size = min(*decode_image(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
     ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
     files = [str(p) for p in paths]
-    if len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
+    if stream or len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
         return ImageData(None, y, classes, name, lazy=ds, paths=files), size
     x = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(ds)), desc=f"decoding {root}", unit="img", disable=None):
@@ -246,7 +248,9 @@ def _folder_images(
     return ImageData(x, y, classes, name, paths=files), size
 
 
-def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None) -> Split:
+def _load_folder(
+    arg: str, spec: str, image_size: int | None, limit: int | None, stream: bool = False
+) -> Split:
     """Split by `train/` + `test/` (or `val/`); a labeled folder without them gets its test
     split held out (as load_splits does for every source) and `limit` applied after that, all
     before any image is decoded."""
@@ -269,15 +273,15 @@ def _load_folder(arg: str, spec: str, image_size: int | None, limit: int | None)
     def pick(idx: list[int]) -> tuple[list[Path], list[int] | None]:
         return [paths[i] for i in idx], None if labels is None else [labels[i] for i in idx]
 
-    train, size = _folder_images(*pick(rest), classes, image_size, spec, train_root)
+    train, size = _folder_images(*pick(rest), classes, image_size, spec, train_root, stream)
     if held:
-        test, _ = _folder_images(*pick(held), classes, size, spec, train_root)
+        test, _ = _folder_images(*pick(held), classes, size, spec, train_root, stream)
         test.held_out = True
         return train, test
     if test_root is None:
         return train, None
     test_paths, test_labels, _ = scan_folder(test_root, classes)
-    return train, _folder_images(test_paths, test_labels, classes, size, spec, test_root)[0]
+    return train, _folder_images(test_paths, test_labels, classes, size, spec, test_root, stream)[0]
 
 
 # ---- torchvision -----------------------------------------------------------------------------
@@ -325,6 +329,7 @@ def load_splits(
     limit: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    stream: bool = False,
 ) -> Split:
     """(train, test) for a `--data` spec.
 
@@ -336,7 +341,8 @@ def load_splits(
     `limit` keeps the stratified first `limit` train samples. `image_size` resizes to a square
     (centre crop + resize): folder images always get one size, by default the first image's short
     side capped at MAX_DEFAULT_SIZE; other sources keep their size unless `image_size` is given.
-    `seed` is accepted for interface stability: every current split is fixed.
+    `seed` is accepted for interface stability: every current split is fixed. `stream`: folder
+    images are decoded when used, never all held in memory (for one pass over a folder).
     """
     del seed
     if limit is not None and limit < 1:
@@ -346,7 +352,9 @@ def load_splits(
     kind, sep, arg = spec.partition(":")
     if sep and kind in ("npz", "folder") and arg:
         train, test = (
-            _load_npz(arg, spec) if kind == "npz" else _load_folder(arg, spec, image_size, limit)
+            _load_npz(arg, spec)
+            if kind == "npz"
+            else _load_folder(arg, spec, image_size, limit, stream)
         )
     elif spec.lower() == "digits":
         train, test = _load_digits()

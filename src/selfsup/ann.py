@@ -1,0 +1,117 @@
+"""Approximate nearest neighbours for large indexes (`selfsup index --approximate`), with FAISS.
+
+The index is an inverted file of flat vectors (FAISS `IndexIVFFlat`) on inner product, so on the
+unit-norm embeddings it ranks by cosine similarity and the scores it returns are exact: only the
+search is approximate. The lists come from spherical k-means, 4 sqrt(N) of them (the low end of
+FAISS's guideline). A query scans its `nprobe` nearest lists; `build` picks the smallest
+power-of-two `nprobe` whose recall@k against exact search, measured on a sample of the index's
+own rows (each row itself left out of both answers), reaches `recall`. FAISS writes the index in
+its own format (no pickle).
+
+faiss-cpu is optional (`pip install 'selfsup[search]'`): exact search needs none of this.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfsup.errors import SelfsupError
+
+SAMPLE = 256  # rows used as queries to choose nprobe
+TRAIN_PER_LIST = 64  # k-means training rows per list
+
+
+def require_faiss() -> Any:
+    """The faiss module, or a one-line error saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise SelfsupError(
+            "approximate search needs faiss: pip install 'selfsup[search]' (or faiss-cpu)"
+        ) from None
+    return faiss
+
+
+def faiss_path(index: str | Path) -> Path:
+    """The FAISS file kept beside an index file: INDEX.faiss."""
+    index = Path(index)
+    return index.with_name(index.name + ".faiss")
+
+
+def build(
+    features: np.ndarray, *, recall: float = 0.97, k: int = 10, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """An IVF-Flat index of unit-norm `features` (N×D float32), and how it was tuned. The
+    default aims above 0.95: the sample's estimate is noisy, and new queries (not rows of the
+    index, which also trained the lists) fare a little worse (benchmarks/search_scale.py)."""
+    from selfsup.search import exact_search
+
+    faiss = require_faiss()
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    n, d = features.shape
+    nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))  # >= 39 rows a list
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True  # unit-norm centroids: lists by cosine, like the queries
+    index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # no warning on small collections (nlist is capped)
+    rng = np.random.default_rng(seed)
+    train = min(n, TRAIN_PER_LIST * nlist)
+    index.train(features[np.sort(rng.choice(n, train, replace=False))] if train < n else features)
+    index.add(features)
+    rows = np.sort(rng.choice(n, min(n, SAMPLE), replace=False))
+    queries = features[rows]
+    truth = _without_self(exact_search(features, queries, k + 1)[0], rows, k)
+    nprobe, measured = 1, 0.0
+    while True:
+        index.nprobe = nprobe
+        found = _without_self(index.search(queries, k + 1)[1], rows, k)
+        measured = _recall(found, truth)
+        if measured >= recall or nprobe >= nlist:
+            break
+        nprobe = min(2 * nprobe, nlist)
+    return index, {"lists": nlist, "nprobe": nprobe, "sample_recall": measured}
+
+
+def _recall(found: list[list[int]], truth: list[list[int]]) -> float:
+    """Mean share of each true answer list that `found` has (1 where there is none to find)."""
+    shares = [
+        len(set(a) & set(b)) / len(b) if b else 1.0 for a, b in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(shares))
+
+
+def _without_self(ids: np.ndarray, rows: np.ndarray, k: int) -> list[list[int]]:
+    """Each row's k answers other than the row itself (the queries are rows of the index)."""
+    return [
+        [int(i) for i in found if i != row and i >= 0][:k]
+        for found, row in zip(ids, rows, strict=True)
+    ]
+
+
+def save(index: Any, path: Path) -> None:
+    require_faiss().write_index(index, str(path))
+
+
+def load(path: Path, rows: int) -> Any:
+    """The FAISS index at `path`, checked to hold `rows` vectors (those of its .npz)."""
+    faiss = require_faiss()
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise SelfsupError(f"{path}: not a FAISS index ({str(e).splitlines()[0]})") from None
+    if index.ntotal != rows:
+        raise SelfsupError(
+            f"{path}: holds {index.ntotal} vectors but its index has {rows}; "
+            "rebuild it with `selfsup index --approximate`"
+        )
+    return index
+
+
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, cosine similarities) of the k nearest, per query row, best first."""
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids, scores
