@@ -8,7 +8,10 @@ Conversations (supervised fine-tuning), one JSON object per line:
 Rankings (reward model):
 - ``{"prompt": "...", "completions": ["...", "...", ...], "ranking": "D > C > A = B"}``
   (letters name the completions in order; ``=`` ties), or
-- ``{"prompt": "...", "chosen": "...", "rejected": "..."}`` (one pair).
+- ``{"prompt": "...", "chosen": "...", "rejected": "..."}`` (one pair), also in TRL's
+  conversational forms: ``prompt`` a list of messages ending with the user's and ``chosen`` /
+  ``rejected`` one assistant message each, or no ``prompt`` and ``chosen`` / ``rejected`` whole
+  conversations that share everything but their last (assistant) message (implicit prompt).
 An optional ``"gold"`` list (one number per completion, written by `selfsup lm label`) is the
 simulated labelers' true score; the reward model never trains on it, it only measures a ceiling.
 
@@ -44,6 +47,15 @@ class Ranking:
     completions: tuple[str, ...]
     tiers: tuple[tuple[int, ...], ...]
     gold: tuple[float, ...] | None = None  # simulated labelers' true scores, when known
+    history: tuple[Message, ...] = ()  # the turns before the user's `prompt` (TRL's formats)
+
+    def conversation(self, completion: str) -> list[Message]:
+        """The prompt's conversation answered by `completion`."""
+        return [
+            *self.history,
+            {"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": completion},
+        ]
 
 
 def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -139,11 +151,12 @@ def read_rankings(path: str | Path) -> list[Ranking]:
     """Every ranked prompt of a JSONL file (K completions + ranking, or chosen/rejected)."""
     out = []
     for where, record in _jsonl(path):
-        prompt = _text(record, "prompt", where)
+        history: tuple[Message, ...] = ()
         if "chosen" in record or "rejected" in record:
-            completions = (_text(record, "chosen", where), _text(record, "rejected", where))
+            prompt, history, completions = _preference_pair(record, where)
             tiers: list[list[int]] = [[0], [1]]
         else:
+            prompt = _text(record, "prompt", where)
             raw = record.get("completions")
             if not isinstance(raw, list) or len(raw) < 2:
                 raise SelfsupError(f"{where}: 'completions' must list at least two completions")
@@ -172,11 +185,56 @@ def read_rankings(path: str | Path) -> list[Ranking]:
                 completions,
                 tuple(tuple(t) for t in tiers),
                 None if gold is None else tuple(float(g) for g in gold),
+                history,
             )
         )
     if not out:
         raise SelfsupError(f"{path}: no rankings in the file")
     return out
+
+
+def _preference_pair(
+    record: dict[str, Any], where: str
+) -> tuple[str, tuple[Message, ...], tuple[str, str]]:
+    """(user prompt, earlier turns, (chosen, rejected)) of a chosen/rejected record in TRL's
+    standard or conversational form, explicit or implicit prompt."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        if "prompt" not in record:
+            raise SelfsupError(
+                f"{where}: text 'chosen'/'rejected' need a 'prompt' (an implicit prompt is read "
+                "only from conversations: lists of messages)"
+            )
+        return (
+            _text(record, "prompt", where),
+            (),
+            (_text(record, "chosen", where), _text(record, "rejected", where)),
+        )
+    answers = []
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        answers.append(_messages(value, f"{where} {key}"))
+    if "prompt" in record:
+        context = _messages(record["prompt"], f"{where} prompt")
+        if any(len(a) != 1 for a in answers):
+            raise SelfsupError(
+                f"{where}: with a 'prompt', 'chosen' and 'rejected' hold one assistant message each"
+            )
+    else:  # implicit prompt: the turns both conversations share
+        context = answers[0][:-1]
+        if answers[1][:-1] != context:
+            raise SelfsupError(
+                f"{where}: 'chosen' and 'rejected' must share every turn but their last"
+            )
+        answers = [a[-1:] for a in answers]
+    if any(a[0]["role"] != "assistant" for a in answers):
+        raise SelfsupError(f"{where}: 'chosen' and 'rejected' must end with the assistant's turn")
+    if not context or context[-1]["role"] != "user":
+        raise SelfsupError(f"{where}: the prompt must end with the user's turn")
+    return (
+        context[-1]["content"],
+        tuple(context[:-1]),
+        (answers[0][0]["content"], answers[1][0]["content"]),
+    )
 
 
 def chat_segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:

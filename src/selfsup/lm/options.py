@@ -316,3 +316,26 @@ def check_ranges(config: LMConfig) -> None:
             f"--devices {config.devices!r}: expected a number of devices, -1, auto, or a comma "
             "list of device indices"
         )
+
+
+@dataclass
+class DPOConfig(TuneConfig):
+    """Options of `selfsup lm dpo`: TuneConfig's loop, its own defaults, and β."""
+
+    init: str = option(
+        "",
+        "the SFT run (or local HF folder) to start from; also the frozen reference (required "
+        "unless --resume RUN)",
+    )
+    data: str = option(
+        "",
+        "JSONL rankings ('D > C > A = B': every strictly ordered pair) or TRL's chosen/rejected "
+        "records, text or conversational (required unless --resume RUN)",
+    )
+    epochs: int = option(1, "passes over the pairs")
+    batch_size: int = option(16, "preference pairs per step")
+    lr: float = option(1e-5, "peak learning rate (AdamW, warm-up then cosine)")
+    max_length: int = option(128, "tokens per conversation (longer ones lose their start)")
+    beta: float = option(
+        0.1, "the KL strength: implicit reward β·(log π - log π_ref); smaller β strays further"
+    )

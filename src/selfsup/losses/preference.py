@@ -112,3 +112,20 @@ def pairwise_accuracy(rewards: Tensor, pairs: Tensor) -> float:
     labeler happened to order are a coin flip for any reward model, not its error."""
     winner, loser = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
     return ((winner > loser).float() + 0.5 * (winner == loser).float()).mean().item()
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation (Rafailov et al., 2023) over P pairs: (loss, chosen
+    rewards, rejected rewards), the loss the mean of -log σ(β·((π_c - ref_c) - (π_r - ref_r)))
+    with π and ref the answers' summed log-probabilities under the policy and the frozen
+    reference. The implicit rewards β·(π - ref) are returned detached, for accuracies."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, chosen.detach(), rejected.detach()

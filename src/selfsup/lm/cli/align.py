@@ -392,3 +392,35 @@ ALIGN_COMMANDS = [
     _add_best_of_n,
     _add_chat,
 ]
+
+
+def _add_dpo(sub, parents) -> None:
+    from selfsup.lm.options import DPOConfig
+
+    p = sub.add_parser(
+        "dpo",
+        parents=parents,
+        help="direct preference optimisation of an SFT model on ranked or chosen/rejected pairs",
+        description="DPO (Rafailov et al., 2023): the SFT model learns from preference pairs "
+        "directly, no reward model and no sampling; the SFT model itself is the frozen "
+        "reference. Writes a run directory (training counted in --epochs).",
+    )
+    add_config_arguments(p, DPOConfig, skip=("pack",))
+    p.set_defaults(handler=_run_dpo)
+
+
+def _run_dpo(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.alignment.dpo import dpo
+    from selfsup.lm.options import DPOConfig
+
+    run = Path(dpo(_config(DPOConfig, args), command=command))
+    summary(
+        [
+            f"run directory: {run}/ (hf/ the policy, metrics.csv, checkpoint)",
+            _metric_line(_last_row(run / "metrics.csv"), ("val_reward_acc", "val_loss")),
+            f"next: selfsup lm chat {shlex.quote(str(run))}",
+        ]
+    )
+
+
+ALIGN_COMMANDS += [_add_dpo]

@@ -89,11 +89,7 @@ def ranking_batch(
     for p, r in enumerate(rankings):
         first = len(rows)
         for completion in r.completions:
-            messages = [
-                {"role": "user", "content": r.prompt},
-                {"role": "assistant", "content": completion},
-            ]
-            ids, _ = tokenize_chat(tokenizer, messages)
+            ids, _ = tokenize_chat(tokenizer, r.conversation(completion))
             rows.append((ids[-max_length:], ids[-max_length:]))  # keep the answer's end
         for w, l in ranking_pairs(r.tiers, len(r.completions)):
             pairs.append((first + w, first + l))

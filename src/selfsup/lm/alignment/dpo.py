@@ -1,0 +1,139 @@
+"""Direct preference optimisation (Rafailov et al., 2023): `selfsup lm dpo`.
+
+The policy starts from the SFT model, which stays frozen as the reference; every preference
+pair (prompt, chosen, rejected) adds -log σ(β·((log π_c - log ref_c) - (log π_r - log ref_r))),
+the log-probabilities summed over the answer's tokens (its end marker included). The reference's
+log-probabilities are computed once, before training. Pairs come from the same rankings the
+reward model reads (every strictly ordered pair of a prompt) or from TRL's chosen/rejected
+records; the loop (Fabric, epochs, validation, checkpoints, RUN/hf) is `posttrain`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfsup.data.conversations import Message, Ranking, read_rankings
+from selfsup.errors import SelfsupError
+from selfsup.lm.alignment.ppo import _disable_dropout
+from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
+from selfsup.lm.models import hf
+from selfsup.lm.options import DPOConfig
+from selfsup.lm.training.posttrain import _fit, _require, _set_special_ids, _split
+from selfsup.losses.ppo import token_logprobs
+from selfsup.losses.preference import dpo_loss, ranking_pairs
+
+Pair = tuple[list[Message], str, str]  # (the prompt's conversation, chosen, rejected)
+
+
+def preference_pairs(rankings: Sequence[Ranking]) -> tuple[list[Pair], dict[str, int]]:
+    """Every strictly ordered (chosen, rejected) pair of every ranking, and what was left out:
+    `identical` pairs (the same answer above itself: no preference to learn) and `no_pair`
+    rankings (full ties)."""
+    pairs: list[Pair] = []
+    identical = no_pair = 0
+    for r in rankings:
+        ordered = ranking_pairs(r.tiers, len(r.completions))
+        if not ordered:
+            no_pair += 1
+        prompt = r.conversation("")[:-1]
+        for w, l in ordered:
+            if r.completions[w] == r.completions[l]:
+                identical += 1
+            else:
+                pairs.append((prompt, r.completions[w], r.completions[l]))
+    return pairs, {"identical": identical, "no_pair": no_pair}
+
+
+def _example(tokenizer: Any, pair: Pair, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of the chosen and the rejected conversation, the answer's tokens labelled;
+    a conversation longer than `max_length` keeps its end (the answer)."""
+    out = []
+    for answer in pair[1:]:
+        ids, labels = sft_example(tokenizer, [*pair[0], {"role": "assistant", "content": answer}],
+                                  10**9)  # fmt: skip
+        out.append((ids[-max_length:], labels[-max_length:]))
+    return out
+
+
+def sequence_logprobs(model: Any, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log-probabilities of the labelled tokens of right-padded rows (B values)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logp = token_logprobs(logits[:, :-1], labels.clamp_min(0))
+    return (logp * mask).sum(1)
+
+
+def _pair_batch(examples: Sequence[Any], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+    """Chosen rows then rejected rows of a batch of examples (one forward pass for both)."""
+    rows = [e[0] for e in examples] + [e[1] for e in examples]
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+
+@torch.no_grad()
+def _with_reference(
+    reference: Any, examples: list, pad_id: int, batch_size: int = 32
+) -> list[tuple[Any, Any, float, float]]:
+    """Each example with the reference's summed log-probabilities of its two answers."""
+    reference.eval()
+    device = next(reference.parameters()).device
+    out = []
+    for s in range(0, len(examples), batch_size):
+        part = examples[s : s + batch_size]
+        logps = sequence_logprobs(reference, _pair_batch(part, pad_id, device)).tolist()
+        n = len(part)
+        out.extend((c, r, logps[i], logps[n + i]) for i, (c, r) in enumerate(part))
+    return out
+
+
+def dpo(config: DPOConfig, command: str | None = None) -> Path:
+    """DPO from the SFT model on preference pairs; returns the run directory."""
+    from selfsup.lm.alignment.rlhf import load_policy
+
+    config = _require(config)
+    hf.check_number("--beta", config.beta, 0, low_open=True)
+    torch.manual_seed(config.seed)
+    rankings = read_rankings(config.data)
+    train_r, val_r = _split(rankings, config.val_fraction, "ranked prompts")
+    train_pairs, left_train = preference_pairs(train_r)
+    val_pairs, left_val = preference_pairs(val_r)
+    identical = left_train["identical"] + left_val["identical"]
+    no_pair = left_train["no_pair"] + left_val["no_pair"]
+    if identical or no_pair:
+        print(
+            f"{config.data}: left out {identical} pairs whose chosen and rejected answers are "
+            f"identical and {no_pair} rankings with no strictly ordered pair"
+        )
+    if not train_pairs:
+        raise SelfsupError(
+            f"{config.data}: no preference pair with two different answers to train on"
+        )
+    tokenizer, model = load_policy(config.init)
+    _set_special_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    reference = copy.deepcopy(model)
+    train = _with_reference(
+        reference, [_example(tokenizer, p, config.max_length) for p in train_pairs], pad
+    )
+    val = _with_reference(
+        reference, [_example(tokenizer, p, config.max_length) for p in val_pairs], pad
+    )
+    del reference
+    _disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
+
+    def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
+        device = next(m.parameters()).device
+        logps = sequence_logprobs(m, _pair_batch([(c, r) for c, r, _, _ in batch], pad, device))
+        ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=device)
+        n = len(batch)
+        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], config.beta)
+        accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+        return loss, {"reward_acc": accuracy.item(), "margin": (chosen - rejected).mean().item()}
+
+    return _fit("dpo", config, command, model, tokenizer, train, val, loss_fn)
