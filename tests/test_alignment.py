@@ -211,3 +211,118 @@ def test_dpo_learns_the_preference_and_raises_gold(task, sft_run, capsys):  # no
     after = _gold_of_favourite(out, task / "held-out.jsonl")
     print(f"gold of the favourite answer {before:.3f} -> {after:.3f}")
     assert after > before + 0.05  # deterministic (no sampling): 0.875 -> 0.958 when written
+
+
+def test_group_advantages_by_hand():
+    from selfsup.losses.grpo import group_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(rewards, 4, eps=0.0 + 1e-4)
+    # group 1: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3)
+    std = math.sqrt(14 / 3)
+    expected = [(-2) / (std + 1e-4), -1 / (std + 1e-4), 0.0, 3 / (std + 1e-4), 0, 0, 0, 0]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert torch.isfinite(adv).all()  # the tied group: zero advantages, no NaN
+    with pytest.raises(SelfsupError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_k3_is_the_formula_and_never_negative():
+    from selfsup.losses.grpo import k3_kl
+
+    g = torch.Generator().manual_seed(0)
+    logp = -5 * torch.rand(200, generator=g, dtype=torch.float64)
+    ref = -5 * torch.rand(200, generator=g, dtype=torch.float64)
+    k3 = k3_kl(logp.float(), ref.float()).double()
+    by_hand = [
+        math.exp(r - p) - (r - p) - 1 for p, r in zip(logp.tolist(), ref.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(k3, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert (k3 >= 0).all() and k3_kl(logp, logp).abs().max() == 0
+    # unbiased: its mean over samples of p approaches KL(p || q) on a small distribution
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    estimate = k3_kl(p.log()[x], q.log()[x]).mean().item()
+    assert estimate == pytest.approx((p * (p / q).log()).sum().item(), abs=5e-3)
+
+
+def test_grpo_loss_against_a_naive_loop():
+    from selfsup.losses.grpo import grpo_loss
+
+    g = torch.Generator().manual_seed(1)
+    b, t, clip, beta = 4, 5, 0.2, 0.1
+    old = -3 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    new = old + 0.5 * torch.randn(b, t, generator=g, dtype=torch.float64)  # some ratios clipped
+    ref = -3 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    loss, stats = grpo_loss(new, old, ref, adv, mask.double(), clip, beta)
+    per_answer = []
+    for i in range(b):
+        terms = []
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            ratio = math.exp(new[i, j] - old[i, j])
+            clipped = min(max(ratio, 1 - clip), 1 + clip)
+            d = ref[i, j].item() - new[i, j].item()
+            k3 = math.exp(d) - d - 1
+            terms.append(-min(ratio * adv[i].item(), clipped * adv[i].item()) + beta * k3)
+        per_answer.append(sum(terms) / len(terms))
+    assert loss.item() == pytest.approx(sum(per_answer) / b, rel=1e-9)
+    assert 0 < stats["clip"] < 1
+
+
+def _reward_model(task, sft_run):  # noqa: F811
+    from selfsup.lm.training.posttrain import TuneConfig, train_reward
+
+    if not (task / "rm-gold" / "hf").is_dir():
+        _gold_pairs(task / "rm-pairs.jsonl", 32, seed=11)
+        train_reward(TuneConfig(init=str(sft_run), data=str(task / "rm-pairs.jsonl"),
+                                out=str(task / "rm-gold"), epochs=1, batch_size=8,
+                                max_length=64, accelerator="cpu"))  # fmt: skip
+    return task / "rm-gold"
+
+
+def test_grpo_on_the_gold_score_raises_it(task, sft_run, capsys):  # noqa: F811
+    rm, data = _reward_model(task, sft_run), task / "data"
+    assert main(["lm", "grpo", "--policy", str(sft_run), "--reward", str(rm), "--prompts",
+                 str(data / "rl.jsonl"), "--eval-prompts", str(data / "eval.jsonl"), "--gold",
+                 "arithmetic", "--reward-from", "gold", "--out", str(task / "grpo"),
+                 "--iterations", "20", "--eval-every", "20", "--eval-samples", "16",
+                 "--group-size", "8", "--prompts-per-iteration", "4", "--lr", "3e-3",
+                 "--max-new-tokens", "20", "--accelerator", "cpu"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out.splitlines()[-3:]
+    assert summary[1].startswith("held-out proxy ") and "after iteration 20" in summary[1]
+    rows = (task / "grpo" / "eval.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    first, last = (float(r.split(",")[header.index("gold")]) for r in (rows[1], rows[-1]))
+    print(f"held-out gold {first:.3f} -> {last:.3f}")
+    assert last > first + 0.1  # 0.06 -> 0.25 when written (16 prompts, deterministic seeds)
+
+
+def test_grpo_kl_blow_up_stops_with_a_loadable_policy(task, sft_run, capsys):  # noqa: F811
+    from selfsup.lm.alignment.rlhf import load_policy
+
+    rm, data = _reward_model(task, sft_run), task / "data"
+    common = ["lm", "grpo", "--policy", str(sft_run), "--reward", str(rm), "--prompts",
+              str(data / "rl.jsonl"), "--eval-samples", "2", "--group-size", "4",
+              "--prompts-per-iteration", "2", "--minibatch", "8", "--lr", "3e-3",
+              "--max-new-tokens", "8", "--max-kl", "1e-6", "--accelerator", "cpu"]  # fmt: skip
+    # iteration 1 samples from the reference itself (KL 0) and is saved; iteration 2's KL is
+    # above the bound: the run stops and names iteration 1's policy
+    assert main([*common, "--out", str(task / "grpo-kl"), "--iterations", "3",
+                 "--eval-every", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "GRPO stopped at iteration 2" in err and "exceeds --max-kl 1e-06" in err
+    assert err.endswith(f"the last good policy is {task / 'grpo-kl' / 'iter0001'} (lower --lr, "
+                        "raise --beta)")  # fmt: skip
+    tokenizer, _ = load_policy(task / "grpo-kl" / "iter0001")
+    assert tokenizer.get_vocab() == AutoTokenizerFrom(sft_run).get_vocab()
+    # nothing saved before the stop: the folder is removed, so the same command can run again
+    assert main([*common, "--out", str(task / "grpo-kl2"), "--iterations", "3",
+                 "--eval-every", "3"]) == 2  # fmt: skip
+    assert "is removed" in capsys.readouterr().err and not (task / "grpo-kl2").exists()
+    assert main([*common, "--out", str(task / "x"), "--group-size", "1"]) == 2
+    assert "--group-size must be at least 2" in capsys.readouterr().err

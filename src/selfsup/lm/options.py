@@ -339,3 +339,42 @@ class DPOConfig(TuneConfig):
     beta: float = option(
         0.1, "the KL strength: implicit reward β·(log π - log π_ref); smaller β strays further"
     )
+
+
+@dataclass
+class GRPOConfig:
+    """Options of `selfsup lm grpo` (defaults after DeepSeekMath's GRPO, scaled down)."""
+
+    policy: str = option(
+        "", "the SFT run (or local HF folder) to start from; also the reference", required=True
+    )
+    reward: str = option("", "the reward-model run (or local HF folder)", required=True)
+    prompts: str = option("", "JSONL of prompts for the rollouts", required=True)
+    eval_prompts: str = option("", "JSONL of held-out prompts for the report (default: --prompts)")
+    gold: str = option("none", "a known true score to report beside the proxy: none | arithmetic")
+    reward_from: str = option(
+        "model",
+        "what the answers are scored by: model (the reward model) | gold (the known gold score "
+        "itself: for analysis only, needs --gold)",
+    )
+    out: str = option("", "run directory to write", required=True)
+    iterations: int = option(50, "iterations (sample groups, score, update)")
+    prompts_per_iteration: int = option(4, "prompts per iteration, each answered G times")
+    group_size: int = option(8, "answers per prompt (G); advantages are standardised within them")
+    minibatch: int = option(16, "answers per gradient step")
+    grpo_epochs: int = option(1, "passes over each iteration's answers (μ)")
+    lr: float = option(1e-5, "learning rate (AdamW)")
+    beta: float = option(0.04, "weight of the k3 KL estimate to the reference in the loss")
+    clip: float = option(0.2, "clip range of the policy ratio")
+    max_new_tokens: int = option(24, "longest answer in tokens")
+    temperature: float = option(1.0, "sampling temperature of the answers")
+    no_end_score: float = option(-1.0, "the score of an answer that never emits the end token")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    eval_every: int = option(10, "evaluate and save the policy every this many iterations")
+    eval_samples: int = option(128, "held-out prompts per evaluation")
+    max_kl: float = option(
+        0.0, "stop when the answers' mean KL from the reference exceeds this (0: no bound)"
+    )
+    seed: int = option(0, "random seed")
+    accelerator: str = option("auto", "cpu | gpu | auto")
+    progress: bool | None = option(None, "progress bar (default: on a terminal)")

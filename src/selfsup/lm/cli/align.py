@@ -424,3 +424,35 @@ def _run_dpo(args: argparse.Namespace, command: str) -> None:
 
 
 ALIGN_COMMANDS += [_add_dpo]
+
+
+def _add_grpo(sub, parents) -> None:
+    from selfsup.lm.options import GRPOConfig
+
+    p = sub.add_parser(
+        "grpo",
+        parents=parents,
+        help="optimise an SFT model with GRPO: group-relative advantages, no value model",
+        description="GRPO (Shao et al., 2024): G answers per prompt, rewards standardised within "
+        "each group, clipped ratio, k3 KL to the SFT model in the loss. Writes a run directory.",
+    )
+    add_config_arguments(p, GRPOConfig)
+    p.set_defaults(handler=_run_grpo)
+
+
+def _run_grpo(args: argparse.Namespace, command: str) -> None:
+    from selfsup.lm.alignment.grpo import grpo
+    from selfsup.lm.options import GRPOConfig
+
+    run = Path(grpo(_config(GRPOConfig, args), command=command))
+    last = _last_row(run / "eval.csv")
+    summary(
+        [
+            f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
+            "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
+            f"next: selfsup lm chat {shlex.quote(str(run))}",
+        ]
+    )
+
+
+ALIGN_COMMANDS += [_add_grpo]

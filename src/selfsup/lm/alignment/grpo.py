@@ -1,0 +1,204 @@
+"""GRPO (Shao et al., 2024): `selfsup lm grpo`.
+
+One iteration: draw a few prompts, sample G answers to each from the policy, score them (the
+reward model, or the gold score for analysis), standardise the rewards within each group into
+advantages, and take clipped-ratio steps with the k3 estimate of the KL from the frozen SFT
+model as a loss term. No value model. Sampling, scoring and held-out evaluation are those of the
+PPO stage (`rollout`, `rlhf.evaluate_policy`), so the two are measured alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from selfsup.data.conversations import Message
+from selfsup.errors import SelfsupError
+from selfsup.lm.alignment.ppo import _disable_dropout, _select, _to, kl_to_reference
+from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.lm.models import hf
+from selfsup.lm.options import GRPOConfig
+from selfsup.losses.grpo import group_advantages, grpo_loss
+
+ScoreFn = Callable[[Any, list[int]], torch.Tensor]  # (rollout, prompt indices) -> rewards
+
+
+class GRPOTrainer:
+    """Optimises `policy` against `score(rollout, prompt indices)`; the reference is a frozen
+    copy of the starting policy."""
+
+    def __init__(self, policy: nn.Module, tokenizer: Any, config: GRPOConfig, fabric: Any = None):
+        import lightning as L
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
+        self.reference = self.fabric.to_device(copy.deepcopy(policy).eval().requires_grad_(False))
+        _disable_dropout(policy)  # ratios compare two passes over the same answer
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+        self.policy = policy  # sampling and saving; training passes go through self.model
+        self.model, self.optimizer = self.fabric.setup(policy, optimizer)
+
+    def step(
+        self, conversations: Sequence[Sequence[Message]], indices: Sequence[int], seed: int,
+        score: ScoreFn,
+    ) -> dict[str, float]:  # fmt: skip
+        """One iteration on these prompts (each answered G times); returns what to log."""
+        c = self.config
+        g = c.group_size
+        grouped = [conv for conv in conversations for _ in range(g)]
+        prompt_of = [i for i in indices for _ in range(g)]
+        self.policy.eval()
+        with torch.no_grad():
+            r = sample(
+                self.policy, self.tokenizer, grouped, c.max_new_tokens, c.temperature, 0, seed
+            )
+            r = _to(r, self.fabric.device)
+            rewards = score(r, prompt_of).to(self.fabric.device)
+            advantages = group_advantages(rewards, g)
+            _, old, _ = forward_response(self.policy, r)
+            _, ref, _ = forward_response(self.reference, r)
+        mask = r.response_mask.float()
+        stats: dict[str, list[float]] = {"loss": [], "k3": [], "clip": []}
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(c.grpo_epochs):
+            for idx in torch.randperm(len(grouped), generator=generator).split(c.minibatch):
+                idx = idx.to(self.fabric.device)
+                part = _select(r, idx)
+                _, logprobs, _ = forward_response(self.model, part)
+                loss, s = grpo_loss(
+                    logprobs, old[idx], ref[idx], advantages[idx], mask[idx], c.clip, c.beta
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                self.fabric.backward(loss)
+                self.fabric.clip_gradients(self.model, self.optimizer, max_norm=c.max_grad_norm)
+                self.optimizer.step()
+                stats["loss"].append(loss.item())
+                stats["k3"].append(s["k3"].item())
+                stats["clip"].append(s["clip"].item())
+        return {
+            **{f"grpo/{k}": float(np.mean(v)) for k, v in stats.items()},
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.reshape(-1, g).std(1).mean().item(),
+            "kl": kl_to_reference(old, ref, mask).mean().item(),
+            "answer_tokens": mask.sum(1).mean().item(),
+            "ended": r.ended.float().mean().item(),
+        }
+
+
+def check_options(config: GRPOConfig) -> None:
+    """One line for a missing or impossible option, before any file is read or written."""
+    for name in ("policy", "reward", "prompts", "out"):
+        if not getattr(config, name):
+            raise SelfsupError(f"--{name.replace('_', '-')} is required")
+    for name in ("iterations", "prompts_per_iteration", "minibatch", "grpo_epochs",
+                 "eval_every", "eval_samples", "max_new_tokens"):  # fmt: skip
+        if getattr(config, name) < 1:
+            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.group_size < 2:
+        raise SelfsupError("--group-size must be at least 2 (a group of one has no baseline)")
+    for name in ("lr", "clip", "temperature", "max_grad_norm"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0, low_open=True)
+    for name in ("beta", "max_kl"):
+        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0)
+    if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
+        raise SelfsupError("--no-end-score and --temperature must be finite numbers")
+    if config.reward_from not in ("model", "gold"):
+        raise SelfsupError(f"--reward-from {config.reward_from!r}: expected model or gold")
+    if config.reward_from == "gold" and config.gold == "none":
+        raise SelfsupError("--reward-from gold needs a gold score: --gold arithmetic")
+    hf.check_accelerator(config.accelerator)
+
+
+def grpo(config: GRPOConfig, command: str | None = None) -> Path:
+    """GRPO from the SFT model; returns the run directory."""
+    from selfsup.lm.alignment.rlhf import (
+        _gold_fn,
+        _load_prompts,
+        evaluate_policy,
+        load_policy,
+        load_reward_model,
+    )
+
+    check_options(config)
+    conversations, records = _load_prompts(config.prompts)
+    eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
+    eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
+    gold, eval_gold = _gold_fn(config.gold, records), _gold_fn(config.gold, eval_records)
+    tokenizer, policy = load_policy(config.policy)
+    reward_model = load_reward_model(config.reward, tokenizer)
+    run = hf.start_run(
+        config.out, {"stage": "grpo", **dataclasses.asdict(config)}, command or "", False
+    )
+    import lightning as L
+
+    torch.manual_seed(config.seed)
+    fabric = L.Fabric(accelerator=config.accelerator, devices=1)
+    trainer = GRPOTrainer(policy, tokenizer, config, fabric)
+    reward_model = fabric.to_device(reward_model.requires_grad_(False))
+
+    def score(rollout: Any, prompt_of: list[int]) -> torch.Tensor:
+        if config.reward_from == "gold":
+            answers = decode_responses(tokenizer, rollout)
+            assert gold is not None
+            return torch.tensor([gold(i, a) for i, a in zip(prompt_of, answers, strict=True)])
+        s = reward_scores(reward_model, rollout)
+        return torch.where(rollout.ended, s, torch.full_like(s, config.no_end_score))
+
+    saved = [f"the starting one, {config.policy}"]
+
+    def report(iteration: int) -> None:
+        stats = evaluate_policy(
+            trainer.policy, trainer.reference, reward_model, tokenizer, eval_conv, eval_gold,
+            config, seed=10_000,  # type: ignore[arg-type]  (max_new_tokens, no_end_score)
+        )  # fmt: skip
+        hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
+        print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        if iteration:
+            name = f"iter{iteration:04d}"
+            hf.save_hf(run, trainer.policy, tokenizer, name)
+            saved.append(str(run / name))
+
+    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
+        report(0)
+        rng = np.random.default_rng(config.seed)
+        progress = config.progress if config.progress is not None else sys.stderr.isatty()
+        bar = tqdm(range(1, config.iterations + 1), desc="GRPO", disable=not progress)
+        n = config.prompts_per_iteration
+        for iteration in bar:
+            idx = rng.choice(len(conversations), n, replace=len(conversations) < n).tolist()
+            stats = trainer.step(
+                [conversations[i] for i in idx], idx, config.seed + iteration, score
+            )
+            problem = _diverged(stats, config.max_kl)
+            if problem:
+                raise SelfsupError(
+                    f"GRPO stopped at iteration {iteration}: {problem}; the last good policy is "
+                    f"{saved[-1]} (lower --lr, raise --beta)"
+                    + ("" if len(saved) > 1 else f"; {run} is removed")
+                )
+            hf.append_metrics(run, {"iteration": iteration, **stats})
+            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
+            if iteration % config.eval_every == 0 or iteration == config.iterations:
+                report(iteration)
+        hf.save_hf(run, trainer.policy, tokenizer)
+    return run
+
+
+def _diverged(stats: dict[str, float], max_kl: float) -> str | None:
+    for name in ("grpo/loss", "reward", "kl"):
+        if not math.isfinite(stats[name]):
+            return f"{name} became {stats[name]}"
+    if max_kl > 0 and stats["kl"] > max_kl:
+        return f"the KL from the reference, {stats['kl']:.2f}, exceeds --max-kl {max_kl:g}"
+    return None
