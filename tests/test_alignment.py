@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_rlhf import AutoTokenizerFrom, sft_run, task  # noqa: F401  (module fixtures)
+from test_rlhf import ALPHABET, AutoTokenizerFrom, sft_run, task  # noqa: F401  (module fixtures)
 from transformers import AutoModelForCausalLM
 
 from selfsup.cli import main
@@ -326,3 +326,33 @@ def test_grpo_kl_blow_up_stops_with_a_loadable_policy(task, sft_run, capsys):  #
     assert "is removed" in capsys.readouterr().err and not (task / "grpo-kl2").exists()
     assert main([*common, "--out", str(task / "x"), "--group-size", "1"]) == 2
     assert "--group-size must be at least 2" in capsys.readouterr().err
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 plus 3?"}],
+    [{"role": "system", "content": "be brief."}, {"role": "user", "content": "7 + 8 = ?"}],
+    [
+        {"role": "system", "content": " spaces  around "},
+        {"role": "user", "content": "what is 1 plus 1?"},
+        {"role": "assistant", "content": "The answer is 2."},
+        {"role": "user", "content": "and {{ 2 }} plus 2?\n"},
+    ],
+    [{"role": "user", "content": "4 plus 4?"}, {"role": "assistant", "content": "8."}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_the_exported_tokenizer_renders_chats_as_selfsup_does(sft_run, messages):  # noqa: F811
+    from selfsup.data.conversations import chat_segments, render_prompt, tokenize_chat
+
+    tokenizer = AutoTokenizerFrom(sft_run)  # as saved in RUN/hf, read back from disk
+    whole = "".join(text for text, _ in chat_segments(messages))
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == whole
+    if messages[-1]["role"] == "user":
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert prompt == render_prompt(messages) == whole + "<ASSISTANT>"
+    if all(c in ALPHABET for m in messages for c in m["content"]):  # the tiny vocabulary's
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+        assert list(ids["input_ids"]) == tokenize_chat(tokenizer, messages)[0]
+    with pytest.raises(Exception, match="unknown role: tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)

@@ -237,6 +237,30 @@ def _preference_pair(
     )
 
 
+def _jinja_template() -> str:
+    """The template above in Jinja, for `tokenizer.chat_template`: Hugging Face's
+    `apply_chat_template` (and TRL's trainers through it) renders exactly what `chat_segments` /
+    `render_prompt` do; an unknown role is an error there too."""
+    branches = "".join(
+        f"{{%- {'if' if i == 0 else 'elif'} message['role'] == '{role}' -%}}{marker}"
+        for i, (role, marker) in enumerate(ROLE_MARKERS.items())
+    )
+    return (
+        "{%- for message in messages -%}"
+        + branches
+        + "{%- else -%}{{- raise_exception('unknown role: ' + message['role']) -}}{%- endif -%}"
+        + "{{- message['content'] -}}"
+        + END
+        + "{%- endfor -%}"
+        + "{%- if add_generation_prompt -%}"
+        + ROLE_MARKERS["assistant"]
+        + "{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = _jinja_template()
+
+
 def chat_segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained-on) pieces in order."""
     segments = []

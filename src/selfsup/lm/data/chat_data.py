@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.data.conversations import CHAT_TOKENS, END, Message, Ranking, tokenize_chat
+from selfsup.data.conversations import (
+    CHAT_TEMPLATE,
+    CHAT_TOKENS,
+    END,
+    Message,
+    Ranking,
+    tokenize_chat,
+)
 from selfsup.errors import SelfsupError
 from selfsup.losses.preference import ranking_pairs
 
@@ -22,13 +29,15 @@ IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entr
 
 
 def add_chat_tokens(tokenizer: Any) -> int:
-    """Give the tokenizer the chat markers (and a padding token) as special tokens; returns how
-    many tokens were added (resize the model's embeddings when > 0)."""
+    """Give the tokenizer the chat markers (and a padding token) as special tokens, and the
+    template as its `chat_template`; returns how many tokens were added (resize the model's
+    embeddings when > 0)."""
     missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
     added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
     if tokenizer.pad_token is None:
         added += tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     tokenizer.eos_token = END  # generation stops at the end of the assistant's turn
+    tokenizer.chat_template = CHAT_TEMPLATE  # apply_chat_template renders as selfsup does
     return added
 
 
