@@ -1,0 +1,355 @@
+"""Gold reward against KL(policy || SFT) for best-of-n, PPO, DPO and GRPO on one task.
+
+Builds the offline arithmetic pipeline of docs/rlhf.md (pretrained GPT -> SFT -> simulated
+labels -> reward model) in --work, then runs every method from the same SFT model with its main
+knob swept over seeds, and measures each policy the same way on the same held-out prompts:
+one sampled answer per prompt, gold score, proxy reward, and KL(policy || SFT) estimated from
+those samples (the per-answer sum of log π - log π_SFT; `rlhf.evaluate_policy`). Best-of-n
+cannot be scored token by token: its KL is estimated from the pool's empirical answer
+distribution (`best_of_n_kl`), printed beside the usual bound log n - (n-1)/n.
+
+    python benchmarks/alignment_frontier.py --quick --work /tmp/frontier   # minutes on a CPU
+    python benchmarks/alignment_frontier.py --work frontier                # task A of the docs
+
+Writes WORK/frontier.csv (every point), WORK/frontier.md (the table) and a figure (--figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfsup.cli import main as cli
+
+# Task A of docs/rlhf.md ("Five seeds"), and a small version of it that runs in minutes.
+FULL: dict[str, Any] = dict(
+    task=["--num-prompts", "1024"],
+    gpt=["--steps", "1500", "--block-size", "64", "--batch-size", "32"],
+    sft=["--epochs", "2", "--lr", "3e-4", "--batch-size", "16", "--max-length", "96"],
+    label_k=8,
+    reward=["--epochs", "2", "--lr", "1e-4", "--batch-size", "8", "--max-length", "96"],
+    eval_prompts=1024, pool=64, ns=[1, 2, 3, 4, 6, 8, 12, 16, 32, 64],
+    ppo=dict(betas=[0.05, 0.2, 1.0], iterations=120, eval_every=20, rollouts=32, minibatch=16,
+             lr=1e-5),
+    grpo=dict(betas=[0.0, 0.04, 0.2], iterations=120, eval_every=20, prompts_per_iteration=4,
+              group_size=8, minibatch=16, lr=1e-5),
+    dpo=dict(betas=[0.03, 0.1, 0.3, 1.0], epochs=1, lr=1e-5, batch_size=16),
+    seeds=[0, 1, 2],
+)  # fmt: skip
+QUICK: dict[str, Any] = dict(
+    task=["--num-prompts", "256", "--sft", "1000", "--max-operand", "20"],
+    gpt=["--steps", "500", "--block-size", "64", "--batch-size", "32", "--n-layer", "2",
+         "--n-embd", "64", "--eval-interval", "250", "--final-eval-batches", "20"],
+    sft=["--epochs", "2", "--lr", "1e-3", "--batch-size", "16", "--max-length", "64"],
+    label_k=4,
+    reward=["--epochs", "2", "--lr", "3e-4", "--batch-size", "8", "--max-length", "64"],
+    eval_prompts=96, pool=32, ns=[1, 2, 4, 8, 16, 32],
+    ppo=dict(betas=[0.05, 0.2], iterations=24, eval_every=8, rollouts=16, minibatch=8, lr=5e-5),
+    grpo=dict(betas=[0.04, 0.2], iterations=24, eval_every=8, prompts_per_iteration=2,
+              group_size=8, minibatch=8, lr=5e-5),
+    dpo=dict(betas=[0.1, 0.5], epochs=1, lr=5e-5, batch_size=16),
+    seeds=[0, 1],
+)  # fmt: skip
+
+
+def _run(argv: list[str]) -> None:
+    print("$ selfsup " + " ".join(argv), flush=True)
+    if cli(argv) != 0:
+        raise SystemExit(f"failed: selfsup {' '.join(argv)}")
+
+
+def build_pipeline(work: Path, scale: dict[str, Any]) -> dict[str, Path]:
+    """The task's files, GPT, SFT model, rankings and reward model (reused when present)."""
+    data, gpt, sft, rm = work / "data", work / "gpt", work / "sft", work / "rm"
+    if not (data / "eval.jsonl").is_file():
+        _run(["lm", "arithmetic", str(data), *scale["task"]])
+    if not (gpt / "hf").is_dir():
+        corpus = str(data / "corpus.txt")
+        _run(["lm", "pretrain", "gpt", "--data", corpus, "--tokenizer", "char", *scale["gpt"],
+              "--accelerator", "cpu", "--no-progress", "--out", str(gpt)])  # fmt: skip
+    if not (sft / "hf").is_dir():
+        _run(["lm", "sft", "--init", str(gpt), "--data", str(data / "sft.jsonl"), *scale["sft"],
+              "--accelerator", "cpu", "--no-progress", "--out", str(sft)])  # fmt: skip
+    rankings = work / "rankings.jsonl"
+    if not rankings.is_file():
+        _run(["lm", "label", str(sft), "--prompts", str(data / "label.jsonl"), "--k",
+              str(scale["label_k"]), "-o", str(rankings)])  # fmt: skip
+    if not (rm / "hf").is_dir():
+        _run(["lm", "reward", "--init", str(sft), "--data", str(rankings), *scale["reward"],
+              "--accelerator", "cpu", "--no-progress", "--out", str(rm)])  # fmt: skip
+    return {"data": data, "sft": sft, "rm": rm, "rankings": rankings}
+
+
+def _evaluator(paths: dict[str, Path], scale: dict[str, Any]):
+    """evaluate(policy) -> proxy, gold, KL on the held-out prompts, as lm rlhf's eval.csv."""
+    from selfsup.lm.alignment.rlhf import (
+        _gold_fn,
+        _load_prompts,
+        evaluate_policy,
+        load_policy,
+        load_reward_model,
+    )
+    from selfsup.lm.options import PPOSettings
+
+    conv, records = _load_prompts(str(paths["data"] / "eval.jsonl"))
+    conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
+    gold = _gold_fn("arithmetic", records)
+    tokenizer, reference = load_policy(paths["sft"])
+    reward_model = load_reward_model(paths["rm"], tokenizer)
+
+    def evaluate(policy_dir: Path) -> dict[str, float]:
+        _, policy = load_policy(policy_dir)
+        return evaluate_policy(policy, reference, reward_model, tokenizer, conv, gold,
+                               PPOSettings(), seed=10_000)  # fmt: skip
+
+    return evaluate
+
+
+def run_best_of_n(paths: dict[str, Path], scale: dict[str, Any], seed: int) -> list[dict]:
+    from selfsup.lm.alignment.rlhf import best_of_n_kl
+
+    start = time.perf_counter()
+    proxy, golds = _pool(paths, scale, seed)
+    from selfsup.lm.alignment.rlhf import best_of_n_mean
+
+    wall = time.perf_counter() - start
+    rows = []
+    for n in scale["ns"]:
+        rows.append(dict(
+            method="best-of-n", knob=f"n={n}", seed=seed, step=n, kl=best_of_n_kl(proxy, n),
+            kl_bound=float(np.log(n) - (n - 1) / n), proxy=best_of_n_mean(proxy, proxy, n),
+            gold=best_of_n_mean(proxy, golds, n), wall_s=wall * n / scale["pool"],
+            train_samples=0, samples_per_answer=n,
+        ))  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def _pool(paths, scale, seed) -> tuple[np.ndarray, np.ndarray]:
+    from selfsup.lm.alignment.rlhf import (
+        _gold_fn,
+        _load_prompts,
+        load_policy,
+        load_reward_model,
+    )
+    from selfsup.lm.alignment.rollout import decode_responses, reward_scores, sample
+
+    conv, records = _load_prompts(str(paths["data"] / "eval.jsonl"))
+    conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
+    gold = _gold_fn("arithmetic", records)
+    tokenizer, policy = load_policy(paths["sft"])
+    reward_model = load_reward_model(paths["rm"], tokenizer)
+    proxy = np.zeros((len(conv), scale["pool"]))
+    golds = np.zeros_like(proxy)
+    for j in range(scale["pool"]):
+        for s in range(0, len(conv), 64):
+            r = sample(
+                policy, tokenizer, conv[s : s + 64], 24, 1.0, 0, seed * 100_000 + 1000 * j + s
+            )
+            score = reward_scores(reward_model, r)
+            proxy[s : s + len(r.ended), j] = torch.where(r.ended, score, -1.0).numpy()
+            for i, a in enumerate(decode_responses(tokenizer, r)):
+                golds[s + i, j] = gold(s + i, a)
+    return proxy, golds
+
+
+def run_ppo(paths, scale, seed, beta, work) -> list[dict]:
+    from selfsup.lm.alignment.rlhf import rlhf
+    from selfsup.lm.options import RLHFConfig
+
+    s = scale["ppo"]
+    out = work / f"ppo-b{beta}-s{seed}"
+    config = RLHFConfig(
+        policy=str(paths["sft"]), reward=str(paths["rm"]), prompts=str(paths["data"] / "rl.jsonl"),
+        eval_prompts=str(paths["data"] / "eval.jsonl"), gold="arithmetic", out=str(out),
+        iterations=s["iterations"], eval_every=s["eval_every"], eval_samples=scale["eval_prompts"],
+        rollouts=s["rollouts"], minibatch=s["minibatch"], lr=s["lr"], beta=beta, max_kl=10.0,
+        seed=seed, accelerator="cpu", progress=False,
+    )  # fmt: skip
+    return _trained("PPO", f"β={beta}", seed, out, lambda: rlhf(config), s["rollouts"])
+
+
+def run_grpo(paths, scale, seed, beta, work) -> list[dict]:
+    from selfsup.lm.alignment.grpo import grpo
+    from selfsup.lm.options import GRPOConfig
+
+    s = scale["grpo"]
+    out = work / f"grpo-b{beta}-s{seed}"
+    config = GRPOConfig(
+        policy=str(paths["sft"]), reward=str(paths["rm"]), prompts=str(paths["data"] / "rl.jsonl"),
+        eval_prompts=str(paths["data"] / "eval.jsonl"), gold="arithmetic", out=str(out),
+        iterations=s["iterations"], eval_every=s["eval_every"], eval_samples=scale["eval_prompts"],
+        prompts_per_iteration=s["prompts_per_iteration"], group_size=s["group_size"],
+        minibatch=s["minibatch"], lr=s["lr"], beta=beta, max_kl=10.0, seed=seed,
+        accelerator="cpu", progress=False,
+    )  # fmt: skip
+    per_iteration = s["prompts_per_iteration"] * s["group_size"]
+    return _trained("GRPO", f"β={beta}", seed, out, lambda: grpo(config), per_iteration)
+
+
+def _trained(method, knob, seed, out, train, per_iteration) -> list[dict]:
+    """Train (unless done), then read its eval.csv: one point per evaluation."""
+    if not (out / "eval.csv").is_file() or not (out / "hf").is_dir():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        train()
+        (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    wall = float((out / "wall_s.txt").read_text())
+    with open(out / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = int(rows[-1]["iteration"])
+    return [
+        dict(method=method, knob=knob, seed=seed, step=int(r["iteration"]), kl=float(r["kl"]),
+             kl_bound=float("nan"), proxy=float(r["proxy"]), gold=float(r["gold"]),
+             wall_s=wall * int(r["iteration"]) / max(1, last),
+             train_samples=per_iteration * int(r["iteration"]), samples_per_answer=1)
+        for r in rows
+    ]  # fmt: skip
+
+
+def run_dpo(paths, scale, seed, beta, work, evaluate) -> list[dict]:
+    from selfsup.lm.alignment.dpo import dpo
+    from selfsup.lm.options import DPOConfig
+
+    s = scale["dpo"]
+    out = work / f"dpo-b{beta}-s{seed}"
+    if not (out / "result.json").is_file():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        dpo(DPOConfig(init=str(paths["sft"]), data=str(paths["rankings"]), out=str(out),
+                      epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], beta=beta,
+                      max_length=96, seed=seed, accelerator="cpu", progress=False))  # fmt: skip
+        wall = time.perf_counter() - start
+        (out / "result.json").write_text(json.dumps({"wall_s": wall, **evaluate(out)}))
+    r = json.loads((out / "result.json").read_text())
+    return [dict(method="DPO", knob=f"β={beta}", seed=seed, step=s["epochs"], kl=r["kl"],
+                 kl_bound=float("nan"), proxy=r["proxy"], gold=r["gold"], wall_s=r["wall_s"],
+                 train_samples=0, samples_per_answer=1)]  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (method, knob, step)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["knob"], r["step"]), []).append(r)
+    out = []
+    for (method, knob, step), rs in groups.items():
+
+        def stat(k: str, rs: list[dict] = rs) -> tuple[float, float]:
+            v = np.array([r[k] for r in rs], dtype=float)
+            return float(v.mean()), float(v.std())
+
+        out.append(dict(method=method, knob=knob, step=step, seeds=len(rs),
+                        kl=stat("kl"), gold=stat("gold"), proxy=stat("proxy"),
+                        kl_bound=rs[0]["kl_bound"], wall_s=stat("wall_s")[0],
+                        train_samples=rs[0]["train_samples"],
+                        samples_per_answer=rs[0]["samples_per_answer"]))  # fmt: skip
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = [
+        "| method | knob | iteration / n | KL from SFT (nats) | gold | proxy | wall (s) | "
+        "training samples | samples per answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        kl = f"{s['kl'][0]:.2f} ± {s['kl'][1]:.2f}"
+        if s["kl_bound"] == s["kl_bound"]:  # best-of-n: the bound beside the estimate
+            kl += f" (bound {s['kl_bound']:.2f})"
+        lines.append(
+            f"| {s['method']} | {s['knob']} | {s['step']} | {kl} | "
+            f"{s['gold'][0]:.3f} ± {s['gold'][1]:.3f} | {s['proxy'][0]:.2f} | "
+            f"{s['wall_s']:.0f} | {s['train_samples']} | {s['samples_per_answer']} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"best-of-n": "o", "PPO": "s", "DPO": "D", "GRPO": "^"}
+    for method, knob in dict.fromkeys((s["method"], s["knob"]) for s in summary):
+        pts = sorted((s for s in summary if s["method"] == method and s["knob"] == knob),
+                     key=lambda s: s["step"])  # fmt: skip
+        if method == "best-of-n":
+            continue
+        ax.errorbar([p["kl"][0] for p in pts], [p["gold"][0] for p in pts],
+                    yerr=[p["gold"][1] for p in pts], marker=markers[method], capsize=2,
+                    label=f"{method} {knob}")  # fmt: skip
+    bon = sorted((s for s in summary if s["method"] == "best-of-n"), key=lambda s: s["step"])
+    if bon:
+        ax.plot([p["kl"][0] for p in bon], [p["gold"][0] for p in bon], "k-o",
+                label="best-of-n (KL estimated)")  # fmt: skip
+        ax.plot([p["kl_bound"] for p in bon], [p["gold"][0] for p in bon], "k:",
+                label="best-of-n (KL bound)")  # fmt: skip
+    ax.set_xlabel("KL(policy || SFT), nats per answer (held-out prompts)")
+    ax.set_ylabel("gold score")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="frontier", help="folder for the pipeline and runs")
+    parser.add_argument("--quick", action="store_true", help="the small scale (minutes on a CPU)")
+    parser.add_argument("--seeds", help="comma list (default: the scale's)")
+    parser.add_argument("--methods", default="best-of-n,ppo,dpo,grpo")
+    parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    scale = QUICK if args.quick else FULL
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths = build_pipeline(work, scale)
+    print(f"pipeline ready in {time.perf_counter() - start:.0f} s", flush=True)
+    evaluate = _evaluator(paths, scale)
+    methods = args.methods.split(",")
+    rows: list[dict] = []
+    for seed in seeds:
+        if "best-of-n" in methods:
+            rows += run_best_of_n(paths, scale, seed)
+        for beta in scale["ppo"]["betas"] if "ppo" in methods else []:
+            rows += run_ppo(paths, scale, seed, beta, work)
+        for beta in scale["dpo"]["betas"] if "dpo" in methods else []:
+            rows += run_dpo(paths, scale, seed, beta, work, evaluate)
+        for beta in scale["grpo"]["betas"] if "grpo" in methods else []:
+            rows += run_grpo(paths, scale, seed, beta, work)
+        with open(work / "frontier.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarise(rows)
+    text = table(summary)
+    (work / "frontier.md").write_text(text + "\n")
+    print(text)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.figure:
+        scale_name = "quick scale" if args.quick else "task A"
+        figure(summary, Path(args.figure), f"gold vs KL, {scale_name}, seeds {seeds}")
+        print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
