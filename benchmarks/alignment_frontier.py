@@ -50,12 +50,13 @@ QUICK: dict[str, Any] = dict(
     sft=["--epochs", "2", "--lr", "1e-3", "--batch-size", "16", "--max-length", "64"],
     label_k=4,
     reward=["--epochs", "2", "--lr", "3e-4", "--batch-size", "8", "--max-length", "64"],
-    eval_prompts=96, pool=32, ns=[1, 2, 4, 8, 16, 32],
-    ppo=dict(betas=[0.05, 0.2], iterations=24, eval_every=8, rollouts=16, minibatch=8, lr=5e-5),
-    grpo=dict(betas=[0.04, 0.2], iterations=24, eval_every=8, prompts_per_iteration=2,
+    eval_prompts=256, pool=32, ns=[1, 2, 4, 8, 16, 32],
+    ppo=dict(betas=[0.05, 0.2, 1.0], iterations=48, eval_every=12, rollouts=16, minibatch=8,
+             lr=5e-5),
+    grpo=dict(betas=[0.0, 0.04, 0.2], iterations=48, eval_every=12, prompts_per_iteration=2,
               group_size=8, minibatch=8, lr=5e-5),
-    dpo=dict(betas=[0.1, 0.5], epochs=1, lr=5e-5, batch_size=16),
-    seeds=[0, 1],
+    dpo=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=5e-5, batch_size=16),
+    seeds=[0, 1, 2],
 )  # fmt: skip
 
 
