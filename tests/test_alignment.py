@@ -356,3 +356,21 @@ def test_the_exported_tokenizer_renders_chats_as_selfsup_does(sft_run, messages)
         assert list(ids["input_ids"]) == tokenize_chat(tokenizer, messages)[0]
     with pytest.raises(Exception, match="unknown role: tool"):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_dpo_with_no_usable_pair_is_one_line(tmp_path, capsys):
+    records = [
+        {"prompt": "1 plus 1?", "completions": ["2.", "2."], "ranking": "A > B"},  # identical
+        {"prompt": "2 plus 2?", "completions": ["4.", "5."], "ranking": "A = B"},  # full tie
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert main(["lm", "dpo", "--init", str(tmp_path / "sft"), "--data", str(path), "--out",
+                 str(tmp_path / "out"), "--val-fraction", "0"]) == 2  # fmt: skip
+    captured = capsys.readouterr()
+    assert "left out 1 pairs whose chosen and rejected answers are identical and 1 rankings " \
+        "with no strictly ordered pair" in captured.out  # fmt: skip
+    assert captured.err.count("\n") == 1 and "no preference pair with two different" in captured.err
+    assert not (tmp_path / "out").exists()
+    assert main(["lm", "dpo", "--init", "x", "--data", str(path), "--out", "y", "--beta", "0"]) == 2
+    assert "--beta must be > 0" in capsys.readouterr().err
