@@ -35,7 +35,7 @@ FULL: dict[str, Any] = dict(
     sft=["--epochs", "2", "--lr", "3e-4", "--batch-size", "16", "--max-length", "96"],
     label_k=8,
     reward=["--epochs", "2", "--lr", "1e-4", "--batch-size", "8", "--max-length", "96"],
-    eval_prompts=1024, pool=64, ns=[1, 2, 3, 4, 6, 8, 12, 16, 32, 64],
+    eval_prompts=512, pool=64, ns=[1, 2, 3, 4, 6, 8, 12, 16, 32, 64],
     ppo=dict(betas=[0.05, 0.2, 1.0], iterations=120, eval_every=20, rollouts=32, minibatch=16,
              lr=1e-5),
     grpo=dict(betas=[0.0, 0.04, 0.2], iterations=120, eval_every=20, prompts_per_iteration=4,
@@ -50,7 +50,7 @@ QUICK: dict[str, Any] = dict(
     sft=["--epochs", "2", "--lr", "1e-3", "--batch-size", "16", "--max-length", "64"],
     label_k=4,
     reward=["--epochs", "2", "--lr", "3e-4", "--batch-size", "8", "--max-length", "64"],
-    eval_prompts=256, pool=32, ns=[1, 2, 4, 8, 16, 32],
+    eval_prompts=128, pool=32, ns=[1, 2, 4, 8, 16, 32],
     ppo=dict(betas=[0.05, 0.2, 1.0], iterations=48, eval_every=12, rollouts=16, minibatch=8,
              lr=5e-5),
     grpo=dict(betas=[0.0, 0.04, 0.2], iterations=48, eval_every=12, prompts_per_iteration=2,
@@ -325,6 +325,8 @@ def main() -> None:
     start = time.perf_counter()
     paths = build_pipeline(work, scale)
     print(f"pipeline ready in {time.perf_counter() - start:.0f} s", flush=True)
+    held_out = len((paths["data"] / "eval.jsonl").read_text().splitlines())
+    print(f"held-out prompts: {min(held_out, scale['eval_prompts'])}", flush=True)
     evaluate = _evaluator(paths, scale)
     methods = args.methods.split(",")
     rows: list[dict] = []

@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--dpo-beta", type=float, default=0.5)
     parser.add_argument("--dpo-lr", type=float, default=5e-5)
     parser.add_argument("--dpo-batch-size", type=int, default=16)
-    parser.add_argument("--eval-prompts", type=int, default=96)
+    parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--seeds", default="0", help="comma list")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
