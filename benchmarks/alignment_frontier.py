@@ -330,19 +330,23 @@ def main() -> None:
     evaluate = _evaluator(paths, scale)
     methods = args.methods.split(",")
     rows: list[dict] = []
-    for seed in seeds:
-        if "best-of-n" in methods:
-            rows += run_best_of_n(paths, scale, seed)
-        for beta in scale["ppo"]["betas"] if "ppo" in methods else []:
-            rows += run_ppo(paths, scale, seed, beta, work)
-        for beta in scale["dpo"]["betas"] if "dpo" in methods else []:
-            rows += run_dpo(paths, scale, seed, beta, work, evaluate)
-        for beta in scale["grpo"]["betas"] if "grpo" in methods else []:
-            rows += run_grpo(paths, scale, seed, beta, work)
+
+    def keep(new: list[dict]) -> None:  # every point on disk as soon as it is measured
+        rows.extend(new)
         with open(work / "frontier.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+    for seed in seeds:
+        if "best-of-n" in methods:
+            keep(run_best_of_n(paths, scale, seed))
+        for beta in scale["ppo"]["betas"] if "ppo" in methods else []:
+            keep(run_ppo(paths, scale, seed, beta, work))
+        for beta in scale["dpo"]["betas"] if "dpo" in methods else []:
+            keep(run_dpo(paths, scale, seed, beta, work, evaluate))
+        for beta in scale["grpo"]["betas"] if "grpo" in methods else []:
+            keep(run_grpo(paths, scale, seed, beta, work))
     summary = summarise(rows)
     text = table(summary)
     (work / "frontier.md").write_text(text + "\n")
