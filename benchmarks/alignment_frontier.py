@@ -91,17 +91,17 @@ def build_pipeline(work: Path, scale: dict[str, Any]) -> dict[str, Path]:
 def _evaluator(paths: dict[str, Path], scale: dict[str, Any]):
     """evaluate(policy) -> proxy, gold, KL on the held-out prompts, as lm rlhf's eval.csv."""
     from selfsup.lm.alignment.rlhf import (
-        _gold_fn,
-        _load_prompts,
         evaluate_policy,
+        gold_fn,
         load_policy,
+        load_prompts,
         load_reward_model,
     )
     from selfsup.lm.options import PPOSettings
 
-    conv, records = _load_prompts(str(paths["data"] / "eval.jsonl"))
+    conv, records = load_prompts(str(paths["data"] / "eval.jsonl"))
     conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
-    gold = _gold_fn("arithmetic", records)
+    gold = gold_fn("arithmetic", records)
     tokenizer, reference = load_policy(paths["sft"])
     reward_model = load_reward_model(paths["rm"], tokenizer)
 
@@ -135,16 +135,16 @@ def run_best_of_n(paths: dict[str, Path], scale: dict[str, Any], seed: int) -> l
 @torch.no_grad()
 def _pool(paths, scale, seed) -> tuple[np.ndarray, np.ndarray]:
     from selfsup.lm.alignment.rlhf import (
-        _gold_fn,
-        _load_prompts,
+        gold_fn,
         load_policy,
+        load_prompts,
         load_reward_model,
     )
     from selfsup.lm.alignment.rollout import decode_responses, reward_scores, sample
 
-    conv, records = _load_prompts(str(paths["data"] / "eval.jsonl"))
+    conv, records = load_prompts(str(paths["data"] / "eval.jsonl"))
     conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
-    gold = _gold_fn("arithmetic", records)
+    gold = gold_fn("arithmetic", records)
     tokenizer, policy = load_policy(paths["sft"])
     reward_model = load_reward_model(paths["rm"], tokenizer)
     proxy = np.zeros((len(conv), scale["pool"]))

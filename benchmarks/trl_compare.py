@@ -35,18 +35,18 @@ import torch
 
 
 def _prompts(path: Path) -> tuple[list, list]:
-    from selfsup.lm.alignment.rlhf import _load_prompts
+    from selfsup.lm.alignment.rlhf import load_prompts
 
-    return _load_prompts(str(path))
+    return load_prompts(str(path))
 
 
 def _evaluate(work: Path, eval_prompts: int):
-    from selfsup.lm.alignment.rlhf import _gold_fn, evaluate_policy, load_policy, load_reward_model
+    from selfsup.lm.alignment.rlhf import evaluate_policy, gold_fn, load_policy, load_reward_model
     from selfsup.lm.options import PPOSettings
 
     conv, records = _prompts(work / "data" / "eval.jsonl")
     conv, records = conv[:eval_prompts], records[:eval_prompts]
-    gold = _gold_fn("arithmetic", records)
+    gold = gold_fn("arithmetic", records)
     tokenizer, reference = load_policy(work / "sft")
     reward_model = load_reward_model(work / "rm", tokenizer)
 

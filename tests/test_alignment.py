@@ -174,7 +174,7 @@ def _gold_pairs(path, n: int, seed: int) -> list:
 def _gold_of_favourite(run, pairs_file) -> float:
     """The gold score of the answer the model finds most likely among each prompt's four, by
     mean log-probability per token (the multiple-choice convention: not the shortest)."""
-    from selfsup.lm.alignment.dpo import _pair_batch, sequence_logprobs
+    from selfsup.lm.alignment.dpo import pair_batch, sequence_logprobs
     from selfsup.lm.data.chat_data import sft_example
 
     tokenizer = AutoTokenizerFrom(run)
@@ -186,7 +186,7 @@ def _gold_of_favourite(run, pairs_file) -> float:
                                         {"role": "assistant", "content": a}], 64)
                 for a in answers]  # fmt: skip
         with torch.no_grad():
-            logps = sequence_logprobs(model, _pair_batch([(r, r) for r in rows], 0, "cpu"))
+            logps = sequence_logprobs(model, pair_batch([(r, r) for r in rows], 0, "cpu"))
         lengths = torch.tensor([sum(label != -100 for label in r[1]) for r in rows])
         golds.append(gold_score(p, answers[int((logps[: len(rows)] / lengths).argmax())]))
     return float(np.mean(golds))

@@ -20,11 +20,16 @@ from torch import Tensor
 
 from selfsup.data.conversations import Message, Ranking, read_rankings
 from selfsup.errors import SelfsupError
-from selfsup.lm.alignment.ppo import _disable_dropout
+from selfsup.lm.alignment.ppo import disable_dropout
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.models import hf
 from selfsup.lm.options import DPOConfig
-from selfsup.lm.training.posttrain import _fit, _require, _set_special_ids, _split
+from selfsup.lm.training.posttrain import (
+    checked_config,
+    fit_stage,
+    set_special_ids,
+    split_validation,
+)
 from selfsup.losses.ppo import token_logprobs
 from selfsup.losses.preference import dpo_loss, ranking_pairs
 
@@ -70,7 +75,7 @@ def sequence_logprobs(model: Any, batch: dict[str, Tensor]) -> Tensor:
     return (logp * mask).sum(1)
 
 
-def _pair_batch(examples: Sequence[Any], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+def pair_batch(examples: Sequence[Any], pad_id: int, device: torch.device) -> dict[str, Tensor]:
     """Chosen rows then rejected rows of a batch of examples (one forward pass for both)."""
     rows = [e[0] for e in examples] + [e[1] for e in examples]
     return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
@@ -86,7 +91,7 @@ def _with_reference(
     out = []
     for s in range(0, len(examples), batch_size):
         part = examples[s : s + batch_size]
-        logps = sequence_logprobs(reference, _pair_batch(part, pad_id, device)).tolist()
+        logps = sequence_logprobs(reference, pair_batch(part, pad_id, device)).tolist()
         n = len(part)
         out.extend((c, r, logps[i], logps[n + i]) for i, (c, r) in enumerate(part))
     return out
@@ -96,11 +101,11 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
     """DPO from the SFT model on preference pairs; returns the run directory."""
     from selfsup.lm.alignment.rlhf import load_policy
 
-    config = _require(config)
+    config = checked_config(config)
     hf.check_number("--beta", config.beta, 0, low_open=True)
     torch.manual_seed(config.seed)
     rankings = read_rankings(config.data)
-    train_r, val_r = _split(rankings, config.val_fraction, "ranked prompts")
+    train_r, val_r = split_validation(rankings, config.val_fraction, "ranked prompts")
     train_pairs, left_train = preference_pairs(train_r)
     val_pairs, left_val = preference_pairs(val_r)
     identical = left_train["identical"] + left_val["identical"]
@@ -115,7 +120,7 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
             f"{config.data}: no preference pair with two different answers to train on"
         )
     tokenizer, model = load_policy(config.init)
-    _set_special_ids(model, tokenizer)
+    set_special_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     reference = copy.deepcopy(model)
     train = _with_reference(
@@ -125,15 +130,15 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
         reference, [_example(tokenizer, p, config.max_length) for p in val_pairs], pad
     )
     del reference
-    _disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
+    disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
 
     def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
         device = next(m.parameters()).device
-        logps = sequence_logprobs(m, _pair_batch([(c, r) for c, r, _, _ in batch], pad, device))
+        logps = sequence_logprobs(m, pair_batch([(c, r) for c, r, _, _ in batch], pad, device))
         ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=device)
         n = len(batch)
         loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], config.beta)
         accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
         return loss, {"reward_acc": accuracy.item(), "margin": (chosen - rejected).mean().item()}
 
-    return _fit("dpo", config, command, model, tokenizer, train, val, loss_fn)
+    return fit_stage("dpo", config, command, model, tokenizer, train, val, loss_fn)

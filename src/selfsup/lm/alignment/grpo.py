@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from selfsup.data.conversations import Message
 from selfsup.errors import SelfsupError
-from selfsup.lm.alignment.ppo import _disable_dropout, _select, _to, kl_to_reference
+from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.models import hf
 from selfsup.lm.options import GRPOConfig
@@ -44,7 +44,7 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
         self.reference = self.fabric.to_device(copy.deepcopy(policy).eval().requires_grad_(False))
-        _disable_dropout(policy)  # ratios compare two passes over the same answer
+        disable_dropout(policy)  # ratios compare two passes over the same answer
         optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
         self.policy = policy  # sampling and saving; training passes go through self.model
         self.model, self.optimizer = self.fabric.setup(policy, optimizer)
@@ -63,7 +63,7 @@ class GRPOTrainer:
             r = sample(
                 self.policy, self.tokenizer, grouped, c.max_new_tokens, c.temperature, 0, seed
             )
-            r = _to(r, self.fabric.device)
+            r = rollout_to(r, self.fabric.device)
             rewards = score(r, prompt_of).to(self.fabric.device)
             advantages = group_advantages(rewards, g)
             _, old, _ = forward_response(self.policy, r)
@@ -74,7 +74,7 @@ class GRPOTrainer:
         for _ in range(c.grpo_epochs):
             for idx in torch.randperm(len(grouped), generator=generator).split(c.minibatch):
                 idx = idx.to(self.fabric.device)
-                part = _select(r, idx)
+                part = select_rollouts(r, idx)
                 _, logprobs, _ = forward_response(self.model, part)
                 loss, s = grpo_loss(
                     logprobs, old[idx], ref[idx], advantages[idx], mask[idx], c.clip, c.beta
@@ -123,18 +123,18 @@ def check_options(config: GRPOConfig) -> None:
 def grpo(config: GRPOConfig, command: str | None = None) -> Path:
     """GRPO from the SFT model; returns the run directory."""
     from selfsup.lm.alignment.rlhf import (
-        _gold_fn,
-        _load_prompts,
         evaluate_policy,
+        gold_fn,
         load_policy,
+        load_prompts,
         load_reward_model,
     )
 
     check_options(config)
-    conversations, records = _load_prompts(config.prompts)
-    eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
+    conversations, records = load_prompts(config.prompts)
+    eval_conv, eval_records = load_prompts(config.eval_prompts or config.prompts)
     eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
-    gold, eval_gold = _gold_fn(config.gold, records), _gold_fn(config.gold, eval_records)
+    gold, eval_gold = gold_fn(config.gold, records), gold_fn(config.gold, eval_records)
     tokenizer, policy = load_policy(config.policy)
     reward_model = load_reward_model(config.reward, tokenizer)
     run = hf.start_run(

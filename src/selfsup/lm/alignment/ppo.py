@@ -132,7 +132,7 @@ class PPOTrainer:
         rollout = sample(
             self.policy, self.tokenizer, conversations, s.max_new_tokens, s.temperature, 0, seed
         )
-        rollout = _to(rollout, self.fabric.device)
+        rollout = rollout_to(rollout, self.fabric.device)
         _, logprobs, values = self.model(rollout)
         _, ref_logprobs, _ = forward_response(self.reference, rollout)
         scores = reward_scores(self.reward_model, rollout)
@@ -150,7 +150,7 @@ class PPOTrainer:
         it is not applied and the iteration's updates end (`ppo/updates` counts those made)."""
         s = self.settings
         self.model.train()
-        _disable_dropout(self.model)
+        disable_dropout(self.model)
         g = torch.Generator().manual_seed(seed)
         n = exp.rollout.sequences.shape[0]
         stats: dict[str, list[float]] = {
@@ -164,7 +164,7 @@ class PPOTrainer:
         ]
         for idx in batches:
             idx = idx.to(self.fabric.device)
-            part = _select(exp.rollout, idx)
+            part = select_rollouts(exp.rollout, idx)
             mask = part.response_mask.float()
             logits, logprobs, values = self.model(part)
             pg, clip_fraction, approx_kl = policy_loss(
@@ -214,7 +214,7 @@ class PPOTrainer:
         return stats
 
 
-def _disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> None:
     """PPO's ratios compare two forward passes of the same answer: dropout would make them
     differ even before any update."""
     for m in model.modules():
@@ -222,7 +222,8 @@ def _disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-def _select(rollout: Rollout, idx: Tensor) -> Rollout:
+def select_rollouts(rollout: Rollout, idx: Tensor) -> Rollout:
+    """The rollouts at rows `idx` (a minibatch)."""
     return Rollout(
         rollout.sequences[idx],
         rollout.attention_mask[idx],
@@ -234,7 +235,8 @@ def _select(rollout: Rollout, idx: Tensor) -> Rollout:
     )
 
 
-def _to(rollout: Rollout, device: torch.device) -> Rollout:
+def rollout_to(rollout: Rollout, device: torch.device) -> Rollout:
+    """The rollouts' tensors on `device`."""
     return Rollout(
         rollout.sequences.to(device),
         rollout.attention_mask.to(device),

@@ -41,7 +41,8 @@ from selfsup.losses.preference import pair_agreement
 GOLDS = ("none", "arithmetic")
 
 
-def _gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
+def gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
+    """--gold NAME as a function of (prompt index, answer), or None for `none`."""
     if name not in GOLDS:
         raise SelfsupError(f"--gold {name!r} is unknown; expected one of {', '.join(GOLDS)}")
     if name == "none":
@@ -50,7 +51,8 @@ def _gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
     return lambda i, answer: gold_score(problems[i], answer)
 
 
-def _load_prompts(path: str) -> tuple[list[list[Message]], list[dict[str, Any]]]:
+def load_prompts(path: str) -> tuple[list[list[Message]], list[dict[str, Any]]]:
+    """(conversations, records) of a prompts JSONL."""
     items = read_prompts(path)
     return [m for m, _ in items], [r for _, r in items]
 
@@ -121,11 +123,11 @@ def evaluate_policy(
 def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
     check_options(config)
-    conversations, records = _load_prompts(config.prompts)
-    eval_conv, eval_records = _load_prompts(config.eval_prompts or config.prompts)
+    conversations, records = load_prompts(config.prompts)
+    eval_conv, eval_records = load_prompts(config.eval_prompts or config.prompts)
     eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
-    gold = _gold_fn(config.gold, records)
-    eval_gold = _gold_fn(config.gold, eval_records)
+    gold = gold_fn(config.gold, records)
+    eval_gold = gold_fn(config.gold, eval_records)
     tokenizer, policy = load_policy(config.policy)
     reward_model = load_reward_model(config.reward, tokenizer)
     run = hf.start_run(
@@ -294,9 +296,9 @@ def best_of_n(
         raise SelfsupError(f"--pool must be at least 0 (0: the largest n), got {pool}")
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
-    conversations, records = _load_prompts(prompts)
+    conversations, records = load_prompts(prompts)
     conversations, records = conversations[:limit], records[:limit]
-    gold = _gold_fn(gold_name, records)
+    gold = gold_fn(gold_name, records)
     pool = pool or max(ns)
     if pool < max(ns):
         raise SelfsupError(f"--pool {pool} is smaller than the largest n, {max(ns)}")
@@ -343,8 +345,8 @@ def label(
     if max_new_tokens < 1:
         raise SelfsupError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tokenizer, policy = load_policy(policy_path)
-    conversations, records = _load_prompts(prompts)
-    gold = _gold_fn(gold_name, records)
+    conversations, records = load_prompts(prompts)
+    gold = gold_fn(gold_name, records)
     if gold is None:
         raise SelfsupError("--gold none: the simulated labelers need a gold score to rank by")
     answers: list[list[str]] = [[] for _ in conversations]

@@ -406,7 +406,8 @@ def _add_dpo(sub, parents) -> None:
         "reference. Writes a run directory (training counted in --epochs).",
     )
     add_config_arguments(p, DPOConfig, skip=("pack",))
-    p.set_defaults(handler=_run_dpo)
+    add_config_file(p)
+    p.set_defaults(handler=_run_dpo, stage="dpo", config_class=DPOConfig)
 
 
 def _run_dpo(args: argparse.Namespace, command: str) -> None:
@@ -437,7 +438,8 @@ def _add_grpo(sub, parents) -> None:
         "each group, clipped ratio, k3 KL to the SFT model in the loss. Writes a run directory.",
     )
     add_config_arguments(p, GRPOConfig)
-    p.set_defaults(handler=_run_grpo)
+    add_config_file(p)
+    p.set_defaults(handler=_run_grpo, stage="grpo", config_class=GRPOConfig)
 
 
 def _run_grpo(args: argparse.Namespace, command: str) -> None:

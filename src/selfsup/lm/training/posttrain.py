@@ -48,7 +48,7 @@ def split_validation(items: Sequence[Any], fraction: float, what: str) -> tuple[
     return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
 
 
-def _require(config: TuneConfig) -> TuneConfig:
+def checked_config(config: TuneConfig) -> TuneConfig:
     """The options' checks, before any file is read or written; `--resume RUN` becomes the run
     to write (`resume=True`, the older form, means the one in --out)."""
     if config.resume is True:
@@ -100,13 +100,13 @@ def sft(config: TuneConfig, command: str | None = None) -> Path:
     """Supervised fine-tuning; returns the run directory."""
     from transformers import AutoModelForCausalLM
 
-    config = _require(config)
+    config = checked_config(config)
     torch.manual_seed(config.seed)  # new embedding rows and dropout masks
     conversations = read_conversations(config.data)
     tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    _set_special_ids(model, tokenizer)
+    set_special_ids(model, tokenizer)
     examples = [sft_example(tokenizer, c, config.max_length) for c in conversations]
     train, val = split_validation(examples, config.val_fraction, "conversations")
     if config.pack:
@@ -117,14 +117,14 @@ def sft(config: TuneConfig, command: str | None = None) -> Path:
         logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         return next_token_loss(logits, b["labels"]), {}
 
-    return _fit("sft", config, command, model, tokenizer, train, val, loss_fn)
+    return fit_stage("sft", config, command, model, tokenizer, train, val, loss_fn)
 
 
 def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     """Reward model from rankings; returns the run directory."""
     from transformers import AutoModelForSequenceClassification
 
-    config = _require(config)
+    config = checked_config(config)
     torch.manual_seed(config.seed)  # the new score head and dropout masks
     rankings = read_rankings(config.data)
     ordered = [r for r in rankings if len(r.tiers) > 1]
@@ -141,7 +141,7 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     )
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    _set_special_ids(model, tokenizer)
+    set_special_ids(model, tokenizer)
     train, val = split_validation(rankings, config.val_fraction, "ranked prompts")
 
     def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
@@ -153,7 +153,7 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
 
     ceiling = gold_ceiling(val)
     extra = {} if ceiling is None else {"val_gold_ceiling": ceiling}
-    return _fit("reward", config, command, model, tokenizer, train, val, loss_fn, extra)
+    return fit_stage("reward", config, command, model, tokenizer, train, val, loss_fn, extra)
 
 
 def gold_ceiling(rankings: Sequence[Ranking]) -> float | None:
@@ -178,7 +178,8 @@ def reward_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     )
 
 
-def _set_special_ids(model: Any, tokenizer: Any) -> None:
+def set_special_ids(model: Any, tokenizer: Any) -> None:
+    """The model's (and its generation config's) padding and end ids from the tokenizer."""
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -193,7 +194,7 @@ def _device(model: Any) -> torch.device:
 LossFn = Callable[[Any, list], tuple[torch.Tensor, dict[str, float]]]
 
 
-def _fit(
+def fit_stage(
     stage: str,
     config: TuneConfig,
     command: str | None,
@@ -204,6 +205,8 @@ def _fit(
     loss_fn: LossFn,
     extra: dict[str, float] | None = None,
 ) -> Path:
+    """Train `model` on `train` with `loss_fn` in posttrain's loop (Fabric, epochs, validation,
+    checkpoints, RUN/hf) into the run directory --out; returns it (sft, reward, dpo)."""
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
     run = hf.start_run(
         config.out, {"stage": stage, **dataclasses.asdict(config)}, command, bool(config.resume)
