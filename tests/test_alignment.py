@@ -2,6 +2,7 @@
 extraction by hand, and short runs on the arithmetic task that beat the SFT model they start
 from."""
 
+import dataclasses
 import json
 import math
 
@@ -374,3 +375,52 @@ def test_dpo_with_no_usable_pair_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["lm", "dpo", "--init", "x", "--data", str(path), "--out", "y", "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+
+
+def test_grpo_single_update_equals_a_step_by_hand(sft_run):  # noqa: F811
+    """With one update per batch GRPO skips the separate pass of the sampling policy; the step
+    must equal the two-pass definition done by hand (old log-probs from a no-grad pass)."""
+    import copy
+
+    from selfsup.lm.alignment.grpo import GRPOTrainer
+    from selfsup.lm.alignment.rollout import forward_response, sample
+    from selfsup.lm.options import GRPOConfig
+    from selfsup.losses.grpo import group_advantages, grpo_loss
+
+    tokenizer = AutoTokenizerFrom(sft_run)
+    policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
+    by_hand = copy.deepcopy(policy)
+    seven = tokenizer.convert_tokens_to_ids("7")
+    config = GRPOConfig(policy="p", reward="r", prompts="q", out="o", group_size=4,
+                        minibatch=8, lr=1e-3, beta=0.1, max_new_tokens=10)  # fmt: skip
+
+    def score(rollout, prompt_of):
+        return ((rollout.responses == seven) & rollout.response_mask.bool()).float().sum(1)
+
+    conversations = [[{"role": "user", "content": f"what is {i} plus 7?"}] for i in range(2)]
+    GRPOTrainer(policy, tokenizer, config).step(conversations, [0, 1], seed=3, score=score)
+    reference = copy.deepcopy(by_hand).eval()
+    grouped = [c for c in conversations for _ in range(4)]
+    r = sample(by_hand.eval(), tokenizer, grouped, 10, 1.0, 0, 3)
+    rewards = score(r, None)
+    assert rewards.std() > 0  # the groups hold different rewards: the step moves the policy
+    with torch.no_grad():
+        old = forward_response(by_hand, r)[1]
+        ref = forward_response(reference, r)[1]
+    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-3, weight_decay=0.0)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    part = dataclasses.replace(
+        r, sequences=r.sequences[order], attention_mask=r.attention_mask[order],
+        response_mask=r.response_mask[order], ended=r.ended[order],
+    )  # fmt: skip
+    logprobs = forward_response(by_hand, part)[1]
+    loss, _ = grpo_loss(logprobs, old[order], ref[order], group_advantages(rewards, 4)[order],
+                        r.response_mask[order].float(), 0.2, 0.1)  # fmt: skip
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
+    optimizer.step()
+    moved = 0.0
+    for (name, a), b in zip(policy.named_parameters(), by_hand.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        moved = max(moved, (b - reference.get_parameter(name)).abs().max().item())
+    assert moved > 1e-4

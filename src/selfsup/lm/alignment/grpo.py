@@ -66,7 +66,10 @@ class GRPOTrainer:
             r = rollout_to(r, self.fabric.device)
             rewards = score(r, prompt_of).to(self.fabric.device)
             advantages = group_advantages(rewards, g)
-            _, old, _ = forward_response(self.policy, r)
+            # one update per batch: the sampling policy is the one being updated, so its
+            # log-probabilities come from the training pass itself (as TRL does)
+            one_update = c.grpo_epochs == 1 and c.minibatch >= len(grouped)
+            old = None if one_update else forward_response(self.policy, r)[1]
             _, ref, _ = forward_response(self.reference, r)
         mask = r.response_mask.float()
         stats: dict[str, list[float]] = {"loss": [], "k3": [], "clip": []}
@@ -76,6 +79,9 @@ class GRPOTrainer:
                 idx = idx.to(self.fabric.device)
                 part = select_rollouts(r, idx)
                 _, logprobs, _ = forward_response(self.model, part)
+                if old is None:
+                    old = torch.empty_like(ref)
+                    old[idx] = logprobs.detach()
                 loss, s = grpo_loss(
                     logprobs, old[idx], ref[idx], advantages[idx], mask[idx], c.clip, c.beta
                 )
@@ -86,6 +92,7 @@ class GRPOTrainer:
                 stats["loss"].append(loss.item())
                 stats["k3"].append(s["k3"].item())
                 stats["clip"].append(s["clip"].item())
+        assert old is not None
         return {
             **{f"grpo/{k}": float(np.mean(v)) for k, v in stats.items()},
             "reward": rewards.mean().item(),
