@@ -239,6 +239,16 @@ def run_dpo(paths, scale, seed, beta, work, evaluate) -> list[dict]:
                  train_samples=0, samples_per_answer=1)]  # fmt: skip
 
 
+def _typed(row: dict[str, str]) -> dict:
+    """A frontier.csv row with its numbers as numbers."""
+    out: dict = dict(row)
+    for k in ("seed", "step", "train_samples", "samples_per_answer"):
+        out[k] = int(row[k])
+    for k in ("kl", "kl_bound", "proxy", "gold", "wall_s"):
+        out[k] = float(row[k])
+    return out
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std over seeds per (method, knob, step)."""
     groups: dict[tuple, list[dict]] = {}
@@ -316,7 +326,23 @@ def main() -> None:
     parser.add_argument("--methods", default="best-of-n,ppo,dpo,grpo")
     parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument(
+        "--from-csv",
+        help="comma list of frontier.csv files (e.g. of runs split over processes): only the "
+        "table and figure from them",
+    )
     args = parser.parse_args()
+    if args.from_csv:
+        rows = []
+        for path in args.from_csv.split(","):
+            with open(path, newline="") as f:
+                rows += [_typed(r) for r in csv.DictReader(f)]
+        summary = summarise(rows)
+        print(table(summary))
+        if args.figure:
+            seeds = sorted({r["seed"] for r in rows})
+            figure(summary, Path(args.figure), f"gold vs KL, seeds {seeds}")
+        return
     torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else FULL
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else scale["seeds"]
