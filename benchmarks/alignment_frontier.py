@@ -287,7 +287,7 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def figure(summary: list[dict], path: Path, title: str) -> None:
+def figure(summary: list[dict], path: Path, title: str, kl_max: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,15 +300,21 @@ def figure(summary: list[dict], path: Path, title: str) -> None:
                      key=lambda s: s["step"])  # fmt: skip
         if method == "best-of-n":
             continue
+        label = f"{method} {knob}"
+        beyond = [p["kl"][0] for p in pts if kl_max and p["kl"][0] > kl_max]
+        if beyond:
+            label += f" (KL {', '.join(f'{k:.0f}' for k in beyond)}: off the axis)"
         ax.errorbar([p["kl"][0] for p in pts], [p["gold"][0] for p in pts],
                     yerr=[p["gold"][1] for p in pts], marker=markers[method], capsize=2,
-                    label=f"{method} {knob}")  # fmt: skip
+                    label=label)  # fmt: skip
     bon = sorted((s for s in summary if s["method"] == "best-of-n"), key=lambda s: s["step"])
     if bon:
         ax.plot([p["kl"][0] for p in bon], [p["gold"][0] for p in bon], "k-o",
                 label="best-of-n (KL estimated)")  # fmt: skip
         ax.plot([p["kl_bound"] for p in bon], [p["gold"][0] for p in bon], "k:",
                 label="best-of-n (KL bound)")  # fmt: skip
+    if kl_max:
+        ax.set_xlim(-0.05 * kl_max, kl_max)
     ax.set_xlabel("KL(policy || SFT), nats per answer (held-out prompts)")
     ax.set_ylabel("gold score")
     ax.set_title(title)
@@ -326,6 +332,7 @@ def main() -> None:
     parser.add_argument("--methods", default="best-of-n,ppo,dpo,grpo")
     parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--kl-max", type=float, default=0.0, help="figure: KL axis limit")
     parser.add_argument(
         "--from-csv",
         help="comma list of frontier.csv files (e.g. of runs split over processes): only the "
@@ -341,7 +348,7 @@ def main() -> None:
         print(table(summary))
         if args.figure:
             seeds = sorted({r["seed"] for r in rows})
-            figure(summary, Path(args.figure), f"gold vs KL, seeds {seeds}")
+            figure(summary, Path(args.figure), f"gold vs KL, seeds {seeds}", args.kl_max)
         return
     torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else FULL
@@ -380,7 +387,8 @@ def main() -> None:
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.figure:
         scale_name = "quick scale" if args.quick else "task A"
-        figure(summary, Path(args.figure), f"gold vs KL, {scale_name}, seeds {seeds}")
+        title = f"gold vs KL, {scale_name}, seeds {seeds}"
+        figure(summary, Path(args.figure), title, args.kl_max)
         print(f"figure: {args.figure}")
 
 
