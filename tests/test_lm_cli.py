@@ -349,6 +349,8 @@ def test_rlhf_required_options_may_come_from_the_config_file(monkeypatch, tmp_pa
         ["lm", "sft", "--init", "i", "--data", "d", "--out"],
         ["lm", "reward", "--init", "i", "--data", "d", "--out"],
         ["lm", "rlhf", "--policy", "p", "--reward", "r", "--prompts", "q", "--out"],
+        ["lm", "grpo", "--policy", "p", "--reward", "r", "--prompts", "q", "--out"],
+        ["lm", "dpo", "--init", "i", "--data", "d", "--out"],
         ["lm", "pretrain", "word2vec", "--data", "d", "--out"],
     ],
     ids=lambda c: " ".join(c[:3]),

@@ -232,6 +232,13 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     eval_rows = (task / "ppo" / "eval.csv").read_text().splitlines()
     assert len(train_rows) == 3 and "ppo/clip" in train_rows[0] and "gold" in train_rows[0]
     assert len(eval_rows) == 3 and eval_rows[0] == "iteration,proxy,kl,ended,gold"
+    # answers.json (for the report): the SFT model's and the policy's answers, scored by hand
+    answers = json.loads((task / "ppo" / "answers.json").read_text())
+    records = [json.loads(x) for x in (data / "rl.jsonl").read_text().splitlines()][:4]
+    assert [row["prompt"] for row in answers] == [r["prompt"] for r in records]
+    for row, problem in zip(answers, problems_of(data / "rl.jsonl")[:4], strict=True):
+        for when in ("before", "after"):
+            assert row[f"gold {when}"] == round(gold_score(problem, row[when]), 3)
     # the saved policy loads with the loader the next stages use (rlhf --policy, chat, best-of-n)
     from safetensors.torch import load_file
 

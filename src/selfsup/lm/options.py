@@ -377,4 +377,6 @@ class GRPOConfig:
     )
     seed: int = option(0, "random seed")
     accelerator: str = option("auto", "cpu | gpu | auto")
+    devices: str = option("1", ONE_DEVICE_HELP)
+    precision: str = option("32-true", PRECISION_HELP)
     progress: bool | None = option(None, "progress bar (default: on a terminal)")

@@ -27,7 +27,7 @@ from selfsup.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.models import hf
-from selfsup.lm.options import GRPOConfig
+from selfsup.lm.options import GRPOConfig, check_one_device
 from selfsup.losses.grpo import group_advantages, grpo_loss
 
 ScoreFn = Callable[[Any, list[int]], torch.Tensor]  # (rollout, prompt indices) -> rewards
@@ -125,6 +125,8 @@ def check_options(config: GRPOConfig) -> None:
     if config.reward_from == "gold" and config.gold == "none":
         raise SelfsupError("--reward-from gold needs a gold score: --gold arithmetic")
     hf.check_accelerator(config.accelerator)
+    hf.check_precision(config.precision)
+    check_one_device(config.devices)
 
 
 def grpo(config: GRPOConfig, command: str | None = None) -> Path:
@@ -135,6 +137,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
         load_policy,
         load_prompts,
         load_reward_model,
+        write_answers,
     )
 
     check_options(config)
@@ -150,7 +153,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
     import lightning as L
 
     torch.manual_seed(config.seed)
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1)
+    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     trainer = GRPOTrainer(policy, tokenizer, config, fabric)
     reward_model = fabric.to_device(reward_model.requires_grad_(False))
 
@@ -198,6 +201,10 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
             bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
             if iteration % config.eval_every == 0 or iteration == config.iterations:
                 report(iteration)
+        write_answers(
+            run, trainer.reference, trainer.policy, tokenizer, eval_conv, eval_gold,
+            config.max_new_tokens,
+        )  # fmt: skip
         hf.save_hf(run, trainer.policy, tokenizer)
     return run
 

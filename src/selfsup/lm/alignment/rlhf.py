@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfsup import run as rundir
 from selfsup.data.conversations import Message, read_prompts
 from selfsup.errors import SelfsupError
 from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
@@ -219,8 +220,49 @@ def _ppo_run(
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             report(iteration)
+    write_answers(
+        run, trainer.reference, trainer.policy, tokenizer, eval_conv, eval_gold,
+        config.max_new_tokens,
+    )  # fmt: skip
     hf.save_hf(run, trainer.policy, tokenizer)
     return run
+
+
+ANSWERS = "answers.json"
+
+
+def write_answers(
+    run: Path,
+    reference: Any,
+    policy: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    gold: GoldFn | None,
+    max_new_tokens: int,
+    count: int = 8,
+    seed: int = 0,
+) -> Path:
+    """RUN/answers.json, for the report: one answer to each of the first `count` held-out
+    prompts from the SFT model (`before`) and from the trained policy (`after`), sampled with
+    the same seed, with their gold scores where the task has one."""
+    part = list(conversations[:count])
+    answers = {
+        name: decode_responses(
+            tokenizer, sample(model, tokenizer, part, max_new_tokens, 1.0, 0, seed)
+        )
+        for name, model in (("before", reference), ("after", policy))
+    }
+    rows: list[dict[str, Any]] = []
+    for i, conversation in enumerate(part):
+        row: dict[str, Any] = {"prompt": conversation[-1]["content"]}
+        for name in ("before", "after"):
+            row[name] = answers[name][i]
+            if gold is not None:
+                row[f"gold {name}"] = round(float(gold(i, answers[name][i])), 3)
+        rows.append(row)
+    path = run / ANSWERS
+    rundir.atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
 def diverged(stats: dict[str, float], max_kl: float) -> str | None:

@@ -419,6 +419,7 @@ def _run_dpo(args: argparse.Namespace, command: str) -> None:
         [
             f"run directory: {run}/ (hf/ the policy, metrics.csv, checkpoint)",
             _metric_line(_last_row(run / "metrics.csv"), ("val_reward_acc", "val_loss")),
+            report_line(run),
             f"next: selfsup lm chat {shlex.quote(str(run))}",
         ]
     )
@@ -452,6 +453,7 @@ def _run_grpo(args: argparse.Namespace, command: str) -> None:
         [
             f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
             "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
+            report_line(run),
             f"next: selfsup lm chat {shlex.quote(str(run))}",
         ]
     )
