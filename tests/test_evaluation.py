@@ -183,6 +183,17 @@ def test_finetune_rejects_bad_trainable(digits, bad):
         fit_classifier(convnet(), digits[0], trainable=bad, epochs=1)
 
 
+def test_finetune_draws_nothing_from_the_global_rng(digits):
+    """The supervised references train in parallel threads: a draw from the global generator
+    in one (e.g. a head's default initialisation) would shift another's seeded initialisation."""
+    train = digits[0].subset(torch.arange(64))
+    torch.manual_seed(0)
+    enc = convnet()
+    before = torch.get_rng_state()
+    fit_classifier(enc, train, epochs=1, batch_size=32, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_finetune_is_seeded_and_steps_override_epochs(digits):
     train = digits[0].subset(torch.arange(100))
     kw = {"epochs": 1, "lr": 1e-2, "batch_size": 32}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,8 +20,8 @@ from selfsup.data.images import ImageData
 from selfsup.errors import SelfsupError
 
 from .features import extract_features
-from .finetune import _num_classes, classifier_accuracy, fit_classifier
-from .probes import Preconditioner, _one_thread, knn_accuracy, probe_accuracy, standardize
+from .finetune import classifier_accuracy, fit_classifier, num_classes_of, seeded_init
+from .probes import Preconditioner, knn_accuracy, one_thread, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
 PROBES = ("linear", "knn")
@@ -69,13 +68,9 @@ def _reinitialised(encoder: nn.Module) -> nn.Module:
     return fresh
 
 
-_GLOBAL_RNG = threading.Lock()  # supervised references initialise in parallel threads
-
-
 def _seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
     """`make()` under a fixed global seed, leaving the caller's RNG state untouched."""
-    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return make()
 
 
@@ -131,11 +126,11 @@ def train_supervised(
     if max_steps:
         steps = min(steps, max_steps)
     info: dict = {}
-    with _one_thread(torch.empty(0, device=device)):  # see probes._one_thread
+    with one_thread(torch.empty(0, device=device)):  # see probes.one_thread
         model = fit_classifier(
             _seeded(make, seed),
             fit_part,
-            num_classes=_num_classes(train, test),
+            num_classes=num_classes_of(train, test),
             steps=steps,
             batch_size=batch_size,
             seed=seed,
@@ -222,7 +217,7 @@ def _workers(device: str | torch.device, jobs: int) -> Iterator[ThreadPoolExecut
 
     Each training is seeded by its own generators (and `_seeded` under a lock), so the results do
     not depend on the threads. torch runs one thread per fit meanwhile: the workers are the
-    parallelism, and nothing spins waiting on a busy core (see probes._one_thread).
+    parallelism, and nothing spins waiting on a busy core (see probes.one_thread).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if torch.device(device).type != "cpu" or jobs < 2 or (cores or 1) < 2:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -49,8 +52,20 @@ def _trainable_modules(encoder: nn.Module, trainable: str) -> list[nn.Module]:
     return blocks[-int(match[1]) :]
 
 
-def _num_classes(*datasets: ImageData) -> int:
+def num_classes_of(*datasets: ImageData) -> int:
     return max(max(len(d.classes or []), int(d.y.max()) + 1) for d in datasets if d.y is not None)
+
+
+_INIT_LOCK = threading.Lock()  # trainings run in parallel threads share the global RNG
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Module initialisations drawn from a fixed global seed, alone (a lock: another thread's
+    draws cannot interleave) and leaving the caller's RNG state untouched."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def fit_classifier(
@@ -95,7 +110,8 @@ def fit_classifier(
         module.requires_grad_(True)
     live_ids = {id(m) for module in live for m in module.modules()}
     frozen = [m for m in encoder.modules() if id(m) not in live_ids]
-    model = Classifier(encoder, num_classes or _num_classes(train)).to(device)
+    with seeded_init(seed):  # the head's initialisation, whatever runs beside this training
+        model = Classifier(encoder, num_classes or num_classes_of(train)).to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer = (
@@ -182,7 +198,7 @@ def finetune(
     model = fit_classifier(
         encoder,
         train,
-        num_classes=_num_classes(train, test),
+        num_classes=num_classes_of(train, test),
         trainable=trainable,
         epochs=epochs,
         lr=lr,

@@ -57,7 +57,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 @contextmanager
-def _one_thread(x: torch.Tensor) -> Iterator[None]:
+def one_thread(x: torch.Tensor) -> Iterator[None]:
     """One torch thread for a fit on CPU: on 2 cores shared with other work, two threads made
     L-BFGS 3-6x slower (up to 100x on tiny problems: the threads wait on each other); one
     thread also makes the result independent of the machine's thread count."""
@@ -272,7 +272,7 @@ def fit_logistic_many(
         line_search_fn="strong_wolfe",
     )
     n_iter = 0
-    with torch.no_grad(), _one_thread(x):
+    with torch.no_grad(), one_thread(x):
         while n_iter < max_iter:  # chunks of L-BFGS iterations (the history carries over)
             opt.step(closure)
             done = int(opt.state[v].get("n_iter", 0)) - n_iter
