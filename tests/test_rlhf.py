@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from selfsup.cli import main
@@ -213,7 +214,11 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     assert len(records) == 16 and all(len(r["completions"]) == 3 for r in records)
     labeled = zip(records, problems_of(data / "label.jsonl"), strict=True)
     assert all(r["gold"] == [gold_score(p, a) for a in r["completions"]] for r, p in labeled)
-    assert "a second labeler agrees on" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "a second labeler agrees on" in printed
+    agreement = printed.split("a second labeler agrees on ")[1].split("%")[0]
+    stats = json.loads((task / "labels.jsonl.stats.json").read_text())  # for the report
+    assert f"{100 * stats['labeler_agreement']:.1f}" == agreement and stats["prompts"] == 16
     assert main(["lm", "reward", "--init", str(sft_run), "--data", str(task / "labels.jsonl"),
                  "--out", str(task / "rm-cli"), "--epochs", "1"]) == 0  # fmt: skip
     summary = capsys.readouterr().out.splitlines()[-3:]  # where, how good, what next
@@ -266,9 +271,21 @@ def test_the_pipeline_runs_from_the_command_line(task, sft_run, capsys):
     assert not (task / "ppo-kl").exists()  # nothing saved: no folder to block a retry
     assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "eval.jsonl"), "--n", "1,4", "--gold", "arithmetic",
-                 "--limit", "4", "--max-new-tokens", "12"]) == 0  # fmt: skip
+                 "--limit", "4", "--max-new-tokens", "12",
+                 "--out", str(task / "bon")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "KL bound" in out and "0.636" in out  # log 4 - 3/4
+    kept = json.loads((task / "bon" / "best_of_n.json").read_text())
+    assert [r["n"] for r in kept] == [1, 4] and abs(kept[1]["kl_bound"] - (np.log(4) - 0.75)) < 1e-6
+    assert yaml.safe_load((task / "bon" / "config.yaml").read_text())["stage"] == "best-of-n"
+    # the reports of these folders: best-of-n's curve; the reward model beside the labelers
+    from selfsup.reporting import report
+
+    page = report(task / "bon").read_text()
+    assert "Best-of-n" in page and "data:image/png;base64," in page
+    page = report(task / "rm-cli").read_text()
+    assert "labelers: a second one orders a pair as the first" in page
+    assert f"{agreement}%" in page
     # one token is too few for any answer to end: each scores --no-end-score
     assert main(["lm", "best-of-n", "--policy", str(sft_run), "--reward", str(task / "rm-cli"),
                  "--prompts", str(data / "eval.jsonl"), "--n", "1", "--limit", "4",

@@ -46,6 +46,8 @@ def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
         page.sections.append(_fill_mask(run, page))
     if kind == "word2vec":
         page.sections.append(_word2vec(run, page))
+    if kind == "reward":
+        page.sections.append(_reward_against_labelers(run, config, page))
     if (run / "best_of_n.json").is_file():
         page.sections.append(_best_of_n(run))
     if (run / "answers.json").is_file():
@@ -176,6 +178,49 @@ def _best_of_n(run: Path) -> Section:
     ax.legend(fontsize=8)
     s.body = fig_img(fig, "best-of-n curve") + _any_table(rows)
     return s
+
+
+def _reward_against_labelers(run: Path, config: dict[str, Any], page: RunPage) -> Section:
+    """The reward model's held-out pair accuracy beside the ceiling it is read against: how
+    often two labelers agree (from `lm label`'s RANKINGS.stats.json) and, where the rankings
+    carry gold scores, how often the gold score orders a pair as the labelers did."""
+    import csv
+
+    from selfsup.reporting import read_json
+
+    s = Section("reward_vs_labelers", "Reward model against the labelers")
+    rows: list[tuple[str, str]] = []
+    metrics = run / "metrics.csv"
+    last: dict[str, str] = {}
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            last = ([{}] + list(csv.DictReader(f)))[-1]  # the last epoch's row
+    for name, label in (
+        ("val_pair_acc", "reward model: held-out pairs ordered as ranked"),
+        ("val_gold_ceiling", "gold score: held-out pairs ordered as ranked"),
+    ):
+        if last.get(name):
+            rows.append((label, _pct(last[name])))
+    rankings = str(config.get("data") or "")
+    stats = read_json(Path(rankings + ".stats.json")) if rankings else None
+    if isinstance(stats, dict) and "labeler_agreement" in stats:
+        rows.append(
+            ("labelers: a second one orders a pair as the first", _pct(stats["labeler_agreement"]))
+        )
+    else:
+        s.notes.append(
+            f"no labelers' agreement: {rankings or 'the rankings file'}.stats.json (written by "
+            "`selfsup lm label`) is absent"
+        )
+    s.body = table(["", "agreement"], rows) if rows else ""
+    return s
+
+
+def _pct(value: Any) -> str:
+    try:
+        return f"{100 * float(value):.1f}%"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _answers(run: Path) -> Section:

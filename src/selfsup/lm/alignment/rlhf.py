@@ -411,7 +411,7 @@ def label(
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    return {
+    stats = {
         "prompts": len(lines),
         "with_ties": ties / len(lines),
         "pairs": pairs,
@@ -419,6 +419,15 @@ def label(
         # the first did (ties half): the ceiling a reward model's pair accuracy is read against.
         "labeler_agreement": agreement / max(1, pairs),
     }
+    labeling_stats_path(out).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def labeling_stats_path(rankings: str | Path) -> Path:
+    """Where `lm label` keeps the statistics of a rankings file (the report of a reward model
+    trained on it reads the labelers' agreement there): RANKINGS.stats.json."""
+    rankings = Path(rankings)
+    return rankings.with_name(rankings.name + ".stats.json")
 
 
 def context_length(model: Any) -> int | None:

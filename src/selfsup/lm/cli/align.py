@@ -212,6 +212,10 @@ def _add_best_of_n(sub, parents) -> None:
         help="the score of an answer that never emits the end token (default: -1, as lm rlhf)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        help="a folder to keep the table in (best_of_n.json, config.yaml) with its report.html",
+    )
     p.set_defaults(handler=_run_best_of_n)
 
 
@@ -224,6 +228,8 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
         raise SelfsupError(f"--n {args.n!r}: expected a comma list of integers") from None
     if not ns or ns[0] < 1:
         raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
+    if args.out and Path(args.out).is_file():  # told before any sampling
+        raise SelfsupError(f"--out {args.out} is a file; expected a folder")
     rows = best_of_n(
         args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
         args.limit, args.seed, args.pool, args.no_end_score,
@@ -232,6 +238,26 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
     for r in rows:
         gold = f" {r['gold']:6.3f}" if "gold" in r else ""
         print(f"{r['n']:4d} {r['kl_bound']:9.3f} {r['proxy']:7.3f}{gold}")
+    if args.out:
+        _keep_best_of_n(Path(args.out), rows, args, command)
+
+
+def _keep_best_of_n(out: Path, rows: list[dict], args: argparse.Namespace, command: str) -> None:
+    """OUT/best_of_n.json, config.yaml and command.txt, then OUT/report.html (its curve)."""
+    import json
+
+    import yaml
+
+    from selfsup import run as rundir
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "out", "lm_command")}
+    options = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))}
+    rundir.atomic_write_text(out / "best_of_n.json", json.dumps(rows, indent=2) + "\n")
+    config = {"stage": "best-of-n", **options}
+    rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    rundir.write_command(out, command, append=False)
+    summary([f"table: {out / 'best_of_n.json'}", report_line(out)])
 
 
 def _add_chat(sub, parents) -> None:
