@@ -132,6 +132,7 @@ def check_options(config: GRPOConfig) -> None:
 def grpo(config: GRPOConfig, command: str | None = None) -> Path:
     """GRPO from the SFT model; returns the run directory."""
     from selfsup.lm.alignment.rlhf import (
+        diverged,
         evaluate_policy,
         gold_fn,
         load_policy,
@@ -190,7 +191,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
             stats = trainer.step(
                 [conversations[i] for i in idx], idx, config.seed + iteration, score
             )
-            problem = _diverged(stats, config.max_kl)
+            problem = diverged(stats, config.max_kl, ("grpo/loss", "reward", "kl"))
             if problem:
                 raise SelfsupError(
                     f"GRPO stopped at iteration {iteration}: {problem}; the last good policy is "
@@ -207,12 +208,3 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
         )  # fmt: skip
         hf.save_hf(run, trainer.policy, tokenizer)
     return run
-
-
-def _diverged(stats: dict[str, float], max_kl: float) -> str | None:
-    for name in ("grpo/loss", "reward", "kl"):
-        if not math.isfinite(stats[name]):
-            return f"{name} became {stats[name]}"
-    if max_kl > 0 and stats["kl"] > max_kl:
-        return f"the KL from the reference, {stats['kl']:.2f}, exceeds --max-kl {max_kl:g}"
-    return None

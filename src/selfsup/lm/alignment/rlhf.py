@@ -265,9 +265,14 @@ def write_answers(
     return path
 
 
-def diverged(stats: dict[str, float], max_kl: float) -> str | None:
-    """Why a PPO iteration's statistics say the run has gone wrong, or None."""
-    for name in ("ppo/policy", "ppo/value", "reward", "kl"):
+def diverged(
+    stats: dict[str, float],
+    max_kl: float,
+    finite: Sequence[str] = ("ppo/policy", "ppo/value", "reward", "kl"),
+) -> str | None:
+    """Why an iteration's statistics say the run has gone wrong (one of `finite` is NaN or
+    infinite, or the KL exceeds a positive `max_kl`), or None."""
+    for name in finite:
         if not math.isfinite(stats[name]):
             return f"{name} became {stats[name]}"
     if max_kl > 0 and stats["kl"] > max_kl:

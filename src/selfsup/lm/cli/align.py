@@ -178,6 +178,11 @@ def _run_rlhf(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.alignment.rlhf import rlhf
 
     run = Path(rlhf(_config(RLHFConfig, args), command=command))
+    _policy_summary(run)
+
+
+def _policy_summary(run: Path) -> None:
+    """The closing lines of a stage that optimises a policy by sampling (rlhf, grpo)."""
     last = _last_row(run / "eval.csv")
     summary(
         [
@@ -474,15 +479,7 @@ def _run_grpo(args: argparse.Namespace, command: str) -> None:
     from selfsup.lm.options import GRPOConfig
 
     run = Path(grpo(_config(GRPOConfig, args), command=command))
-    last = _last_row(run / "eval.csv")
-    summary(
-        [
-            f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
-            "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
-            report_line(run),
-            f"next: selfsup lm chat {shlex.quote(str(run))}",
-        ]
-    )
+    _policy_summary(run)
 
 
 ALIGN_COMMANDS += [_add_grpo]
