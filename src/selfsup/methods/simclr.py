@@ -31,7 +31,7 @@ class Options:
 
 
 def cropped_view_size(
-    config: PretrainConfig, options: Options, image_size: tuple[int, int]
+    config: PretrainConfig, options: Any, image_size: tuple[int, int]
 ) -> tuple[int, int]:
     """Views of `--crop-size` pixels (fewer pixels per step; global pooling makes the encoder
     size-agnostic, and evaluation still encodes whole images), else the images' own size."""

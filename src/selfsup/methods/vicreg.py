@@ -14,6 +14,7 @@ from torch import Tensor
 from selfsup.config import PretrainConfig, option
 from selfsup.losses.noncontrastive import vicreg
 from selfsup.methods.base import Method
+from selfsup.methods.simclr import cropped_view_size
 from selfsup.models import ProjectionHead
 
 
@@ -26,6 +27,9 @@ class Options:
     invariance: float = option(25.0, "weight of the invariance (MSE) term", check=">=0")
     variance: float = option(25.0, "weight of the variance (std hinge) term", check=">=0")
     covariance: float = option(1.0, "weight of the covariance term", check=">=0")
+    crop_size: int | None = option(
+        None, "side of the square views in pixels (default: the image size)", check=">=4"
+    )
 
 
 class VICReg(Method):
@@ -39,6 +43,9 @@ class VICReg(Method):
         self.projection = ProjectionHead(
             self.encoder.feature_dim, o.projection_hidden, o.projection_dim, 3
         )
+
+    def view_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        return cropped_view_size(self.config, self.options, image_size)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         features = self.encoder(torch.cat([self.views(x, g), self.views(x, g)]))
