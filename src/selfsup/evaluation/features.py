@@ -39,7 +39,7 @@ def extract_features(
     """
     was_training = encoder.training
     encoder.eval().to(device)
-    chunks = []
+    out: np.ndarray | None = None  # filled in place: the features exist once, never as chunks too
     batches = tqdm(
         iter_images(data, batch_size),
         total=math.ceil(len(data) / batch_size),
@@ -49,8 +49,15 @@ def extract_features(
     )
     try:
         with torch.inference_mode():
+            start = 0
             for x in batches:
-                chunks.append(encoder(x.to(device)).float().flatten(1).cpu())
+                z = encoder(x.to(device)).float().flatten(1).cpu().numpy()
+                if out is None:
+                    out = np.empty((len(data), z.shape[1]), dtype=np.float32)
+                out[start : start + len(z)] = z
+                start += len(z)
     finally:
         encoder.train(was_training)
-    return torch.cat(chunks).numpy()
+    if out is None:  # no images: no way to know the width but from the encoder
+        return np.empty((0, getattr(encoder, "feature_dim", 0)), dtype=np.float32)
+    return out
