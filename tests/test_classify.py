@@ -80,6 +80,18 @@ def test_labels_from_class_folders_and_bad_label_files(
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert main(["predict", str(bad), f"folder:{folder}", "-o", str(tmp_path / "p.csv")]) == 2
+    # A corrupt file among many: decoded in a DataLoader worker, reported in one line all the same
+    corrupt = sorted(folder.rglob("*.png"))[15]
+    corrupt.write_bytes(b"not a png")
+    capsys.readouterr()
+    for argv in (
+        ["predict", str(model), f"folder:{folder}", "-o", str(tmp_path / "p.csv")],
+        ["index", str(digits_run), f"folder:{folder}", "-o", str(tmp_path / "i.npz")],
+    ):
+        assert main([*argv, "--batch-size", "4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"selfsup: error: {corrupt}: cannot decode image"), err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_finetune_matches_or_beats_the_frozen_probe(digits_run: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from selfsup.cli import main
+from selfsup.errors import SelfsupError, one_line
 from selfsup.methods.simclr import SimCLR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,3 +307,22 @@ def test_usage_errors_are_one_line_with_a_help_hint(
     argv: list[str], hint: str, capsys: pytest.CaptureFixture
 ) -> None:
     fails_in_one_line(argv, capsys, hint)
+
+
+class _Corrupt(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 2:
+            raise SelfsupError("photos/b.png: cannot decode image (truncated)")
+        return torch.zeros(1)
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_as_its_own_one_line() -> None:
+    loader = torch.utils.data.DataLoader(_Corrupt(), batch_size=1, num_workers=1)
+    with pytest.raises(SelfsupError) as caught:
+        list(loader)
+    assert "Traceback" in str(caught.value)  # what torch hands the main process
+    assert one_line(caught.value) == "photos/b.png: cannot decode image (truncated)"
+    assert one_line(SelfsupError("a\n  b")) == "a b"

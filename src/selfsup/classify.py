@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,32 @@ def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Ten
     return adapt_images(
         torch.stack([square_resize(decode_image(p), h) for p in paths]), channels, (h, h)
     )
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Item i: file i decoded at the encoder's channels and size."""
+
+    def __init__(self, paths: list[str], shape: tuple[int, int, int]) -> None:
+        self.paths, self.shape = paths, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image_files([self.paths[i]], self.shape)[0]
+
+
+def file_batches(
+    paths: list[str], shape: tuple[int, int, int], batch_size: int, workers: int = 2
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(paths, uint8 images) in order, `batch_size` at a time, decoded by `workers` DataLoader
+    processes while the encoder runs (in the main process for a single batch)."""
+    workers = workers if len(paths) > batch_size else 0
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(paths, shape), batch_size=batch_size, num_workers=workers
+    )
+    for start, x in zip(range(0, len(paths), batch_size), loader, strict=True):
+        yield paths[start : start + len(x)], x
 
 
 def classify(
@@ -362,9 +389,11 @@ def predict(
         writer.writerow(
             ["path", "label", "confidence", *(f"p_{c}" for c in model.classes), "low_confidence"]
         )
-        for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=None):
-            batch = files[start : start + batch_size]
-            x = load_image_files(batch, model.input_shape).to(model.mean.device)
+        batches = file_batches(files, model.input_shape, batch_size)
+        for batch, x in tqdm(
+            batches, desc="predict", total=-(-len(files) // batch_size), disable=None
+        ):
+            x = x.to(model.mean.device)
             probs = model(x).cpu().numpy()
             for path, p in zip(batch, probs, strict=True):
                 low = bool(p.max() < threshold)

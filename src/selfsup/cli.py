@@ -22,7 +22,7 @@ from selfsup.config import (
     read_config_file,
     type_of,
 )
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, one_line
 from selfsup.method_options import all_option_names, method_options, option_names
 
 
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     except SelfsupError as e:
         if debug:
             traceback.print_exc()
-        return _fail(str(e))
+        return _fail(one_line(e))
     except OSError as e:
         if e.filename is None or debug:  # not about a file the user named: a bug, show it
             raise

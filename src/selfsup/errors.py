@@ -10,3 +10,13 @@ class SelfsupError(Exception):
 
 class NonFiniteLossError(SelfsupError):
     """The training loss became NaN or infinite."""
+
+
+def one_line(error: Exception) -> str:
+    """`error`'s message on one line. An error raised in a DataLoader worker reaches the main
+    process with the worker's traceback as its message; its own message is that text's last
+    line ("selfsup.errors.SelfsupError: MESSAGE")."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].partition(": ")[2] or text
+    return " ".join(text.split())

@@ -37,7 +37,7 @@ def build_index(
 
     from selfsup import ann
     from selfsup.api import load
-    from selfsup.classify import image_files, load_image_files
+    from selfsup.classify import file_batches, image_files
     from selfsup.device import resolve_device
     from selfsup.run import input_shape, read_config
 
@@ -50,12 +50,13 @@ def build_index(
     files = image_files(images)
     features: np.ndarray | None = None  # filled in place: no second copy of the embeddings
     with torch.inference_mode():
-        for start in tqdm(range(0, len(files), batch_size), desc="index", disable=None):
-            x = load_image_files(files[start : start + batch_size], shape).to(device)
-            y = torch.nn.functional.normalize(encoder(x).float(), dim=1).cpu().numpy()
+        start, batches = 0, file_batches(files, shape, batch_size)
+        for _, x in tqdm(batches, desc="index", total=-(-len(files) // batch_size), disable=None):
+            y = torch.nn.functional.normalize(encoder(x.to(device)).float(), dim=1).cpu().numpy()
             if features is None:
                 features = np.empty((len(files), y.shape[1]), dtype=np.float32)
             features[start : start + len(y)] = y
+            start += len(y)
     assert features is not None  # image_files never returns an empty list
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
