@@ -1,12 +1,14 @@
-"""The side-by-side reference for the CIFAR-10 recipe: a lightly-built SimCLR loop trained for the
-same wall-clock time, saved as a selfsup run so `selfsup evaluate` scores it exactly like ours.
+"""The side-by-side reference for the CIFAR-10 recipes: a lightly-built loop (SimCLR or VICReg,
+whichever method the selfsup run used) trained for the same wall-clock time, saved as a selfsup
+run so `selfsup evaluate` scores it exactly like ours.
 
-The loop is the one `train_step.py` times: lightly's `SimCLRTransform` (CIFAR settings: 32 px,
-colour-jitter strength 0.5, no blur) per PIL image in a DataLoader with 2 workers, lightly's
-`NTXentLoss`, the same encoder and projection head as the selfsup run (from its config), AdamW
-with its learning rate and weight decay (none on biases and norms, as selfsup does). The schedule
-is warm-up then cosine over the time budget (the loop cannot know its epoch count in advance);
-training stops when the budget is spent.
+The loop is the one `train_step.py` times: lightly's transform for the method (`SimCLRTransform`
+or `VICRegTransform`, CIFAR settings: 32 px, colour-jitter strength 0.5, no blur) per PIL image in
+a DataLoader with 2 workers, lightly's loss (`NTXentLoss` with the run's temperature, or
+`VICRegLoss` with the run's three weights), the same encoder and projection head as the selfsup
+run (from its config), AdamW with its learning rate and weight decay (none on biases and norms,
+as selfsup does). The schedule is warm-up then cosine over the time budget (the loop cannot know
+its epoch count in advance); training stops when the budget is spent.
 
     python benchmarks/lightly_cifar.py --like runs/cifar-wide --minutes 28.8 \
         --out runs/cifar-lightly
@@ -42,8 +44,8 @@ def main() -> None:
     parser.add_argument("--warmup-fraction", type=float, default=1 / 18, help="of the budget")
     args = parser.parse_args()
 
-    from lightly.loss import NTXentLoss
-    from lightly.transforms import SimCLRTransform
+    from lightly.loss import NTXentLoss, VICRegLoss
+    from lightly.transforms import SimCLRTransform, VICRegTransform
 
     from selfsup.data import load_splits
     from selfsup.models import Encoder, ProjectionHead
@@ -53,13 +55,24 @@ def main() -> None:
     config = read_config(args.like)
     torch.manual_seed(config["seed"])
     encoder = Encoder(**config["encoder"])
+    method = config["method"]
+    cifar = {"input_size": 32, "cj_strength": 0.5, "gaussian_blur": 0.0, "normalize": None}
+    if method == "simclr":
+        layers = 2
+        loss_fn: nn.Module = NTXentLoss(temperature=config["temperature"])
+        transform = SimCLRTransform(**cifar)
+    elif method == "vicreg":
+        layers = 3  # selfsup's VICReg expander
+        loss_fn = VICRegLoss(config["invariance"], config["variance"], config["covariance"])
+        transform = VICRegTransform(**cifar)
+    else:
+        raise SystemExit(f"{args.like}: a {method} run; this reference covers simclr and vicreg")
     head = ProjectionHead(
-        encoder.feature_dim, config["projection_hidden"], config["projection_dim"]
+        encoder.feature_dim, config["projection_hidden"], config["projection_dim"], layers
     )
     model = nn.Sequential(encoder, head).train()
-    optimizer = torch.optim.AdamW(parameter_groups([model], config["weight_decay"]), config["lr"])
-    loss_fn = NTXentLoss(temperature=config["temperature"])
-    transform = SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0, normalize=None)
+    lr = config["lr"] or 1e-3  # selfsup's AdamW default when the run left it unset
+    optimizer = torch.optim.AdamW(parameter_groups([model], config["weight_decay"]), lr)
     train, _ = load_splits(config["data"], data_dir=config["data_dir"], limit=config["limit"])
     images = train.x.permute(0, 2, 3, 1).numpy()  # the run's own training images, N×H×W×C
     loader = torch.utils.data.DataLoader(
@@ -83,7 +96,7 @@ def main() -> None:
             w = args.warmup_fraction
             factor = t / w if t < w else 0.5 * (1 + math.cos(math.pi * (t - w) / (1 - w)))
             for group in optimizer.param_groups:
-                group["lr"] = config["lr"] * factor
+                group["lr"] = lr * factor
             loss = loss_fn(model(v0), model(v1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
