@@ -42,6 +42,16 @@ def test_recall_against_brute_force_on_clustered_data() -> None:
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=1e-5)
 
 
+def test_a_note_when_the_embeddings_have_no_cluster_structure() -> None:
+    x = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
+    _, info = ann.build(x / np.linalg.norm(x, axis=1, keepdims=True))
+    assert 2 * info["nprobe"] > info["lists"] and "little cluster structure" in ann.structure_note(
+        info
+    )
+    _, info = ann.build(clustered(4000))
+    assert ann.structure_note(info) is None, info
+
+
 def test_the_index_file_round_trip(tmp_path: Path) -> None:
     x = clustered(3000, seed=1)
     index, info = ann.build(x)

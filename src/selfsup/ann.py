@@ -76,6 +76,19 @@ def build(
     return index, {"lists": nlist, "nprobe": nprobe, "sample_recall": measured}
 
 
+def structure_note(info: dict[str, Any]) -> str | None:
+    """A note when the tuned index scans over half of its lists: embeddings without cluster
+    structure (i.i.d. random directions are the extreme), where no inverted file is much faster
+    than exact search."""
+    if info["lists"] == 1 or 2 * info["nprobe"] <= info["lists"]:
+        return None
+    return (
+        f"note: a query scans {info['nprobe'] / info['lists']:.0%} of the lists: these embeddings "
+        "have little cluster structure for the index to use, so it is not much faster than "
+        "exact search (index without --approximate)"
+    )
+
+
 def _recall(found: list[list[int]], truth: list[list[int]]) -> float:
     """Mean share of each true answer list that `found` has (1 where there is none to find)."""
     shares = [

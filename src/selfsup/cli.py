@@ -458,6 +458,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         )
         print(f"{r['out']}: {r['images']} images labelled, {r['low_confidence']} flagged")
     elif args.command == "index":
+        from selfsup import ann
         from selfsup.search import build_index
 
         output_file(args.output)
@@ -476,6 +477,8 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
                 f"FAISS index beside it: {a['lists']} lists, {a['nprobe']} searched per query "
                 f"(recall@10 {a['sample_recall']:.3f} on a sample, against exact search)"
             )
+            if note := ann.structure_note(a):
+                print(note)
         print(f"next: selfsup similar {r['out']} IMAGE -k 8 -o neighbours.png")
     elif args.command == "similar":
         from selfsup.search import similar
