@@ -87,7 +87,7 @@ def measure(kind: str, args: argparse.Namespace, k: int = 10) -> None:
     print(f"\n{kind} ({what}): {args.n:,} × {args.dim} in the index, {len(q)} queries")
     (index, info), build_s = timed(ann.build, x)
     print(
-        f"FAISS IVF-Flat build: {build_s:.1f} s ({info['lists']} lists, nprobe "
+        f"FAISS IVF-SQ8 + re-ranking build: {build_s:.1f} s ({info['lists']} lists, nprobe "
         f"{info['nprobe']}, recall@10 {info['sample_recall']:.3f} on its own sample)"
     )
     (exact_ids, _), exact_s = timed(exact_search, x, q, k)

@@ -57,7 +57,7 @@ def test_the_index_file_round_trip(tmp_path: Path) -> None:
     index, info = ann.build(x)
     ann.save(index, tmp_path / "a.faiss")
     again = ann.load(tmp_path / "a.faiss", len(x))
-    assert again.nprobe == info["nprobe"] and again.ntotal == len(x)
+    assert ann.nprobe(again) == info["nprobe"] and again.ntotal == len(x)
     q = clustered(50, seed=2)
     for before, after in zip(ann.search(index, q, 10), ann.search(again, q, 10), strict=True):
         np.testing.assert_array_equal(before, after)
