@@ -6,7 +6,10 @@ same probe on uniformly random images (not stratified: a user does not know the 
 
 Prints, per budget, the test accuracy (mean ± std over seeds) of typiclust, kcenter and random,
 and the gain of each strategy over random. The strategies see only the embeddings; the labels
-of the chosen images are then read from the dataset, as a person would provide them.
+of the chosen images are then read from the dataset, as a person would provide them. The probe
+is `selfsup evaluate`'s: features standardised with the statistics of all training images (no
+labels needed: the user has the images), C by cross-validation inside the chosen images (fixed
+below two labels per class).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from selfsup.api import dataset_for, load
 from selfsup.evaluation import extract_features
-from selfsup.evaluation.probes import linear_probe
+from selfsup.evaluation.probes import Preconditioner, probe_accuracy, standardize
 from selfsup.select import STRATEGIES, choose
 
 
@@ -33,6 +37,8 @@ def main() -> None:
     train_f = extract_features(encoder, train, progress=False)
     test_f = extract_features(encoder, test, progress=False)
     train_y, test_y = train.y.numpy(), test.y.numpy()
+    train_x, test_x = standardize(train_f, test_f)  # as `selfsup evaluate` does
+    precondition = Preconditioner(train_x)
     print(f"{args.run}: choosing from {len(train)} images, testing on {len(test)}")
     print(f"{'budget':>6}  " + "  ".join(f"{s:>14}" for s in STRATEGIES) + "  gain over random")
     for budget in (int(b) for b in args.budgets.split(",")):
@@ -44,7 +50,10 @@ def main() -> None:
                 start = time.perf_counter()
                 picks = choose(train_f, budget, strategy, seed)
                 seconds = time.perf_counter() - start
-                accuracy = linear_probe(train_f[picks], train_y[picks], test_f, test_y)
+                chosen = torch.as_tensor(picks)
+                accuracy = probe_accuracy(
+                    train_x[chosen], train_y[picks], test_x, test_y, precondition=precondition
+                )
                 scores[strategy].append(100 * accuracy)
                 if seed == 0 and strategy != "random" and seconds > 5:
                     print(f"  ({strategy} took {seconds:.1f} s at budget {budget})")
