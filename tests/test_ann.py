@@ -42,12 +42,18 @@ def test_recall_against_brute_force_on_clustered_data() -> None:
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=1e-5)
 
 
-def test_a_note_when_the_embeddings_have_no_cluster_structure() -> None:
-    x = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
-    _, info = ann.build(x / np.linalg.norm(x, axis=1, keepdims=True))
+def test_without_cluster_structure_a_note_and_batches_searched_exactly() -> None:
+    x = np.random.default_rng(0).standard_normal((4100, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x, q = x[:4000], x[4000:]
+    index, info = ann.build(x)
     assert 2 * info["nprobe"] > info["lists"] and "little cluster structure" in ann.structure_note(
         info
     )
+    for queries in (q, q[:1]):  # a batch: the float vectors; one query: the 8-bit scan
+        ids, scores = ann.search(index, queries, 10)
+        np.testing.assert_array_equal(ids, brute_force(x, queries, 10))
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, x[ids]), atol=1e-5)
     _, info = ann.build(clustered(4000))
     assert ann.structure_note(info) is None, info
 

@@ -28,6 +28,7 @@ from selfsup.errors import SelfsupError
 SAMPLE = 256  # rows used as queries to choose nprobe
 TRAIN_PER_LIST = 64  # k-means training rows per list
 REFINE = 4  # candidates per wanted answer that the 8-bit scan passes to the exact re-ranking
+EXACT_BATCH = 20  # queries at once from which FAISS's flat search uses a BLAS matrix product
 
 
 def require_faiss() -> Any:
@@ -140,6 +141,14 @@ def load(path: Path, rows: int) -> Any:
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, cosine similarities) of the k nearest, per query row, best first."""
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    """(ids, cosine similarities) of the k nearest, per query row, best first. When the index
+    scans most of its lists anyway (embeddings without cluster structure), a batch of queries
+    goes to the float vectors it keeps for re-ranking: an exact search, one matrix product,
+    faster than scanning the codes query by query."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    lists = require_faiss().extract_index_ivf(index)
+    if len(queries) >= EXACT_BATCH and 2 * lists.nprobe > lists.nlist:
+        scores, ids = index.refine_index.search(queries, k)
+    else:
+        scores, ids = index.search(queries, k)
     return ids, scores
