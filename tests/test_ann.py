@@ -54,6 +54,12 @@ def test_without_cluster_structure_a_note_and_batches_searched_exactly() -> None
         ids, scores = ann.search(index, queries, 10)
         np.testing.assert_array_equal(ids, brute_force(x, queries, 10))
         np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, x[ids]), atol=1e-5)
+    # an IVF-Flat index, as selfsup wrote before the 8-bit codes, still searches
+    flat = faiss.IndexIVFFlat(faiss.IndexFlatIP(64), 64, 4, faiss.METRIC_INNER_PRODUCT)
+    flat.train(x)
+    flat.add(x)
+    flat.nprobe = 4
+    np.testing.assert_array_equal(ann.search(flat, q, 10)[0], brute_force(x, q, 10))
     _, info = ann.build(clustered(4000))
     assert ann.structure_note(info) is None, info
 

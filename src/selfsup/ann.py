@@ -147,8 +147,9 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     faster than scanning the codes query by query."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     lists = require_faiss().extract_index_ivf(index)
-    if len(queries) >= EXACT_BATCH and 2 * lists.nprobe > lists.nlist:
-        scores, ids = index.refine_index.search(queries, k)
+    exact = getattr(index, "refine_index", None)  # none in an index of an earlier selfsup
+    if exact is not None and len(queries) >= EXACT_BATCH and 2 * lists.nprobe > lists.nlist:
+        scores, ids = exact.search(queries, k)
     else:
         scores, ids = index.search(queries, k)
     return ids, scores
