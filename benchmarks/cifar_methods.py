@@ -132,11 +132,13 @@ def plot(jobs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5) if len(jobs) <= 10 else (8, 6))
+    colours = plt.get_cmap("tab10" if len(jobs) <= 10 else "tab20").colors
     baselines: dict[str, list[dict]] = {}
-    for job in jobs:
+    for job, colour in zip(jobs, colours, strict=False):
         own = [r for r in job["few_label"] if r["method"] == "selfsup"]
-        ax.plot([100 * f for f in FRACTIONS], _means(own), marker="o", label=job["method"])
+        xs = [100 * f for f in FRACTIONS]
+        ax.plot(xs, _means(own), marker="o", label=job["method"], color=colour)
         for row in job["few_label"]:
             if row["method"] != "selfsup":
                 name = row["method"] + (" (ViT)" if job["method"] == "mae" else "")
