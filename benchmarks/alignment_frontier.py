@@ -88,22 +88,28 @@ def build_pipeline(work: Path, scale: dict[str, Any]) -> dict[str, Path]:
     return {"data": data, "sft": sft, "rm": rm, "rankings": rankings}
 
 
-def _evaluator(paths: dict[str, Path], scale: dict[str, Any]):
-    """evaluate(policy) -> proxy, gold, KL on the held-out prompts, as lm rlhf's eval.csv."""
-    from selfsup.lm.alignment.rlhf import (
-        evaluate_policy,
-        gold_fn,
-        load_policy,
-        load_prompts,
-        load_reward_model,
-    )
-    from selfsup.lm.options import PPOSettings
+def _held_out(paths: dict[str, Path], scale: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """(prompts, gold scorer, tokenizer, SFT policy, reward model) of the held-out evaluation."""
+    from selfsup.lm.alignment.rlhf import gold_fn, load_policy, load_prompts, load_reward_model
 
     conv, records = load_prompts(str(paths["data"] / "eval.jsonl"))
     conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
-    gold = gold_fn("arithmetic", records)
-    tokenizer, reference = load_policy(paths["sft"])
-    reward_model = load_reward_model(paths["rm"], tokenizer)
+    tokenizer, sft = load_policy(paths["sft"])
+    return (
+        conv,
+        gold_fn("arithmetic", records),
+        tokenizer,
+        sft,
+        load_reward_model(paths["rm"], tokenizer),
+    )
+
+
+def _evaluator(paths: dict[str, Path], scale: dict[str, Any]):
+    """evaluate(policy) -> proxy, gold, KL on the held-out prompts, as lm rlhf's eval.csv."""
+    from selfsup.lm.alignment.rlhf import evaluate_policy, load_policy
+    from selfsup.lm.options import PPOSettings
+
+    conv, gold, tokenizer, reference, reward_model = _held_out(paths, scale)
 
     def evaluate(policy_dir: Path) -> dict[str, float]:
         _, policy = load_policy(policy_dir)
@@ -114,12 +120,10 @@ def _evaluator(paths: dict[str, Path], scale: dict[str, Any]):
 
 
 def run_best_of_n(paths: dict[str, Path], scale: dict[str, Any], seed: int) -> list[dict]:
-    from selfsup.lm.alignment.rlhf import best_of_n_kl
+    from selfsup.lm.alignment.rlhf import best_of_n_kl, best_of_n_mean
 
     start = time.perf_counter()
     proxy, golds = _pool(paths, scale, seed)
-    from selfsup.lm.alignment.rlhf import best_of_n_mean
-
     wall = time.perf_counter() - start
     rows = []
     for n in scale["ns"]:
@@ -134,19 +138,9 @@ def run_best_of_n(paths: dict[str, Path], scale: dict[str, Any], seed: int) -> l
 
 @torch.no_grad()
 def _pool(paths, scale, seed) -> tuple[np.ndarray, np.ndarray]:
-    from selfsup.lm.alignment.rlhf import (
-        gold_fn,
-        load_policy,
-        load_prompts,
-        load_reward_model,
-    )
     from selfsup.lm.alignment.rollout import decode_responses, reward_scores, sample
 
-    conv, records = load_prompts(str(paths["data"] / "eval.jsonl"))
-    conv, records = conv[: scale["eval_prompts"]], records[: scale["eval_prompts"]]
-    gold = gold_fn("arithmetic", records)
-    tokenizer, policy = load_policy(paths["sft"])
-    reward_model = load_reward_model(paths["rm"], tokenizer)
+    conv, gold, tokenizer, policy, reward_model = _held_out(paths, scale)
     proxy = np.zeros((len(conv), scale["pool"]))
     golds = np.zeros_like(proxy)
     for j in range(scale["pool"]):

@@ -97,30 +97,20 @@ def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Ten
     )
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Item i: file i decoded at the encoder's channels and size."""
-
-    def __init__(self, paths: list[str], shape: tuple[int, int, int]) -> None:
-        self.paths, self.shape = paths, shape
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image_files([self.paths[i]], self.shape)[0]
-
-
 def file_batches(
     paths: list[str], shape: tuple[int, int, int], batch_size: int, workers: int = 2
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(paths, uint8 images) in order, `batch_size` at a time, decoded by `workers` DataLoader
     processes while the encoder runs (in the main process for a single batch)."""
+    from selfsup.data.sources import FolderImages
+    from selfsup.data.transforms import adapt_images
+
+    channels, h, _ = shape
     workers = workers if len(paths) > batch_size else 0
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, shape), batch_size=batch_size, num_workers=workers
-    )
-    for start, x in zip(range(0, len(paths), batch_size), loader, strict=True):
-        yield paths[start : start + len(x)], x
+    files = FolderImages(paths, [0] * len(paths), h)  # decoded and squared, as load_image_files
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers)
+    for start, (x, _) in zip(range(0, len(paths), batch_size), loader, strict=True):
+        yield paths[start : start + len(x)], adapt_images(x, channels, (h, h))
 
 
 def classify(

@@ -138,6 +138,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
         load_policy,
         load_prompts,
         load_reward_model,
+        stopped,
         write_answers,
     )
 
@@ -193,11 +194,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
             )
             problem = diverged(stats, config.max_kl, ("grpo/loss", "reward", "kl"))
             if problem:
-                raise SelfsupError(
-                    f"GRPO stopped at iteration {iteration}: {problem}; the last good policy is "
-                    f"{saved[-1]} (lower --lr, raise --beta)"
-                    + ("" if len(saved) > 1 else f"; {run} is removed")
-                )
+                raise stopped("GRPO", iteration, problem, saved, run)
             hf.append_metrics(run, {"iteration": iteration, **stats})
             bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
             if iteration % config.eval_every == 0 or iteration == config.iterations:

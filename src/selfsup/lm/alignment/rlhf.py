@@ -211,11 +211,7 @@ def _ppo_run(
         )
         problem = diverged(stats, config.max_kl)
         if problem:
-            raise SelfsupError(
-                f"PPO stopped at iteration {iteration}: {problem}; the last good policy is "
-                f"{saved[-1]} (lower --lr, raise --beta)"
-                + ("" if len(saved) > 1 else f"; {run} is removed")
-            )
+            raise stopped("PPO", iteration, problem, saved, run)
         hf.append_metrics(run, {"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
         if iteration % config.eval_every == 0 or iteration == config.iterations:
@@ -263,6 +259,16 @@ def write_answers(
     path = run / ANSWERS
     rundir.atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def stopped(stage: str, iteration: int, problem: str, saved: list[str], run: Path) -> SelfsupError:
+    """The error that ends a diverged run: what went wrong and the last good policy to load
+    (the run folder is removed when no policy was saved in it)."""
+    return SelfsupError(
+        f"{stage} stopped at iteration {iteration}: {problem}; the last good policy is "
+        f"{saved[-1]} (lower --lr, raise --beta)"
+        + ("" if len(saved) > 1 else f"; {run} is removed")
+    )
 
 
 def diverged(
