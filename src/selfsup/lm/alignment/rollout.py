@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
+from selfsup.lm.alignment.decoding import sample_tokens
 from selfsup.losses.ppo import token_logprobs
 
 
@@ -81,17 +82,25 @@ def sample(
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     suppressed = suppressed_tokens(tokenizer)
-    sequences = model.generate(
-        **prompts,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k or None,
-        top_p=None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=list(suppressed),
-    )
+    options = dict(
+        temperature=temperature, top_k=top_k, suppressed=suppressed,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    answers = sample_tokens(model, **prompts, max_new_tokens=max_new_tokens, **options)
+    if answers is not None:  # GPT-2: the lean loop, the same tokens as generate's
+        sequences = torch.cat([prompts["input_ids"], answers], 1)
+    else:
+        sequences = model.generate(
+            **prompts,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k or None,
+            top_p=None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=list(suppressed),
+        )
     p = prompts["input_ids"].shape[1]
     responses = sequences[:, p:]
     is_end = responses == tokenizer.eos_token_id

@@ -1,0 +1,134 @@
+"""A lean sampling loop for GPT-2 policies, token for token what `generate` samples.
+
+PPO, GRPO and best-of-n spend most of their time sampling short answers from small models.
+There, `transformers`' `generate` costs about ten times the arithmetic of a decoding step in
+per-step Python (its model forward's mask building, cache objects and output classes, its
+logits processors). This loop runs the same GPT-2 maths on the model's own weights with a
+preallocated key/value cache and applies the same processing in the same order (suppressed
+tokens, temperature, top-k, softmax, one multinomial draw per row of the whole batch, padding
+after the end token), so with the same seed it draws the same tokens (a test compares the two).
+Other architectures, dropout in training mode, or answers that would run past the model's
+positions return None, and the caller uses `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+
+class GPT2Decoder:
+    """Incremental forward of a Hugging Face `GPT2LMHeadModel`: feed tokens, get the last
+    position's logits; keys and values of every fed position stay in a preallocated cache."""
+
+    def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
+        config = model.config
+        self.transformer, self.lm_head = model.transformer, model.lm_head
+        self.heads, self.width = config.n_head, config.n_embd
+        self.eps = config.layer_norm_epsilon
+        self.act = ACT2FN[config.activation_function]
+        head_dim = self.width // self.heads
+        base = head_dim**-0.5 if config.scale_attn_weights else 1.0
+        inverse_layer = config.scale_attn_by_inverse_layer_idx
+        self.scales = [base / (i + 1) if inverse_layer else base for i in range(config.n_layer)]
+        weight = self.transformer.wte.weight
+        shape = (config.n_layer, batch, self.heads, max_length, head_dim)
+        self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    @staticmethod
+    def supports(model: nn.Module, max_length: int) -> bool:
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
+            return False
+        dropout = (config.attn_pdrop, config.resid_pdrop, config.embd_pdrop)
+        return (
+            not config.add_cross_attention
+            and not config.reorder_and_upcast_attn
+            and config.activation_function in ACT2FN
+            and max_length <= config.n_positions
+            and not (model.training and any(p > 0 for p in dropout))
+        )
+
+    def __call__(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """Logits (B×V) after `ids` (B×S) at `positions`; `key_mask` (B×max_length) marks the
+        cached and new positions that may be attended to (False on left padding)."""
+        t, (b, s) = self.transformer, ids.shape
+        start, end = self.length, self.length + ids.shape[1]
+        x = t.wte(ids) + t.wpe(positions)
+        causal = torch.ones(s, end, dtype=torch.bool, device=ids.device).tril(start)
+        mask = causal & key_mask[:, None, None, :end]
+        if start == 0:  # a padding query sees itself only: finite, and no real query sees it
+            mask = mask | torch.eye(s, dtype=torch.bool, device=ids.device)
+        for i, block in enumerate(t.h):
+            h = F.layer_norm(x, (self.width,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            qkv = _conv1d(block.attn.c_attn, h).view(b, s, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            self.keys[i, :, :, start:end] = k
+            self.values[i, :, :, start:end] = v
+            a = F.scaled_dot_product_attention(
+                q, self.keys[i, :, :, :end], self.values[i, :, :, :end], mask, scale=self.scales[i]
+            )
+            x = x + _conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(b, s, self.width))
+            h = F.layer_norm(x, (self.width,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            x = x + _conv1d(block.mlp.c_proj, self.act(_conv1d(block.mlp.c_fc, h)))
+        self.length = end
+        last = F.layer_norm(x[:, -1], (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
+        return self.lm_head(last)
+
+
+def _conv1d(layer: nn.Module, x: Tensor) -> Tensor:
+    """GPT-2's Conv1D (a linear layer with its weight stored in×out), as it computes it."""
+    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)
+    return out.view(*x.shape[:-1], -1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: int,
+    suppressed: tuple[int, ...],
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Tensor | None:
+    """B×T sampled answer tokens after left-padded prompts (T ≤ max_new_tokens: the loop stops
+    when every row has its end token; rows that ended are padded), or None where
+    `GPT2Decoder` does not apply."""
+    batch, prompt_length = input_ids.shape
+    if not GPT2Decoder.supports(model, prompt_length + max_new_tokens):
+        return None
+    decoder = GPT2Decoder(model, batch, prompt_length + max_new_tokens)
+    key_mask = torch.ones(batch, prompt_length + max_new_tokens, dtype=torch.bool,
+                          device=input_ids.device)  # fmt: skip
+    key_mask[:, :prompt_length] = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    logits = decoder(input_ids, positions, key_mask)
+    position = positions[:, -1:] + 1
+    blocked = torch.tensor(suppressed, dtype=torch.long, device=input_ids.device)
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, device=input_ids.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        if len(suppressed):
+            scores = scores.index_fill(-1, blocked, -float("inf"))
+        if temperature != 1.0:
+            scores = scores / temperature
+        if top_k:
+            kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1:]
+            scores = scores.masked_fill(scores < kth, -float("inf"))
+        drawn = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        tokens[:, step] = torch.where(unfinished, drawn, pad_token_id)
+        unfinished &= tokens[:, step] != eos_token_id
+        if not unfinished.any() or step + 1 == max_new_tokens:
+            return tokens[:, : step + 1]
+        logits = decoder(tokens[:, step : step + 1], position, key_mask)
+        position = position + 1
+    return tokens[:, :0]

@@ -1,0 +1,103 @@
+"""The lean GPT-2 sampling loop against Hugging Face's own model forward and `generate`."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from selfsup.lm.alignment.decoding import GPT2Decoder, sample_tokens
+
+VOCAB, EOS, PAD = 23, 3, 22
+
+
+def _gpt2(seed: int = 0, **config) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    defaults = dict(vocab_size=VOCAB, n_positions=48, n_embd=24, n_layer=3, n_head=3,
+                    attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(GPT2Config(**{**defaults, **config})).eval()
+
+
+def _left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    lengths = [7, 3, 5, 1, 7, 6]
+    ids = torch.full((len(lengths), max(lengths)), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(4, 20, (n,))
+        mask[row, -n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(activation_function="gelu_new"),
+     dict(activation_function="gelu", scale_attn_by_inverse_layer_idx=True)],
+)  # fmt: skip
+def test_cached_logits_equal_the_full_forward(config):
+    """Prefill then one token at a time: each step's logits are those of Hugging Face's forward
+    over the whole left-padded sequence at the same positions."""
+    model = _gpt2(**config)
+    ids, mask = _left_padded_prompts()
+    more = torch.randint(4, 20, (ids.shape[0], 5))
+    full_ids = torch.cat([ids, more], 1)
+    full_mask = torch.cat([mask, torch.ones_like(more)], 1)
+    positions = (full_mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions)
+    decoder = GPT2Decoder(model, ids.shape[0], full_ids.shape[1])
+    key_mask = full_mask.bool()
+    p = ids.shape[1]
+    with torch.no_grad():
+        got = [decoder(ids, positions[:, :p], key_mask)]
+        for t in range(more.shape[1] - 1):
+            got.append(decoder(more[:, t : t + 1], positions[:, p + t : p + t + 1], key_mask))
+    torch.testing.assert_close(
+        torch.stack(got, 1), expected.logits[:, p - 1 : -1], atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.5, 4)])
+def test_the_same_tokens_as_generate(temperature, top_k):
+    """With the same seed the loop draws what `generate` draws: suppressed tokens, temperature,
+    top-k, one draw per row, padding after the end token, stopping when all rows ended."""
+    model = _gpt2(activation_function="gelu")
+    ids, mask = _left_padded_prompts()
+    suppressed = (0, 1, PAD)
+    ended_early = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        reference = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+            top_k=top_k or None, top_p=None, max_new_tokens=12, eos_token_id=EOS,
+            pad_token_id=PAD, suppress_tokens=list(suppressed),
+        )[:, ids.shape[1] :]  # fmt: skip
+        torch.manual_seed(seed)
+        tokens = sample_tokens(
+            model, ids, mask, 12, temperature=temperature, top_k=top_k, suppressed=suppressed,
+            eos_token_id=EOS, pad_token_id=PAD,
+        )  # fmt: skip
+        assert tokens is not None
+        assert torch.equal(tokens, reference)
+        assert not torch.isin(tokens, torch.tensor((0, 1))).any()
+        ended_early += int(((tokens == PAD).any(1)).sum())
+    assert ended_early > 0  # the padding after an end token was exercised
+
+
+def test_other_models_fall_back_to_generate():
+    ids, mask = _left_padded_prompts()
+    options = dict(temperature=1.0, top_k=0, suppressed=(), eos_token_id=EOS, pad_token_id=PAD)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )  # fmt: skip
+    )
+    assert sample_tokens(llama, ids, mask, 4, **options) is None
+    dropout = _gpt2(resid_pdrop=0.1).train()  # sampling would apply dropout, as generate does
+    assert sample_tokens(dropout, ids, mask, 4, **options) is None
+    assert sample_tokens(dropout.eval(), ids, mask, 4, **options) is not None
+    too_long = _gpt2(n_positions=ids.shape[1] + 3)
+    assert sample_tokens(too_long, ids, mask, 4, **options) is None
