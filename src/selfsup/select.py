@@ -39,7 +39,7 @@ def choose(
     n = len(features)
     if not 1 <= budget <= n:
         raise SelfsupError(f"--budget must be between 1 and the {n} images, got {budget}")
-    z = _unit(features)
+    z = unit_rows(features)
     if strategy == "random":
         return np.random.default_rng(seed).choice(n, budget, replace=False)
     if strategy == "kcenter":
@@ -47,7 +47,7 @@ def choose(
     return typiclust(z, budget, seed)
 
 
-def _unit(features: np.ndarray) -> np.ndarray:
+def unit_rows(features: np.ndarray) -> np.ndarray:
     z = np.asarray(features, dtype=np.float32)
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 

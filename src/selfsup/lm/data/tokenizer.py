@@ -108,6 +108,12 @@ def encode_text(tokenizer: PreTrainedTokenizerFast, text: str, what: str = "text
     """Token ids of `text` (no special tokens added); a character the tokenizer cannot encode
     (unknown to a char-level vocabulary, or mapped to its unknown token) is an error naming it.
     """
+    try:  # the whole text at once; each character on its own only to name what failed
+        ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception:  # WordLevel without an unknown token raises on unseen characters
+        ids = None
+    if ids is not None and tokenizer.unk_token_id not in ids:
+        return ids
     unknown = sorted({c for c in text if not _encodable(tokenizer, c)})
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:10])
