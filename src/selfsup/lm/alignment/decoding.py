@@ -33,6 +33,12 @@ class GPT2Decoder:
         base = head_dim**-0.5 if config.scale_attn_weights else 1.0
         inverse_layer = config.scale_attn_by_inverse_layer_idx
         self.scales = [base / (i + 1) if inverse_layer else base for i in range(config.n_layer)]
+        self.layers = [  # the weights, looked up once (the optimiser updates them in place)
+            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+             b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+             b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+            for b in self.transformer.h
+        ]  # fmt: skip
         weight = self.transformer.wte.weight
         shape = (config.n_layer, batch, self.heads, max_length, head_dim)
         self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
@@ -59,30 +65,35 @@ class GPT2Decoder:
         t, (b, s) = self.transformer, ids.shape
         start, end = self.length, self.length + ids.shape[1]
         x = t.wte(ids) + t.wpe(positions)
-        causal = torch.ones(s, end, dtype=torch.bool, device=ids.device).tril(start)
-        mask = causal & key_mask[:, None, None, :end]
+        mask = key_mask[:, None, None, :end]
+        if s > 1:
+            causal = torch.ones(s, end, dtype=torch.bool, device=ids.device).tril(start)
+            mask = mask & causal
         if start == 0:  # a padding query sees itself only: finite, and no real query sees it
             mask = mask | torch.eye(s, dtype=torch.bool, device=ids.device)
-        for i, block in enumerate(t.h):
-            h = F.layer_norm(x, (self.width,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            qkv = _conv1d(block.attn.c_attn, h).view(b, s, 3, self.heads, -1)
+        for i, weights in enumerate(self.layers):
+            ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = (
+                weights
+            )
+            h = F.layer_norm(x, (self.width,), ln1_w, ln1_b, self.eps)
+            qkv = _linear(h, qkv_w, qkv_b).view(b, s, 3, self.heads, -1)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
             self.keys[i, :, :, start:end] = k
             self.values[i, :, :, start:end] = v
             a = F.scaled_dot_product_attention(
                 q, self.keys[i, :, :, :end], self.values[i, :, :, :end], mask, scale=self.scales[i]
             )
-            x = x + _conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(b, s, self.width))
-            h = F.layer_norm(x, (self.width,), block.ln_2.weight, block.ln_2.bias, self.eps)
-            x = x + _conv1d(block.mlp.c_proj, self.act(_conv1d(block.mlp.c_fc, h)))
+            x = x + _linear(a.transpose(1, 2).reshape(b, s, self.width), out_w, out_b)
+            h = F.layer_norm(x, (self.width,), ln2_w, ln2_b, self.eps)
+            x = x + _linear(self.act(_linear(h, fc_w, fc_b)), proj_w, proj_b)
         self.length = end
         last = F.layer_norm(x[:, -1], (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
         return self.lm_head(last)
 
 
-def _conv1d(layer: nn.Module, x: Tensor) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """GPT-2's Conv1D (a linear layer with its weight stored in×out), as it computes it."""
-    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
     return out.view(*x.shape[:-1], -1)
 
 
