@@ -101,3 +101,77 @@ def test_other_models_fall_back_to_generate():
     assert sample_tokens(dropout.eval(), ids, mask, 4, **options) is not None
     too_long = _gpt2(n_positions=ids.shape[1] + 3)
     assert sample_tokens(too_long, ids, mask, 4, **options) is None
+
+
+def test_shared_prompts_give_each_rows_own_logits_and_gradients():
+    """Answers to repeated prompts (GRPO's groups) run each prompt once: the answer positions'
+    logits, values and the gradients of a loss on them equal those of the whole rows."""
+    from selfsup.lm.alignment.rollout import Rollout, forward_response
+
+    model = _gpt2(activation_function="gelu_new")
+    prompts, prompt_mask = _left_padded_prompts()
+    group = torch.tensor([0, 0, 0, 2, 2, 5, 2, 0])  # rows of repeated prompts, out of order
+    torch.manual_seed(2)
+    answers = torch.randint(4, 20, (len(group), 6))
+    answer_mask = torch.ones_like(answers)
+    answer_mask[1, 3:] = 0  # ended early: right padding
+    answer_mask[6, 1:] = 0
+    sequences = torch.cat([prompts[group], answers], 1)
+    attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
+    rollout = Rollout(sequences, attention_mask, prompts.shape[1], answer_mask,
+                      answer_mask[:, -1] == 0)  # fmt: skip
+    value_head = torch.nn.Linear(24, 1)
+    real = answer_mask.bool()
+    results = []
+    for distinct in (False, True):
+        model.zero_grad()
+        r = rollout
+        if distinct:  # the same rows, each prompt made unique by a masked-out first column
+            extra = torch.arange(len(group))[:, None]
+            r = Rollout(torch.cat([extra, sequences], 1),
+                        torch.cat([torch.zeros_like(extra), attention_mask], 1),
+                        prompts.shape[1] + 1, answer_mask, rollout.ended)  # fmt: skip
+        logits, logprobs, values = forward_response(model, r, value_head)
+        (logprobs[real].sum() + values[real].sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((logits[real], logprobs[real], values[real], grads))
+    (l1, p1, v1, g1), (l2, p2, v2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p1, p2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_pairs_run_their_shared_prompt_once():
+    """DPO's log-probabilities with each pair's prompt run once equal those of the two whole
+    rows, values and gradients: answers that begin alike, a labelled earlier turn, truncation."""
+    from selfsup.lm.alignment.dpo import pair_batch, pair_logprobs, sequence_logprobs
+
+    model = _gpt2(activation_function="gelu")
+    ignore = -100
+
+    def conversation(prompt, answer, earlier=()):
+        ids = [*earlier, *prompt, *answer]
+        labels = [*earlier, *[ignore] * len(prompt), *answer]  # earlier turns labelled, too
+        return ids, [ignore, *labels[1:]]
+
+    examples = [
+        (conversation([5, 6, 7], [8, 9, 3]), conversation([5, 6, 7], [8, 10, 11, 3])),
+        (conversation([5, 12], [13, 3]), conversation([5, 12], [14, 15, 16, 17, 3])),
+        (conversation([4, 6, 6, 6], [3]), conversation([4, 6, 6, 6], [19, 3])),
+        (conversation([5, 9], [10, 3], earlier=[4, 11]), conversation([5, 9], [12, 3], [4, 11])),
+    ]
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            logps = pair_logprobs(model, examples, PAD, "cpu")
+        else:
+            logps = sequence_logprobs(model, pair_batch(examples, PAD, "cpu"))
+        (logps * torch.arange(1.0, 9.0)).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared_logps, shared_grads), (plain_logps, plain_grads) = results
+    torch.testing.assert_close(shared_logps, plain_logps, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

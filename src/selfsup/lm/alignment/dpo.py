@@ -81,6 +81,44 @@ def pair_batch(examples: Sequence[Any], pad_id: int, device: torch.device) -> di
     return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
 
 
+def _shared_length(
+    chosen: tuple[list[int], list[int]], rejected: tuple[list[int], list[int]]
+) -> int:
+    """Tokens the two conversations share before either differs or carries a label (the
+    prompt), keeping at least one token of each to follow them."""
+    limit = min(len(chosen[0]), len(rejected[0])) - 1
+    n = 0
+    while n < limit and chosen[0][n] == rejected[0][n] and IGNORE == chosen[1][n] == rejected[1][n]:
+        n += 1
+    return n
+
+
+def pair_logprobs(model: Any, examples: Sequence[Any], pad_id: int, device: Any) -> Tensor:
+    """`sequence_logprobs` of the chosen rows then the rejected rows, with each pair's shared
+    prompt run once (`rollout.continuation_outputs`): in a short-answer task most of a
+    conversation is its prompt, so this is about a third less work than running both rows."""
+    from selfsup.lm.alignment.rollout import continuation_outputs
+
+    shared = [_shared_length(c, r) for c, r in examples]
+    if min(shared) == 0:
+        return sequence_logprobs(model, pair_batch(examples, pad_id, device))
+    prefixes = torch.full((len(examples), max(shared)), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefixes)
+    for row, ((ids, _), n) in enumerate(zip((e[0] for e in examples), shared, strict=True)):
+        prefixes[row, -n:] = torch.tensor(ids[:n])  # left-padded
+        prefix_mask[row, -n:] = 1
+    rests = [(ids[n:], labels[n:]) for (ids, labels), n in zip((e[0] for e in examples), shared,
+             strict=True)]  # fmt: skip
+    rests += [(ids[n:], labels[n:]) for (ids, labels), n in zip((e[1] for e in examples), shared,
+              strict=True)]  # fmt: skip
+    batch = {k: v.to(device) for k, v in collate(rests, pad_id).items()}
+    rows = torch.arange(len(examples), device=device).repeat(2)
+    logits, _ = continuation_outputs(model, prefixes.to(device), prefix_mask.to(device), rows,
+                                     batch["input_ids"], batch["attention_mask"])  # fmt: skip
+    mask = batch["labels"] != IGNORE
+    return (token_logprobs(logits, batch["labels"].clamp_min(0)) * mask).sum(1)
+
+
 @torch.no_grad()
 def _with_reference(
     reference: Any, examples: list, pad_id: int, batch_size: int = 32
@@ -91,7 +129,7 @@ def _with_reference(
     out = []
     for s in range(0, len(examples), batch_size):
         part = examples[s : s + batch_size]
-        logps = sequence_logprobs(reference, pair_batch(part, pad_id, device)).tolist()
+        logps = pair_logprobs(reference, part, pad_id, device).tolist()
         n = len(part)
         out.extend((c, r, logps[i], logps[n + i]) for i, (c, r) in enumerate(part))
     return out
@@ -134,7 +172,7 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
 
     def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
         device = next(m.parameters()).device
-        logps = sequence_logprobs(m, pair_batch([(c, r) for c, r, _, _ in batch], pad, device))
+        logps = pair_logprobs(m, [(c, r) for c, r, _, _ in batch], pad, device)
         ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=device)
         n = len(batch)
         loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], config.beta)

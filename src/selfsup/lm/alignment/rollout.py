@@ -8,6 +8,7 @@ the same way `generate` counts them, so the scores here match the sampling distr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,22 +123,73 @@ def forward_response(
     masked out and divided by the rollout's temperature (as TRL does), so that PPO's ratios,
     KL and advantages are computed on-policy at any `--temperature`.
     """
-    out = model(
-        input_ids=rollout.sequences,
-        attention_mask=rollout.attention_mask,
-        position_ids=position_ids(rollout.attention_mask),
-        output_hidden_states=value_head is not None,
-    )
     p, t = rollout.prompt_length, rollout.responses.shape[1]
-    logits = out.logits[:, p - 1 : p - 1 + t]
+    prompts = rollout.sequences[:, :p]
+    unique, rows = torch.unique(prompts, dim=0, return_inverse=True)
+    if len(unique) < len(prompts):  # GRPO's groups, best-of-n: each prompt once
+        first = torch.full((len(unique),), len(rows), device=rows.device)
+        first = first.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amin")
+        logits, hidden = continuation_outputs(
+            model, prompts[first], rollout.attention_mask[first, :p], rows,
+            rollout.responses, rollout.response_mask, hidden=value_head is not None,
+        )  # fmt: skip
+    else:
+        out = model(
+            input_ids=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids(rollout.attention_mask),
+            output_hidden_states=value_head is not None,
+        )
+        logits = out.logits[:, p - 1 : p - 1 + t]
+        hidden = out.hidden_states[-1][:, p - 1 : p - 1 + t] if value_head is not None else None
     if rollout.suppressed:  # the distribution the answers were sampled from
         logits = logits.index_fill(-1, torch.tensor(rollout.suppressed, device=logits.device), -1e4)
     if rollout.temperature != 1.0:
         logits = logits / rollout.temperature
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, p - 1 : p - 1 + t]).squeeze(-1).float()
+    values = None if hidden is None else value_head(hidden).squeeze(-1).float()  # type: ignore[misc]
     return logits, token_logprobs(logits, rollout.responses), values
+
+
+def continuation_outputs(
+    model: nn.Module,
+    prefix_ids: Tensor,
+    prefix_mask: Tensor,
+    rows: Tensor,
+    continuation: Tensor,
+    continuation_mask: Tensor,
+    hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits R×C×V (and last hidden states R×C×E) where [r, j] predicts token j of
+    `continuation` row r, which follows prefix `rows[r]` (U left-padded prefixes, R
+    right-padded continuations). Each prefix is run once and its keys and values go to every
+    row that follows it (`index_select`: gradients reach the prefix from every row), the
+    same maths as running each whole row, with less of it when prefixes repeat."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with warnings.catch_warnings():  # transformers 5 renames past_key_values, 4.x knows only it
+        warnings.simplefilter("ignore", FutureWarning)
+        first = model(
+            input_ids=prefix_ids, attention_mask=prefix_mask,
+            position_ids=position_ids(prefix_mask), past_key_values=cache, use_cache=True,
+            output_hidden_states=hidden,
+        )  # fmt: skip
+        logits = first.logits[rows, -1:]
+        states = first.hidden_states[-1][rows, -1:] if hidden else None
+        if continuation.shape[1] > 1:
+            cache.reorder_cache(rows)
+            inputs = continuation[:, :-1]
+            mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1)
+            start = prefix_mask.sum(1)[rows, None]
+            steps = torch.arange(inputs.shape[1], device=inputs.device)
+            second = model(
+                input_ids=inputs, attention_mask=mask, position_ids=start + steps,
+                past_key_values=cache, use_cache=True, output_hidden_states=hidden,
+            )  # fmt: skip
+            logits = torch.cat([logits, second.logits], 1)
+            if hidden:
+                states = torch.cat([states, second.hidden_states[-1]], 1)  # type: ignore[list-item]
+    return logits, states
 
 
 @torch.no_grad()
