@@ -1,4 +1,5 @@
-"""The lean GPT-2 sampling loop against Hugging Face's own model forward and `generate`."""
+"""Sharing work in post-training: the lean GPT-2 sampling loop against `generate`, and
+repeated prompts run once, against running every row whole."""
 
 import pytest
 import torch
@@ -175,3 +176,21 @@ def test_dpo_pairs_run_their_shared_prompt_once():
     torch.testing.assert_close(shared_logps, plain_logps, atol=1e-5, rtol=1e-5)
     for a, b in zip(shared_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_reference_scores_each_conversation_once_and_right():
+    """A ranking's pairs repeat its answers; the reference's log-probabilities, computed once
+    per distinct conversation, are each row's own (checked row by row, one at a time)."""
+    from selfsup.lm.alignment.dpo import _with_reference, pair_batch, sequence_logprobs
+
+    model = _gpt2(activation_function="gelu")
+    ignore = -100
+    answers = {a: ([5, 6, 7, *a], [ignore] * 3 + list(a)) for a in [(8, 3), (9, 10, 3), (11, 3)]}
+    a, b, c = answers.values()
+    examples = [(a, b), (a, c), (b, c), (c, a)]
+    scored = _with_reference(model, examples, PAD, batch_size=2)
+    with torch.no_grad():
+        for (chosen, rejected, ref_c, ref_r), (x, y) in zip(scored, examples, strict=True):
+            assert chosen is x and rejected is y
+            expected = sequence_logprobs(model, pair_batch([(x, y)], PAD, "cpu"))
+            torch.testing.assert_close(torch.tensor([ref_c, ref_r]), expected, atol=1e-5, rtol=0)

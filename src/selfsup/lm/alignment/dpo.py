@@ -55,15 +55,21 @@ def preference_pairs(rankings: Sequence[Ranking]) -> tuple[list[Pair], dict[str,
     return pairs, {"identical": identical, "no_pair": no_pair}
 
 
-def _example(tokenizer: Any, pair: Pair, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) of the chosen and the rejected conversation, the answer's tokens labelled;
-    a conversation longer than `max_length` keeps its end (the answer)."""
-    out = []
-    for answer in pair[1:]:
-        ids, labels = sft_example(tokenizer, [*pair[0], {"role": "assistant", "content": answer}],
-                                  10**9)  # fmt: skip
-        out.append((ids[-max_length:], labels[-max_length:]))
-    return out
+def _examples(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> list[Any]:
+    """(ids, labels) of each pair's chosen and rejected conversation, the answer's tokens
+    labelled; a conversation longer than `max_length` keeps its end (the answer). A ranking's
+    pairs repeat its answers: each conversation is tokenized once."""
+    done: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    def encoded(prompt: list[Message], answer: str) -> tuple[list[int], list[int]]:
+        key = (*((m["role"], m["content"]) for m in prompt), answer)
+        if key not in done:
+            conversation = [*prompt, {"role": "assistant", "content": answer}]
+            ids, labels = sft_example(tokenizer, conversation, 10**9)
+            done[key] = (ids[-max_length:], labels[-max_length:])
+        return done[key]
+
+    return [(encoded(p, chosen), encoded(p, rejected)) for p, chosen, rejected in pairs]
 
 
 def sequence_logprobs(model: Any, batch: dict[str, Tensor]) -> Tensor:
@@ -121,18 +127,20 @@ def pair_logprobs(model: Any, examples: Sequence[Any], pad_id: int, device: Any)
 
 @torch.no_grad()
 def _with_reference(
-    reference: Any, examples: list, pad_id: int, batch_size: int = 32
+    reference: Any, examples: list, pad_id: int, batch_size: int = 64
 ) -> list[tuple[Any, Any, float, float]]:
-    """Each example with the reference's summed log-probabilities of its two answers."""
+    """Each example with the reference's summed log-probabilities of its two answers (each
+    distinct conversation scored once: a ranking of K answers has up to K(K-1)/2 pairs)."""
     reference.eval()
     device = next(reference.parameters()).device
-    out = []
-    for s in range(0, len(examples), batch_size):
-        part = examples[s : s + batch_size]
-        logps = pair_logprobs(reference, part, pad_id, device).tolist()
-        n = len(part)
-        out.extend((c, r, logps[i], logps[n + i]) for i, (c, r) in enumerate(part))
-    return out
+    rows = list({tuple(e[0]): e for pair in examples for e in pair}.values())
+    scores: dict[tuple, float] = {}
+    for s in range(0, len(rows), batch_size):
+        part = rows[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        for (ids, _), logp in zip(part, sequence_logprobs(reference, batch).tolist(), strict=True):
+            scores[tuple(ids)] = logp
+    return [(c, r, scores[tuple(c[0])], scores[tuple(r[0])]) for c, r in examples]
 
 
 def dpo(config: DPOConfig, command: str | None = None) -> Path:
@@ -161,12 +169,8 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
     set_special_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     reference = copy.deepcopy(model)
-    train = _with_reference(
-        reference, [_example(tokenizer, p, config.max_length) for p in train_pairs], pad
-    )
-    val = _with_reference(
-        reference, [_example(tokenizer, p, config.max_length) for p in val_pairs], pad
-    )
+    train = _with_reference(reference, _examples(tokenizer, train_pairs, config.max_length), pad)
+    val = _with_reference(reference, _examples(tokenizer, val_pairs, config.max_length), pad)
     del reference
     disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
 
