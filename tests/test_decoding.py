@@ -194,3 +194,28 @@ def test_dpo_reference_scores_each_conversation_once_and_right():
             assert chosen is x and rejected is y
             expected = sequence_logprobs(model, pair_batch([(x, y)], PAD, "cpu"))
             torch.testing.assert_close(torch.tensor([ref_c, ref_r]), expected, atol=1e-5, rtol=0)
+
+
+def test_reference_logits_by_the_lean_forward():
+    """Without gradients (a reference model) the answers' logits come from the lean GPT-2
+    forward: equal to Hugging Face's whole-row forward, repeated prompts or not."""
+    from selfsup.lm.alignment.rollout import Rollout, forward_response
+
+    model = _gpt2(activation_function="gelu_new")
+    prompts, prompt_mask = _left_padded_prompts()
+    torch.manual_seed(3)
+    for group in (torch.tensor([0, 0, 3, 3, 3, 1]), torch.arange(6)):
+        answers = torch.randint(4, 20, (len(group), 5))
+        answer_mask = torch.ones_like(answers)
+        answer_mask[2, 2:] = 0
+        sequences = torch.cat([prompts[group], answers], 1)
+        attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
+        p = prompts.shape[1]
+        rollout = Rollout(sequences, attention_mask, p, answer_mask, answer_mask[:, -1] == 0)
+        with torch.no_grad():
+            logits, _, _ = forward_response(model, rollout)
+            positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
+            whole = model(input_ids=sequences, attention_mask=attention_mask,
+                          position_ids=positions).logits[:, p - 1 : -1]  # fmt: skip
+        real = answer_mask.bool()
+        torch.testing.assert_close(logits[real], whole[real], atol=1e-5, rtol=1e-5)

@@ -62,6 +62,17 @@ class GPT2Decoder:
     def __call__(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
         """Logits (B×V) after `ids` (B×S) at `positions`; `key_mask` (B×max_length) marks the
         cached and new positions that may be attended to (False on left padding)."""
+        return self.logits(self.hidden(ids, positions, key_mask)[:, -1])
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        t = self.transformer
+        return self.lm_head(
+            F.layer_norm(hidden, (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
+        )
+
+    def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """The last block's output (B×S×E, before the final layer norm) at every new position;
+        their keys and values join the cache."""
         t, (b, s) = self.transformer, ids.shape
         start, end = self.length, self.length + ids.shape[1]
         x = t.wte(ids) + t.wpe(positions)
@@ -87,8 +98,41 @@ class GPT2Decoder:
             h = F.layer_norm(x, (self.width,), ln2_w, ln2_b, self.eps)
             x = x + _linear(self.act(_linear(h, fc_w, fc_b)), proj_w, proj_b)
         self.length = end
-        last = F.layer_norm(x[:, -1], (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
-        return self.lm_head(last)
+        return x
+
+    def follow(self, prefix: GPT2Decoder, rows: Tensor) -> None:
+        """Start from `prefix`'s cache, its row `rows[r]` as row r."""
+        self.keys[:, :, :, : prefix.length] = prefix.keys[:, rows, :, : prefix.length]
+        self.values[:, :, :, : prefix.length] = prefix.values[:, rows, :, : prefix.length]
+        self.length = prefix.length
+
+
+@torch.no_grad()
+def continuation_logits(
+    model: nn.Module,
+    prefix_ids: Tensor,
+    prefix_mask: Tensor,
+    rows: Tensor,
+    continuation: Tensor,
+    continuation_mask: Tensor,
+) -> Tensor | None:
+    """`rollout.continuation_outputs`' logits without gradients (a reference model's), by the
+    lean GPT-2 forward; None where it does not apply."""
+    (u, p), (r, c) = prefix_ids.shape, continuation.shape
+    if not GPT2Decoder.supports(model, p + c):
+        return None
+    prefix = GPT2Decoder(model, u, p)
+    positions = (prefix_mask.long().cumsum(1) - 1).clamp_min(0)
+    last = prefix.hidden(prefix_ids, positions, prefix_mask.bool())[rows, -1:]
+    if c == 1:
+        return prefix.logits(last)
+    decoder = GPT2Decoder(model, r, p + c - 1)
+    decoder.follow(prefix, rows)
+    key_mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1).bool()
+    start = prefix_mask.sum(1)[rows, None]
+    steps = torch.arange(c - 1, device=continuation.device)
+    rest = decoder.hidden(continuation[:, :-1], start + steps, key_mask)
+    return decoder.logits(torch.cat([last, rest], 1))
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

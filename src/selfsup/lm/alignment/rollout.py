@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
-from selfsup.lm.alignment.decoding import sample_tokens
+from selfsup.lm.alignment.decoding import continuation_logits, sample_tokens
 from selfsup.losses.ppo import token_logprobs
 
 
@@ -126,7 +126,8 @@ def forward_response(
     p, t = rollout.prompt_length, rollout.responses.shape[1]
     prompts = rollout.sequences[:, :p]
     unique, rows = torch.unique(prompts, dim=0, return_inverse=True)
-    if len(unique) < len(prompts):  # GRPO's groups, best-of-n: each prompt once
+    lean = not torch.is_grad_enabled() and value_head is None  # a reference's: decoding.py
+    if len(unique) < len(prompts) or lean:  # each prompt once
         first = torch.full((len(unique),), len(rows), device=rows.device)
         first = first.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amin")
         logits, hidden = continuation_outputs(
@@ -166,6 +167,12 @@ def continuation_outputs(
     same maths as running each whole row, with less of it when prefixes repeat."""
     from transformers import DynamicCache
 
+    if not hidden and not torch.is_grad_enabled():  # a reference model's: the lean GPT-2 forward
+        lean = continuation_logits(
+            model, prefix_ids, prefix_mask, rows, continuation, continuation_mask
+        )
+        if lean is not None:
+            return lean, None
     cache = DynamicCache()
     with warnings.catch_warnings():  # transformers 5 renames past_key_values, 4.x knows only it
         warnings.simplefilter("ignore", FutureWarning)
