@@ -16,9 +16,13 @@ TRL's reward function our reward model's score (an answer with no end marker sco
 --no-end-score, -1, as in ours). DPO — the same pairs (every strictly ordered pair of the
 rankings, identical answers left out) in TRL's conversational format, the same β, learning
 rate, batch size and epochs, sigmoid loss, 10 warm-up steps then cosine decay. Both: AdamW
-without weight decay, gradients clipped at norm 1, dropout off. Wall time is the whole training
+without weight decay, gradients clipped at norm 1, dropout off, float32 (TRL's configs default to
+bf16=True, which on a CPU trains and samples under bfloat16 autocast; ours trains in float32).
+Wall time is the whole training
 call of each (ours: reference log-probabilities / two tiny evaluations included; TRL's:
-dataset tokenization included), not the held-out evaluation after it.
+dataset tokenization included), not the held-out evaluation after it; each trainer is called
+once untimed first (GRPO for 4 steps), so that neither pays the process's imports and first
+allocations in the first seed's time (--no-warmup times them too).
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def trl_grpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
         output_dir=str(out), per_device_train_batch_size=per_step,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         learning_rate=args.lr, beta=args.beta, epsilon=0.2, loss_type="grpo",
-        max_steps=args.iterations, temperature=1.0, top_k=0, top_p=1.0, use_cpu=True,
+        max_steps=args.iterations, temperature=1.0, top_k=0, top_p=1.0, use_cpu=True, bf16=False,
         report_to="none", save_strategy="no", logging_steps=max(1, args.iterations // 4),
         seed=args.seed, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         generation_kwargs={"suppress_tokens": list(suppressed_tokens(tokenizer))},
@@ -143,7 +147,7 @@ def trl_dpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
     config = DPOConfig(
         output_dir=str(out), beta=args.dpo_beta, learning_rate=args.dpo_lr,
         per_device_train_batch_size=args.dpo_batch_size, num_train_epochs=1, max_length=96,
-        use_cpu=True, report_to="none", save_strategy="no", seed=args.seed,
+        use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=args.seed,
         logging_steps=50, loss_type=["sigmoid"], lr_scheduler_type="cosine", warmup_steps=10,
         weight_decay=0.0, max_grad_norm=1.0, disable_dropout=True,
     )  # fmt: skip
@@ -183,12 +187,23 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--seeds", default="0", help="comma list")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-warmup", action="store_true",
+        help="time each trainer's first call too (imports, first allocations)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     evaluate = _evaluate(work, args.eval_prompts)
     runs = {"grpo": (ours_grpo, trl_grpo), "dpo": (ours_dpo, trl_dpo)}
     rows = []
+    if not args.no_warmup:  # one untimed call of each trainer (GRPO: 4 steps) before the clock
+        warm = argparse.Namespace(**{**vars(args), "seed": 0, "iterations": 4})
+        for method in args.methods.split(","):
+            for who, train in zip(("selfsup", "TRL"), runs[method], strict=True):
+                out = work / f"warmup-{method}-{who.lower()}"
+                train(work, out, warm)
+                shutil.rmtree(out, ignore_errors=True)
     for seed in [int(x) for x in args.seeds.split(",")]:
         args.seed = seed
         for method in args.methods.split(","):
