@@ -5,7 +5,10 @@ same probe on uniformly random images (not stratified: a user does not know the 
     python benchmarks/select_labels.py RUN --budgets 10,20,50,100,500 --seeds 3
 
 Prints, per budget, the test accuracy (mean ± std over seeds) of typiclust, kcenter and random,
-and the gain of each strategy over random. The strategies see only the embeddings; the labels
+and the gain of each strategy over random. Where the budget is a multiple of the number of
+classes, a last column shows a ceiling that no label-blind strategy can be asked to pass: the
+same number of images from every class, those nearest their class's mean embedding (it reads
+the labels; a reference, not a strategy). The strategies see only the embeddings; the labels
 of the chosen images are then read from the dataset, as a person would provide them. The probe
 is `selfsup evaluate`'s: features standardised with the statistics of all training images (no
 labels needed: the user has the images), C by cross-validation inside the chosen images (fixed
@@ -23,7 +26,18 @@ import torch
 from selfsup.api import dataset_for, load
 from selfsup.evaluation import extract_features
 from selfsup.evaluation.probes import Preconditioner, probe_accuracy, standardize
-from selfsup.select import STRATEGIES, choose
+from selfsup.select import STRATEGIES, choose, unit_rows
+
+
+def class_centroid_picks(features: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The `per_class` images of each class nearest (cosine) its class's mean embedding."""
+    z = unit_rows(features)
+    picks = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        centre = unit_rows(z[members].mean(0, keepdims=True))[0]
+        picks += list(members[np.argsort(-(z[members] @ centre))[:per_class]])
+    return np.asarray(picks)
 
 
 def main() -> None:
@@ -40,7 +54,9 @@ def main() -> None:
     train_x, test_x = standardize(train_f, test_f)  # as `selfsup evaluate` does
     precondition = Preconditioner(train_x)
     print(f"{args.run}: choosing from {len(train)} images, testing on {len(test)}")
-    print(f"{'budget':>6}  " + "  ".join(f"{s:>14}" for s in STRATEGIES) + "  gain over random")
+    classes = len(np.unique(train_y))
+    header = "  ".join(f"{s:>14}" for s in STRATEGIES)
+    print(f"{'budget':>6}  {header}  gain over random  (class-centroid ceiling)")
     for budget in (int(b) for b in args.budgets.split(",")):
         if budget > len(train):
             continue
@@ -60,7 +76,15 @@ def main() -> None:
         cells = [f"{np.mean(v):6.1f} ± {np.std(v):4.1f}" for v in scores.values()]
         base = np.mean(scores["random"])
         gains = [f"{s} {np.mean(scores[s]) - base:+.1f}" for s in STRATEGIES if s != "random"]
-        print(f"{budget:>6}  " + "  ".join(cells) + "  " + ", ".join(gains))
+        ceiling = ""
+        if budget % classes == 0:
+            picks = class_centroid_picks(train_f, train_y, budget // classes)
+            chosen = torch.as_tensor(picks)
+            accuracy = probe_accuracy(
+                train_x[chosen], train_y[picks], test_x, test_y, precondition=precondition
+            )
+            ceiling = f"  ({100 * accuracy:.1f}, {100 * accuracy - base:+.1f})"
+        print(f"{budget:>6}  " + "  ".join(cells) + "  " + ", ".join(gains) + ceiling)
 
 
 if __name__ == "__main__":
