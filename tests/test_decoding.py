@@ -219,3 +219,40 @@ def test_reference_logits_by_the_lean_forward():
                           position_ids=positions).logits[:, p - 1 : -1]  # fmt: skip
         real = answer_mask.bool()
         torch.testing.assert_close(logits[real], whole[real], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_on_another_architecture():
+    """The shared-prompt forward is Hugging Face's own cache (not the GPT-2 code): on a Llama,
+    repeated prompts give the whole rows' answer logits, with and without gradients."""
+    from selfsup.lm.alignment.rollout import Rollout, forward_response
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=PAD,
+        )  # fmt: skip
+    ).eval()
+    prompts, prompt_mask = _left_padded_prompts()
+    group = torch.tensor([1, 1, 4, 4, 4, 0])
+    answers = torch.randint(4, 20, (len(group), 4))
+    answer_mask = torch.ones_like(answers)
+    answer_mask[0, 2:] = 0
+    sequences = torch.cat([prompts[group], answers], 1)
+    attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
+    p = prompts.shape[1]
+    rollout = Rollout(sequences, attention_mask, p, answer_mask, answer_mask[:, -1] == 0)
+    positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    whole = llama(input_ids=sequences, attention_mask=attention_mask, position_ids=positions)
+    real = answer_mask.bool()
+    expected = whole.logits[:, p - 1 : -1][real].detach()
+    logits, _, _ = forward_response(llama, rollout)
+    torch.testing.assert_close(logits[real].detach(), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        logits, _, _ = forward_response(llama, rollout)
+    torch.testing.assert_close(logits[real], expected, atol=1e-5, rtol=1e-5)
