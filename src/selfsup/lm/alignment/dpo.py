@@ -101,8 +101,8 @@ def _shared_length(
 
 def pair_logprobs(model: Any, examples: Sequence[Any], pad_id: int, device: Any) -> Tensor:
     """`sequence_logprobs` of the chosen rows then the rejected rows, with each pair's shared
-    prompt run once (`rollout.continuation_outputs`): in a short-answer task most of a
-    conversation is its prompt, so this is about a third less work than running both rows."""
+    prompt run once (`rollout.continuation_outputs`): less work wherever prompts are long
+    next to their answers (15% less time for the arithmetic task's pairs on a CPU)."""
     from selfsup.lm.alignment.rollout import continuation_outputs
 
     shared = [_shared_length(c, r) for c, r in examples]
