@@ -256,3 +256,33 @@ def test_shared_prompts_on_another_architecture():
     with torch.no_grad():
         logits, _, _ = forward_response(llama, rollout)
     torch.testing.assert_close(logits[real], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_scores_by_the_lean_forward():
+    """A GPT-2 reward model's scores, read at each row's last real token, equal Hugging Face's
+    `GPT2ForSequenceClassification` on left-padded prompts and right-padded answers."""
+    from transformers import GPT2ForSequenceClassification
+
+    from selfsup.lm.alignment.rollout import Rollout, reward_scores
+
+    torch.manual_seed(4)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=48, n_embd=24, n_layer=2, n_head=3,
+                        num_labels=1, pad_token_id=PAD)  # fmt: skip
+    reward_model = GPT2ForSequenceClassification(config).eval()
+    prompts, prompt_mask = _left_padded_prompts()
+    answers = torch.randint(4, 20, (len(prompts), 5))
+    answer_mask = torch.ones_like(answers)
+    answer_mask[1, 2:] = 0
+    answer_mask[4, 4:] = 0
+    answers[answer_mask == 0] = PAD
+    sequences = torch.cat([prompts, answers], 1)
+    attention_mask = torch.cat([prompt_mask, answer_mask], 1)
+    rollout = Rollout(sequences, attention_mask, prompts.shape[1], answer_mask,
+                      answer_mask[:, -1] == 0)  # fmt: skip
+    positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = reward_model(input_ids=sequences, attention_mask=attention_mask,
+                                position_ids=positions).logits[:, 0]  # fmt: skip
+    scores = reward_scores(reward_model, rollout)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert scores.std() > 1e-3  # rows differ: reading the wrong token would show

@@ -26,7 +26,7 @@ class GPT2Decoder:
 
     def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
         config = model.config
-        self.transformer, self.lm_head = model.transformer, model.lm_head
+        self.transformer, self.lm_head = model.transformer, getattr(model, "lm_head", None)
         self.heads, self.width = config.n_head, config.n_embd
         self.eps = config.layer_norm_epsilon
         self.act = ACT2FN[config.activation_function]
@@ -51,6 +51,8 @@ class GPT2Decoder:
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
             return False
+        if not (hasattr(model, "lm_head") or hasattr(model, "score")):  # an LM or a reward model
+            return False
         dropout = (config.attn_pdrop, config.resid_pdrop, config.embd_pdrop)
         return (
             not config.add_cross_attention
@@ -66,10 +68,11 @@ class GPT2Decoder:
         return self.logits(self.hidden(ids, positions, key_mask)[:, -1])
 
     def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.final(hidden))
+
+    def final(self, hidden: Tensor) -> Tensor:
         t = self.transformer
-        return self.lm_head(
-            F.layer_norm(hidden, (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
-        )
+        return F.layer_norm(hidden, (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
 
     def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
         """The last block's output (B×S×E, before the final layer norm) at every new position;
@@ -134,6 +137,23 @@ def continuation_logits(
     steps = torch.arange(c - 1, device=continuation.device)
     rest = decoder.hidden(continuation[:, :-1], start + steps, key_mask)
     return decoder.logits(torch.cat([last, rest], 1))
+
+
+@torch.no_grad()
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+    """A GPT-2 reward model's (`GPT2ForSequenceClassification`) scores, B×labels, read where
+    Hugging Face reads them (the rightmost token that is not padding), by the lean forward;
+    None where it does not apply."""
+    if not hasattr(model, "score") or not GPT2Decoder.supports(model, input_ids.shape[1]):
+        return None
+    decoder = GPT2Decoder(model, *input_ids.shape)
+    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    hidden = decoder.hidden(input_ids, positions, attention_mask.bool())
+    pad = model.config.pad_token_id
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    return model.score(decoder.final(hidden[rows, last]))
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
-from selfsup.lm.alignment.decoding import continuation_logits, sample_tokens
+from selfsup.lm.alignment.decoding import continuation_logits, sample_tokens, sequence_scores
 from selfsup.losses.ppo import token_logprobs
 
 
@@ -202,6 +202,9 @@ def continuation_outputs(
 @torch.no_grad()
 def reward_scores(reward_model: nn.Module, rollout: Rollout) -> Tensor:
     """The reward model's scalar for each whole conversation (prompt + answer)."""
+    lean = sequence_scores(reward_model, rollout.sequences, rollout.attention_mask)
+    if lean is not None:  # GPT-2: decoding.py's lean forward
+        return lean[:, 0].float()
     out = reward_model(
         input_ids=rollout.sequences,
         attention_mask=rollout.attention_mask,
