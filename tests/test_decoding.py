@@ -28,6 +28,23 @@ def _left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _rollout(prompts, prompt_mask, group, answers, answer_mask):
+    """Answers (right-padded) after the left-padded prompts that `group` names, row by row."""
+    from selfsup.lm.alignment.rollout import Rollout
+
+    sequences = torch.cat([prompts[group], answers], 1)
+    attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
+    return Rollout(sequences, attention_mask, prompts.shape[1], answer_mask,
+                   answer_mask[:, -1] == 0)  # fmt: skip
+
+
+def _whole_rows(model, rollout):
+    """The model's own output over the whole rows, positions counted from each first token."""
+    positions = (rollout.attention_mask.cumsum(1) - 1).clamp_min(0)
+    return model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                 position_ids=positions)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "config",
     [dict(activation_function="gelu_new"),
@@ -117,10 +134,8 @@ def test_shared_prompts_give_each_rows_own_logits_and_gradients():
     answer_mask = torch.ones_like(answers)
     answer_mask[1, 3:] = 0  # ended early: right padding
     answer_mask[6, 1:] = 0
-    sequences = torch.cat([prompts[group], answers], 1)
-    attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
-    rollout = Rollout(sequences, attention_mask, prompts.shape[1], answer_mask,
-                      answer_mask[:, -1] == 0)  # fmt: skip
+    rollout = _rollout(prompts, prompt_mask, group, answers, answer_mask)
+    sequences, attention_mask = rollout.sequences, rollout.attention_mask
     value_head = torch.nn.Linear(24, 1)
     real = answer_mask.bool()
     results = []
@@ -199,7 +214,7 @@ def test_dpo_reference_scores_each_conversation_once_and_right():
 def test_reference_logits_by_the_lean_forward():
     """Without gradients (a reference model) the answers' logits come from the lean GPT-2
     forward: equal to Hugging Face's whole-row forward, repeated prompts or not."""
-    from selfsup.lm.alignment.rollout import Rollout, forward_response
+    from selfsup.lm.alignment.rollout import forward_response
 
     model = _gpt2(activation_function="gelu_new")
     prompts, prompt_mask = _left_padded_prompts()
@@ -208,15 +223,10 @@ def test_reference_logits_by_the_lean_forward():
         answers = torch.randint(4, 20, (len(group), 5))
         answer_mask = torch.ones_like(answers)
         answer_mask[2, 2:] = 0
-        sequences = torch.cat([prompts[group], answers], 1)
-        attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
-        p = prompts.shape[1]
-        rollout = Rollout(sequences, attention_mask, p, answer_mask, answer_mask[:, -1] == 0)
+        rollout = _rollout(prompts, prompt_mask, group, answers, answer_mask)
         with torch.no_grad():
             logits, _, _ = forward_response(model, rollout)
-            positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
-            whole = model(input_ids=sequences, attention_mask=attention_mask,
-                          position_ids=positions).logits[:, p - 1 : -1]  # fmt: skip
+            whole = _whole_rows(model, rollout).logits[:, prompts.shape[1] - 1 : -1]
         real = answer_mask.bool()
         torch.testing.assert_close(logits[real], whole[real], atol=1e-5, rtol=1e-5)
 
@@ -224,7 +234,7 @@ def test_reference_logits_by_the_lean_forward():
 def test_shared_prompts_on_another_architecture():
     """The shared-prompt forward is Hugging Face's own cache (not the GPT-2 code): on a Llama,
     repeated prompts give the whole rows' answer logits, with and without gradients."""
-    from selfsup.lm.alignment.rollout import Rollout, forward_response
+    from selfsup.lm.alignment.rollout import forward_response
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(
@@ -243,14 +253,9 @@ def test_shared_prompts_on_another_architecture():
     answers = torch.randint(4, 20, (len(group), 4))
     answer_mask = torch.ones_like(answers)
     answer_mask[0, 2:] = 0
-    sequences = torch.cat([prompts[group], answers], 1)
-    attention_mask = torch.cat([prompt_mask[group], answer_mask], 1)
-    p = prompts.shape[1]
-    rollout = Rollout(sequences, attention_mask, p, answer_mask, answer_mask[:, -1] == 0)
-    positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
-    whole = llama(input_ids=sequences, attention_mask=attention_mask, position_ids=positions)
+    rollout = _rollout(prompts, prompt_mask, group, answers, answer_mask)
     real = answer_mask.bool()
-    expected = whole.logits[:, p - 1 : -1][real].detach()
+    expected = _whole_rows(llama, rollout).logits[:, prompts.shape[1] - 1 : -1][real].detach()
     logits, _, _ = forward_response(llama, rollout)
     torch.testing.assert_close(logits[real].detach(), expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
@@ -263,7 +268,7 @@ def test_reward_scores_by_the_lean_forward():
     `GPT2ForSequenceClassification` on left-padded prompts and right-padded answers."""
     from transformers import GPT2ForSequenceClassification
 
-    from selfsup.lm.alignment.rollout import Rollout, reward_scores
+    from selfsup.lm.alignment.rollout import reward_scores
 
     torch.manual_seed(4)
     config = GPT2Config(vocab_size=VOCAB, n_positions=48, n_embd=24, n_layer=2, n_head=3,
@@ -275,14 +280,9 @@ def test_reward_scores_by_the_lean_forward():
     answer_mask[1, 2:] = 0
     answer_mask[4, 4:] = 0
     answers[answer_mask == 0] = PAD
-    sequences = torch.cat([prompts, answers], 1)
-    attention_mask = torch.cat([prompt_mask, answer_mask], 1)
-    rollout = Rollout(sequences, attention_mask, prompts.shape[1], answer_mask,
-                      answer_mask[:, -1] == 0)  # fmt: skip
-    positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    rollout = _rollout(prompts, prompt_mask, torch.arange(len(prompts)), answers, answer_mask)
     with torch.no_grad():
-        expected = reward_model(input_ids=sequences, attention_mask=attention_mask,
-                                position_ids=positions).logits[:, 0]  # fmt: skip
+        expected = _whole_rows(reward_model, rollout).logits[:, 0]
     scores = reward_scores(reward_model, rollout)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert scores.std() > 1e-3  # rows differ: reading the wrong token would show

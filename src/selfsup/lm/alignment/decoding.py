@@ -20,6 +20,17 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... from each row's first real token (what `generate` uses with left padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+def continuation_positions(prefix_mask: Tensor, rows: Tensor, length: int) -> Tensor:
+    """Positions of `length` tokens that follow prefix `rows[r]` in row r (R×length)."""
+    steps = torch.arange(length, device=prefix_mask.device)
+    return prefix_mask.sum(1)[rows, None] + steps
+
+
 class GPT2Decoder:
     """Incremental forward of a Hugging Face `GPT2LMHeadModel`: feed tokens, get the last
     position's logits; keys and values of every fed position stay in a preallocated cache."""
@@ -126,16 +137,14 @@ def continuation_logits(
     if not GPT2Decoder.supports(model, p + c):
         return None
     prefix = GPT2Decoder(model, u, p)
-    positions = (prefix_mask.long().cumsum(1) - 1).clamp_min(0)
-    last = prefix.hidden(prefix_ids, positions, prefix_mask.bool())[rows, -1:]
+    last = prefix.hidden(prefix_ids, position_ids(prefix_mask), prefix_mask.bool())[rows, -1:]
     if c == 1:
         return prefix.logits(last)
     decoder = GPT2Decoder(model, r, p + c - 1)
     decoder.follow(prefix, rows)
     key_mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1).bool()
-    start = prefix_mask.sum(1)[rows, None]
-    steps = torch.arange(c - 1, device=continuation.device)
-    rest = decoder.hidden(continuation[:, :-1], start + steps, key_mask)
+    positions = continuation_positions(prefix_mask, rows, c - 1)
+    rest = decoder.hidden(continuation[:, :-1], positions, key_mask)
     return decoder.logits(torch.cat([last, rest], 1))
 
 
@@ -147,8 +156,7 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     if not hasattr(model, "score") or not GPT2Decoder.supports(model, input_ids.shape[1]):
         return None
     decoder = GPT2Decoder(model, *input_ids.shape)
-    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
-    hidden = decoder.hidden(input_ids, positions, attention_mask.bool())
+    hidden = decoder.hidden(input_ids, position_ids(attention_mask), attention_mask.bool())
     pad = model.config.pad_token_id
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
@@ -185,7 +193,7 @@ def sample_tokens(
     key_mask = torch.ones(batch, prompt_length + max_new_tokens, dtype=torch.bool,
                           device=input_ids.device)  # fmt: skip
     key_mask[:, :prompt_length] = attention_mask.bool()
-    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    positions = position_ids(attention_mask)
     logits = decoder(input_ids, positions, key_mask)
     position = positions[:, -1:] + 1
     blocked = torch.tensor(suppressed, dtype=torch.long, device=input_ids.device)

@@ -113,10 +113,11 @@ def pair_logprobs(model: Any, examples: Sequence[Any], pad_id: int, device: Any)
     for row, ((ids, _), n) in enumerate(zip((e[0] for e in examples), shared, strict=True)):
         prefixes[row, -n:] = torch.tensor(ids[:n])  # left-padded
         prefix_mask[row, -n:] = 1
-    rests = [(ids[n:], labels[n:]) for (ids, labels), n in zip((e[0] for e in examples), shared,
-             strict=True)]  # fmt: skip
-    rests += [(ids[n:], labels[n:]) for (ids, labels), n in zip((e[1] for e in examples), shared,
-              strict=True)]  # fmt: skip
+    rests = [  # what follows the prompt: the chosen rows, then the rejected rows
+        (ids[n:], labels[n:])
+        for side in (0, 1)
+        for (ids, labels), n in zip((e[side] for e in examples), shared, strict=True)
+    ]
     batch = {k: v.to(device) for k, v in collate(rests, pad_id).items()}
     rows = torch.arange(len(examples), device=device).repeat(2)
     logits, _ = continuation_outputs(model, prefixes.to(device), prefix_mask.to(device), rows,

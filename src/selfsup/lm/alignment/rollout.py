@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
-from selfsup.lm.alignment.decoding import continuation_logits, sample_tokens, sequence_scores
+from selfsup.lm.alignment.decoding import (
+    continuation_logits,
+    continuation_positions,
+    position_ids,
+    sample_tokens,
+    sequence_scores,
+)
 from selfsup.losses.ppo import token_logprobs
 
 
@@ -47,11 +53,6 @@ def suppressed_tokens(tokenizer: Any) -> tuple[int, ...]:
     }
     ids -= {tokenizer.eos_token_id, tokenizer.unk_token_id, None}
     return tuple(sorted(ids))
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... from each row's first real token (what `generate` uses with left padding)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
 
 
 def encode_prompts(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> dict[str, Tensor]:
@@ -187,10 +188,9 @@ def continuation_outputs(
             cache.reorder_cache(rows)
             inputs = continuation[:, :-1]
             mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1)
-            start = prefix_mask.sum(1)[rows, None]
-            steps = torch.arange(inputs.shape[1], device=inputs.device)
             second = model(
-                input_ids=inputs, attention_mask=mask, position_ids=start + steps,
+                input_ids=inputs, attention_mask=mask,
+                position_ids=continuation_positions(prefix_mask, rows, inputs.shape[1]),
                 past_key_values=cache, use_cache=True, output_hidden_states=hidden,
             )  # fmt: skip
             logits = torch.cat([logits, second.logits], 1)
