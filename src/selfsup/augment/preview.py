@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import Tensor
 
 from selfsup import draw
 from selfsup.augment.recipes import build_recipe
-from selfsup.errors import SelfsupError
+from selfsup.data.decode import decode_image
 
 # (label, recipe) for each panel after the original, as in SimCLR's augmentation figure.
 _PANELS = [
@@ -32,12 +30,7 @@ _PANELS = [
 
 def _load(image: Path, size: int) -> Tensor:
     """The image as float 1×3×size×size in [0, 1]: short side resized to size, centre-cropped."""
-    try:
-        with Image.open(image) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SelfsupError(f"cannot read image {image}: expected an image file ({e})") from e
-    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+    x = decode_image(image, size)[None].float() / 255
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))

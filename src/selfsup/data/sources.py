@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from selfsup.data import npz
+from selfsup.data.decode import decode_image, image_header
 from selfsup.data.images import ImageData
 from selfsup.data.transforms import square_resize
 from selfsup.errors import SelfsupError
@@ -23,7 +24,7 @@ TORCHVISION = {
     "fashion-mnist": "FashionMNIST",
     "svhn": "SVHN",
 }
-SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, " + ", ".join(TORCHVISION)
+SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, " + ", ".join(TORCHVISION)  # or a bare path
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 HOLDOUT = 0.2  # of a labeled source without a test split, held out as its test split
 IN_MEMORY_BYTES = 2 * 1024**3  # folders decoding to less than this (as uint8) are held in memory
@@ -87,98 +88,129 @@ def _load_digits() -> Split:
 # ---- npz -------------------------------------------------------------------------------------
 
 
-def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """(x uint8 N×C×H×W, y int64 or None, classes or None) from one .npz file, validated."""
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise SelfsupError(f"{path}: a single .npy array, expected an .npz with 'x'")
-        with z:
-            if "x" not in z.files:
-                raise SelfsupError(f"{path}: no 'x' array (found keys: {', '.join(z.files)})")
-            x = z["x"]
-            y = z["y"] if "y" in z.files else None
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise SelfsupError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
-    if x.dtype != np.uint8:
-        raise SelfsupError(f"{path}: 'x' has dtype {x.dtype}, expected uint8")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise SelfsupError(f"{path}: 'x' has shape {x.shape}, expected N×H×W×C (C 1 or 3) or N×H×W")
-    if y is not None:
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+class _NpzFile:
+    """One .npz image file known from its headers and its small arrays (y, classes); `x` is
+    read only when asked, and only the rows asked for."""
+
+    def __init__(self, path: Path) -> None:
+        arrays = npz.members(path)
+        if "x" not in arrays:
+            raise SelfsupError(f"{path}: no 'x' array (found keys: {', '.join(arrays)})")
+        x = arrays["x"]
+        if x.dtype != np.uint8:
+            raise SelfsupError(f"{path}: 'x' has dtype {x.dtype}, expected uint8")
+        if len(x.shape) not in (3, 4) or len(x.shape) == 4 and x.shape[-1] not in (1, 3):
             raise SelfsupError(
-                f"{path}: 'y' has shape {y.shape} and dtype {y.dtype}, "
-                f"expected {len(x)} integer labels (one per image)"
+                f"{path}: 'x' has shape {x.shape}, expected N×H×W×C (C 1 or 3) or N×H×W"
             )
-        if classes is not None and len(y) and not -1 <= y.min() <= y.max() < len(classes):
-            k = len(classes)
-            raise SelfsupError(f"{path}: 'y' has labels outside -1..{k - 1} ({k} classes)")
+        self.path, self.x = path, x
+        self.image_shape = (x.shape[3] if len(x.shape) == 4 else 1, *x.shape[1:3])  # C×H×W
+        self.y = self._labels(arrays["y"]) if "y" in arrays else None
+        self.classes = (
+            [str(c) for c in npz.read(arrays["classes"]).reshape(-1)]
+            if "classes" in arrays
+            else None
+        )
+        if self.y is not None and self.classes is not None and len(self.y):
+            k = len(self.classes)
+            if self.y.max() >= k:
+                raise SelfsupError(f"{path}: 'y' has labels outside -1..{k - 1} ({k} classes)")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def _labels(self, member: npz.Member) -> np.ndarray:
+        n = len(self)
+        if len(member.shape) != 1 or member.shape[0] != n or member.dtype.kind not in "iu":
+            raise SelfsupError(
+                f"{self.path}: 'y' has shape {member.shape} and dtype {member.dtype}, "
+                f"expected {n} integer labels (one per image)"
+            )
+        y = npz.read(member).astype(np.int64)
         if len(y) and y.min() < -1:
             raise SelfsupError(
-                f"{path}: 'y' has label {y.min()}; labels are 0, 1, ... and -1 marks unlabeled"
+                f"{self.path}: 'y' has label {y.min()}; labels are 0, 1, ... and -1 marks unlabeled"
             )
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    return xt, None if y is None else torch.from_numpy(y.astype(np.int64)), classes
+        return y
+
+    def images(self, rows: np.ndarray) -> torch.Tensor:
+        x = npz.read(self.x, rows)
+        x = x[..., None] if x.ndim == 3 else x
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def _concat_npz(files: list[Path], name: str) -> ImageData:
-    parts = [_read_npz(f) for f in files]
-    for f, (x, _, _) in zip(files, parts, strict=True):
-        if x.shape[1:] != parts[0][0].shape[1:]:
-            raise SelfsupError(
-                f"{f}: images are {tuple(x.shape[1:])} (C×H×W) but {files[0].name} has "
-                f"{tuple(parts[0][0].shape[1:])}"
-            )
-    x = torch.cat([p[0] for p in parts])
-    labelled = any(p[1] is not None for p in parts)
+def _npz_data(files: list[_NpzFile], rows: np.ndarray, name: str) -> ImageData:
+    """ImageData of the (sorted) `rows` of the files' images taken end to end."""
+    starts = np.cumsum([0] + [len(f) for f in files])
+    parts = [
+        f.images(rows[(rows >= a) & (rows < b)] - a)
+        for f, a, b in zip(files, starts[:-1], starts[1:], strict=True)
+    ]
+    labelled = any(f.y is not None for f in files)
     y = (
-        torch.cat([p[1] if p[1] is not None else torch.full((len(p[0]),), -1) for p in parts])
+        np.concatenate([f.y if f.y is not None else np.full(len(f), -1) for f in files])[rows]
         if labelled
         else None
     )
-    classes = next((p[2] for p in parts if p[2] is not None), None)
-    return ImageData(x, y, classes, name)
+    classes = next((f.classes for f in files if f.classes is not None), None)
+    return ImageData(torch.cat(parts), None if y is None else torch.from_numpy(y), classes, name)
 
 
-def _load_npz(arg: str, spec: str) -> Split:
+def _open_npz(files: list[Path]) -> list[_NpzFile]:
+    opened = [_NpzFile(f) for f in files]
+    for f in opened:
+        if f.image_shape != opened[0].image_shape:
+            raise SelfsupError(
+                f"{f.path}: images are {f.image_shape} (C×H×W) but {files[0].name} has "
+                f"{opened[0].image_shape}"
+            )
+    return opened
+
+
+def _load_npz(arg: str, spec: str, limit: int | None) -> Split:
+    """As load_splits does for every source (a labeled source without a test split gets one
+    held out, then `limit` keeps the stratified first train samples), but on the labels alone:
+    only the images kept are ever decompressed."""
     path = Path(arg).expanduser()
     if path.is_file():
-        return _concat_npz([path], spec), None
-    if not path.is_dir():
+        train_files, test_file = [path], None
+    elif path.is_dir():
+        train_files = sorted(path.glob("train*.npz"))
+        if not train_files:
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise SelfsupError(f"{path}: no train*.npz files (found: {found})")
+        test_file = path / "test.npz" if (path / "test.npz").is_file() else None
+    else:
         raise SelfsupError(f"--data {spec}: {path} does not exist (expected an .npz or a folder)")
-    train_files = sorted(path.glob("train*.npz"))
-    if not train_files:
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-        raise SelfsupError(f"{path}: no train*.npz files (found: {found})")
-    train = _concat_npz(train_files, spec)
-    test = _concat_npz([path / "test.npz"], spec) if (path / "test.npz").is_file() else None
-    if test is not None and test.classes is None:
-        test.classes = train.classes
+    files = _open_npz(train_files)
+    n = sum(len(f) for f in files)
+    y = (
+        np.concatenate([f.y if f.y is not None else np.full(len(f), -1) for f in files])
+        if any(f.y is not None for f in files)
+        else None
+    )
+    held = np.zeros(0, dtype=np.int64)
+    if test_file is None and y is not None and (y >= 0).any() and n > 1:
+        held = held_out_indices(y)
+    rest = np.setdiff1d(np.arange(n), held)
+    if limit is not None:
+        rest_y = None if y is None else y[rest]
+        rest = rest[stratified_indices(rest_y, min(limit, len(rest)), seed=None)]
+    train = _npz_data(files, rest, spec)
+    if len(held):
+        test = _npz_data(files, held, spec)
+        test.held_out = True
+    elif test_file is not None:
+        test_files = _open_npz([test_file])
+        test = _npz_data(test_files, np.arange(len(test_files[0])), spec)
+        if test.classes is None:
+            test.classes = train.classes
+    else:
+        test = None
     return train, test
 
 
 # ---- image folders ---------------------------------------------------------------------------
-
-
-def decode_image(path: str) -> torch.Tensor:
-    """One image file -> uint8 3×H×W (torchvision.io, falling back to PIL)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        return decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except Exception:  # formats or variants torchvision cannot decode: let PIL try
-        pass
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise SelfsupError(f"{path}: cannot decode image ({_one_line(e)})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
 class FolderImages(Dataset):
@@ -191,7 +223,7 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return square_resize(decode_image(self.paths[i]), self.size), self.labels[i]
+        return square_resize(decode_image(self.paths[i], self.size), self.size), self.labels[i]
 
 
 def images_under(d: Path, recursive: bool) -> list[Path]:
@@ -236,7 +268,7 @@ def _folder_images(
     """Decode image files (in memory when they fit and not `stream`, else on demand) ->
     (ImageData, size)."""
     if size is None:
-        size = min(*decode_image(str(paths[0])).shape[1:], MAX_DEFAULT_SIZE)
+        size = min(*image_header(paths[0])[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
     ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
     files = [str(p) for p in paths]
@@ -350,9 +382,11 @@ def load_splits(
     if image_size is not None and image_size < 1:
         raise SelfsupError(f"--image-size must be at least 1, got {image_size}")
     kind, sep, arg = spec.partition(":")
+    if not (sep and kind in ("npz", "folder")) and spec.lower() not in ("digits", *TORCHVISION):
+        kind, sep, arg = _path_kind(spec), ":", spec  # a bare path: what it holds says which
     if sep and kind in ("npz", "folder") and arg:
         train, test = (
-            _load_npz(arg, spec)
+            _load_npz(arg, spec, limit)
             if kind == "npz"
             else _load_folder(arg, spec, image_size, limit, stream)
         )
@@ -362,8 +396,7 @@ def load_splits(
         root = data_root(data_dir)
         train, test = (_torchvision_split(spec.lower(), root, t, download) for t in (True, False))
     else:
-        hint = f"; {spec} is a path: use npz:{spec} or folder:{spec}" if Path(spec).exists() else ""
-        raise SelfsupError(f"unknown --data {spec!r}: expected one of {SPECS}{hint}")
+        raise SelfsupError(f"unknown --data {spec!r}: expected one of {SPECS}, or a path")
     if test is None and train.has_labels and len(train) > 1:
         train, test = hold_out(train)
     if limit is not None:
@@ -371,6 +404,16 @@ def load_splits(
     if image_size is not None:
         train, test = (_resized(d, image_size) for d in (train, test))
     return train, test
+
+
+def _path_kind(spec: str) -> str:
+    """'npz' or 'folder' for an existing path given without a prefix ('' if neither)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz"
+    if path.is_dir():
+        return "npz" if any(path.glob("train*.npz")) else "folder"
+    return ""
 
 
 def held_out_indices(y: np.ndarray) -> np.ndarray:
