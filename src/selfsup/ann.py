@@ -125,16 +125,17 @@ def save(index: Any, path: Path) -> None:
     require_faiss().write_index(index, str(path))
 
 
-def load(path: Path, rows: int) -> Any:
-    """The FAISS index at `path`, checked to hold `rows` vectors (those of its .npz)."""
+def load(path: Path, rows: int, dim: int | None = None) -> Any:
+    """The FAISS index at `path`, checked to hold `rows` vectors of `dim` (those of its .npz)."""
     faiss = require_faiss()
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise SelfsupError(f"{path}: not a FAISS index ({str(e).splitlines()[0]})") from None
-    if index.ntotal != rows:
+    if index.ntotal != rows or dim not in (None, index.d):
+        ours = f"{rows}" if dim is None else f"{rows} ({dim}-d)"
         raise SelfsupError(
-            f"{path}: holds {index.ntotal} vectors but its index has {rows}; "
+            f"{path}: holds {index.ntotal} vectors ({index.d}-d) but its index has {ours}; "
             "rebuild it with `selfsup index --approximate`"
         )
     return index

@@ -1,23 +1,25 @@
 """Similar images: `selfsup index RUN IMAGES -o INDEX`, then `selfsup similar INDEX IMAGE -k 8`.
 
-The index holds the L2-normalised embeddings of a folder's images (streamed in batches, so the
-images are never all in memory), their paths and the run that made them, as one `.npz` read
-with `allow_pickle=False`. `similar` embeds the query with the same encoder and returns the k
-nearest by cosine similarity, by exact search (a matrix product over chunks of the index), or
-with `approximate=True` through a FAISS index kept beside it as INDEX.faiss (see selfsup.ann).
+The index holds the L2-normalised embeddings of a folder's images (or of one image file),
+streamed in batches so the images are never all in memory, their paths and the run that made
+them, as one `.npz` read with `allow_pickle=False` and checked field by field when opened
+(`load_index`). `similar` embeds the query with the same encoder and returns the k nearest by
+cosine similarity, by exact search (a matrix product over chunks of the index), or with
+`approximate=True` through a FAISS index kept beside it as INDEX.faiss (see selfsup.ann).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, numpy_file_reason
 
 CHUNK = 65_536  # index rows scored at once
 
@@ -31,7 +33,7 @@ def build_index(
     device: str = "auto",
     approximate: bool = False,
 ) -> dict[str, Any]:
-    """Embed every image file under `images` (folder:PATH) with RUN's encoder; write `out`, and
+    """Embed the images of `images` (see `image_files`) with RUN's encoder; write `out`, and
     with `approximate` also a FAISS index beside it (OUT.faiss) for large collections."""
     from tqdm.auto import tqdm
 
@@ -75,33 +77,108 @@ def build_index(
 
 
 def load_index(path: str | Path) -> tuple[np.ndarray, list[str], str]:
-    """(unit-norm features N×D, paths, run) of an index file; one line if it is not one."""
+    """(unit-norm features N×D, paths, run) of an index file, each field checked (the arrays'
+    headers before their data is read, the width against the run's encoder); one line naming
+    the file and the field otherwise."""
+    from selfsup.classify import meta_encoder
+    from selfsup.run import read_config
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["features"], [str(p) for p in z["paths"]], str(z["run"])
-    except (OSError, ValueError, KeyError) as e:
-        raise SelfsupError(f"{path}: not an index written by `selfsup index` ({e})") from None
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("one array, not an .npz of several")
+        with z:
+            headers = _headers(z, path)
+            missing = [name for name in ("features", "paths", "run") if name not in headers]
+            if missing:
+                raise SelfsupError(f"{path}: no field {missing[0]!r}: not from `selfsup index`")
+            shape, dtype = headers["features"]
+            if len(shape) != 2 or dtype.kind != "f":
+                raise SelfsupError(
+                    f"{path}: field 'features' is {shape} {dtype}, expected N×D floats"
+                )
+            if headers["paths"][0] != shape[:1]:
+                raise SelfsupError(
+                    f"{path}: field 'paths' has shape {headers['paths'][0]} but 'features' has "
+                    f"{shape[0]} rows: expected one path per row"
+                )
+            if shape[0] == 0:
+                raise SelfsupError(f"{path}: field 'features' has no rows: an empty index")
+            features, paths, run = z["features"], [str(p) for p in z["paths"]], str(z["run"])
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        why = numpy_file_reason(path, e)
+        raise SelfsupError(f"{path}: not an index written by `selfsup index` ({why})") from None
+    norms = np.sqrt(np.einsum("ij,ij->i", features, features).astype(np.float64))
+    bad = np.flatnonzero(~((np.abs(norms - 1) <= 1e-3) | (norms == 0)))  # NaN is bad too
+    if len(bad):
+        row = bad[0]
+        what = (
+            f"has norm {norms[row]:.4g}, expected 1 (unit-norm embeddings)"
+            if np.isfinite(norms[row])
+            else "holds NaN or infinite values"
+        )
+        raise SelfsupError(f"{path}: field 'features' {what} in row {row} ({len(bad)} such rows)")
+    try:
+        width = int(meta_encoder(read_config(run)["encoder"]).feature_dim)
+    except SelfsupError as e:
+        raise SelfsupError(f"{path}: field 'run' ({run}): {e}") from None
+    if features.shape[1] != width:
+        raise SelfsupError(
+            f"{path}: field 'features' is {features.shape[1]}-d but the encoder of its run {run} "
+            f"gives {width}-d features; rebuild it with `selfsup index`"
+        )
+    return features, paths, run
+
+
+def _headers(z: Any, path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of an open .npz, read from its header, checked against the
+    bytes the file holds for it: no array is allocated at a size the file merely claims."""
+    fmt = np.lib.format
+    headers = {}
+    for name in z.files:
+        info = z.zip.getinfo(f"{name}.npy")
+        with z.zip.open(info) as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise SelfsupError(
+                f"{path}: field {name!r} claims shape {shape} of {dtype}, more than the "
+                f"{info.file_size:,} bytes stored for it"
+            )
+        headers[name] = (shape, dtype)
+    return headers
 
 
 def search_index(
-    index: str | Path, features: np.ndarray, query: np.ndarray, k: int
+    approximate: Any, features: np.ndarray, query: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(ids, similarities, "approximate" or "exact"): through INDEX.faiss when it is there
-    and faiss is installed, else by exact search."""
+    """(ids, similarities, "approximate" or "exact"): through the FAISS index `approximate`
+    when there is one (see `open_faiss`), else by exact search."""
+    if approximate is not None:
+        from selfsup import ann
+
+        ids, scores = ann.search(approximate, query[None], k)
+        keep = ids[0] >= 0  # fewer than k found
+        return ids[0][keep], scores[0][keep], "approximate"
+    ids, scores = nearest(features, query, k)
+    return ids, scores, "exact"
+
+
+def open_faiss(index: str | Path, features: np.ndarray) -> Any:
+    """The FAISS index beside `index` (INDEX.faiss), checked against its features; None when
+    there is none or faiss is not installed (exact search gives the same answer or a better
+    one)."""
     from selfsup import ann
 
     beside = ann.faiss_path(index)
-    if beside.is_file():
-        try:
-            ann.require_faiss()
-        except SelfsupError:
-            beside = None  # exact search gives the same answer or a better one
-        if beside is not None:
-            ids, scores = ann.search(ann.load(beside, len(features)), query[None], k)
-            keep = ids[0] >= 0  # fewer than k found
-            return ids[0][keep], scores[0][keep], "approximate"
-    ids, scores = nearest(features, query, k)
-    return ids, scores, "exact"
+    if not beside.is_file():
+        return None
+    try:
+        ann.require_faiss()
+    except SelfsupError:
+        return None
+    return ann.load(beside, len(features), features.shape[1])
 
 
 def exact_search(
@@ -144,6 +221,7 @@ def similar(
     from selfsup.run import input_shape, read_config
 
     features, paths, run = load_index(index)
+    approximate = open_faiss(index, features)
     if not Path(image).is_file():
         raise SelfsupError(f"{image}: no such image file")
     config = read_config(run)
@@ -151,7 +229,7 @@ def similar(
     query_image = load_image_files([str(image)], shape)
     with torch.inference_mode():
         query = torch.nn.functional.normalize(load(run)(query_image).float(), dim=1)[0].numpy()
-    ids, scores, how = search_index(index, features, query, k)
+    ids, scores, how = search_index(approximate, features, query, k)
     hits = [
         {"rank": r, "path": paths[i], "similarity": float(s)}
         for r, (i, s) in enumerate(zip(ids, scores, strict=True), 1)
