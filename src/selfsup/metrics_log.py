@@ -34,17 +34,24 @@ def resumed_step(checkpoint: dict[str, Any]) -> int:
 
 
 def keep_rows_before(path: Path, step: int) -> list[str]:
-    """Rewrite the CSV at `path` with only its rows logged before `step`; returns its header."""
+    """Rewrite the CSV at `path` with only its rows logged before `step`, each once (of a row
+    repeated, as two writers at once left, the latest copy); returns its header."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
-        rows = [row for row in reader if _step(row) < step]
+        rows = list({_key(row): row for row in reader if _step(row) < step}.values())
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, out.getvalue())
     return header
+
+
+def _key(row: dict[str, str]) -> tuple[str, ...]:
+    """A row's step and the metrics it holds: Lightning logs a step's epoch-level and
+    step-level metrics in separate rows."""
+    return (row.get("step") or "", *(k for k, v in row.items() if v and k != "step"))
 
 
 def _step(row: dict[str, str]) -> float:

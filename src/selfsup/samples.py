@@ -88,7 +88,8 @@ def regenerate_samples(
     of the same images are drawn as extra rows (the lecture's L2 vs L2 + adversarial figure)."""
     method, train, epoch = load_method(run, checkpoint)
     x = sample_images(train, method.config)
-    path = Path(out) if out else Path(run) / "samples" / "regenerated" / f"epoch{epoch:03d}.png"
+    name = f"epoch{epoch:03d}.png"
+    path = Path(out) if out else rundir.inside_run(run, "samples", "regenerated", name)
     if path.suffix.lower() != ".png":
         raise SelfsupError(f"-o {path}: the sample grid is written as PNG; name a .png file")
     with torch.no_grad():

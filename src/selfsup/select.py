@@ -110,6 +110,7 @@ def select(
     """Choose `budget` training images of `data` (default: the run's own) to label; writes
     a CSV (rank, index, path where the images are files) and a contact sheet PNG beside it."""
     from selfsup import draw
+    from selfsup import run as rundir
     from selfsup.api import dataset_for, load
     from selfsup.device import resolve_device
     from selfsup.evaluation import extract_features
@@ -117,7 +118,7 @@ def select(
     dataset = dataset_for(run, data, stream=True)  # one pass: never all in memory
     features = extract_features(load(run), dataset, device=resolve_device(device))
     picks = choose(features, budget, strategy, seed)
-    out = Path(out) if out else Path(run) / "select" / f"{strategy}-{budget}.csv"
+    out = Path(out) if out else rundir.inside_run(run, "select", f"{strategy}-{budget}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = getattr(dataset, "paths", None)
     text = io.StringIO()

@@ -5,7 +5,8 @@
   e.g. ../shared/data/flickr8k/pairs-64px.npz), optionally `filenames`;
 - `captions:FILE.csv|tsv|jsonl`: an image path and a caption per row (a header row naming the
   `image` and `caption` columns; JSONL objects with `image` and `caption` or `captions`); rows of
-  the same image are its several captions; paths are relative to the file's folder;
+  the same image are its several captions; paths are relative to the file's folder and must
+  stay inside it (not absolute, no `..`: link an outside image folder in);
 - any labeled dataset (`digits`, `cifar10`, `npz:DIR`, `folder:PATH`, ...): each class name fills
   prompt templates ("a photo of a {}.") into the captions of its images.
 
@@ -27,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfsup.data.decode import decode_image
 from selfsup.data.images import ImageData
-from selfsup.data.sources import MAX_DEFAULT_SIZE, decode_image, load_splits, stratified_indices
+from selfsup.data.sources import MAX_DEFAULT_SIZE, load_splits, stratified_indices
 from selfsup.data.transforms import square_resize
 from selfsup.errors import SelfsupError
 
@@ -236,6 +238,7 @@ def _read_caption_file(path: Path, spec: str, skip_bad: bool, size: int | None) 
     for number, image, caption in rows:
         caption = " ".join(caption.split())
         file = path.parent / image
+        _check_inside(path, number, image)
         if not image:
             bad.add(f"line {number} has no image")
         elif not file.is_file():
@@ -247,7 +250,7 @@ def _read_caption_file(path: Path, spec: str, skip_bad: bool, size: int | None) 
     files, x = [], []
     for name in by_image:
         try:
-            image = decode_image(str(path.parent / name))
+            image = decode_image(path.parent / name, size)
         except SelfsupError as e:
             bad.reasons += [f"line {n}: {e}" for n, im, _ in rows if im == name]
             continue
@@ -260,6 +263,18 @@ def _read_caption_file(path: Path, spec: str, skip_bad: bool, size: int | None) 
         raise SelfsupError(f"{path}: no usable image–caption rows")
     images = ImageData(torch.stack(x), torch.arange(len(files)), None, spec)
     return CaptionData(images, [by_image[f] for f in files], files, skipped=skipped)
+
+
+def _check_inside(path: Path, number: int, image: str) -> None:
+    """One line for an image path that may leave the caption file's folder (absolute, or with a
+    `..`): a caption file names images beside it, not anywhere on the machine. A folder linked
+    into the caption file's folder may be used."""
+    if Path(image).is_absolute() or ".." in Path(image).parts:
+        raise SelfsupError(
+            f"{path}, line {number}: image {image!r} may lie outside the caption file's folder "
+            f"{path.parent}; paths must be relative and stay inside it (no '..'; link an outside "
+            "folder in)"
+        )
 
 
 def _templated(data: ImageData, templates: list[str], classes: list[str] | None) -> CaptionData:

@@ -155,7 +155,7 @@ def retrieval_evaluation(
         "metrics": metrics,
         "chance": chance_metrics(owners, len(pairs.images)),
     }
-    out = Path(run) / "eval" / rundir.slug(pairs.images.name)
+    out = rundir.inside_run(run, "eval", rundir.slug(pairs.images.name))
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out / "retrieval.json", json.dumps(results, indent=2) + "\n")
     results["out"] = str(out / "retrieval.json")

@@ -95,7 +95,7 @@ def zero_shot_evaluation(
         **topk_accuracy(image_emb, labels, weights.cpu()),
         "chance_top1": 100 / len(names),
     }
-    out = run / "eval" / rundir.slug(spec)
+    out = rundir.inside_run(run, "eval", rundir.slug(spec))
     out.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out / "zero_shot.json", json.dumps(results, indent=2) + "\n")
     results["out"] = str(out / "zero_shot.json")
