@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class Ranking:
     tiers: tuple[tuple[int, ...], ...]
     gold: tuple[float, ...] | None = None  # simulated labelers' true scores, when known
     history: tuple[Message, ...] = ()  # the turns before the user's `prompt` (TRL's formats)
+    where: str = field(default="", compare=False)  # "FILE:LINE" it was read from
 
     def conversation(self, completion: str) -> list[Message]:
         """The prompt's conversation answered by `completion`."""
@@ -111,7 +112,12 @@ def parse_conversation(record: dict[str, Any], where: str = "conversation") -> l
 
 def read_conversations(path: str | Path) -> list[list[Message]]:
     """Every conversation of a JSONL file; an empty file is an error."""
-    conversations = [parse_conversation(record, where) for where, record in _jsonl(path)]
+    return [messages for _, messages in conversation_lines(path)]
+
+
+def conversation_lines(path: str | Path) -> list[tuple[str, list[Message]]]:
+    """("FILE:LINE", conversation) for every conversation of a JSONL file (none: an error)."""
+    conversations = [(where, parse_conversation(record, where)) for where, record in _jsonl(path)]
     if not conversations:
         raise SelfsupError(f"{path}: no conversations in the file")
     return conversations
@@ -120,6 +126,11 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
 def read_prompts(path: str | Path) -> list[tuple[list[Message], dict[str, Any]]]:
     """(conversation so far, whole record) per line: a ``prompt`` string or a ``messages`` list
     whose last turn is the user's; other fields (e.g. what a gold score needs) ride along."""
+    return [(messages, record) for _, messages, record in prompt_lines(path)]
+
+
+def prompt_lines(path: str | Path) -> list[tuple[str, list[Message], dict[str, Any]]]:
+    """`read_prompts` with the "FILE:LINE" each prompt was read from."""
     out = []
     for where, record in _jsonl(path):
         if "messages" in record:
@@ -128,7 +139,7 @@ def read_prompts(path: str | Path) -> list[tuple[list[Message], dict[str, Any]]]
                 raise SelfsupError(f"{where}: the last message must be the user's")
         else:
             messages = [{"role": "user", "content": _text(record, "prompt", where)}]
-        out.append((messages, record))
+        out.append((where, messages, record))
     if not out:
         raise SelfsupError(f"{path}: no prompts in the file")
     return out
@@ -186,6 +197,7 @@ def read_rankings(path: str | Path) -> list[Ranking]:
                 tuple(tuple(t) for t in tiers),
                 None if gold is None else tuple(float(g) for g in gold),
                 history,
+                where,
             )
         )
     if not out:

@@ -25,6 +25,16 @@ PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per v
 DEVICES_HELP = "number of devices or 'auto' (every GPU, one process each; one on a CPU)"
 ONE_DEVICE_HELP = "1 or auto: this stage trains in one process, on one device"
 PRECISION_HELP = "Lightning precision, e.g. bf16-mixed on a GPU"
+TRUNCATE_HELP = (
+    "cut a prompt that leaves no room for --max-new-tokens in the model's context from the left "
+    "(oldest turns first, then the start of its text), as TRL's max_prompt_length; without it "
+    "such a prompt stops the command with one line naming its line in the file"
+)
+MAX_LENGTH_HELP = (
+    "tokens per conversation: longer ones are cut{}; a conversation beyond the model's "
+    "context stops the command with one line naming its line (pass --max-length CONTEXT to cut "
+    "there)"
+)
 
 
 def check_one_device(devices: str) -> None:
@@ -61,6 +71,12 @@ class LMConfig:
     eval_batches: int = option(20, "batches per periodic validation")
     final_eval_batches: int = option(200, "batches of the final validation estimate")
     init: str | None = option(None, "start from this local Hugging Face checkpoint folder")
+    threads: int = option(
+        0,
+        "CPU threads of a CPU run (0: auto: 1 for a model under 5M parameters, whose small "
+        "matrices lose more to thread hand-offs than they gain, else torch's count less the "
+        "cores other processes keep busy)",
+    )
     seed: int = option(0, "random seed (initialisation, batches)")
     accelerator: str = option("auto", "cpu | gpu | auto (Lightning)")
     devices: str = option("auto", DEVICES_HELP)
@@ -153,7 +169,7 @@ class TuneConfig:
     lr: float = option(1e-4, "peak learning rate (AdamW, warm-up then cosine)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(10, "linear warm-up steps")
-    max_length: int = option(256, "tokens per conversation (longer ones are cut)")
+    max_length: int = option(256, MAX_LENGTH_HELP.format(" (sft: their end; reward: their start)"))
     pack: bool = option(False, "sft: pack conversations into blocks of --max-length tokens")
     val_fraction: float = option(0.1, "the last fraction of the file validates")
     seed: int = option(0, "random seed (order of the examples)")
@@ -219,6 +235,7 @@ class RLHFConfig(PPOSettings):
     max_kl: float = option(
         0.0, "stop when the rollouts' mean KL from the reference exceeds this (0: no bound)"
     )
+    truncate: bool = option(False, TRUNCATE_HELP)
     seed: int = option(0, "random seed")
     accelerator: str = option("auto", "cpu | gpu | auto")
     devices: str = option("1", ONE_DEVICE_HELP)
@@ -301,6 +318,8 @@ def check_ranges(config: LMConfig) -> None:
         ("--eval-batches", config.eval_batches),
         ("--final-eval-batches", config.final_eval_batches),
     ]
+    if config.threads < 0:
+        raise SelfsupError(f"--threads must be at least 0 (0: auto), got {config.threads}")
     for flag, value in positive:
         if value < 1:
             raise SelfsupError(f"{flag} must be at least 1, got {value}")
@@ -335,7 +354,7 @@ class DPOConfig(TuneConfig):
     epochs: int = option(1, "passes over the pairs")
     batch_size: int = option(16, "preference pairs per step")
     lr: float = option(1e-5, "peak learning rate (AdamW, warm-up then cosine)")
-    max_length: int = option(128, "tokens per conversation (longer ones lose their start)")
+    max_length: int = option(128, MAX_LENGTH_HELP.format(" (they lose their start)"))
     beta: float = option(
         0.1, "the KL strength: implicit reward β·(log π - log π_ref); smaller β strays further"
     )
@@ -375,6 +394,7 @@ class GRPOConfig:
     max_kl: float = option(
         0.0, "stop when the answers' mean KL from the reference exceeds this (0: no bound)"
     )
+    truncate: bool = option(False, TRUNCATE_HELP)
     seed: int = option(0, "random seed")
     accelerator: str = option("auto", "cpu | gpu | auto")
     devices: str = option("1", ONE_DEVICE_HELP)

@@ -25,6 +25,7 @@ from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.models import hf
 from selfsup.lm.options import DPOConfig
 from selfsup.lm.training.posttrain import (
+    check_rankings_fit,
     checked_config,
     fit_stage,
     set_special_ids,
@@ -168,6 +169,7 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
         )
     tokenizer, model = load_policy(config.init)
     set_special_ids(model, tokenizer)
+    check_rankings_fit(tokenizer, rankings, config, model)
     pad = tokenizer.pad_token_id
     reference = copy.deepcopy(model)
     train = _with_reference(reference, _examples(tokenizer, train_pairs, config.max_length), pad)

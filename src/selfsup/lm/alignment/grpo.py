@@ -13,7 +13,8 @@ import copy
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from selfsup import run as rundir
 from selfsup.data.conversations import Message
 from selfsup.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
@@ -129,11 +131,24 @@ def check_options(config: GRPOConfig) -> None:
     check_one_device(config.devices)
 
 
+@rundir.releases_run_locks  # the run lock start_run takes
+@contextmanager
+def _hint(run: Path, saved: list[str]) -> Iterator[None]:
+    """A Ctrl-C says which policy was kept (`rlhf.interrupted_hint`)."""
+    from selfsup.lm.alignment.rlhf import interrupted_hint
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_hint("grpo", saved, run)) from None
+
+
 def grpo(config: GRPOConfig, command: str | None = None) -> Path:
     """GRPO from the SFT model; returns the run directory."""
     from selfsup.lm.alignment.rlhf import (
         diverged,
         evaluate_policy,
+        fitted_prompts,
         gold_fn,
         load_policy,
         load_prompts,
@@ -149,6 +164,10 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
     gold, eval_gold = gold_fn(config.gold, records), gold_fn(config.gold, eval_records)
     tokenizer, policy = load_policy(config.policy)
     reward_model = load_reward_model(config.reward, tokenizer)
+    models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
+    conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
+    eval_conv = fitted_prompts(config.eval_prompts or config.prompts, tokenizer, models, new, cut)
+    eval_conv = eval_conv[: config.eval_samples]
     run = hf.start_run(
         config.out, {"stage": "grpo", **dataclasses.asdict(config)}, command or "", False
     )
@@ -181,7 +200,7 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
             hf.save_hf(run, trainer.policy, tokenizer, name)
             saved.append(str(run / name))
 
-    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
+    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))), _hint(run, saved):
         report(0)
         rng = np.random.default_rng(config.seed)
         progress = config.progress if config.progress is not None else sys.stderr.isatty()

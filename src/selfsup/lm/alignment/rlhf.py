@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfsup import run as rundir
-from selfsup.data.conversations import Message, read_prompts
+from selfsup.data.conversations import Message, prompt_lines, read_prompts
 from selfsup.errors import SelfsupError
 from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
@@ -35,6 +36,7 @@ from selfsup.lm.data.arithmetic import (
     simulated_ranking,
 )
 from selfsup.lm.data.chat_data import add_chat_tokens
+from selfsup.lm.data.context import context_length, fit_prompt, shortest_context
 from selfsup.lm.models import hf
 from selfsup.lm.options import PPOSettings, RLHFConfig, check_one_device
 from selfsup.losses.preference import pair_agreement
@@ -56,6 +58,18 @@ def load_prompts(path: str) -> tuple[list[list[Message]], list[dict[str, Any]]]:
     """(conversations, records) of a prompts JSONL."""
     items = read_prompts(path)
     return [m for m, _ in items], [r for _, r in items]
+
+
+def fitted_prompts(
+    path: str, tokenizer: Any, models: Sequence[Any], max_new_tokens: int, truncate: bool
+) -> list[list[Message]]:
+    """The conversations of a prompts JSONL, each leaving `max_new_tokens` in the context of
+    every one of `models` (`fit_prompt`: refused naming its line, or cut with `truncate`)."""
+    context = shortest_context(*models)
+    return [
+        fit_prompt(tokenizer, messages, context, max_new_tokens, where, truncate)
+        for where, messages, _ in prompt_lines(path)
+    ]
 
 
 def load_policy(path: str | Path) -> tuple[Any, Any]:
@@ -121,6 +135,7 @@ def evaluate_policy(
     return out
 
 
+@rundir.releases_run_locks  # the run lock start_run takes
 def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
     check_options(config)
@@ -131,13 +146,36 @@ def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
     eval_gold = gold_fn(config.gold, eval_records)
     tokenizer, policy = load_policy(config.policy)
     reward_model = load_reward_model(config.reward, tokenizer)
+    models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
+    conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
+    eval_conv = fitted_prompts(config.eval_prompts or config.prompts, tokenizer, models, new, cut)
+    eval_conv = eval_conv[: config.eval_samples]
     run = hf.start_run(
         config.out, {"stage": "rlhf", **dataclasses.asdict(config)}, command or "", False
     )
-    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
-        return _ppo_run(
-            run, config, tokenizer, policy, reward_model, conversations, gold, eval_conv, eval_gold
+    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
+    try:
+        with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
+            return _ppo_run(
+                run, config, tokenizer, policy, reward_model, conversations, gold, eval_conv,
+                eval_gold, saved,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_hint("rlhf", saved, run)) from None
+
+
+def interrupted_hint(stage: str, saved: list[str], run: Path) -> str:
+    """What a Ctrl-C of a sampling stage kept: the last policy saved (these stages do not
+    resume), or that the same command starts afresh when none was."""
+    if len(saved) == 1:
+        return (
+            "no policy was saved yet: run the same command again to start afresh in "
+            f"{shlex.quote(str(run))}"
         )
+    return (
+        f"the last policy saved is {saved[-1]} (selfsup lm chat {shlex.quote(saved[-1])}); "
+        f"{stage} does not resume: run it again with another --out to train further"
+    )
 
 
 def check_options(config: RLHFConfig) -> None:
@@ -174,6 +212,7 @@ def _ppo_run(
     gold: GoldFn | None,
     eval_conv: list[list[Message]],
     eval_gold: GoldFn | None,
+    saved: list[str],
 ) -> Path:
     import lightning as L
 
@@ -197,7 +236,6 @@ def _ppo_run(
             hf.save_hf(run, trainer.policy, tokenizer, name)  # loads like RUN/hf
             saved.append(str(run / name))
 
-    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     report(0)
     progress = config.progress if config.progress is not None else sys.stderr.isatty()
     bar = tqdm(range(1, config.iterations + 1), desc="PPO", disable=not progress)
@@ -335,11 +373,13 @@ def best_of_n(
     seed: int = 0,
     pool: int = 0,
     no_end_score: float = -1.0,
+    truncate: bool = False,
 ) -> list[dict[str, float]]:
     """For each n: the gold score and proxy reward of the reward model's favourite of n samples,
     with the analytic KL bound log n - (n-1)/n. One pool of `pool` (default: max(ns)) samples
     per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`). An answer
-    that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`."""
+    that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`. A prompt
+    too long for the models' context is refused, or with `truncate` cut (`fit_prompt`)."""
     if not math.isfinite(no_end_score):
         raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
     for option, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
@@ -350,7 +390,10 @@ def best_of_n(
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = load_prompts(prompts)
-    conversations, records = conversations[:limit], records[:limit]
+    records = records[:limit]
+    conversations = fitted_prompts(
+        prompts, tokenizer, (policy, reward_model), max_new_tokens, truncate
+    )[:limit]
     gold = gold_fn(gold_name, records)
     pool = pool or max(ns)
     if pool < max(ns):
@@ -390,8 +433,10 @@ def label(
     noise: float = 0.2,
     max_new_tokens: int = 24,
     seed: int = 0,
+    truncate: bool = False,
 ) -> dict[str, float]:
-    """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers."""
+    """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers (a
+    prompt too long for the context is refused, or with `truncate` cut: `fit_prompt`)."""
     if not 2 <= k <= 26:
         raise SelfsupError(f"--k must be between 2 and 26 answers per prompt, got {k}")
     hf.check_number("--noise", noise, 0)
@@ -399,6 +444,7 @@ def label(
         raise SelfsupError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tokenizer, policy = load_policy(policy_path)
     conversations, records = load_prompts(prompts)
+    conversations = fitted_prompts(prompts, tokenizer, (policy,), max_new_tokens, truncate)
     gold = gold_fn(gold_name, records)
     if gold is None:
         raise SelfsupError("--gold none: the simulated labelers need a gold score to rank by")
@@ -441,47 +487,6 @@ def labeling_stats_path(rankings: str | Path) -> Path:
     return rankings.with_name(rankings.name + ".stats.json")
 
 
-def context_length(model: Any) -> int | None:
-    """The most positions the model reads (GPT-2's n_positions, BERT-style max positions)."""
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def fit_context(
-    tokenizer: Any, messages: Sequence[Message], context: int | None, max_new_tokens: int
-) -> list[Message]:
-    """The latest turns of the conversation whose prompt leaves `max_new_tokens` of the model's
-    `context`: the oldest turns go first (a system message last); the conversation then starts
-    at a user turn. One line when even the last message does not fit."""
-    from selfsup.lm.alignment.rollout import encode_prompts
-
-    messages = list(messages)
-    if context is None:
-        return messages
-    if max_new_tokens >= context:
-        raise SelfsupError(
-            f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of "
-            f"{context} tokens"
-        )
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest = messages[len(system) :]
-    while True:
-        length = encode_prompts(tokenizer, [system + rest])["input_ids"].shape[1]
-        if length + max_new_tokens <= context:
-            return system + rest
-        if len(rest) > 1:
-            rest = rest[1:]
-            while len(rest) > 1 and rest[0]["role"] != "user":
-                rest = rest[1:]
-        elif system:
-            system = []
-        else:
-            raise SelfsupError(
-                f"the message is {length} tokens long with its markers: with --max-new-tokens "
-                f"{max_new_tokens} the model's context of {context} tokens has no room for it"
-            )
-
-
 def chat_reply(
     model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int, temperature: float
 ) -> str:
@@ -493,12 +498,8 @@ def chat_reply(
     for m in messages:
         encode_text(tokenizer, m["content"], what=f"the {m['role']} message")
     prompts = encode_prompts(tokenizer, [messages])
-    context = context_length(model)
-    if context is not None and prompts["input_ids"].shape[1] + max_new_tokens > context:
-        raise SelfsupError(
-            f"the conversation is {prompts['input_ids'].shape[1]} tokens long: with "
-            f"--max-new-tokens {max_new_tokens} it exceeds the model's context of {context}"
-        )
+    fit_prompt(tokenizer, messages, context_length(model), max_new_tokens, "the conversation",
+               truncate=False)  # fmt: skip
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
         if temperature > 0

@@ -18,7 +18,7 @@ from selfsup.lm.cli.common import (
     report_line,
     summary,
 )
-from selfsup.lm.options import RLHFConfig, TuneConfig
+from selfsup.lm.options import TRUNCATE_HELP, RLHFConfig, TuneConfig
 
 
 def _config(cls: type, args: argparse.Namespace) -> Any:
@@ -143,6 +143,7 @@ def _add_label(sub, parents) -> None:
     p.add_argument("--gold", default="arithmetic", help="the gold score labelers rank by")
     p.add_argument("--noise", type=float, default=0.2, help="labelers' noise (std of the score)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_label)
 
@@ -152,7 +153,7 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
 
     stats = label(
         args.policy, args.prompts, args.output, args.k, args.gold, args.noise,
-        args.max_new_tokens, args.seed,
+        args.max_new_tokens, args.seed, args.truncate,
     )  # fmt: skip
     print(
         f"{args.output}: {stats['prompts']} ranked prompts, "
@@ -216,6 +217,7 @@ def _add_best_of_n(sub, parents) -> None:
         default=-1.0,
         help="the score of an answer that never emits the end token (default: -1, as lm rlhf)",
     )
+    p.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--out",
@@ -237,7 +239,7 @@ def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
         raise SelfsupError(f"--out {args.out} is a file; expected a folder")
     rows = best_of_n(
         args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
-        args.limit, args.seed, args.pool, args.no_end_score,
+        args.limit, args.seed, args.pool, args.no_end_score, args.truncate,
     )  # fmt: skip
     print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
     for r in rows:
@@ -255,13 +257,14 @@ def _keep_best_of_n(out: Path, rows: list[dict], args: argparse.Namespace, comma
 
     from selfsup import run as rundir
 
-    out.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k not in ("handler", "out", "lm_command")}
     options = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))}
-    rundir.atomic_write_text(out / "best_of_n.json", json.dumps(rows, indent=2) + "\n")
     config = {"stage": "best-of-n", **options}
-    rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    rundir.write_command(out, command, append=False)
+    with rundir.run_locked(out):  # one writer per run folder
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.atomic_write_text(out / "best_of_n.json", json.dumps(rows, indent=2) + "\n")
+        rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        rundir.write_command(out, command, append=False)
     summary([f"table: {out / 'best_of_n.json'}", report_line(out)])
 
 
@@ -270,24 +273,33 @@ def _add_chat(sub, parents) -> None:
     p.add_argument("run", help="an SFT or RLHF run (or a local HF folder with chat markers)")
     p.add_argument("--system", help="a system message to start with")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="longest reply in tokens (default: 64, or half the model's context when shorter)",
+    )
     p.set_defaults(handler=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.alignment.rlhf import chat_reply, context_length, fit_context, load_policy
+    from selfsup.lm.alignment.rlhf import chat_reply, load_policy
+    from selfsup.lm.data.context import (
+        check_new_tokens,
+        context_length,
+        default_new_tokens,
+        shorten,
+    )
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise SelfsupError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise SelfsupError(f"--temperature must be at least 0, got {args.temperature}")
     tokenizer, model = load_policy(args.run)
     context = context_length(model)
-    if context is not None and args.max_new_tokens >= context:
-        raise SelfsupError(
-            f"--max-new-tokens {args.max_new_tokens} leaves no room in the model's context of "
-            f"{context} tokens"
-        )
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_new_tokens(context)
+    check_new_tokens(args.max_new_tokens, context)
+    room = None if context is None else context - args.max_new_tokens
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("(an empty line or Ctrl-D ends the conversation)")
     while True:
@@ -300,7 +312,7 @@ def _run_chat(args: argparse.Namespace, command: str) -> None:
             break
         messages.append({"role": "user", "content": text})
         try:
-            kept = fit_context(tokenizer, messages, context, args.max_new_tokens)
+            kept = messages if room is None else shorten(tokenizer, messages, room, False)
             if len(kept) < len(messages):  # as `lm generate` keeps the end of a long prompt
                 print(
                     f"(the conversation outgrew the model's context of {context} tokens: its "

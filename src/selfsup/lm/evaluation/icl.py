@@ -206,6 +206,7 @@ def few_shot(
     """
     from transformers import AutoModelForCausalLM
 
+    from selfsup.lm.data.context import check_new_tokens, context_length
     from selfsup.lm.data.tokenizer import encode_text
     from selfsup.lm.models import hf
 
@@ -220,19 +221,35 @@ def few_shot(
     pool, asked = pairs[:-questions], pairs[-questions:]
     rng = np.random.default_rng(seed)
     newline = encode_text(tokenizer, "\n", "a newline")
-    context = model.config.n_positions if hasattr(model.config, "n_positions") else math.inf
+    context = context_length(model)
+    check_new_tokens(max_new_tokens, context)
+    room = math.inf if context is None else context - max_new_tokens
+    fitting = min(len(pool), _shots_that_fit(tokenizer, pool, asked, room))
+    why = f"{len(pool)} pairs to draw from beside the --limit {questions} asked"
+    if context is not None:
+        why += f", the model's context of {context} tokens with --max-new-tokens {max_new_tokens}"
+    prompts: dict[int, list[list[int]]] = {}
+    for k in shots:  # every prompt first: a k that does not fit stops before any answer
+        if k <= len(pool):
+            draws = [rng.choice(len(pool), k, replace=False) if k else [] for _ in asked]
+            prompts[k] = [
+                encode_text(tokenizer, few_shot_prompt([pool[i] for i in d], q), "the prompt")
+                for d, (q, _) in zip(draws, asked, strict=True)
+            ]
+        if k > len(pool) or max(map(len, prompts[k])) > room:
+            raise SelfsupError(
+                f"--shots {k}: "
+                + (f"at most {fitting} demonstrations fit" if fitting >= 0 else
+                   "even a question alone does not fit")
+                + f" ({why})"
+            )  # fmt: skip
     accuracy = {}
     for k in shots:
         correct = 0
-        for question, answer in tqdm(asked, desc=f"{k}-shot", leave=False):
-            demos = [pool[i] for i in rng.choice(len(pool), k, replace=False)] if k else []
-            prompt = few_shot_prompt(demos, question)
-            ids = torch.tensor([encode_text(tokenizer, prompt, "the prompt")])
-            if ids.shape[1] + max_new_tokens > context:
-                raise SelfsupError(
-                    f"{k}-shot prompts reach {ids.shape[1]} tokens, beyond the model's context of "
-                    f"{context} with --max-new-tokens {max_new_tokens}: lower the shots"
-                )
+        for prompt, (_, answer) in tqdm(
+            list(zip(prompts[k], asked, strict=True)), desc=f"{k}-shot", leave=False
+        ):
+            ids = torch.tensor([prompt])
             with torch.no_grad():
                 out = model.generate(
                     ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -243,6 +260,23 @@ def few_shot(
             correct += text.split("\n")[0].strip() == answer.strip()
         accuracy[k] = correct / len(asked)
     return accuracy
+
+
+def _shots_that_fit(
+    tokenizer: Any,
+    pool: Sequence[tuple[str, str]],
+    asked: Sequence[tuple[str, str]],
+    room: float,
+) -> int:
+    """The most demonstrations whose prompts fit `room` tokens whichever are drawn (the longest
+    ones before the longest question); -1 when even the longest question alone does not."""
+    from selfsup.lm.data.tokenizer import encode_text
+
+    if room == math.inf:
+        return len(pool)
+    lines = sorted((len(encode_text(tokenizer, f"{q} {a}\n")) for q, a in pool), reverse=True)
+    room -= max(len(encode_text(tokenizer, q)) for q, _ in asked)
+    return int(np.searchsorted(np.cumsum(lines), room, side="right")) if room >= 0 else -1
 
 
 def save_json(path: Path, payload: Any) -> None:

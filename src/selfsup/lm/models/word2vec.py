@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -48,6 +48,7 @@ from selfsup.lm.models.hf import (
     removed_unless_kept,
 )
 from selfsup.lm.options import Word2VecConfig, check_one_device
+from selfsup.progress import StderrProgressBar
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
@@ -223,6 +224,7 @@ class _Chunks(torch.utils.data.Dataset):
         return torch.from_numpy(self.ids[i * self.size : (i + 1) * self.size].astype(np.int64))
 
 
+@rundir.releases_run_locks
 def pretrain_word2vec(
     config: Word2VecConfig | None = None, *, command: str | None = None, **settings: Any
 ) -> Path:
@@ -268,6 +270,7 @@ def pretrain_word2vec(
             "times; lower --min-count"
         )
     run = Path(config.out or rundir.default_run_dir("lm-word2vec", config.data))
+    rundir.lock_run(run)  # one writer per run folder
     _claim(run)
     # a run that fails (e.g. a NaN loss) leaves no folder to block the retry: it has no resume
     with removed_unless_kept(run, lambda r: (r / "results.json").is_file()):
@@ -310,7 +313,7 @@ def _train(
         logger=CSVLogger(save_dir=run, name="", version=""),
         log_every_n_steps=10,
         callbacks=[ModelCheckpoint(dirpath=run / rundir.CHECKPOINTS, save_last=True)]
-        + ([TQDMProgressBar(refresh_rate=10)] if progress else []),
+        + ([StderrProgressBar(refresh_rate=10)] if progress else []),
         enable_progress_bar=progress,
         enable_model_summary=False,
     )

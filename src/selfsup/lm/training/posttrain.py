@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup.data.conversations import Ranking, read_conversations, read_rankings
+from selfsup import run as rundir
+from selfsup.data.conversations import (
+    CHAT_TEMPLATE,
+    Ranking,
+    conversation_lines,
+    read_rankings,
+    tokenize_chat,
+)
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.lm.data.chat_data import (
     add_chat_tokens,
@@ -33,6 +40,7 @@ from selfsup.lm.data.chat_data import (
     ranking_batch,
     sft_example,
 )
+from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.models import hf
 from selfsup.lm.options import TuneConfig, check_one_device
 from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
@@ -59,12 +67,18 @@ def checked_config(config: TuneConfig) -> TuneConfig:
                 f"--resume {config.resume} continues that run; --out {config.out} names another"
             )
         config = dataclasses.replace(config, out=config.resume)
-    if config.resume and not (config.init and config.data):  # the run's own, as it recorded
+    if config.resume:  # the run's own options, as it recorded them, where none is given
         saved = _saved_config(Path(config.out))
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
         config = dataclasses.replace(
             config,
-            init=config.init or saved.get("init", ""),
-            data=config.data or saved.get("data", ""),
+            **{
+                name: saved[name]
+                for name, default in defaults.items()
+                if name in saved
+                and name not in ("out", "resume")
+                and getattr(config, name) in (default, "")
+            },
         )
     for name in ("init", "data", "out"):
         if not getattr(config, name):
@@ -102,12 +116,23 @@ def sft(config: TuneConfig, command: str | None = None) -> Path:
 
     config = checked_config(config)
     torch.manual_seed(config.seed)  # new embedding rows and dropout masks
-    conversations = read_conversations(config.data)
+    conversations = conversation_lines(config.data)
     tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
+    _note_template(tokenizer, config.init)
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     set_special_ids(model, tokenizer)
-    examples = [sft_example(tokenizer, c, config.max_length) for c in conversations]
+    context = context_length(model)
+    if config.pack and context is not None and config.max_length > context:
+        raise SelfsupError(
+            f"--pack --max-length {config.max_length}: blocks longer than the model's context "
+            f"of {context} tokens; pass --max-length {context} or less"
+        )
+    examples = []
+    for where, conversation in conversations:
+        example = sft_example(tokenizer, conversation, config.max_length)
+        check_fits(len(example[0]), context, where, "the conversation", _cut_hint(config, context))
+        examples.append(example)
     train, val = split_validation(examples, config.val_fraction, "conversations")
     if config.pack:
         train = pack(train, config.max_length)
@@ -142,6 +167,7 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     if add_chat_tokens(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     set_special_ids(model, tokenizer)
+    check_rankings_fit(tokenizer, rankings, config, model)
     train, val = split_validation(rankings, config.val_fraction, "ranked prompts")
 
     def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
@@ -154,6 +180,41 @@ def train_reward(config: TuneConfig, command: str | None = None) -> Path:
     ceiling = gold_ceiling(val)
     extra = {} if ceiling is None else {"val_gold_ceiling": ceiling}
     return fit_stage("reward", config, command, model, tokenizer, train, val, loss_fn, extra)
+
+
+def _note_template(tokenizer: Any, init: str) -> None:
+    """One note line when --init's tokenizer has a chat template of its own: selfsup's markers
+    replace it (its own template is not used yet)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own and own != CHAT_TEMPLATE:
+        print(
+            f"selfsup: note: {init} has a chat template of its own; this stage trains with "
+            "selfsup's markers (<USER>, <ASSISTANT>, <END>) instead, and its export keeps them",
+            file=sys.stderr,
+        )
+
+
+def _cut_hint(config: TuneConfig, context: int | None) -> str:
+    return (
+        f"--max-length {config.max_length} does not cut it: pass --max-length {context} to cut "
+        "longer conversations"
+    )
+
+
+def check_rankings_fit(
+    tokenizer: Any, rankings: Sequence[Ranking], config: TuneConfig, model: Any
+) -> None:
+    """One line naming the first ranking whose prompt and answer, cut to --max-length, still
+    exceed the model's context (only a --max-length beyond the context lets that happen)."""
+    context = context_length(model)
+    if context is None or config.max_length <= context:
+        return
+    for r in rankings:
+        for completion in r.completions:
+            ids, _ = tokenize_chat(tokenizer, r.conversation(completion))
+            length = min(len(ids), config.max_length)
+            what = "a prompt with its answer"
+            check_fits(length, context, r.where, what, _cut_hint(config, context))
 
 
 def gold_ceiling(rankings: Sequence[Ranking]) -> float | None:
@@ -194,6 +255,7 @@ def _device(model: Any) -> torch.device:
 LossFn = Callable[[Any, list], tuple[torch.Tensor, dict[str, float]]]
 
 
+@rundir.releases_run_locks
 def fit_stage(
     stage: str,
     config: TuneConfig,
@@ -211,8 +273,25 @@ def fit_stage(
     run = hf.start_run(
         config.out, {"stage": stage, **dataclasses.asdict(config)}, command, bool(config.resume)
     )
-    with hf.removed_unless_kept(run, lambda r: (r / hf.CHECKPOINT).is_file()):
-        return _train(run, stage, config, model, tokenizer, train, val, loss_fn, extra)
+    try:
+        with hf.removed_unless_kept(run, lambda r: (r / hf.CHECKPOINT).is_file()):
+            return _train(run, stage, config, model, tokenizer, train, val, loss_fn, extra)
+    except KeyboardInterrupt:  # the CLI prints it after "interrupted"
+        raise KeyboardInterrupt(interrupted_hint(run, stage)) from None
+
+
+def interrupted_hint(run: Path, stage: str) -> str:
+    """What a Ctrl-C kept and how to go on: the last checkpoint and the command that resumes
+    it, or (before the first epoch ended) that the same command starts afresh."""
+    if (run / hf.CHECKPOINT).is_file():
+        return (
+            f"the last checkpoint is {run / hf.CHECKPOINT}; continue with: selfsup lm {stage} "
+            f"--resume {shlex.quote(str(run))}"
+        )
+    return (
+        "before the end of the first epoch, nothing to resume: run the same command again to "
+        f"start afresh in {run}"
+    )
 
 
 def _train(
