@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -122,9 +124,7 @@ def train_supervised(
     held = _holdout(y, seed)
     fit_part = train.subset(np.setdiff1d(np.arange(len(y)), held))
     bs = min(batch_size, len(fit_part))
-    steps = max(SUPERVISED_MIN_STEPS, epochs * (len(fit_part) // bs))
-    if max_steps:
-        steps = min(steps, max_steps)
+    steps = supervised_steps_planned(len(fit_part), epochs, max_steps, batch_size)
     info: dict = {}
     with one_thread(torch.empty(0, device=device)):  # see probes.one_thread
         model = fit_classifier(
@@ -142,6 +142,49 @@ def train_supervised(
             info=info,
         )
     return model, {"steps": info["steps"], "best_step": info["best_step"], "val_labels": len(held)}
+
+
+def supervised_steps_planned(
+    n_fit: int, epochs: int, max_steps: int | None, batch_size: int
+) -> int:
+    """The most steps `train_supervised` takes on `n_fit` training labels (early stopping may
+    end it sooner)."""
+    steps = max(SUPERVISED_MIN_STEPS, epochs * (n_fit // max(1, min(batch_size, n_fit))))
+    return min(steps, max_steps) if max_steps else steps
+
+
+def supervised_cost(
+    make: Callable[[], nn.Module],
+    train: ImageData,
+    subsets: Sequence[np.ndarray],
+    *,
+    epochs: int,
+    max_steps: int | None,
+    batch_size: int,
+    augment: str,
+    device: str | torch.device,
+) -> str:
+    """One line saying what the supervised references will cost: their planned steps, times a
+    step measured here (3 steps of the real training, setup included: an upper estimate)."""
+    y = train.y.numpy()  # type: ignore[union-attr]
+    total = sum(
+        supervised_steps_planned(len(idx) - len(_holdout(y[idx], 0)), epochs, max_steps, batch_size)
+        for idx in subsets
+    )
+    sample = train.subset(labeled_subset(y, 1.0, 0)[: min(batch_size, len(y))])
+    start = time.perf_counter()
+    with one_thread(torch.empty(0, device=device)):
+        fit_classifier(
+            _seeded(make, 0), sample, num_classes=num_classes_of(train, train), steps=3,
+            batch_size=batch_size, augment=augment, device=device,
+        )  # fmt: skip
+    per_step = (time.perf_counter() - start) / 3
+    minutes = total * per_step / 60
+    return (
+        f"supervised reference: {len(subsets)} networks, up to {total:,} steps in all, about "
+        f"{minutes:.0f} min on {torch.device(device).type} ({1000 * per_step:.0f} ms a step; "
+        "leave 'supervised' out of --baselines to skip it)"
+    )
 
 
 def supervised_reference(
@@ -347,6 +390,14 @@ def few_label_evaluation(
     jobs = [(f, s, 0.0) for f, s in subsets] + list(noisy_labels)
     if "supervised" not in baselines:
         jobs = []
+    if jobs and progress:
+        tqdm.write(
+            supervised_cost(
+                make_random, train, [subsets[f, s] for f, s, _ in jobs], epochs=supervised_epochs,
+                max_steps=supervised_steps, batch_size=batch_size, augment=augment, device=device,
+            ),
+            file=sys.stderr,
+        )  # fmt: skip
     bar = tqdm(total=len(subsets) + len(jobs), desc="few-label", disable=not progress)
 
     def supervised(fraction: float, seed: int, noise: float) -> tuple[float, dict]:
