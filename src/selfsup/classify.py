@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from selfsup.data.decode import max_pixels
 from selfsup.errors import SelfsupError
 
 FORMAT = "selfsup-classifier-1"
@@ -66,9 +67,16 @@ def read_labels(spec: str) -> tuple[list[str | int], list[str], Path | None]:
             raise SelfsupError(f"{path}:{number}: expected two values, an image and its label")
         key: str | int = row[0].strip()
         if by_index:
-            if not str(key).isdigit():
-                raise SelfsupError(f"{path}:{number}: index {key!r} is not a whole number")
-            key = int(key)
+            try:
+                key = int(key)
+            except ValueError:
+                raise SelfsupError(
+                    f"{path}:{number}: index {key!r} is not a whole number"
+                ) from None
+            if key < 0:
+                raise SelfsupError(
+                    f"{path}:{number}: index {key} must be >= 0 (a position in the images, from 0)"
+                )
         else:
             file = Path(key) if Path(key).is_absolute() else path.parent / key
             if not file.is_file():
@@ -88,12 +96,12 @@ def read_labels(spec: str) -> tuple[list[str | int], list[str], Path | None]:
 
 def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 N×C×H×W of image files at the encoder's channels and size."""
-    from selfsup.data.sources import decode_image
+    from selfsup.data.decode import decode_image
     from selfsup.data.transforms import adapt_images, square_resize
 
     channels, h, _ = shape
     return adapt_images(
-        torch.stack([square_resize(decode_image(p), h) for p in paths]), channels, (h, h)
+        torch.stack([square_resize(decode_image(p, h), h) for p in paths]), channels, (h, h)
     )
 
 
@@ -172,8 +180,7 @@ def classify(
         "run": str(run),
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    rundir.atomic_save(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     with torch.inference_mode():
         predicted = model.to(device)(x.to(device)).argmax(1).cpu().numpy()
     return {
@@ -317,22 +324,13 @@ class Classifier(torch.nn.Module):
         from selfsup.models import Encoder
 
         super().__init__()
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no dict)
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise SelfsupError(f"{path}: not a readable classifier file ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise SelfsupError(f"{path}: not a selfsup classifier (made by `selfsup classify`)")
-        self.classes: list[str] = json.loads(meta["classes"])
-        self.input_shape: tuple[int, int, int] = tuple(json.loads(meta["input_shape"]))  # type: ignore[assignment]
-        self.encoder = Encoder(**json.loads(meta["selfsup_encoder"]))
+        self.classes, self.input_shape, config, tensors = read_classifier(path)
+        self.encoder = Encoder(**config)  # sized as the file's own weights: checked above
         self.encoder.load_state_dict(
             {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
         )
-        self.register_buffer("mean", tensors["feature.mean"])
-        self.register_buffer("std", tensors["feature.std"])
+        self.register_buffer("mean", tensors["feature.mean"].float())
+        self.register_buffer("std", tensors["feature.std"].float())
         self.head = torch.nn.Linear(len(self.mean), len(self.classes))
         self.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
         self.eval()
@@ -342,13 +340,128 @@ class Classifier(torch.nn.Module):
         return torch.softmax(self.head((self.encoder(x).float() - self.mean) / self.std), dim=1)
 
 
+def meta_encoder(config: Any) -> torch.nn.Module:
+    """The Encoder that `config` (its settings) describes, on the meta device: its weights'
+    names and shapes and its feature width, with no memory allocated for them."""
+    from selfsup.models import Encoder
+
+    if not isinstance(config, dict):
+        raise SelfsupError(f"expected an object of encoder settings, got {config!r:.80}")
+    try:
+        with torch.device("meta"):
+            return Encoder(**config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise SelfsupError(f"not an encoder's settings ({e})") from None
+
+
+def read_classifier(
+    path: str | Path,
+) -> tuple[list[str], tuple[int, int, int], dict[str, Any], dict[str, torch.Tensor]]:
+    """(classes, input shape, encoder settings, tensors) of a file from `classify`, every
+    metadata field checked against the weights (and the pixel limit) before anything is sized
+    by it; one line naming the file and the field otherwise."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no dict)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise SelfsupError(f"{path}: not a readable classifier file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise SelfsupError(f"{path}: not a selfsup classifier (made by `selfsup classify`)")
+
+    def bad(field: str, what: str) -> SelfsupError:
+        return SelfsupError(f"{path}: {field} {what}")
+
+    fields: dict[str, Any] = {}
+    for key in ("classes", "input_shape", "selfsup_encoder"):
+        try:
+            fields[key] = json.loads(meta[key])
+        except KeyError:
+            raise bad(f"metadata field {key!r}", "is missing") from None
+        except json.JSONDecodeError as e:
+            raise bad(f"metadata field {key!r}", f"is not JSON ({e})") from None
+    classes, shape, config = fields["classes"], fields["input_shape"], fields["selfsup_encoder"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise bad("metadata field 'input_shape'", f"is {shape!r:.80}, expected [C, H, W] > 0")
+    if shape[1] * shape[2] > (limit := max_pixels()):
+        raise bad(
+            "metadata field 'input_shape'",
+            f"asks for {shape[1]}×{shape[2]} images, over the {limit:,} pixels allowed",
+        )
+    try:
+        skeleton = meta_encoder(config)
+    except SelfsupError as e:
+        raise bad("metadata field 'selfsup_encoder'", str(e)) from None
+    width = int(skeleton.feature_dim)
+    expected = {f"encoder.{k}": tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    head = tensors.get("head.weight")
+    rows = head.shape[0] if head is not None and head.ndim else 0
+    expected.update(
+        {
+            "feature.mean": (width,),
+            "feature.std": (width,),
+            "head.weight": (rows, width),
+            "head.bias": (rows,),
+        }
+    )
+    for name, size in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != size:
+            got = f"is {tuple(tensors[name].shape)}" if name in tensors else "is missing"
+            raise bad(
+                f"tensor {name!r}",
+                f"{got}, expected {size} from metadata field 'selfsup_encoder' "
+                f"(a {config.get('backbone')!r} encoder of {width}-d features)",
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise bad(f"tensor {extra[0]!r}", "is not a weight of the encoder named by its metadata")
+    if config.get("in_channels") != shape[0]:
+        raise bad(
+            "metadata field 'input_shape'",
+            f"says {shape[0]} channels, the encoder takes {config.get('in_channels')}",
+        )
+    if "image_size" in config and list(config["image_size"]) != shape[1:]:
+        raise bad(
+            "metadata field 'input_shape'",
+            f"says {shape[1]}×{shape[2]} images, the encoder was built for "
+            f"{'×'.join(map(str, config['image_size']))}",
+        )
+    if not (
+        isinstance(classes, list)
+        and all(isinstance(c, str) for c in classes)
+        and len(set(classes)) == len(classes)
+    ):
+        raise bad("metadata field 'classes'", f"is {classes!r:.80}, expected distinct names")
+    if len(classes) != rows:
+        raise bad(
+            "metadata field 'classes'",
+            f"lists {len(classes)} classes but tensor 'head.weight' has {rows} rows",
+        )
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise bad(f"tensor {name!r}", "holds NaN or infinite values")
+    if not bool((tensors["feature.std"] > 0).all()):
+        raise bad("tensor 'feature.std'", "has values <= 0, expected positive scales")
+    return classes, tuple(shape), config, tensors  # type: ignore[return-value]
+
+
 def image_files(spec: str) -> list[str]:
-    """The image files of `folder:PATH` (or a plain folder path), recursively, sorted."""
+    """The image files of a folder (PATH or `folder:PATH`; recursively, sorted), or PATH itself
+    when it is a file (one image)."""
     from selfsup.data.sources import images_under
 
-    root = Path(spec[len("folder:") :] if spec.startswith("folder:") else spec).expanduser()
+    folder = spec.startswith("folder:")
+    root = Path(spec[len("folder:") :] if folder else spec).expanduser()
+    if root.is_file() and not folder:
+        return [str(root)]
     if not root.is_dir():
-        raise SelfsupError(f"{spec}: not a folder of images")
+        raise SelfsupError(
+            f"{spec}: not a folder of images{'' if folder else ' nor an image file'}"
+        )
     files = [str(p) for p in images_under(root, recursive=True)]
     if not files:
         raise SelfsupError(f"{spec}: no images in it")
@@ -364,7 +477,8 @@ def predict(
     threshold: float = LOW_CONFIDENCE,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Label every image file under `images`; writes the CSV `out` batch by batch."""
+    """Label one image file or every image under a folder (see `image_files`); writes the CSV
+    `out` batch by batch."""
     from tqdm.auto import tqdm
 
     from selfsup.device import resolve_device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import shlex
@@ -17,9 +18,13 @@ from selfsup.config import (
     PretrainConfig,
     add_dataclass_arguments,
     add_option,
+    check_fields,
     field_types,
     from_namespace,
+    option,
     read_config_file,
+    read_yaml,
+    seed_type,
     type_of,
 )
 from selfsup.errors import SelfsupError, one_line
@@ -113,6 +118,18 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    max_pixels_help = (
+        "largest image decoded, width × height (default 89,478,485, PIL's limit); "
+        "larger files are refused before they are decoded"
+    )
+    for q in (parser, common):
+        q.add_argument(
+            "--max-pixels",
+            type=positive_int,
+            metavar="N",
+            default=argparse.SUPPRESS,
+            help=max_pixels_help,
+        )
     parser.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
@@ -257,7 +274,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         help="(default: typiclust)",
     )
     c.add_argument("--data", help="images to choose from (default: the run's training images)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_type, default=0)
     c.add_argument("--device", default="auto")
     c.add_argument("-o", "--output", help="output CSV (the contact sheet goes beside it)")
 
@@ -278,17 +295,19 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         help="train the encoder too, from the linear head's solution (slower; how long is "
         "chosen on 20%% of the labels held out)",
     )
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=seed_type, default=0)
     k.add_argument("--device", default="auto")
 
     v = sub.add_parser(
         "predict",
-        help="label a folder of images with a classifier from `selfsup classify`",
+        help="label images (a folder or one file) with a classifier from `selfsup classify`",
         description="Streams the images in batches; writes path, label, confidence, one "
         "probability per class and low_confidence (1 below --threshold).",
     )
     v.add_argument("classifier", help="file written by `selfsup classify`")
-    v.add_argument("images", help="folder:PATH (searched recursively)")
+    v.add_argument(
+        "images", help="an image file, or a folder (PATH or folder:PATH) searched recursively"
+    )
     v.add_argument("-o", "--output", required=True, help="predictions CSV (required)")
     v.add_argument("--threshold", type=float, default=0.5, help="(default: 0.5)")
     v.add_argument("--batch-size", type=positive_int, default=256)
@@ -296,12 +315,14 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     n = sub.add_parser(
         "index",
-        help="embed a folder of images for similarity search (`selfsup similar`)",
+        help="embed images (a folder or one file) for similarity search (`selfsup similar`)",
         description="Streams the images in batches; writes the unit-norm embeddings, the paths "
         "and the run into one .npz.",
     )
     n.add_argument("run", help="run directory written by `selfsup pretrain`")
-    n.add_argument("images", help="folder:PATH (searched recursively)")
+    n.add_argument(
+        "images", help="an image file, or a folder (PATH or folder:PATH) searched recursively"
+    )
     n.add_argument("-o", "--output", required=True, help="the index file to write (required)")
     n.add_argument(
         "--approximate",
@@ -343,7 +364,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("image", help="an image file (PNG, JPEG, ...)")
     a.add_argument("-o", "--output", default="augmentations.png", help="output PNG")
     a.add_argument("--size", type=positive_int, default=224, help="side of each panel in pixels")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=seed_type, default=0)
 
     w = sub.add_parser(
         "report",
@@ -369,12 +390,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> None:
     if args.command == "pretrain":
-        from selfsup.train import pretrain
-
         if args.method is None and not args.resume:
             raise UsageError("a METHOD is required (or --resume RUN)")
         given = {k: v for k, v in vars(args).items() if k in option_names(args.method or "")}
         config = from_namespace(PretrainConfig, args, method=args.method, options=given)
+        check_method_options(args.method, given)
+        from selfsup.train import pretrain  # torch and Lightning: only once the options pass
+
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
         from selfsup.run import is_first_process
         from selfsup.train import run_summary
@@ -382,9 +404,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         if is_first_process():
             print(run_summary(run))
     elif args.command == "evaluate":
+        config = from_namespace(EvalConfig, args)
         from selfsup.api import evaluate
 
-        results = evaluate(args.run, from_namespace(EvalConfig, args))
+        results = evaluate(args.run, config)
         print_results(results)
     elif args.command == "embed":
         _embed(args)
@@ -512,6 +535,14 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
         run_lm(args, argv)
 
 
+def check_method_options(method: str | None, given: dict[str, object]) -> None:
+    """Check a method's own options against the ranges its file declares (`check=`), read from
+    the file as `--help` reads them: a bad value is refused before torch is imported."""
+    specs = [s for s in method_options(method or "") if s.name in given]
+    fields = [(s.name, type_of(s.type), option(s.default, s.help, **s.metadata)) for s in specs]
+    check_fields(dataclasses.make_dataclass("Options", fields)(**given))
+
+
 def print_results(results: dict) -> None:
     print(f"\n{results['data']}: {results['train_size']} train / {results['test_size']} test")
     print(f"linear probe (all labels): {100 * results['linear_probe']:.1f}%")
@@ -627,10 +658,8 @@ def pretrain_method(argv: list[str]) -> str | None:
         if flag in argv[:-1]:
             path = Path(argv[argv.index(flag) + 1])
             try:
-                import yaml
-
-                method = yaml.safe_load((path / name if name else path).read_text()).get("method")
-            except Exception:  # the command reports an unreadable file in one line later
+                method = read_yaml(path / name if name else path).get("method")
+            except (SelfsupError, AttributeError):  # the command reports it in one line later
                 continue
             if method in METHODS:
                 return method
@@ -651,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     except SelfsupError as e:
         return _fail(str(e))
     debug = args.debug or bool(os.environ.get("SELFSUP_DEBUG"))
+    if getattr(args, "max_pixels", None) is not None:
+        # read by selfsup.data.decode.max_pixels(); the environment reaches worker processes
+        os.environ["SELFSUP_MAX_PIXELS"] = str(args.max_pixels)
     try:
         run_command(args, argv)
     except UsageError as e:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
@@ -15,9 +17,44 @@ from selfsup.errors import SelfsupError
 
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A config field: its help text, and optionally `check`, the range its value must lie in
-    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]"); None always passes. `cli=False` keeps it
-    off the command line."""
+    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]") or a named rule ("seed", "precision");
+    None always passes. `cli=False` keeps it off the command line."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+# The common range of numpy's and Lightning's seeds (np.random.seed: an unsigned 32-bit
+# integer; torch.manual_seed would take up to 2**64 - 1).
+SEED_MAX = 2**32 - 1
+# Lightning 2's `precision` values (lightning.fabric.connector._PRECISION_INPUT), listed here so
+# that a bad one is refused before Lightning is imported.
+PRECISIONS = (
+    *("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
+    *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
+)
+
+
+def check_seed(value: int, flag: str = "--seed") -> int:
+    """`value` if it is a seed numpy, torch and Lightning all accept, else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise SelfsupError(f"{flag} must be a whole number from 0 to {SEED_MAX}, got {value!r}")
+    return value
+
+
+def seed_type(text: str) -> int:
+    """argparse type of a `--seed`: a whole number from 0 to SEED_MAX."""
+    try:
+        return check_seed(int(text))
+    except (ValueError, SelfsupError):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 to {SEED_MAX}, got {text!r}"
+        ) from None
+
+
+def check_precision(value: str, flag: str = "--precision") -> str:
+    """`value` if Lightning accepts it as a precision, else a one-line error listing them."""
+    if str(value) not in PRECISIONS:
+        raise SelfsupError(f"{flag} {value!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+    return str(value)
 
 
 def _in_range(value: float, rule: str) -> bool:
@@ -48,7 +85,11 @@ def check_fields(config: Any) -> None:
         if tp is int and not isinstance(value, int):
             raise SelfsupError(f"{flag} must be a whole number, got {value!r}")
         rule = f.metadata.get("check")
-        if rule and not _in_range(value, rule):
+        if rule == "seed":
+            check_seed(value, flag)
+        elif rule == "precision":
+            check_precision(value, flag)
+        elif rule and not _in_range(value, rule):
             expected = {
                 ">0": "positive",
                 ">=0": "zero or more",
@@ -80,7 +121,10 @@ class PretrainConfig:
         check=">=1",
     )
     image_size: int | None = option(
-        None, "resize folder images to this size (default: first image)", check=">=1"
+        None,
+        "resize images to this square size (folders' default: the first image's short side, at "
+        "most 224 px; on a CPU, 96 trains about 10x faster than 224)",
+        check=">=1",
     )
     backbone: str | None = option(
         None,
@@ -108,11 +152,11 @@ class PretrainConfig:
     warmup_epochs: float = option(
         1.0, "linear warm-up before the cosine decay, in epochs", check=">=0"
     )
-    seed: int = option(0, "random seed (data order, augmentation, initialisation)")
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)", check="seed")
     accelerator: str = option("auto", "cpu | gpu | auto (Lightning)")
     devices: str = option("auto", "number of devices or 'auto' (Lightning)")
     precision: str | None = option(
-        None, "Lightning precision (default: bf16-mixed on GPU, else 32)"
+        None, "Lightning precision (default: bf16-mixed on GPU, else 32)", check="precision"
     )
     num_workers: int = option(
         0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
@@ -158,12 +202,17 @@ class EvalConfig:
     data_dir: str | None = option(None, "root of torchvision datasets (default $SELFSUP_DATA)")
     download: bool = option(False, "download a torchvision dataset if it is missing")
     limit: int | None = option(
-        None, "use a stratified first N training and at most N test samples", check=">=1"
+        None,
+        "use a stratified first N training and at most N test samples (default: on the run's "
+        "own data, the run's own --limit)",
+        check=">=1",
     )
     fractions: str = option("0.01,0.1,1.0", "label fractions for the few-label table")
     seeds: int = option(3, "label subsets (seeds) per fraction", check=">=1")
     baselines: str = option(
-        "raw,pca,random,supervised", "comma list of raw, pca, random, supervised (or 'none')"
+        "raw,pca,random",
+        "comma list of raw, pca, random, supervised (or 'none'); supervised trains one network "
+        "per label subset (minutes to hours on a CPU; its estimated cost is printed first)",
     )
     probe: str = option("linear", "classifier on frozen features: linear | knn")
     knn_k: int = option(20, "neighbours for the kNN classifier", check=">=1")
@@ -234,19 +283,7 @@ def read_config_file(
     `resume` and the `ignored` names (other methods' options an older run recorded) are
     skipped, so giving it back starts a new run with the same options.
     """
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except OSError as e:
-        raise SelfsupError(f"--config {path}: cannot read it ({e.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SelfsupError(f"--config {path}: not valid YAML ({type(e).__name__})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise SelfsupError(f"--config {path}: expected a mapping of option: value")
+    values = read_yaml_mapping(path, "--config")
     is_run = "encoder" in values
     options: dict[str, Any] = {}
     for key, value in values.items():
@@ -257,6 +294,93 @@ def read_config_file(
             raise SelfsupError(f"--config {path}: {key!r} is not an option of this command")
         options[name] = typed_value(value, types[name], f"--config {path}: {key}")
     return options
+
+
+MAX_YAML_DEPTH = 50  # nesting of an options file (a flat mapping; a run's config.yaml has 3)
+
+
+def read_yaml(path: str | Path, where: str | None = None) -> Any:
+    """The value of a YAML file, read safely; one line (`where`, default the path) for a file
+    that cannot be read, is not YAML, nests deeper than MAX_YAML_DEPTH or gives a key twice."""
+    import yaml
+
+    where = where or str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
+    except OSError as e:
+        raise SelfsupError(f"{where}: cannot read it ({e.strerror})") from None
+    except _Refused as e:
+        raise SelfsupError(f"{where}:{e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise SelfsupError(f"{where}: not valid YAML ({line}{e.problem or e.context})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SelfsupError(f"{where}: not valid YAML ({type(e).__name__})") from None
+
+
+def read_yaml_mapping(path: str | Path, flag: str) -> dict[str, Any]:
+    """`read_yaml` of an options file given as `flag FILE`: a mapping (empty for an empty file)
+    whose keys, spelled with - or _, name each option once."""
+    where = f"{flag} {path}"
+    values = read_yaml(path, where)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SelfsupError(f"{where}: expected a mapping of option: value")
+    spelled: dict[str, Any] = {}
+    for key in values:  # `batch-size` and `batch_size` are one option
+        name = str(key).replace("-", "_")
+        if name in spelled:
+            raise SelfsupError(
+                f"{where}: {spelled[name]!r} and {key!r} are one option, given twice"
+            )
+        spelled[name] = key
+    return values
+
+
+class _Refused(Exception):
+    """A YAML file the strict loader refuses; the message starts with its line number."""
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the
+    last silently) and nesting deeper than MAX_YAML_DEPTH (its composer recurses: a few
+    thousand levels end in RecursionError)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _Refused(f"{line}: too deeply nested (over {MAX_YAML_DEPTH} levels)")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        twice = f"{key!r} is given twice (first on line {first[key]})"
+                        raise _Refused(f"{line}: {twice}")
+                    first[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    break
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def typed_value(value: Any, tp: type, where: str) -> Any:

@@ -2,9 +2,56 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from selfsup.errors import SelfsupError
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_devices(accelerator: str, devices: str) -> None:
+    """A one-line error for `--devices` this machine cannot run, before Lightning starts that
+    many processes (and waits for them): more CUDA GPUs than it has, or on a CPU more processes
+    than cores (legal for Lightning, but every process then waits for a core, and the start
+    takes minutes before a step is slower than one process's)."""
+    spec = str(devices).strip().replace(" ", "")
+    if spec == "auto":
+        return
+    name = accelerator.lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    flags = f"--devices {devices} --accelerator {accelerator}"
+    if name == "cpu":
+        cores = cpu_cores()
+        if not spec.isdigit() or not 1 <= int(spec) <= cores:
+            raise SelfsupError(
+                f"{flags}: this machine has {cores} CPU core(s); a CPU run takes --devices 1 to "
+                f"{cores} (one process each) or auto"
+            )
+    elif name in ("gpu", "cuda"):
+        count = torch.cuda.device_count()
+        if not re.fullmatch(r"-1|\d+(,\d+)*,?", spec) or spec == "0":
+            raise SelfsupError(
+                f"{flags}: expected a number of GPUs, -1 (all), a comma list of GPU indices or auto"
+            )
+        wanted = [int(i) for i in spec.split(",") if i] if "," in spec else None
+        if (max(wanted) >= count) if wanted else int(spec) > count:
+            raise SelfsupError(
+                f"{flags}: this machine has {count} CUDA GPU(s) (indices 0 to {count - 1})"
+            )
+    elif name == "mps" and spec not in ("1", "-1"):
+        raise SelfsupError(f"{flags}: Apple's MPS is one device; use 1 or auto")
 
 
 def is_distributed() -> bool:

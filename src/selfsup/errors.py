@@ -20,3 +20,18 @@ def one_line(error: Exception) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         text = text.rstrip().splitlines()[-1].partition(": ")[2] or text
     return " ".join(text.split())
+
+
+def numpy_file_reason(path: object, error: BaseException) -> str:
+    """Why `np.load(path, allow_pickle=False)` failed, on one line. numpy takes any file that is
+    neither a zip (.npz) nor an array header (.npy) for pickled data and suggests loading it
+    unsafely; such a file is simply not a NumPy file, and is said to be one."""
+    try:
+        with open(str(path), "rb") as f:
+            head = f.read(6)
+    except OSError:
+        head = b""
+    if not head.startswith((b"PK", b"\x93NUMPY")):
+        return "not a readable .npz or .npy file: neither a zip archive nor a NumPy array header"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from selfsup.config import read_yaml_mapping
 from selfsup.errors import SelfsupError
 
 DEST = "options_file"
@@ -64,7 +65,7 @@ def _after_words(argv: list[str], words: list[str]) -> int:
 
 def file_tokens(leaf: argparse.ArgumentParser, path: str) -> list[str]:
     """The YAML mapping at `path` as the command-line tokens of `leaf`'s options."""
-    values = _read_mapping(path)
+    values = read_yaml_mapping(path, "--config")
     actions = {
         a.dest: a
         for a in reversed(leaf._actions)  # the first (visible) spelling wins over an alias
@@ -101,20 +102,3 @@ def _tokens(action: argparse.Action, value: Any, where: str) -> list[str]:
     if isinstance(value, dict):
         raise SelfsupError(f"{where} takes a value, got a mapping")
     return [f"{flag}={value}"]  # `=` keeps a value that starts with "-" a value
-
-
-def _read_mapping(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except OSError as e:
-        raise SelfsupError(f"--config {path}: cannot read it ({e.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SelfsupError(f"--config {path}: not valid YAML ({type(e).__name__})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise SelfsupError(f"--config {path}: expected a mapping of option: value")
-    return values

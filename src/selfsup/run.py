@@ -252,10 +252,9 @@ def read_config(run: str | Path) -> dict[str, Any]:
         raise SelfsupError(f"run directory {run} does not exist")
     if not path.is_file():
         raise SelfsupError(f"{path} is missing: {run} is not a selfsup run directory")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SelfsupError(f"{path} is not valid YAML ({e.__class__.__name__})") from None
+    from selfsup.config import read_yaml  # the one reader: depth and duplicate keys checked
+
+    config = read_yaml(path)
     if not isinstance(config, dict) or "encoder" not in config:
         raise SelfsupError(f"{path} has no 'encoder' section: not a selfsup run config")
     return config

@@ -46,6 +46,10 @@ class Method(L.LightningModule):
     # target <- tau target + (1 - tau) online, tau rising from `options.momentum` to 1 on a
     # cosine schedule (BYOL's). The targets are modules, so they are in every checkpoint.
     momentum_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The smallest image and view side the method learns from. Below 4 px the ConvNet's first
+    # 2×2 pool is skipped and a 3×3 convolution sees little more than one pixel's colour: an
+    # encoder of 1×1 images trains without error and learns nothing spatial.
+    min_image_side: ClassVar[int] = 4
 
     @classmethod
     def with_defaults(cls, config: PretrainConfig) -> PretrainConfig:
@@ -84,6 +88,18 @@ class Method(L.LightningModule):
         """The side of the views the recipe draws (the images' own by default)."""
         return image_size
 
+    def check_image_size(self, image_size: tuple[int, int], view_size: tuple[int, int]) -> None:
+        """A one-line error for images or views smaller than `min_image_side` pixels."""
+        m = self.min_image_side
+        if min(*image_size, *view_size) < m:
+            (h, w), (vh, vw) = image_size, view_size
+            views = f" (views {vh}×{vw})" if (vh, vw) != (h, w) else ""
+            raise SelfsupError(
+                f"--data {self.config.data}: {h}×{w}-pixel images{views} are too small for "
+                f"{self.config.method or type(self).__name__}, which needs at least {m}×{m} "
+                f"pixels (--image-size {m} or more enlarges them)"
+            )
+
     @classmethod
     def create(cls, data_info: dict[str, Any], **options: Any) -> Method:
         """The method from option names as `selfsup.pretrain` takes them, shared or its own
@@ -107,6 +123,7 @@ class Method(L.LightningModule):
         self.data_info = data_info
         dataset = data_info["dataset"]
         view_size = self.view_size(tuple(dataset["image_size"]))  # may refuse the options
+        self.check_image_size(tuple(dataset["image_size"]), view_size)
         self.encoder = Encoder(**data_info["encoder"])
         self.encoder.use_channels_last()
         self.views = build_recipe(config.recipe, view_size, dataset["channels"])

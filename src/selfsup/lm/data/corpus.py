@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import SelfsupError
-from selfsup.lm.models.hf import one_line_reason
+from selfsup.errors import SelfsupError, numpy_file_reason
 from selfsup.run import publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -164,7 +163,7 @@ def load_ids(path: str | Path) -> np.memmap:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise SelfsupError(
-            f"{path} is not a readable token-id file ({one_line_reason(e)})"
+            f"{path} is not a readable token-id file ({numpy_file_reason(path, e)})"
         ) from None
 
 
