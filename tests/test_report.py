@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import warnings
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -213,3 +214,149 @@ def test_pretrain_ends_by_writing_the_report_and_printing_its_path(tmp_path, cap
     assert {"curves", "map", "neighbours", "samples"} <= {a.get("id") for a in page.all("section")}
     session = json.loads((run / "run_info.json").read_text())["sessions"][0]
     assert session["images"] == 2 * 128  # 256 // 128 steps of 128 images
+
+
+def test_constant_or_non_finite_embeddings_give_no_map_and_say_why(tmp_path: Path) -> None:
+    """All-black images give every image the same features: scikit-learn's t-SNE crashed the
+    process on them (segfault). One guard serves the map, the neighbours, the PCA picture of
+    `selfsup evaluate` and its k-means."""
+    from selfsup.api import _plot_embeddings
+    from selfsup.errors import SelfsupError
+    from selfsup.evaluation import kmeans_scores
+    from selfsup.evaluation.features import embedding_problem
+    from selfsup.reporting.images import _map_section, _neighbour_section, tsne
+
+    same = np.zeros((40, 8), dtype=np.float32)
+    y = np.arange(40) % 4
+    assert "all 40 embeddings are the same point" in embedding_problem(same)
+    assert "the same point" in embedding_problem(np.full((40, 8), 3.0))  # not only zeros
+    nan = np.random.default_rng(0).normal(size=(40, 8))
+    nan[[3, 7]] = np.nan
+    assert "2 of 40 embeddings hold NaN or infinite values" in embedding_problem(nan)
+    assert embedding_problem(np.random.default_rng(0).normal(size=(40, 8))) is None
+    with pytest.raises(ValueError, match="same point"):
+        tsne(same)
+    s = _map_section(same, y, None, "held-out test", 40)
+    assert s.body == "" and s.notes[0].startswith("no map: all 40 embeddings are the same point")
+    s = _neighbour_section(None, same, y, None, same, None)
+    assert s.notes[0].startswith("no neighbours: all 40 embeddings")
+    # k-means of one point is one cluster: NMI 0, accuracy the largest class's share (10/40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and without ConvergenceWarning noise
+        assert kmeans_scores(same, y, 4) == {"nmi": 0.0, "acc": 0.25}
+    with pytest.raises(SelfsupError, match="k-means: 2 of 40 embeddings hold NaN"):
+        kmeans_scores(nan, y, 4)
+    _plot_embeddings(same, y, tmp_path / "embeddings.png", None)  # the picture says why
+    assert Image.open(tmp_path / "embeddings.png").size[0] > 0
+
+
+def test_unlabelled_training_queries_are_not_their_own_neighbours_and_captions_say_so() -> None:
+    from selfsup.data import ImageData
+    from selfsup.reporting.images import _map_section, _neighbour_section, nearest_images
+
+    g = np.random.default_rng(0).normal(size=(30, 6))
+    nearest, _ = nearest_images(g[[2, 5]], g, 3, itself=np.array([2, 5]))
+    sims = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ (
+        g[[2, 5]] / np.linalg.norm(g[[2, 5]], axis=1, keepdims=True)
+    ).T
+    for i, q in enumerate((2, 5)):
+        ranked = [j for j in np.argsort(-sims[:, i]) if j != q][:3]  # by hand, itself left out
+        assert nearest[i].tolist() == ranked
+    data = ImageData(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), None, None, "x")
+    s = _neighbour_section(data, g[:6], None, data, g[:6], None, own=np.arange(6))
+    assert "each row: a training image (the data has no held-out split)" in s.body
+    assert "its 5 nearest among the other 5 training images" in s.body
+    assert "held-out test image" not in s.body
+    caption = re.search(
+        r"<figcaption>(.*?)</figcaption>", _map_section(g, None, None, "training", 9000).body
+    ).group(1)
+    assert "30 of the 9000 training images (a uniform random sample, seed 0)" in caption
+    assert "stratified" not in caption
+    assert "all 30 training images" in _map_section(g, None, None, "training", 30).body
+
+
+def test_neighbour_labels_are_at_least_10_px_on_screen(evaluated) -> None:
+    """The labels' digits (green or red) measured in the picture, at the narrowest width the
+    page shows it (its min-width): a 10 px font's digits measure 6.6 px so (0.66 em; the old
+    8 pt labels, shown at most 580 px wide, measured 4.3 px)."""
+    run, _ = evaluated
+    tag = next(
+        a
+        for a in Page((run / "report.html").read_text()).all("img")
+        if a["alt"].startswith("query images")
+    )
+    shown = int(re.search(r"min-width:(\d+)px", tag["style"]).group(1))
+    png = np.asarray(decoded_png(tag["src"]).convert("RGB")).astype(int)
+    coloured = np.zeros(png.shape[:2], bool)
+    for colour in ((0x1A, 0x7F, 0x37), (0xC6, 0x28, 0x28)):
+        coloured |= np.abs(png - colour).sum(axis=2) < 60
+    rows = np.flatnonzero(coloured.any(axis=1))
+    bands = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)  # one per row of labels
+    assert len(bands) == 8
+    height = max(len(b) for b in bands)  # the digits' height (antialiasing varies by a pixel)
+    assert height * shown / png.shape[1] >= 6.5
+
+
+def test_language_stage_pages_samples_wall_time_and_separate_axes(tmp_path: Path) -> None:
+    import os
+
+    from selfsup.reporting.curves import curve_figure
+
+    runs = {}
+    for stage in ("reward", "rlhf"):
+        run = runs[stage] = tmp_path / stage
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"stage": stage, "data": "x.jsonl"}))
+        rows = ["iteration,kl,ppo/approx_kl"]
+        rows += [f"{i},{5.7 * i / 9},{1e-4 * (i % 3)}" for i in range(10)]
+        (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+        os.utime(run / "config.yaml", (1_000_000, 1_000_000))
+        os.utime(run / "metrics.csv", (1_000_123, 1_000_123))
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.yaml").write_text(yaml.safe_dump({"model": "gpt", "data": "x.txt"}))
+    out = tmp_path / "page.html"
+    text = report([runs["reward"], runs["rlhf"], gpt], out).read_text()
+    assert text.count("the run folder holds no samples.txt") == 1  # the GPT's, not the stages'
+    summary = text.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert summary.count("<td>≈123</td>") == 2 and "≈: wall time from the run folder's" in text
+    # kl (0-5.7) and approx_kl (~1e-4): two axes, each with its own line
+    rows = [{"iteration": i, "kl": 5.7 * i / 9, "ppo/approx_kl": 1e-4 * (i % 3)} for i in range(10)]
+    fig = curve_figure([("r", rows)], ["kl", "ppo/approx_kl"], "KL from the reference")
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    assert labels == [["kl"], ["ppo/approx_kl"]]
+    rows = [{"step": i, "train/loss": 4 - i / 5, "val/loss": 4.1 - i / 5} for i in range(10)]
+    fig = curve_figure([("r", rows)], ["train/loss", "val/loss"], "loss")
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) == 2  # one scale: one plot
+
+
+def test_map_shows_the_dataset_of_the_latest_evaluation(digits_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from selfsup.reporting.images import embedding_sections
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    rng = np.random.default_rng(0)
+    other = tmp_path / "other.npz"
+    x = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
+    np.savez(other, x=x, y=np.arange(60) % 2, classes=np.array(["left", "right"]))
+    (run / "eval" / "other").mkdir(parents=True)
+    (run / "eval" / "other" / "results.json").write_text(json.dumps({"data": f"npz:{other}"}))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    sections = {s.key: s for s in embedding_sections(run, config)}
+    for key in ("map", "neighbours"):
+        assert f"data: <b>npz:{other}</b> (the dataset of the latest evaluation" in (
+            sections[key].body
+        )
+    assert Page(sections["map"].body).legend == ["left", "right"]  # not digits' 0-9
+
+
+def test_wide_tables_scroll_with_a_shadow_at_the_hidden_edge() -> None:
+    from selfsup.reporting.page import CSS, table
+
+    assert table(["a"], [[1]]).startswith('<div class="scroll"><table>')
+    rule = re.search(r"\.scroll\{([^}]*)\}", CSS).group(1)
+    assert "overflow-x:auto" in rule
+    # covers that scroll with the content (local) over shadows fixed at the edges (scroll)
+    assert rule.count("no-repeat local") == 2 and rule.count("no-repeat scroll") == 2

@@ -12,6 +12,9 @@ Normalisation (and colorization's RGB -> L) is inside the exported function: fee
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +25,18 @@ from selfsup.errors import SelfsupError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+TRACE_DEPRECATED = r"`torch\.jit\.trace(_method)?` is deprecated"
+
+
+@contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Without the warnings tracing an encoder always gives: TracerWarning (Python branches on
+    shapes: fixed by the run's image size; the batch axis stays dynamic, checked in onnxruntime)
+    and torch.jit.trace's deprecation notice. Every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", TRACE_DEPRECATED, FutureWarning)
+        yield
 
 
 def export(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> Path:
@@ -32,40 +47,41 @@ def export(run: str | Path, format: str = "onnx", out: str | Path | None = None)
     encoder = rundir.load_encoder(run).float().eval()
     config = rundir.read_config(run)
     channels, h, w = rundir.input_shape(config)
-    path = Path(out) if out else run / "export" / f"encoder{SUFFIXES[format]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(out) if out else rundir.inside_run(run, "export", f"encoder{SUFFIXES[format]}")
     example = torch.rand(2, channels, h, w)
     if format == "safetensors":
         tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-        save_file(tensors, str(path), metadata={"selfsup_encoder": json.dumps(encoder.config)})
+        meta = {"selfsup_encoder": json.dumps(encoder.config)}
+        rundir.atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     elif format == "torchscript":
-        with torch.no_grad():
-            torch.jit.trace(encoder, example).save(str(path))
+        with torch.no_grad(), quiet_tracing():
+            traced = torch.jit.trace(encoder, example)
+        rundir.atomic_save(path, lambda tmp: traced.save(tmp))
     else:
-        _onnx(encoder, example, path)
+        rundir.atomic_save(path, lambda tmp: _onnx(encoder, example, tmp, path))
     return path
 
 
-def _onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _onnx(encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path) -> None:
+    """Write the ONNX model to `tmp` and check it in onnxruntime (errors name `path`)."""
     try:
         import onnxruntime
     except ImportError:
         raise SelfsupError(
             "--format onnx needs onnx and onnxruntime: pip install 'selfsup[export]'"
         ) from None
-    with torch.no_grad():
+    with torch.no_grad(), quiet_tracing():
         torch.onnx.export(
             encoder,
             (example,),
-            str(path),
+            tmp,
             input_names=["images"],
             output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
             dynamo=False,  # the TorchScript-based exporter: no onnxscript rewrite needed
         )
         expected = encoder(example).numpy()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": example.numpy()})[0]
     if not abs(got - expected).max() <= 1e-4 * max(1.0, abs(expected).max()):
-        path.unlink(missing_ok=True)
         raise SelfsupError(f"{path}: the ONNX model does not match torch (> 1e-4); not kept")

@@ -61,3 +61,28 @@ def extract_features(
     if out is None:  # no images: no way to know the width but from the encoder
         return np.empty((0, getattr(encoder, "feature_dim", 0)), dtype=np.float32)
     return out
+
+
+def embedding_problem(features: np.ndarray) -> str | None:
+    """Why `features` (N×D) cannot be mapped (t-SNE, PCA) or clustered, or None when they can:
+    fewer than 2 rows, NaN or infinite values, or every row the same up to its length (what an
+    all-black dataset gives; scikit-learn's t-SNE crashes the process on it). Callers skip the
+    picture or the clustering and show this reason instead."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2 or f.shape[1] == 0:
+        return f"only {len(f)} embeddings of width {f.shape[-1] if f.ndim > 1 else 0}"
+    bad = int((~np.isfinite(f)).any(axis=1).sum())
+    if bad:
+        return f"{bad} of {len(f)} embeddings hold NaN or infinite values (the encoder diverged?)"
+    unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    spread = float(unit.std(axis=0).max())
+    if spread < SAME_POINT:
+        return (
+            f"all {len(f)} embeddings are the same point (largest std {spread:.1g} after "
+            "L2 normalisation): the encoder gives every image the same features (constant "
+            "images, e.g. all black, or a collapsed encoder)"
+        )
+    return None
+
+
+SAME_POINT = 1e-6  # below this spread of L2-normalised rows, float32 noise is all that differs

@@ -460,10 +460,18 @@ def knn_accuracy(
 def kmeans_scores(f: ArrayLike, y: ArrayLike, n_clusters: int, seed: int = 0) -> dict[str, float]:
     """k-means (n_init=10) on L2-normalised features: NMI with the labels and the accuracy of the
     best one-to-one cluster-to-class matching (Hungarian)."""
+    from selfsup.evaluation.features import embedding_problem
+
     f = _np(f).astype(np.float64)
+    problem = embedding_problem(f)
+    if problem is not None and not np.isfinite(f).all():
+        raise SelfsupError(f"k-means: {problem}")
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     _, y = np.unique(_np(y), return_inverse=True)
-    pred = KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(f)
+    if problem is not None:  # one point: one cluster, what k-means finds (without warnings)
+        pred = np.zeros(len(f), dtype=np.int64)
+    else:
+        pred = KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(f)
     counts = np.zeros((n_clusters, y.max() + 1), dtype=np.int64)
     np.add.at(counts, (pred, y), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)

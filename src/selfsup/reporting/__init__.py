@@ -34,7 +34,7 @@ def report(
 ) -> Path:
     """Write the HTML report of `runs` to `out` (default: RUN/report.html of a single run);
     returns its path. `embeddings=False` skips the sections that run the encoder."""
-    from selfsup.run import atomic_write_text
+    from selfsup.run import atomic_write_text, run_locked
 
     runs = [Path(runs)] if isinstance(runs, str | Path) else [Path(r) for r in runs]
     if not runs:
@@ -48,12 +48,15 @@ def report(
         out = runs[0] / REPORT
     out = Path(out)
     names = _names(runs)
-    pages = [
-        run_page(run, name, embeddings=embeddings) for run, name in zip(runs, names, strict=True)
-    ]
-    title = title or ("selfsup: " + " vs ".join(names))
-    page = render(pages, title, _summary(runs, pages))
-    atomic_write_text(out, page)
+    inside = [r for r in runs if out.resolve().is_relative_to(r.resolve())]
+    with run_locked(inside[0]) if inside else contextlib.nullcontext():  # one writer per run
+        pages = [
+            run_page(run, name, embeddings=embeddings)
+            for run, name in zip(runs, names, strict=True)
+        ]
+        title = title or ("selfsup: " + " vs ".join(names))
+        page = render(pages, title, _summary(runs, pages))
+        atomic_write_text(out, page)
     return out
 
 
@@ -201,7 +204,15 @@ def _summary(runs: list[Path], pages: list[RunPage]) -> str:
 
         rows.append([page.name, page.kind, *summary_row(run)])
     header = ["run", "kind", "what", "steps", "final loss", "probe / val", "few-label", "wall (s)"]
-    return "<h2>Summary</h2>" + table(header, rows) + f"<p>{esc(_generated())}</p>"
+    from selfsup.reporting.image_run import APPROX
+
+    approx = (
+        f"<p>{APPROX}: wall time from the run folder's file times (config.yaml to the last "
+        "metrics row or checkpoint; pauses between resumed sessions included)</p>"
+        if any(str(r[-1]).startswith(APPROX) for r in rows)
+        else ""
+    )
+    return "<h2>Summary</h2>" + table(header, rows) + approx + f"<p>{esc(_generated())}</p>"
 
 
 def _generated() -> str:

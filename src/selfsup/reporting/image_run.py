@@ -173,7 +173,27 @@ def summary_row(run: Path) -> list[str]:
     results = read_json(run / "results.json") or {}
     wall = sum(x.get("wall_seconds") or 0 for x in info.get("sessions", []))
     wall = wall or results.get("train_seconds") or results.get("seconds") or 0
-    return [what or "-", steps, loss, probe, few, f"{wall:.0f}" if wall else "-"]
+    span = 0.0 if wall else file_span(run)
+    shown = f"{wall:.0f}" if wall else f"{APPROX}{span:.0f}" if span else "-"
+    return [what or "-", steps, loss, probe, few, shown]
+
+
+APPROX = "≈"  # a wall time read from the run folder's file times (file_span)
+LAST_WRITTEN = ("metrics.csv", "eval.csv", "results.json", "checkpoints", "hf")
+
+
+def file_span(run: Path) -> float:
+    """Seconds from config.yaml (written as a stage starts) to the newest of what a stage writes
+    as it goes (LAST_WRITTEN): the wall time of a run that records none (0 when unknown);
+    pauses between resumed sessions are included."""
+    try:
+        start = (run / "config.yaml").stat().st_mtime
+    except OSError:
+        return 0.0
+    paths = [run / n for n in LAST_WRITTEN]
+    paths += [c for p in paths if p.is_dir() for c in p.iterdir()]
+    ends = [p.stat().st_mtime for p in paths if p.is_file()]
+    return max(0.0, max(ends) - start) if ends else 0.0
 
 
 __all__ = ["image_sections", "summary_row", "note"]

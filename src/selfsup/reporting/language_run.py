@@ -23,6 +23,7 @@ from selfsup.reporting.page import RunPage, Section, esc, fig_img, pre, table
 KNOWN = {"results.json", "fill_mask.json", "best_of_n.json", "answers.json"}
 NEIGHBOUR_WORDS = ("king", "love", "good", "day", "man", "death", "night", "lord")
 ANALOGY = ("king", "man", "woman")
+WRITES_SAMPLES = ("gpt",)  # the stages that end by writing samples.txt (`lm pretrain gpt`)
 
 
 def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
@@ -41,7 +42,9 @@ def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
         s.body = table(["result", "value"], [(k, _fmt(v)) for k, v in _flatten(results)])
         page.sections.append(s)
     kind = config.get("model") or config.get("stage") or ""
-    page.sections.append(_samples(run, kind, page))
+    samples = _samples(run, kind, page)
+    if samples is not None:
+        page.sections.append(samples)
     if (run / "fill_mask.json").is_file() or kind == "bert":
         page.sections.append(_fill_mask(run, page))
     if kind == "word2vec":
@@ -81,17 +84,19 @@ def _any_table(data: Any) -> str:
     return pre(json.dumps(data, indent=1)[:20_000])
 
 
-def _samples(run: Path, kind: str, page: RunPage) -> Section:
+def _samples(run: Path, kind: str, page: RunPage) -> Section | None:
+    """The text the model wrote; None (no section) for a stage that writes none."""
     s = Section("text_samples", "Samples from the model")
     files = [run / "samples.txt"] if (run / "samples.txt").is_file() else []
     files += sorted((run / "samples").glob("*.txt")) if (run / "samples").is_dir() else []
+    if not files and kind not in WRITES_SAMPLES:
+        return None
     for path in files:
         text = path.read_text(errors="replace")
         s.body += f"<p>{esc(path.relative_to(run))}</p>" + pre(text[:20_000])
     if not files:
         s.notes.append("the run folder holds no samples.txt")
-        if kind == "gpt":
-            page.missing.append(f"samples.txt (write some: selfsup lm generate {run})")
+        page.missing.append(f"samples.txt (write some: selfsup lm generate {run})")
     return s
 
 

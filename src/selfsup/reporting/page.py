@@ -24,7 +24,14 @@ p,li,figcaption{overflow-wrap:anywhere}
 .cell{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:10px;min-width:0}
 img{max-width:100%;height:auto;display:block;margin:4px 0}
 figure{display:inline-block;vertical-align:top;width:min(100%,580px);margin:0 8px 8px 0}
-.scroll{overflow-x:auto;max-width:100%}
+.scroll{overflow-x:auto;max-width:100%;background:
+linear-gradient(90deg,#fff 30%,#fff0) 0 0/2em 100% no-repeat local,
+linear-gradient(270deg,#fff 30%,#fff0) 100% 0/2em 100% no-repeat local,
+radial-gradient(farthest-side at 0 50%,#0004,#0000) 0 0/.9em 100% no-repeat scroll,
+radial-gradient(farthest-side at 100% 50%,#0004,#0000) 100% 0/.9em 100% no-repeat scroll;
+background-color:#fff}
+.hint{display:none;color:#8a5300}
+@media (max-width:700px){.hint{display:inline}}
 table{border-collapse:collapse;font-size:.9em;margin:4px 0}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top;
 overflow-wrap:break-word}
@@ -77,10 +84,19 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def img(data: bytes, alt: str, *, caption: str = "") -> str:
-    """A figure: an <img> holding the PNG bytes as a data URI, and its caption."""
-    tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}">'
-    return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
+def img(data: bytes, alt: str, *, caption: str = "", min_width: int | None = None) -> str:
+    """A figure: an <img> holding the PNG bytes as a data URI, and its caption. `min_width`:
+    never shown narrower (px; its labels stay legible): on a narrow screen it scrolls sideways,
+    and the caption says so."""
+    if min_width is None:
+        tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}">'
+        return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
+    tag = f'<img src="{png_uri(data)}" alt="{esc(alt)}" style="min-width:{min_width}px">'
+    hint = '<span class="hint">(scroll the picture sideways) </span>'
+    return (
+        f'<figure style="width:min(100%,{max(580, min_width)}px)"><div class="scroll">{tag}'
+        f"</div><figcaption>{hint}{esc(caption)}</figcaption></figure>"
+    )
 
 
 def fig_img(fig: Figure, alt: str, caption: str = "") -> str:
@@ -88,7 +104,8 @@ def fig_img(fig: Figure, alt: str, caption: str = "") -> str:
 
 
 def table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
-    """An HTML table in a container that scrolls sideways on a narrow screen."""
+    """An HTML table in a container that scrolls sideways on a narrow screen, a shadow at the
+    edge that hides more columns."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'

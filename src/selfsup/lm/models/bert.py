@@ -224,8 +224,9 @@ def load_init(path: str) -> Any:
     """A local BERT checkpoint (a run directory, its hf/ folder, or any BERT folder)."""
     from transformers import AutoConfig, BertForPreTraining
 
-    from selfsup.lm.models.hf import hf_dir
+    from selfsup.lm.models.hf import hf_dir, quiet_transformers
 
+    quiet_transformers()
     folder = hf_dir(path)
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)

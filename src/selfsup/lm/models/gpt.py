@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
 from selfsup.lm.data.tokenizer import encode_text, load_tokenizer
-from selfsup.lm.models.hf import one_line_reason
+from selfsup.lm.models.hf import one_line_reason, quiet_transformers
 from selfsup.lm.options import GPTOptions as Options
 from selfsup.lm.training.pretrain import LanguageModule, LMConfig
 
@@ -224,18 +224,15 @@ def from_hf(hf: Any) -> GPT:
 def load_hf_gpt(path: str | Path, what: str = "--init") -> GPT:
     """A local GPT-2 checkpoint folder (config.json + weights), read without any download."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     hf_config(path, what)
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types for missing or damaged weights
         raise SelfsupError(
             f"{what} {path}: the weights could not be loaded ({one_line_reason(e)})"
         ) from None
-    finally:
-        hf_logging.enable_progress_bar()
     return from_hf(hf)
 
 
@@ -335,14 +332,11 @@ class GPTModule(LanguageModule):
 
     def export(self, run: Path, tokenizer: Any) -> None:
         """RUN/hf: a GPT-2 checkpoint + tokenizer for AutoModelForCausalLM / AutoTokenizer."""
-        from transformers.utils import logging as hf_logging
-
         hf = to_hf(self.model, tokenizer)
         tmp = Path(tempfile.mkdtemp(dir=run, prefix=".hf."))
         try:
-            hf_logging.disable_progress_bar()
+            quiet_transformers()
             hf.save_pretrained(str(tmp))
-            hf_logging.enable_progress_bar()
             tokenizer.save_pretrained(str(tmp))
             umask = os.umask(0)
             os.umask(umask)

@@ -31,25 +31,71 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 def hf_dir(path: str | Path) -> Path:
-    """The Hugging Face folder of a run directory (RUN/hf), or `path` itself when it is one."""
-    path = Path(path)
+    """The Hugging Face folder of a run directory (RUN/hf), or `path` itself when it is one (a
+    Hub id: its copy in the local cache, never downloaded)."""
+    name, path = str(path), Path(path)
     if (path / HF_DIR / "config.json").is_file():
         return path / HF_DIR
     if (path / "config.json").is_file():
         return path
     if not path.exists():
-        raise SelfsupError(f"{path} does not exist")
+        cached = _hub_cache(name)
+        if cached is not None and (cached / "config.json").is_file():
+            return cached  # a Hub id already downloaded: read offline from the cache
+        raise SelfsupError(_missing(name))
     raise SelfsupError(
         f"{path} holds no Hugging Face model (no config.json in it or in {path / HF_DIR})"
     )
 
 
+def _hub_id(name: str) -> bool:
+    """`owner/name` whose owner is not a local folder (runs/sft is a mistyped run)."""
+    import re
+
+    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name)) and not Path(name).parent.exists()
+
+
+def _hub_cache(name: str) -> Path | None:
+    """The local Hugging Face cache's copy of Hub id `name` (never downloaded), or None."""
+    if not _hub_id(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache, or not a valid id
+        return None
+
+
+def _missing(name: str) -> str:
+    """Why `name` is no model folder: a Hub id (owner/name) not in the local cache needs a
+    network, which selfsup never uses; anything else does not exist."""
+    import os
+
+    if not _hub_id(name):
+        return f"{name} does not exist"
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return (
+        f"{name} is no local folder, and Hub ids need a network{offline}: selfsup reads local "
+        f"folders only; download it where there is one (hf download {name} --local-dir FOLDER) "
+        "and pass FOLDER"
+    )
+
+
+def quiet_transformers() -> None:
+    """No load reports (e.g. "score.weight newly initialized") and no "Loading weights" /
+    "Writing model shards" bars from transformers on stderr: selfsup prints what it did."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tuple[Any, Any]:
     """(tokenizer, model) from a run directory or a local HF folder -- never from the hub."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()  # no load reports (e.g. "score.weight newly initialized")
+    quiet_transformers()
     folder = hf_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -81,8 +127,10 @@ def save_hf(run: Path, model: Any, tokenizer: Any, name: str = HF_DIR) -> None:
     """Export model and tokenizer to RUN/NAME (default RUN/hf; written beside, then swapped in):
     what `load_tokenizer_and` reads back."""
     tmp = run / f".{name}.tmp"
+    quiet_transformers()
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    rundir.apply_umask(tmp)  # safetensors writes model.safetensors private (0600)
     final = run / name
     if final.exists():
         old = run / f".{name}.old"
@@ -135,7 +183,8 @@ def start_run(out: str | Path, config: dict[str, Any], command: str, resume: boo
         load_checkpoint(run)  # a truncated or foreign checkpoint: one line, before any write
     elif run.is_file():
         raise SelfsupError(f"--out {run} is a file; expected a run directory")
-    elif run.exists() and any(run.iterdir()):
+    rundir.lock_run(run)  # one writer per run folder, until the stage returns
+    if not resume and run.exists() and any(run.iterdir()):
         if not unfinished_start(run):
             raise SelfsupError(
                 f"{run} already exists and is not empty; pick another --out or --resume"
@@ -169,13 +218,23 @@ def load_checkpoint(run: Path) -> dict[str, Any]:
 
 
 def append_metrics(run: Path, row: dict[str, Any], name: str = "metrics.csv") -> None:
-    """Add a row to RUN/NAME; the first row's keys are the header, and every row has them."""
+    """Add a row to RUN/NAME; the first row's keys are the header, and every row has them. A row
+    whose first value (epoch, iteration) is there already replaces it and the rows after it: a
+    run killed after logging an epoch but before its checkpoint repeats that epoch on resume."""
     path = run / name
+    rows: list[list[str]] = []
     if path.is_file():
         with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != list(row):
+            rows = list(csv.reader(f))
+        if (rows[0] if rows else []) != list(row):
+            header = rows[0] if rows else []
             raise ValueError(f"{path}: columns {header} but the row has {list(row)}")
+    key = str(next(iter(row.values())))
+    again = next((i for i, r in enumerate(rows[1:], 1) if r and r[0] == key), None)
+    if again is not None:  # rewrite without the repeated rows
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\r\n").writerows(rows[:again])
+        rundir.atomic_write_text(path, out.getvalue())
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
         if f.tell() == 0:
