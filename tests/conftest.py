@@ -38,4 +38,11 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import selfsup
     from selfsup.demo import DEMO
 
-    return selfsup.pretrain(DEMO, epochs=25, out=str(tmp_path_factory.mktemp("digits") / "run"))
+    # one thread, as the demo runs it: the run (and what the tests measure on it) must not
+    # depend on which test happens to ask for it first, under which thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return selfsup.pretrain(DEMO, epochs=25, out=str(tmp_path_factory.mktemp("digits") / "run"))
+    finally:
+        torch.set_num_threads(threads)

@@ -80,7 +80,7 @@ def resnet_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 
 def _readme_rebuild_block() -> str:
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    start = readme.index("```python", readme.index("plain torchvision rebuilds it"))
+    start = readme.index("```python", readme.index("<!-- recipe: plain-pytorch-safetensors"))
     return readme[start + len("```python") : readme.index("```", start + 9)]
 
 
@@ -93,7 +93,8 @@ def test_the_readme_rebuilds_a_resnet_without_selfsup(resnet_export, library: st
         readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
         timm_line = "net = timm.create_model(" + readme.split("`net = timm.create_model(")[1]
         timm_line = timm_line.split("`", 1)[0]
-        torchvision_line = next(line for line in code.splitlines() if line.startswith("net = "))
+        torchvision_line = "net = getattr(torchvision.models, name)(weights=None)"
+        assert torchvision_line in code
         code = "import timm\n" + code.replace(torchvision_line, timm_line)
     namespace: dict = {}
     exec(code, namespace)  # noqa: S102 (the README's own code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def embed(
     return features, labels
 
 
+@rundir.releases_run_locks
 def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) -> dict[str, Any]:
     """Linear probe, kNN, k-means and the few-label table with baselines; writes RUN/eval/<data>/.
 
@@ -84,6 +86,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
         corruption_list(config.shift)  # an unknown name: one line before any work
     run = Path(run)
     run_config = rundir.read_config(run)
+    rundir.lock_run(run)  # it writes RUN/eval/: one writer per run folder
     encoder = load(run)
     device = resolve_device(config.device)
     train, test = _splits(run_config, config)
@@ -123,6 +126,9 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
     results: dict[str, Any] = {
         "run": str(run),
         "data": train.name,
+        "data_dir": config.data_dir
+        if config.data
+        else config.data_dir or run_config.get("data_dir"),
         "train_size": len(train),
         "test_size": len(test),
         "probe": config.probe,
@@ -158,7 +164,7 @@ def evaluate(run: str | Path, config: EvalConfig | None = None, **options: Any) 
             config, run_config, encoder, train, test, (train_f, test_f), device
         )
 
-    out = run / "eval" / rundir.slug(train.name)
+    out = rundir.inside_run(run, "eval", rundir.slug(train.name))
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     plot_few_label(rows, out / "few_label.png")
@@ -320,17 +326,25 @@ def _supervised_augment(config: EvalConfig, run_config: dict) -> str:
 def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]:
     spec = config.data or run_config["data"]
     data_dir = config.data_dir if config.data else config.data_dir or run_config.get("data_dir")
+    limit = config.limit
+    if limit is None and spec == run_config["data"] and run_config.get("limit"):
+        limit = run_config["limit"]  # a run pretrained on N images is evaluated at its size
+        print(
+            f"evaluating on the run's own --limit {limit} images of {spec} (and at most {limit} "
+            "test images); --limit N to change",
+            file=sys.stderr,
+        )
     train, test = load_splits(
         spec,
         data_dir=data_dir,
         download=config.download,
-        limit=config.limit,
+        limit=limit,
         image_size=_folder_size(spec, run_config),
     )
     if test is None:  # load_splits holds out a test split of every labeled source
         raise SelfsupError(f"--data {spec} has no labels: evaluation needs labeled data")
-    if config.limit is not None and len(test) > config.limit:  # small tries stay small
-        test = test.subset(stratified_indices(test.y, config.limit, seed=None))
+    if limit is not None and len(test) > limit:  # small tries stay small
+        test = test.subset(stratified_indices(test.y, limit, seed=None))
     shape = rundir.input_shape(run_config)
     return _adapt(train, shape), _adapt(test, shape)
 
@@ -405,7 +419,17 @@ def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str]
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
+    from selfsup.evaluation.features import embedding_problem
+
     keep = np.arange(len(f))[:5000]
+    problem = embedding_problem(f[keep])
+    if problem is not None:  # no PCA of it: the picture says why
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.text(0.5, 0.5, f"no map: {problem}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return
     xy = PCA(2, random_state=0).fit_transform(f[keep])
     fig, ax = plt.subplots(figsize=(5, 5))
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=y[keep], cmap="tab10", s=4)

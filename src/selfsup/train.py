@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tqdm import tqdm
 
 from selfsup import metrics_log
 from selfsup import run as rundir
@@ -24,16 +26,19 @@ from selfsup.augment import RECIPES
 from selfsup.config import PretrainConfig, split_options
 from selfsup.data import ImageData, batch_loader
 from selfsup.data.sources import HOLDOUT, stratified_indices
+from selfsup.distributed import check_devices
 from selfsup.errors import NonFiniteLossError, SelfsupError
 from selfsup.method_options import build_options, config_from_saved
 from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
 from selfsup.models import BACKBONES
 from selfsup.optim import OPTIMIZERS
+from selfsup.progress import StderrProgressBar
 
 STATS_SAMPLES = 10_000
 
 
+@rundir.releases_run_locks
 def pretrain(
     config: PretrainConfig | None = None,
     *,
@@ -72,15 +77,21 @@ def pretrain(
     method_options = build_options(config.method, config.options)
     _check_names(config)
     check_accelerator(config.accelerator)
+    check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
     if config.sync_batchnorm and not _on_gpu(config):
         raise SelfsupError(
             "--sync-batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs on CUDA only)"
         )
     run = _run_dir(config)
+    rundir.lock_run(run)  # one writer per run folder (the first process of a multi-process run)
     if checkpoint is None and rundir.is_first_process():
         _check_run_dir_free(run)  # before the (possibly slow) data loading
 
-    train, test, data_extra = method_class.load_data(config, method_options)
+    decoding = " (decoding and resizing its images)" if config.data.startswith("folder:") else ""
+    with SlowPhase(f"loading --data {config.data}{decoding}") as phase:
+        train, test, data_extra = method_class.load_data(config, method_options)
+        h, w = train.image_size
+        phase.done(f"loaded {len(train)} training images of {h}×{w} px")
     if len(train) < config.batch_size:
         raise SelfsupError(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
@@ -134,7 +145,8 @@ def pretrain(
         images = steps * config.batch_size * trainer.world_size
         device = str(trainer.strategy.root_device)
         record_run_info(run, time.perf_counter() - began, images, device)
-        if report:
+        if report and os.environ.get("SELFSUP_REPORT", "1") != "0":  # as write_run_report
+            say(f"writing the report {run / 'report.html'} (encodes the data once more) ...")
             write_run_report(run)
     return run
 
@@ -369,6 +381,7 @@ def _trainer(
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # resume
     devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
     precision = config.precision or ("bf16-mixed" if _on_gpu(config) else "32-true")
     progress = config.progress if config.progress is not None else sys.stderr.isatty()
@@ -399,7 +412,8 @@ def _trainer(
             ExportEncoder(run),
             SaveSamples(run),
             hint,
-            TQDMProgressBar(leave=True) if progress else EpochLines(),
+            StderrProgressBar(leave=True) if progress else EpochLines(),
+            ProgressLines(config.batch_size, train.image_size, periodic=not progress),
         ],
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -466,6 +480,94 @@ class SaveSamples(Callback):
         method.train(was_training)
 
 
+def say(line: str) -> None:
+    """A line on stderr that leaves any progress bar intact (tqdm redraws it below)."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+class SlowPhase:
+    """Says what a phase is doing on stderr once it has run `after` seconds (quick phases stay
+    silent), and with `done(what)` how long it took."""
+
+    after = 2.0
+
+    def __init__(self, doing: str) -> None:
+        self.doing, self.said = doing, False
+        self.timer = threading.Timer(self.after, self._say)
+        self.timer.daemon = True
+
+    def _say(self) -> None:
+        self.said = True
+        if rundir.is_first_process():
+            say(f"{self.doing} ...")
+
+    def __enter__(self) -> SlowPhase:
+        self.began = time.perf_counter()
+        self.timer.start()
+        return self
+
+    def done(self, what: str) -> None:
+        self.timer.cancel()
+        self.timer.join()
+        if self.said and rundir.is_first_process():
+            say(f"{what} in {duration(time.perf_counter() - self.began)}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+
+# The side a CPU trains in minutes: ~10x the images/s of 224 px (ConvNet simclr, 2 threads).
+CPU_IMAGE_SIZE = 96
+
+
+class ProgressLines(Callback):
+    """Lines on stderr: after the first step, its images/s and the ETA of the whole run (with,
+    on a CPU, what a smaller --image-size would take); then, off a terminal (where the progress
+    bar shows the same), images/s and the ETA every `every` seconds."""
+
+    every = 60.0
+
+    def __init__(self, batch_size: int, image_size: tuple[int, int], *, periodic: bool) -> None:
+        self.batch_size, self.image_size, self.periodic = batch_size, image_size, periodic
+
+    def on_train_start(self, trainer: L.Trainer, method: Method) -> None:
+        self.began = self.last = time.perf_counter()
+        self.steps, self.epoch0 = 0, trainer.current_epoch
+
+    def on_train_batch_end(self, trainer: L.Trainer, method: Method, *args: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        if self.steps > 1 and not (self.periodic and now - self.last >= self.every):
+            return
+        self.last = now
+        per_epoch = trainer.num_training_batches
+        total = per_epoch * (trainer.max_epochs - self.epoch0)
+        seconds = (now - self.began) / self.steps  # per step, all overheads included
+        rate = self.batch_size * trainer.world_size / seconds
+        eta = seconds * (total - self.steps)
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        line = f"{epoch}  step {self.steps}/{total}  {rate:.0f} images/s  ETA {duration(eta)}"
+        if self.steps == 1:
+            h, w = self.image_size
+            device = trainer.strategy.root_device.type
+            line += f" (about {duration(seconds * per_epoch)} per epoch at {h}×{w} px on {device}"
+            if device == "cpu" and h * w >= 2 * CPU_IMAGE_SIZE**2:  # at least twice as fast
+                smaller = seconds * total * CPU_IMAGE_SIZE**2 / (h * w)
+                line += f"; --image-size {CPU_IMAGE_SIZE} would take about {duration(smaller)}"
+            line += ")"
+        say(line)
+
+
 class EpochLines(Callback):
     """Instead of progress bars (logs that are not a terminal): one line per finished epoch."""
 
@@ -512,5 +614,16 @@ def run_summary(run: Path) -> str:
     lines.append(f"run: {run}/ (config.yaml, checkpoints/, encoder.safetensors, metrics.csv)")
     if (run / "report.html").is_file():
         lines.append(f"report: {run / 'report.html'}")
-    lines.append(f"next: selfsup evaluate {run}")
+    lines.append(f"next: {next_command(config, run)}")
     return "\n".join(lines)
+
+
+def next_command(config: dict[str, Any], run: Path) -> str:
+    """What to run after pretraining: evaluation on the run's data if it has labels, else on a
+    labeled folder (or what to label first)."""
+    if config["dataset"].get("num_classes"):
+        return f"selfsup evaluate {run}"
+    return (
+        f"selfsup evaluate {run} --data folder:LABELED (a folder with class sub-folders: "
+        f"the run's data has no labels), or selfsup select {run} --budget 50 (which to label)"
+    )
