@@ -307,7 +307,11 @@ def read_yaml(path: str | Path, where: str | None = None) -> Any:
     where = where or str(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
+            loader = _strict_loader()(f)  # a SafeLoader: plain data only, no Python objects
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
     except OSError as e:
         raise SelfsupError(f"{where}: cannot read it ({e.strerror})") from None
     except _Refused as e:

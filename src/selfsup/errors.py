@@ -22,6 +22,12 @@ def one_line(error: Exception) -> str:
     return " ".join(text.split())
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def numpy_file_reason(path: object, error: BaseException) -> str:
     """Why `np.load(path, allow_pickle=False)` failed, on one line. numpy takes any file that is
     neither a zip (.npz) nor an array header (.npy) for pickled data and suggests loading it
@@ -33,5 +39,4 @@ def numpy_file_reason(path: object, error: BaseException) -> str:
         head = b""
     if not head.startswith((b"PK", b"\x93NUMPY")):
         return "not a readable .npz or .npy file: neither a zip archive nor a NumPy array header"
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return first_line(error)

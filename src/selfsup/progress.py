@@ -1,5 +1,5 @@
-"""Lightning's progress bars on stderr, where every other selfsup bar is: Lightning's
-`TQDMProgressBar` writes to stdout, between the results a script may read from it."""
+"""Progress on stderr, where every selfsup bar is: Lightning's bars (its `TQDMProgressBar`
+writes to stdout, between the results a script may read from it) and how times to go are said."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+def duration(seconds: float) -> str:
+    """A time to go, as progress lines say it: '45 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def _on_stderr(make: Callable[[], Any]) -> Any:

@@ -33,7 +33,7 @@ from selfsup.methods import METHODS, get_method
 from selfsup.methods.base import Method
 from selfsup.models import BACKBONES
 from selfsup.optim import OPTIMIZERS
-from selfsup.progress import StderrProgressBar
+from selfsup.progress import StderrProgressBar, duration
 
 STATS_SAMPLES = 10_000
 
@@ -484,13 +484,6 @@ def say(line: str) -> None:
     """A line on stderr that leaves any progress bar intact (tqdm redraws it below)."""
     tqdm.write(line, file=sys.stderr)
     sys.stderr.flush()
-
-
-def duration(seconds: float) -> str:
-    """'45 s', '12 min', '3.5 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 class SlowPhase:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, first_line
 
 if TYPE_CHECKING:  # torch loads on the first decode: the CLI reads max_pixels() without it
     import torch
@@ -55,11 +55,6 @@ def set_max_pixels(value: int | None) -> None:
     os.environ[MAX_PIXELS_ENV] = str(value)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def image_header(path: str | Path) -> tuple[str, int, int]:
     """(format, width, height) from the file's header alone; one line if it is not an image or
     larger than `max_pixels()`."""
@@ -75,10 +70,10 @@ def image_header(path: str | Path) -> tuple[str, int, int]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if isinstance(e, FileNotFoundError):
             raise SelfsupError(f"{path}: no such file") from None
-        raise SelfsupError(f"{path}: cannot decode image ({_one_line(e)})") from None
+        raise SelfsupError(f"{path}: cannot decode image ({first_line(e)})") from None
     except Image.DecompressionBombError as e:
         raise SelfsupError(
-            f"{path}: {_one_line(e)} (--max-pixels N raises the limit of {limit:,})"
+            f"{path}: {first_line(e)} (--max-pixels N raises the limit of {limit:,})"
         ) from None
     if width * height > limit:
         raise SelfsupError(
@@ -114,7 +109,6 @@ def _pil_decode(path: str | Path, draft: int | None = None) -> torch.Tensor:
 
     # truncated data must raise, whatever another library set process-wide
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    Image.MAX_IMAGE_PIXELS = max_pixels()  # image_header has checked the size against it
     try:
         with Image.open(path) as im:
             if draft is not None:
@@ -125,7 +119,7 @@ def _pil_decode(path: str | Path, draft: int | None = None) -> torch.Tensor:
             im = ImageOps.exif_transpose(im)
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SelfsupError(f"{path}: cannot decode image ({_one_line(e)})") from None
+        raise SelfsupError(f"{path}: cannot decode image ({first_line(e)})") from None
     import torch
 
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, first_line
 
 CHUNK_BYTES = 16 * 1024**2  # bytes decompressed at a time while skipping unwanted rows
 
@@ -95,15 +95,10 @@ def members(path: Path) -> dict[str, Member]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise SelfsupError(f"{path}: no such file") from None
-        raise SelfsupError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        raise SelfsupError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     if not found:
         raise SelfsupError(f"{path}: not an .npz file of arrays (no .npy members)")
     return found
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def read(member: Member, rows: np.ndarray | None = None) -> np.ndarray:
@@ -140,7 +135,7 @@ def read(member: Member, rows: np.ndarray | None = None) -> np.ndarray:
                 position = row + 1
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise SelfsupError(
-            f"{member.path}: '{member.name}' cannot be read ({_first_line(e)})"
+            f"{member.path}: '{member.name}' cannot be read ({first_line(e)})"
         ) from None
     return out
 

@@ -14,7 +14,7 @@ from selfsup.data import npz
 from selfsup.data.decode import decode_image, image_header
 from selfsup.data.images import ImageData
 from selfsup.data.transforms import square_resize
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, first_line
 
 TORCHVISION = {
     "cifar10": "CIFAR10",
@@ -58,11 +58,6 @@ def stratified_indices(
         idx = np.flatnonzero(y == label)
         chosen.append(idx[:k] if rng is None else rng.choice(idx, k, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---- digits ----------------------------------------------------------------------------------
@@ -139,21 +134,25 @@ class _NpzFile:
         return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def _npz_data(files: list[_NpzFile], rows: np.ndarray, name: str) -> ImageData:
-    """ImageData of the (sorted) `rows` of the files' images taken end to end."""
+def _npz_labels(files: list[_NpzFile]) -> np.ndarray | None:
+    """The files' labels end to end (-1 for a file without 'y'); None if none has labels."""
+    if all(f.y is None for f in files):
+        return None
+    return np.concatenate([f.y if f.y is not None else np.full(len(f), -1) for f in files])
+
+
+def _npz_data(
+    files: list[_NpzFile], y: np.ndarray | None, rows: np.ndarray, name: str
+) -> ImageData:
+    """ImageData of the (sorted) `rows` of the files' images (and labels `y`) end to end."""
     starts = np.cumsum([0] + [len(f) for f in files])
     parts = [
         f.images(rows[(rows >= a) & (rows < b)] - a)
         for f, a, b in zip(files, starts[:-1], starts[1:], strict=True)
     ]
-    labelled = any(f.y is not None for f in files)
-    y = (
-        np.concatenate([f.y if f.y is not None else np.full(len(f), -1) for f in files])[rows]
-        if labelled
-        else None
-    )
+    labels = None if y is None else torch.from_numpy(y[rows])
     classes = next((f.classes for f in files if f.classes is not None), None)
-    return ImageData(torch.cat(parts), None if y is None else torch.from_numpy(y), classes, name)
+    return ImageData(torch.cat(parts), labels, classes, name)
 
 
 def _open_npz(files: list[Path]) -> list[_NpzFile]:
@@ -184,11 +183,7 @@ def _load_npz(arg: str, spec: str, limit: int | None) -> Split:
         raise SelfsupError(f"--data {spec}: {path} does not exist (expected an .npz or a folder)")
     files = _open_npz(train_files)
     n = sum(len(f) for f in files)
-    y = (
-        np.concatenate([f.y if f.y is not None else np.full(len(f), -1) for f in files])
-        if any(f.y is not None for f in files)
-        else None
-    )
+    y = _npz_labels(files)
     held = np.zeros(0, dtype=np.int64)
     if test_file is None and y is not None and (y >= 0).any() and n > 1:
         held = held_out_indices(y)
@@ -196,13 +191,13 @@ def _load_npz(arg: str, spec: str, limit: int | None) -> Split:
     if limit is not None:
         rest_y = None if y is None else y[rest]
         rest = rest[stratified_indices(rest_y, min(limit, len(rest)), seed=None)]
-    train = _npz_data(files, rest, spec)
+    train = _npz_data(files, y, rest, spec)
     if len(held):
-        test = _npz_data(files, held, spec)
+        test = _npz_data(files, y, held, spec)
         test.held_out = True
     elif test_file is not None:
         test_files = _open_npz([test_file])
-        test = _npz_data(test_files, np.arange(len(test_files[0])), spec)
+        test = _npz_data(test_files, _npz_labels(test_files), np.arange(len(test_files[0])), spec)
         if test.classes is None:
             test.classes = train.classes
     else:
@@ -339,7 +334,7 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool) -> Im
             raise SelfsupError(
                 f"{name}: not found under {root}; pass --download to fetch it"
             ) from None
-        raise SelfsupError(f"{name}: download to {root} failed ({_one_line(e)})") from None
+        raise SelfsupError(f"{name}: download to {root} failed ({first_line(e)})") from None
     x = torch.as_tensor(np.asarray(ds.data))
     if x.ndim == 3:  # MNIST-like: N×H×W
         x = x[:, None]

@@ -60,7 +60,7 @@ from selfsup.lm.models.hf import (
 )
 from selfsup.lm.options import LMConfig, check_ranges
 from selfsup.optim import warmup_cosine
-from selfsup.progress import StderrProgressBar
+from selfsup.progress import StderrProgressBar, duration
 
 TOKENS = "tokens.npy"
 RESULTS = "results.json"
@@ -588,11 +588,6 @@ def _tokens_per_step(config: LMConfig, options: Any) -> int:
     return config.batch_size * int(length)
 
 
-def _duration(seconds: float) -> str:
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
-
-
 class ValidationLines(Callback):
     """Prints the speed (tokens/s, threads, time to go) a few seconds after training starts,
     and `step N/STEPS: val/loss X` after each periodic validation with the speed since the
@@ -615,7 +610,7 @@ class ValidationLines(Callback):
             if not torch.cuda.is_available()
             else ""
         )
-        left = f", about {_duration((self.steps - step) / rate)} to go" if step < self.steps else ""
+        left = f", about {duration((self.steps - step) / rate)} to go" if step < self.steps else ""
         return f"{tokens}{rate:.2f} steps/s, {threads}".rstrip(", ") + left
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
