@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_peer_oracles.py runs this conftest in a sub-run
+
 
 @pytest.fixture(autouse=True, scope="session")
 def no_automatic_reports() -> Iterator[None]:
@@ -46,3 +48,16 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return selfsup.pretrain(DEMO, epochs=25, out=str(tmp_path_factory.mktemp("digits") / "run"))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI=true a test skipped for a module it could not import fails instead: CI installs
+    every peer an oracle test compares against (the dev extra), so such a skip is a missing
+    install, not a test that may go unrun. Other skips (no CUDA, no Chromium) stay skips."""
+    outcome = yield
+    report = outcome.get_result()
+    reason = str(call.excinfo.value) if call.excinfo else ""
+    if report.skipped and os.environ.get("CI") == "true" and reason.startswith("could not import"):
+        report.outcome = "failed"
+        report.longrepr = f"{reason} -- CI installs it with pip install -e '.[dev]' (CI=true)"

@@ -134,7 +134,7 @@ def test_the_online_probe_is_logged_as_a_test_metric_and_selects_nothing(tmp_pat
     assert trainer.checkpoint_callback.monitor is None  # keeps the last epoch, chooses nothing
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_sync_batchnorm_is_refused_on_cpu_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="--sync-batchnorm needs CUDA") as info:
         selfsup.pretrain(method="simclr", sync_batchnorm=True, out=str(tmp_path / "r"), **QUICK)
