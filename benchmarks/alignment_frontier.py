@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.cli import main as cli
+from selfsup.cli.main import main as cli
 
 # Task A of docs/rlhf.md ("Five seeds"), and a small version of it that runs in minutes.
 FULL: dict[str, Any] = dict(

@@ -39,7 +39,7 @@ def load(n: int) -> np.ndarray:
 
 
 def selfsup_batches(x: np.ndarray, batch: int, fuse: bool):
-    from selfsup.augment import Augment, build_recipe
+    from selfsup.image.augment import Augment, build_recipe
 
     aug = Augment(build_recipe("simclr", (32, 32), 3).steps, fuse=fuse)
     images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()

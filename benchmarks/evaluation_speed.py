@@ -20,8 +20,8 @@ import time
 import torch
 
 from selfsup.api import evaluate
-from selfsup.evaluation import features as features_module
-from selfsup.evaluation import few_label as few_label_module
+from selfsup.image.evaluation import features as features_module
+from selfsup.image.evaluation import few_label as few_label_module
 
 
 def main() -> None:

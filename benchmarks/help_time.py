@@ -3,7 +3,7 @@
     python benchmarks/help_time.py            # 5 runs of each, the median
     python benchmarks/help_time.py --runs 9
 
-Each run is a fresh `python -m selfsup.cli` process, so the time includes Python's start and
+Each run is a fresh `python -m selfsup.cli.main` process, so the time includes Python's start and
 every import the command makes (the point: no torch for help).
 """
 
@@ -24,7 +24,9 @@ COMMANDS = [
 
 def wall(argv: list[str]) -> float:
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "selfsup.cli", *argv], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "selfsup.cli.main", *argv], check=True, capture_output=True
+    )
     return time.perf_counter() - began
 
 

@@ -47,10 +47,10 @@ def main() -> None:
     from lightly.loss import NTXentLoss, VICRegLoss
     from lightly.transforms import SimCLRTransform, VICRegTransform
 
-    from selfsup.data import load_splits
-    from selfsup.models import Encoder, ProjectionHead
-    from selfsup.optim import parameter_groups
-    from selfsup.run import ENCODER, export_encoder, read_config
+    from selfsup.core.run import ENCODER, export_encoder, read_config
+    from selfsup.engine.optim import parameter_groups
+    from selfsup.image.data import load_splits
+    from selfsup.image.models import Encoder, ProjectionHead
 
     config = read_config(args.like)
     torch.manual_seed(config["seed"])

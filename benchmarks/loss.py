@@ -29,7 +29,7 @@ D, TEMPERATURE = 128, 0.5
 def loss_fn(impl: str):
     """(z0, z1) -> scalar loss, or for `floor` the three matrix products."""
     if impl == "selfsup":
-        from selfsup.losses import nt_xent
+        from selfsup.image.losses import nt_xent
 
         return lambda z0, z1: nt_xent(z0, z1, TEMPERATURE)
     if impl == "lightly":
@@ -42,7 +42,7 @@ def loss_fn(impl: str):
         pml = NTXentLoss(temperature=TEMPERATURE)
         return lambda z0, z1: pml(torch.cat([z0, z1]), torch.arange(len(z0)).repeat(2))
     if impl == "floor":
-        from selfsup.losses.chunked import BLOCK_ELEMENTS
+        from selfsup.image.losses.chunked import BLOCK_ELEMENTS
 
         def floor(z0: torch.Tensor, z1: torch.Tensor) -> None:
             z = torch.cat([z0, z1]).detach()

@@ -8,8 +8,8 @@ of CIFAR-10 train images at 32 px, the same backbone (selfsup's `build_backbone`
 stem) and SGD (lr 0.06, momentum 0.9, weight decay 5e-4) on both sides, each step complete:
 views, forward, loss, backward, update, and the momentum (EMA) update of the target where the
 method has one.
-- selfsup: the method's own module (`selfsup.methods`, default options: heads, loss, views from
-  its default recipe, fused and batched on uint8 tensors in memory); `pretext_loss`, then
+- selfsup: the method's own module (`selfsup.image.methods`, default options: heads, loss,
+  views from its default recipe, fused and batched on uint8 tensors in memory); `pretext_loss`, then
   `ema_update` of its `momentum_targets`.
 - lightly: the same method as lightly's examples build it -- its heads sized like selfsup's
   defaults, its loss, `update_momentum` and `deactivate_requires_grad`, and its transform for
@@ -43,8 +43,8 @@ MOMENTUM = 0.99
 
 
 def selfsup_step(method: str, backbone: str, x, batch: int):  # type: ignore[no-untyped-def]
-    from selfsup.methods import get_method
-    from selfsup.models.ema import ema_update
+    from selfsup.engine.ema import ema_update
+    from selfsup.image.methods import get_method
 
     info = {
         "dataset": {"channels": 3, "image_size": [32, 32], "num_classes": 0},
@@ -86,7 +86,7 @@ def lightly_step(method: str, backbone: str, x, batch: int, workers: int):  # ty
     from lightly.models.modules import heads
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
-    from selfsup.models.backbones import build_backbone
+    from selfsup.image.models.backbones import build_backbone
 
     net, dim = build_backbone(backbone, 3, small_images=True)
     net = nn.Sequential(net, nn.Flatten())

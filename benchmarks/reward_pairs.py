@@ -22,8 +22,8 @@ from collections import Counter
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from selfsup.data.conversations import read_rankings
 from selfsup.lm.data.chat_data import ranking_batch
+from selfsup.lm.data.conversations import read_rankings
 from selfsup.lm.models import hf
 from selfsup.lm.training.posttrain import reward_of, split_validation
 

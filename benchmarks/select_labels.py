@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from selfsup.api import dataset_for, load
-from selfsup.evaluation import extract_features
-from selfsup.evaluation.probes import Preconditioner, probe_accuracy, standardize
-from selfsup.select import STRATEGIES, choose, unit_rows
+from selfsup.image.evaluation import extract_features
+from selfsup.image.evaluation.probes import Preconditioner, probe_accuracy, standardize
+from selfsup.image.use.select import STRATEGIES, choose, unit_rows
 
 
 def class_centroid_picks(features: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:

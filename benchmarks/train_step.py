@@ -35,15 +35,15 @@ TEMPERATURE, LR = 0.5, 0.06
 
 
 def model(backbone: str) -> nn.Module:
-    from selfsup.models import ProjectionHead
-    from selfsup.models.backbones import build_backbone
+    from selfsup.image.models import ProjectionHead
+    from selfsup.image.models.backbones import build_backbone
 
     net, dim = build_backbone(backbone, 3, small_images=True)
     return nn.Sequential(net, ProjectionHead(dim, 512, 128))
 
 
 def selfsup_batches(x, batch: int, channels_last: bool, device: str):  # type: ignore[no-untyped-def]
-    from selfsup.augment import build_recipe
+    from selfsup.image.augment import build_recipe
 
     aug = build_recipe("simclr", (32, 32), 3)
     images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
@@ -78,7 +78,7 @@ def measure(config: H.Config) -> dict:
         loss_fn = NTXentLoss(temperature=TEMPERATURE)
         batches = lightly_batches(x, batch, device, config.get("workers", 2))
     else:
-        from selfsup.losses import nt_xent
+        from selfsup.image.losses import nt_xent
 
         def loss_fn(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
             return nt_xent(z0, z1, TEMPERATURE)

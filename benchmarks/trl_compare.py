@@ -76,7 +76,7 @@ def trl_grpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
 
     @torch.no_grad()
     def reward(prompts, completions, completion_ids, **_: Any) -> list[float]:
-        from selfsup.data.conversations import tokenize_chat
+        from selfsup.lm.data.conversations import tokenize_chat
 
         rows = []
         for p, c, ids in zip(prompts, completions, completion_ids, strict=True):
@@ -129,8 +129,8 @@ def ours_grpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
 
 
 def _pairs(work: Path) -> list[dict]:
-    from selfsup.data.conversations import read_rankings
     from selfsup.lm.alignment.dpo import preference_pairs
+    from selfsup.lm.data.conversations import read_rankings
 
     pairs, _ = preference_pairs(read_rankings(work / "rankings.jsonl"))
     return [{"prompt": p, "chosen": [{"role": "assistant", "content": c}],

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from selfsup.distributed import gather_with_grad, rank, world_size
-from selfsup.losses import chunked
-from selfsup.losses.clip import clip_loss
-from selfsup.losses.contrastive import info_nce, nt_xent, supcon_ids
+from selfsup.engine.distributed import gather_with_grad, rank, world_size
+from selfsup.image.losses import chunked
+from selfsup.image.losses.clip import clip_loss
+from selfsup.image.losses.contrastive import info_nce, nt_xent, supcon_ids
 
 T = 0.3
 

@@ -15,14 +15,14 @@ import sys
 import torch
 
 import selfsup
-import selfsup.train
-from selfsup.methods.simclr import SimCLR
+import selfsup.image.train
+from selfsup.image.methods.simclr import SimCLR
 
 OPTIONS = dict(data="digits", limit=256, batch_size=64, epochs=3, backbone="convnet")
 STEPS_PER_EPOCH = 256 // 64
 
 torch.set_num_threads(1)
-build_trainer = selfsup.train._trainer
+build_trainer = selfsup.image.train._trainer
 
 
 def trainer_logging_every_step(*args, **kwargs):
@@ -31,7 +31,7 @@ def trainer_logging_every_step(*args, **kwargs):
     return trainer
 
 
-selfsup.train._trainer = trainer_logging_every_step
+selfsup.image.train._trainer = trainer_logging_every_step
 mode, run = sys.argv[1], sys.argv[2]
 if mode == "kill":
     step = SimCLR.training_step

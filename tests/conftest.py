@@ -38,7 +38,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SimCLR trained on scikit-learn's digits with `selfsup demo`'s settings, 25 epochs (about a
     minute on two cores), shared by the tests that need an encoder which has learned something."""
     import selfsup
-    from selfsup.demo import DEMO
+    from selfsup.cli.demo import DEMO
 
     # one thread, as the demo runs it: the run (and what the tests measure on it) must not
     # depend on which test happens to ask for it first, under which thread count

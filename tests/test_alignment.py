@@ -12,11 +12,11 @@ import torch
 from test_rlhf import ALPHABET, AutoTokenizerFrom, sft_run, task  # noqa: F401  (module fixtures)
 from transformers import AutoModelForCausalLM
 
-from selfsup.cli import main
-from selfsup.data.conversations import read_rankings
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.data.arithmetic import demonstration, gold_score, problems
-from selfsup.losses.preference import dpo_loss
+from selfsup.lm.data.conversations import read_rankings
+from selfsup.lm.losses.preference import dpo_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,7 +215,7 @@ def test_dpo_learns_the_preference_and_raises_gold(task, sft_run, capsys):  # no
 
 
 def test_group_advantages_by_hand():
-    from selfsup.losses.grpo import group_advantages
+    from selfsup.lm.losses.grpo import group_advantages
 
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
     adv = group_advantages(rewards, 4, eps=0.0 + 1e-4)
@@ -229,7 +229,7 @@ def test_group_advantages_by_hand():
 
 
 def test_k3_is_the_formula_and_never_negative():
-    from selfsup.losses.grpo import k3_kl
+    from selfsup.lm.losses.grpo import k3_kl
 
     g = torch.Generator().manual_seed(0)
     logp = -5 * torch.rand(200, generator=g, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_k3_is_the_formula_and_never_negative():
 
 
 def test_grpo_loss_against_a_naive_loop():
-    from selfsup.losses.grpo import grpo_loss
+    from selfsup.lm.losses.grpo import grpo_loss
 
     g = torch.Generator().manual_seed(1)
     b, t, clip, beta = 4, 5, 0.2, 0.1
@@ -344,7 +344,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_the_exported_tokenizer_renders_chats_as_selfsup_does(sft_run, messages):  # noqa: F811
-    from selfsup.data.conversations import chat_segments, render_prompt, tokenize_chat
+    from selfsup.lm.data.conversations import chat_segments, render_prompt, tokenize_chat
 
     tokenizer = AutoTokenizerFrom(sft_run)  # as saved in RUN/hf, read back from disk
     whole = "".join(text for text, _ in chat_segments(messages))
@@ -384,8 +384,8 @@ def test_grpo_single_update_equals_a_step_by_hand(sft_run):  # noqa: F811
 
     from selfsup.lm.alignment.grpo import GRPOTrainer
     from selfsup.lm.alignment.rollout import forward_response, sample
+    from selfsup.lm.losses.grpo import group_advantages, grpo_loss
     from selfsup.lm.options import GRPOConfig
-    from selfsup.losses.grpo import group_advantages, grpo_loss
 
     tokenizer = AutoTokenizerFrom(sft_run)
     policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")

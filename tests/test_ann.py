@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup import ann
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
+from selfsup.image.use import ann
 
 faiss = pytest.importorskip("faiss")
 
@@ -85,7 +85,7 @@ def test_without_faiss_one_line_and_exact_search_still_works(
 ) -> None:
     from PIL import Image
 
-    from selfsup.search import similar
+    from selfsup.image.use.search import similar
 
     folder = tmp_path / "images"
     folder.mkdir()

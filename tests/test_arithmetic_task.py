@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.data.arithmetic import (
     Problem,
     demonstration,
@@ -16,7 +16,7 @@ from selfsup.lm.data.arithmetic import (
     simulated_ranking,
     write_task,
 )
-from selfsup.losses.preference import ranking_pairs
+from selfsup.lm.losses.preference import ranking_pairs
 
 
 def test_problems_are_reproducible_and_varied():

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from selfsup.cli import main
-from selfsup.data import load_splits
+from selfsup.cli.main import main
+from selfsup.image.data import load_splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +186,7 @@ def test_a_faiss_file_of_another_width_is_one_line(
     made: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
     pytest.importorskip("faiss")
-    from selfsup import ann
+    from selfsup.image.use import ann
 
     index = tmp_path / "a.index"
     index.write_bytes(made["index"].read_bytes())

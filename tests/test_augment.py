@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.augment import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.augment import (
     RECIPES,
     Augment,
     augment_preview,
@@ -22,7 +23,6 @@ from selfsup.augment import (
     sobel,
     view_grid,
 )
-from selfsup.errors import SelfsupError
 
 # name -> op called with p=1 (always applied) where the op has p
 ALWAYS = {

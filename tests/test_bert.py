@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.models.bert import (
     IGNORE,
     IS_NEXT,
@@ -203,8 +203,8 @@ def test_sentence_pairs_follow_the_paragraphs_of_an_indented_text(tmp_path: Path
     """Byte-level BPE merges "\\n\\n" and the next line's indentation into one token: a
     paragraph break all the same. No IsNext pair may cross one, and a NotNext sentence comes
     from another document (the corpus has several)."""
+    from selfsup.core.tokenizer import train_tokenizer
     from selfsup.lm.data.corpus import encode_corpus
-    from selfsup.lm.data.tokenizer import train_tokenizer
     from selfsup.lm.models.bert import SPECIAL_TOKENS
 
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.rlhf import best_of_n_mean
 
 

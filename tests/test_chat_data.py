@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from selfsup.data.conversations import Ranking
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
+from selfsup.core.tokenizer import train_tokenizer
 from selfsup.lm.data.chat_data import (
     IGNORE,
     add_chat_tokens,
@@ -14,7 +14,7 @@ from selfsup.lm.data.chat_data import (
     ranking_batch,
     sft_example,
 )
-from selfsup.lm.data.tokenizer import train_tokenizer
+from selfsup.lm.data.conversations import Ranking
 
 CHAT = [{"role": "user", "content": "2 plus 3?"}, {"role": "assistant", "content": "5."}]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.cli import main
-from selfsup.data import load_splits
+from selfsup.cli.main import main
+from selfsup.image.data import load_splits
 
 
 def _write_test_digits(folder: Path) -> dict[str, int]:
@@ -102,8 +102,8 @@ def test_finetune_matches_or_beats_the_frozen_probe(digits_run: Path, tmp_path: 
     from sklearn.preprocessing import StandardScaler
 
     from selfsup.api import load
-    from selfsup.classify import Classifier
-    from selfsup.evaluation import extract_features
+    from selfsup.image.evaluation import extract_features
+    from selfsup.image.use.classify import Classifier
 
     train, test = load_splits("digits")
     y = train.y.numpy()

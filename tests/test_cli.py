@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.cli import build_parser, main
-from selfsup.config import EvalConfig, PretrainConfig
+from selfsup.cli.main import build_parser, main
+from selfsup.core.config import EvalConfig, PretrainConfig
 
 
 def test_cli_options_mirror_the_api_defaults() -> None:
@@ -111,7 +111,7 @@ def test_augment_preview_draws_the_users_image(tmp_path: Path) -> None:
 
 def test_console_script_help_works() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "selfsup.cli", "pretrain", "--help"],
+        [sys.executable, "-m", "selfsup.cli.main", "pretrain", "--help"],
         capture_output=True,
         text=True,
         check=True,

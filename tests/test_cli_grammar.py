@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfsup.cli import main
-from selfsup.methods.base import Method
+from selfsup.cli.main import main
+from selfsup.image.methods.base import Method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]
@@ -59,7 +59,7 @@ def test_a_users_config_file_and_its_mistakes(tmp_path: Path, capsys) -> None:
 def test_version_and_help_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "from selfsup.cli import main\n"
+        "from selfsup.cli.main import main\n"
         "for argv in (['--help'], ['pretrain', 'mae', '--help'], ['evaluate', '--help'],"
         " ['--version']):\n"
         "    try:\n"
@@ -129,7 +129,7 @@ def _leaves(parser, words=()):
 
 
 def test_every_command_takes_a_config_file() -> None:
-    from selfsup.cli import build_parser
+    from selfsup.cli.main import build_parser
 
     leaves = dict(_leaves(build_parser()))
     assert {"pretrain", "evaluate", "select", "lm best-of-n", "lm icl few-shot"} <= set(leaves)

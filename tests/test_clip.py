@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import selfsup
-from selfsup.cli import main
-from selfsup.data.captions import load_captions, parse_classes, parse_templates
-from selfsup.errors import SelfsupError
-from selfsup.evaluation.retrieval import chance_metrics, retrieval_metrics
-from selfsup.evaluation.zero_shot import topk_accuracy, zero_shot_classifier
-from selfsup.losses.clip import INIT_LOGIT_SCALE, CLIPLoss, LogitScale, clip_loss
-from selfsup.models.text import TextTransformer
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
+from selfsup.image.data.captions import load_captions, parse_classes, parse_templates
+from selfsup.image.evaluation.retrieval import chance_metrics, retrieval_metrics
+from selfsup.image.evaluation.zero_shot import topk_accuracy, zero_shot_classifier
+from selfsup.image.losses.clip import INIT_LOGIT_SCALE, CLIPLoss, LogitScale, clip_loss
+from selfsup.image.models.text import TextTransformer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -169,7 +169,9 @@ def test_templates_and_classes_are_checked() -> None:
 def test_labeled_data_becomes_template_captions() -> None:
     train, test = load_captions("digits", templates="a photo of a {}.|a {} digit")
     assert train.templated and train.captions[3] == ["a photo of a 3.", "a 3 digit"]
-    assert torch.equal(train.images.y, selfsup.data.load_splits("digits")[0].y)  # groups = labels
+    assert torch.equal(
+        train.images.y, selfsup.image.data.load_splits("digits")[0].y
+    )  # groups = labels
     assert test is not None and len(test.images) == 360
 
 
@@ -295,7 +297,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_zero_shot_of_a_short_run_beats_chance(digits_run: Path, capsys) -> None:
-    from selfsup.evaluation.zero_shot import zero_shot_evaluation
+    from selfsup.image.evaluation.zero_shot import zero_shot_evaluation
 
     results = zero_shot_evaluation(digits_run)  # digits' 360 test images, the run's templates
     assert results["chance_top1"] == 10 and results["top1"] > 40, results["top1"]

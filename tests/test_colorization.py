@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from kornia.color import lab_to_rgb
 
 import selfsup
-from selfsup.errors import SelfsupError
-from selfsup.methods.colorization import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.colorization import (
     Colorization,
     ab_bins,
     decode_ab,
@@ -22,8 +22,8 @@ from selfsup.methods.colorization import (
     soft_encode,
     to_lab,
 )
-from selfsup.models import Encoder
-from selfsup.samples import regenerate_samples
+from selfsup.image.models import Encoder
+from selfsup.image.use.samples import regenerate_samples
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR = SHARED / "cifar10"

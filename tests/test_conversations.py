@@ -6,7 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from selfsup.data.conversations import (
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.data.conversations import (
     CHAT_TOKENS,
     parse_conversation,
     read_conversations,
@@ -14,7 +15,6 @@ from selfsup.data.conversations import (
     render_prompt,
     tokenize_chat,
 )
-from selfsup.errors import SelfsupError
 
 
 def _write_jsonl(path, records):

@@ -1,4 +1,4 @@
-"""selfsup.data: specs, validation errors, folders (in memory and lazy), loaders, resizing."""
+"""selfsup.image.data: specs, validation errors, folders (in memory and lazy), loaders, resizing."""
 
 from pathlib import Path
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.data import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.data import (
     ImageData,
     adapt_images,
     batch_loader,
@@ -15,7 +16,6 @@ from selfsup.data import (
     sources,
     stratified_indices,
 )
-from selfsup.errors import SelfsupError
 
 MNIST_TEST = Path("/work/shared/data/mnist/test.npz")
 

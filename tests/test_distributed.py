@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.distributed import gather_with_grad, rank, unique_ids, world_size
-from selfsup.losses.clip import clip_loss
-from selfsup.losses.contrastive import info_nce, nt_xent
+from selfsup.engine.distributed import gather_with_grad, rank, unique_ids, world_size
+from selfsup.image.losses.clip import clip_loss
+from selfsup.image.losses.contrastive import info_nce, nt_xent
 
 WORKER = Path(__file__).parent / "_ddp_worker.py"
 T = 0.3  # as in the worker

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup.cli import main
-from selfsup.config import PRECISIONS, SEED_MAX
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.config import PRECISIONS, SEED_MAX
+from selfsup.core.errors import SelfsupError
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -60,11 +60,12 @@ def test_precisions_are_the_values_lightning_accepts() -> None:
 
 
 def test_bad_options_are_refused_before_torch_is_imported() -> None:
-    """`--lr -1` took 11 s to refuse under load: the options are checked before `selfsup.train`
-    (torch, Lightning) is imported, a method's own ones from its file's declarations."""
+    """`--lr -1` took 11 s to refuse under load: the options are checked before
+    `selfsup.image.train` (torch, Lightning) is imported, a method's own ones from its file's
+    declarations."""
     code = (
         "import sys\n"
-        "from selfsup.cli import main\n"
+        "from selfsup.cli.main import main\n"
         "for args in (['--lr', '-1'], ['--precision', 'banana'], ['--seed', '-1'],\n"
         "             ['--temperature', '-1'], ['--epochs', '0']):\n"
         "    assert main(['pretrain', 'simclr', *args]) == 2\n"
@@ -89,13 +90,13 @@ def test_devices_beyond_the_machine_are_refused_before_lightning_starts_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--devices 64 --accelerator cpu` started 64 processes and hung for minutes."""
-    import selfsup.train
-    from selfsup.distributed import cpu_cores
+    import selfsup.image.train
+    from selfsup.engine.distributed import cpu_cores
 
     def no_trainer(*args: object, **kwargs: object) -> None:
         raise AssertionError("Lightning was started")
 
-    monkeypatch.setattr(selfsup.train.L, "Trainer", no_trainer)
+    monkeypatch.setattr(selfsup.image.train.L, "Trainer", no_trainer)
     cores = cpu_cores()
     out = tmp_path / "run"
     for devices in (str(cores + 1), "64", "-1", "0,1"):
@@ -113,7 +114,7 @@ def test_devices_beyond_the_machine_are_refused_before_lightning_starts_them(
 def test_cuda_devices_are_checked_against_the_gpus_there(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from selfsup.distributed import check_devices
+    from selfsup.engine.distributed import check_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -167,7 +168,7 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_its_line(
 
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
-    from selfsup.config import read_yaml
+    from selfsup.core.config import read_yaml
 
     path = tmp_path / "merge.yaml"
     path.write_text("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")
@@ -195,9 +196,9 @@ def test_a_negative_label_index_is_refused_naming_its_row(
 def test_random_bytes_as_npz_are_not_a_readable_file_never_unsafe_advice(tmp_path: Path) -> None:
     """numpy takes any non-zip, non-.npy file for pickled data and suggests loading it
     unsafely; every reader says it is not a readable file instead."""
-    from selfsup.data import load_splits
+    from selfsup.image.data import load_splits
+    from selfsup.image.use.search import load_index
     from selfsup.lm.data.corpus import load_ids
-    from selfsup.search import load_index
 
     path = tmp_path / "random.npz"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -229,8 +230,8 @@ def test_min_image_side_is_the_convnet_s_first_pool() -> None:
     """The floor is where the ConvNet's first 2×2 pool still runs (it skips maps of <= 2 px)."""
     import torch
 
-    from selfsup.methods.base import Method
-    from selfsup.models.backbones import _Downsample
+    from selfsup.image.methods.base import Method
+    from selfsup.image.models.backbones import _Downsample
 
     side = Method.min_image_side
     x = torch.zeros(1, 1, side, side)

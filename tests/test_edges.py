@@ -1,6 +1,6 @@
 """Every failure a user can cause ends in one clear line (exit code 2), and nothing is lost.
 
-Each test goes through the real entry point, `selfsup.cli.main(argv)`, and checks the exit
+Each test goes through the real entry point, `selfsup.cli.main.main(argv)`, and checks the exit
 code, that stderr is a single line without a traceback, and what is left on disk.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.cli import main
-from selfsup.errors import SelfsupError, one_line
-from selfsup.methods.simclr import SimCLR
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError, one_line
+from selfsup.image.methods.simclr import SimCLR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = ["--data", "digits", "--limit", "256", "--batch-size", "64", "--epochs", "1"]

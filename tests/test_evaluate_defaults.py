@@ -9,11 +9,11 @@ import numpy as np
 import yaml
 
 import selfsup
-from selfsup.config import EvalConfig
-from selfsup.data import load_splits
-from selfsup.evaluation.few_label import labeled_subset, supervised_cost
-from selfsup.models import Encoder
-from selfsup.run import read_config
+from selfsup.core.config import EvalConfig
+from selfsup.core.run import read_config
+from selfsup.image.data import load_splits
+from selfsup.image.evaluation.few_label import labeled_subset, supervised_cost
+from selfsup.image.models import Encoder
 
 
 def test_a_limited_run_is_evaluated_at_its_own_size_without_the_supervised_net(

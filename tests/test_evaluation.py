@@ -1,4 +1,5 @@
-"""Tests for selfsup.evaluation on sklearn digits (N×1×8×8 uint8) with the small ConvNet encoder."""
+"""Tests for selfsup.image.evaluation on sklearn digits (N×1×8×8 uint8) with the small ConvNet
+encoder."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from selfsup.data.images import ImageData
-from selfsup.errors import SelfsupError
-from selfsup.evaluation import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.data.images import ImageData
+from selfsup.image.evaluation import (
     classifier_accuracy,
     extract_features,
     few_label_evaluation,
@@ -33,9 +34,9 @@ from selfsup.evaluation import (
     supervised_reference,
     write_results,
 )
-from selfsup.evaluation import few_label as few_label_module
-from selfsup.evaluation.few_label import _holdout
-from selfsup.models import Encoder
+from selfsup.image.evaluation import few_label as few_label_module
+from selfsup.image.evaluation.few_label import _holdout
+from selfsup.image.models import Encoder
 
 
 def convnet() -> Encoder:
@@ -445,7 +446,7 @@ def test_supervised_references_in_threads_give_the_rows_of_one_after_another(dig
 def test_label_noise_figure_draws_the_tables_means(digits, tmp_path):
     """label_noise.png: per label fraction, each method's mean accuracy at 0% and each noise
     rate, the numbers of the printed tables (read back from the drawn lines)."""
-    from selfsup.evaluation.report import plot_label_noise
+    from selfsup.image.evaluation.report import plot_label_noise
 
     rows = [
         {"method": m, "fraction": f, "seed": s, "n_labels": 10, "accuracy": a + 0.01 * s, **extra}

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 import selfsup
-from selfsup.cli import main
-from selfsup.models import Encoder
+from selfsup.cli.main import main
+from selfsup.image.models import Encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

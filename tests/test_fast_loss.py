@@ -1,4 +1,4 @@
-"""The block-wise InfoNCE (selfsup.losses.chunked) against the plain reference, in float64."""
+"""The block-wise InfoNCE (selfsup.image.losses.chunked) against the plain reference, in float64."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from selfsup.losses import chunked
-from selfsup.losses.chunked import weighted_lse
-from selfsup.losses.contrastive import info_nce, info_nce_reference, nt_xent, supcon_ids
+from selfsup.image.losses import chunked
+from selfsup.image.losses.chunked import weighted_lse
+from selfsup.image.losses.contrastive import info_nce, info_nce_reference, nt_xent, supcon_ids
 
 
 @pytest.fixture

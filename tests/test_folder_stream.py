@@ -12,8 +12,8 @@ from PIL import Image
 
 import selfsup
 from selfsup.api import dataset_for
-from selfsup.cli import main
-from selfsup.data import load_splits
+from selfsup.cli.main import main
+from selfsup.image.data import load_splits
 
 
 def test_embed_and_select_stream_a_folder(digits_run: Path, tmp_path: Path) -> None:

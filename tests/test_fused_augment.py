@@ -11,8 +11,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from scipy import stats
 
-from selfsup.augment import Augment, build_recipe, ops
-from selfsup.augment.fused import crop_flip_color
+from selfsup.image.augment import Augment, build_recipe, ops
+from selfsup.image.augment.fused import crop_flip_color
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "test.npz"
 SIMCLR = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
+from selfsup.core.tokenizer import train_tokenizer
 from selfsup.lm.data.corpus import load_ids, split_ids
-from selfsup.lm.data.tokenizer import train_tokenizer
 from selfsup.lm.models.gpt import GPT, GPTModule, Options, from_hf, load_run, to_hf
 from selfsup.lm.training.pretrain import pretrain_lm
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup.cli import main
-from selfsup.data import load_splits, stratified_indices
-from selfsup.data.sources import held_out_indices
+from selfsup.cli.main import main
+from selfsup.image.data import load_splits, stratified_indices
+from selfsup.image.data.sources import held_out_indices
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -81,9 +81,9 @@ def test_crafted_images_never_crash_and_stay_small(tmp_path):
         f"""
         import json, resource, sys
         from pathlib import Path
-        from selfsup.classify import load_image_files
-        from selfsup.data.decode import decode_image
-        from selfsup.errors import SelfsupError
+        from selfsup.image.use.classify import load_image_files
+        from selfsup.image.data.decode import decode_image
+        from selfsup.core.errors import SelfsupError
         load_image_files([{str(folder / "good.jpg")!r}], (3, 16, 16))  # decoders loaded
         out, grown = {{}}, {{}}
         for path in sorted(Path({str(folder)!r}).iterdir()):
@@ -126,7 +126,7 @@ def test_pretrain_on_a_folder_with_a_crafted_png_is_one_line(tmp_path):
     result = _run(
         f"""
         import sys
-        from selfsup.cli import main
+        from selfsup.cli.main import main
         sys.exit(main(["pretrain", "simclr", "--data", "folder:{folder}", "--epochs", "1",
                        "--out", "{tmp_path / "run"}", "--image-size", "16"]))
         """
@@ -153,7 +153,7 @@ def test_max_pixels_is_the_limit_and_the_option_sets_it(tmp_path, capsys, monkey
 def test_large_jpegs_decode_at_a_reduced_scale_when_shrunk(tmp_path):
     from PIL import Image
 
-    from selfsup.data.decode import decode_image
+    from selfsup.image.data.decode import decode_image
 
     image = tmp_path / "big.jpg"
     _jpeg(image, (800, 600))
@@ -186,7 +186,7 @@ def test_npz_limit_materialises_only_the_rows_kept(tmp_path):
     result = _run(
         f"""
         import json, resource
-        from selfsup.data import load_splits
+        from selfsup.image.data import load_splits
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         train, test = load_splits("npz:{path}", limit=64)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before

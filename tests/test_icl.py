@@ -75,7 +75,7 @@ def test_few_shot_prompts_end_where_pretraining_text_continues():
     """The prompt's tokens are a prefix of the tokens of the same lines as the corpus writes
     them (question, space, answer): with byte-level BPE a prompt ending in a space would end in
     a lone space token instead of the answer's first token " The"."""
-    from selfsup.lm.data.tokenizer import train_tokenizer
+    from selfsup.core.tokenizer import train_tokenizer
 
     lines = [f"What is {a} plus {b}? The answer is {a + b}." for a in range(12) for b in range(12)]
     tokenizer = train_tokenizer(["\n".join(lines)], kind="bpe", vocab_size=300)

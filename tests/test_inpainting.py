@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import selfsup
-from selfsup.errors import SelfsupError
-from selfsup.methods.inpainting import Inpainting, center_mask, masked_l2, random_block_mask
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.inpainting import Inpainting, center_mask, masked_l2, random_block_mask
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.errors import SelfsupError
-from selfsup.methods.jigsaw import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.jigsaw import (
     Jigsaw,
     cut_tiles,
     hamming_distances,
@@ -22,7 +22,7 @@ from selfsup.methods.jigsaw import (
     solve_tiles,
     tile_layout,
 )
-from selfsup.samples import regenerate_samples
+from selfsup.image.use.samples import regenerate_samples
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import selfsup
-from selfsup.cli import main
+from selfsup.cli.main import main
 
 SRC = str(Path(selfsup.__file__).resolve().parents[1])
 TRAINING = [
@@ -49,7 +49,7 @@ def _error(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("command", [["lm"], ["lm", "pretrain", "gpt"], ["lm", "sft"]])
 def test_help_imports_no_torch(command):
     code = (
-        "import sys\nfrom selfsup.cli import main\n"
+        "import sys\nfrom selfsup.cli.main import main\n"
         f"try:\n    main({[*command, '--help']!r})\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -256,7 +256,7 @@ def test_devices_auto_means_every_gpu_or_one_cpu_process():
 
 def test_usage_mistakes_of_lm_pretrain_are_told_before_torch_is_imported(tmp_path):
     code = (
-        "import sys\nfrom selfsup.cli import main\n"
+        "import sys\nfrom selfsup.cli.main import main\n"
         f"code = main(['lm', 'pretrain', 'gpt', '--data', {str(tmp_path)!r}, '--steps', '0'])\n"
         "print('EXIT', code, 'torch' in sys.modules)\n"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.cli import main
+from selfsup.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,8 +21,8 @@ def models(tmp_path_factory) -> Path:
     and data files whose third line / second prompt is longer than the context."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
+    from selfsup.core.tokenizer import train_tokenizer
     from selfsup.lm.data.chat_data import add_chat_tokens
-    from selfsup.lm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("context")
     tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?.=\n"], kind="char")

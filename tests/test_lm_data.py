@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
+from selfsup.core.tokenizer import encode_text, load_tokenizer, train_tokenizer
 from selfsup.lm.data import corpus
 from selfsup.lm.data.corpus import encode_corpus, load_ids, read_texts, split_ids
-from selfsup.lm.data.tokenizer import encode_text, load_tokenizer, train_tokenizer
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfsup.data.conversations import read_conversations, read_prompts, read_rankings
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.data.conversations import read_conversations, read_prompts, read_rankings
 from selfsup.lm.data.corpus import read_texts
-from selfsup.losses.preference import LETTERS, parse_ranking
+from selfsup.lm.losses.preference import LETTERS, parse_ranking
 
 FEW = settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -145,7 +145,7 @@ def test_well_formed_rankings_load_unless_a_gold_score_is_not_finite(tmp_path, i
 
 
 def test_binary_conversations_file_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     path = tmp_path / "conv.jsonl"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n\x89PNG\r\n\x1a\n\x00\xff')
@@ -177,7 +177,7 @@ TINY_GPT = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd",
 
 
 def _one_line_error(args: list[str], capsys) -> str:
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     capsys.readouterr()
     assert main(args) == 2
@@ -210,7 +210,7 @@ def corpus(tmp_path_factory) -> Path:
 def test_pretrain_resume_refuses_bad_checkpoints_before_writing(tmp_path, corpus, capsys):
     import torch
 
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     run = tmp_path / "run"
     assert main(["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "2",
@@ -243,7 +243,7 @@ def chat_base(tmp_path_factory) -> Path:
     """A tiny GPT-2 with a character tokenizer, and a few conversations beside it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from selfsup.lm.data.tokenizer import train_tokenizer
+    from selfsup.core.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("chat")
     tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
@@ -270,7 +270,7 @@ def test_sft_init_and_resume_refuse_bad_weights(tmp_path, chat_base, capsys):
     import torch
     from safetensors.torch import load_file
 
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     bad = tmp_path / "pickled"
     shutil.copytree(chat_base / "base", bad)
@@ -315,7 +315,7 @@ def test_sft_init_and_resume_refuse_bad_weights(tmp_path, chat_base, capsys):
 
 
 def test_a_run_that_fails_at_its_first_step_leaves_no_folder(tmp_path, corpus, chat_base, capsys):
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     # GPT: a learning rate that overflows the weights; the loss is NaN at step 2, before any
     # evaluation: the folder goes, and the same command with a sane --lr then runs into it.
@@ -389,7 +389,7 @@ def test_a_gpu_on_a_machine_without_one_is_one_line(tmp_path, corpus, chat_base,
 
 
 def test_reward_training_drops_full_tie_rankings_and_says_how_many(tmp_path, chat_base, capsys):
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     tie = {
         "prompt": "what is 1 plus 1?",
@@ -435,7 +435,7 @@ def test_bad_rlhf_options_are_one_line_before_anything_loads(tmp_path, capsys, o
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, chat_base) -> Path:
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     out = tmp_path_factory.mktemp("chat-run") / "sft"
     assert main(_sft_args(chat_base, out)) == 0
@@ -445,7 +445,7 @@ def chat_run(tmp_path_factory, chat_base) -> Path:
 def test_chat_longer_than_the_context_drops_the_oldest_turns(chat_run, monkeypatch, capsys):
     from transformers import GPT2LMHeadModel
 
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     lengths = []
     generate = GPT2LMHeadModel.generate
@@ -507,7 +507,7 @@ def test_pretrain_reuses_the_leftover_of_a_killed_start_and_reads_configs_safely
 ):
     import shutil
 
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     args = ["lm", "pretrain", "gpt", "--data", str(corpus), "--steps", "2", "--eval-interval",
             "1", *TINY_GPT]  # fmt: skip

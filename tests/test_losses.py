@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.losses import (
+from selfsup.image.losses import (
     ContrastiveMarginLoss,
     InfoNCELoss,
     NTXentLoss,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.errors import SelfsupError
-from selfsup.methods.mae import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.mae import (
     MAE,
     _gather_tokens,
     patch_targets,

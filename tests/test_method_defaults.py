@@ -12,11 +12,11 @@ import torch
 import yaml
 
 import selfsup
-from selfsup.augment import build_recipe
-from selfsup.config import PretrainConfig
-from selfsup.data import load_splits
-from selfsup.errors import SelfsupError
-from selfsup.methods import get_method
+from selfsup.core.config import PretrainConfig
+from selfsup.core.errors import SelfsupError
+from selfsup.image.augment import build_recipe
+from selfsup.image.data import load_splits
+from selfsup.image.methods import get_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = dict(data="digits", limit=256, batch_size=64, epochs=1)
@@ -124,11 +124,11 @@ def test_the_online_probe_is_logged_as_a_test_metric_and_selects_nothing(tmp_pat
     with open(run / "metrics.csv") as f:
         columns = next(csv.reader(f))
     assert "test/probe_acc" in columns and not any(c.startswith("val/") for c in columns)
-    from selfsup.train import _trainer
+    from selfsup.image.train import _trainer
 
     config = PretrainConfig(method="simclr", **QUICK)
     train, _ = load_splits("digits", limit=256)
-    from selfsup.train import ResumeHint
+    from selfsup.image.train import ResumeHint
 
     trainer = _trainer(config, tmp_path / "t", train, None, ResumeHint(tmp_path / "t"))
     assert trainer.checkpoint_callback.monitor is None  # keeps the last epoch, chooses nothing

@@ -9,11 +9,11 @@ import typing
 import pytest
 
 import selfsup
-from selfsup.cli import build_parser, main
-from selfsup.config import PretrainConfig, type_of
-from selfsup.errors import SelfsupError
-from selfsup.method_options import method_options
-from selfsup.methods import METHODS, get_method
+from selfsup.cli.main import build_parser, main
+from selfsup.core.config import PretrainConfig, type_of
+from selfsup.core.errors import SelfsupError
+from selfsup.core.registry import method_options
+from selfsup.image.methods import METHODS, get_method
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from selfsup.errors import SelfsupError
-from selfsup.models import BACKBONES, Encoder, ProjectionHead, build_backbone
-from selfsup.models.vit import VIT_SIZES
+from selfsup.core.errors import SelfsupError
+from selfsup.image.models import BACKBONES, Encoder, ProjectionHead, build_backbone
+from selfsup.image.models.vit import VIT_SIZES
 
 CIFAR = dict(mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.cli import main
+from selfsup.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_export_traces_without_tracer_or_deprecation_warnings(digits_run: Path, tmp_path) -> None:
-    from selfsup.export import export, quiet_tracing
+    from selfsup.image.use.export import export, quiet_tracing
 
     formats = ["torchscript"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
     for format in formats:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.cli import main
-from selfsup.losses.noncontrastive import (
+from selfsup.cli.main import main
+from selfsup.engine.ema import cosine_momentum, ema_update, frozen_copy
+from selfsup.image.losses.noncontrastive import (
     barlow_twins,
     batch_info_nce,
     dino,
@@ -20,7 +21,6 @@ from selfsup.losses.noncontrastive import (
     queue_info_nce,
     vicreg,
 )
-from selfsup.models.ema import cosine_momentum, ema_update, frozen_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,7 +143,7 @@ def test_moco_v3_loss_is_cross_entropy_over_the_batch_keys_by_hand() -> None:
 
 
 def test_moco_queue_overwrites_the_oldest_keys_and_wraps_around() -> None:
-    from selfsup.methods.moco import MoCo
+    from selfsup.image.methods.moco import MoCo
 
     info = {
         "dataset": {"channels": 1, "image_size": [8, 8], "num_classes": 0},
@@ -250,7 +250,7 @@ def test_momentum_state_survives_resume_exactly(
 ) -> None:
     """Interrupted in its second epoch and resumed, a run ends where an uninterrupted one does:
     BYOL's target network and MoCo's queue and key encoder continue, not restart."""
-    from selfsup.methods import get_method
+    from selfsup.image.methods import get_method
 
     cls = get_method(method)
     straight, halted = tmp_path / "straight", tmp_path / "halted"
@@ -281,7 +281,7 @@ def test_momentum_state_survives_resume_exactly(
 
 
 def test_multi_crop_keeps_the_recipe_but_splits_the_crop_scale() -> None:
-    from selfsup.augment.recipes import GLOBAL_SCALE, LOCAL_SCALE, RECIPES, multi_crop
+    from selfsup.image.augment.recipes import GLOBAL_SCALE, LOCAL_SCALE, RECIPES, multi_crop
 
     global_views, local_views = multi_crop("simclr", (32, 32), 12, 3)
     others = [s for s in RECIPES["simclr"]((32, 32), 3) if s[0] != "crop"]
@@ -297,7 +297,7 @@ def test_dino_multi_crop_gives_the_student_local_views_and_the_teacher_none(
 ) -> None:
     import numpy as np
 
-    import selfsup.methods.dino as dino_method
+    import selfsup.image.methods.dino as dino_method
 
     seen: list[tuple[int, list[tuple[int, ...]]]] = []
     loss = dino_method.dino

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.errors import SelfsupError
-from selfsup.optim import LARS, build_optimizer, parameter_groups, warmup_cosine
+from selfsup.core.errors import SelfsupError
+from selfsup.engine.optim import LARS, build_optimizer, parameter_groups, warmup_cosine
 
 
 def test_warmup_then_cosine() -> None:

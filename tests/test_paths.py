@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup import run as rundir
-from selfsup.errors import SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,7 @@ def _png(path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "ABSOLUTE"])
 def test_caption_files_refuse_images_outside_their_folder(tmp_path: Path, name: str) -> None:
-    from selfsup.data.captions import load_captions
+    from selfsup.image.data.captions import load_captions
 
     _png(tmp_path / "outside.png")  # exists: only the path's escape is wrong
     _png(tmp_path / "data" / "a.png")
@@ -46,7 +46,7 @@ def test_caption_files_refuse_images_outside_their_folder(tmp_path: Path, name: 
 
 
 def test_caption_files_may_use_a_folder_linked_into_theirs(tmp_path: Path) -> None:
-    from selfsup.data.captions import load_captions
+    from selfsup.image.data.captions import load_captions
 
     _png(tmp_path / "images" / "b.png")
     (tmp_path / "data").mkdir()
@@ -100,8 +100,8 @@ def _modes(folder: Path) -> dict[str, str]:
 
 
 def test_every_file_a_run_writes_has_the_umask_permissions(run: Path, tmp_path: Path) -> None:
-    from selfsup.classify import classify
-    from selfsup.export import export
+    from selfsup.image.use.classify import classify
+    from selfsup.image.use.export import export
 
     export(run, "safetensors")
     export(run, "torchscript")
@@ -115,14 +115,14 @@ def test_every_file_a_run_writes_has_the_umask_permissions(run: Path, tmp_path: 
 def test_a_planted_export_link_is_refused_and_nothing_written_outside(
     run: Path, tmp_path: Path
 ) -> None:
-    from selfsup.export import export
+    from selfsup.image.use.export import export
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     link = run / "select"  # export's folder is taken by the test above: plant select's
     link.symlink_to(elsewhere)
     try:
-        from selfsup.select import select
+        from selfsup.image.use.select import select
 
         with pytest.raises(SelfsupError, match="leads outside the run folder"):
             select(run, 4, strategy="random", device="cpu")
@@ -144,7 +144,7 @@ def test_the_hf_export_of_a_language_stage_has_the_umask_permissions(
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from selfsup.lm.data.tokenizer import train_tokenizer
+    from selfsup.core.tokenizer import train_tokenizer
     from selfsup.lm.models.hf import save_hf
 
     tokenizer = train_tokenizer(["a small corpus"], "char")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfsup.image.losses.contrastive import info_nce, nt_xent, supcon_ids
 from selfsup.lm.models.word2vec import analogy_query, keep_probabilities, nearest
-from selfsup.losses.contrastive import info_nce, nt_xent, supcon_ids
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])

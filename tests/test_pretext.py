@@ -15,11 +15,11 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
 import selfsup
-import selfsup.methods
-from selfsup.errors import SelfsupError
-from selfsup.methods.autoencoder import Autoencoder
-from selfsup.methods.rotation import Rotation, rotate_batch
-from selfsup.models.decoders import ConvDecoder
+import selfsup.image.methods
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.autoencoder import Autoencoder
+from selfsup.image.methods.rotation import Rotation, rotate_batch
+from selfsup.image.models.decoders import ConvDecoder
 
 QUICK = dict(data="digits", limit=512, batch_size=128, epochs=2)
 
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    methods = selfsup.methods.METHODS
-    monkeypatch.setitem(methods, "autoencoder", "selfsup.methods.autoencoder:Autoencoder")
-    monkeypatch.setitem(methods, "rotation", "selfsup.methods.rotation:Rotation")
+    methods = selfsup.image.methods.METHODS
+    monkeypatch.setitem(methods, "autoencoder", "selfsup.image.methods.autoencoder:Autoencoder")
+    monkeypatch.setitem(methods, "rotation", "selfsup.image.methods.rotation:Rotation")
 
 
 def data_info(channels: int = 1, size: tuple[int, int] = (8, 8)) -> dict[str, Any]:

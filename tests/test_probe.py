@@ -13,10 +13,10 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from selfsup.data.images import ImageData
-from selfsup.errors import SelfsupError
-from selfsup.evaluation import few_label_evaluation, labeled_subset, linear_probe, probes
-from selfsup.evaluation.probes import (
+from selfsup.core.errors import SelfsupError
+from selfsup.image.data.images import ImageData
+from selfsup.image.evaluation import few_label_evaluation, labeled_subset, linear_probe, probes
+from selfsup.image.evaluation.probes import (
     C_GRID,
     DEFAULT_C,
     Preconditioner,

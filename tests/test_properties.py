@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from selfsup.config import EvalConfig, PretrainConfig
-from selfsup.data import load_splits
-from selfsup.data.captions import load_captions
-from selfsup.errors import SelfsupError
+from selfsup.core.config import EvalConfig, PretrainConfig
+from selfsup.core.errors import SelfsupError
+from selfsup.image.data import load_splits
+from selfsup.image.data.captions import load_captions
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from selfsup.cli import main
+from selfsup.cli.main import main
 from selfsup.reporting import report
 from selfsup.reporting.images import map_indices
 
@@ -221,9 +221,9 @@ def test_constant_or_non_finite_embeddings_give_no_map_and_say_why(tmp_path: Pat
     process on them (segfault). One guard serves the map, the neighbours, the PCA picture of
     `selfsup evaluate` and its k-means."""
     from selfsup.api import _plot_embeddings
-    from selfsup.errors import SelfsupError
-    from selfsup.evaluation import kmeans_scores
-    from selfsup.evaluation.features import embedding_problem
+    from selfsup.core.errors import SelfsupError
+    from selfsup.image.evaluation import kmeans_scores
+    from selfsup.image.evaluation.features import embedding_problem
     from selfsup.reporting.images import _map_section, _neighbour_section, tsne
 
     same = np.zeros((40, 8), dtype=np.float32)
@@ -251,7 +251,7 @@ def test_constant_or_non_finite_embeddings_give_no_map_and_say_why(tmp_path: Pat
 
 
 def test_unlabelled_training_queries_are_not_their_own_neighbours_and_captions_say_so() -> None:
-    from selfsup.data import ImageData
+    from selfsup.image.data import ImageData
     from selfsup.reporting.images import _map_section, _neighbour_section, nearest_images
 
     g = np.random.default_rng(0).normal(size=(30, 6))

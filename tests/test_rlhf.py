@@ -10,8 +10,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
+from selfsup.core.tokenizer import train_tokenizer
 from selfsup.lm.alignment.ppo import PPOSettings, PPOTrainer
 from selfsup.lm.alignment.rollout import forward_response, sample
 from selfsup.lm.data.arithmetic import (
@@ -22,9 +23,8 @@ from selfsup.lm.data.arithmetic import (
     write_task,
 )
 from selfsup.lm.data.chat_data import add_chat_tokens
-from selfsup.lm.data.tokenizer import train_tokenizer
+from selfsup.lm.losses.ppo import policy_loss
 from selfsup.lm.training.posttrain import TuneConfig, sft, train_reward
-from selfsup.losses.ppo import policy_loss
 
 ALPHABET = "0123456789 abcdefghijklmnopqrstuvwxyzACLTW?.+=,-"
 

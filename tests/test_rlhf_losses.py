@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.errors import SelfsupError
-from selfsup.losses.ppo import (
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.losses.ppo import (
     gae,
     masked_whiten,
     policy_loss,
@@ -15,7 +15,7 @@ from selfsup.losses.ppo import (
     token_logprobs,
     value_loss,
 )
-from selfsup.losses.preference import (
+from selfsup.lm.losses.preference import (
     format_ranking,
     pair_agreement,
     pairwise_accuracy,

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from selfsup import run as rundir
-from selfsup.errors import SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
 
 # Holds the lock of every run folder named on its command line until it is killed.
 HOLDER = """
 import sys, time
-from selfsup.run import lock_run
+from selfsup.core.run import lock_run
 for run in sys.argv[1:]:
     lock_run(run)
 print("locked", flush=True)
@@ -31,8 +31,8 @@ time.sleep(120)
 # Tries to lock a run folder: exit 0 when it got the lock, 2 and the error line when refused.
 TRY = """
 import sys
-from selfsup.errors import SelfsupError
-from selfsup.run import lock_run
+from selfsup.core.errors import SelfsupError
+from selfsup.core.run import lock_run
 try:
     lock_run(sys.argv[1])
 except SelfsupError as e:
@@ -128,7 +128,7 @@ def _refused(held: tuple[Path, int], name: str, write) -> None:  # noqa: ANN001
 
 def test_every_writer_of_a_run_folder_takes_its_lock(held: tuple[Path, int]) -> None:
     import selfsup
-    from selfsup.lm.cli.align import _keep_best_of_n
+    from selfsup.cli.lm.align import _keep_best_of_n
     from selfsup.lm.models import hf
     from selfsup.lm.training.pretrain import pretrain_lm
     from selfsup.reporting import report
@@ -144,7 +144,7 @@ def test_every_writer_of_a_run_folder_takes_its_lock(held: tuple[Path, int]) -> 
 
 
 def test_resumed_metrics_hold_each_step_once_keeping_the_latest(tmp_path: Path) -> None:
-    from selfsup.metrics_log import keep_rows_before
+    from selfsup.engine.metrics_log import keep_rows_before
 
     path = tmp_path / "metrics.csv"
     header = ["epoch", "step", "test/probe_acc", "train/loss"]

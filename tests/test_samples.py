@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import selfsup
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
-from selfsup.samples import regenerate_samples
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
+from selfsup.image.use.samples import regenerate_samples
 
 TINY = dict(data="digits", limit=64, batch_size=32, epochs=1, online_probe=False)
 RUNS = {

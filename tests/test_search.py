@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from selfsup.cli import main
-from selfsup.data import load_splits
-from selfsup.search import load_index, nearest
+from selfsup.cli.main import main
+from selfsup.image.data import load_splits
+from selfsup.image.use.search import load_index, nearest
 
 
 def test_chunked_exact_search_equals_brute_force(monkeypatch) -> None:
-    import selfsup.search as search
+    import selfsup.image.use.search as search
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(1000, 16)).astype(np.float32)

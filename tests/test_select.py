@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup.errors import SelfsupError
-from selfsup.select import choose, kcenter, typicality
+from selfsup.core.errors import SelfsupError
+from selfsup.image.use.select import choose, kcenter, typicality
 
 
 def _unit(z: np.ndarray) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_select_from_the_command_line_writes_the_picks_and_a_contact_sheet(tmp_p
 
     from PIL import Image
 
-    from selfsup.cli import main
+    from selfsup.cli.main import main
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.cli import main
-from selfsup.evaluation.shift import (
+from selfsup.cli.main import main
+from selfsup.image.evaluation.shift import (
     BLUR_SIGMA,
     BRIGHTNESS,
     CONTRAST,

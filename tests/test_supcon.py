@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.config import PretrainConfig
-from selfsup.losses.contrastive import info_nce, nt_xent, supcon_ids
-from selfsup.methods.supcon import SupCon
+from selfsup.core.config import PretrainConfig
+from selfsup.image.losses.contrastive import info_nce, nt_xent, supcon_ids
+from selfsup.image.methods.supcon import SupCon
 
 
 def data_info(num_classes: int) -> dict:
@@ -74,7 +74,9 @@ def test_without_labels_it_is_simclr_and_warns() -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short supcon run on all of digits serves as the end-to-end and the learning check."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(selfsup.methods.METHODS, "supcon", "selfsup.methods.supcon:SupCon")
+        patch.setitem(
+            selfsup.image.methods.METHODS, "supcon", "selfsup.image.methods.supcon:SupCon"
+        )
         return selfsup.pretrain(
             method="supcon",
             data="digits",

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import selfsup
-from selfsup.errors import SelfsupError
-from selfsup.methods.simclr import SimCLR
-from selfsup.samples import load_method
+from selfsup.core.errors import SelfsupError
+from selfsup.image.methods.simclr import SimCLR
+from selfsup.image.use.samples import load_method
 
 QUICK = dict(data="digits", limit=512, batch_size=128, epochs=2, backbone="convnet")
 

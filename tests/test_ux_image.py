@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import selfsup
-from selfsup import train
-from selfsup.cli import main
-from selfsup.export import export
+from selfsup.cli.main import main
+from selfsup.image import train
+from selfsup.image.use.export import export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = Path(__file__).parents[1] / "README.md"

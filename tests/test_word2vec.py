@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfsup.cli import main
-from selfsup.errors import SelfsupError
+from selfsup.cli.main import main
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.models.word2vec import (
     WordVectors,
     chunk_pairs,

@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that `selfsup --help` does not pay for torch and Lightning.
 _EXPORTS = {
-    "pretrain": "selfsup.train",
+    "pretrain": "selfsup.image.train",
     "evaluate": "selfsup.api",
     "embed": "selfsup.api",
     "load": "selfsup.api",
     "report": "selfsup.reporting",
     "write_run_report": "selfsup.reporting",
-    "PretrainConfig": "selfsup.config",
-    "EvalConfig": "selfsup.config",
-    "SelfsupError": "selfsup.errors",
+    "PretrainConfig": "selfsup.core.config",
+    "EvalConfig": "selfsup.core.config",
+    "SelfsupError": "selfsup.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

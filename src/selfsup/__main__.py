@@ -2,7 +2,7 @@
 
 import sys
 
-from selfsup.cli import main
+from selfsup.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup import run as rundir
-from selfsup.augment.recipes import RECIPES
-from selfsup.config import EvalConfig
-from selfsup.data import ImageData, adapt_images, load_splits, stratified_indices
-from selfsup.device import resolve_device
-from selfsup.errors import SelfsupError
-from selfsup.evaluation import (
+from selfsup.core import run as rundir
+from selfsup.core.config import EvalConfig
+from selfsup.core.errors import SelfsupError
+from selfsup.engine.device import resolve_device
+from selfsup.image.augment.recipes import RECIPES
+from selfsup.image.data import ImageData, adapt_images, load_splits, stratified_indices
+from selfsup.image.evaluation import (
     check_options,
     extract_features,
     few_label_evaluation,
@@ -33,10 +33,10 @@ from selfsup.evaluation import (
     supervised_rule,
     write_results,
 )
-from selfsup.evaluation.few_label import Pixels, train_supervised
-from selfsup.evaluation.probes import fit_probe
-from selfsup.evaluation.shift import corruption_list, shift_evaluation
-from selfsup.models import Encoder
+from selfsup.image.evaluation.few_label import Pixels, train_supervised
+from selfsup.image.evaluation.probes import fit_probe
+from selfsup.image.evaluation.shift import corruption_list, shift_evaluation
+from selfsup.image.models import Encoder
 
 
 def load(run: str | Path) -> Encoder:
@@ -419,7 +419,7 @@ def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str]
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from selfsup.evaluation.features import embedding_problem
+    from selfsup.image.evaluation.features import embedding_problem
 
     keep = np.arange(len(f))[:5000]
     problem = embedding_problem(f[keep])

@@ -3,7 +3,7 @@
 The command line builds its parsers from these dataclasses, so `selfsup lm ... --help` and
 usage errors stay instant; the modules that train import them from here
 (`selfsup.lm.models.gpt.Options` is `GPTOptions`, `selfsup.lm.training.pretrain.LMConfig` is
-`LMConfig`, ...). Only the standard library and `selfsup.config` may be imported here
+`LMConfig`, ...). Only the standard library and `selfsup.core.config` may be imported here
 (tests/test_lm_cli.py checks that torch is not).
 
 Vocabulary shared with the image side: `--data` (the input file or folder), `--out` (the run
@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from selfsup.config import option
-from selfsup.errors import SelfsupError
+from selfsup.core.config import option
+from selfsup.core.errors import SelfsupError
 
 PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per validation)"
 DEVICES_HELP = "number of devices or 'auto' (every GPU, one process each; one on a CPU)"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.reporting.page import RunPage, Section, esc, render, table
 
 REPORT = "report.html"
@@ -34,7 +34,7 @@ def report(
 ) -> Path:
     """Write the HTML report of `runs` to `out` (default: RUN/report.html of a single run);
     returns its path. `embeddings=False` skips the sections that run the encoder."""
-    from selfsup.run import atomic_write_text, run_locked
+    from selfsup.core.run import atomic_write_text, run_locked
 
     runs = [Path(runs)] if isinstance(runs, str | Path) else [Path(r) for r in runs]
     if not runs:
@@ -76,7 +76,7 @@ def write_run_report(run: str | Path, *, embeddings: bool = True) -> Path | None
 
 def record_run_info(run: Path, seconds: float, images: int, device: str = "") -> None:
     """Append this session's wall time, throughput and library versions to RUN/run_info.json."""
-    from selfsup.run import atomic_write_text
+    from selfsup.core.run import atomic_write_text
 
     path = run / RUN_INFO
     try:

@@ -74,7 +74,7 @@ def few_label_sections(run: Path, page: RunPage) -> list[Section]:
 
 
 def few_label_html(folder: Path, r: dict[str, Any]) -> str:
-    from selfsup.evaluation.report import noise_levels, summarize
+    from selfsup.image.evaluation.report import noise_levels, summarize
 
     rows = r["few_label"]
     head = (

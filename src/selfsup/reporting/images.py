@@ -14,8 +14,8 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from selfsup.data.sources import stratified_indices
-from selfsup.evaluation.features import embedding_problem
+from selfsup.image.data.sources import stratified_indices
+from selfsup.image.evaluation.features import embedding_problem
 from selfsup.reporting.page import Section, esc, fig_img, figure_png, img, legend
 
 MAP_POINTS = 5000  # t-SNE points at most (a stratified, seeded subsample of the test split)
@@ -85,7 +85,7 @@ def image_grid(
 def _show(
     ax: Any, image: Any, title: str | None = None, colour: str = "black", size: float = 8
 ) -> None:
-    from selfsup import draw
+    from selfsup.image import draw
 
     draw.show(ax, image)
     if title:
@@ -103,8 +103,8 @@ def embedding_sections(run: Path, config: dict[str, Any]) -> list[Section]:
     import torch
 
     from selfsup.api import dataset_for, load
-    from selfsup.device import resolve_device
-    from selfsup.evaluation import extract_features
+    from selfsup.engine.device import resolve_device
+    from selfsup.image.evaluation import extract_features
 
     encoder = load(run)
     device = resolve_device("auto")
@@ -277,7 +277,7 @@ def min_width(png: bytes, points: float, pixels: float, dpi: int = 100) -> int:
 
 
 def _augment_section(train: Any, config: dict[str, Any], torch: Any) -> Section:
-    from selfsup.augment import RECIPES, build_recipe
+    from selfsup.image.augment import RECIPES, build_recipe
 
     s = Section("augment", "Augmentations of the run's recipe")
     recipe = config.get("recipe")

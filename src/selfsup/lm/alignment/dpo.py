@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.data.conversations import Message, Ranking, read_rankings
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
+from selfsup.lm.data.conversations import Message, Ranking, read_rankings
+from selfsup.lm.losses.ppo import token_logprobs
+from selfsup.lm.losses.preference import dpo_loss, ranking_pairs
 from selfsup.lm.models import hf
 from selfsup.lm.options import DPOConfig
 from selfsup.lm.training.posttrain import (
@@ -31,8 +33,6 @@ from selfsup.lm.training.posttrain import (
     set_special_ids,
     split_validation,
 )
-from selfsup.losses.ppo import token_logprobs
-from selfsup.losses.preference import dpo_loss, ranking_pairs
 
 Pair = tuple[list[Message], str, str]  # (the prompt's conversation, chosen, rejected)
 

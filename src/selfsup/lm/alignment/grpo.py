@@ -23,14 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from selfsup import run as rundir
-from selfsup.data.conversations import Message
-from selfsup.errors import SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.lm.data.conversations import Message
+from selfsup.lm.losses.grpo import group_advantages, grpo_loss
 from selfsup.lm.models import hf
 from selfsup.lm.options import GRPOConfig, check_one_device
-from selfsup.losses.grpo import group_advantages, grpo_loss
 
 ScoreFn = Callable[[Any, list[int]], torch.Tensor]  # (rollout, prompt indices) -> rewards
 

@@ -7,7 +7,7 @@ of clipped-surrogate updates of the policy and clipped updates of a value head. 
 not end within the token budget get a fixed score (a penalty) instead of the reward model's.
 
 Lightning Fabric runs the loop (devices, precision, several processes); the maths are the pure
-functions of `selfsup.losses.ppo`.
+functions of `selfsup.lm.losses.ppo`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from selfsup.data.conversations import Message
 from selfsup.lm.alignment.rollout import (
     Rollout,
     decode_responses,
@@ -29,8 +28,8 @@ from selfsup.lm.alignment.rollout import (
     reward_scores,
     sample,
 )
-from selfsup.lm.options import PPOSettings
-from selfsup.losses.ppo import (
+from selfsup.lm.data.conversations import Message
+from selfsup.lm.losses.ppo import (
     entropy,
     gae,
     masked_mean,
@@ -39,6 +38,7 @@ from selfsup.losses.ppo import (
     shaped_rewards,
     value_loss,
 )
+from selfsup.lm.options import PPOSettings
 
 GoldFn = Callable[[int, str], float]  # (prompt index, answer text) -> gold score
 

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup import run as rundir
-from selfsup.data.conversations import Message, prompt_lines, read_prompts
-from selfsup.errors import SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.data.arithmetic import (
@@ -37,9 +36,10 @@ from selfsup.lm.data.arithmetic import (
 )
 from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.data.context import context_length, fit_prompt, shortest_context
+from selfsup.lm.data.conversations import Message, prompt_lines, read_prompts
+from selfsup.lm.losses.preference import pair_agreement
 from selfsup.lm.models import hf
 from selfsup.lm.options import PPOSettings, RLHFConfig, check_one_device
-from selfsup.losses.preference import pair_agreement
 
 GOLDS = ("none", "arithmetic")
 
@@ -492,8 +492,8 @@ def chat_reply(
 ) -> str:
     """The model's next assistant turn (greedy at temperature 0). The conversation must fit the
     model's context (see `fit_context`)."""
+    from selfsup.core.tokenizer import encode_text
     from selfsup.lm.alignment.rollout import encode_prompts, suppressed_tokens
-    from selfsup.lm.data.tokenizer import encode_text
 
     for m in messages:
         encode_text(tokenizer, m["content"], what=f"the {m['role']} message")

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.data.conversations import ROLE_MARKERS, Message, render_prompt
 from selfsup.lm.alignment.decoding import (
     continuation_logits,
     continuation_positions,
@@ -24,7 +23,8 @@ from selfsup.lm.alignment.decoding import (
     sample_tokens,
     sequence_scores,
 )
-from selfsup.losses.ppo import token_logprobs
+from selfsup.lm.data.conversations import ROLE_MARKERS, Message, render_prompt
+from selfsup.lm.losses.ppo import token_logprobs
 
 
 @dataclass

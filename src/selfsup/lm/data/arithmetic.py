@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import SelfsupError
-from selfsup.losses.preference import format_ranking
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.losses.preference import format_ranking
 
 STYLE_MAX_CHARS = 20
 PHRASINGS = ("What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?", "Compute {a} plus {b}.")

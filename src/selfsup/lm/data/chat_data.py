@@ -1,6 +1,6 @@
 """Token batches for the stages after pretraining: conversations (SFT) and ranked answers (reward).
 
-Both render text with the chat template of `selfsup.data.conversations`; a tokenizer first gets
+Both render text with the chat template of `selfsup.lm.data.conversations`; a tokenizer first gets
 the template's markers as special tokens (`add_chat_tokens`), and the model's embedding table
 grows to match.
 """
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.data.conversations import (
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.data.conversations import (
     CHAT_TEMPLATE,
     CHAT_TOKENS,
     END,
@@ -22,8 +23,7 @@ from selfsup.data.conversations import (
     Ranking,
     tokenize_chat,
 )
-from selfsup.errors import SelfsupError
-from selfsup.losses.preference import ranking_pairs
+from selfsup.lm.losses.preference import ranking_pairs
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy default)
 

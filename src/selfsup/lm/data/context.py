@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from selfsup.data.conversations import Message, render_prompt
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.data.conversations import Message, render_prompt
 
 POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.errors import SelfsupError, numpy_file_reason
-from selfsup.run import publish  # umask permissions, then an atomic rename
+from selfsup.core.errors import SelfsupError, numpy_file_reason
+from selfsup.core.run import publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 1 << 16  # encode in ~64 kB pieces (cut at line ends): batched, in parallel

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 
 
 # ---------------------------------------------------------------- linear regression in context
@@ -173,7 +173,7 @@ def plot_regression(result: RegressionResult, path: Path) -> None:
 
 # ------------------------------------------------------------------------------ few-shot prompts
 def _qa_pairs(path: str | Path) -> list[tuple[str, str]]:
-    from selfsup.data.conversations import read_conversations
+    from selfsup.lm.data.conversations import read_conversations
 
     pairs = []
     for messages in read_conversations(path):
@@ -206,8 +206,8 @@ def few_shot(
     """
     from transformers import AutoModelForCausalLM
 
+    from selfsup.core.tokenizer import encode_text
     from selfsup.lm.data.context import check_new_tokens, context_length
-    from selfsup.lm.data.tokenizer import encode_text
     from selfsup.lm.models import hf
 
     tokenizer, model = hf.load_tokenizer_and(model_path, AutoModelForCausalLM)
@@ -270,7 +270,7 @@ def _shots_that_fit(
 ) -> int:
     """The most demonstrations whose prompts fit `room` tokens whichever are drawn (the longest
     ones before the longest question); -1 when even the longest question alone does not."""
-    from selfsup.lm.data.tokenizer import encode_text
+    from selfsup.core.tokenizer import encode_text
 
     if room == math.inf:
         return len(pool)

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from selfsup.errors import SelfsupError
-from selfsup.run import atomic_write_text
+from selfsup.core.errors import SelfsupError
+from selfsup.core.run import atomic_write_text
 
 SAMPLES = "samples.txt"
 FILL_MASK = "fill_mask.json"
@@ -53,7 +53,7 @@ def write_fill_mask_examples(run: Path, texts: list[str], top_k: int = 5) -> Pat
     held-out sentences, beside the true token (None when no sentence qualifies)."""
     from transformers.utils import logging
 
-    from selfsup.lm.data.tokenizer import load_tokenizer
+    from selfsup.core.tokenizer import load_tokenizer
     from selfsup.lm.models.bert import fill_mask
 
     logging.disable_progress_bar()  # "Loading weights" once per sentence says nothing

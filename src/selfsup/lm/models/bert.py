@@ -35,7 +35,7 @@ from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
-from selfsup.errors import SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.models.hf import one_line_reason
 from selfsup.lm.options import BERT_DEFAULTS
 from selfsup.lm.options import BertOptions as Options
@@ -403,7 +403,7 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5) -> list[list[tuple[str
     the run's hf/ export loaded with AutoModelForMaskedLM + AutoTokenizer."""
     from transformers import AutoModelForMaskedLM
 
-    from selfsup.lm.data.tokenizer import encode_text
+    from selfsup.core.tokenizer import encode_text
     from selfsup.lm.models.hf import load_tokenizer_and
 
     if top_k < 1:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.errors import SelfsupError
-from selfsup.lm.data.tokenizer import encode_text, load_tokenizer
+from selfsup.core.errors import SelfsupError
+from selfsup.core.tokenizer import encode_text, load_tokenizer
 from selfsup.lm.models.hf import one_line_reason, quiet_transformers
 from selfsup.lm.options import GPTOptions as Options
 from selfsup.lm.training.pretrain import LanguageModule, LMConfig

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from selfsup import run as rundir
-from selfsup.errors import SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.options import check_number  # noqa: F401  (the stages import it from here)
 
 HF_DIR = "hf"

@@ -39,8 +39,9 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, tr
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
-from selfsup import run as rundir
-from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.engine.progress import StderrProgressBar
 from selfsup.lm.models.hf import (
     check_accelerator,
     check_number,
@@ -48,7 +49,6 @@ from selfsup.lm.models.hf import (
     removed_unless_kept,
 )
 from selfsup.lm.options import Word2VecConfig, check_one_device
-from selfsup.progress import StderrProgressBar
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
@@ -354,7 +354,7 @@ class WordVectors:
     """A trained run's word vectors: `neighbors("king")`, `analogy("king", "man", "woman")`."""
 
     def __init__(self, run: str | Path) -> None:
-        from selfsup.lm.data.tokenizer import load_tokenizer
+        from selfsup.core.tokenizer import load_tokenizer
 
         path = Path(run) / VECTORS
         if not path.is_file():
@@ -387,5 +387,5 @@ class WordVectors:
 
 
 def run_pretrain(config: Word2VecConfig, *, command: str) -> Path:
-    """The `selfsup lm pretrain word2vec` entry (see selfsup.lm.cli.main)."""
+    """The `selfsup lm pretrain word2vec` entry (see selfsup.cli.lm.main)."""
     return pretrain_word2vec(config, command=command)

@@ -23,15 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup import run as rundir
-from selfsup.data.conversations import (
-    CHAT_TEMPLATE,
-    Ranking,
-    conversation_lines,
-    read_rankings,
-    tokenize_chat,
-)
-from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.engine.optim import warmup_cosine
 from selfsup.lm.data.chat_data import (
     add_chat_tokens,
     collate,
@@ -41,10 +35,16 @@ from selfsup.lm.data.chat_data import (
     sft_example,
 )
 from selfsup.lm.data.context import check_fits, context_length
+from selfsup.lm.data.conversations import (
+    CHAT_TEMPLATE,
+    Ranking,
+    conversation_lines,
+    read_rankings,
+    tokenize_chat,
+)
+from selfsup.lm.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.lm.models import hf
 from selfsup.lm.options import TuneConfig, check_one_device
-from selfsup.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
-from selfsup.optim import warmup_cosine
 
 
 def split_validation(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:

@@ -45,11 +45,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from selfsup import metrics_log
-from selfsup import run as rundir
-from selfsup.errors import NonFiniteLossError, SelfsupError
+from selfsup.core import run as rundir
+from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.core.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from selfsup.engine import metrics_log
+from selfsup.engine.optim import warmup_cosine
+from selfsup.engine.progress import StderrProgressBar, duration
 from selfsup.lm.data.corpus import encode_corpus, load_ids, read_texts, split_ids
-from selfsup.lm.data.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.lm.models.hf import (
     check_accelerator,
     check_precision,
@@ -59,8 +61,6 @@ from selfsup.lm.models.hf import (
     unfinished_start,
 )
 from selfsup.lm.options import LMConfig, check_ranges
-from selfsup.optim import warmup_cosine
-from selfsup.progress import StderrProgressBar, duration
 
 TOKENS = "tokens.npy"
 RESULTS = "results.json"

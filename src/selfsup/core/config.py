@@ -1,0 +1,458 @@
+"""Configuration dataclasses shared by the Python API and the CLI (same names, same defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfsup.core.errors import SelfsupError
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: its help text, and optionally `check`, the range its value must lie in
+    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]") or a named rule ("seed", "precision");
+    None always passes. `cli=False` keeps it off the command line."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# The common range of numpy's and Lightning's seeds (np.random.seed: an unsigned 32-bit
+# integer; torch.manual_seed would take up to 2**64 - 1).
+SEED_MAX = 2**32 - 1
+# Lightning 2's `precision` values (lightning.fabric.connector._PRECISION_INPUT), listed here so
+# that a bad one is refused before Lightning is imported.
+PRECISIONS = (
+    *("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
+    *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
+)
+
+
+def check_seed(value: int, flag: str = "--seed") -> int:
+    """`value` if it is a seed numpy, torch and Lightning all accept, else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise SelfsupError(f"{flag} must be a whole number from 0 to {SEED_MAX}, got {value!r}")
+    return value
+
+
+def seed_type(text: str) -> int:
+    """argparse type of a `--seed`: a whole number from 0 to SEED_MAX."""
+    try:
+        return check_seed(int(text))
+    except (ValueError, SelfsupError):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 to {SEED_MAX}, got {text!r}"
+        ) from None
+
+
+def check_precision(value: str, flag: str = "--precision") -> str:
+    """`value` if Lightning accepts it as a precision, else a one-line error listing them."""
+    if str(value) not in PRECISIONS:
+        raise SelfsupError(f"{flag} {value!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+    return str(value)
+
+
+def _in_range(value: float, rule: str) -> bool:
+    """Whether `value` satisfies `rule` (NaN satisfies none: every comparison is False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(v) for v in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_fields(config: Any) -> None:
+    """Raise a one-line SelfsupError for the first field outside its declared range or type."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        if tp in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SelfsupError(f"{flag} must be a number, got {value!r}")
+        if tp is int and not isinstance(value, int):
+            raise SelfsupError(f"{flag} must be a whole number, got {value!r}")
+        rule = f.metadata.get("check")
+        if rule == "seed":
+            check_seed(value, flag)
+        elif rule == "precision":
+            check_precision(value, flag)
+        elif rule and not _in_range(value, rule):
+            expected = {
+                ">0": "positive",
+                ">=0": "zero or more",
+                "(0,1)": "between 0 and 1 (exclusive)",
+                "[0,1)": "at least 0 and below 1",
+                "[0,1]": "between 0 and 1",
+            }.get(rule, f"at least {rule[2:]}" if rule.startswith(">=") else rule)
+            raise SelfsupError(f"{flag} must be {expected}, got {value}")
+
+
+@dataclass
+class PretrainConfig:
+    """What every pretraining run shares (data, views, engine, optimiser, run folder); each
+    method adds its own `Options` (in its file) through `options`. Saved, flat, as the run's
+    `config.yaml`."""
+
+    method: str | None = option(
+        None, "self-supervised method (default: simclr; with resume, the run's own)", cli=False
+    )
+    data: str = option(
+        "digits", "dataset: digits | npz:DIR_OR_FILE | folder:PATH | cifar10 | mnist | ..."
+    )
+    data_dir: str | None = option(None, "root of torchvision datasets (default $SELFSUP_DATA)")
+    download: bool = option(False, "download a torchvision dataset if it is missing")
+    limit: int | None = option(
+        None,
+        "use a stratified first N training samples, and at most N test samples for the online "
+        "probe (quick tries)",
+        check=">=1",
+    )
+    image_size: int | None = option(
+        None,
+        "resize images to this square size (folders' default: the first image's short side, at "
+        "most 224 px; on a CPU, 96 trains about 10x faster than 224)",
+        check=">=1",
+    )
+    backbone: str | None = option(
+        None,
+        "encoder: convnet | convnet-wide | resnet18 | resnet50 | vit-mini | vit-tiny | vit-small "
+        "| vit-base (default: the method's own, convnet; mae vit-mini)",
+    )
+    small_images: bool | None = option(
+        None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
+    )
+    recipe: str | None = option(
+        None,
+        "augmentation recipe of the views: simclr | digits | light | none | crop | flip | ... "
+        "(default: the method's own: simclr; light for clip and colorization; none where the "
+        "method draws no views)",
+    )
+    epochs: int = option(10, "training epochs", check=">=1")
+    batch_size: int = option(256, "images per batch (each gives two views)", check=">=1")
+    optimizer: str = option("adamw", "sgd | lars | adamw")
+    lr: float | None = option(
+        None, "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256)", check=">0"
+    )
+    weight_decay: float = option(
+        1e-4, "weight decay (not applied to biases and norm layers)", check=">=0"
+    )
+    warmup_epochs: float = option(
+        1.0, "linear warm-up before the cosine decay, in epochs", check=">=0"
+    )
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)", check="seed")
+    accelerator: str = option("auto", "cpu | gpu | auto (Lightning)")
+    devices: str = option("auto", "number of devices or 'auto' (Lightning)")
+    precision: str | None = option(
+        None, "Lightning precision (default: bf16-mixed on GPU, else 32)", check="precision"
+    )
+    num_workers: int = option(
+        0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
+    )
+    online_probe: bool = option(True, "train a linear probe on detached features when labels exist")
+    sync_batchnorm: bool = option(
+        False, "synchronise BatchNorm statistics across GPUs (SimCLR's global BN; CUDA only)"
+    )
+    progress: bool | None = option(
+        None, "progress bars (default: on a terminal; otherwise one line per epoch)"
+    )
+    out: str | None = option(None, "run directory (default runs/METHOD-DATA-TIMESTAMP)")
+    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the method's own options by name (its Options dataclass)", "cli": False},
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        scale = self.batch_size / 256
+        return {"adamw": 1e-3, "sgd": 0.06 * scale, "lars": 0.3 * scale}[self.optimizer]
+
+
+def split_options(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PretrainConfig's fields, the rest: a method's own options) of options given by name."""
+    shared = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return (
+        {k: v for k, v in values.items() if k in shared},
+        {k: v for k, v in values.items() if k not in shared},
+    )
+
+
+@dataclass
+class EvalConfig:
+    """What `selfsup evaluate` measures; results go to RUN/eval/<data>/."""
+
+    data: str | None = option(None, "dataset to evaluate on (default: the run's own)")
+    data_dir: str | None = option(None, "root of torchvision datasets (default $SELFSUP_DATA)")
+    download: bool = option(False, "download a torchvision dataset if it is missing")
+    limit: int | None = option(
+        None,
+        "use a stratified first N training and at most N test samples (default: on the run's "
+        "own data, the run's own --limit)",
+        check=">=1",
+    )
+    fractions: str = option("0.01,0.1,1.0", "label fractions for the few-label table")
+    seeds: int = option(3, "label subsets (seeds) per fraction", check=">=1")
+    baselines: str = option(
+        "raw,pca,random",
+        "comma list of raw, pca, random, supervised (or 'none'); supervised trains one network "
+        "per label subset (minutes to hours on a CPU; its estimated cost is printed first)",
+    )
+    probe: str = option("linear", "classifier on frozen features: linear | knn")
+    knn_k: int = option(20, "neighbours for the kNN classifier", check=">=1")
+    finetune: str = option("none", "also fine-tune the encoder: none | all | last-K")
+    supervised_steps: int = option(
+        300,
+        "optimisation steps of --finetune (the supervised baseline has its own rule)",
+        check=">=1",
+    )
+    augment: str = option(
+        "light", "augmentation recipe for fine-tuning and the supervised baseline"
+    )
+    kmeans: bool = option(True, "report k-means clustering (NMI, accuracy) of the embeddings")
+    batch_size: int = option(256, "batch size for features and fine-tuning", check=">=1")
+    device: str = option("auto", "cpu | cuda | auto")
+    probe_c: float | None = option(
+        None, "fixed C of the linear probe (default: k-fold cross-validation per labeled subset)"
+    )
+    cv_folds: int = option(5, "folds of the cross-validation choosing the probe's C")
+    supervised_epochs: int = option(
+        30, "epochs of the supervised baseline over its labeled subset (early-stopped)"
+    )
+    supervised_max_steps: int | None = option(
+        None, "upper bound on the supervised baseline's steps (--supervised-steps: --finetune only)"
+    )
+    supervised_augment: str | None = option(
+        None, "augmentation of the supervised baseline (default: the run's pretraining recipe)"
+    )
+    cv_max_samples: int = option(
+        10_000, "cross-validate the probe's C on at most this many labels of a subset (stratified)"
+    )
+    label_noise: str = option(
+        "", "also probe with these fractions of the training labels flipped, e.g. 0.2,0.4"
+    )
+    shift: str = option(
+        "",
+        "also test under corruptions at 3 severities: 'all' or some of gaussian-noise, blur, "
+        "contrast, jpeg, brightness (a probe trained on clean labels; beside raw and random)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def fraction_list(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(f) for f in self.fractions.split(",") if f.strip())
+        except ValueError:
+            raise SelfsupError(
+                f"--fractions {self.fractions!r}: expected comma-separated numbers like 0.01,0.1,1"
+            ) from None
+
+    def baseline_list(self) -> tuple[str, ...]:
+        names = tuple(b.strip() for b in self.baselines.split(",") if b.strip())
+        return () if names == ("none",) else names
+
+
+# The sections a run's config.yaml adds to the options (what was learned about the data).
+RUN_SECTIONS = ("dataset", "encoder", "text", "captions")
+
+
+def read_config_file(
+    path: str, types: dict[str, type], ignored: set[str] = frozenset()
+) -> dict[str, Any]:
+    """Options from a YAML file, checked against `types` (option name -> type); one line for
+    anything wrong. Keys may be spelled with - or _.
+
+    A run's own config.yaml is accepted as it is: its data sections, its run folder (`out`),
+    `resume` and the `ignored` names (other methods' options an older run recorded) are
+    skipped, so giving it back starts a new run with the same options.
+    """
+    values = read_yaml_mapping(path, "--config")
+    is_run = "encoder" in values
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if is_run and (name in RUN_SECTIONS or name in ("out", "resume") or name in ignored):
+            continue
+        if name not in types:
+            raise SelfsupError(f"--config {path}: {key!r} is not an option of this command")
+        options[name] = typed_value(value, types[name], f"--config {path}: {key}")
+    return options
+
+
+MAX_YAML_DEPTH = 50  # nesting of an options file (a flat mapping; a run's config.yaml has 3)
+
+
+def read_yaml(path: str | Path, where: str | None = None) -> Any:
+    """The value of a YAML file, read safely; one line (`where`, default the path) for a file
+    that cannot be read, is not YAML, nests deeper than MAX_YAML_DEPTH or gives a key twice."""
+    import yaml
+
+    where = where or str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loader = _strict_loader()(f)  # a SafeLoader: plain data only, no Python objects
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
+    except OSError as e:
+        raise SelfsupError(f"{where}: cannot read it ({e.strerror})") from None
+    except _Refused as e:
+        raise SelfsupError(f"{where}:{e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise SelfsupError(f"{where}: not valid YAML ({line}{e.problem or e.context})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SelfsupError(f"{where}: not valid YAML ({type(e).__name__})") from None
+
+
+def read_yaml_mapping(path: str | Path, flag: str) -> dict[str, Any]:
+    """`read_yaml` of an options file given as `flag FILE`: a mapping (empty for an empty file)
+    whose keys, spelled with - or _, name each option once."""
+    where = f"{flag} {path}"
+    values = read_yaml(path, where)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SelfsupError(f"{where}: expected a mapping of option: value")
+    spelled: dict[str, Any] = {}
+    for key in values:  # `batch-size` and `batch_size` are one option
+        name = str(key).replace("-", "_")
+        if name in spelled:
+            raise SelfsupError(
+                f"{where}: {spelled[name]!r} and {key!r} are one option, given twice"
+            )
+        spelled[name] = key
+    return values
+
+
+class _Refused(Exception):
+    """A YAML file the strict loader refuses; the message starts with its line number."""
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the
+    last silently) and nesting deeper than MAX_YAML_DEPTH (its composer recurses: a few
+    thousand levels end in RecursionError)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _Refused(f"{line}: too deeply nested (over {MAX_YAML_DEPTH} levels)")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        twice = f"{key!r} is given twice (first on line {first[key]})"
+                        raise _Refused(f"{line}: {twice}")
+                    first[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    break
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def typed_value(value: Any, tp: type, where: str) -> Any:
+    """A YAML value as the option's type (`devices: 2` is the string "2"; 1 is 1.0)."""
+    if value is None:
+        return None
+    if tp is str and not isinstance(value, (dict, list)):
+        return str(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise SelfsupError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; plain types pass through."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def type_of(annotation: str) -> type:
+    """The option type an annotation names: "int | None" -> int."""
+    names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+    return TYPES[names[0]]
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """A config dataclass's command-line options and their types."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: _base_type(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", True)
+    }
+
+
+def add_option(
+    parser: Any, name: str, tp: type, default: Any, help: str, *, suppress: bool = False
+) -> None:
+    """`--name-with-dashes` (bools as --x/--no-x); `suppress` leaves an option that is not
+    given out of the namespace, so that only what the user chose is passed on."""
+    flag = "--" + name.replace("_", "-")
+    # (argparse's BooleanOptionalAction adds the default to the help itself.)
+    shown = f" (default: {default})" if default is not None and (tp is not bool or suppress) else ""
+    kwargs: dict[str, Any] = dict(
+        dest=name, default=argparse.SUPPRESS if suppress else default, help=help + shown
+    )
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    else:
+        parser.add_argument(flag, type=tp, **kwargs)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Mirror a config dataclass as `--field-name` options (bools become --x/--no-x)."""
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in types_:
+            add_option(parser, f.name, types_[f.name], f.default, f.metadata.get("help", ""))
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, **extra: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    return cls(**{**values, **extra})

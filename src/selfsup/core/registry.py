@@ -1,0 +1,131 @@
+"""A method's own options, read from its file without importing it.
+
+Each method file declares its options as a dataclass named `Options` beside its code:
+
+    @dataclass
+    class Options:
+        temperature: float = option(0.5, "InfoNCE temperature", check=">0")
+
+Training imports that dataclass as usual. The command line reads the same declaration from the
+file's source (Python's `ast`), because importing a method imports torch and Lightning, which
+takes seconds; `selfsup pretrain METHOD --help` and its usage errors stay instant that way. The
+defaults, help texts and checks must therefore be literals (tests/test_method_options.py checks
+that what is read here equals the imported dataclass for every method).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from selfsup.image.methods import METHODS
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One field of a method's Options as the CLI needs it."""
+
+    name: str
+    type: str  # the annotation as written: "float", "int | None", "bool", "str"
+    default: Any
+    help: str
+    metadata: dict[str, Any]
+
+
+def module_of(method: str) -> str:
+    return METHODS[method].split(":")[0]
+
+
+@cache
+def method_options(method: str) -> tuple[OptionSpec, ...]:
+    """The fields of `method`'s Options dataclass, read from its source file (none for a name
+    that is no method: the command reports that)."""
+    return _options_in(module_of(method)) if method in METHODS else ()
+
+
+def _options_in(module: str) -> tuple[OptionSpec, ...]:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"cannot find the module {module}")
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=spec.origin)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Options":
+            inherited: tuple[OptionSpec, ...] = ()
+            for base in node.bases:  # `class Options(SimCLROptions)`: the base's fields first
+                inherited += _imported_options(tree, ast.unparse(base))
+            own = tuple(_field(item) for item in node.body if isinstance(item, ast.AnnAssign))
+            names = {f.name for f in own}
+            return tuple(f for f in inherited if f.name not in names) + own
+        if isinstance(node, ast.ImportFrom) and any(
+            a.name == "Options" and (a.asname or a.name) == "Options" for a in node.names
+        ):  # `from selfsup.image.methods.simclr import Options`: the same options
+            return _options_in(node.module or "")
+    return ()
+
+
+def _imported_options(tree: ast.Module, name: str) -> tuple[OptionSpec, ...]:
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name and alias.name == "Options":
+                    return _options_in(node.module or "")
+    raise ValueError(f"Options derives from {name}, which is not another method's Options")
+
+
+def _field(node: ast.AnnAssign) -> OptionSpec:
+    name = node.target.id  # type: ignore[attr-defined]
+    call = node.value
+    if not (isinstance(call, ast.Call) and ast.unparse(call.func) == "option"):
+        raise ValueError(f"Options.{name}: declare it as `{name}: TYPE = option(default, help)`")
+    default = ast.literal_eval(call.args[0])
+    help_text = ast.literal_eval(call.args[1]) if len(call.args) > 1 else ""
+    metadata = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+    return OptionSpec(name, ast.unparse(node.annotation), default, help_text, metadata)
+
+
+def option_names(method: str) -> set[str]:
+    return {f.name for f in method_options(method)}
+
+
+def all_option_names() -> set[str]:
+    """Every method's option names (an old run's config.yaml holds them all)."""
+    return set().union(*(option_names(m) for m in METHODS))
+
+
+def build_options(method: str, values: dict[str, Any], cls: type | None = None) -> Any:
+    """`method`'s Options dataclass (`cls`, else imported from the method: training is
+    starting) from `values`, checked; an option it does not have is a one-line error."""
+    from selfsup.core.config import check_fields
+    from selfsup.core.errors import SelfsupError
+    from selfsup.image.methods import get_method
+
+    cls = cls or get_method(method).Options
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        own = ", ".join(sorted(names)) or "none"
+        raise SelfsupError(
+            f"{', '.join(unknown)} is not an option of {method} (its own options: {own})"
+        )
+    options = cls(**values)
+    check_fields(options)
+    return options
+
+
+def config_from_saved(saved: dict[str, Any]) -> Any:
+    """The PretrainConfig of a run's flat config.yaml: the shared options, and the method's own
+    (an older run's file also holds every other method's options, which are dropped)."""
+    from selfsup.core.config import PretrainConfig
+
+    shared = {f.name for f in dataclasses.fields(PretrainConfig)} - {"options"}
+    method = saved.get("method") or "simclr"
+    own = option_names(method) if method in METHODS else set()
+    return PretrainConfig(
+        **{k: v for k, v in saved.items() if k in shared},
+        options={k: v for k, v in saved.items() if k in own},
+    )

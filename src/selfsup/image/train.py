@@ -1,0 +1,622 @@
+"""`pretrain()`: data -> method -> Lightning Trainer -> run directory."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tqdm import tqdm
+
+from selfsup.core import run as rundir
+from selfsup.core.config import PretrainConfig, split_options
+from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.core.registry import build_options, config_from_saved
+from selfsup.engine import metrics_log
+from selfsup.engine.distributed import check_devices
+from selfsup.engine.optim import OPTIMIZERS
+from selfsup.engine.progress import StderrProgressBar, duration
+from selfsup.image.augment import RECIPES
+from selfsup.image.data import ImageData, batch_loader
+from selfsup.image.data.sources import HOLDOUT, stratified_indices
+from selfsup.image.methods import METHODS, get_method
+from selfsup.image.methods.base import Method
+from selfsup.image.models import BACKBONES
+
+STATS_SAMPLES = 10_000
+
+
+@rundir.releases_run_locks
+def pretrain(
+    config: PretrainConfig | None = None,
+    *,
+    command: str | None = None,
+    report: bool = True,
+    **options: Any,
+) -> Path:
+    """Pretrain a self-supervised encoder; returns the run directory.
+
+    `selfsup.pretrain(method="simclr", data="digits", epochs=5)` is the same as
+    `selfsup pretrain simclr --data digits --epochs 5`. `command` is recorded in
+    RUN/command.txt (the CLI passes its command line; by default the equivalent Python call).
+    `resume=RUN` continues RUN from its last checkpoint with RUN's own options (the method may
+    be omitted; only `epochs` and the engine's options may change).
+
+    `report=False` skips RUN/report.html at the end (see `selfsup.reporting`).
+    Every option, the device, the data and the run directory are checked before anything is
+    written; a run that fails before its first checkpoint leaves no folder behind.
+    """
+    shared, own = split_options(options)
+    config = dataclasses.replace(config or PretrainConfig(), **shared)
+    if own:  # the method's own options, by name: `pretrain(method="mae", mask_ratio=0.5)`
+        config = dataclasses.replace(config, options={**config.options, **own})
+    command = command or _python_call(config)
+    checkpoint, resume_step, state = None, None, None
+    if config.resume:
+        config, checkpoint, state = _resume_config(config)
+        resume_step = metrics_log.resumed_step(state)
+    elif config.method is None:
+        config = dataclasses.replace(config, method=DEFAULT_METHOD)
+    if config.method not in METHODS:
+        known = ", ".join(METHODS)
+        raise SelfsupError(f"method {config.method!r} is unknown; expected one of {known}")
+    method_class = get_method(config.method)
+    config = method_class.with_defaults(config)
+    method_options = build_options(config.method, config.options)
+    _check_names(config)
+    check_accelerator(config.accelerator)
+    check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
+    if config.sync_batchnorm and not _on_gpu(config):
+        raise SelfsupError(
+            "--sync-batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs on CUDA only)"
+        )
+    run = _run_dir(config)
+    rundir.lock_run(run)  # one writer per run folder (the first process of a multi-process run)
+    if checkpoint is None and rundir.is_first_process():
+        _check_run_dir_free(run)  # before the (possibly slow) data loading
+
+    decoding = " (decoding and resizing its images)" if config.data.startswith("folder:") else ""
+    with SlowPhase(f"loading --data {config.data}{decoding}") as phase:
+        train, test, data_extra = method_class.load_data(config, method_options)
+        h, w = train.image_size
+        phase.done(f"loaded {len(train)} training images of {h}×{w} px")
+    if len(train) < config.batch_size:
+        raise SelfsupError(
+            f"--data {config.data} has {len(train)} training images, fewer than one batch "
+            f"(--batch-size {config.batch_size}); lower --batch-size"
+        )
+    config = dataclasses.replace(config, out=str(run))
+    L.seed_everything(config.seed, verbose=False)
+    info = _data_info(config, train, test)
+    info["encoder"].update(method_class.encoder_spec(config, method_options, train))
+    method = method_class(config, info, method_options, **data_extra)
+    if state is not None:
+        _check_checkpoint_fits(method, checkpoint, state["state_dict"])
+        state = None  # Lightning reads the file again itself
+    hint = ResumeHint(run)
+    trainer = _trainer(config, run, train, resume_step, hint)
+    loaders = _loaders(config, train, test)
+    created = False
+    if rundir.is_first_process():  # the processes a multi-device run launches share its folder
+        if checkpoint is None:  # only now, with every input checked, does the folder appear
+            _claim_run_dir(run)
+            created = True
+            rundir.write_config(run, method.run_config())
+        rundir.write_command(run, command, append=checkpoint is not None)
+        os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
+
+    began = time.perf_counter()
+    try:
+        trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
+    except NonFiniteLossError as e:
+        last = rundir.last_checkpoint(run)
+        kept = f"; the last good checkpoint is {last}" if last else _discard(run, created)
+        raise SelfsupError(f"{e}{kept}") from None
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
+        if not hint.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
+        last = rundir.last_checkpoint(run)
+        if last is None:
+            raise KeyboardInterrupt(_discard(run, created).lstrip("; ")) from None
+        raise KeyboardInterrupt(
+            f"the last checkpoint is {last}; continue with: selfsup pretrain --resume {run}"
+        ) from None
+    except BaseException:
+        if rundir.last_checkpoint(run) is None:
+            _discard(run, created)
+        raise
+    if rundir.is_first_process():
+        from selfsup.reporting import record_run_info, write_run_report
+
+        steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
+        images = steps * config.batch_size * trainer.world_size
+        device = str(trainer.strategy.root_device)
+        record_run_info(run, time.perf_counter() - began, images, device)
+        if report and os.environ.get("SELFSUP_REPORT", "1") != "0":  # as write_run_report
+            say(f"writing the report {run / 'report.html'} (encodes the data once more) ...")
+            write_run_report(run)
+    return run
+
+
+DEFAULT_METHOD = "simclr"
+# Options a resumed run may change: the length of training and how the engine runs it.
+RESUMABLE_CHANGES = ("epochs", "accelerator", "devices", "num_workers", "data_dir", "download")
+
+
+def _discard(run: Path, created: bool) -> str:
+    """Remove a run folder this call created that holds no checkpoint: nothing half-written
+    is left to block a retry. Returns the note for the error message."""
+    if created and rundir.is_first_process() and rundir.last_checkpoint(run) is None:
+        shutil.rmtree(run, ignore_errors=True)
+        return f"; no epoch had finished, so {run} was removed"
+    return "; no epoch had finished"
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A one-line error for an accelerator this machine does not have."""
+    name = accelerator.lower()
+    if name not in ACCELERATORS:
+        raise SelfsupError(
+            f"--accelerator {accelerator!r} is unknown; expected one of {', '.join(ACCELERATORS)}"
+        )
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SelfsupError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SelfsupError("--accelerator mps: Apple's MPS is not available on this machine")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, dict[str, Any]]:
+    """(the run's own config with the allowed changes, its last checkpoint's path, the loaded
+    checkpoint), after checking that it loads and that no other option was changed."""
+    run = Path(config.resume)  # type: ignore[arg-type]
+    saved = rundir.read_config(run)
+    checkpoint = rundir.last_checkpoint(run)
+    if checkpoint is None:
+        raise SelfsupError(
+            f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} (no epoch finished); "
+            f"start it afresh with --out {run}"
+        )
+    resumed = config_from_saved(saved)
+    if config.method is not None and config.method != resumed.method:
+        raise SelfsupError(
+            f"--resume {run}: that run trains {resumed.method}, not {config.method}; "
+            f"omit the method (selfsup pretrain --resume {run})"
+        )
+    defaults = PretrainConfig()
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name in (*RESUMABLE_CHANGES, "method", "resume", "out", "options"):
+            continue
+        given, own = getattr(config, f.name), getattr(resumed, f.name)
+        if given != getattr(defaults, f.name) and given != own:
+            flag = "--" + f.name.replace("_", "-")
+            raise SelfsupError(
+                f"--resume {run}: {flag} {given} differs from the run's {own}; a resumed run "
+                f"keeps its options (only {', '.join(RESUMABLE_CHANGES)} may change)"
+            )
+    for name, given in config.options.items():
+        own = resumed.options.get(name)
+        if given != own:
+            raise SelfsupError(
+                f"--resume {run}: --{name.replace('_', '-')} {given} differs from the run's "
+                f"{own}; a resumed run keeps its options"
+            )
+    changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
+    changes = {k: v for k, v in changes.items() if v != getattr(defaults, k)}
+    state = rundir.load_checkpoint(checkpoint)  # damaged or pickled: one line, before any write
+    resumed = dataclasses.replace(resumed, **changes, out=str(run), resume=None)
+    return resumed, str(checkpoint), state
+
+
+def _check_checkpoint_fits(method: Method, checkpoint: str, state: dict[str, Any]) -> None:
+    try:
+        method.load_state_dict(state)  # what fit() does first; here the error is one line
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise SelfsupError(
+            f"{checkpoint}: does not fit the run's {method.config.method} model ({first})"
+        ) from None
+
+
+def _python_call(config: PretrainConfig) -> str:
+    changed = [
+        f"{f.name}={getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if f.name != "options" and getattr(config, f.name) != f.default
+    ]
+    changed += [f"{name}={value!r}" for name, value in config.options.items()]
+    return f"selfsup.pretrain({', '.join(changed)})"
+
+
+def _check_names(config: PretrainConfig) -> None:
+    for option, value, valid in [
+        ("--backbone", config.backbone, BACKBONES),
+        ("--optimizer", config.optimizer, OPTIMIZERS),
+        ("--recipe", config.recipe, RECIPES),
+    ]:
+        if value not in valid:
+            raise SelfsupError(f"{option} {value!r} is unknown; expected one of {', '.join(valid)}")
+
+
+def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None) -> dict[str, Any]:
+    """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
+    g = torch.Generator().manual_seed(config.seed)
+    picked = torch.randperm(len(train), generator=g)[:STATS_SAMPLES].sort().values
+    sample = train.images(picked).float() / 255
+    mean = sample.mean(dim=(0, 2, 3)).tolist()
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    h, w = train.image_size
+    small = config.small_images if config.small_images is not None else max(h, w) <= 64
+    return {
+        "dataset": {
+            "channels": train.channels,
+            "image_size": [h, w],
+            "num_classes": len(train.classes) if train.classes and train.has_labels else 0,
+            "classes": list(train.classes) if train.classes else None,
+            "train_size": len(train),
+            "test_split": None
+            if test is None
+            else f"held out: a stratified {HOLDOUT:.0%} of the labeled images, never pretrained on"
+            if test.held_out
+            else "the source's own",
+        },
+        "encoder": {
+            "backbone": config.backbone,
+            "in_channels": train.channels,
+            "small_images": small,
+            "mean": mean,
+            "std": std,
+        },
+    }
+
+
+def _run_dir(config: PretrainConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    if not rundir.is_first_process():
+        if rundir.RUN_ENV in os.environ:  # launched by the first process (Lightning devices>1)
+            return Path(os.environ[rundir.RUN_ENV])
+        raise SelfsupError(
+            "several processes were started (torchrun, SLURM): pass --out so that they share "
+            "one run directory"
+        )
+    return rundir.default_run_dir(config.method, config.data)
+
+
+# What a run writes before its first checkpoint: a folder holding only these (and no
+# checkpoint) is the remains of a run that failed or was killed early, and may be reused.
+EARLY_RUN_FILES = {
+    rundir.CONFIG,
+    "command.txt",
+    metrics_log.METRICS,
+    "hparams.yaml",
+    rundir.CHECKPOINTS,
+    "samples",
+    "tensorboard",
+}
+
+
+def _check_run_dir_free(run: Path) -> None:
+    """A one-line error unless `run` can hold a new run: absent, empty, or left by a run that
+    stopped before its first checkpoint."""
+    if run.exists() and not run.is_dir():
+        raise SelfsupError(f"--out {run} is a file, not a folder; choose another --out")
+    if not run.is_dir():
+        return
+    entries = {p.name for p in run.iterdir() if not p.name.startswith(".")}
+    if not entries:
+        return
+    if rundir.last_checkpoint(run) is not None or list(run.glob(f"{rundir.CHECKPOINTS}/*.ckpt")):
+        raise SelfsupError(
+            f"run directory {run} already exists and holds checkpoints; pass --resume {run} to "
+            "continue it or choose another --out"
+        )
+    if rundir.CONFIG not in entries or not entries <= EARLY_RUN_FILES:
+        raise SelfsupError(
+            f"run directory {run} already exists and is not empty; choose another --out"
+        )
+
+
+def _claim_run_dir(run: Path) -> None:
+    """Create the run folder (clearing the remains of a run that never checkpointed)."""
+    try:
+        if run.is_dir():
+            for p in run.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfsupError(f"--out {run}: cannot create the run folder ({e.strerror})") from None
+
+
+def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -> list:
+    loaders = [
+        batch_loader(
+            train,
+            config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=config.seed,
+            num_workers=config.num_workers,
+        )
+    ]
+    if config.online_probe and test is not None and test.has_labels:
+        if config.limit is not None and len(test) > config.limit:  # small tries stay small
+            test = test.subset(stratified_indices(test.y, config.limit, seed=None))
+        loaders.append(
+            batch_loader(
+                test,
+                config.batch_size,
+                shuffle=False,
+                drop_last=False,
+                num_workers=config.num_workers,
+            )
+        )
+    return loaders
+
+
+def _trainer(
+    config: PretrainConfig,
+    run: Path,
+    train: ImageData,
+    resume_step: int | None,
+    hint: ResumeHint,
+) -> L.Trainer:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # resume
+    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
+    precision = config.precision or ("bf16-mixed" if _on_gpu(config) else "32-true")
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    steps_per_epoch = len(train) // config.batch_size
+    loggers: list = [metrics_log.RunCSVLogger(run, keep_before=resume_step)]
+    if _tensorboard_available():
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=run, name="tensorboard", version=""))
+    return L.Trainer(
+        default_root_dir=run,
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=devices,
+        precision=precision,
+        logger=loggers,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        callbacks=[
+            # Lightning writes checkpoints atomically (temporary file, then rename).
+            ModelCheckpoint(
+                dirpath=run / rundir.CHECKPOINTS,
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                save_last=True,
+                save_top_k=1,
+            ),
+            metrics_log.FlushMetricsWithCheckpoints(),
+            ExportEncoder(run),
+            SaveSamples(run),
+            hint,
+            StderrProgressBar(leave=True) if progress else EpochLines(),
+            ProgressLines(config.batch_size, train.image_size, periodic=not progress),
+        ],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        sync_batchnorm=config.sync_batchnorm,
+    )
+
+
+def _on_gpu(config: PretrainConfig) -> bool:
+    return config.accelerator in ("gpu", "cuda") or (
+        config.accelerator == "auto" and torch.cuda.is_available()
+    )
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class ExportEncoder(Callback):
+    """Writes RUN/encoder.safetensors after every training epoch."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / rundir.ENCODER
+
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if trainer.is_global_zero:
+            rundir.export_encoder(method.encoder, self.path)
+
+
+class ResumeHint(Callback):
+    """Notes a Ctrl-C, which Lightning turns into sys.exit(1): `pretrain` then raises
+    KeyboardInterrupt with what was kept and how to continue (the CLI exits with 130)."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.interrupted = False
+
+    def on_exception(self, trainer: L.Trainer, method: Method, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
+
+
+class SaveSamples(Callback):
+    """Draws RUN/samples/epochNNN.png after every epoch with the method's `save_samples`."""
+
+    def __init__(self, run: Path, count: int = 8) -> None:
+        self.folder, self.count = run / "samples", count
+        self.images: torch.Tensor | None = None  # the same images every epoch, fetched once
+
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.images is None:
+            self.images = next(iter(trainer.train_dataloader))[0][: self.count]
+        x = self.images
+        self.folder.mkdir(parents=True, exist_ok=True)
+        was_training = method.training
+        method.eval()
+        method.save_samples(
+            x.to(method.device), self.folder / f"epoch{trainer.current_epoch:03d}.png"
+        )
+        method.train(was_training)
+
+
+def say(line: str) -> None:
+    """A line on stderr that leaves any progress bar intact (tqdm redraws it below)."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+class SlowPhase:
+    """Says what a phase is doing on stderr once it has run `after` seconds (quick phases stay
+    silent), and with `done(what)` how long it took."""
+
+    after = 2.0
+
+    def __init__(self, doing: str) -> None:
+        self.doing, self.said = doing, False
+        self.timer = threading.Timer(self.after, self._say)
+        self.timer.daemon = True
+
+    def _say(self) -> None:
+        self.said = True
+        if rundir.is_first_process():
+            say(f"{self.doing} ...")
+
+    def __enter__(self) -> SlowPhase:
+        self.began = time.perf_counter()
+        self.timer.start()
+        return self
+
+    def done(self, what: str) -> None:
+        self.timer.cancel()
+        self.timer.join()
+        if self.said and rundir.is_first_process():
+            say(f"{what} in {duration(time.perf_counter() - self.began)}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+
+# The side a CPU trains in minutes: ~10x the images/s of 224 px (ConvNet simclr, 2 threads).
+CPU_IMAGE_SIZE = 96
+
+
+class ProgressLines(Callback):
+    """Lines on stderr: after the first step, its images/s and the ETA of the whole run (with,
+    on a CPU, what a smaller --image-size would take); then, off a terminal (where the progress
+    bar shows the same), images/s and the ETA every `every` seconds."""
+
+    every = 60.0
+
+    def __init__(self, batch_size: int, image_size: tuple[int, int], *, periodic: bool) -> None:
+        self.batch_size, self.image_size, self.periodic = batch_size, image_size, periodic
+
+    def on_train_start(self, trainer: L.Trainer, method: Method) -> None:
+        self.began = self.last = time.perf_counter()
+        self.steps, self.epoch0 = 0, trainer.current_epoch
+
+    def on_train_batch_end(self, trainer: L.Trainer, method: Method, *args: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        if self.steps > 1 and not (self.periodic and now - self.last >= self.every):
+            return
+        self.last = now
+        per_epoch = trainer.num_training_batches
+        total = per_epoch * (trainer.max_epochs - self.epoch0)
+        seconds = (now - self.began) / self.steps  # per step, all overheads included
+        rate = self.batch_size * trainer.world_size / seconds
+        eta = seconds * (total - self.steps)
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        line = f"{epoch}  step {self.steps}/{total}  {rate:.0f} images/s  ETA {duration(eta)}"
+        if self.steps == 1:
+            h, w = self.image_size
+            device = trainer.strategy.root_device.type
+            line += f" (about {duration(seconds * per_epoch)} per epoch at {h}×{w} px on {device}"
+            if device == "cpu" and h * w >= 2 * CPU_IMAGE_SIZE**2:  # at least twice as fast
+                smaller = seconds * total * CPU_IMAGE_SIZE**2 / (h * w)
+                line += f"; --image-size {CPU_IMAGE_SIZE} would take about {duration(smaller)}"
+            line += ")"
+        say(line)
+
+
+class EpochLines(Callback):
+    """Instead of progress bars (logs that are not a terminal): one line per finished epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, method: Method) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        if "test/probe_acc" in metrics:
+            parts.append(f"online probe {100 * float(metrics['test/probe_acc']):.1f}%")
+        parts.append(f"{time.perf_counter() - self.start:.1f} s")
+        print("  ".join(parts), flush=True)
+
+
+def run_summary(run: Path) -> str:
+    """What a finished `selfsup pretrain` prints: what was trained, where it went, what next."""
+    config = rundir.read_config(run)
+    last: dict[str, str] = {}
+    metrics = run / metrics_log.METRICS
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                last.update({k: v for k, v in row.items() if v})
+    epochs = int(last["epoch"]) + 1 if "epoch" in last else 0
+    lines = [
+        f"pretrained {config['method']} on {config['data']}: {epochs} epoch(s) of "
+        f"{config['dataset']['train_size']} images"
+    ]
+    if "train/loss" in last:
+        probe = last.get("test/probe_acc")
+        lines.append(
+            f"final loss {float(last['train/loss']):.4f}"
+            + (
+                f"; online linear probe {100 * float(probe):.1f}% on the test split"
+                if probe
+                else ""
+            )
+        )
+    lines.append(f"run: {run}/ (config.yaml, checkpoints/, encoder.safetensors, metrics.csv)")
+    if (run / "report.html").is_file():
+        lines.append(f"report: {run / 'report.html'}")
+    lines.append(f"next: {next_command(config, run)}")
+    return "\n".join(lines)
+
+
+def next_command(config: dict[str, Any], run: Path) -> str:
+    """What to run after pretraining: evaluation on the run's data if it has labels, else on a
+    labeled folder (or what to label first)."""
+    if config["dataset"].get("num_classes"):
+        return f"selfsup evaluate {run}"
+    return (
+        f"selfsup evaluate {run} --data folder:LABELED (a folder with class sub-folders: "
+        f"the run's data has no labels), or selfsup select {run} --budget 50 (which to label)"
+    )

@@ -1,0 +1,87 @@
+"""`selfsup export RUN`: the encoder for use without selfsup.
+
+- `onnx`: float [0, 1] images N×C×H×W (the run's size) -> features N×D, any batch size; runs in
+  onnxruntime (checked against torch to 1e-4 at export).
+- `torchscript`: the same function as a TorchScript file (`torch.jit.load`, no selfsup needed).
+- `safetensors`: the weights with the architecture in the file's metadata (`selfsup_encoder`, the
+  JSON of the run's encoder config), for `selfsup.image.models.Encoder(**config)`.
+
+Normalisation (and colorization's RGB -> L) is inside the exported function: feed it images.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+TRACE_DEPRECATED = r"`torch\.jit\.trace(_method)?` is deprecated"
+
+
+@contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Without the warnings tracing an encoder always gives: TracerWarning (Python branches on
+    shapes: fixed by the run's image size; the batch axis stays dynamic, checked in onnxruntime)
+    and torch.jit.trace's deprecation notice. Every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", TRACE_DEPRECATED, FutureWarning)
+        yield
+
+
+def export(run: str | Path, format: str = "onnx", out: str | Path | None = None) -> Path:
+    """Write RUN's encoder in `format`; returns the file (default RUN/export/encoder.SUFFIX)."""
+    if format not in FORMATS:
+        raise SelfsupError(f"--format {format!r} is unknown; expected one of {', '.join(FORMATS)}")
+    run = Path(run)
+    encoder = rundir.load_encoder(run).float().eval()
+    config = rundir.read_config(run)
+    channels, h, w = rundir.input_shape(config)
+    path = Path(out) if out else rundir.inside_run(run, "export", f"encoder{SUFFIXES[format]}")
+    example = torch.rand(2, channels, h, w)
+    if format == "safetensors":
+        tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+        meta = {"selfsup_encoder": json.dumps(encoder.config)}
+        rundir.atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    elif format == "torchscript":
+        with torch.no_grad(), quiet_tracing():
+            traced = torch.jit.trace(encoder, example)
+        rundir.atomic_save(path, lambda tmp: traced.save(tmp))
+    else:
+        rundir.atomic_save(path, lambda tmp: _onnx(encoder, example, tmp, path))
+    return path
+
+
+def _onnx(encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path) -> None:
+    """Write the ONNX model to `tmp` and check it in onnxruntime (errors name `path`)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SelfsupError(
+            "--format onnx needs onnx and onnxruntime: pip install 'selfsup[export]'"
+        ) from None
+    with torch.no_grad(), quiet_tracing():
+        torch.onnx.export(
+            encoder,
+            (example,),
+            tmp,
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,  # the TorchScript-based exporter: no onnxscript rewrite needed
+        )
+        expected = encoder(example).numpy()
+    session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": example.numpy()})[0]
+    if not abs(got - expected).max() <= 1e-4 * max(1.0, abs(expected).max()):
+        raise SelfsupError(f"{path}: the ONNX model does not match torch (> 1e-4); not kept")
