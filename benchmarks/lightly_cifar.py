@@ -47,10 +47,11 @@ def main() -> None:
     from lightly.loss import NTXentLoss, VICRegLoss
     from lightly.transforms import SimCLRTransform, VICRegTransform
 
-    from selfsup.core.run import ENCODER, export_encoder, read_config
+    from selfsup.core.run import ENCODER, read_config
     from selfsup.engine.optim import parameter_groups
     from selfsup.image.data import load_splits
     from selfsup.image.models import Encoder, ProjectionHead
+    from selfsup.image.runs import export_encoder
 
     config = read_config(args.like)
     torch.manual_seed(config["seed"])

@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from selfsup.api import dataset_for, load
 from selfsup.image.evaluation import extract_features
 from selfsup.image.evaluation.probes import Preconditioner, probe_accuracy, standardize
+from selfsup.image.runs import dataset_for, load
 from selfsup.image.use.select import STRATEGIES, choose, unit_rows
 
 

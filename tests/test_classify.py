@@ -101,8 +101,8 @@ def test_finetune_matches_or_beats_the_frozen_probe(digits_run: Path, tmp_path: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from selfsup.api import load
     from selfsup.image.evaluation import extract_features
+    from selfsup.image.runs import load
     from selfsup.image.use.classify import Classifier
 
     train, test = load_splits("digits")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from selfsup.cli.main import build_parser, main
-from selfsup.core.config import EvalConfig, PretrainConfig
+from selfsup.image.config import EvalConfig, PretrainConfig
 
 
 def test_cli_options_mirror_the_api_defaults() -> None:

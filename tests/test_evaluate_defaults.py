@@ -9,8 +9,8 @@ import numpy as np
 import yaml
 
 import selfsup
-from selfsup.core.config import EvalConfig
 from selfsup.core.run import read_config
+from selfsup.image.config import EvalConfig
 from selfsup.image.data import load_splits
 from selfsup.image.evaluation.few_label import labeled_subset, supervised_cost
 from selfsup.image.models import Encoder

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import selfsup
-from selfsup.api import dataset_for
 from selfsup.cli.main import main
 from selfsup.image.data import load_splits
+from selfsup.image.runs import dataset_for
 
 
 def test_embed_and_select_stream_a_folder(digits_run: Path, tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 import selfsup
-from selfsup.core.config import PretrainConfig
 from selfsup.core.errors import SelfsupError
 from selfsup.image.augment import build_recipe
+from selfsup.image.config import PretrainConfig
 from selfsup.image.data import load_splits
 from selfsup.image.methods import get_method
 

@@ -10,9 +10,9 @@ import pytest
 
 import selfsup
 from selfsup.cli.main import build_parser, main
-from selfsup.core.config import PretrainConfig, type_of
+from selfsup.core.config import type_of
 from selfsup.core.errors import SelfsupError
-from selfsup.core.registry import method_options
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods import METHODS, get_method
 
 
@@ -26,7 +26,7 @@ def test_options_read_from_the_source_equal_the_imported_dataclass(method: str) 
     }
     read = {
         spec.name: (spec.type, spec.default, spec.help, {"help": spec.help, **spec.metadata})
-        for spec in method_options(method)
+        for spec in METHODS.options(method)
     }
     assert read.keys() == imported.keys()
     for name, (annotation, default, help_text, metadata) in read.items():
@@ -38,7 +38,7 @@ def test_options_read_from_the_source_equal_the_imported_dataclass(method: str) 
 def test_no_method_option_is_shared_and_the_shared_config_names_none() -> None:
     shared = {f.name for f in dataclasses.fields(PretrainConfig)}
     for method in METHODS:
-        assert not shared & {s.name for s in method_options(method)}, method
+        assert not shared & {s.name for s in METHODS.options(method)}, method
     assert {"mask_ratio", "temperature", "jigsaw_grid", "text_width"}.isdisjoint(shared)
 
 
@@ -57,9 +57,9 @@ def test_help_and_parsing_show_only_the_methods_own_options(
     with pytest.raises(SystemExit):
         build_parser(method=method).parse_args(["pretrain", method, "--help"])
     shown = capsys.readouterr().out
-    own = {s.name for s in method_options(method)}
+    own = {s.name for s in METHODS.options(method)}
     for other in METHODS:
-        for spec in method_options(other):
+        for spec in METHODS.options(other):
             flag_of = "--" + spec.name.replace("_", "-")
             assert (flag_of + " " in shown or flag_of + "\n" in shown) == (spec.name in own), (
                 other,
@@ -72,8 +72,8 @@ def test_help_and_parsing_show_only_the_methods_own_options(
     assert getattr(args, name) == parsed
     # an option of another method is refused
     other = "simclr" if method != "simclr" else "mae"
-    foreign = "--" + method_options(other)[0].name.replace("_", "-")
-    if foreign not in {"--" + s.name.replace("_", "-") for s in method_options(method)}:
+    foreign = "--" + METHODS.options(other)[0].name.replace("_", "-")
+    if foreign not in {"--" + s.name.replace("_", "-") for s in METHODS.options(method)}:
         assert main(["pretrain", method, foreign, "1"]) == 2
 
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from selfsup.core.config import EvalConfig, PretrainConfig
 from selfsup.core.errors import SelfsupError
+from selfsup.image.config import EvalConfig, PretrainConfig
 from selfsup.image.data import load_splits
 from selfsup.image.data.captions import load_captions
 

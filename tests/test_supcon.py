@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.core.config import PretrainConfig
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.contrastive import info_nce, nt_xent, supcon_ids
 from selfsup.image.methods.supcon import SupCon
 

@@ -10,18 +10,18 @@ selfsup.report([run], "report.html")     # one self-contained HTML page of runs 
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from selfsup.core import __version__ as __version__
 
 # Imported on first use, so that `selfsup --help` does not pay for torch and Lightning.
 _EXPORTS = {
-    "pretrain": "selfsup.image.train",
+    "pretrain": "selfsup.api",
     "evaluate": "selfsup.api",
-    "embed": "selfsup.api",
-    "load": "selfsup.api",
+    "embed": "selfsup.image.runs",
+    "load": "selfsup.image.runs",
     "report": "selfsup.reporting",
     "write_run_report": "selfsup.reporting",
-    "PretrainConfig": "selfsup.core.config",
-    "EvalConfig": "selfsup.core.config",
+    "PretrainConfig": "selfsup.image.config",
+    "EvalConfig": "selfsup.image.config",
     "SelfsupError": "selfsup.core.errors",
 }
 

@@ -1,9 +1,11 @@
-"""The run-level Python API: load a run's encoder, embed a dataset, evaluate the representation."""
+"""The run-level Python API of the image half: pretrain (with its report), evaluate the
+representation; `load` and `embed` come from `selfsup.image.runs`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ import numpy as np
 import torch
 
 from selfsup.core import run as rundir
-from selfsup.core.config import EvalConfig
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.device import resolve_device
+from selfsup.image import train
 from selfsup.image.augment.recipes import RECIPES
-from selfsup.image.data import ImageData, adapt_images, load_splits, stratified_indices
+from selfsup.image.config import EvalConfig, PretrainConfig
+from selfsup.image.data import ImageData, load_splits, stratified_indices
 from selfsup.image.evaluation import (
     check_options,
     extract_features,
@@ -37,32 +40,25 @@ from selfsup.image.evaluation.few_label import Pixels, train_supervised
 from selfsup.image.evaluation.probes import fit_probe
 from selfsup.image.evaluation.shift import corruption_list, shift_evaluation
 from selfsup.image.models import Encoder
+from selfsup.image.runs import _adapt, _folder_size, load
 
 
-def load(run: str | Path) -> Encoder:
-    """The pretrained encoder of a run: uint8 or [0, 1] float images B×C×H×W -> features B×D."""
-    return rundir.load_encoder(run)  # type: ignore[return-value]
-
-
-def embed(
-    run: str | Path,
-    data: str | None = None,
+def pretrain(
+    config: PretrainConfig | None = None,
     *,
-    split: str = "train",
-    data_dir: str | None = None,
-    download: bool = False,
-    limit: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features (N×D float32) and labels (or None) of a dataset under a run's encoder."""
-    encoder = load(run)
-    dataset = dataset_for(run, data, split, data_dir, download, limit, stream=True)
-    features = extract_features(
-        encoder, dataset, batch_size=batch_size, device=resolve_device(device)
-    )
-    labels = dataset.y.numpy() if dataset.y is not None else None
-    return features, labels
+    command: str | None = None,
+    report: bool = True,
+    **options: Any,
+) -> Path:
+    """Pretrain a self-supervised encoder (`selfsup.image.train.pretrain`, which says more);
+    returns the run directory. `report=False` skips RUN/report.html at the end."""
+    run = train.pretrain(config, command=command, **options)
+    if report and rundir.is_first_process() and os.environ.get("SELFSUP_REPORT", "1") != "0":
+        from selfsup.reporting import write_run_report
+
+        train.say(f"writing the report {run / 'report.html'} (encodes the data once more) ...")
+        write_run_report(run)
+    return run
 
 
 @rundir.releases_run_locks
@@ -347,68 +343,6 @@ def _splits(run_config: dict, config: EvalConfig) -> tuple[ImageData, ImageData]
         test = test.subset(stratified_indices(test.y, limit, seed=None))
     shape = rundir.input_shape(run_config)
     return _adapt(train, shape), _adapt(test, shape)
-
-
-def _folder_size(spec: str, run_config: dict) -> int | None:
-    """Folder images are resized to the size the encoder was trained on."""
-    return run_config["dataset"]["image_size"][0] if spec.startswith("folder:") else None
-
-
-def dataset_for(
-    run: str | Path,
-    data: str | None = None,
-    split: str = "train",
-    data_dir: str | None = None,
-    download: bool = False,
-    limit: int | None = None,
-    stream: bool = False,
-) -> ImageData:
-    """A split of `data` (default: the run's own) as the run's encoder sees it (channels and
-    size converted); `limit` keeps a stratified first N of the split, test split included;
-    `stream`: a folder's images are decoded as they are used (one pass, bounded memory)."""
-    if split not in ("train", "test"):
-        raise SelfsupError(f"--split {split!r} is unknown; expected train or test")
-    run_config = rundir.read_config(run)
-    spec = data or run_config["data"]
-    train, test = load_splits(
-        spec,
-        data_dir=data_dir or run_config.get("data_dir"),
-        download=download,
-        limit=limit,
-        image_size=_folder_size(spec, run_config),
-        stream=stream,
-    )
-    if split == "test" and test is None:
-        raise SelfsupError(f"--data {spec} has no test split")
-    dataset = train if split == "train" else test
-    if split == "test" and limit is not None and len(test) > limit:  # type: ignore[arg-type]
-        dataset = test.subset(stratified_indices(test.y, limit, seed=None))  # type: ignore[union-attr]
-    return _adapt(dataset, rundir.input_shape(run_config))  # type: ignore[arg-type]
-
-
-def _adapt(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
-    """Transfer: convert another dataset's images to the channels and size the encoder saw."""
-    if (data.channels, *data.image_size) == tuple(shape):
-        return data
-    if data.x is None:
-        lazy = _AdaptedImages(data.lazy, shape)
-        return ImageData(None, data.y, data.classes, data.name, lazy=lazy, paths=data.paths)
-    x = adapt_images(data.x, shape[0], (shape[1], shape[2]))
-    return ImageData(x, data.y, data.classes, data.name, paths=data.paths)
-
-
-class _AdaptedImages(torch.utils.data.Dataset):
-    """A lazy dataset's images converted, one at a time, to the encoder's channels and size."""
-
-    def __init__(self, lazy: Any, shape: tuple[int, int, int]) -> None:
-        self.lazy, self.shape = lazy, shape
-
-    def __len__(self) -> int:
-        return len(self.lazy)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self.lazy[i]
-        return adapt_images(x[None], self.shape[0], (self.shape[1], self.shape[2]))[0], y
 
 
 def _plot_embeddings(f: np.ndarray, y: np.ndarray, out: Path, classes: list[str] | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from selfsup.core.config import PretrainConfig
+from selfsup.image.config import PretrainConfig
 
 DEMO = PretrainConfig(
     method="simclr",
@@ -24,9 +24,8 @@ def demo(out: str = "runs/demo", epochs: int | None = None) -> dict:
     """Pretrain, evaluate and print; a fresh run directory each time (the old one is replaced)."""
     import torch
 
-    from selfsup.api import evaluate
+    from selfsup.api import evaluate, pretrain
     from selfsup.cli.main import print_results
-    from selfsup.image.train import pretrain
 
     # digits are 8x8: one thread is as fast, and on a busy machine two threads waiting on each
     # other made the demo's small steps ~15x slower (measured on the shared 2-core machine)

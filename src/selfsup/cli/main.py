@@ -12,11 +12,9 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from selfsup import __version__
 from selfsup.cli import option_files
+from selfsup.core import __version__
 from selfsup.core.config import (
-    EvalConfig,
-    PretrainConfig,
     add_dataclass_arguments,
     add_option,
     check_fields,
@@ -29,7 +27,8 @@ from selfsup.core.config import (
     type_of,
 )
 from selfsup.core.errors import SelfsupError, one_line
-from selfsup.core.registry import all_option_names, method_options, option_names
+from selfsup.image.config import EvalConfig, PretrainConfig
+from selfsup.image.methods import METHODS
 
 
 class UsageError(Exception):
@@ -107,7 +106,6 @@ def help_hint(parser: argparse.ArgumentParser, argv: list[str]) -> str:
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     """The `selfsup` parser (building it imports no torch); `method` adds that method's own
     options to `pretrain` (read from its file, not imported)."""
-    from selfsup.image.methods import METHODS
 
     parser = Parser(
         prog="selfsup",
@@ -151,13 +149,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     option_types = {**field_types(PretrainConfig), "method": str}  # a file may name METHOD
     if method is not None:
         own = p.add_argument_group(f"{method}'s own options")
-        for spec in method_options(method):
+        for spec in METHODS.options(method):
             tp = type_of(spec.type)
             add_option(own, spec.name, tp, spec.default, spec.help, suppress=True)
             option_types[spec.name] = tp
     # An older run's config.yaml records every method's options: the others' are skipped.
     p.set_defaults(
-        option_types=option_types, ignored_options=all_option_names() - set(option_types)
+        option_types=option_types, ignored_options=METHODS.all_option_names() - set(option_types)
     )
 
     e = sub.add_parser(
@@ -393,10 +391,12 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
     if args.command == "pretrain":
         if args.method is None and not args.resume:
             raise UsageError("a METHOD is required (or --resume RUN)")
-        given = {k: v for k, v in vars(args).items() if k in option_names(args.method or "")}
+        given = {
+            k: v for k, v in vars(args).items() if k in METHODS.option_names(args.method or "")
+        }
         config = from_namespace(PretrainConfig, args, method=args.method, options=given)
         check_method_options(args.method, given)
-        from selfsup.image.train import pretrain  # torch and Lightning: only once the options pass
+        from selfsup.api import pretrain  # torch and Lightning: only once the options pass
 
         run = pretrain(config, command=shlex.join(["selfsup", *argv]))
         from selfsup.core.run import is_first_process
@@ -539,7 +539,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> None:
 def check_method_options(method: str | None, given: dict[str, object]) -> None:
     """Check a method's own options against the ranges its file declares (`check=`), read from
     the file as `--help` reads them: a bad value is refused before torch is imported."""
-    specs = [s for s in method_options(method or "") if s.name in given]
+    specs = [s for s in METHODS.options(method or "") if s.name in given]
     fields = [(s.name, type_of(s.type), option(s.default, s.help, **s.metadata)) for s in specs]
     check_fields(dataclasses.make_dataclass("Options", fields)(**given))
 
@@ -572,7 +572,7 @@ def print_results(results: dict) -> None:
 def _embed(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from selfsup.api import embed
+    from selfsup.image.runs import embed
 
     out = output_file(args.output)
     features, labels = embed(
@@ -647,7 +647,6 @@ def _retrieve(args: argparse.Namespace) -> None:
 def pretrain_method(argv: list[str]) -> str | None:
     """The method a `selfsup pretrain` command line trains: named, or from the file of
     `--config FILE` or the run of `--resume RUN` (None if none can be told: errors come later)."""
-    from selfsup.image.methods import METHODS
 
     words = [a for a in argv if not a.startswith("-")]
     if not words or words[0] != "pretrain":

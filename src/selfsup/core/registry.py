@@ -1,4 +1,5 @@
-"""A method's own options, read from its file without importing it.
+"""Registries of methods (and stages): names -> import paths, and each one's own options read
+from its file without importing it.
 
 Each method file declares its options as a dataclass named `Options` beside its code:
 
@@ -20,9 +21,10 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from functools import cache
+from importlib import import_module
 from typing import Any
 
-from selfsup.image.methods import METHODS
+from selfsup.core.errors import SelfsupError
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,9 @@ class OptionSpec:
     metadata: dict[str, Any]
 
 
-def module_of(method: str) -> str:
-    return METHODS[method].split(":")[0]
-
-
 @cache
-def method_options(method: str) -> tuple[OptionSpec, ...]:
-    """The fields of `method`'s Options dataclass, read from its source file (none for a name
-    that is no method: the command reports that)."""
-    return _options_in(module_of(method)) if method in METHODS else ()
-
-
-def _options_in(module: str) -> tuple[OptionSpec, ...]:
+def options_in(module: str) -> tuple[OptionSpec, ...]:
+    """The fields of the `Options` dataclass declared in `module`'s source (none if it has none)."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ImportError(f"cannot find the module {module}")
@@ -64,7 +57,7 @@ def _options_in(module: str) -> tuple[OptionSpec, ...]:
         if isinstance(node, ast.ImportFrom) and any(
             a.name == "Options" and (a.asname or a.name) == "Options" for a in node.names
         ):  # `from selfsup.image.methods.simclr import Options`: the same options
-            return _options_in(node.module or "")
+            return options_in(node.module or "")
     return ()
 
 
@@ -73,7 +66,7 @@ def _imported_options(tree: ast.Module, name: str) -> tuple[OptionSpec, ...]:
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
                 if (alias.asname or alias.name) == name and alias.name == "Options":
-                    return _options_in(node.module or "")
+                    return options_in(node.module or "")
     raise ValueError(f"Options derives from {name}, which is not another method's Options")
 
 
@@ -88,44 +81,42 @@ def _field(node: ast.AnnAssign) -> OptionSpec:
     return OptionSpec(name, ast.unparse(node.annotation), default, help_text, metadata)
 
 
-def option_names(method: str) -> set[str]:
-    return {f.name for f in method_options(method)}
-
-
-def all_option_names() -> set[str]:
-    """Every method's option names (an old run's config.yaml holds them all)."""
-    return set().union(*(option_names(m) for m in METHODS))
-
-
-def build_options(method: str, values: dict[str, Any], cls: type | None = None) -> Any:
-    """`method`'s Options dataclass (`cls`, else imported from the method: training is
-    starting) from `values`, checked; an option it does not have is a one-line error."""
+def build_options(owner: str, values: dict[str, Any], cls: type) -> Any:
+    """`cls` (an Options dataclass of `owner`, a method or stage) from `values`, checked; an
+    option it does not have is a one-line error."""
     from selfsup.core.config import check_fields
-    from selfsup.core.errors import SelfsupError
-    from selfsup.image.methods import get_method
 
-    cls = cls or get_method(method).Options
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         own = ", ".join(sorted(names)) or "none"
         raise SelfsupError(
-            f"{', '.join(unknown)} is not an option of {method} (its own options: {own})"
+            f"{', '.join(unknown)} is not an option of {owner} (its own options: {own})"
         )
     options = cls(**values)
     check_fields(options)
     return options
 
 
-def config_from_saved(saved: dict[str, Any]) -> Any:
-    """The PretrainConfig of a run's flat config.yaml: the shared options, and the method's own
-    (an older run's file also holds every other method's options, which are dropped)."""
-    from selfsup.core.config import PretrainConfig
+class Registry(dict[str, str]):
+    """Names -> "module:Class" import paths: listing names and reading their options imports
+    nothing; `load` imports the one that is used."""
 
-    shared = {f.name for f in dataclasses.fields(PretrainConfig)} - {"options"}
-    method = saved.get("method") or "simclr"
-    own = option_names(method) if method in METHODS else set()
-    return PretrainConfig(
-        **{k: v for k, v in saved.items() if k in shared},
-        options={k: v for k, v in saved.items() if k in own},
-    )
+    def load(self, name: str) -> Any:
+        module, cls = self[name].split(":")
+        return getattr(import_module(module), cls)
+
+    def options(self, name: str) -> tuple[OptionSpec, ...]:
+        """`name`'s Options fields, read from its source (none for a name not registered)."""
+        return options_in(self[name].split(":")[0]) if name in self else ()
+
+    def option_names(self, name: str) -> set[str]:
+        return {f.name for f in self.options(name)}
+
+    def all_option_names(self) -> set[str]:
+        """Every entry's option names (an old run's config.yaml holds them all)."""
+        return set().union(*(self.option_names(name) for name in self))
+
+    def build(self, name: str, values: dict[str, Any]) -> Any:
+        """`name`'s Options from `values`, imported from its module (training is starting)."""
+        return build_options(name, values, self.load(name).Options)

@@ -31,12 +31,13 @@ import yaml
 from selfsup.core.errors import SelfsupError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the run lock and folder checks load fast
-    import torch
+    pass
 
 CONFIG = "config.yaml"
 ENCODER = "encoder.safetensors"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+RUN_INFO = "run_info.json"  # wall time, throughput and versions of each session
 
 
 def apply_umask(path: str | Path) -> None:
@@ -273,33 +274,6 @@ def write_command(run: Path, command: str, *, append: bool = False) -> None:
     atomic_write_text(path, before + command + "\n")
 
 
-def export_encoder(encoder: torch.nn.Module, path: Path) -> None:
-    """Encoder weights as safetensors (atomically)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp))
-
-
-def load_encoder(run: str | Path) -> torch.nn.Module:
-    """The trained encoder of a run (eval mode), rebuilt from its config and safetensors weights."""
-    from safetensors.torch import load_file
-
-    from selfsup.image.models import Encoder
-
-    config = read_config(run)
-    weights = Path(run) / ENCODER
-    if not weights.is_file():
-        raise SelfsupError(f"{weights} is missing: the run has not finished an epoch yet")
-    encoder = Encoder(**config["encoder"])
-    try:
-        state = load_file(weights)
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise SelfsupError(f"{weights} is not a readable safetensors file ({e})") from None
-    encoder.load_state_dict(state)
-    return encoder.eval()
-
-
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """A Lightning checkpoint loaded with weights_only=True, or a one-line error saying why not."""
     import torch
@@ -325,3 +299,39 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 def last_checkpoint(run: str | Path) -> Path | None:
     path = Path(run) / CHECKPOINTS / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+def record_run_info(run: Path, seconds: float, images: int, device: str = "") -> None:
+    """Append this session's wall time, throughput and library versions to RUN/run_info.json."""
+    import json
+
+    path = Path(run) / RUN_INFO
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        info = {}
+    sessions = info.get("sessions", []) if isinstance(info, dict) else []
+    sessions.append(
+        {
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "wall_seconds": round(seconds, 2),
+            "images": images,
+            "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+            "device": device,
+            "versions": versions(),
+        }
+    )
+    atomic_write_text(path, json.dumps({"sessions": sessions}, indent=2) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """The versions of Python and of the libraries a run's results depend on."""
+    import contextlib
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("selfsup", "torch", "lightning", "transformers", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out

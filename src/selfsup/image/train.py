@@ -21,19 +21,19 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tqdm import tqdm
 
 from selfsup.core import run as rundir
-from selfsup.core.config import PretrainConfig, split_options
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
-from selfsup.core.registry import build_options, config_from_saved
 from selfsup.engine import metrics_log
 from selfsup.engine.distributed import check_devices
 from selfsup.engine.optim import OPTIMIZERS
 from selfsup.engine.progress import StderrProgressBar, duration
 from selfsup.image.augment import RECIPES
+from selfsup.image.config import PretrainConfig, split_options
 from selfsup.image.data import ImageData, batch_loader
 from selfsup.image.data.sources import HOLDOUT, stratified_indices
 from selfsup.image.methods import METHODS, get_method
 from selfsup.image.methods.base import Method
 from selfsup.image.models import BACKBONES
+from selfsup.image.runs import export_encoder
 
 STATS_SAMPLES = 10_000
 
@@ -43,7 +43,6 @@ def pretrain(
     config: PretrainConfig | None = None,
     *,
     command: str | None = None,
-    report: bool = True,
     **options: Any,
 ) -> Path:
     """Pretrain a self-supervised encoder; returns the run directory.
@@ -54,7 +53,6 @@ def pretrain(
     `resume=RUN` continues RUN from its last checkpoint with RUN's own options (the method may
     be omitted; only `epochs` and the engine's options may change).
 
-    `report=False` skips RUN/report.html at the end (see `selfsup.reporting`).
     Every option, the device, the data and the run directory are checked before anything is
     written; a run that fails before its first checkpoint leaves no folder behind.
     """
@@ -74,7 +72,7 @@ def pretrain(
         raise SelfsupError(f"method {config.method!r} is unknown; expected one of {known}")
     method_class = get_method(config.method)
     config = method_class.with_defaults(config)
-    method_options = build_options(config.method, config.options)
+    method_options = METHODS.build(config.method, config.options)
     _check_names(config)
     check_accelerator(config.accelerator)
     check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
@@ -139,15 +137,10 @@ def pretrain(
             _discard(run, created)
         raise
     if rundir.is_first_process():
-        from selfsup.reporting import record_run_info, write_run_report
-
         steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
         images = steps * config.batch_size * trainer.world_size
         device = str(trainer.strategy.root_device)
-        record_run_info(run, time.perf_counter() - began, images, device)
-        if report and os.environ.get("SELFSUP_REPORT", "1") != "0":  # as write_run_report
-            say(f"writing the report {run / 'report.html'} (encodes the data once more) ...")
-            write_run_report(run)
+        rundir.record_run_info(run, time.perf_counter() - began, images, device)
     return run
 
 
@@ -442,7 +435,7 @@ class ExportEncoder(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
         if trainer.is_global_zero:
-            rundir.export_encoder(method.encoder, self.path)
+            export_encoder(method.encoder, self.path)
 
 
 class ResumeHint(Callback):
@@ -619,4 +612,16 @@ def next_command(config: dict[str, Any], run: Path) -> str:
     return (
         f"selfsup evaluate {run} --data folder:LABELED (a folder with class sub-folders: "
         f"the run's data has no labels), or selfsup select {run} --budget 50 (which to label)"
+    )
+
+
+def config_from_saved(saved: dict[str, Any]) -> PretrainConfig:
+    """The PretrainConfig of a run's flat config.yaml: the shared options, and the method's own
+    (an older run's file also holds every other method's options, which are dropped)."""
+    shared = {f.name for f in dataclasses.fields(PretrainConfig)} - {"options"}
+    method = saved.get("method") or "simclr"
+    own = METHODS.option_names(method)
+    return PretrainConfig(
+        **{k: v for k, v in saved.items() if k in shared},
+        options={k: v for k, v in saved.items() if k in own},
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -19,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.core.errors import SelfsupError
+from selfsup.core.run import RUN_INFO
 from selfsup.reporting.page import RunPage, Section, esc, render, table
 
 REPORT = "report.html"
-RUN_INFO = "run_info.json"
 
 
 def report(
@@ -72,39 +71,6 @@ def write_run_report(run: str | Path, *, embeddings: bool = True) -> Path | None
             raise
         print(f"selfsup: report not written ({type(e).__name__}: {e})", file=sys.stderr)
         return None
-
-
-def record_run_info(run: Path, seconds: float, images: int, device: str = "") -> None:
-    """Append this session's wall time, throughput and library versions to RUN/run_info.json."""
-    from selfsup.core.run import atomic_write_text
-
-    path = run / RUN_INFO
-    try:
-        info = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        info = {}
-    sessions = info.get("sessions", []) if isinstance(info, dict) else []
-    sessions.append(
-        {
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "wall_seconds": round(seconds, 2),
-            "images": images,
-            "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
-            "device": device,
-            "versions": versions(),
-        }
-    )
-    atomic_write_text(path, json.dumps({"sessions": sessions}, indent=2) + "\n")
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("selfsup", "torch", "lightning", "transformers", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
 
 
 def _names(runs: list[Path]) -> list[str]:
@@ -216,6 +182,6 @@ def _summary(runs: list[Path], pages: list[RunPage]) -> str:
 
 
 def _generated() -> str:
-    from selfsup import __version__
+    from selfsup.core import __version__
 
     return f"written {time.strftime('%Y-%m-%d %H:%M')} by selfsup {__version__} (selfsup report)"

@@ -102,9 +102,9 @@ def embedding_sections(run: Path, config: dict[str, Any]) -> list[Section]:
     """Embedding map, neighbour grid and augmentation preview (each with a note if it failed)."""
     import torch
 
-    from selfsup.api import dataset_for, load
     from selfsup.engine.device import resolve_device
     from selfsup.image.evaluation import extract_features
+    from selfsup.image.runs import dataset_for, load
 
     encoder = load(run)
     device = resolve_device("auto")

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData
 from selfsup.image.methods.base import Method
 from selfsup.image.models.decoders import ConvDecoder

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import barlow_twins
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.engine.optim import build_optimizer, parameter_groups, warmup_cosine
 from selfsup.image.augment import build_recipe
+from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData, load_splits
 from selfsup.image.models import Encoder
 
@@ -104,8 +104,8 @@ class Method(L.LightningModule):
     def create(cls, data_info: dict[str, Any], **options: Any) -> Method:
         """The method from option names as `selfsup.pretrain` takes them, shared or its own
         (for tests and notebooks): `MAE.create(info, patch_size=8, backbone="vit-tiny")`."""
-        from selfsup.core.config import split_options
         from selfsup.core.registry import build_options
+        from selfsup.image.config import split_options
 
         shared, own = split_options(options)
         config = PretrainConfig(**shared)

@@ -24,16 +24,18 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from selfsup.core import run as rundir
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.core.tokenizer import KINDS
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData, adapt_images
 from selfsup.image.data.captions import CaptionData
 from selfsup.image.losses.clip import LogitScale, clip_loss
 from selfsup.image.methods.base import Method
 from selfsup.image.models import Encoder
 from selfsup.image.models.text import POOLINGS, TextTransformer
+from selfsup.image.runs import export_encoder, load_encoder
 
 
 @dataclass
@@ -227,7 +229,7 @@ class CLIP(Method):
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.is_global_zero:
-            rundir.export_encoder(self.towers, Path(self.config.out or ".") / WEIGHTS)
+            export_encoder(self.towers, Path(self.config.out or ".") / WEIGHTS)
 
     def save_samples(self, x: Tensor, path: Path) -> None:
         """Each image with the captions (one per group, from the first 1,000 groups) that the
@@ -311,7 +313,7 @@ def load_clip(run: str | Path) -> CLIPModel:
     weights = Path(run) / WEIGHTS
     if not weights.is_file():
         raise SelfsupError(f"{weights} is missing: the run has not finished an epoch yet")
-    encoder = rundir.load_encoder(run)
+    encoder = load_encoder(run)
     towers = Towers(config["text"], encoder.feature_dim, config["projection_dim"])  # type: ignore[arg-type]
     try:
         towers.load_state_dict(load_file(weights))

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from kornia.color import lab_to_rgb, rgb_to_lab
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 from selfsup.image.models.vit import VIT_SIZES
 

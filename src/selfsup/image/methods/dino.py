@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.distributed import gather_no_grad
 from selfsup.engine.ema import frozen_copy
 from selfsup.image.augment.recipes import multi_crop
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import dino
 from selfsup.image.methods.base import Method
 from selfsup.image.models.vit import VIT_SIZES

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 from selfsup.image.models.vit import (
     VIT_SIZES,

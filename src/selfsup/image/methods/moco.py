@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.engine.distributed import gather_no_grad
 from selfsup.engine.ema import frozen_copy
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import queue_info_nce
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead

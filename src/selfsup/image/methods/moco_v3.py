@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.engine.ema import frozen_copy
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import batch_info_nce
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig
 from selfsup.image import draw
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 
 ANGLES = (0, 90, 180, 270)

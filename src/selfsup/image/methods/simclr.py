@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses import nt_xent
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.core.config import PretrainConfig, option
+from selfsup.core.config import option
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import negative_cosine
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead

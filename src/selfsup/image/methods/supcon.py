@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.core.config import PretrainConfig
+from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.contrastive import info_nce, supcon_ids
 from selfsup.image.methods.base import Method
 from selfsup.image.methods.simclr import Options, cropped_view_size

@@ -133,9 +133,9 @@ def classify(
 ) -> dict[str, Any]:
     """Train the classifier on the labeled images and save it to `out` (one file); with
     `finetune`, the encoder is trained too (see `finetune_head`)."""
-    from selfsup.api import dataset_for, load
     from selfsup.core import run as rundir
     from selfsup.engine.device import resolve_device
+    from selfsup.image.runs import dataset_for, load
 
     ids, names, _ = read_labels(labels)
     encoder, device = load(run), resolve_device(device)

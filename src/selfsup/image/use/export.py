@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
+from selfsup.image.runs import load_encoder
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -44,7 +45,7 @@ def export(run: str | Path, format: str = "onnx", out: str | Path | None = None)
     if format not in FORMATS:
         raise SelfsupError(f"--format {format!r} is unknown; expected one of {', '.join(FORMATS)}")
     run = Path(run)
-    encoder = rundir.load_encoder(run).float().eval()
+    encoder = load_encoder(run).float().eval()
     config = rundir.read_config(run)
     channels, h, w = rundir.input_shape(config)
     path = Path(out) if out else rundir.inside_run(run, "export", f"encoder{SUFFIXES[format]}")

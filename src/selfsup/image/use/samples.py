@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from selfsup.core import run as rundir
-from selfsup.core.config import PretrainConfig
 from selfsup.core.errors import SelfsupError
+from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 
 SAMPLE_COUNT = 8  # as many images as the training run's SaveSamples callback draws
@@ -44,8 +44,8 @@ def find_checkpoint(run: Path, checkpoint: str) -> Path:
 
 def load_method(run: str | Path, checkpoint: str = "last") -> tuple[Method, Any, int]:
     """(the run's method with the checkpoint's weights in eval mode, its training data, epoch)."""
-    from selfsup.core.registry import build_options, config_from_saved
     from selfsup.image.methods import METHODS, get_method
+    from selfsup.image.train import config_from_saved
 
     run = Path(run)
     saved = rundir.read_config(run)
@@ -54,7 +54,7 @@ def load_method(run: str | Path, checkpoint: str = "last") -> tuple[Method, Any,
     state = rundir.load_checkpoint(find_checkpoint(run, checkpoint))
     config = dataclasses.replace(config_from_saved(saved), out=str(run), resume=None)
     method_class = get_method(config.method)
-    options = build_options(config.method, config.options)
+    options = METHODS.build(config.method, config.options)
     train, _, extra = method_class.load_data(config, options)
     data_info = {k: saved[k] for k in ("dataset", "encoder")}
     method = method_class(config, data_info, options, **extra)

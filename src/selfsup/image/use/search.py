@@ -37,9 +37,9 @@ def build_index(
     with `approximate` also a FAISS index beside it (OUT.faiss) for large collections."""
     from tqdm.auto import tqdm
 
-    from selfsup.api import load
     from selfsup.core.run import input_shape, read_config
     from selfsup.engine.device import resolve_device
+    from selfsup.image.runs import load
     from selfsup.image.use import ann
     from selfsup.image.use.classify import file_batches, image_files
 
@@ -216,8 +216,8 @@ def similar(
 ) -> dict[str, Any]:
     """The k images of the index most similar to `image`; with `out` (a .png), also a picture
     of the query and its neighbours and a CSV beside it (rank, path, similarity)."""
-    from selfsup.api import load
     from selfsup.core.run import input_shape, read_config
+    from selfsup.image.runs import load
     from selfsup.image.use.classify import load_image_files
 
     features, paths, run = load_index(index)

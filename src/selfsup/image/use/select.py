@@ -109,11 +109,11 @@ def select(
 ) -> dict[str, Any]:
     """Choose `budget` training images of `data` (default: the run's own) to label; writes
     a CSV (rank, index, path where the images are files) and a contact sheet PNG beside it."""
-    from selfsup.api import dataset_for, load
     from selfsup.core import run as rundir
     from selfsup.engine.device import resolve_device
     from selfsup.image import draw
     from selfsup.image.evaluation import extract_features
+    from selfsup.image.runs import dataset_for, load
 
     dataset = dataset_for(run, data, stream=True)  # one pass: never all in memory
     features = extract_features(load(run), dataset, device=resolve_device(device))
