@@ -156,8 +156,8 @@ def _pool(paths, scale, seed) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_ppo(paths, scale, seed, beta, work) -> list[dict]:
+    from selfsup.lm.alignment.rlhf import Options as RLHFConfig
     from selfsup.lm.alignment.rlhf import rlhf
-    from selfsup.lm.options import RLHFConfig
 
     s = scale["ppo"]
     out = work / f"ppo-b{beta}-s{seed}"
@@ -172,8 +172,8 @@ def run_ppo(paths, scale, seed, beta, work) -> list[dict]:
 
 
 def run_grpo(paths, scale, seed, beta, work) -> list[dict]:
+    from selfsup.lm.alignment.grpo import Options as GRPOConfig
     from selfsup.lm.alignment.grpo import grpo
-    from selfsup.lm.options import GRPOConfig
 
     s = scale["grpo"]
     out = work / f"grpo-b{beta}-s{seed}"
@@ -212,8 +212,8 @@ def _trained(method, knob, seed, out, train, per_iteration) -> list[dict]:
 
 
 def run_dpo(paths, scale, seed, beta, work, evaluate) -> list[dict]:
+    from selfsup.lm.alignment.dpo import Options as DPOConfig
     from selfsup.lm.alignment.dpo import dpo
-    from selfsup.lm.options import DPOConfig
 
     s = scale["dpo"]
     out = work / f"dpo-b{beta}-s{seed}"

@@ -13,7 +13,7 @@ validation loss averaged over 200 batches (nanoGPT reports a 20-batch estimate).
     python benchmarks/gpt_shakespeare.py --recipe long    # the longer recipe
     python benchmarks/gpt_shakespeare.py --devices 2      # 2 data-parallel processes, 1 thread each
 
-The recipes are the presets of `selfsup lm pretrain gpt --preset NAME` (selfsup.lm.options).
+The recipes are the presets of `selfsup lm pretrain gpt --preset NAME` (GPTModule.presets).
 
 Prints wall time (everything: reading, tokenizing, training, evaluating, exporting),
 training iterations per second and the validation loss; results in RUN/results.json.
@@ -30,23 +30,24 @@ from pathlib import Path
 
 import torch
 
-from selfsup.lm.options import GPT_PRESETS, GPTOptions
+from selfsup.lm.models.gpt import GPTModule, Options
 from selfsup.lm.training.pretrain import pretrain_lm
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
-OPTION_NAMES = {f.name for f in dataclasses.fields(GPTOptions)}
+OPTION_NAMES = {f.name for f in dataclasses.fields(Options)}
+PRESETS = GPTModule.presets  # each over the defaults of LMConfig and Options
 
 
-def recipe(name: str) -> tuple[dict, GPTOptions]:
+def recipe(name: str) -> tuple[dict, Options]:
     """The preset `selfsup lm pretrain gpt --preset NAME` as (run settings, model options)."""
-    preset = GPT_PRESETS[name]
-    options = GPTOptions(**{k: v for k, v in preset.items() if k in OPTION_NAMES})
+    preset = PRESETS[name]
+    options = Options(**{k: v for k, v in preset.items() if k in OPTION_NAMES})
     return {k: v for k, v in preset.items() if k not in OPTION_NAMES}, options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", choices=sorted(GPT_PRESETS), default="baby")
+    parser.add_argument("--recipe", choices=sorted(PRESETS), default="baby")
     parser.add_argument("--corpus", default=str(CORPUS))
     parser.add_argument("--steps", type=int, help="override the recipe's steps")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batches")

@@ -10,7 +10,7 @@ views, forward, loss, backward, update, and the momentum (EMA) update of the tar
 method has one.
 - selfsup: the method's own module (`selfsup.image.methods`, default options: heads, loss,
   views from its default recipe, fused and batched on uint8 tensors in memory); `pretext_loss`, then
-  `ema_update` of its `momentum_targets`.
+  `update_targets` (`ema_update` of its `momentum_targets`) where it has momentum targets.
 - lightly: the same method as lightly's examples build it -- its heads sized like selfsup's
   defaults, its loss, `update_momentum` and `deactivate_requires_grad`, and its transform for
   the method (`input_size=32`, no blur) per PIL image in a DataLoader with `--workers` workers.
@@ -43,8 +43,8 @@ MOMENTUM = 0.99
 
 
 def selfsup_step(method: str, backbone: str, x, batch: int):  # type: ignore[no-untyped-def]
-    from selfsup.engine.ema import ema_update
     from selfsup.image.methods import get_method
+    from selfsup.image.methods.siamese import Momentum
 
     info = {
         "dataset": {"channels": 3, "image_size": [32, 32], "num_classes": 0},
@@ -64,9 +64,8 @@ def selfsup_step(method: str, backbone: str, x, batch: int):  # type: ignore[no-
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for target, online in model.momentum_targets:
-                ema_update(getattr(model, target), getattr(model, online), MOMENTUM)
+        if isinstance(model, Momentum):
+            model.update_targets(MOMENTUM)
         return loss.item()
 
     return step

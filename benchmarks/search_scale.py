@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from selfsup.image.use import ann  # noqa: E402
-from selfsup.image.use.search import exact_search  # noqa: E402
+from selfsup.image.use.exact import exact_search  # noqa: E402
 
 
 def synthetic(kind: str, n: int, d: int, clusters: int, noise: float, seed: int) -> np.ndarray:

@@ -113,9 +113,9 @@ def trl_grpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
 
 
 def ours_grpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
+    from selfsup.lm.alignment.grpo import Options as GRPOConfig
     from selfsup.lm.alignment.grpo import grpo
     from selfsup.lm.alignment.rlhf import load_policy
-    from selfsup.lm.options import GRPOConfig
 
     run = grpo(GRPOConfig(
         policy=str(work / "sft"), reward=str(work / "rm"), prompts=str(work / "data" / "rl.jsonl"),
@@ -158,9 +158,9 @@ def trl_dpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
 
 
 def ours_dpo(work: Path, out: Path, args: argparse.Namespace) -> Any:
+    from selfsup.lm.alignment.dpo import Options as DPOConfig
     from selfsup.lm.alignment.dpo import dpo
     from selfsup.lm.alignment.rlhf import load_policy
-    from selfsup.lm.options import DPOConfig
 
     run = dpo(DPOConfig(
         init=str(work / "sft"), data=str(work / "rankings.jsonl"), out=str(out), epochs=1,

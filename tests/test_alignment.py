@@ -276,7 +276,8 @@ def test_grpo_loss_against_a_naive_loop():
 
 
 def _reward_model(task, sft_run):  # noqa: F811
-    from selfsup.lm.training.posttrain import TuneConfig, train_reward
+    from selfsup.lm.alignment.reward import train_reward
+    from selfsup.lm.options import TuneConfig
 
     if not (task / "rm-gold" / "hf").is_dir():
         _gold_pairs(task / "rm-pairs.jsonl", 32, seed=11)
@@ -383,9 +384,9 @@ def test_grpo_single_update_equals_a_step_by_hand(sft_run):  # noqa: F811
     import copy
 
     from selfsup.lm.alignment.grpo import GRPOTrainer
+    from selfsup.lm.alignment.grpo import Options as GRPOConfig
     from selfsup.lm.alignment.rollout import forward_response, sample
     from selfsup.lm.losses.grpo import group_advantages, grpo_loss
-    from selfsup.lm.options import GRPOConfig
 
     tokenizer = AutoTokenizerFrom(sft_run)
     policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -117,3 +118,25 @@ def test_console_script_help_works() -> None:
         check=True,
     )
     assert "--batch-size" in result.stdout and "--resume" in result.stdout
+
+
+def test_every_command_is_one_row_of_the_dispatch_table(monkeypatch, tmp_path: Path) -> None:
+    """The parser's commands are exactly COMMANDS' rows, and a command runs its row's handler."""
+    from selfsup.cli import main as cli
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(cli.COMMANDS)
+    seen = []
+    add, _ = cli.COMMANDS["export"]
+    monkeypatch.setitem(cli.COMMANDS, "export", (add, lambda args, argv: seen.append(argv)))
+    assert main(["export", str(tmp_path), "--format", "safetensors"]) == 0
+    assert seen == [["export", str(tmp_path), "--format", "safetensors"]]
+
+
+def test_the_shared_module_builds_the_whole_parser_for_lm() -> None:
+    """`selfsup lm` parses its line again through selfsup.cli.common, which imports no command."""
+    from selfsup.cli import common
+
+    argv = ["lm", "pretrain", "gpt", "--steps", "3"]
+    words, leaf, _ = common.command_path(common.build_parser(), argv)
+    assert words == ["lm", "pretrain", "gpt"] and "--steps" in leaf._option_string_actions

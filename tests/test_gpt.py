@@ -273,3 +273,20 @@ def test_ctrl_c_exits_130_with_the_command_that_continues(tmp_path: Path, monkey
     monkeypatch.setattr(GPTModule, "loss", loss)
     assert main(hint.split("continue with: selfsup ")[1].split()) == 0
     assert (run / "hf" / "model.safetensors").is_file()
+
+
+def test_the_defaults_are_nanogpts_baby_gpt_the_baby_preset():
+    """`--preset baby` is the defaults (presets are settings over them): nanoGPT's CPU baby GPT
+    (benchmarks/gpt_shakespeare.py's reference configuration)."""
+    import dataclasses
+
+    from selfsup.lm.options import LMConfig
+
+    baby = dict(
+        tokenizer="char", steps=2000, batch_size=12, lr=1e-3, min_lr_fraction=0.1,
+        warmup_steps=100, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=250,
+        eval_batches=20, final_eval_batches=200, block_size=64, n_layer=4, n_head=4, n_embd=128,
+        dropout=0.0,
+    )  # fmt: skip
+    defaults = {**dataclasses.asdict(LMConfig()), **dataclasses.asdict(Options())}
+    assert {k: defaults[k] for k in baby} == baby and GPTModule.presets["baby"] == {}

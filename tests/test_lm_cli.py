@@ -247,7 +247,7 @@ def test_word2vec_summary_and_config(corpus, tmp_path):
 
 
 def test_devices_auto_means_every_gpu_or_one_cpu_process():
-    from selfsup.lm.training.pretrain import _devices
+    from selfsup.engine.trainer import lightning_devices as _devices
 
     assert _devices("auto", on_gpu=False) == 1
     assert _devices("3", on_gpu=False) == 3 and _devices("0,1", on_gpu=True) == "0,1"
@@ -268,18 +268,90 @@ def test_usage_mistakes_of_lm_pretrain_are_told_before_torch_is_imported(tmp_pat
     assert done.stderr == "selfsup: error: --steps must be at least 1, got 0\n"
 
 
-def test_kinds_declare_the_options_their_modules_train_with():
-    import importlib
+@pytest.mark.parametrize("kind", ["gpt", "bert", "word2vec"])
+def test_a_kinds_options_and_about_read_from_its_source_equal_the_imported_class(kind):
+    """What `selfsup lm pretrain KIND` reads by `ast` (flags, ranges, help, defaults, presets)
+    is what training imports."""
+    import dataclasses
+    import typing
 
-    from selfsup.lm import MODELS
-    from selfsup.lm.options import KINDS, LMConfig
+    from selfsup.core.config import type_of
+    from selfsup.lm.methods import PRETRAIN
+    from selfsup.lm.options import LMConfig
 
-    assert set(KINDS) == set(MODELS)
-    for name, kind in KINDS.items():
-        module = importlib.import_module(MODELS[name])
-        declared = getattr(module, "CLI_CONFIGS", (LMConfig, getattr(module, "Options", None)))
-        assert kind.configs == declared, name
-        assert kind.defaults == getattr(module, "DEFAULTS", {}), name
+    cls = PRETRAIN.load(kind)
+    hints = typing.get_type_hints(cls.Options)
+    imported = {f.name: (f.default, dict(f.metadata)) for f in dataclasses.fields(cls.Options)}
+    read = {s.name: (s.default, {"help": s.help, **s.metadata}) for s in PRETRAIN.options(kind)}
+    assert read == imported and read
+    for spec in PRETRAIN.options(kind):
+        assert type_of(spec.type) in (*typing.get_args(hints[spec.name]), hints[spec.name])
+    about = PRETRAIN.about(kind)
+    assert about["help"] == cls.help
+    assert about.get("defaults", {}) == getattr(cls, "defaults", {})
+    assert about.get("presets", {}) == getattr(cls, "presets", {})
+    shared = {f.name for f in dataclasses.fields(LMConfig)}
+    if "entry" in about:  # its own loop: its Options are all its flags
+        assert callable(getattr(__import__(cls.__module__, fromlist=["_"]), about["entry"]))
+    else:  # LMConfig's flags beside its own: no name twice, its defaults LMConfig's options
+        assert not shared & read.keys() and set(about.get("defaults", {})) <= shared
+        for preset in about.get("presets", {}).values():
+            assert set(preset) <= shared | read.keys()
+
+
+def test_bad_ranges_of_lm_pretrain_are_one_line_before_torch_is_imported(tmp_path):
+    """Each kind's `check=` ranges (LMConfig's and its own Options', read from the source) and
+    the shared seed and precision checks refuse a value in one line, before torch loads."""
+    from selfsup.core.config import SEED_MAX
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    cases = [
+        ("gpt", ["--lr", "-1"], "--lr must be positive, got -1.0"),
+        ("gpt", ["--seed", "-1"], f"--seed must be a whole number from 0 to {SEED_MAX}, got -1"),
+        ("gpt", ["--precision", "fp8"], "--precision 'fp8' is unknown; expected one of"),
+        ("gpt", ["--beta2", "1"], "--beta2 must be at least 0 and below 1, got 1.0"),
+        ("gpt", ["--n-layer", "0"], "--n-layer must be at least 1, got 0"),
+        ("gpt", ["--dropout", "1"], "--dropout must be at least 0 and below 1, got 1.0"),
+        ("bert", ["--mask-prob", "0"], "--mask-prob must be between 0 and 1 (exclusive), got 0.0"),
+        ("bert", ["--max-length", "4"], "--max-length must be at least 5, got 4"),
+        ("word2vec", ["--window", "0"], "--window must be at least 1, got 0"),
+        ("word2vec", ["--sample", "nan"], "--sample must be zero or more, got nan"),
+        (
+            "word2vec",
+            ["--seed", str(SEED_MAX + 1)],
+            f"--seed must be a whole number from 0 to {SEED_MAX}, got {SEED_MAX + 1}",
+        ),
+    ]
+    code = (
+        "import sys\nfrom selfsup.cli.main import main\n"
+        f"for kind, args in {[(k, a) for k, a, _ in cases]!r}:\n"
+        f"    assert main(['lm', 'pretrain', kind, '--data', {str(corpus)!r}, *args]) == 2\n"
+        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(cases), done.stderr
+    for line, (_, _, words) in zip(lines, cases, strict=True):
+        assert line.startswith("selfsup: error: " + words), line
+
+
+def test_python_callers_get_the_same_checks(tmp_path):
+    from selfsup.core.errors import SelfsupError
+    from selfsup.lm.models.gpt import Options
+    from selfsup.lm.training.pretrain import pretrain_lm
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    with pytest.raises(SelfsupError, match="^--n-embd must be at least 1, got 0$"):
+        pretrain_lm(options=Options(n_embd=0), data=str(corpus), out=str(tmp_path / "r"))
+    with pytest.raises(SelfsupError, match="^--seed must be a whole number"):
+        pretrain_lm(data=str(corpus), seed=-1, out=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
 
 
 def test_sft_no_resume_is_a_deprecated_no_op(tmp_path, capsys):
@@ -307,7 +379,7 @@ def _captured_stage(monkeypatch, module: str, name: str, tmp_path: Path) -> list
 
 
 def test_sft_config_file_sets_options_and_flags_override_it(monkeypatch, tmp_path, capsys):
-    seen = _captured_stage(monkeypatch, "selfsup.lm.training.posttrain", "sft", tmp_path)
+    seen = _captured_stage(monkeypatch, "selfsup.lm.alignment.sft", "sft", tmp_path)
     file = tmp_path / "sft.yaml"
     file.write_text("init: base\ndata: chats.jsonl\nout: from-file\nepochs: 7\nlr: 0.002\n")
     assert main(["lm", "sft", "--config", str(file), "--lr", "0.005"]) == 0
@@ -360,7 +432,7 @@ def test_one_process_stages_refuse_several_devices_and_unknown_precision(command
     err = _error([*command, out, "--devices", "2"], capsys)
     assert "--devices 2: this stage trains in one process on one device" in err
     err = _error([*command, out, "--precision", "half-ish"], capsys)
-    assert "--precision 'half-ish': expected one of" in err
+    assert "--precision 'half-ish'" in err and "expected one of" in err  # (word2vec: core's)
     assert not (tmp_path / "run").exists()
 
 

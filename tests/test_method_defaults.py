@@ -130,7 +130,7 @@ def test_the_online_probe_is_logged_as_a_test_metric_and_selects_nothing(tmp_pat
     train, _ = load_splits("digits", limit=256)
     from selfsup.image.train import ResumeHint
 
-    trainer = _trainer(config, tmp_path / "t", train, None, ResumeHint(tmp_path / "t"))
+    trainer = _trainer(config, tmp_path / "t", train, None, ResumeHint(tmp_path / "t", ""))
     assert trainer.checkpoint_callback.monitor is None  # keeps the last epoch, chooses nothing
 
 

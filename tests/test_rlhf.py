@@ -14,7 +14,9 @@ from selfsup.cli.main import main
 from selfsup.core.errors import SelfsupError
 from selfsup.core.tokenizer import train_tokenizer
 from selfsup.lm.alignment.ppo import PPOSettings, PPOTrainer
+from selfsup.lm.alignment.reward import train_reward
 from selfsup.lm.alignment.rollout import forward_response, sample
+from selfsup.lm.alignment.sft import sft
 from selfsup.lm.data.arithmetic import (
     demonstration,
     gold_score,
@@ -24,7 +26,7 @@ from selfsup.lm.data.arithmetic import (
 )
 from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.losses.ppo import policy_loss
-from selfsup.lm.training.posttrain import TuneConfig, sft, train_reward
+from selfsup.lm.options import TuneConfig
 
 ALPHABET = "0123456789 abcdefghijklmnopqrstuvwxyzACLTW?.+=,-"
 

@@ -128,7 +128,7 @@ def _refused(held: tuple[Path, int], name: str, write) -> None:  # noqa: ANN001
 
 def test_every_writer_of_a_run_folder_takes_its_lock(held: tuple[Path, int]) -> None:
     import selfsup
-    from selfsup.cli.lm.align import _keep_best_of_n
+    from selfsup.lm.alignment.best_of_n import keep_table as _keep_best_of_n
     from selfsup.lm.models import hf
     from selfsup.lm.training.pretrain import pretrain_lm
     from selfsup.reporting import report

@@ -11,18 +11,19 @@ from PIL import Image
 
 from selfsup.cli.main import main
 from selfsup.image.data import load_splits
-from selfsup.image.use.search import load_index, nearest
+from selfsup.image.use.exact import nearest
+from selfsup.image.use.search import load_index
 
 
 def test_chunked_exact_search_equals_brute_force(monkeypatch) -> None:
-    import selfsup.image.use.search as search
+    import selfsup.image.use.exact as exact
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(1000, 16)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     query = features[17] + 0.1 * rng.normal(size=16).astype(np.float32)
     query /= np.linalg.norm(query)
-    monkeypatch.setattr(search, "CHUNK", 97)  # many chunks, one partial
+    monkeypatch.setattr(exact, "CHUNK", 97)  # many chunks, one partial
     ids, scores = nearest(features, query, 10)
     expected = np.argsort(-(features @ query), kind="stable")[:10]
     assert ids.tolist() == expected.tolist()

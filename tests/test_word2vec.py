@@ -165,7 +165,7 @@ def test_a_failed_run_leaves_no_folder_to_block_the_retry(tmp_path: Path) -> Non
     corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
     settings = dict(data=str(corpus), dim=8, window=2, min_count=1, epochs=1, sample=0.0,
                     batch_words=64, progress=False, out=str(tmp_path / "run"))  # fmt: skip
-    with pytest.raises(SelfsupError, match="--lr must be > 0, got nan"):
+    with pytest.raises(SelfsupError, match="--lr must be positive, got nan"):
         pretrain_word2vec(**{**settings, "lr": float("nan")})
     assert not (tmp_path / "run").exists()
     with pytest.raises(SelfsupError, match="loss became"):  # the weights overflow at once

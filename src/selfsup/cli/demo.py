@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from selfsup.cli.common import print_results
 from selfsup.image.config import PretrainConfig
 
 DEMO = PretrainConfig(
@@ -25,7 +26,6 @@ def demo(out: str = "runs/demo", epochs: int | None = None) -> dict:
     import torch
 
     from selfsup.api import evaluate, pretrain
-    from selfsup.cli.main import print_results
 
     # digits are 8x8: one thread is as fast, and on a busy machine two threads waiting on each
     # other made the demo's small steps ~15x slower (measured on the shared 2-core machine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from selfsup.cli.common import command_path
 from selfsup.core.config import read_yaml_mapping
 from selfsup.core.errors import SelfsupError
 
@@ -33,8 +34,6 @@ def expand(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`argv` with the options of its `--config FILE.yaml` inserted after its command words
     (unchanged when the command has no such option or none is given). Done before parsing, so
     the file may give the command's required options."""
-    from selfsup.cli.main import command_path
-
     words, leaf, _ = command_path(parser, argv)
     action = leaf._option_string_actions.get("--config")
     path = _given(argv, "--config")

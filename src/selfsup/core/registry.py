@@ -39,35 +39,46 @@ class OptionSpec:
 
 
 @cache
-def options_in(module: str) -> tuple[OptionSpec, ...]:
-    """The fields of the `Options` dataclass declared in `module`'s source (none if it has none)."""
+def source_tree(module: str) -> ast.Module:
+    """The syntax tree of `module`'s source, read without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ImportError(f"cannot find the module {module}")
     with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=spec.origin)
+        return ast.parse(f.read(), filename=spec.origin)
+
+
+@cache
+def options_in(module: str, name: str = "Options") -> tuple[OptionSpec, ...]:
+    """The fields of the dataclass `name` (default `Options`) declared in `module`'s source, in
+    a dataclass's order (none if it has none)."""
+    tree = source_tree(module)
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Options":
-            inherited: tuple[OptionSpec, ...] = ()
-            for base in node.bases:  # `class Options(SimCLROptions)`: the base's fields first
-                inherited += _imported_options(tree, ast.unparse(base))
-            own = tuple(_field(item) for item in node.body if isinstance(item, ast.AnnAssign))
-            names = {f.name for f in own}
-            return tuple(f for f in inherited if f.name not in names) + own
-        if isinstance(node, ast.ImportFrom) and any(
-            a.name == "Options" and (a.asname or a.name) == "Options" for a in node.names
-        ):  # `from selfsup.image.methods.simclr import Options`: the same options
-            return options_in(node.module or "")
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            fields: dict[str, OptionSpec] = {}
+            for base in reversed(node.bases):  # `class Options(SimCLROptions)`: bases first
+                fields.update((f.name, f) for f in _base_options(tree, module, ast.unparse(base)))
+            for item in node.body:  # an override keeps its base's place, as in a dataclass
+                if isinstance(item, ast.AnnAssign):
+                    fields[item.target.id] = _field(item)  # type: ignore[attr-defined]
+            return tuple(fields.values())
+        if isinstance(node, ast.ImportFrom):  # `from selfsup.image.methods.simclr import Options`
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return options_in(node.module or "", alias.name)
     return ()
 
 
-def _imported_options(tree: ast.Module, name: str) -> tuple[OptionSpec, ...]:
+def _base_options(tree: ast.Module, module: str, name: str) -> tuple[OptionSpec, ...]:
+    """The fields of base class `name`: declared in `module` itself, or imported into it."""
     for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return options_in(module, name)
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
-                if (alias.asname or alias.name) == name and alias.name == "Options":
-                    return options_in(node.module or "")
-    raise ValueError(f"Options derives from {name}, which is not another method's Options")
+                if (alias.asname or alias.name) == name:
+                    return options_in(node.module or "", alias.name)
+    raise ValueError(f"Options derives from {name}, which is not an imported options dataclass")
 
 
 def _field(node: ast.AnnAssign) -> OptionSpec:

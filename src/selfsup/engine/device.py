@@ -25,3 +25,31 @@ def resolve_device(device: str) -> str:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise SelfsupError(f"--device {device}: Apple's MPS is not available on this machine")
     return name
+
+
+# `--accelerator` (Lightning's names): the one list every training command checks against.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A one-line error for an unknown `--accelerator` or one this machine does not have."""
+    name = accelerator.lower()
+    if name not in ACCELERATORS:
+        raise SelfsupError(
+            f"--accelerator {accelerator!r} is unknown; expected one of {', '.join(ACCELERATORS)}"
+        )
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SelfsupError(
+            f"--accelerator {accelerator}: no CUDA GPU is available on this machine "
+            "(use cpu or auto)"
+        )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SelfsupError(
+            "--accelerator mps: Apple's MPS is not available on this machine (use cpu or auto)"
+        )
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` runs on CUDA GPUs here ('auto' does when one is there)."""
+    name = accelerator.lower()
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())

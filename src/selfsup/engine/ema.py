@@ -1,5 +1,6 @@
-"""Momentum (EMA) targets, shared by the methods that bootstrap from a slow copy of themselves
-(BYOL; MoCo and DINO use the same two pieces)."""
+"""Momentum (EMA) targets, for the methods that bootstrap from a slow copy of themselves (BYOL's
+target, MoCo's key encoder, DINO's teacher): a frozen copy, the cosine schedule of its momentum,
+and the update."""
 
 from __future__ import annotations
 

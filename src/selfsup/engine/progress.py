@@ -11,6 +11,11 @@ from typing import Any
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
+def show_bars(progress: bool | None) -> bool:
+    """`--progress/--no-progress`, or (None) bars only where stderr is a terminal."""
+    return progress if progress is not None else sys.stderr.isatty()
+
+
 def duration(seconds: float) -> str:
     """A time to go, as progress lines say it: '45 s', '12 min', '3.5 h'."""
     if seconds < 90:

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from tqdm import tqdm
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.engine import metrics_log
+from selfsup.engine.device import check_accelerator, uses_cuda
 from selfsup.engine.distributed import check_devices
 from selfsup.engine.optim import OPTIMIZERS
-from selfsup.engine.progress import StderrProgressBar, duration
+from selfsup.engine.progress import duration, show_bars
+from selfsup.engine.trainer import ResumeHint, build_trainer, seed_everything
 from selfsup.image.augment import RECIPES
 from selfsup.image.config import PretrainConfig, split_options
 from selfsup.image.data import ImageData, batch_loader
@@ -76,7 +75,7 @@ def pretrain(
     _check_names(config)
     check_accelerator(config.accelerator)
     check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
-    if config.sync_batchnorm and not _on_gpu(config):
+    if config.sync_batchnorm and not uses_cuda(config.accelerator):
         raise SelfsupError(
             "--sync-batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs on CUDA only)"
         )
@@ -96,14 +95,14 @@ def pretrain(
             f"(--batch-size {config.batch_size}); lower --batch-size"
         )
     config = dataclasses.replace(config, out=str(run))
-    L.seed_everything(config.seed, verbose=False)
+    seed_everything(config.seed)
     info = _data_info(config, train, test)
     info["encoder"].update(method_class.encoder_spec(config, method_options, train))
     method = method_class(config, info, method_options, **data_extra)
     if state is not None:
         _check_checkpoint_fits(method, checkpoint, state["state_dict"])
         state = None  # Lightning reads the file again itself
-    hint = ResumeHint(run)
+    hint = ResumeHint(run, f"selfsup pretrain --resume {run}")
     trainer = _trainer(config, run, train, resume_step, hint)
     loaders = _loaders(config, train, test)
     created = False
@@ -125,13 +124,7 @@ def pretrain(
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
         if not hint.interrupted:
             raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
-        last = rundir.last_checkpoint(run)
-        if last is None:
-            raise KeyboardInterrupt(_discard(run, created).lstrip("; ")) from None
-        raise KeyboardInterrupt(
-            f"the last checkpoint is {last}; continue with: selfsup pretrain --resume {run}"
-        ) from None
+        raise hint.interruption(_discard(run, created).lstrip("; ")) from None
     except BaseException:
         if rundir.last_checkpoint(run) is None:
             _discard(run, created)
@@ -156,22 +149,6 @@ def _discard(run: Path, created: bool) -> str:
         shutil.rmtree(run, ignore_errors=True)
         return f"; no epoch had finished, so {run} was removed"
     return "; no epoch had finished"
-
-
-def check_accelerator(accelerator: str) -> None:
-    """A one-line error for an accelerator this machine does not have."""
-    name = accelerator.lower()
-    if name not in ACCELERATORS:
-        raise SelfsupError(
-            f"--accelerator {accelerator!r} is unknown; expected one of {', '.join(ACCELERATORS)}"
-        )
-    if name in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise SelfsupError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SelfsupError("--accelerator mps: Apple's MPS is not available on this machine")
-
-
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, dict[str, Any]]:
@@ -369,62 +346,28 @@ def _trainer(
     resume_step: int | None,
     hint: ResumeHint,
 ) -> L.Trainer:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
-    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
-    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # resume
-    devices: int | str = int(config.devices) if config.devices.isdigit() else config.devices
-    precision = config.precision or ("bf16-mixed" if _on_gpu(config) else "32-true")
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-    steps_per_epoch = len(train) // config.batch_size
-    loggers: list = [metrics_log.RunCSVLogger(run, keep_before=resume_step)]
-    if _tensorboard_available():
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=run, name="tensorboard", version=""))
-    return L.Trainer(
-        default_root_dir=run,
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=devices,
-        precision=precision,
-        logger=loggers,
-        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+    """The engine's Trainer with what image pretraining adds: epochs, the latest epoch's
+    checkpoint beside last.ckpt, TensorBoard, the encoder and samples after every epoch."""
+    progress = show_bars(config.progress)
+    return build_trainer(
+        run,
+        config,
+        hint=hint,
+        processes="relaunch",  # the processes re-run the command and find the run in RUN_ENV
+        checkpoint=dict(filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_top_k=1),
         callbacks=[
-            # Lightning writes checkpoints atomically (temporary file, then rename).
-            ModelCheckpoint(
-                dirpath=run / rundir.CHECKPOINTS,
-                filename="epoch{epoch:03d}",
-                auto_insert_metric_name=False,
-                save_last=True,
-                save_top_k=1,
-            ),
-            metrics_log.FlushMetricsWithCheckpoints(),
             ExportEncoder(run),
             SaveSamples(run),
-            hint,
-            StderrProgressBar(leave=True) if progress else EpochLines(),
+            *([] if progress else [EpochLines()]),
             ProgressLines(config.batch_size, train.image_size, periodic=not progress),
         ],
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        keep_before=resume_step,
+        tensorboard=True,
+        bar=dict(leave=True),
+        max_epochs=config.epochs,
+        log_every_n_steps=max(1, min(50, len(train) // config.batch_size)),
         sync_batchnorm=config.sync_batchnorm,
     )
-
-
-def _on_gpu(config: PretrainConfig) -> bool:
-    return config.accelerator in ("gpu", "cuda") or (
-        config.accelerator == "auto" and torch.cuda.is_available()
-    )
-
-
-def _tensorboard_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 class ExportEncoder(Callback):
@@ -436,19 +379,6 @@ class ExportEncoder(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, method: Method) -> None:
         if trainer.is_global_zero:
             export_encoder(method.encoder, self.path)
-
-
-class ResumeHint(Callback):
-    """Notes a Ctrl-C, which Lightning turns into sys.exit(1): `pretrain` then raises
-    KeyboardInterrupt with what was kept and how to continue (the CLI exits with 130)."""
-
-    def __init__(self, run: Path) -> None:
-        self.run = run
-        self.interrupted = False
-
-    def on_exception(self, trainer: L.Trainer, method: Method, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.interrupted = True
 
 
 class SaveSamples(Callback):

@@ -9,7 +9,6 @@ folder lacks is listed on the page, never raised.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -19,7 +18,10 @@ from typing import Any
 
 from selfsup.core.errors import SelfsupError
 from selfsup.core.run import RUN_INFO
-from selfsup.reporting.page import RunPage, Section, esc, render, table
+from selfsup.reporting.common import flatten, read_json, run_kind
+from selfsup.reporting.image_run import APPROX, image_sections, summary_row
+from selfsup.reporting.language_run import language_sections
+from selfsup.reporting.page import RunPage, Section, esc, pre, render, table
 
 REPORT = "report.html"
 
@@ -80,23 +82,6 @@ def _names(runs: list[Path]) -> list[str]:
     return names
 
 
-def run_kind(run: Path) -> tuple[str, dict[str, Any]]:
-    """('image' | 'language' | 'unknown', the run's config.yaml or {})."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return "unknown", {}
-    if not isinstance(config, dict):
-        return "unknown", {}
-    if "encoder" in config and "method" in config:
-        return "image", config
-    if "model" in config or "stage" in config:
-        return "language", config
-    return "unknown", config
-
-
 def run_page(run: Path, name: str, *, embeddings: bool = True) -> RunPage:
     """Every section of one run that its folder allows, and what is missing."""
     kind, config = run_kind(run)
@@ -104,20 +89,14 @@ def run_page(run: Path, name: str, *, embeddings: bool = True) -> RunPage:
     if not config:
         page.missing.append("config.yaml (unreadable or absent: not a finished selfsup run?)")
     if kind == "image":
-        from selfsup.reporting.image_run import image_sections
-
         image_sections(run, config, page, embeddings=embeddings)
     else:
-        from selfsup.reporting.language_run import language_sections
-
         language_sections(run, config, page)
     page.sections.append(_about(run, config))
     return page
 
 
 def _about(run: Path, config: dict[str, Any]) -> Section:
-    from selfsup.reporting.page import pre
-
     s = Section("about", "Configuration, command, versions")
     command = run / "command.txt"
     if command.is_file():
@@ -138,40 +117,16 @@ def _about(run: Path, config: dict[str, Any]) -> Section:
             ["finished", "wall time (s)", "images/s", "device", "versions"], rows
         )
     if config:
-        flat = [(k, v) for k, v in _flatten(config) if not k.startswith("encoder.m")]
+        flat = [(k, v) for k, v in flatten(config) if not k.startswith("encoder.m")]
         s.body += "<p><b>config.yaml</b></p>" + table(["option", "value"], flat)
     return s
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        elif isinstance(v, list) and len(v) > 12:
-            out.append((f"{prefix}{k}", f"{len(v)} values: {', '.join(map(str, v[:12]))}, ..."))
-        else:
-            out.append((f"{prefix}{k}", v if not isinstance(v, list) else ", ".join(map(str, v))))
-    return out
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's contents, or None when absent or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _summary(runs: list[Path], pages: list[RunPage]) -> str:
     rows = []
     for run, page in zip(runs, pages, strict=True):
-        from selfsup.reporting.image_run import summary_row
-
         rows.append([page.name, page.kind, *summary_row(run)])
     header = ["run", "kind", "what", "steps", "final loss", "probe / val", "few-label", "wall (s)"]
-    from selfsup.reporting.image_run import APPROX
-
     approx = (
         f"<p>{APPROX}: wall time from the run folder's file times (config.yaml to the last "
         "metrics row or checkpoint; pauses between resumed sessions included)</p>"

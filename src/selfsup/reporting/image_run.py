@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from selfsup.reporting.common import read_json, run_kind
 from selfsup.reporting.curves import curve_figure, groups, read_csv
 from selfsup.reporting.page import RunPage, Section, fig_img, img, note, table
 
@@ -53,8 +54,6 @@ def curves_section(run: Path, page: RunPage, files: tuple[str, ...] = ("metrics.
 
 
 def few_label_sections(run: Path, page: RunPage) -> list[Section]:
-    from selfsup.reporting import read_json
-
     found = sorted((run / "eval").glob("*/results.json")) if (run / "eval").is_dir() else []
     results = [(p.parent, read_json(p)) for p in found]
     results = [(d, r) for d, r in results if isinstance(r, dict) and r.get("few_label")]
@@ -146,8 +145,6 @@ def samples_section(run: Path, page: RunPage) -> Section:
 
 def summary_row(run: Path) -> list[str]:
     """what, steps, final loss, probe/val, few-label, wall time: one line per run."""
-    from selfsup.reporting import read_json, run_kind
-
     kind, config = run_kind(run)
     what = " ".join(
         str(config[k]) for k in ("method", "model", "stage", "data") if config.get(k) is not None

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from selfsup.image.data.sources import stratified_indices
 from selfsup.image.evaluation.features import embedding_problem
+from selfsup.reporting.common import read_json
 from selfsup.reporting.page import Section, esc, fig_img, figure_png, img, legend
 
 MAP_POINTS = 5000  # t-SNE points at most (a stratified, seeded subsample of the test split)
@@ -147,8 +148,6 @@ def embedding_sections(run: Path, config: dict[str, Any]) -> list[Section]:
 def _shown_data(run: Path, config: dict[str, Any]) -> tuple[str | None, str, str | None]:
     """(--data of the run's latest evaluation when it is another dataset, else None; a few words
     saying which data that is; its --data-dir when the evaluation recorded one)."""
-    from selfsup.reporting import read_json
-
     found = sorted((run / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
     latest = read_json(found[-1]) if found else None
     data = latest.get("data") if isinstance(latest, dict) else None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from selfsup.reporting.common import flatten, read_json
 from selfsup.reporting.image_run import curves_section
 from selfsup.reporting.page import RunPage, Section, esc, fig_img, pre, table
 
@@ -27,8 +28,6 @@ WRITES_SAMPLES = ("gpt",)  # the stages that end by writing samples.txt (`lm pre
 
 
 def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
-    from selfsup.reporting import read_json
-
     page.sections.append(curves_section(run, page))
     if (run / "eval.csv").is_file():
         s = curves_section(run, page, ("eval.csv",))
@@ -36,10 +35,8 @@ def language_sections(run: Path, config: dict[str, Any], page: RunPage) -> None:
         page.sections.append(s)
     results = read_json(run / "results.json")
     if isinstance(results, dict):
-        from selfsup.reporting import _flatten
-
         s = Section("results", "Results (results.json)")
-        s.body = table(["result", "value"], [(k, _fmt(v)) for k, v in _flatten(results)])
+        s.body = table(["result", "value"], [(k, _fmt(v)) for k, v in flatten(results)])
         page.sections.append(s)
     kind = config.get("model") or config.get("stage") or ""
     samples = _samples(run, kind, page)
@@ -72,13 +69,11 @@ def _fmt(v: Any) -> str:
 
 def _any_table(data: Any) -> str:
     """A list of flat dicts as a table, a dict as key/value rows, anything else as text."""
-    from selfsup.reporting import _flatten
-
     if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         header = list(dict.fromkeys(k for r in data for k in r))
         return table(header, [[_fmt(r.get(k, "")) for k in header] for r in data[:200]])
     if isinstance(data, dict):
-        return table(["key", "value"], [(k, _fmt(v)) for k, v in _flatten(data)])
+        return table(["key", "value"], [(k, _fmt(v)) for k, v in flatten(data)])
     import json
 
     return pre(json.dumps(data, indent=1)[:20_000])
@@ -101,8 +96,6 @@ def _samples(run: Path, kind: str, page: RunPage) -> Section | None:
 
 
 def _fill_mask(run: Path, page: RunPage) -> Section:
-    from selfsup.reporting import read_json
-
     s = Section("fill_mask", "Fill-mask examples")
     data = read_json(run / "fill_mask.json")
     if not isinstance(data, list):
@@ -164,8 +157,6 @@ def word_vectors(run: Path) -> tuple[list[str], np.ndarray]:
 
 
 def _best_of_n(run: Path) -> Section:
-    from selfsup.reporting import read_json
-
     s = Section("best_of_n", "Best-of-n")
     data = read_json(run / "best_of_n.json")
     rows = data if isinstance(data, list) else []
@@ -190,8 +181,6 @@ def _reward_against_labelers(run: Path, config: dict[str, Any], page: RunPage) -
     often two labelers agree (from `lm label`'s RANKINGS.stats.json) and, where the rankings
     carry gold scores, how often the gold score orders a pair as the labelers did."""
     import csv
-
-    from selfsup.reporting import read_json
 
     s = Section("reward_vs_labelers", "Reward model against the labelers")
     rows: list[tuple[str, str]] = []
@@ -229,8 +218,6 @@ def _pct(value: Any) -> str:
 
 
 def _answers(run: Path) -> Section:
-    from selfsup.reporting import read_json
-
     s = Section("answers", "Answers before and after")
     s.body = _any_table(read_json(run / "answers.json"))
     return s

@@ -1,29 +1,58 @@
-"""`selfsup lm` commands for the stages after pretraining: SFT, labeling, reward model, RLHF,
-best-of-n and chat (added to the group's COMMANDS in `selfsup.cli.lm.main`)."""
+"""`selfsup lm` commands for the stages after pretraining (added to the group's COMMANDS in
+`selfsup.cli.lm.main`): every stage of the ALIGN registry (sft, reward, rlhf, best-of-n, dpo,
+grpo, ...), its parser generated from its Options and run through one dispatch (`_run_stage`),
+plus the helpers around them: the arithmetic task, labeling, chat and in-context learning."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 from pathlib import Path
-from typing import Any
 
 from selfsup.cli.lm.common import (
-    add_config_arguments,
     add_config_file,
     add_deprecated,
+    add_stage_arguments,
     deprecation,
     report_line,
     summary,
 )
 from selfsup.core.errors import SelfsupError
-from selfsup.lm.options import TRUNCATE_HELP, RLHFConfig, TuneConfig
+from selfsup.lm.alignment import ALIGN
+from selfsup.lm.options import TRUNCATE_HELP
 
 
-def _config(cls: type, args: argparse.Namespace) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+def _add_stages(sub, parents) -> None:
+    """`selfsup lm NAME` for every stage NAME of the ALIGN registry: its help from the stage's
+    class, its flags from its Options (both read from its source: no torch)."""
+    for name in ALIGN:
+        about, specs = ALIGN.about(name), ALIGN.options(name)
+        p = sub.add_parser(
+            name, parents=parents, help=about["help"], description=about.get("description")
+        )
+        file_flags = about.get("options_file") == "flags"
+        add_stage_arguments(p, specs, file_flags)
+        if file_flags:  # `--config` is `cli.option_files`' (its options become flags)
+            p.set_defaults(handler=_run_stage, stage=name)
+        else:
+            add_config_file(p)
+            p.set_defaults(handler=_run_stage, stage=name, config_class=specs)
+
+
+def _run_stage(args: argparse.Namespace, command: str) -> None:
+    """Every registered stage: its Options from the flags, its `run`, its closing lines."""
+    stage = ALIGN.load(args.stage)
+    names = {f.name for f in dataclasses.fields(stage.Options)}
+    options = stage.Options(**{k: v for k, v in vars(args).items() if k in names})
+    for spec in ALIGN.options(args.stage):  # `--resume` bare: the older spelling
+        const = spec.metadata.get("const")
+        if const is not None and getattr(options, spec.name) is const:
+            flag = "--" + spec.name.replace("_", "-")
+            deprecation(f"{flag} without RUN", f"{flag} RUN")
+    run = stage.run(options, command=command)
+    if run is not None:
+        before, after = stage.summary(Path(run))
+        summary([*before, report_line(Path(run)), *after])
 
 
 def _add_arithmetic(sub, parents) -> None:
@@ -56,80 +85,6 @@ def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
         print(f"{args.folder}/{name}: {count} {'lines' if name.endswith('txt') else 'records'}")
 
 
-def _add_tune(sub, parents, name: str, help_text: str) -> None:
-    p = sub.add_parser(
-        name,
-        parents=parents,
-        help=help_text,
-        description=help_text + "; writes a run directory (training counted in --epochs).",
-    )
-    add_config_arguments(p, TuneConfig, skip=("resume",))
-    p.add_argument(
-        "--resume",
-        metavar="RUN",
-        nargs="?",
-        const=True,
-        help="continue the run in this directory from its last epoch (--init and --data "
-        "default to the run's own)",
-    )
-    add_deprecated(p, "--no-resume", "resume", "leave it out (a new run is the default)", nargs=0)
-    add_config_file(p)
-    p.set_defaults(handler=_run_tune, stage=name, config_class=TuneConfig)
-
-
-def _add_sft(sub, parents) -> None:
-    _add_tune(sub, parents, "sft", "supervised fine-tuning on conversations (assistant tokens)")
-
-
-def _add_reward(sub, parents) -> None:
-    _add_tune(sub, parents, "reward", "train a reward model from rankings like 'D > C > A = B'")
-
-
-def _run_tune(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.training.posttrain import sft, train_reward
-
-    if args.resume is True:  # the bare flag of before `--resume RUN`
-        deprecation("--resume without RUN", "--resume RUN")
-    config = _config(TuneConfig, args)
-    run = Path((sft if args.stage == "sft" else train_reward)(config, command=command))
-    last = _last_row(run / "metrics.csv")
-    q = shlex.quote(str(run))
-    if args.stage == "sft":
-        metric = _metric_line(last, ("val_loss", "train_loss"))
-        after = f"selfsup lm chat {q}  (or: selfsup lm label {q} --prompts P.jsonl -o R.jsonl)"
-    else:
-        metric = _metric_line(last, ("val_pair_acc", "val_loss", "train_loss"))
-        after = f"selfsup lm rlhf --policy SFT_RUN --reward {q} --prompts P.jsonl --out OUT"
-    summary(
-        [
-            f"run directory: {run}/ (hf/ the Hugging Face model, metrics.csv, checkpoint)",
-            metric,
-            report_line(run),
-            f"next: {after}",
-        ]
-    )
-
-
-def _last_row(path: Path) -> dict[str, str]:
-    """The last row of a metrics.csv (empty if there is none)."""
-    import csv
-
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return rows[-1] if rows else {}
-
-
-def _metric_line(
-    row: dict[str, str], names: tuple[str, ...], step: str = "epoch", file: str = "metrics.csv"
-) -> str:
-    """`val loss 1.234, ... after epoch 3 (metrics.csv)` from a metrics row ("" if none)."""
-    shown = [f"{n.replace('_', ' ')} {float(row[n]):.4g}" for n in names if row.get(n)]
-    where = f" after {step} {row[step]}" if row.get(step) else ""
-    return f"{', '.join(shown)}{where} ({file})" if shown else ""
-
-
 def _add_label(sub, parents) -> None:
     p = sub.add_parser(
         "label",
@@ -160,112 +115,6 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
         f"{100 * stats['with_ties']:.0f}% with ties, {stats['pairs']} strictly ordered pairs; "
         f"a second labeler agrees on {100 * stats['labeler_agreement']:.1f}% of them (ties half)"
     )
-
-
-def _add_rlhf(sub, parents) -> None:
-    p = sub.add_parser(
-        "rlhf",
-        parents=parents,
-        help="optimise an SFT model against a reward model with PPO",
-        description="RLHF with PPO: per-token KL penalty to the SFT model, GAE, clipped "
-        "surrogate and value losses. Writes a run directory.",
-    )
-    add_config_arguments(p, RLHFConfig)
-    add_config_file(p)
-    p.set_defaults(handler=_run_rlhf, stage="rlhf", config_class=RLHFConfig)
-
-
-def _run_rlhf(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.alignment.rlhf import rlhf
-
-    run = Path(rlhf(_config(RLHFConfig, args), command=command))
-    _policy_summary(run)
-
-
-def _policy_summary(run: Path) -> None:
-    """The closing lines of a stage that optimises a policy by sampling (rlhf, grpo)."""
-    last = _last_row(run / "eval.csv")
-    summary(
-        [
-            f"run directory: {run}/ (hf/ the policy, iterNNNN/ the evaluated ones, metrics.csv)",
-            "held-out " + _metric_line(last, ("proxy", "gold", "kl"), "iteration", "eval.csv"),
-            report_line(run),
-            f"next: selfsup lm chat {shlex.quote(str(run))}",
-        ]
-    )
-
-
-def _add_best_of_n(sub, parents) -> None:
-    p = sub.add_parser(
-        "best-of-n",
-        parents=parents,
-        help="the training-free baseline: the reward model's favourite of n samples",
-    )
-    p.add_argument("--policy", required=True, help="the SFT run to sample from")
-    p.add_argument("--reward", required=True, help="the reward-model run")
-    p.add_argument("--prompts", required=True, help="JSONL of held-out prompts")
-    p.add_argument("--n", default="1,2,4,8,16,32,64", help="comma list of n")
-    p.add_argument("--gold", default="none", help="none | arithmetic")
-    p.add_argument("--limit", type=int, default=128, help="prompts used")
-    p.add_argument(
-        "--pool", type=int, default=0, help="answers sampled per prompt (default: the largest n)"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument(
-        "--no-end-score",
-        type=float,
-        default=-1.0,
-        help="the score of an answer that never emits the end token (default: -1, as lm rlhf)",
-    )
-    p.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out",
-        help="a folder to keep the table in (best_of_n.json, config.yaml) with its report.html",
-    )
-    p.set_defaults(handler=_run_best_of_n)
-
-
-def _run_best_of_n(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.alignment.rlhf import best_of_n
-
-    try:
-        ns = sorted({int(n) for n in args.n.split(",") if n.strip()})
-    except ValueError:
-        raise SelfsupError(f"--n {args.n!r}: expected a comma list of integers") from None
-    if not ns or ns[0] < 1:
-        raise SelfsupError(f"--n {args.n!r}: every n must be at least 1")
-    if args.out and Path(args.out).is_file():  # told before any sampling
-        raise SelfsupError(f"--out {args.out} is a file; expected a folder")
-    rows = best_of_n(
-        args.policy, args.reward, args.prompts, ns, args.gold, args.max_new_tokens,
-        args.limit, args.seed, args.pool, args.no_end_score, args.truncate,
-    )  # fmt: skip
-    print(f"{'n':>4} {'KL bound':>9} {'proxy':>7}" + (f" {'gold':>6}" if "gold" in rows[0] else ""))
-    for r in rows:
-        gold = f" {r['gold']:6.3f}" if "gold" in r else ""
-        print(f"{r['n']:4d} {r['kl_bound']:9.3f} {r['proxy']:7.3f}{gold}")
-    if args.out:
-        _keep_best_of_n(Path(args.out), rows, args, command)
-
-
-def _keep_best_of_n(out: Path, rows: list[dict], args: argparse.Namespace, command: str) -> None:
-    """OUT/best_of_n.json, config.yaml and command.txt, then OUT/report.html (its curve)."""
-    import json
-
-    import yaml
-
-    from selfsup.core import run as rundir
-
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "out", "lm_command")}
-    options = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))}
-    config = {"stage": "best-of-n", **options}
-    with rundir.run_locked(out):  # one writer per run folder
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.atomic_write_text(out / "best_of_n.json", json.dumps(rows, indent=2) + "\n")
-        rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        rundir.write_command(out, command, append=False)
-    summary([f"table: {out / 'best_of_n.json'}", report_line(out)])
 
 
 def _add_chat(sub, parents) -> None:
@@ -428,70 +277,7 @@ def _run_regression(args: argparse.Namespace, command: str) -> None:
 ALIGN_COMMANDS = [
     _add_icl,
     _add_arithmetic,
-    _add_sft,
     _add_label,
-    _add_reward,
-    _add_rlhf,
-    _add_best_of_n,
+    _add_stages,  # sft, reward, rlhf, best-of-n, dpo, grpo, ...
     _add_chat,
 ]
-
-
-def _add_dpo(sub, parents) -> None:
-    from selfsup.lm.options import DPOConfig
-
-    p = sub.add_parser(
-        "dpo",
-        parents=parents,
-        help="direct preference optimisation of an SFT model on ranked or chosen/rejected pairs",
-        description="DPO (Rafailov et al., 2023): the SFT model learns from preference pairs "
-        "directly, no reward model and no sampling; the SFT model itself is the frozen "
-        "reference. Writes a run directory (training counted in --epochs).",
-    )
-    add_config_arguments(p, DPOConfig, skip=("pack",))
-    add_config_file(p)
-    p.set_defaults(handler=_run_dpo, stage="dpo", config_class=DPOConfig)
-
-
-def _run_dpo(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.alignment.dpo import dpo
-    from selfsup.lm.options import DPOConfig
-
-    run = Path(dpo(_config(DPOConfig, args), command=command))
-    summary(
-        [
-            f"run directory: {run}/ (hf/ the policy, metrics.csv, checkpoint)",
-            _metric_line(_last_row(run / "metrics.csv"), ("val_reward_acc", "val_loss")),
-            report_line(run),
-            f"next: selfsup lm chat {shlex.quote(str(run))}",
-        ]
-    )
-
-
-ALIGN_COMMANDS += [_add_dpo]
-
-
-def _add_grpo(sub, parents) -> None:
-    from selfsup.lm.options import GRPOConfig
-
-    p = sub.add_parser(
-        "grpo",
-        parents=parents,
-        help="optimise an SFT model with GRPO: group-relative advantages, no value model",
-        description="GRPO (Shao et al., 2024): G answers per prompt, rewards standardised within "
-        "each group, clipped ratio, k3 KL to the SFT model in the loss. Writes a run directory.",
-    )
-    add_config_arguments(p, GRPOConfig)
-    add_config_file(p)
-    p.set_defaults(handler=_run_grpo, stage="grpo", config_class=GRPOConfig)
-
-
-def _run_grpo(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm.alignment.grpo import grpo
-    from selfsup.lm.options import GRPOConfig
-
-    run = Path(grpo(_config(GRPOConfig, args), command=command))
-    _policy_summary(run)
-
-
-ALIGN_COMMANDS += [_add_grpo]

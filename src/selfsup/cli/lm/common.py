@@ -1,5 +1,6 @@
 """Helpers of the `selfsup lm` parsers: options mirrored from the dataclasses of
-`selfsup.lm.options` (required ones marked so), deprecated spellings, run summaries."""
+`selfsup.lm.options` and from the stages' Options as the ALIGN registry reads them (required
+ones marked so), deprecated spellings, run summaries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfsup.core.config import add_option, field_types
+from selfsup.core.config import add_option, field_types, type_of
+from selfsup.core.registry import OptionSpec
 
 
 def add_config_arguments(
@@ -51,27 +53,57 @@ def add_config_file(parser: Any) -> None:
     )
 
 
-def check_required(args: argparse.Namespace, cls: type) -> None:
-    """argparse's error for the required options of `cls` that neither the command line nor
+def add_stage_arguments(parser: Any, specs: Sequence[OptionSpec], file_flags: bool = False) -> None:
+    """A stage's Options fields (`ALIGN.options`) as `--field-name` options, the shared ones
+    (`selfsup.lm.options.LISTED_LAST`) last. A `required=True` field is checked after --config is
+    read (`check_required`), or by argparse itself with `file_flags` (its --config gives flags);
+    `nargs`/`const` pass to argparse, `deprecated` maps old no-value spellings to their hints."""
+    from selfsup.lm.options import LISTED_LAST
+
+    last = {name: i for i, name in enumerate(LISTED_LAST)}
+    for s in sorted(specs, key=lambda s: last.get(s.name, -1)):
+        if not s.metadata.get("cli", True):
+            continue
+        flag, tp = "--" + s.name.replace("_", "-"), type_of(s.type)
+        metavar = "RUN" if s.name == "resume" else None
+        if s.metadata.get("required"):
+            kw: dict[str, Any] = {"required": True} if file_flags else {"default": ""}
+            suffix = "" if file_flags else " (required)"
+            parser.add_argument(flag, dest=s.name, type=tp, help=s.help + suffix, **kw)
+        elif "nargs" in s.metadata:
+            nargs, const = s.metadata["nargs"], s.metadata.get("const")
+            parser.add_argument(flag, dest=s.name, metavar=metavar, nargs=nargs, const=const,
+                                default=s.default, help=s.help)  # fmt: skip
+        else:
+            add_option(parser, s.name, tp, s.default if s.default != "" else None, s.help)
+            parser._actions[-1].default = s.default
+            parser._actions[-1].metavar = metavar
+        for old, hint in s.metadata.get("deprecated", {}).items():
+            add_deprecated(parser, old, s.name, hint, nargs=0)
+
+
+def check_required(args: argparse.Namespace, specs: Sequence[OptionSpec]) -> None:
+    """argparse's error for the required options of a stage that neither the command line nor
     the --config file gave."""
-    from selfsup.cli.main import UsageError
+    from selfsup.cli.common import UsageError
 
     missing = [
-        "--" + f.name.replace("_", "-")
-        for f in dataclasses.fields(cls)
-        if f.metadata.get("required") and not getattr(args, f.name, None)
+        "--" + s.name.replace("_", "-")
+        for s in specs
+        if s.metadata.get("required") and not getattr(args, s.name, None)
     ]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}")
 
 
-def stage_file_values(path: str, cls: type, stage: str) -> dict[str, Any]:
+def stage_file_values(path: str, specs: Sequence[OptionSpec], stage: str) -> dict[str, Any]:
     """The options of `selfsup lm STAGE` in a YAML file. A stage run's own config.yaml (which
     records `stage`) is accepted as it is, less its run folder, so it repeats that run."""
     from selfsup.core.config import read_config_file
     from selfsup.core.errors import SelfsupError
 
-    values = read_config_file(path, {**field_types(cls), "stage": str})
+    types = {s.name: type_of(s.type) for s in specs}
+    values = read_config_file(path, {**types, "stage": str})
     recorded = values.pop("stage", None)
     if recorded is not None:
         if recorded != stage:

@@ -1,12 +1,12 @@
 """The `selfsup lm ...` command group: language-model pretraining, tokenizers, generation.
 
 How to add to it:
-- a model kind for `selfsup lm pretrain KIND`: list its module in `selfsup.lm.MODELS` and its
-  options in `selfsup.lm.options.KINDS` (the dataclasses to mirror as flags, torch-free, so that
-  help and usage errors stay instant; the module imports them from there). By default the
-  command calls `pretrain_lm` (see `selfsup.lm.training.pretrain`) with LMConfig and the kind's
-  Options; a kind with its own entry defines `run_pretrain(*configs, command=...)` returning the run
-  directory.
+- a model kind for `selfsup lm pretrain KIND`: its file and one line in
+  `selfsup.lm.methods.PRETRAIN`. Its flags are LMConfig's (`selfsup.lm.options`) and its own
+  `Options`, its help, defaults and presets literals on its class, all read from the source, so
+  that help and usage errors stay instant. The command calls `pretrain_lm` (see
+  `selfsup.lm.training.pretrain`) with LMConfig and the kind's Options; a kind naming an
+  `entry` (word2vec) is run by that function of its file with its Options alone.
 - a command `selfsup lm NAME`: write `_add_NAME(sub, parents)`, which adds the subparser with
   `parents=parents` and `set_defaults(handler=...)`, where the handler takes
   `(args, command: str)`; then append `_add_NAME` to COMMANDS. Import heavy modules inside the
@@ -18,11 +18,10 @@ How to add to it:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
 import json
 import shlex
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,15 @@ from selfsup.cli.lm.common import (
     summary,
 )
 from selfsup.cli.lm.words import WORD_COMMANDS
-from selfsup.core.config import field_types
+from selfsup.core.config import add_option, field_types, from_namespace, type_of
 
 
 def _add_pretrain(sub, parents: list[argparse.ArgumentParser]) -> None:
-    from selfsup.lm.options import KINDS
+    """`selfsup lm pretrain KIND` for every kind of the PRETRAIN registry: its help, defaults
+    and presets from its class, its flags from LMConfig (unless it has its own `entry`) and its
+    Options (all read from its source: no torch)."""
+    from selfsup.lm.methods import PRETRAIN
+    from selfsup.lm.options import LMConfig
 
     p = sub.add_parser(
         "pretrain",
@@ -52,30 +55,34 @@ def _add_pretrain(sub, parents: list[argparse.ArgumentParser]) -> None:
         "training in --steps (word2vec in --epochs).",
     )
     kinds = p.add_subparsers(dest="model", required=True, metavar="MODEL")
-    for name, kind in KINDS.items():
-        k = kinds.add_parser(name, parents=parents, help=kind.help, description=kind.help)
-        for config_class in kind.configs:
-            add_config_arguments(k, config_class, kind.defaults)
+    for name in PRETRAIN:
+        about = PRETRAIN.about(name)
+        defaults, presets = about.get("defaults", {}), about.get("presets", {})
+        k = kinds.add_parser(name, parents=parents, help=about["help"], description=about["help"])
+        if "entry" not in about:
+            add_config_arguments(k, LMConfig, defaults)
+        for spec in PRETRAIN.options(name):  # in the order its Options declare them
+            add_option(k, spec.name, type_of(spec.type), spec.default, spec.help)
         add_deprecated(k, "--corpus", "data", "--data")
-        if kind.presets:
+        if presets:
             k.add_argument(
                 "--preset",
-                choices=sorted(kind.presets),
+                choices=sorted(presets),
                 help="named settings (benchmarks/gpt_shakespeare.py's recipes); flags given "
                 "here override them",
             )
         add_config_file(k)
-        k.set_defaults(**kind.defaults, handler=_run_pretrain)
+        k.set_defaults(**defaults, handler=_run_pretrain)
 
 
 def with_preset_and_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     """`args` parsed again with the --preset's settings, then the --config file's, as defaults
     (flags given win over both)."""
-    from selfsup.lm.options import KINDS
+    from selfsup.lm.methods import PRETRAIN
 
     values: dict[str, Any] = {}
     if getattr(args, "preset", None):
-        values.update(KINDS[args.model].presets[args.preset])
+        values.update(PRETRAIN.about(args.model)["presets"][args.preset])
     if getattr(args, "config_file", None):
         values.update(_file_values(args.config_file, args.model))
     return _parse_again(args, argv, values)
@@ -85,7 +92,7 @@ def _parse_again(
     args: argparse.Namespace, argv: list[str], values: dict[str, Any]
 ) -> argparse.Namespace:
     """`argv` parsed again with `values` as the command's defaults (no-op without values)."""
-    from selfsup.cli.main import build_parser, command_parser
+    from selfsup.cli.common import build_parser, command_parser
 
     if not values:
         return args
@@ -101,16 +108,23 @@ def _parse_again(
 RUN_ONLY = ("out", "resume", "tokenizer_size", "vocabulary")  # what a run adds to its options
 
 
+def _option_types(model: str) -> dict[str, type]:
+    """`lm pretrain MODEL`'s options and their types: LMConfig's (unless the kind has its own
+    `entry`), then the kind's Options', as its source declares them."""
+    from selfsup.lm.methods import PRETRAIN
+    from selfsup.lm.options import LMConfig
+
+    shared = {} if "entry" in PRETRAIN.about(model) else field_types(LMConfig)
+    return {**shared, **{s.name: type_of(s.type) for s in PRETRAIN.options(model)}}
+
+
 def _file_values(path: str, model: str) -> dict[str, Any]:
     """The options in a YAML file for `lm pretrain MODEL`; a run's own config.yaml (its kind's
     options nested under `options`) is accepted as it is, less its run folder."""
     from selfsup.core.config import read_config_file, typed_value
     from selfsup.core.errors import SelfsupError
-    from selfsup.lm.options import KINDS
 
-    types: dict[str, type] = {}
-    for config_class in KINDS[model].configs:
-        types.update(field_types(config_class))
+    types = _option_types(model)
     extra = {"options": dict, "model": str, "corpus": str, **dict.fromkeys(RUN_ONLY, str)}
     extra |= {"tokenizer_size": int, "vocabulary": int}
     values = read_config_file(path, {**extra, **types})
@@ -130,24 +144,31 @@ def _file_values(path: str, model: str) -> dict[str, Any]:
 
 
 def _run_pretrain(args: argparse.Namespace, command: str) -> None:
-    from selfsup.lm import MODELS
-    from selfsup.lm.options import KINDS, LMConfig, check_ranges
+    """Every kind of PRETRAIN: its options checked against their declared ranges before torch
+    is imported, then `pretrain_lm` (or the kind's own `entry`), the report, the closing lines."""
+    from selfsup.lm.methods import PRETRAIN
+    from selfsup.lm.options import LMConfig, check_ranges
 
-    configs = []
-    for config_class in KINDS[args.model].configs:
-        names = {f.name for f in dataclasses.fields(config_class)}
-        values = {k: v for k, v in vars(args).items() if k in names}
-        if "model" in names:
-            values["model"] = args.model
-        configs.append(config_class(**values))
-    if isinstance(configs[0], LMConfig) and not configs[0].resume:
-        check_ranges(configs[0])  # a usage mistake is told before torch is imported
-    from selfsup.lm.training.pretrain import pretrain_lm
+    name, about = args.model, PRETRAIN.about(args.model)
+    own = {s.name: getattr(args, s.name) for s in PRETRAIN.options(name) if hasattr(args, s.name)}
+    config: Any = None
+    if "entry" not in about:
+        config = from_namespace(LMConfig, args, model=name)
+        if not config.resume:
+            check_ranges(config)
+    if config is None or not config.resume:
+        PRETRAIN.check(name, own)  # a usage mistake is told before torch is imported
+    kind = PRETRAIN.load(name)
+    options = kind.Options(**own)
+    if config is None:  # a loop of its own: its Options are its whole configuration
+        entry = getattr(import_module(kind.__module__), about["entry"])
+        run = Path(entry(options, command=command))
+    else:
+        from selfsup.lm.training.pretrain import pretrain_lm
 
-    module = importlib.import_module(MODELS[args.model])
-    run = Path(getattr(module, "run_pretrain", pretrain_lm)(*configs, command=command))
-    _showcase(args.model, run, configs[0])
-    *written, after = _pretrain_summary(args.model, run)
+        run = Path(pretrain_lm(config, options, command=command))
+    _showcase(name, run, config or options)
+    *written, after = _pretrain_summary(name, run)
     summary([*written, report_line(run), after])
 
 

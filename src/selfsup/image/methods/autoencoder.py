@@ -56,9 +56,8 @@ class Autoencoder(Method):
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
     ) -> None:
-        options = options if options is not None else Options()
         super().__init__(config, data_info, options)
-        dataset = data_info["dataset"]
+        options, dataset = self.options, data_info["dataset"]
         self.image_shape = (dataset["channels"], *dataset["image_size"])
         pixels = int(np.prod(self.image_shape))
         if options.code_dim < 1:

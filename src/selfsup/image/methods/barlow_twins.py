@@ -5,16 +5,13 @@ embeddings is pushed to the identity: equal on the diagonal (invariance), zero e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfsup.core.config import option
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import barlow_twins
-from selfsup.image.methods.base import Method
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import Siamese
 
 
 @dataclass
@@ -28,19 +25,10 @@ class Options:
     )
 
 
-class BarlowTwins(Method):
+class BarlowTwins(Siamese):
     Options = Options
-
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim, 3
-        )
+    projection_layers = 3
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        features = self.encoder(torch.cat([self.views(x, g), self.views(x, g)]))
-        z1, z2 = self.projection(features).chunk(2)
-        return barlow_twins(z1, z2, self.options.redundancy), features[: len(x)]
+        e = self.embed_views(x, g)
+        return barlow_twins(*e.z.chunk(2), self.options.redundancy), e.features[: len(x)]

@@ -29,23 +29,27 @@ class NoOptions:
     """A method without options of its own."""
 
 
+def source_options(config: PretrainConfig) -> dict[str, Any]:
+    """The options every image source takes beside --data (a method's `load_data` passes them
+    on)."""
+    keys = ("data_dir", "download", "limit", "image_size")
+    return {k: getattr(config, k) for k in keys}
+
+
 class Method(L.LightningModule):
-    """Base class: subclasses set up their heads in `__init__` and implement `pretext_loss`.
+    """Base class: subclasses set up their heads (in `build_heads` or `__init__`) and implement
+    `pretext_loss`; selfsup.image.methods.siamese holds the pieces of the two-view methods.
 
     A method declares what is its own, in its file: `Options` (a dataclass of its options, shown
     by `selfsup pretrain METHOD --help`), `default_recipe` (None: it draws no augmented views,
     so `--recipe` does not apply) and `default_backbone`, which fill what a user left unset.
     Hooks with defaults: `load_data` (what --data means for it), `encoder_spec` (the encoder
-    it trains), `view_size`.
+    it trains), `view_size`, `build_heads`.
     """
 
     Options: ClassVar[type] = NoOptions
     default_recipe: ClassVar[str | None] = "simclr"
     default_backbone: ClassVar[str] = "convnet"
-    # Momentum (EMA) copies, as (target, online) attribute names: after every optimiser step
-    # target <- tau target + (1 - tau) online, tau rising from `options.momentum` to 1 on a
-    # cosine schedule (BYOL's). The targets are modules, so they are in every checkpoint.
-    momentum_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
     # The smallest image and view side the method learns from. Below 4 px the ConvNet's first
     # 2×2 pool is skipped and a 3×3 convolution sees little more than one pixel's colour: an
     # encoder of 1×1 images trains without error and learns nothing spatial.
@@ -69,14 +73,7 @@ class Method(L.LightningModule):
         cls, config: PretrainConfig, options: Any
     ) -> tuple[ImageData, ImageData | None, dict[str, Any]]:
         """(train, test, extra keyword arguments of the method) for `config.data`."""
-        train, test = load_splits(
-            config.data,
-            data_dir=config.data_dir,
-            download=config.download,
-            limit=config.limit,
-            image_size=config.image_size,
-            seed=config.seed,
-        )
+        train, test = load_splits(config.data, seed=config.seed, **source_options(config))
         return train, test, {}
 
     @classmethod
@@ -139,6 +136,16 @@ class Method(L.LightningModule):
             if config.online_probe and num_classes > 1
             else None
         )
+        self.build_heads()
+
+    def build_heads(self) -> None:
+        """The method's modules beside the encoder (projector, predictor, ...), built last."""
+
+    def two_views(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(two views of each image of x as one batch, view 1 of every image first; their
+        encoder features)."""
+        views = torch.cat([self.views(x, g), self.views(x, g)])
+        return views, self.encoder(views)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """(loss, encoder features of x or of one view of it, for the online probe).
@@ -191,17 +198,6 @@ class Method(L.LightningModule):
         # The online probe's accuracy on the held-out split: a monitor, never used to select a
         # checkpoint or a setting (so the test split stays out of every choice).
         self.log("test/probe_acc", accuracy, prog_bar=True, batch_size=int((y >= 0).sum()))
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.momentum_targets:
-            return
-        from selfsup.engine.ema import cosine_momentum, ema_update
-
-        total = int(self.trainer.estimated_stepping_batches)
-        tau = cosine_momentum(self.global_step, total, self.options.momentum)
-        for target, online in self.momentum_targets:
-            ema_update(getattr(self, target), getattr(self, online), tau)
-        self.log("train/momentum", tau)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = parameter_groups(

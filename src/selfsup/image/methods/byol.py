@@ -7,17 +7,13 @@ exactly."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfsup.core.config import option
-from selfsup.engine.ema import frozen_copy
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import negative_cosine
-from selfsup.image.methods.base import Method
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import Momentum, Siamese
 
 
 @dataclass
@@ -31,27 +27,14 @@ class Options:
     )
 
 
-class BYOL(Method):
+class BYOL(Momentum, Siamese):
     Options = Options
+    predictor_layers = 2
     momentum_targets = (("target_encoder", "encoder"), ("target_projection", "projection"))
 
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim
-        )
-        self.predictor = ProjectionHead(o.projection_dim, o.projection_hidden, o.projection_dim)
-        self.target_encoder = frozen_copy(self.encoder)
-        self.target_projection = frozen_copy(self.projection)
-
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        views = torch.cat([self.views(x, g), self.views(x, g)])
-        features = self.encoder(views)
-        p1, p2 = self.predictor(self.projection(features)).chunk(2)
-        with torch.no_grad():
-            t1, t2 = self.target_projection(self.target_encoder(views)).chunk(2)
+        online = self.embed_views(x, g)
+        p1, p2 = online.p.chunk(2)
+        t1, t2 = self.targets(online.views).chunk(2)
         loss = (negative_cosine(p1, t2) + negative_cosine(p2, t1)) / 2
-        return loss, features[: len(x)]
+        return loss, online.features[: len(x)]

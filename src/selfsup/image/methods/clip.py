@@ -32,7 +32,7 @@ from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData, adapt_images
 from selfsup.image.data.captions import CaptionData
 from selfsup.image.losses.clip import LogitScale, clip_loss
-from selfsup.image.methods.base import Method
+from selfsup.image.methods.base import Method, source_options
 from selfsup.image.models import Encoder
 from selfsup.image.models.text import POOLINGS, TextTransformer
 from selfsup.image.runs import export_encoder, load_encoder
@@ -143,10 +143,7 @@ class CLIP(Method):
             templates=options.templates,
             skip_bad=options.skip_bad,
             holdout=options.caption_holdout,
-            data_dir=config.data_dir,
-            download=config.download,
-            limit=config.limit,
-            image_size=config.image_size,
+            **source_options(config),
         )
         test = held_out.images if held_out is not None else None
         return train.images, test, {"captions": train}

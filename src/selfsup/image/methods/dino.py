@@ -19,11 +19,10 @@ from torch import Tensor, nn
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.distributed import gather_no_grad
-from selfsup.engine.ema import frozen_copy
 from selfsup.image.augment.recipes import multi_crop
 from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import dino
-from selfsup.image.methods.base import Method
+from selfsup.image.methods.siamese import Momentum
 from selfsup.image.models.vit import VIT_SIZES
 
 
@@ -66,7 +65,7 @@ class DINOHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
 
 
-class DINO(Method):
+class DINO(Momentum):
     Options = Options
     momentum_targets = (("teacher_encoder", "encoder"), ("teacher_head", "head"))
 
@@ -75,9 +74,6 @@ class DINO(Method):
     ) -> None:
         super().__init__(config, data_info, options)
         o = self.options
-        self.head = DINOHead(self.encoder.feature_dim, o.projection_hidden, o.bottleneck, o.out_dim)
-        self.teacher_encoder = frozen_copy(self.encoder)
-        self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(o.out_dim))
         if o.local_crops:  # global views from large crops, local views from small ones
             if config.backbone in VIT_SIZES:
@@ -88,18 +84,20 @@ class DINO(Method):
             size = tuple(data_info["dataset"]["image_size"])
             local = o.local_size or max(4, min(size) // 2)
             channels = data_info["dataset"]["channels"]
-            self.views, self.local_views = multi_crop(config.recipe, size, local, channels)
+            self.views, self.local_views = multi_crop(self.config.recipe, size, local, channels)
+
+    def build_heads(self) -> None:
+        o = self.options
+        self.head = DINOHead(self.encoder.feature_dim, o.projection_hidden, o.bottleneck, o.out_dim)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        views = torch.cat([self.views(x, g), self.views(x, g)])
-        features = self.encoder(views)
+        views, features = self.two_views(x, g)
         student = list(self.head(features).chunk(2))
         if self.options.local_crops:  # the student alone sees the local views
             k = self.options.local_crops
             local = torch.cat([self.local_views(x, g) for _ in range(k)])
             student += list(self.head(self.encoder(local)).chunk(k))
-        with torch.no_grad():
-            teacher = list(self.teacher_head(self.teacher_encoder(views)).chunk(2))
+        teacher = list(self.targets(views).chunk(2))
         o = self.options
         loss = dino(teacher, student, self.center, o.teacher_temperature, o.student_temperature)
         if self.training:

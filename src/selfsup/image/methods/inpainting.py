@@ -125,9 +125,8 @@ class Inpainting(Method):
     def __init__(
         self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
     ) -> None:
-        options = options if options is not None else Options()
         super().__init__(config, data_info, options)
-        dataset = data_info["dataset"]
+        options, dataset = self.options, data_info["dataset"]
         self.image_size: tuple[int, int] = tuple(dataset["image_size"])  # type: ignore[assignment]
         _check_options(options, self.image_size)
         self.side = mask_side(options, self.image_size)

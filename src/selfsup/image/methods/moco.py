@@ -7,19 +7,13 @@ resumed run continues with the same negatives. Symmetrised: each view serves as 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.core.config import option
-from selfsup.engine.distributed import gather_no_grad
-from selfsup.engine.ema import frozen_copy
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import queue_info_nce
-from selfsup.image.methods.base import Method
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import MemoryBank, Momentum, Siamese
 
 
 @dataclass
@@ -35,42 +29,17 @@ class Options:
     )
 
 
-class MoCo(Method):
+class MoCo(Momentum, MemoryBank, Siamese):
     Options = Options
     momentum_targets = (("key_encoder", "encoder"), ("key_projection", "projection"))
 
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim
-        )
-        self.key_encoder = frozen_copy(self.encoder)
-        self.key_projection = frozen_copy(self.projection)
-        start = torch.randn(
-            o.queue_size, o.projection_dim, generator=torch.Generator().manual_seed(config.seed)
-        )
-        self.register_buffer("queue", F.normalize(start, dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        views = torch.cat([self.views(x, g), self.views(x, g)])
-        features = self.encoder(views)
-        q1, q2 = self.projection(features).chunk(2)
-        with torch.no_grad():
-            k1, k2 = self.key_projection(self.key_encoder(views)).chunk(2)
+        query = self.embed_views(x, g)
+        q1, q2 = query.z.chunk(2)
+        keys = self.targets(query.views)
+        k1, k2 = keys.chunk(2)
         t = self.options.temperature
         loss = (queue_info_nce(q1, k2, self.queue, t) + queue_info_nce(q2, k1, self.queue, t)) / 2
         if self.training:
-            self.enqueue(torch.cat([k1, k2]))
-        return loss, features[: len(x)]
-
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Write the (all processes') keys over the oldest ones, wrapping around the queue."""
-        keys = F.normalize(gather_no_grad(keys.float()), dim=1)[: len(self.queue)]
-        slots = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
-        self.queue[slots] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+            self.enqueue(keys)
+        return loss, query.features[: len(x)]

@@ -6,17 +6,13 @@ Symmetric; the key encoder is in the checkpoint, so resume continues it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfsup.core.config import option
-from selfsup.engine.ema import frozen_copy
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import batch_info_nce
-from selfsup.image.methods.base import Method
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import Momentum, Siamese
 
 
 @dataclass
@@ -32,27 +28,14 @@ class Options:
     )
 
 
-class MoCoV3(Method):
+class MoCoV3(Momentum, Siamese):
     Options = Options
+    projection_layers, predictor_layers = 3, 2
     momentum_targets = (("key_encoder", "encoder"), ("key_projection", "projection"))
 
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim, 3
-        )
-        self.predictor = ProjectionHead(o.projection_dim, o.projection_hidden, o.projection_dim)
-        self.key_encoder = frozen_copy(self.encoder)
-        self.key_projection = frozen_copy(self.projection)
-
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        views = torch.cat([self.views(x, g), self.views(x, g)])
-        features = self.encoder(views)
-        q1, q2 = self.predictor(self.projection(features)).chunk(2)
-        with torch.no_grad():
-            k1, k2 = self.key_projection(self.key_encoder(views)).chunk(2)
+        query = self.embed_views(x, g)
+        q1, q2 = query.p.chunk(2)
+        k1, k2 = self.targets(query.views).chunk(2)
         t = self.options.temperature
-        return batch_info_nce(q1, k2, t) + batch_info_nce(q2, k1, t), features[: len(x)]
+        return batch_info_nce(q1, k2, t) + batch_info_nce(q2, k1, t), query.features[: len(x)]

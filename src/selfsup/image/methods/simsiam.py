@@ -5,16 +5,13 @@ no momentum encoder: the stop-gradient alone prevents collapse."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from selfsup.core.config import option
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import negative_cosine
-from selfsup.image.methods.base import Method
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import Siamese
 
 
 @dataclass
@@ -26,23 +23,15 @@ class Options:
     predictor_hidden: int = option(128, "bottleneck of the predictor", check=">=1")
 
 
-class SimSiam(Method):
+class SimSiam(Siamese):
     Options = Options
+    projection_layers, predictor_layers = 3, 2  # the predictor's hidden: --predictor-hidden
 
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = nn.Sequential(  # the paper's projector ends in BatchNorm
-            ProjectionHead(self.encoder.feature_dim, o.projection_hidden, o.projection_dim, 3),
-            nn.BatchNorm1d(o.projection_dim),
-        )
-        self.predictor = ProjectionHead(o.projection_dim, o.predictor_hidden, o.projection_dim)
+    def projection_head(self) -> nn.Module:  # the paper's projector ends in BatchNorm
+        return nn.Sequential(super().projection_head(), nn.BatchNorm1d(self.options.projection_dim))
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        features = self.encoder(torch.cat([self.views(x, g), self.views(x, g)]))
-        z1, z2 = self.projection(features).chunk(2)
-        p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+        e = self.embed_views(x, g)
+        (z1, z2), (p1, p2) = e.z.chunk(2), e.p.chunk(2)
         loss = (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
-        return loss, features[: len(x)]
+        return loss, e.features[: len(x)]

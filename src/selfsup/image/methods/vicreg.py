@@ -6,17 +6,13 @@ deviation of at least 1 over the batch (variance) and the dimensions are decorre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfsup.core.config import option
-from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.noncontrastive import vicreg
-from selfsup.image.methods.base import Method
-from selfsup.image.methods.simclr import cropped_view_size
-from selfsup.image.models import ProjectionHead
+from selfsup.image.methods.siamese import Siamese, cropped_view_size
 
 
 @dataclass
@@ -33,23 +29,13 @@ class Options:
     )
 
 
-class VICReg(Method):
+class VICReg(Siamese):
     Options = Options
-
-    def __init__(
-        self, config: PretrainConfig, data_info: dict[str, Any], options: Options | None = None
-    ) -> None:
-        super().__init__(config, data_info, options)
-        o = self.options
-        self.projection = ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim, 3
-        )
+    projection_layers = 3
 
     def view_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         return cropped_view_size(self.config, self.options, image_size)
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        features = self.encoder(torch.cat([self.views(x, g), self.views(x, g)]))
-        z1, z2 = self.projection(features).chunk(2)
-        o = self.options
-        return vicreg(z1, z2, o.invariance, o.variance, o.covariance), features[: len(x)]
+        e, o = self.embed_views(x, g), self.options
+        return vicreg(*e.z.chunk(2), o.invariance, o.variance, o.covariance), e.features[: len(x)]

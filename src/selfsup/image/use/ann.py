@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.core.errors import SelfsupError
+from selfsup.image.use.exact import exact_search
 
 SAMPLE = 256  # rows used as queries to choose nprobe
 TRAIN_PER_LIST = 64  # k-means training rows per list
@@ -55,8 +56,6 @@ def build(
     float32), and how it was tuned. The default aims above 0.95: the sample's estimate is noisy,
     and new queries (not rows of the index, which also trained the lists) fare a little worse
     (benchmarks/search_scale.py)."""
-    from selfsup.image.use.search import exact_search
-
     faiss = require_faiss()
     features = np.ascontiguousarray(features, dtype=np.float32)
     n, d = features.shape

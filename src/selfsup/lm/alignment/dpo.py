@@ -11,21 +11,24 @@ records; the loop (Fabric, epochs, validation, checkpoints, RUN/hf) is `posttrai
 from __future__ import annotations
 
 import copy
+import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout
+from selfsup.lm.alignment.stage import Stage, epoch_summary
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.data.conversations import Message, Ranking, read_rankings
 from selfsup.lm.losses.ppo import token_logprobs
 from selfsup.lm.losses.preference import dpo_loss, ranking_pairs
-from selfsup.lm.models import hf
-from selfsup.lm.options import DPOConfig
+from selfsup.lm.options import TuneConfig
 from selfsup.lm.training.posttrain import (
     check_rankings_fit,
     checked_config,
@@ -33,6 +36,42 @@ from selfsup.lm.training.posttrain import (
     set_special_ids,
     split_validation,
 )
+
+
+@dataclass
+class Options(TuneConfig):
+    """Options of `selfsup lm dpo`: TuneConfig's loop, its own defaults, and β."""
+
+    init: str = option(
+        "",
+        "the SFT run (or local HF folder) to start from; also the frozen reference (required "
+        "unless --resume RUN)",
+    )
+    data: str = option(
+        "",
+        "JSONL rankings ('D > C > A = B': every strictly ordered pair) or TRL's chosen/rejected "
+        "records, text or conversational (required unless --resume RUN)",
+    )
+    epochs: int = option(1, "passes over the pairs", check=">=1")
+    batch_size: int = option(16, "preference pairs per step", check=">=1")
+    lr: float = option(1e-5, "peak learning rate (AdamW, warm-up then cosine)", check=">0")
+    max_length: int = option(
+        128,
+        "tokens per conversation: longer ones are cut (they lose their start); a conversation "
+        "beyond the model's context stops the command with one line naming its line (pass "
+        "--max-length CONTEXT to cut there)",
+        check=">=1",
+    )
+    pack: bool = option(False, "not used by dpo", cli=False)
+    resume: str | None = option(
+        None, "continue the run in this directory from its last epoch (True: the one in --out)"
+    )
+    beta: float = option(
+        0.1,
+        "the KL strength: implicit reward β·(log π - log π_ref); smaller β strays further",
+        check=">0",
+    )
+
 
 Pair = tuple[list[Message], str, str]  # (the prompt's conversation, chosen, rejected)
 
@@ -145,13 +184,12 @@ def _with_reference(
     return [(c, r, scores[tuple(c[0])], scores[tuple(r[0])]) for c, r in examples]
 
 
-def dpo(config: DPOConfig, command: str | None = None) -> Path:
-    """DPO from the SFT model on preference pairs; returns the run directory."""
+def preference_data(config: Any) -> tuple[Any, Any, list, list]:
+    """(tokenizer, policy, training examples, validation examples) of a preference stage's
+    checked options: every (chosen, rejected) pair of --data with two different answers as
+    `_examples`, the policy --init with its special ids (dpo, simpo)."""
     from selfsup.lm.alignment.rlhf import load_policy
 
-    config = checked_config(config)
-    hf.check_number("--beta", config.beta, 0, low_open=True)
-    torch.manual_seed(config.seed)
     rankings = read_rankings(config.data)
     train_r, val_r = split_validation(rankings, config.val_fraction, "ranked prompts")
     train_pairs, left_train = preference_pairs(train_r)
@@ -170,10 +208,27 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
     tokenizer, model = load_policy(config.init)
     set_special_ids(model, tokenizer)
     check_rankings_fit(tokenizer, rankings, config, model)
+    examples = [
+        _examples(tokenizer, pairs, config.max_length) for pairs in (train_pairs, val_pairs)
+    ]
+    return tokenizer, model, examples[0], examples[1]
+
+
+def reward_accuracy(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
+    """The logged metrics of implicit rewards: pairs ordered right (ties half), mean margin."""
+    accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+    return {"reward_acc": accuracy.item(), "margin": (chosen - rejected).mean().item()}
+
+
+def dpo(config: Options, command: str | None = None) -> Path:
+    """DPO from the SFT model on preference pairs; returns the run directory."""
+    config = checked_config(config)  # β's range too
+    torch.manual_seed(config.seed)
+    tokenizer, model, train, val = preference_data(config)
     pad = tokenizer.pad_token_id
     reference = copy.deepcopy(model)
-    train = _with_reference(reference, _examples(tokenizer, train_pairs, config.max_length), pad)
-    val = _with_reference(reference, _examples(tokenizer, val_pairs, config.max_length), pad)
+    train = _with_reference(reference, train, pad)
+    val = _with_reference(reference, val, pad)
     del reference
     disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
 
@@ -183,7 +238,23 @@ def dpo(config: DPOConfig, command: str | None = None) -> Path:
         ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=device)
         n = len(batch)
         loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], config.beta)
-        accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
-        return loss, {"reward_acc": accuracy.item(), "margin": (chosen - rejected).mean().item()}
+        return loss, reward_accuracy(chosen, rejected)
 
     return fit_stage("dpo", config, command, model, tokenizer, train, val, loss_fn)
+
+
+class DPO(Stage):
+    Options = Options
+    help = "direct preference optimisation of an SFT model on ranked or chosen/rejected pairs"
+    description = (
+        "DPO (Rafailov et al., 2023): the SFT model learns from preference pairs directly, no "
+        "reward model and no sampling; the SFT model itself is the frozen reference. Writes a "
+        "run directory (training counted in --epochs)."
+    )
+    entry = "dpo"
+
+    @staticmethod
+    def summary(run: Path) -> tuple[list[str], list[str]]:
+        written = "hf/ the policy, metrics.csv, checkpoint"
+        after = f"selfsup lm chat {shlex.quote(str(run))}"
+        return epoch_summary(run, written, ("val_reward_acc", "val_loss"), after)

@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,50 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selfsup.core import run as rundir
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.lm.alignment.stage import Stage, policy_summary
 from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.grpo import group_advantages, grpo_loss
 from selfsup.lm.models import hf
-from selfsup.lm.options import GRPOConfig, check_one_device
+from selfsup.lm.options import OnlineOptions, check_declared, check_one_device
+
+
+@dataclass
+class Options(OnlineOptions):
+    """Options of `selfsup lm grpo` (defaults after DeepSeekMath's GRPO, scaled down)."""
+
+    reward_from: str = option(
+        "model",
+        "what the answers are scored by: model (the reward model) | gold (the known gold score "
+        "itself: for analysis only, needs --gold)",
+    )
+    iterations: int = option(50, "iterations (sample groups, score, update)", check=">=1")
+    prompts_per_iteration: int = option(
+        4, "prompts per iteration, each answered G times", check=">=1"
+    )
+    group_size: int = option(
+        8, "answers per prompt (G); advantages are standardised within them", check=">=2"
+    )
+    minibatch: int = option(16, "answers per gradient step", check=">=1")
+    grpo_epochs: int = option(1, "passes over each iteration's answers (μ)", check=">=1")
+    lr: float = option(1e-5, "learning rate (AdamW)", check=">0")
+    beta: float = option(
+        0.04, "weight of the k3 KL estimate to the reference in the loss", check=">=0"
+    )
+    clip: float = option(0.2, "clip range of the policy ratio", check=">0")
+    max_new_tokens: int = option(24, "longest answer in tokens", check=">=1")
+    temperature: float = option(1.0, "sampling temperature of the answers", check=">0")
+    no_end_score: float = option(-1.0, "the score of an answer that never emits the end token")
+    max_grad_norm: float = option(1.0, "gradient clipping norm", check=">0")
+    max_kl: float = option(
+        0.0,
+        "stop when the answers' mean KL from the reference exceeds this (0: no bound)",
+        check=">=0",
+    )
+
 
 ScoreFn = Callable[[Any, list[int]], torch.Tensor]  # (rollout, prompt indices) -> rewards
 
@@ -39,7 +77,7 @@ class GRPOTrainer:
     """Optimises `policy` against `score(rollout, prompt indices)`; the reference is a frozen
     copy of the starting policy."""
 
-    def __init__(self, policy: nn.Module, tokenizer: Any, config: GRPOConfig, fabric: Any = None):
+    def __init__(self, policy: nn.Module, tokenizer: Any, config: Options, fabric: Any = None):
         import lightning as L
 
         self.config = config
@@ -105,21 +143,9 @@ class GRPOTrainer:
         }
 
 
-def check_options(config: GRPOConfig) -> None:
+def check_options(config: Options) -> None:
     """One line for a missing or impossible option, before any file is read or written."""
-    for name in ("policy", "reward", "prompts", "out"):
-        if not getattr(config, name):
-            raise SelfsupError(f"--{name.replace('_', '-')} is required")
-    for name in ("iterations", "prompts_per_iteration", "minibatch", "grpo_epochs",
-                 "eval_every", "eval_samples", "max_new_tokens"):  # fmt: skip
-        if getattr(config, name) < 1:
-            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.group_size < 2:
-        raise SelfsupError("--group-size must be at least 2 (a group of one has no baseline)")
-    for name in ("lr", "clip", "temperature", "max_grad_norm"):
-        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0, low_open=True)
-    for name in ("beta", "max_kl"):
-        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0)
+    check_declared(config)  # required, and the ranges its fields declare
     if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
         raise SelfsupError("--no-end-score and --temperature must be finite numbers")
     if config.reward_from not in ("model", "gold"):
@@ -143,7 +169,7 @@ def _hint(run: Path, saved: list[str]) -> Iterator[None]:
         raise KeyboardInterrupt(interrupted_hint("grpo", saved, run)) from None
 
 
-def grpo(config: GRPOConfig, command: str | None = None) -> Path:
+def grpo(config: Options, command: str | None = None) -> Path:
     """GRPO from the SFT model; returns the run directory."""
     from selfsup.lm.alignment.rlhf import (
         diverged,
@@ -224,3 +250,15 @@ def grpo(config: GRPOConfig, command: str | None = None) -> Path:
         )  # fmt: skip
         hf.save_hf(run, trainer.policy, tokenizer)
     return run
+
+
+class GRPO(Stage):
+    Options = Options
+    help = "optimise an SFT model with GRPO: group-relative advantages, no value model"
+    description = (
+        "GRPO (Shao et al., 2024): G answers per prompt, rewards standardised within each group, "
+        "clipped ratio, k3 KL to the SFT model in the loss. Writes a run directory."
+    )
+    entry = "grpo"
+
+    summary = staticmethod(policy_summary)

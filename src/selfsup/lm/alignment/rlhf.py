@@ -17,6 +17,7 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from selfsup.core import run as rundir
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
+from selfsup.lm.alignment.stage import Stage, policy_summary
 from selfsup.lm.data.arithmetic import (
     gold_score,
     labeler_scores,
@@ -39,9 +42,23 @@ from selfsup.lm.data.context import context_length, fit_prompt, shortest_context
 from selfsup.lm.data.conversations import Message, prompt_lines, read_prompts
 from selfsup.lm.losses.preference import pair_agreement
 from selfsup.lm.models import hf
-from selfsup.lm.options import PPOSettings, RLHFConfig, check_one_device
+from selfsup.lm.options import OnlineOptions, PPOSettings, check_declared, check_one_device
 
 GOLDS = ("none", "arithmetic")
+
+
+@dataclass
+class Options(PPOSettings, OnlineOptions):
+    """Options of `selfsup lm rlhf` (PPO's knobs plus the run's inputs)."""
+
+    iterations: int = option(
+        50, "PPO iterations (sample, score, update); RLHF counts iterations, not steps", check=">=1"
+    )
+    max_kl: float = option(
+        0.0,
+        "stop when the rollouts' mean KL from the reference exceeds this (0: no bound)",
+        check=">=0",
+    )
 
 
 def gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
@@ -136,7 +153,7 @@ def evaluate_policy(
 
 
 @rundir.releases_run_locks  # the run lock start_run takes
-def rlhf(config: RLHFConfig, command: str | None = None) -> Path:
+def rlhf(config: Options, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
     check_options(config)
     conversations, records = load_prompts(config.prompts)
@@ -178,23 +195,11 @@ def interrupted_hint(stage: str, saved: list[str], run: Path) -> str:
     )
 
 
-def check_options(config: RLHFConfig) -> None:
+def check_options(config: Options) -> None:
     """One line for a missing or impossible option, before any file is read or written."""
-    for name in ("policy", "reward", "prompts", "out"):
-        if not getattr(config, name):
-            raise SelfsupError(f"--{name.replace('_', '-')} is required")
-    for name in ("rollouts", "minibatch", "ppo_epochs", "iterations", "eval_every",
-                 "eval_samples", "max_new_tokens", "kl_horizon"):  # fmt: skip
-        if getattr(config, name) < 1:
-            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
+    check_declared(config)  # required, and the ranges its fields declare
     if config.rollouts < config.minibatch:
         raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
-    for name in ("lr", "clip", "value_clip", "temperature", "max_grad_norm"):
-        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0, low_open=True)
-    for name in ("beta", "value_coef", "adaptive_kl", "target_kl", "max_kl"):
-        hf.check_number(f"--{name.replace('_', '-')}", getattr(config, name), 0)
-    hf.check_number("--gamma", config.gamma, 0, 1)
-    hf.check_number("--lam", config.lam, 0, 1)
     if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
         raise SelfsupError("--no-end-score and --temperature must be finite numbers")
     hf.check_accelerator(config.accelerator)
@@ -204,7 +209,7 @@ def check_options(config: RLHFConfig) -> None:
 
 def _ppo_run(
     run: Path,
-    config: RLHFConfig,
+    config: Options,
     tokenizer: Any,
     policy: Any,
     reward_model: Any,
@@ -382,9 +387,9 @@ def best_of_n(
     too long for the models' context is refused, or with `truncate` cut (`fit_prompt`)."""
     if not math.isfinite(no_end_score):
         raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
-    for option, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+    for flag, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
         if value < 1:
-            raise SelfsupError(f"{option} must be at least 1, got {value}")
+            raise SelfsupError(f"{flag} must be at least 1, got {value}")
     if pool < 0:
         raise SelfsupError(f"--pool must be at least 0 (0: the largest n), got {pool}")
     tokenizer, policy = load_policy(policy_path)
@@ -515,3 +520,15 @@ def chat_reply(
     )
     answer = ids[0, prompts["input_ids"].shape[1] :]
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+class RLHF(Stage):
+    Options = Options
+    help = "optimise an SFT model against a reward model with PPO"
+    description = (
+        "RLHF with PPO: per-token KL penalty to the SFT model, GAE, clipped surrogate and value "
+        "losses. Writes a run directory."
+    )
+    entry = "rlhf"
+
+    summary = staticmethod(policy_summary)

@@ -26,6 +26,7 @@ leading space.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,15 @@ from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
+from selfsup.lm.models.base import LanguageModule
 from selfsup.lm.models.hf import one_line_reason
-from selfsup.lm.options import BERT_DEFAULTS
-from selfsup.lm.options import BertOptions as Options
-from selfsup.lm.training.pretrain import LanguageModule, LMConfig
+from selfsup.lm.options import LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
 IS_NEXT, NOT_NEXT = 0, 1
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>")
-DEFAULTS = BERT_DEFAULTS
 MAX_TRIES = 200  # random places tried per pair before concluding the text has no pairs
 
 
@@ -196,6 +196,19 @@ NO_PAIRS = (
 # --- a kind of `selfsup lm pretrain` ---------------------------------------------------------
 
 
+@dataclass
+class Options:
+    """BERT options of `selfsup lm pretrain bert` (a small BERT; base is 768 × 12 × 12)."""
+
+    hidden_size: int = option(128, "width of the transformer", check=">=1")
+    num_layers: int = option(2, "transformer layers", check=">=1")
+    num_heads: int = option(2, "attention heads", check=">=1")
+    intermediate_size: int = option(512, "width of the feed-forward layers", check=">=1")
+    max_length: int = option(64, "longest pair in tokens, [CLS] and [SEP]s included", check=">=5")
+    dropout: float = option(0.1, "dropout probability", check="[0,1)")
+    mask_prob: float = option(0.15, "fraction of the tokens chosen for prediction", check="(0,1)")
+
+
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """BERT's conventions on a trained tokenizer: `[CLS] A [SEP] (B [SEP])` added on encoding,
     token types returned, and, for byte-level BPE, "[MASK]" absorbing the space before it (as
@@ -247,17 +260,10 @@ def load_init(path: str) -> Any:
 
 
 def build(config: LMConfig, options: Options, tokenizer: Any, init: Any) -> BertModule:
+    """The BERT to train (`init`: a checkpoint from `load_init`, which fixes the architecture);
+    `options` are in their declared ranges (`pretrain_lm` checks them)."""
     from transformers import BertConfig, BertForPreTraining
 
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        if getattr(options, name) < 1:
-            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.max_length < 5:
-        raise SelfsupError(f"--max-length must be at least 5 tokens, got {options.max_length}")
-    if not 0 < options.mask_prob < 1:
-        raise SelfsupError(f"--mask-prob must be between 0 and 1, got {options.mask_prob}")
-    if not 0 <= options.dropout < 1:
-        raise SelfsupError(f"--dropout must be in [0, 1), got {options.dropout}")
     tokenizer = prepare_tokenizer(tokenizer)
     if init is not None:  # the checkpoint fixes the architecture
         model, c = init, init.config
@@ -294,6 +300,14 @@ def build(config: LMConfig, options: Options, tokenizer: Any, init: Any) -> Bert
 
 class BertModule(LanguageModule):
     """Masked words + next sentence on pairs of lines; reports both accuracies."""
+
+    Options = Options
+    help = "BERT: masked-language modelling plus next-sentence prediction (Devlin et al., 2019)."
+    defaults = {"tokenizer": "bpe", "vocab_size": 4096, "batch_size": 32, "lr": 5e-4,
+                "weight_decay": 0.01, "steps": 2000}  # fmt: skip
+    SPECIAL_TOKENS = SPECIAL_TOKENS
+    load_init = staticmethod(load_init)
+    build = staticmethod(build)
 
     def __init__(self, config: LMConfig, options: Options, model: Any, tokenizer: Any) -> None:
         super().__init__(config, options, model.config.vocab_size)

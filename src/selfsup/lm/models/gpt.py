@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.core.tokenizer import encode_text, load_tokenizer
+from selfsup.lm.models.base import LanguageModule
 from selfsup.lm.models.hf import one_line_reason, quiet_transformers
-from selfsup.lm.options import GPTOptions as Options
-from selfsup.lm.training.pretrain import LanguageModule, LMConfig
+from selfsup.lm.options import LMConfig
 
 HF_DIR = "hf"
+
+
+@dataclass
+class Options:
+    """GPT options of `selfsup lm pretrain gpt` (defaults: nanoGPT's CPU "baby GPT")."""
+
+    block_size: int = option(64, "context length in tokens", check=">=1")
+    n_layer: int = option(4, "transformer blocks", check=">=1")
+    n_head: int = option(4, "attention heads", check=">=1")
+    n_embd: int = option(128, "width of the residual stream", check=">=1")
+    dropout: float = option(0.0, "dropout probability", check="[0,1)")
+    activation: str = option("gelu", "MLP activation: gelu (exact) | gelu_new (GPT-2's tanh form)")
 
 
 class CausalSelfAttention(nn.Module):
@@ -259,46 +273,20 @@ def hf_config(path: str | Path, what: str = "--init") -> Any:
 # --- Training (a kind of `selfsup lm pretrain`) -----------------------------------------
 
 
-SPECIAL_TOKENS = ("<|endoftext|>",)  # separates documents; starts generation from nothing
-
-
-def load_init(path: str) -> GPT:
-    return load_hf_gpt(path)
-
-
-def build(config: LMConfig, options: Options, tokenizer: Any, init: GPT | None) -> GPTModule:
-    if init is not None:  # the checkpoint fixes the architecture
-        blocks = init.transformer.h
-        options = Options(
-            block_size=init.block_size,
-            n_layer=len(blocks),
-            n_head=blocks[0].attn.heads,
-            n_embd=init.transformer.wte.embedding_dim,
-            dropout=options.dropout,
-            activation=init.activation,
-        )
-    if options.activation not in ACTIVATIONS:
-        raise SelfsupError(
-            f"--activation must be one of {', '.join(ACTIVATIONS)}, got {options.activation!r}"
-        )
-    for name in ("block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(options, name) < 1:
-            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.n_embd % options.n_head:
-        raise SelfsupError(
-            f"--n-embd {options.n_embd} must be a multiple of --n-head {options.n_head}"
-        )
-    if not 0 <= options.dropout < 1:
-        raise SelfsupError(f"--dropout must be in [0, 1), got {options.dropout}")
-    vocab_size = init.vocab_size if init is not None else len(tokenizer)
-    module = GPTModule(config, options, vocab_size)
-    if init is not None:
-        module.model.load_state_dict(init.state_dict())
-    return module
-
-
 class GPTModule(LanguageModule):
     """Next-token prediction: inputs are a window of the corpus, targets the same shifted by one."""
+
+    Options = Options
+    help = "GPT: a causal transformer trained to predict the next token (the pretraining of LLMs)."
+    # benchmarks/gpt_shakespeare.py's recipes (README: "Language"), by name, over the defaults
+    presets = {
+        "baby": {},  # the defaults, nanoGPT's CPU baby GPT: val loss about 1.90 on tinyshakespeare
+        "baby-fast": {"steps": 1200, "lr": 4e-3},  # about 1.87 in 90 s on 2 CPU cores
+        "long": {"steps": 2500, "batch_size": 32, "lr": 1.5e-3, "block_size": 128,
+                 "eval_interval": 500},
+    }  # fmt: skip
+    SPECIAL_TOKENS = ("<|endoftext|>",)  # separates documents; starts generation from nothing
+    load_init = staticmethod(load_hf_gpt)
 
     def __init__(self, config: LMConfig, options: Options, vocab_size: int) -> None:
         super().__init__(config, options, vocab_size)
@@ -311,6 +299,31 @@ class GPTModule(LanguageModule):
             options.dropout,
             options.activation,
         )
+
+    @classmethod
+    def build(cls, config: LMConfig, options: Options, tokenizer: Any, init: Any) -> GPTModule:
+        if init is not None:  # the checkpoint fixes the architecture
+            blocks = init.transformer.h
+            options = Options(
+                block_size=init.block_size,
+                n_layer=len(blocks),
+                n_head=blocks[0].attn.heads,
+                n_embd=init.transformer.wte.embedding_dim,
+                dropout=options.dropout,
+                activation=init.activation,
+            )
+        if options.activation not in ACTIVATIONS:
+            raise SelfsupError(
+                f"--activation must be one of {', '.join(ACTIVATIONS)}, got {options.activation!r}"
+            )
+        if options.n_embd % options.n_head:
+            raise SelfsupError(
+                f"--n-embd {options.n_embd} must be a multiple of --n-head {options.n_head}"
+            )
+        module = cls(config, options, init.vocab_size if init is not None else len(tokenizer))
+        if init is not None:
+            module.model.load_state_dict(init.state_dict())
+        return module
 
     def check_data(self, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
         need = self.options.block_size + 1

@@ -24,6 +24,7 @@ import yaml
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
+from selfsup.engine.device import check_accelerator  # noqa: F401  (the stages import it from here)
 from selfsup.lm.options import check_number  # noqa: F401  (the stages import it from here)
 
 HF_DIR = "hf"
@@ -254,19 +255,6 @@ def removed_unless_kept(run: Path, kept: Any) -> Iterator[None]:
         if not kept(run):
             clear_run(run)
         raise
-
-
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-
-
-def check_accelerator(value: str) -> None:
-    """--accelerator: one of ACCELERATORS, and a GPU only where CUDA is available."""
-    if value not in ACCELERATORS:
-        raise SelfsupError(f"--accelerator {value!r}: expected one of {', '.join(ACCELERATORS)}")
-    if value == "mps" and not torch.backends.mps.is_available():
-        raise SelfsupError("--accelerator mps: this machine has no Apple GPU (use cpu or auto)")
-    if value in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise SelfsupError(f"--accelerator {value}: this machine has no CUDA GPU (use cpu or auto)")
 
 
 def check_precision(value: str | None) -> None:

@@ -17,13 +17,10 @@ the pairs and draws the negatives, so all randomness of a step comes from one se
 from __future__ import annotations
 
 import json
-import logging
 import math
-import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +29,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from selfsup.core import run as rundir
+from selfsup.core.config import check_fields, option
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
-from selfsup.engine.progress import StderrProgressBar
-from selfsup.lm.models.hf import (
-    check_accelerator,
-    check_number,
-    check_precision,
-    removed_unless_kept,
-)
-from selfsup.lm.options import Word2VecConfig, check_one_device
+from selfsup.engine.trainer import build_trainer, seed_everything
+from selfsup.lm.models.hf import check_accelerator, removed_unless_kept
+from selfsup.lm.options import check_one_device
 
 UNK = "[UNK]"
 VECTORS = "vectors.safetensors"
+
+
+@dataclass
+class Options:
+    """`selfsup lm pretrain word2vec`: gensim's names and defaults where it has the option."""
+
+    data: str | None = option(None, "the corpus: a .txt or .jsonl file, or a folder of them")
+    encoding: str = option("utf-8", "text encoding of the corpus files")
+    text_field: str = option("text", "field of the text in .jsonl records")
+    dim: int = option(100, "size of the word vectors (gensim: vector_size)", check=">=1")
+    window: int = option(5, "largest distance between a word and its context", check=">=1")
+    negatives: int = option(
+        5, "noise words per (word, context) pair (gensim: negative)", check=">=1"
+    )
+    min_count: int = option(5, "ignore words seen fewer times", check=">=1")
+    sample: float = option(
+        1e-3, "subsampling threshold for frequent words (0: keep all)", check=">=0"
+    )
+    epochs: int = option(5, "passes over the corpus (word2vec counts epochs)", check=">=1")
+    optimizer: str = option(
+        "sgd", "sgd (word2vec's, per-pair rate) | adam (steadier on small vocabularies)"
+    )
+    lr: float = option(
+        0.025, "learning rate, decayed linearly to 0 (gensim: alpha; adam: try 0.03)", check=">0"
+    )
+    batch_words: int = option(2000, "consecutive words per step (windows stay inside)", check=">=1")
+    seed: int = option(
+        0, "random seed (initialisation, subsampling, windows, negatives)", check="seed"
+    )
+    accelerator: str = option("cpu", "cpu | gpu | auto (Lightning)")
+    devices: str = option("1", "1 or auto: this stage trains in one process, on one device")
+    precision: str = option(
+        "32-true", "Lightning precision, e.g. bf16-mixed on a GPU", check="precision"
+    )
+    progress: bool | None = option(None, "progress bar (default: on a terminal)")
+    out: str | None = option(None, "run directory (default runs/lm-word2vec-CORPUS-TIMESTAMP)")
+
+
+Word2VecConfig = Options  # the name the functions below use
 
 
 def noise_distribution(counts: Tensor, power: float = 0.75) -> Tensor:
@@ -153,9 +183,6 @@ def analogy_query(vectors: Tensor, a: int, b: int, c: int) -> Tensor:
 # --- training: a word-level vocabulary, a Lightning module, the run directory ----------------
 
 
-CLI_CONFIGS = (Word2VecConfig,)  # `selfsup lm pretrain word2vec` mirrors this, not LMConfig
-
-
 def word_tokenizer(texts: Sequence[str], min_count: int) -> PreTrainedTokenizerFast:
     """Lower-cased words (letters, digits, apostrophes), those seen at least `min_count` times.
 
@@ -176,6 +203,10 @@ class Word2Vec(L.LightningModule):
     """Skip-gram with negative sampling, trained like word2vec: SGD with a per-pair rate (the
     summed loss), linearly decayed. A batch sums many updates of a frequent word at once, which
     can diverge on a tiny vocabulary; Adam (scale-free) is the steadier choice there."""
+
+    Options = Options
+    help = "word2vec: skip-gram with negative sampling (Mikolov et al., 2013)."
+    entry = "run_pretrain"  # its own loop; its Options are its whole configuration
 
     def __init__(self, counts: Tensor, config: Word2VecConfig, total_steps: int) -> None:
         super().__init__()
@@ -245,22 +276,10 @@ def pretrain_word2vec(
     config = replace(config or Word2VecConfig(), **settings)
     if not config.data:
         raise SelfsupError("--data is required: a .txt or .jsonl file, or a folder of them")
-    for option, value in [
-        ("--dim", config.dim),
-        ("--window", config.window),
-        ("--negatives", config.negatives),
-        ("--min-count", config.min_count),
-        ("--epochs", config.epochs),
-        ("--batch-words", config.batch_words),
-    ]:
-        if value < 1:
-            raise SelfsupError(f"{option} must be at least 1, got {value}")
+    check_fields(config)  # the ranges its fields declare
     if config.optimizer not in ("sgd", "adam"):
         raise SelfsupError(f"--optimizer {config.optimizer!r} is unknown; expected sgd or adam")
-    check_number("--lr", config.lr, 0, low_open=True)
-    check_number("--sample", config.sample, 0)
     check_accelerator(config.accelerator)
-    check_precision(config.precision)
     check_one_device(config.devices)
     texts = read_texts(config.data, config.encoding, config.text_field)
     tokenizer = word_tokenizer(texts, config.min_count)
@@ -291,10 +310,7 @@ def _train(
     counts[tokenizer.unk_token_id] = 0  # never a negative, always subsampled away
     _write_vocab(run / "vocab.tsv", tokenizer, counts)
 
-    L.seed_everything(config.seed, verbose=False)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*Experiment logs directory.*"):
-        warnings.filterwarnings("ignore", pattern)
+    seed_everything(config.seed)
     chunks = _Chunks(ids, config.batch_words)
     method = Word2Vec(counts, config, total_steps=config.epochs * len(chunks))
     loader = torch.utils.data.DataLoader(
@@ -303,19 +319,13 @@ def _train(
         shuffle=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-    trainer = L.Trainer(
-        default_root_dir=run,
+    trainer = build_trainer(  # one process; no resume, so no Ctrl-C hint
+        run,
+        config,
+        hint=None,
+        bar=dict(refresh_rate=10),
         max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=1,
-        precision=config.precision,
-        logger=CSVLogger(save_dir=run, name="", version=""),
         log_every_n_steps=10,
-        callbacks=[ModelCheckpoint(dirpath=run / rundir.CHECKPOINTS, save_last=True)]
-        + ([StderrProgressBar(refresh_rate=10)] if progress else []),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(method, loader)

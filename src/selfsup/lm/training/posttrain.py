@@ -1,12 +1,7 @@
-"""The two supervised stages after pretraining, on any local Hugging Face causal LM:
-
-- `sft`: supervised fine-tuning on conversations, loss on the assistant's tokens only;
-- `train_reward`: a reward model (the transformer with a scalar head, initialised from the SFT
-  model) from rankings, -log σ(r_w - r_l) over every strictly ordered pair of a prompt, the pairs
-  of one prompt in one batch element (InstructGPT). Reports held-out pairwise accuracy.
-
-Both run one loop on Lightning Fabric (devices, precision) with a progress bar, validate and
-checkpoint after every epoch, resume from the last epoch, and export RUN/hf.
+"""The loop of the stages that train on a file in epochs (sft, reward, dpo), on any local
+Hugging Face causal LM: their options' checks (`checked_config`), then one loop on Lightning
+Fabric (devices, precision) with a progress bar, validating and checkpointing after every
+epoch, resuming from the last epoch, and exporting RUN/hf (`fit_stage`).
 """
 
 from __future__ import annotations
@@ -26,25 +21,14 @@ from tqdm.auto import tqdm
 from selfsup.core import run as rundir
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.engine.optim import warmup_cosine
-from selfsup.lm.data.chat_data import (
-    add_chat_tokens,
-    collate,
-    next_token_loss,
-    pack,
-    ranking_batch,
-    sft_example,
-)
+from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.data.conversations import (
-    CHAT_TEMPLATE,
     Ranking,
-    conversation_lines,
-    read_rankings,
     tokenize_chat,
 )
-from selfsup.lm.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
 from selfsup.lm.models import hf
-from selfsup.lm.options import TuneConfig, check_one_device
+from selfsup.lm.options import TuneConfig, check_declared, check_one_device
 
 
 def split_validation(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
@@ -83,12 +67,7 @@ def checked_config(config: TuneConfig) -> TuneConfig:
     for name in ("init", "data", "out"):
         if not getattr(config, name):
             raise SelfsupError(f"--{name} is required")
-    for name in ("epochs", "batch_size", "max_length"):
-        if getattr(config, name) < 1:
-            raise SelfsupError(f"--{name.replace('_', '-')} must be at least 1")
-    hf.check_number("--lr", config.lr, 0, low_open=True)
-    hf.check_number("--weight-decay", config.weight_decay, 0)
-    hf.check_number("--warmup-steps", config.warmup_steps, 0)
+    check_declared(config)  # the ranges its fields declare
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
@@ -110,91 +89,7 @@ def _saved_config(run: Path) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
-def sft(config: TuneConfig, command: str | None = None) -> Path:
-    """Supervised fine-tuning; returns the run directory."""
-    from transformers import AutoModelForCausalLM
-
-    config = checked_config(config)
-    torch.manual_seed(config.seed)  # new embedding rows and dropout masks
-    conversations = conversation_lines(config.data)
-    tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
-    _note_template(tokenizer, config.init)
-    if add_chat_tokens(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    set_special_ids(model, tokenizer)
-    context = context_length(model)
-    if config.pack and context is not None and config.max_length > context:
-        raise SelfsupError(
-            f"--pack --max-length {config.max_length}: blocks longer than the model's context "
-            f"of {context} tokens; pass --max-length {context} or less"
-        )
-    examples = []
-    for where, conversation in conversations:
-        example = sft_example(tokenizer, conversation, config.max_length)
-        check_fits(len(example[0]), context, where, "the conversation", _cut_hint(config, context))
-        examples.append(example)
-    train, val = split_validation(examples, config.val_fraction, "conversations")
-    if config.pack:
-        train = pack(train, config.max_length)
-
-    def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
-        b = {k: v.to(_device(m)) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return next_token_loss(logits, b["labels"]), {}
-
-    return fit_stage("sft", config, command, model, tokenizer, train, val, loss_fn)
-
-
-def train_reward(config: TuneConfig, command: str | None = None) -> Path:
-    """Reward model from rankings; returns the run directory."""
-    from transformers import AutoModelForSequenceClassification
-
-    config = checked_config(config)
-    torch.manual_seed(config.seed)  # the new score head and dropout masks
-    rankings = read_rankings(config.data)
-    ordered = [r for r in rankings if len(r.tiers) > 1]
-    if len(ordered) < len(rankings):  # e.g. K identical answers that the labeler tied
-        print(
-            f"{config.data}: {len(rankings) - len(ordered)} of {len(rankings)} ranked prompts "
-            "are full ties (no strictly ordered pair) and are left out"
-        )
-    if not ordered:
-        raise SelfsupError(f"{config.data}: every ranking is a full tie: nothing to learn from")
-    rankings = ordered
-    tokenizer, model = hf.load_tokenizer_and(
-        config.init, AutoModelForSequenceClassification, num_labels=1
-    )
-    if add_chat_tokens(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    set_special_ids(model, tokenizer)
-    check_rankings_fit(tokenizer, rankings, config, model)
-    train, val = split_validation(rankings, config.val_fraction, "ranked prompts")
-
-    def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
-        b = ranking_batch(tokenizer, batch, config.max_length)
-        rewards = reward_of(m, b["input_ids"].to(_device(m)), b["attention_mask"].to(_device(m)))
-        pairs, prompts = b["pairs"].to(rewards.device), b["prompt_of_pair"].to(rewards.device)
-        loss = pairwise_ranking_loss(rewards, pairs, prompts)
-        return loss, {"pair_acc": pairwise_accuracy(rewards.detach(), pairs)}
-
-    ceiling = gold_ceiling(val)
-    extra = {} if ceiling is None else {"val_gold_ceiling": ceiling}
-    return fit_stage("reward", config, command, model, tokenizer, train, val, loss_fn, extra)
-
-
-def _note_template(tokenizer: Any, init: str) -> None:
-    """One note line when --init's tokenizer has a chat template of its own: selfsup's markers
-    replace it (its own template is not used yet)."""
-    own = getattr(tokenizer, "chat_template", None)
-    if own and own != CHAT_TEMPLATE:
-        print(
-            f"selfsup: note: {init} has a chat template of its own; this stage trains with "
-            "selfsup's markers (<USER>, <ASSISTANT>, <END>) instead, and its export keeps them",
-            file=sys.stderr,
-        )
-
-
-def _cut_hint(config: TuneConfig, context: int | None) -> str:
+def cut_hint(config: TuneConfig, context: int | None) -> str:
     return (
         f"--max-length {config.max_length} does not cut it: pass --max-length {context} to cut "
         "longer conversations"
@@ -214,19 +109,7 @@ def check_rankings_fit(
             ids, _ = tokenize_chat(tokenizer, r.conversation(completion))
             length = min(len(ids), config.max_length)
             what = "a prompt with its answer"
-            check_fits(length, context, r.where, what, _cut_hint(config, context))
-
-
-def gold_ceiling(rankings: Sequence[Ranking]) -> float | None:
-    """The pair accuracy of the labelers' true (gold) scores on these rankings, ties counting
-    half: no reward model can expect more from noisy labels. None without gold scores."""
-    if not rankings or any(r.gold is None for r in rankings):
-        return None
-    credit, pairs = 0.0, 0
-    for r in rankings:
-        c, n = pair_agreement(r.tiers, r.gold)  # type: ignore[arg-type]
-        credit, pairs = credit + c, pairs + n
-    return credit / max(1, pairs)
+            check_fits(length, context, r.where, what, cut_hint(config, context))
 
 
 def reward_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -239,6 +122,14 @@ def reward_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     )
 
 
+def prepare_chat(model: Any, tokenizer: Any) -> None:
+    """Give `tokenizer` selfsup's chat markers (growing `model`'s embeddings when they are new)
+    and `model` its padding and end ids (sft, reward)."""
+    if add_chat_tokens(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    set_special_ids(model, tokenizer)
+
+
 def set_special_ids(model: Any, tokenizer: Any) -> None:
     """The model's (and its generation config's) padding and end ids from the tokenizer."""
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -248,7 +139,7 @@ def set_special_ids(model: Any, tokenizer: Any) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def _device(model: Any) -> torch.device:
+def device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 

@@ -1,14 +1,11 @@
 """`pretrain_lm()`: corpus -> tokenizer -> token ids -> model -> Lightning -> run directory.
 
-Every language model (`selfsup lm pretrain KIND`) trains through this one entry. A model kind
-is a module listed in `selfsup.lm.MODELS` that provides
-
-    Options          the kind's own options (declared in selfsup.lm.options, mirrored as flags)
-    SPECIAL_TOKENS   the special tokens its tokenizer needs (e.g. "[MASK]")
-    build(config, options, tokenizer, init) -> LanguageModule
-
-A `LanguageModule` draws its own batches from the memory-mapped token ids (`make_batch`),
-computes its loss (`loss`) and writes its exports (`export`); this file does the rest.
+Every transformer language model (`selfsup lm pretrain gpt|bert`) trains through this one
+entry. A model kind is a `LanguageModule` (selfsup.lm.models.base) registered in
+`selfsup.lm.methods.PRETRAIN`, with its own `Options`, `SPECIAL_TOKENS` (what its tokenizer
+needs, e.g. "[MASK]") and `build(config, options, tokenizer, init)`; it draws its own batches
+from the memory-mapped token ids (`make_batch`), computes its loss (`loss`) and writes its
+exports (`export`); this file does the rest.
 
 RUN/
   config.yaml        LMConfig + the kind's options + the tokenizer's size
@@ -23,38 +20,33 @@ RUN/
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import logging
 import os
-import signal
-import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfsup.core import run as rundir
+from selfsup.core.config import check_fields
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.core.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
-from selfsup.engine import metrics_log
-from selfsup.engine.optim import warmup_cosine
-from selfsup.engine.progress import StderrProgressBar, duration
+from selfsup.engine.progress import duration, show_bars
+from selfsup.engine.trainer import ResumeHint, build_trainer
 from selfsup.lm.data.corpus import encode_corpus, load_ids, read_texts, split_ids
+from selfsup.lm.methods import PRETRAIN
+from selfsup.lm.models.base import LanguageModule
 from selfsup.lm.models.hf import (
     check_accelerator,
-    check_precision,
     clear_run,
     one_line_reason,
     removed_unless_kept,
@@ -67,75 +59,15 @@ RESULTS = "results.json"
 BEST = "best"
 
 
-def model_kind(name: str) -> ModuleType:
-    from selfsup.lm import MODELS
-
-    if name not in MODELS:
-        raise SelfsupError(f"model {name!r} is unknown; expected one of {', '.join(MODELS)}")
-    return importlib.import_module(MODELS[name])
-
-
-class LanguageModule(L.LightningModule):
-    """Shared machinery: AdamW with warm-up + cosine, logging, a NaN guard, validation.
-
-    Subclasses implement `make_batch` and `loss`, and may override `check_data` and `export`.
-    """
-
-    def __init__(self, config: LMConfig, options: Any, vocab_size: int) -> None:
-        super().__init__()
-        self.config, self.options, self.vocab_size = config, options, vocab_size
-
-    def make_batch(self, ids: np.ndarray, rng: np.random.Generator, batch_size: int) -> Any:
-        """One batch drawn from the token ids `ids` with `rng` (tensors on the CPU)."""
-        raise NotImplementedError
-
-    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, extra metrics such as accuracies) of one batch."""
-        raise NotImplementedError
-
-    def check_data(self, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
-        """Raise SelfsupError when the token ids cannot make a batch (e.g. too short)."""
-
-    def export(self, run: Path, tokenizer: Any) -> None:
-        """Write the trained model's exports into the run directory."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the {self.config.model} loss became {loss.item()} at step {self.global_step}; "
-                "lower --lr"
-            )
-        self.log("train/loss", loss, prog_bar=True)
-        for name, value in metrics.items():
-            self.log(f"train/{name}", value)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, metrics = self.loss(batch)  # every process holds an equal share of the rows
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.config.lr,
-            betas=(0.9, self.config.beta2),
-            # One fused kernel for all parameters: 13% of the baby GPT's CPU step otherwise.
-            fused=self.device.type in ("cpu", "cuda"),
-        )
-        factor = warmup_cosine(
-            max(1, self.config.warmup_steps), self.config.steps, self.config.min_lr_fraction
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+def model_kind(name: str) -> type[LanguageModule]:
+    """The class of a kind `pretrain_lm` trains (word2vec has a loop of its own)."""
+    kinds = [k for k in PRETRAIN if "entry" not in PRETRAIN.about(k)]
+    if name in PRETRAIN and name not in kinds:
+        entry = f"{PRETRAIN[name].split(':')[0]}.{PRETRAIN.about(name)['entry']}"
+        raise SelfsupError(f"model {name!r} trains through its own entry, {entry}")
+    if name not in kinds:
+        raise SelfsupError(f"model {name!r} is unknown; expected one of {', '.join(kinds)}")
+    return PRETRAIN.load(name)
 
 
 class StepBatches(Dataset):
@@ -198,11 +130,11 @@ def step_loader(module, ids, batch_size: int, seed: int, start: int, stop: int) 
 
 
 def lm_config(model: str = "gpt", **settings: Any) -> LMConfig:
-    """LMConfig for a model kind: the kind's own `DEFAULTS` (if any), then `settings`."""
+    """LMConfig for a model kind: the kind's own `defaults`, then `settings`."""
     kind = model_kind(model)
     if "corpus" in settings:  # the name before `data` (issue 19)
         settings["data"] = settings.pop("corpus")
-    return LMConfig(model=model, **{**getattr(kind, "DEFAULTS", {}), **settings})
+    return LMConfig(model=model, **{**kind.defaults, **settings})
 
 
 @rundir.releases_run_locks
@@ -217,7 +149,8 @@ def pretrain_lm(
 
     `pretrain_lm(model="gpt", data="shakespeare.txt", steps=500)` is the same as
     `selfsup lm pretrain gpt --data shakespeare.txt --steps 500`; the kind's own options go
-    in `options` (e.g. `selfsup.lm.models.gpt.Options(n_layer=2)`).
+    in `options` (e.g. `selfsup.lm.models.gpt.Options(n_layer=2)`), checked against the ranges
+    their fields declare.
     """
     config = dataclasses.replace(config, **settings) if config else lm_config(**settings)
     kind = model_kind(config.model)
@@ -225,7 +158,7 @@ def pretrain_lm(
     command = command or f"pretrain_lm({config!r}, {options!r})"
     if config.resume:
         return _resume(config, kind, command)
-    _check(config)
+    _check(config, options)
     run = Path(config.out) if config.out else _default_run_dir(config)
     config = dataclasses.replace(config, out=str(run))
     rundir.lock_run(run)  # one writer per run folder
@@ -281,10 +214,10 @@ def _has_checkpoint(run: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def _check(config: LMConfig) -> None:
-    check_ranges(config)  # (the command line checks these before it imports torch)
+def _check(config: LMConfig, options: Any) -> None:
+    check_ranges(config)  # (the command line checks these and the options before torch loads)
+    check_fields(options)
     check_accelerator(config.accelerator)
-    check_precision(config.precision)
     if config.tokenizer not in KINDS and not (Path(config.tokenizer) / TOKENIZER_FILE).is_file():
         raise SelfsupError(
             f"--tokenizer {config.tokenizer!r}: expected {' or '.join(KINDS)}, or a folder "
@@ -292,7 +225,7 @@ def _check(config: LMConfig) -> None:
         )
 
 
-def _tokenizer_and_init(config: LMConfig, kind: ModuleType) -> tuple[Any, Any]:
+def _tokenizer_and_init(config: LMConfig, kind: type[LanguageModule]) -> tuple[Any, Any]:
     """The tokenizer to reuse (None: train one) and the kind's `--init` state (or None)."""
     init = kind.load_init(config.init) if config.init else None
     if config.tokenizer not in KINDS:
@@ -343,7 +276,7 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
     return config, options, saved
 
 
-def _resume(config: LMConfig, kind: ModuleType, command: str) -> Path:
+def _resume(config: LMConfig, kind: type[LanguageModule], command: str) -> Path:
     run = Path(config.resume)  # type: ignore[arg-type]
     if not run.is_dir():
         raise SelfsupError(f"--resume {run}: no such run directory")
@@ -387,7 +320,7 @@ def _fit(
     """Train from step `start` (a resumed run's checkpoint step; its metrics rows below it kept)."""
     train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
     keep_before = start if checkpoint is not None else None
-    hint = ResumeHint(run)
+    hint = ResumeHint(run, f"selfsup lm pretrain {config.model} --resume {run}")
     tokens = _tokens_per_step(config, module.options)
     trainer = _trainer(config, run, hint, keep_before, tokens)
     if config.batch_size % trainer.world_size:
@@ -421,10 +354,12 @@ def _fit(
         )
         raise SelfsupError(f"{e}{kept}") from None
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
-        if hint.message is None:
+        if not hint.interrupted:
             raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
-        raise KeyboardInterrupt(hint.message) from None
+        raise hint.interruption(
+            "before the first evaluation, nothing to resume: run the same command again to "
+            f"start afresh in {run}"
+        ) from None
     seconds = time.perf_counter() - began
     results = final_estimate(run, config, module, val_ids)
     results["train_seconds"] = round(seconds, 2)  # periodic validation included
@@ -510,76 +445,36 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _trainer(
     config: LMConfig, run: Path, hint: ResumeHint, keep_before: int | None = None, tokens: int = 0
 ) -> L.Trainer:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for pattern in (
-        ".*does not have many workers.*",
-        ".*Experiment logs directory.*",
-        ".*LeafSpec.*",
-    ):
-        warnings.filterwarnings("ignore", pattern)
-    on_gpu = config.accelerator in ("gpu", "cuda") or (
-        config.accelerator == "auto" and torch.cuda.is_available()
-    )
-    devices = _devices(config.devices, on_gpu)
-    # Several processes: forked after the run directory and token ids are ready (a re-launched
-    # script would prepare them again in every process); CUDA is not touched before the fork.
-    strategy = "ddp_fork" if isinstance(devices, int) and devices > 1 else "auto"
-    precision = config.precision or ("bf16-mixed" if on_gpu else "32-true")
-    callbacks: list[Callback] = [
-        # Lightning writes checkpoints atomically (temporary file, then rename).
-        ModelCheckpoint(
-            dirpath=run / rundir.CHECKPOINTS,
+    """The engine's Trainer counted in steps: validation every --eval-interval steps (its lowest
+    val/loss kept as best.ckpt beside last.ckpt), gradient clipping, one forked process per
+    device (after the run directory and token ids are ready: a re-run command would prepare
+    them again in every process)."""
+    progress = show_bars(config.progress)
+    return build_trainer(
+        run,
+        config,
+        hint=hint,
+        processes="fork",
+        checkpoint=dict(
             filename=BEST,
             monitor="val/loss",
             mode="min",
             save_top_k=1,
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        metrics_log.FlushMetricsWithCheckpoints(),
-        hint,
-    ]
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-    if progress:
-        callbacks.append(StderrProgressBar(refresh_rate=max(1, min(20, config.steps // 100))))
-    callbacks.append(ValidationLines(config.steps, bar=progress, tokens=tokens))
-    return L.Trainer(
-        default_root_dir=run,
+        callbacks=[ValidationLines(config.steps, bar=progress, tokens=tokens)],
+        keep_before=keep_before,
+        csv=dict(drop=("epoch",), flush_logs_every_n_steps=config.eval_interval),
+        bar=dict(refresh_rate=max(1, min(20, config.steps // 100))),
         max_steps=config.steps,
         max_epochs=-1,
-        accelerator=config.accelerator,
-        devices=devices,
-        strategy=strategy,
         use_distributed_sampler=False,  # StepBatches shares each batch out itself
-        precision=precision,
-        logger=metrics_log.RunCSVLogger(
-            run,
-            keep_before=keep_before,
-            drop=("epoch",),
-            flush_logs_every_n_steps=config.eval_interval,
-        ),
         log_every_n_steps=max(1, min(50, config.eval_interval // 5)),
         val_check_interval=config.eval_interval,
         check_val_every_n_epoch=None,
         gradient_clip_val=config.grad_clip or None,
-        callbacks=callbacks,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        num_sanity_val_steps=0,
     )
-
-
-def _devices(text: str, on_gpu: bool) -> int | str:
-    """--devices for Lightning: `auto` is every GPU (one forked process each), else one process,
-    as Lightning's `auto` is for image runs; a number is that many."""
-    if text == "auto":
-        if not on_gpu:
-            return 1
-        from lightning.fabric.accelerators.cuda import num_cuda_devices  # does not start CUDA
-
-        return max(1, num_cuda_devices())
-    return int(text) if text.isdigit() else text
 
 
 def _tokens_per_step(config: LMConfig, options: Any) -> int:
@@ -641,27 +536,3 @@ class ValidationLines(Callback):
         speed = self.speed(trainer.global_step)
         line = f"step {trainer.global_step}/{self.steps}: val/loss {float(loss):.4f}"
         self.write(line + (f" ({speed})" if speed else ""))
-
-
-class ResumeHint(Callback):
-    """Notes a Ctrl-C (Lightning then calls sys.exit(1)) with what was kept and how to continue;
-    `_fit` raises it as KeyboardInterrupt, which the CLI ends with exit code 130."""
-
-    def __init__(self, run: Path) -> None:
-        self.run = run
-        self.message: str | None = None
-
-    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt):
-            return
-        last = rundir.last_checkpoint(self.run)
-        if last:
-            self.message = (
-                f"the last checkpoint is {last}; continue with: selfsup lm pretrain "
-                f"{module.config.model} --resume {self.run}"
-            )
-        else:
-            self.message = (
-                "before the first evaluation, nothing to resume: run the same command again "
-                f"to start afresh in {self.run}"
-            )

@@ -1,0 +1,87 @@
+"""Supervised fine-tuning (`selfsup lm sft`): conversations, loss on the assistant's tokens
+only, in posttrain's loop (`fit_stage`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfsup.core.errors import SelfsupError
+from selfsup.lm.alignment.stage import Stage, epoch_summary
+from selfsup.lm.data.chat_data import collate, next_token_loss, pack, sft_example
+from selfsup.lm.data.context import check_fits, context_length
+from selfsup.lm.data.conversations import CHAT_TEMPLATE, conversation_lines
+from selfsup.lm.models import hf
+from selfsup.lm.options import TuneConfig as Options
+from selfsup.lm.training import posttrain
+
+
+def sft(config: Options, command: str | None = None) -> Path:
+    """Supervised fine-tuning; returns the run directory."""
+    from transformers import AutoModelForCausalLM
+
+    config = posttrain.checked_config(config)
+    torch.manual_seed(config.seed)  # new embedding rows and dropout masks
+    conversations = conversation_lines(config.data)
+    tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
+    _note_template(tokenizer, config.init)
+    posttrain.prepare_chat(model, tokenizer)
+    context = context_length(model)
+    if config.pack and context is not None and config.max_length > context:
+        raise SelfsupError(
+            f"--pack --max-length {config.max_length}: blocks longer than the model's context "
+            f"of {context} tokens; pass --max-length {context} or less"
+        )
+    examples = []
+    for where, conversation in conversations:
+        example = sft_example(tokenizer, conversation, config.max_length)
+        check_fits(
+            len(example[0]), context, where, "the conversation", posttrain.cut_hint(config, context)
+        )
+        examples.append(example)
+    train, val = posttrain.split_validation(examples, config.val_fraction, "conversations")
+    if config.pack:
+        train = pack(train, config.max_length)
+
+    def loss_fn(m: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        b = {
+            k: v.to(posttrain.device_of(m))
+            for k, v in collate(batch, tokenizer.pad_token_id).items()
+        }
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return next_token_loss(logits, b["labels"]), {}
+
+    return posttrain.fit_stage("sft", config, command, model, tokenizer, train, val, loss_fn)
+
+
+def _note_template(tokenizer: Any, init: str) -> None:
+    """One note line when --init's tokenizer has a chat template of its own: selfsup's markers
+    replace it (its own template is not used yet)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own and own != CHAT_TEMPLATE:
+        print(
+            f"selfsup: note: {init} has a chat template of its own; this stage trains with "
+            "selfsup's markers (<USER>, <ASSISTANT>, <END>) instead, and its export keeps them",
+            file=sys.stderr,
+        )
+
+
+class SFT(Stage):
+    Options = Options
+    help = "supervised fine-tuning on conversations (assistant tokens)"
+    description = (
+        "supervised fine-tuning on conversations (assistant tokens); writes a run directory "
+        "(training counted in --epochs)."
+    )
+    entry = "sft"
+
+    @staticmethod
+    def summary(run: Path) -> tuple[list[str], list[str]]:
+        q = shlex.quote(str(run))
+        written = "hf/ the Hugging Face model, metrics.csv, checkpoint"
+        after = f"selfsup lm chat {q}  (or: selfsup lm label {q} --prompts P.jsonl -o R.jsonl)"
+        return epoch_summary(run, written, ("val_loss", "train_loss"), after)
