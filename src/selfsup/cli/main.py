@@ -9,7 +9,6 @@ commands share (the parser class, the shared options, the one-line errors) is in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import shlex
@@ -37,10 +36,8 @@ from selfsup.core import __version__
 from selfsup.core.config import (
     add_dataclass_arguments,
     add_option,
-    check_fields,
     field_types,
     from_namespace,
-    option,
     read_config_file,
     read_yaml,
     type_of,
@@ -135,9 +132,7 @@ def _run_pretrain(args: argparse.Namespace, argv: list[str]) -> None:
 def check_method_options(method: str | None, given: dict[str, object]) -> None:
     """Check a method's own options against the ranges its file declares (`check=`), read from
     the file as `--help` reads them: a bad value is refused before torch is imported."""
-    specs = [s for s in METHODS.options(method or "") if s.name in given]
-    fields = [(s.name, type_of(s.type), option(s.default, s.help, **s.metadata)) for s in specs]
-    check_fields(dataclasses.make_dataclass("Options", fields)(**given))
+    METHODS.check(method or "", given)
 
 
 def _add_evaluate(e: Parser) -> None:

@@ -128,6 +128,36 @@ class Registry(dict[str, str]):
         """Every entry's option names (an old run's config.yaml holds them all)."""
         return set().union(*(self.option_names(name) for name in self))
 
+    def about(self, name: str) -> dict[str, Any]:
+        """The literal class attributes of `name`'s class (its `help`, `description`, `entry`,
+        `defaults`, `presets`, ...), read from its source."""
+        return dict(class_literals(*self[name].split(":")))
+
+    def check(self, name: str, values: dict[str, Any]) -> None:
+        """One line for the first of `values` outside the range `name`'s Options declare
+        (`check=`), read from the source: a usage mistake is told before torch is imported."""
+        from selfsup.core.config import check_fields, option, type_of
+
+        specs = [s for s in self.options(name) if s.name in values]
+        fields = [(s.name, type_of(s.type), option(s.default, s.help, **s.metadata)) for s in specs]
+        check_fields(dataclasses.make_dataclass("Options", fields)(**values))
+
     def build(self, name: str, values: dict[str, Any]) -> Any:
         """`name`'s Options from `values`, imported from its module (training is starting)."""
         return build_options(name, values, self.load(name).Options)
+
+
+@cache
+def class_literals(module: str, cls: str) -> tuple[tuple[str, Any], ...]:
+    """The `NAME = literal` attributes of class `cls` in `module`'s source (others skipped)."""
+    for node in source_tree(module).body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            found = []
+            for item in node.body:
+                if isinstance(item, ast.Assign) and isinstance(item.targets[0], ast.Name):
+                    try:
+                        found.append((item.targets[0].id, ast.literal_eval(item.value)))
+                    except ValueError:  # not a literal: only importing the class gives it
+                        continue
+            return tuple(found)
+    raise ValueError(f"{module} declares no class {cls}")

@@ -10,34 +10,9 @@ torch; a new stage is its file plus one line below.
 
 from __future__ import annotations
 
-import ast
+from selfsup.core.registry import Registry
 
-from selfsup.core.registry import Registry, source_tree
-
-
-class Stages(Registry):
-    """A Registry whose entries also name their `help` and `description` in their source."""
-
-    def about(self, name: str) -> dict[str, str]:
-        """The string attributes (`help`, `description`) of `name`'s class, read by `ast`."""
-        return dict(_class_strings(*self[name].split(":")))
-
-
-def _class_strings(module: str, cls: str) -> tuple[tuple[str, str], ...]:
-    for node in source_tree(module).body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            return tuple(
-                (item.targets[0].id, item.value.value)
-                for item in node.body
-                if isinstance(item, ast.Assign)
-                and isinstance(item.targets[0], ast.Name)
-                and isinstance(item.value, ast.Constant)
-                and isinstance(item.value.value, str)
-            )
-    raise ValueError(f"{module} declares no class {cls}")
-
-
-ALIGN = Stages(
+ALIGN = Registry(
     {
         "sft": "selfsup.lm.alignment.sft:SFT",
         "reward": "selfsup.lm.alignment.reward:Reward",

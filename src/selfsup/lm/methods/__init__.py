@@ -12,47 +12,9 @@ torch. A new kind is its file plus one line below.
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-from functools import cache
-from typing import Any
+from selfsup.core.registry import Registry
 
-from selfsup.core.config import check_fields, option, type_of
-from selfsup.core.registry import Registry, source_tree
-
-ABOUT = ("help", "defaults", "presets", "entry")  # the class attributes the CLI reads
-
-
-class Kinds(Registry):
-    """A Registry whose classes also state their `help`, `defaults`, `presets` and `entry`."""
-
-    def about(self, name: str) -> dict[str, Any]:
-        """`name`'s literal class attributes among ABOUT, read from its source."""
-        return dict(_class_literals(*self[name].split(":")))
-
-    def check(self, name: str, values: dict[str, Any]) -> None:
-        """One line for the first of `values` outside the range `name`'s Options declare
-        (`check=`), read from the source: a usage mistake is told before torch is imported."""
-        specs = [s for s in self.options(name) if s.name in values]
-        fields = [(s.name, type_of(s.type), option(s.default, s.help, **s.metadata)) for s in specs]
-        check_fields(dataclasses.make_dataclass("Options", fields)(**values))
-
-
-@cache
-def _class_literals(module: str, cls: str) -> tuple[tuple[str, Any], ...]:
-    for node in source_tree(module).body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            return tuple(
-                (item.targets[0].id, ast.literal_eval(item.value))
-                for item in node.body
-                if isinstance(item, ast.Assign)
-                and isinstance(item.targets[0], ast.Name)
-                and item.targets[0].id in ABOUT
-            )
-    raise ValueError(f"{module} declares no class {cls}")
-
-
-PRETRAIN = Kinds(
+PRETRAIN = Registry(
     {
         "gpt": "selfsup.lm.models.gpt:GPTModule",
         "bert": "selfsup.lm.models.bert:BertModule",
