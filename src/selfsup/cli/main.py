@@ -1,9 +1,10 @@
 """The `selfsup` command: a thin mirror of the Python API (same option names and defaults).
 
-Every command is one row of COMMANDS: its name, the function that adds its parser (torch-free,
-so that `--help` stays instant) and the handler that runs it (heavy imports inside). What the
-commands share (the parser class, the shared options, the one-line errors) is in
-`selfsup.cli.common`; `selfsup lm ...` is `selfsup.cli.lm`'s.
+Every command is one row of COMMANDS: its name, the `_add_` function that fills its parser
+(its docstring gives the command's help and description; torch-free, so that `--help` stays
+instant) and the `_run_` handler that runs it (heavy imports inside). What the commands share
+(the parser class, the shared options, the one-line errors) is in `selfsup.cli.common`, below
+them; `selfsup lm ...` is `selfsup.cli.lm`'s.
 """
 
 from __future__ import annotations
@@ -68,19 +69,23 @@ def _about(add: Callable[..., None]) -> dict[str, str | None]:
     return {"help": " ".join(first.split()), "description": " ".join(rest.split()) or None}
 
 
-def _shared_flags() -> Parser:
-    """The flags every command takes after its name too (`selfsup pretrain ... --debug`)."""
-    common = Parser(add_help=False)
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
-    )
-    common.add_argument(
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--max-pixels",
         type=positive_int,
         metavar="N",
         default=argparse.SUPPRESS,
         help=MAX_PIXELS_HELP,
     )
+
+
+def _shared_flags() -> Parser:
+    """The flags every command takes after its name too (`selfsup pretrain ... --debug`)."""
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+    _add_max_pixels(common)
     return common
 
 
@@ -557,13 +562,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         "then evaluate with few labels.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        metavar="N",
-        default=argparse.SUPPRESS,
-        help=MAX_PIXELS_HELP,
-    )
+    _add_max_pixels(parser)
     parser.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shared = [_shared_flags()]  # taken after a command's name too

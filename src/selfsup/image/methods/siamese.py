@@ -38,26 +38,29 @@ class Embedded(NamedTuple):
 
 
 class Siamese(Method):
-    """Two views, one encoder, a projector of `projection_layers` layers and, where
-    `predictor_layers` > 0, a predictor from the projection back to its own size."""
+    """Two views, one encoder, a projector of `projection_layers` layers (then BatchNorm where
+    `projection_batch_norm`) and, where `predictor_layers` > 0, a predictor from the projection
+    back to its own size."""
 
     projection_layers: ClassVar[int] = 2
+    projection_batch_norm: ClassVar[bool] = False
     predictor_layers: ClassVar[int] = 0
 
     def build_heads(self) -> None:
         o = self.options
-        self.projection = self.projection_head()
+        head = ProjectionHead(
+            self.encoder.feature_dim, o.projection_hidden, o.projection_dim, self.projection_layers
+        )
+        self.projection = (
+            nn.Sequential(head, nn.BatchNorm1d(o.projection_dim))
+            if self.projection_batch_norm
+            else head
+        )
         if self.predictor_layers:
             hidden = getattr(o, "predictor_hidden", o.projection_hidden)
             self.predictor = ProjectionHead(
                 o.projection_dim, hidden, o.projection_dim, self.predictor_layers
             )
-
-    def projection_head(self) -> nn.Module:
-        o = self.options
-        return ProjectionHead(
-            self.encoder.feature_dim, o.projection_hidden, o.projection_dim, self.projection_layers
-        )
 
     def embed_views(self, x: Tensor, g: torch.Generator) -> Embedded:
         """Two views of each image of x, drawn from g, through encoder, projector, predictor."""

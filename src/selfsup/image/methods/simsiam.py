@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import negative_cosine
@@ -26,9 +26,7 @@ class Options:
 class SimSiam(Siamese):
     Options = Options
     projection_layers, predictor_layers = 3, 2  # the predictor's hidden: --predictor-hidden
-
-    def projection_head(self) -> nn.Module:  # the paper's projector ends in BatchNorm
-        return nn.Sequential(super().projection_head(), nn.BatchNorm1d(self.options.projection_dim))
+    projection_batch_norm = True  # the paper's projector ends in BatchNorm
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         e = self.embed_views(x, g)
