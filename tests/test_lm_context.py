@@ -176,8 +176,8 @@ def test_ctrl_c_in_sft_names_the_checkpoint_and_a_resume_that_works(models, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     resume = f"selfsup lm sft --resume {run}"
     assert err == (
-        f"selfsup: interrupted; the last checkpoint is {run / hf.CHECKPOINT}; continue with: "
-        + resume
+        f"selfsup: interrupted; the last checkpoint is {run / 'checkpoints' / 'last.ckpt'}; "
+        "continue with: " + resume
     )
     monkeypatch.setattr(hf, "append_metrics", append)
     assert main(shlex.split(resume)[1:]) == 0
@@ -187,7 +187,7 @@ def test_ctrl_c_in_sft_names_the_checkpoint_and_a_resume_that_works(models, tmp_
 
 
 def test_ctrl_c_of_a_sampling_stage_names_the_policy_kept(tmp_path):
-    from selfsup.lm.alignment.rlhf import interrupted_hint
+    from selfsup.lm.alignment.online import interrupted_hint
 
     saved = ["the starting one, sft", str(tmp_path / "run" / "iter0010")]
     assert interrupted_hint("grpo", saved, tmp_path / "run") == (

@@ -87,23 +87,73 @@ def test_sft_resume_continues_exactly(task, monkeypatch):
         epochs=2, batch_size=8, lr=5e-3, max_length=64, accelerator="cpu",
     )  # fmt: skip
     sft(config)
-    save = hf.save_checkpoint
+    save = hf.save_hf
 
-    def save_then_stop(run, state):
-        save(run, state)
+    def save_then_stop(run, *args):
+        save(run, *args)  # after the epoch's checkpoint
         raise KeyboardInterrupt  # the user stops the run after its first epoch
 
     cut = TuneConfig(**{**config.__dict__, "out": str(task / "sft-cut")})
-    monkeypatch.setattr(hf, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(hf, "save_hf", save_then_stop)
+    with pytest.raises(KeyboardInterrupt, match="last.ckpt; continue with"):
         sft(cut)
-    monkeypatch.setattr(hf, "save_checkpoint", save)
+    monkeypatch.setattr(hf, "save_hf", save)
     sft(TuneConfig(**{**cut.__dict__, "resume": True}))
     full = load_file(task / "sft-full" / "hf" / "model.safetensors")
     resumed = load_file(task / "sft-cut" / "hf" / "model.safetensors")
     for k in full:
         torch.testing.assert_close(full[k], resumed[k])
     assert (task / "sft-cut" / "command.txt").read_text().count("\n") == 2
+
+
+def test_a_run_folder_of_the_earlier_checkpoint_format_resumes_exactly(task, monkeypatch):
+    """RUN/checkpoints/last.pt as earlier versions wrote it (model, optimizer, schedule, epoch,
+    rng; weights only) resumes: it becomes last.ckpt and the run ends as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from selfsup.lm.models import hf
+
+    lines = (task / "data" / "sft.jsonl").read_text().splitlines()[:32]
+    (task / "sft32.jsonl").write_text("\n".join(lines) + "\n")
+    config = TuneConfig(
+        init=str(task / "base"), data=str(task / "sft32.jsonl"), out=str(task / "old-full"),
+        epochs=2, batch_size=8, lr=5e-3, max_length=64, accelerator="cpu",
+    )  # fmt: skip
+    sft(config)
+    save = hf.save_hf
+
+    def save_then_stop(run, *args):
+        save(run, *args)
+        raise KeyboardInterrupt
+
+    old = task / "old-cut"
+    monkeypatch.setattr(hf, "save_hf", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sft(TuneConfig(**{**config.__dict__, "out": str(old)}))
+    monkeypatch.setattr(hf, "save_hf", save)
+    # the state after epoch 1, rewritten by hand in the earlier format
+    state = torch.load(old / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save(
+        {
+            "model": {k.removeprefix("model."): v for k, v in state["state_dict"].items()},
+            "optimizer": state["optimizer_states"][0],
+            "schedule": state["lr_schedulers"][0],
+            "epoch": 0,
+            "rng": state["rng"],
+        },
+        old / "checkpoints" / "last.pt",
+    )
+    (old / "checkpoints" / "last.ckpt").unlink()
+    metrics = (old / "metrics.csv").read_text()
+    sft(TuneConfig(**{**config.__dict__, "out": str(old), "resume": True}))
+    assert not (old / "checkpoints" / "last.pt").exists()
+    assert torch.load(old / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    full = load_file(task / "old-full" / "hf" / "model.safetensors")
+    resumed = load_file(old / "hf" / "model.safetensors")
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
+    assert (old / "metrics.csv").read_text().startswith(metrics)
+    assert (old / "metrics.csv").read_text() == (task / "old-full" / "metrics.csv").read_text()
 
 
 def test_ppo_update_moves_towards_positive_advantages(task, sft_run):
@@ -320,12 +370,57 @@ def test_bad_inputs_are_one_line_errors(task, sft_run, capsys):
 
 
 def test_divergence_is_named():
-    from selfsup.lm.alignment.rlhf import diverged
+    from selfsup.lm.alignment.online import diverged
 
     good = {"ppo/policy": 0.1, "ppo/value": 0.2, "reward": 1.0, "kl": 3.0}
     assert diverged(good, 0.0) is None and diverged(good, 5.0) is None
     assert diverged({**good, "ppo/value": float("nan")}, 0.0) == "ppo/value became nan"
     assert "3.00, exceeds --max-kl 2" in diverged(good, 2.0)
+
+
+def test_the_online_loop_stops_on_a_nan_and_a_ctrl_c_start_can_be_rerun(task, sft_run):
+    """The loop PPO and GRPO share, with a stand-in step: a NaN at iteration 3 names the policy
+    saved at iteration 2 and keeps only the good rows; after a Ctrl-C before any policy was
+    saved the same command runs again, as its hint says."""
+    from selfsup.lm.alignment.online import OnlineStage, run_online
+    from selfsup.lm.alignment.rlhf import Options
+
+    drawn: list[list[int]] = []
+
+    def step(trainer, inputs, idx, seed):
+        if stop_at == "ctrl-c":
+            raise KeyboardInterrupt
+        drawn.append(idx)
+        return {"loss": float("nan") if seed == stop_at else 0.5, "reward": 0.0, "kl": 0.0}
+
+    def policies(inputs, fabric):
+        return types.SimpleNamespace(policy=inputs.policy, reference=inputs.policy)
+
+    stage = OnlineStage("Fake", "fake", 3, ("loss",), policies, step)
+    run = task / "online"
+    config = Options(policy=str(sft_run), reward=str(sft_run),  # a reward head on the SFT model
+                     prompts=str(task / "data" / "rl.jsonl"), out=str(run), iterations=4,
+                     eval_every=2, eval_samples=2, max_new_tokens=4, accelerator="cpu")  # fmt: skip
+    stop_at = 3  # the step's seed is --seed 0 + the iteration
+    with pytest.raises(SelfsupError) as e:
+        run_online(config, "cmd", stage)
+    assert str(e.value) == (f"Fake stopped at iteration 3: loss became nan; the last good policy "
+                            f"is {run / 'iter0002'} (lower --lr, raise --beta)")  # fmt: skip
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()] == [
+        "iteration", "1", "2",
+    ]  # fmt: skip
+    assert [r.split(",")[0] for r in (run / "eval.csv").read_text().splitlines()] == [
+        "iteration", "0", "2",
+    ]  # fmt: skip
+    assert (run / "iter0002").is_dir() and not (run / "hf").exists()
+    assert len(drawn) == 3 and all(len(set(i)) == 3 and set(i) <= set(range(16)) for i in drawn)
+    again, stop_at = task / "online-again", "ctrl-c"
+    config = dataclasses.replace(config, out=str(again), iterations=2)
+    with pytest.raises(KeyboardInterrupt, match="no policy was saved yet: run the same command"):
+        run_online(config, "cmd", stage)
+    stop_at = None
+    assert run_online(config, "cmd", stage) == again  # the same command runs, as the hint says
+    assert (again / "hf").is_dir() and (again / "answers.json").is_file()
 
 
 def test_ppo_raises_the_reward_over_the_sft_policy(sft_run):

@@ -10,30 +10,36 @@ RUN/
   eval/<data>/         evaluation results (JSON, CSV, plots)
 
 Beside it, while a command writes into RUN, `.RUN.lock` (see `lock_run`): one writer at a time.
+`RunFolder` is the lifecycle every training command shares (claim, begin, training, finished).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import fcntl
 import functools
+import io
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
-from selfsup.core.errors import SelfsupError
+from selfsup.core.errors import NonFiniteLossError, SelfsupError
 
-if TYPE_CHECKING:  # torch is imported where it is used: the run lock and folder checks load fast
-    pass
+# torch is imported where it is used: the run lock and folder checks load fast
 
 CONFIG = "config.yaml"
+COMMAND = "command.txt"
+METRICS = "metrics.csv"
 ENCODER = "encoder.safetensors"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -269,13 +275,16 @@ def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
 
 def write_command(run: Path, command: str, *, append: bool = False) -> None:
     """Record the command line; a resumed run adds its command below the first."""
-    path = run / "command.txt"
+    path = run / COMMAND
     before = path.read_text() if append and path.is_file() else ""
     atomic_write_text(path, before + command + "\n")
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """A Lightning checkpoint loaded with weights_only=True, or a one-line error saying why not."""
+def load_checkpoint(
+    path: Path | str, needs: Collection[str] = ("state_dict",), what: str = "checkpoint"
+) -> dict[str, Any]:
+    """A checkpoint loaded with weights_only=True holding the keys `needs` (Lightning's:
+    state_dict), or a one-line error saying why not (`what` names it in the error)."""
     import torch
 
     try:
@@ -287,18 +296,232 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             if "global" in str(e).lower()
             else "damaged or another format"
         )
-        raise SelfsupError(f"{path} is not a readable checkpoint ({reason})") from None
+        raise SelfsupError(f"{path} is not a readable {what} ({reason})") from None
     except Exception as e:  # torch raises several types for truncated or corrupt files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SelfsupError(f"{path} is not a readable checkpoint ({first})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise SelfsupError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        raise SelfsupError(f"{path} is not a readable {what} ({first})") from None
+    missing = [key for key in needs if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SelfsupError(f"{path}: not a {what} (no {missing[0]} in it)")
     return checkpoint
 
 
 def last_checkpoint(run: str | Path) -> Path | None:
     path = Path(run) / CHECKPOINTS / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+# What every training run writes before its first checkpoint; a run adds its own names.
+EARLY = frozenset({CONFIG, COMMAND, METRICS, CHECKPOINTS, "hparams.yaml"})
+
+
+def _temporary(name: str) -> bool:
+    """A file `atomic_write_bytes` or an export is writing (.NAME.XXX.tmp, .NAME.old)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def has_checkpoint(run: Path) -> bool:
+    """RUN/checkpoints/ holds a file (temporaries aside): the run is worth keeping."""
+    folder = Path(run) / CHECKPOINTS
+    return folder.is_dir() and any(not _temporary(p.name) for p in folder.iterdir())
+
+
+class Interruptible(Protocol):
+    """What notes a Ctrl-C inside a training loop (selfsup.engine.trainer.ResumeHint)."""
+
+    interrupted: bool
+
+    def interruption(self, nothing_kept: str) -> BaseException: ...
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """The life of one run folder, the same for every training command:
+
+    `claim`     checks, before anything is written: a fresh run needs a folder that is absent,
+                empty or the remains of a start killed before its first checkpoint (reused);
+                --resume needs the run's config and checkpoint; then the run lock (one writer)
+    `begin`     writes config.yaml and command.txt (a resumed run appends its command)
+    `training`  around the loop: a NaN loss or Ctrl-C ends in one line saying what is kept and
+                how to continue; any failure removes a folder this run created that holds
+                nothing worth keeping (`kept`): a failed first run leaves nothing behind
+    `finished`  the session's wall time and throughput, in RUN/run_info.json
+
+    Outside the first process of a multi-process run it only locks (shared) and reads.
+    """
+
+    path: Path
+    early: frozenset[str] = EARLY  # what the run writes before its first checkpoint
+    checkpoint: str = f"{CHECKPOINTS}/{LAST_CHECKPOINT}"  # the file --resume continues from
+    kept: Callable[[Path], bool] = has_checkpoint  # the folder holds something worth keeping
+    resumable: bool = True  # False: the run has no --resume (word2vec)
+    resumed: bool = False
+    created: bool = False  # by this call (`begin`): only then may a failure remove it
+
+    @classmethod
+    def claim(
+        cls, out: str | Path, *, resume: bool, early: Collection[str] = (), **kind: Any
+    ) -> RunFolder:
+        """The run folder `out`, checked (one line when it cannot be used) and locked."""
+        folder = cls(Path(out), early=EARLY | frozenset(early), resumed=resume, **kind)
+        if resume:
+            folder._check_resumable()
+        elif folder.path.exists() and not folder.path.is_dir():
+            raise SelfsupError(f"--out {out} is a file, not a folder; choose another --out")
+        lock_run(folder.path)  # refused in one line while another process writes into it
+        if not resume:
+            folder._check_free()
+        return folder
+
+    @property
+    def last(self) -> Path:
+        """The checkpoint --resume continues from."""
+        return self.path / self.checkpoint
+
+    def remains(self) -> bool:
+        """True when the folder holds only what a start killed before its first checkpoint
+        leaves (a config.yaml among the `early` names, nothing worth keeping)."""
+        names = {p.name for p in self.path.iterdir() if not _temporary(p.name)}
+        return CONFIG in names and names <= self.early and not self.kept(self.path)
+
+    def _check_resumable(self) -> None:
+        run = self.path
+        if not run.is_dir():
+            raise SelfsupError(f"--resume {run}: run directory {run} does not exist")
+        if not (run / CONFIG).is_file():
+            raise SelfsupError(f"{run / CONFIG} is missing: {run} is not a selfsup run directory")
+        if not self.last.is_file():
+            afresh = (
+                f"; run the command without --resume to start afresh, with --out {run}"
+                if self.remains()
+                else ""
+            )
+            raise SelfsupError(
+                f"--resume {run}: no checkpoint yet ({self.last} is missing), nothing to "
+                f"resume{afresh}"
+            )
+
+    def _check_free(self) -> None:
+        run = self.path
+        if not is_first_process() or not run.is_dir():  # later processes share the first's
+            return
+        if not any(not _temporary(p.name) for p in run.iterdir()) or self.remains():
+            return
+        if not self.kept(run):
+            reason, advice = "is not empty", ""
+        elif self.resumable:
+            reason, advice = "holds checkpoints", f"pass --resume {run} to continue it or "
+        else:
+            reason, advice = "holds a finished run", ""
+        raise SelfsupError(
+            f"run directory {run} already exists and {reason}; {advice}choose another --out"
+        )
+
+    def begin(self, config: dict[str, Any] | None, command: str) -> None:
+        """Write config.yaml and command.txt: a fresh run first clears the remains `claim`
+        accepted; a resumed run appends its command below the first."""
+        if not is_first_process():
+            return
+        if self.resumed:
+            write_command(self.path, command, append=True)
+            return
+        try:
+            if self.path.is_dir():
+                for p in self.path.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SelfsupError(
+                f"--out {self.path}: cannot create the run folder ({e.strerror})"
+            ) from None
+        self.created = True
+        if config is not None:
+            write_config(self.path, config)
+        write_command(self.path, command)
+
+    def removable(self) -> bool:
+        """A failure now would remove the folder (this call created it; nothing to keep)."""
+        return (
+            self.created and is_first_process() and self.path.is_dir() and not self.kept(self.path)
+        )
+
+    @contextmanager
+    def removed_unless_kept(self) -> Iterator[RunFolder]:
+        """Any failure in the block (Ctrl-C too) removes the folder when `removable`: a failed
+        start leaves no folder that blocks both a fresh run and --resume."""
+        try:
+            yield self
+        except BaseException:
+            if self.removable():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    @contextmanager
+    def training(self, hint: Interruptible | None = None) -> Iterator[RunFolder]:
+        """`removed_unless_kept` around a training loop, and one line for how it stopped: a NaN
+        loss says what is kept; a Ctrl-C that `hint` noted (Lightning turns it into
+        SystemExit) becomes `hint.interruption`: how to continue, or that nothing is kept."""
+        with self.removed_unless_kept():
+            try:
+                yield self
+            except NonFiniteLossError as e:
+                raise SelfsupError(f"{e}{self._kept_note()}") from None
+            except SystemExit:
+                if hint is None or not hint.interrupted:
+                    raise
+                raise hint.interruption(self._kept_note().removeprefix("; ")) from None
+
+    def _kept_note(self) -> str:
+        if self.removable():
+            return f"; nothing is kept yet ({self.path} is removed): the same command starts afresh"
+        if self.last.is_file():
+            return f"; the last good checkpoint is {self.last}"
+        return ""
+
+    def finished(self, seconds: float, count: int, device: str = "") -> None:
+        """Record the session (wall time, `count` images or tokens, device) in run_info.json."""
+        if is_first_process():
+            record_run_info(self.path, seconds, count, device)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """`state` (tensors and plain values: weights, optimiser, progress) atomically to
+        `last`, for a loop of its own (Lightning writes its checkpoints itself)."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.last, buffer.getvalue())
+
+    def load_checkpoint(
+        self, needs: Collection[str] = ("state_dict",), what: str = "checkpoint"
+    ) -> dict[str, Any]:
+        """`last`, read weights-only (see `load_checkpoint`)."""
+        return load_checkpoint(self.last, needs, what)
+
+    def append_metrics(self, row: dict[str, Any], name: str = METRICS) -> None:
+        """Add a row to RUN/NAME; the first row's keys are the header, and every row has them.
+        A row whose first value (epoch, iteration) is there already replaces it and the rows
+        after it: a run killed after logging an epoch but before its checkpoint repeats that
+        epoch on resume."""
+        path = self.path / name
+        rows: list[list[str]] = []
+        if path.is_file():
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f))
+            if (rows[0] if rows else []) != list(row):
+                header = rows[0] if rows else []
+                raise ValueError(f"{path}: columns {header} but the row has {list(row)}")
+        key = str(next(iter(row.values())))
+        again = next((i for i, r in enumerate(rows[1:], 1) if r and r[0] == key), None)
+        if again is not None:  # rewrite without the repeated rows
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\r\n").writerows(rows[:again])
+            atomic_write_text(path, out.getvalue())
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
 
 
 def record_run_info(run: Path, seconds: float, images: int, device: str = "") -> None:

@@ -106,6 +106,7 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     keep_before: int | None = None,
     csv: Mapping[str, Any] | None = None,
+    metrics: bool = True,
     tensorboard: bool = False,
     bar: Mapping[str, Any] | None = None,
     **loop: Any,
@@ -114,8 +115,10 @@ def build_trainer(
 
     Precision None: `default_precision`. Progress (`show_bars`): a `StderrProgressBar(**bar)`.
     `checkpoint`: ModelCheckpoint options beside last.ckpt (its other file: `filename`,
-    `monitor`, ...). `keep_before`: a resumed run's checkpoint step (metrics.csv keeps the rows
-    before it); `csv`: RunCSVLogger options (`drop`, `flush_logs_every_n_steps`); `tensorboard`:
+    `monitor`, ...; `save_last=False` with `filename="last"`: last.ckpt alone, written once).
+    `keep_before`: a resumed run's checkpoint step (metrics.csv keeps the rows before it);
+    `csv`: RunCSVLogger options (`drop`, `flush_logs_every_n_steps`); `metrics=False`: no
+    RunCSVLogger (the caller writes RUN/metrics.csv itself); `tensorboard`:
     also RUN/tensorboard when tensorboard is installed. `loop`: the rest, for L.Trainer.
     """
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -134,13 +137,17 @@ def build_trainer(
         check_devices(lightning_accelerator, devices)  # before Lightning starts the processes
         count = lightning_devices(devices, uses_cuda(lightning_accelerator))
     fork = processes == "fork" and isinstance(count, int) and count > 1
-    loggers: list[Any] = [metrics_log.RunCSVLogger(run, keep_before=keep_before, **(csv or {}))]
+    loggers: list[Any] = (
+        [metrics_log.RunCSVLogger(run, keep_before=keep_before, **(csv or {}))] if metrics else []
+    )
     if tensorboard and importlib.util.find_spec("tensorboard") is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=run, name="tensorboard", version=""))
     every: list[Callback] = [
-        ModelCheckpoint(dirpath=run / rundir.CHECKPOINTS, save_last=True, **(checkpoint or {})),
+        ModelCheckpoint(
+            dirpath=run / rundir.CHECKPOINTS, **{"save_last": True, **(checkpoint or {})}
+        ),
         metrics_log.FlushMetricsWithCheckpoints(),
     ]
     if hint is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import shutil
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from tqdm import tqdm
 
 from selfsup.core import run as rundir
-from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.engine import metrics_log
 from selfsup.engine.device import check_accelerator, uses_cuda
 from selfsup.engine.distributed import check_devices
@@ -31,7 +30,7 @@ from selfsup.image.data import ImageData, batch_loader
 from selfsup.image.data.sources import HOLDOUT, stratified_indices
 from selfsup.image.methods import METHODS, get_method
 from selfsup.image.methods.base import Method
-from selfsup.image.models import BACKBONES
+from selfsup.image.models.backbones import backbone_size, check_backbone
 from selfsup.image.runs import export_encoder
 
 STATS_SAMPLES = 10_000
@@ -60,9 +59,10 @@ def pretrain(
     if own:  # the method's own options, by name: `pretrain(method="mae", mask_ratio=0.5)`
         config = dataclasses.replace(config, options={**config.options, **own})
     command = command or _python_call(config)
-    checkpoint, resume_step, state = None, None, None
+    folder, resume_step, state = None, None, None
     if config.resume:
-        config, checkpoint, state = _resume_config(config)
+        folder = rundir.RunFolder.claim(config.resume, resume=True, early=EARLY_RUN_FILES)
+        config, state = _resume_config(config, folder)
         resume_step = metrics_log.resumed_step(state)
     elif config.method is None:
         config = dataclasses.replace(config, method=DEFAULT_METHOD)
@@ -80,9 +80,9 @@ def pretrain(
             "--sync-batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs on CUDA only)"
         )
     run = _run_dir(config)
-    rundir.lock_run(run)  # one writer per run folder (the first process of a multi-process run)
-    if checkpoint is None and rundir.is_first_process():
-        _check_run_dir_free(run)  # before the (possibly slow) data loading
+    # checked and locked before the (possibly slow) data loading; written only once every
+    # input has been checked
+    folder = folder or rundir.RunFolder.claim(run, resume=False, early=EARLY_RUN_FILES)
 
     decoding = " (decoding and resizing its images)" if config.data.startswith("folder:") else ""
     with SlowPhase(f"loading --data {config.data}{decoding}") as phase:
@@ -100,40 +100,20 @@ def pretrain(
     info["encoder"].update(method_class.encoder_spec(config, method_options, train))
     method = method_class(config, info, method_options, **data_extra)
     if state is not None:
-        _check_checkpoint_fits(method, checkpoint, state["state_dict"])
+        _check_checkpoint_fits(method, str(folder.last), state["state_dict"])
         state = None  # Lightning reads the file again itself
     hint = ResumeHint(run, f"selfsup pretrain --resume {run}")
     trainer = _trainer(config, run, train, resume_step, hint)
     loaders = _loaders(config, train, test)
-    created = False
-    if rundir.is_first_process():  # the processes a multi-device run launches share its folder
-        if checkpoint is None:  # only now, with every input checked, does the folder appear
-            _claim_run_dir(run)
-            created = True
-            rundir.write_config(run, method.run_config())
-        rundir.write_command(run, command, append=checkpoint is not None)
+    checkpoint = str(folder.last) if folder.resumed else None
+    with folder.training(hint):  # the processes a multi-device run launches share its folder
+        folder.begin(method.run_config(), command)
         os.environ[rundir.RUN_ENV] = str(run)  # inherited by the processes Lightning launches
-
-    began = time.perf_counter()
-    try:
+        began = time.perf_counter()
         trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
-    except NonFiniteLossError as e:
-        last = rundir.last_checkpoint(run)
-        kept = f"; the last good checkpoint is {last}" if last else _discard(run, created)
-        raise SelfsupError(f"{e}{kept}") from None
-    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
-        if not hint.interrupted:
-            raise
-        raise hint.interruption(_discard(run, created).lstrip("; ")) from None
-    except BaseException:
-        if rundir.last_checkpoint(run) is None:
-            _discard(run, created)
-        raise
-    if rundir.is_first_process():
-        steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
-        images = steps * config.batch_size * trainer.world_size
-        device = str(trainer.strategy.root_device)
-        rundir.record_run_info(run, time.perf_counter() - began, images, device)
+    steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
+    images = steps * config.batch_size * trainer.world_size
+    folder.finished(time.perf_counter() - began, images, str(trainer.strategy.root_device))
     return run
 
 
@@ -142,26 +122,13 @@ DEFAULT_METHOD = "simclr"
 RESUMABLE_CHANGES = ("epochs", "accelerator", "devices", "num_workers", "data_dir", "download")
 
 
-def _discard(run: Path, created: bool) -> str:
-    """Remove a run folder this call created that holds no checkpoint: nothing half-written
-    is left to block a retry. Returns the note for the error message."""
-    if created and rundir.is_first_process() and rundir.last_checkpoint(run) is None:
-        shutil.rmtree(run, ignore_errors=True)
-        return f"; no epoch had finished, so {run} was removed"
-    return "; no epoch had finished"
-
-
-def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, dict[str, Any]]:
-    """(the run's own config with the allowed changes, its last checkpoint's path, the loaded
-    checkpoint), after checking that it loads and that no other option was changed."""
-    run = Path(config.resume)  # type: ignore[arg-type]
+def _resume_config(
+    config: PretrainConfig, folder: rundir.RunFolder
+) -> tuple[PretrainConfig, dict[str, Any]]:
+    """(the run's own config with the allowed changes, its loaded last checkpoint), after
+    checking that it loads and that no other option was changed."""
+    run = folder.path
     saved = rundir.read_config(run)
-    checkpoint = rundir.last_checkpoint(run)
-    if checkpoint is None:
-        raise SelfsupError(
-            f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} (no epoch finished); "
-            f"start it afresh with --out {run}"
-        )
     resumed = config_from_saved(saved)
     if config.method is not None and config.method != resumed.method:
         raise SelfsupError(
@@ -188,9 +155,9 @@ def _resume_config(config: PretrainConfig) -> tuple[PretrainConfig, str, dict[st
             )
     changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
     changes = {k: v for k, v in changes.items() if v != getattr(defaults, k)}
-    state = rundir.load_checkpoint(checkpoint)  # damaged or pickled: one line, before any write
+    state = folder.load_checkpoint()  # damaged or pickled: one line, before any write
     resumed = dataclasses.replace(resumed, **changes, out=str(run), resume=None)
-    return resumed, str(checkpoint), state
+    return resumed, state
 
 
 def _check_checkpoint_fits(method: Method, checkpoint: str, state: dict[str, Any]) -> None:
@@ -214,8 +181,8 @@ def _python_call(config: PretrainConfig) -> str:
 
 
 def _check_names(config: PretrainConfig) -> None:
+    check_backbone(config.backbone)  # type: ignore[arg-type]  # the method's default filled in
     for option, value, valid in [
-        ("--backbone", config.backbone, BACKBONES),
         ("--optimizer", config.optimizer, OPTIMIZERS),
         ("--recipe", config.recipe, RECIPES),
     ]:
@@ -251,6 +218,7 @@ def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None)
             "small_images": small,
             "mean": mean,
             "std": std,
+            **backbone_size(config.backbone, [h, w]),  # timm/torchvision ViTs are built for it
         },
     }
 
@@ -268,49 +236,8 @@ def _run_dir(config: PretrainConfig) -> Path:
     return rundir.default_run_dir(config.method, config.data)
 
 
-# What a run writes before its first checkpoint: a folder holding only these (and no
-# checkpoint) is the remains of a run that failed or was killed early, and may be reused.
-EARLY_RUN_FILES = {
-    rundir.CONFIG,
-    "command.txt",
-    metrics_log.METRICS,
-    "hparams.yaml",
-    rundir.CHECKPOINTS,
-    "samples",
-    "tensorboard",
-}
-
-
-def _check_run_dir_free(run: Path) -> None:
-    """A one-line error unless `run` can hold a new run: absent, empty, or left by a run that
-    stopped before its first checkpoint."""
-    if run.exists() and not run.is_dir():
-        raise SelfsupError(f"--out {run} is a file, not a folder; choose another --out")
-    if not run.is_dir():
-        return
-    entries = {p.name for p in run.iterdir() if not p.name.startswith(".")}
-    if not entries:
-        return
-    if rundir.last_checkpoint(run) is not None or list(run.glob(f"{rundir.CHECKPOINTS}/*.ckpt")):
-        raise SelfsupError(
-            f"run directory {run} already exists and holds checkpoints; pass --resume {run} to "
-            "continue it or choose another --out"
-        )
-    if rundir.CONFIG not in entries or not entries <= EARLY_RUN_FILES:
-        raise SelfsupError(
-            f"run directory {run} already exists and is not empty; choose another --out"
-        )
-
-
-def _claim_run_dir(run: Path) -> None:
-    """Create the run folder (clearing the remains of a run that never checkpointed)."""
-    try:
-        if run.is_dir():
-            for p in run.iterdir():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SelfsupError(f"--out {run}: cannot create the run folder ({e.strerror})") from None
+# What image pretraining writes before its first checkpoint, beside config, command, metrics.
+EARLY_RUN_FILES = {"samples", "tensorboard"}
 
 
 def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -> list:

@@ -122,30 +122,27 @@ class GPT2Decoder:
         self.length = prefix.length
 
 
+Fed = tuple[Tensor, Tensor, Tensor]  # (ids, positions, key mask): what `GPT2Decoder.hidden` takes
+
+
 @torch.no_grad()
-def continuation_logits(
-    model: nn.Module,
-    prefix_ids: Tensor,
-    prefix_mask: Tensor,
-    rows: Tensor,
-    continuation: Tensor,
-    continuation_mask: Tensor,
-) -> Tensor | None:
+def continuation_logits(model: nn.Module, prefix: Fed, rows: Tensor, rest: Fed) -> Tensor | None:
     """`rollout.continuation_outputs`' logits without gradients (a reference model's), by the
-    lean GPT-2 forward; None where it does not apply."""
-    (u, p), (r, c) = prefix_ids.shape, continuation.shape
-    if not GPT2Decoder.supports(model, p + c):
+    lean GPT-2 forward; None where it does not apply. `prefix`: the U left-padded prefixes;
+    `rest`: every continuation but its last token (R rows, row r after prefix `rows[r]`), its
+    key mask covering prefix and continuation."""
+    (u, p), (r, c) = prefix[0].shape, rest[0].shape
+    if not GPT2Decoder.supports(model, p + c + 1):
         return None
-    prefix = GPT2Decoder(model, u, p)
-    last = prefix.hidden(prefix_ids, position_ids(prefix_mask), prefix_mask.bool())[rows, -1:]
-    if c == 1:
-        return prefix.logits(last)
-    decoder = GPT2Decoder(model, r, p + c - 1)
-    decoder.follow(prefix, rows)
-    key_mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1).bool()
-    positions = continuation_positions(prefix_mask, rows, c - 1)
-    rest = decoder.hidden(continuation[:, :-1], positions, key_mask)
-    return decoder.logits(torch.cat([last, rest], 1))
+    ids, positions, mask = prefix
+    decoder = GPT2Decoder(model, u, p)
+    last = decoder.hidden(ids, positions, mask.bool())[rows, -1:]
+    if c == 0:
+        return decoder.logits(last)
+    prefix_decoder, decoder = decoder, GPT2Decoder(model, r, p + c)
+    decoder.follow(prefix_decoder, rows)
+    ids, positions, mask = rest
+    return decoder.logits(torch.cat([last, decoder.hidden(ids, positions, mask.bool())], 1))
 
 
 @torch.no_grad()

@@ -5,14 +5,13 @@ pair (prompt, chosen, rejected) adds -log σ(β·((log π_c - log ref_c) - (log 
 the log-probabilities summed over the answer's tokens (its end marker included). The reference's
 log-probabilities are computed once, before training. Pairs come from the same rankings the
 reward model reads (every strictly ordered pair of a prompt) or from TRL's chosen/rejected
-records; the loop (Fabric, epochs, validation, checkpoints, RUN/hf) is `posttrain`'s.
+records; the loop (epochs, validation, checkpoints, RUN/hf) is `posttrain.fit_stage`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch import Tensor
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.ppo import disable_dropout
-from selfsup.lm.alignment.stage import Stage, epoch_summary
+from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.data.conversations import Message, Ranking, read_rankings
 from selfsup.lm.losses.ppo import token_logprobs
@@ -220,30 +219,48 @@ def reward_accuracy(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
     return {"reward_acc": accuracy.item(), "margin": (chosen - rejected).mean().item()}
 
 
-def dpo(config: Options, command: str | None = None) -> Path:
-    """DPO from the SFT model on preference pairs; returns the run directory."""
-    config = checked_config(config)  # β's range too
+PairLoss = Callable[[Any, Tensor, Tensor, list], tuple[Tensor, Tensor, Tensor]]
+
+
+def fit_pairs(
+    stage: str, config: Any, command: str | None, pair_loss: PairLoss, reference: bool
+) -> Path:
+    """Train a preference stage (dpo, simpo): the checked options, the pairs and the policy
+    (`preference_data`), each example with the frozen reference's log-probabilities when
+    `reference`, dropout off (the rewards are the policy's own log-probabilities); a batch's
+    loss is `pair_loss(config, chosen logps, rejected logps, batch)` -> (loss, chosen rewards,
+    rejected rewards), and `reward_accuracy` its logged metrics."""
+    config = checked_config(config)  # the stage's own ranges too
     torch.manual_seed(config.seed)
     tokenizer, model, train, val = preference_data(config)
     pad = tokenizer.pad_token_id
-    reference = copy.deepcopy(model)
-    train = _with_reference(reference, train, pad)
-    val = _with_reference(reference, val, pad)
-    del reference
-    disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
+    if reference:
+        frozen = copy.deepcopy(model)
+        train, val = _with_reference(frozen, train, pad), _with_reference(frozen, val, pad)
+        del frozen
+    disable_dropout(model)
 
     def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
         device = next(m.parameters()).device
-        logps = pair_logprobs(m, [(c, r) for c, r, _, _ in batch], pad, device)
-        ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=device)
+        logps = pair_logprobs(m, [(e[0], e[1]) for e in batch], pad, device)
         n = len(batch)
-        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], config.beta)
+        loss, chosen, rejected = pair_loss(config, logps[:n], logps[n:], batch)
         return loss, reward_accuracy(chosen, rejected)
 
-    return fit_stage("dpo", config, command, model, tokenizer, train, val, loss_fn)
+    return fit_stage(stage, config, command, model, tokenizer, train, val, loss_fn)
 
 
-class DPO(Stage):
+def dpo(config: Options, command: str | None = None) -> Path:
+    """DPO from the SFT model on preference pairs; returns the run directory."""
+
+    def pair_loss(c: Options, chosen: Tensor, rejected: Tensor, batch: list) -> Any:
+        ref = torch.tensor([[rc, rr] for _, _, rc, rr in batch], device=chosen.device)
+        return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], c.beta)
+
+    return fit_pairs("dpo", config, command, pair_loss, reference=True)
+
+
+class DPO(EpochStage):
     Options = Options
     help = "direct preference optimisation of an SFT model on ranked or chosen/rejected pairs"
     description = (
@@ -252,9 +269,5 @@ class DPO(Stage):
         "run directory (training counted in --epochs)."
     )
     entry = "dpo"
-
-    @staticmethod
-    def summary(run: Path) -> tuple[list[str], list[str]]:
-        written = "hf/ the policy, metrics.csv, checkpoint"
-        after = f"selfsup lm chat {shlex.quote(str(run))}"
-        return epoch_summary(run, written, ("val_reward_acc", "val_loss"), after)
+    written = "hf/ the policy, metrics.csv, checkpoint"
+    shown = ("val_reward_acc", "val_loss")

@@ -3,18 +3,15 @@
 One iteration: draw a few prompts, sample G answers to each from the policy, score them (the
 reward model, or the gold score for analysis), standardise the rewards within each group into
 advantages, and take clipped-ratio steps with the k3 estimate of the KL from the frozen SFT
-model as a loss term. No value model. Sampling, scoring and held-out evaluation are those of the
-PPO stage (`rollout`, `rlhf.evaluate_policy`), so the two are measured alike.
+model as a loss term. No value model. The loop, sampling, scoring and held-out evaluation are
+those of the PPO stage (`online.run_online`, `rollout`), so the two are measured alike.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from selfsup.core import run as rundir
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
+from selfsup.lm.alignment.online import Inputs, OnlineStage, run_online
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.alignment.stage import Stage, policy_summary
@@ -157,99 +153,33 @@ def check_options(config: Options) -> None:
     check_one_device(config.devices)
 
 
-@rundir.releases_run_locks  # the run lock start_run takes
-@contextmanager
-def _hint(run: Path, saved: list[str]) -> Iterator[None]:
-    """A Ctrl-C says which policy was kept (`rlhf.interrupted_hint`)."""
-    from selfsup.lm.alignment.rlhf import interrupted_hint
-
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_hint("grpo", saved, run)) from None
-
-
 def grpo(config: Options, command: str | None = None) -> Path:
     """GRPO from the SFT model; returns the run directory."""
-    from selfsup.lm.alignment.rlhf import (
-        diverged,
-        evaluate_policy,
-        fitted_prompts,
-        gold_fn,
-        load_policy,
-        load_prompts,
-        load_reward_model,
-        stopped,
-        write_answers,
-    )
-
     check_options(config)
-    conversations, records = load_prompts(config.prompts)
-    eval_conv, eval_records = load_prompts(config.eval_prompts or config.prompts)
-    eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
-    gold, eval_gold = gold_fn(config.gold, records), gold_fn(config.gold, eval_records)
-    tokenizer, policy = load_policy(config.policy)
-    reward_model = load_reward_model(config.reward, tokenizer)
-    models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
-    conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
-    eval_conv = fitted_prompts(config.eval_prompts or config.prompts, tokenizer, models, new, cut)
-    eval_conv = eval_conv[: config.eval_samples]
-    run = hf.start_run(
-        config.out, {"stage": "grpo", **dataclasses.asdict(config)}, command or "", False
-    )
-    import lightning as L
+    stage = OnlineStage(
+        "GRPO", "grpo", config.prompts_per_iteration, ("grpo/loss", "reward", "kl"),
+        lambda inputs, fabric: GRPOTrainer(inputs.policy, inputs.tokenizer, config, fabric),
+        lambda trainer, inputs, idx, seed: trainer.step(
+            [inputs.conversations[i] for i in idx], idx, seed, scorer(config, inputs)
+        ),
+    )  # fmt: skip
+    return run_online(config, command, stage)
 
-    torch.manual_seed(config.seed)
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
-    trainer = GRPOTrainer(policy, tokenizer, config, fabric)
-    reward_model = fabric.to_device(reward_model.requires_grad_(False))
+
+def scorer(config: Options, inputs: Inputs) -> ScoreFn:
+    """The rewards of the answers: the reward model's (--no-end-score where an answer does not
+    end), or with --reward-from gold the gold score itself."""
+    gold, reward_model = inputs.gold, inputs.reward_model
 
     def score(rollout: Any, prompt_of: list[int]) -> torch.Tensor:
         if config.reward_from == "gold":
-            answers = decode_responses(tokenizer, rollout)
+            answers = decode_responses(inputs.tokenizer, rollout)
             assert gold is not None
             return torch.tensor([gold(i, a) for i, a in zip(prompt_of, answers, strict=True)])
         s = reward_scores(reward_model, rollout)
         return torch.where(rollout.ended, s, torch.full_like(s, config.no_end_score))
 
-    saved = [f"the starting one, {config.policy}"]
-
-    def report(iteration: int) -> None:
-        stats = evaluate_policy(
-            trainer.policy, trainer.reference, reward_model, tokenizer, eval_conv, eval_gold,
-            config, seed=10_000,  # type: ignore[arg-type]  (max_new_tokens, no_end_score)
-        )  # fmt: skip
-        hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
-        print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        if iteration:
-            name = f"iter{iteration:04d}"
-            hf.save_hf(run, trainer.policy, tokenizer, name)
-            saved.append(str(run / name))
-
-    with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))), _hint(run, saved):
-        report(0)
-        rng = np.random.default_rng(config.seed)
-        progress = config.progress if config.progress is not None else sys.stderr.isatty()
-        bar = tqdm(range(1, config.iterations + 1), desc="GRPO", disable=not progress)
-        n = config.prompts_per_iteration
-        for iteration in bar:
-            idx = rng.choice(len(conversations), n, replace=len(conversations) < n).tolist()
-            stats = trainer.step(
-                [conversations[i] for i in idx], idx, config.seed + iteration, score
-            )
-            problem = diverged(stats, config.max_kl, ("grpo/loss", "reward", "kl"))
-            if problem:
-                raise stopped("GRPO", iteration, problem, saved, run)
-            hf.append_metrics(run, {"iteration": iteration, **stats})
-            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
-            if iteration % config.eval_every == 0 or iteration == config.iterations:
-                report(iteration)
-        write_answers(
-            run, trainer.reference, trainer.policy, tokenizer, eval_conv, eval_gold,
-            config.max_new_tokens,
-        )  # fmt: skip
-        hf.save_hf(run, trainer.policy, tokenizer)
-    return run
+    return score
 
 
 class GRPO(Stage):

@@ -5,7 +5,6 @@ Reports held-out pairwise accuracy."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from selfsup.core.errors import SelfsupError
-from selfsup.lm.alignment.stage import Stage, epoch_summary
+from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import ranking_batch
 from selfsup.lm.data.conversations import Ranking, read_rankings
 from selfsup.lm.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
@@ -72,7 +71,7 @@ def gold_ceiling(rankings: Sequence[Ranking]) -> float | None:
     return credit / max(1, pairs)
 
 
-class Reward(Stage):
+class Reward(EpochStage):
     Options = Options
     help = "train a reward model from rankings like 'D > C > A = B'"
     description = (
@@ -80,10 +79,5 @@ class Reward(Stage):
         "(training counted in --epochs)."
     )
     entry = "train_reward"
-
-    @staticmethod
-    def summary(run: Path) -> tuple[list[str], list[str]]:
-        q = shlex.quote(str(run))
-        written = "hf/ the Hugging Face model, metrics.csv, checkpoint"
-        after = f"selfsup lm rlhf --policy SFT_RUN --reward {q} --prompts P.jsonl --out OUT"
-        return epoch_summary(run, written, ("val_pair_acc", "val_loss", "train_loss"), after)
+    shown = ("val_pair_acc", "val_loss", "train_loss")
+    after = "selfsup lm rlhf --policy SFT_RUN --reward {run} --prompts P.jsonl --out OUT"

@@ -1,9 +1,8 @@
 """The RLHF stage and its measurements: PPO runs, best-of-n, simulated labeling, gold vs KL.
 
-- `rlhf`: PPO from an SFT model against a reward model (`selfsup lm rlhf`), evaluating the
-  policy on held-out prompts every few iterations (proxy reward, gold score when known, KL from
-  the reference) and saving the policy at each evaluation (RUN/hf is the last; RUN/iterNNNN
-  the others).
+- `rlhf`: PPO from an SFT model against a reward model (`selfsup lm rlhf`), on the online loop
+  (`online.run_online`: held-out evaluation every few iterations, the policy saved at each, RUN/hf
+  the last); this file supplies PPO's trainer and its iteration (experience, then updates).
 - `best_of_n`: the training-free baseline -- sample n answers, keep the reward model's favourite;
   its KL from the policy is at most log n - (n-1)/n (Stiennon et al., 2020).
 - `label`: sample K answers per prompt from a model and let the simulated labelers rank them.
@@ -11,11 +10,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,26 +21,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfsup.core import run as rundir
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
-from selfsup.lm.alignment.ppo import GoldFn, PPOTrainer, kl_to_reference
-from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
-from selfsup.lm.alignment.stage import Stage, policy_summary
-from selfsup.lm.data.arithmetic import (
-    gold_score,
-    labeler_scores,
-    problem_of,
-    simulated_ranking,
+from selfsup.lm.alignment.online import (
+    Inputs,
+    OnlineStage,
+    fitted_prompts,
+    gold_fn,
+    load_policy,
+    load_prompts,
+    load_reward_model,
+    run_online,
 )
-from selfsup.lm.data.chat_data import add_chat_tokens
-from selfsup.lm.data.context import context_length, fit_prompt, shortest_context
-from selfsup.lm.data.conversations import Message, prompt_lines, read_prompts
+from selfsup.lm.alignment.online import evaluate_policy as evaluate_policy  # docs, benchmarks
+from selfsup.lm.alignment.ppo import PPOTrainer
+from selfsup.lm.alignment.rollout import decode_responses, reward_scores, sample
+from selfsup.lm.alignment.stage import Stage, policy_summary
+from selfsup.lm.data.arithmetic import labeler_scores, simulated_ranking
+from selfsup.lm.data.context import context_length, fit_prompt
+from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.preference import pair_agreement
 from selfsup.lm.models import hf
 from selfsup.lm.options import OnlineOptions, PPOSettings, check_declared, check_one_device
-
-GOLDS = ("none", "arithmetic")
 
 
 @dataclass
@@ -61,138 +59,24 @@ class Options(PPOSettings, OnlineOptions):
     )
 
 
-def gold_fn(name: str, records: Sequence[dict[str, Any]]) -> GoldFn | None:
-    """--gold NAME as a function of (prompt index, answer), or None for `none`."""
-    if name not in GOLDS:
-        raise SelfsupError(f"--gold {name!r} is unknown; expected one of {', '.join(GOLDS)}")
-    if name == "none":
-        return None
-    problems = [problem_of(r) for r in records]
-    return lambda i, answer: gold_score(problems[i], answer)
-
-
-def load_prompts(path: str) -> tuple[list[list[Message]], list[dict[str, Any]]]:
-    """(conversations, records) of a prompts JSONL."""
-    items = read_prompts(path)
-    return [m for m, _ in items], [r for _, r in items]
-
-
-def fitted_prompts(
-    path: str, tokenizer: Any, models: Sequence[Any], max_new_tokens: int, truncate: bool
-) -> list[list[Message]]:
-    """The conversations of a prompts JSONL, each leaving `max_new_tokens` in the context of
-    every one of `models` (`fit_prompt`: refused naming its line, or cut with `truncate`)."""
-    context = shortest_context(*models)
-    return [
-        fit_prompt(tokenizer, messages, context, max_new_tokens, where, truncate)
-        for where, messages, _ in prompt_lines(path)
-    ]
-
-
-def load_policy(path: str | Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    tokenizer, model = hf.load_tokenizer_and(path, AutoModelForCausalLM)
-    _require_chat(tokenizer, path)
-    return tokenizer, model.eval()
-
-
-def load_reward_model(path: str | Path, tokenizer: Any) -> Any:
-    from transformers import AutoModelForSequenceClassification
-
-    rm_tokenizer, model = hf.load_tokenizer_and(path, AutoModelForSequenceClassification)
-    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise SelfsupError(
-            f"the reward model in {path} has another vocabulary than the policy: train it from "
-            "the same SFT run (selfsup lm reward --init SFT_RUN)"
-        )
-    return model.eval()
-
-
-def _require_chat(tokenizer: Any, path: str | Path) -> None:
-    if add_chat_tokens(tokenizer):
-        raise SelfsupError(
-            f"{path} has no chat markers in its tokenizer: fine-tune it with `selfsup lm sft` first"
-        )
-
-
-@torch.no_grad()
-def evaluate_policy(
-    policy: Any,
-    reference: Any,
-    reward_model: Any,
-    tokenizer: Any,
-    conversations: Sequence[Sequence[Message]],
-    gold: GoldFn | None,
-    settings: PPOSettings,
-    seed: int,
-    batch: int = 32,
-) -> dict[str, float]:
-    """Proxy reward, gold score and KL(π || π_ref) of one sampled answer per held-out prompt."""
-    scores, golds, kls, ended = [], [], [], []
-    for s in range(0, len(conversations), batch):
-        part = conversations[s : s + batch]
-        r = sample(policy, tokenizer, part, settings.max_new_tokens, 1.0, 0, seed + s)
-        score = reward_scores(reward_model, r)
-        score = torch.where(r.ended, score, torch.full_like(score, settings.no_end_score))
-        _, logprobs, _ = forward_response(policy, r)
-        _, ref_logprobs, _ = forward_response(reference, r)
-        kls.extend(kl_to_reference(logprobs, ref_logprobs, r.response_mask.float()).tolist())
-        scores.extend(score.tolist())
-        ended.extend(r.ended.float().tolist())
-        if gold is not None:
-            golds.extend(gold(s + i, a) for i, a in enumerate(decode_responses(tokenizer, r)))
-    out = {
-        "proxy": float(np.mean(scores)),
-        "kl": float(np.mean(kls)),
-        "ended": float(np.mean(ended)),
-    }
-    if gold is not None:
-        out["gold"] = float(np.mean(golds))
-    return out
-
-
-@rundir.releases_run_locks  # the run lock start_run takes
 def rlhf(config: Options, command: str | None = None) -> Path:
     """PPO against the reward model; returns the run directory."""
     check_options(config)
-    conversations, records = load_prompts(config.prompts)
-    eval_conv, eval_records = load_prompts(config.eval_prompts or config.prompts)
-    eval_conv, eval_records = eval_conv[: config.eval_samples], eval_records[: config.eval_samples]
-    gold = gold_fn(config.gold, records)
-    eval_gold = gold_fn(config.gold, eval_records)
-    tokenizer, policy = load_policy(config.policy)
-    reward_model = load_reward_model(config.reward, tokenizer)
-    models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
-    conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
-    eval_conv = fitted_prompts(config.eval_prompts or config.prompts, tokenizer, models, new, cut)
-    eval_conv = eval_conv[: config.eval_samples]
-    run = hf.start_run(
-        config.out, {"stage": "rlhf", **dataclasses.asdict(config)}, command or "", False
-    )
-    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
-    try:
-        with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
-            return _ppo_run(
-                run, config, tokenizer, policy, reward_model, conversations, gold, eval_conv,
-                eval_gold, saved,
-            )  # fmt: skip
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_hint("rlhf", saved, run)) from None
+    stage = OnlineStage(
+        "PPO", "rlhf", config.rollouts, ("ppo/policy", "ppo/value", "reward", "kl"),
+        lambda inputs, fabric: PPOTrainer(
+            inputs.policy, inputs.reward_model, inputs.tokenizer, config, fabric
+        ),
+        _ppo_step,
+    )  # fmt: skip
+    return run_online(config, command, stage)
 
 
-def interrupted_hint(stage: str, saved: list[str], run: Path) -> str:
-    """What a Ctrl-C of a sampling stage kept: the last policy saved (these stages do not
-    resume), or that the same command starts afresh when none was."""
-    if len(saved) == 1:
-        return (
-            "no policy was saved yet: run the same command again to start afresh in "
-            f"{shlex.quote(str(run))}"
-        )
-    return (
-        f"the last policy saved is {saved[-1]} (selfsup lm chat {shlex.quote(saved[-1])}); "
-        f"{stage} does not resume: run it again with another --out to train further"
-    )
+def _ppo_step(trainer: PPOTrainer, inputs: Inputs, idx: list[int], seed: int) -> dict[str, float]:
+    """One PPO iteration on the prompts `idx`: experience, then the updates."""
+    gold = inputs.gold
+    batch_gold = None if gold is None else (lambda i, a: gold(idx[i], a))
+    return trainer.step([inputs.conversations[i] for i in idx], seed=seed, gold=batch_gold)
 
 
 def check_options(config: Options) -> None:
@@ -205,128 +89,6 @@ def check_options(config: Options) -> None:
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
-
-
-def _ppo_run(
-    run: Path,
-    config: Options,
-    tokenizer: Any,
-    policy: Any,
-    reward_model: Any,
-    conversations: list[list[Message]],
-    gold: GoldFn | None,
-    eval_conv: list[list[Message]],
-    eval_gold: GoldFn | None,
-    saved: list[str],
-) -> Path:
-    import lightning as L
-
-    torch.manual_seed(config.seed)
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
-    trainer = PPOTrainer(policy, reward_model, tokenizer, config, fabric)
-    rng = np.random.default_rng(config.seed)
-    settings = PPOSettings(
-        **{f.name: getattr(config, f.name) for f in dataclasses.fields(PPOSettings)}
-    )
-
-    def report(iteration: int) -> None:
-        stats = evaluate_policy(
-            trainer.policy, trainer.reference, trainer.reward_model, tokenizer,
-            eval_conv, eval_gold, settings, seed=10_000,
-        )  # fmt: skip
-        hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
-        print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        if iteration:  # iteration 0 is --policy itself
-            name = f"iter{iteration:04d}"
-            hf.save_hf(run, trainer.policy, tokenizer, name)  # loads like RUN/hf
-            saved.append(str(run / name))
-
-    report(0)
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-    bar = tqdm(range(1, config.iterations + 1), desc="PPO", disable=not progress)
-    for iteration in bar:
-        idx = rng.choice(
-            len(conversations), config.rollouts, replace=len(conversations) < config.rollouts
-        )
-        batch_gold = None if gold is None else (lambda i, a, idx=idx: gold(int(idx[i]), a))
-        stats = trainer.step(
-            [conversations[i] for i in idx], seed=config.seed + iteration, gold=batch_gold
-        )
-        problem = diverged(stats, config.max_kl)
-        if problem:
-            raise stopped("PPO", iteration, problem, saved, run)
-        hf.append_metrics(run, {"iteration": iteration, **stats})
-        bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
-        if iteration % config.eval_every == 0 or iteration == config.iterations:
-            report(iteration)
-    write_answers(
-        run, trainer.reference, trainer.policy, tokenizer, eval_conv, eval_gold,
-        config.max_new_tokens,
-    )  # fmt: skip
-    hf.save_hf(run, trainer.policy, tokenizer)
-    return run
-
-
-ANSWERS = "answers.json"
-
-
-def write_answers(
-    run: Path,
-    reference: Any,
-    policy: Any,
-    tokenizer: Any,
-    conversations: Sequence[Sequence[Message]],
-    gold: GoldFn | None,
-    max_new_tokens: int,
-    count: int = 8,
-    seed: int = 0,
-) -> Path:
-    """RUN/answers.json, for the report: one answer to each of the first `count` held-out
-    prompts from the SFT model (`before`) and from the trained policy (`after`), sampled with
-    the same seed, with their gold scores where the task has one."""
-    part = list(conversations[:count])
-    answers = {
-        name: decode_responses(
-            tokenizer, sample(model, tokenizer, part, max_new_tokens, 1.0, 0, seed)
-        )
-        for name, model in (("before", reference), ("after", policy))
-    }
-    rows: list[dict[str, Any]] = []
-    for i, conversation in enumerate(part):
-        row: dict[str, Any] = {"prompt": conversation[-1]["content"]}
-        for name in ("before", "after"):
-            row[name] = answers[name][i]
-            if gold is not None:
-                row[f"gold {name}"] = round(float(gold(i, answers[name][i])), 3)
-        rows.append(row)
-    path = run / ANSWERS
-    rundir.atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
-def stopped(stage: str, iteration: int, problem: str, saved: list[str], run: Path) -> SelfsupError:
-    """The error that ends a diverged run: what went wrong and the last good policy to load
-    (the run folder is removed when no policy was saved in it)."""
-    return SelfsupError(
-        f"{stage} stopped at iteration {iteration}: {problem}; the last good policy is "
-        f"{saved[-1]} (lower --lr, raise --beta)"
-        + ("" if len(saved) > 1 else f"; {run} is removed")
-    )
-
-
-def diverged(
-    stats: dict[str, float],
-    max_kl: float,
-    finite: Sequence[str] = ("ppo/policy", "ppo/value", "reward", "kl"),
-) -> str | None:
-    """Why an iteration's statistics say the run has gone wrong (one of `finite` is NaN or
-    infinite, or the KL exceeds a positive `max_kl`), or None."""
-    for name in finite:
-        if not math.isfinite(stats[name]):
-            return f"{name} became {stats[name]}"
-    if max_kl > 0 and stats["kl"] > max_kl:
-        return f"the KL from the reference, {stats['kl']:.2f}, exceeds --max-kl {max_kl:g}"
-    return None
 
 
 def best_of_n_mean(proxy: np.ndarray, values: np.ndarray, n: int) -> float:

@@ -168,29 +168,30 @@ def continuation_outputs(
     same maths as running each whole row, with less of it when prefixes repeat."""
     from transformers import DynamicCache
 
+    prefix = (prefix_ids, position_ids(prefix_mask), prefix_mask)
+    inputs = continuation[:, :-1]  # the last token predicts nothing
+    rest = (
+        inputs,
+        continuation_positions(prefix_mask, rows, inputs.shape[1]),
+        torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1),
+    )
     if not hidden and not torch.is_grad_enabled():  # a reference model's: the lean GPT-2 forward
-        lean = continuation_logits(
-            model, prefix_ids, prefix_mask, rows, continuation, continuation_mask
-        )
+        lean = continuation_logits(model, prefix, rows, rest)
         if lean is not None:
             return lean, None
     cache = DynamicCache()
     with warnings.catch_warnings():  # transformers 5 renames past_key_values, 4.x knows only it
         warnings.simplefilter("ignore", FutureWarning)
         first = model(
-            input_ids=prefix_ids, attention_mask=prefix_mask,
-            position_ids=position_ids(prefix_mask), past_key_values=cache, use_cache=True,
-            output_hidden_states=hidden,
+            input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix[1],
+            past_key_values=cache, use_cache=True, output_hidden_states=hidden,
         )  # fmt: skip
         logits = first.logits[rows, -1:]
         states = first.hidden_states[-1][rows, -1:] if hidden else None
-        if continuation.shape[1] > 1:
+        if inputs.shape[1]:
             cache.reorder_cache(rows)
-            inputs = continuation[:, :-1]
-            mask = torch.cat([prefix_mask[rows], continuation_mask[:, :-1]], 1)
             second = model(
-                input_ids=inputs, attention_mask=mask,
-                position_ids=continuation_positions(prefix_mask, rows, inputs.shape[1]),
+                input_ids=inputs, attention_mask=rest[2], position_ids=rest[1],
                 past_key_values=cache, use_cache=True, output_hidden_states=hidden,
             )  # fmt: skip
             logits = torch.cat([logits, second.logits], 1)

@@ -3,7 +3,6 @@ only, in posttrain's loop (`fit_stage`)."""
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from selfsup.core.errors import SelfsupError
-from selfsup.lm.alignment.stage import Stage, epoch_summary
+from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import collate, next_token_loss, pack, sft_example
 from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.data.conversations import CHAT_TEMPLATE, conversation_lines
@@ -70,7 +69,7 @@ def _note_template(tokenizer: Any, init: str) -> None:
         )
 
 
-class SFT(Stage):
+class SFT(EpochStage):
     Options = Options
     help = "supervised fine-tuning on conversations (assistant tokens)"
     description = (
@@ -78,10 +77,4 @@ class SFT(Stage):
         "(training counted in --epochs)."
     )
     entry = "sft"
-
-    @staticmethod
-    def summary(run: Path) -> tuple[list[str], list[str]]:
-        q = shlex.quote(str(run))
-        written = "hf/ the Hugging Face model, metrics.csv, checkpoint"
-        after = f"selfsup lm chat {q}  (or: selfsup lm label {q} --prompts P.jsonl -o R.jsonl)"
-        return epoch_summary(run, written, ("val_loss", "train_loss"), after)
+    after = "selfsup lm chat {run}  (or: selfsup lm label {run} --prompts P.jsonl -o R.jsonl)"

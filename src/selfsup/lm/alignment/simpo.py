@@ -3,7 +3,8 @@
 DPO without a reference model: the implicit reward of an answer is its length-normalised
 log-probability, r = β·log π(y|x)/|y| (|y| the answer's tokens, its end marker included), and
 every preference pair adds -log σ(r_chosen - r_rejected - γ), γ a target reward margin. The
-pairs, the policy and the loop (Fabric, epochs, validation, checkpoints, RUN/hf) are DPO's.
+pairs, the policy and the loop (`dpo.fit_pairs`: epochs, validation, checkpoints, RUN/hf) are
+DPO's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
-from selfsup.lm.alignment.dpo import DPO, pair_logprobs, preference_data, reward_accuracy
+from selfsup.lm.alignment.dpo import DPO, fit_pairs
 from selfsup.lm.alignment.dpo import Options as DPOOptions
-from selfsup.lm.alignment.ppo import disable_dropout
 from selfsup.lm.data.chat_data import IGNORE
-from selfsup.lm.training.posttrain import checked_config, fit_stage
 
 
 @dataclass
@@ -63,31 +62,6 @@ def simpo_loss(
     return loss, chosen.detach(), rejected.detach()
 
 
-def simpo(config: Options, command: str | None = None) -> Path:
-    """SimPO from the SFT model on preference pairs; returns the run directory."""
-    config = checked_config(config)  # β's and γ's ranges too
-    torch.manual_seed(config.seed)
-    tokenizer, model, train, val = preference_data(config)
-    pad = tokenizer.pad_token_id
-    disable_dropout(model)  # as DPO: the rewards are the policy's own log-probabilities
-
-    def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
-        device = next(m.parameters()).device
-        logps = pair_logprobs(m, batch, pad, device)
-        lengths = torch.tensor(
-            [[sum(t != IGNORE for t in side[1][1:]) for side in pair] for pair in batch],
-            device=device,
-            dtype=logps.dtype,
-        )
-        n = len(batch)
-        loss, chosen, rejected = simpo_loss(
-            logps[:n], logps[n:], lengths[:, 0], lengths[:, 1], config.beta, config.gamma
-        )
-        return loss, reward_accuracy(chosen, rejected)
-
-    return fit_stage("simpo", config, command, model, tokenizer, train, val, loss_fn)
-
-
 class SimPO(DPO):
     Options = Options
     help = "SimPO: preference pairs, length-normalised rewards and a margin, no reference model"
@@ -98,3 +72,17 @@ class SimPO(DPO):
     )
     entry = "simpo"
     # summary: DPO's closing lines
+
+
+def simpo(config: Options, command: str | None = None) -> Path:
+    """SimPO from the SFT model on preference pairs; returns the run directory."""
+
+    def pair_loss(c: Options, chosen: Tensor, rejected: Tensor, batch: list) -> Any:
+        lengths = torch.tensor(  # the answers' scored tokens (labels after the first position)
+            [[sum(t != IGNORE for t in side[1][1:]) for side in pair] for pair in batch],
+            device=chosen.device,
+            dtype=chosen.dtype,
+        )
+        return simpo_loss(chosen, rejected, lengths[:, 0], lengths[:, 1], c.beta, c.gamma)
+
+    return fit_pairs("simpo", config, command, pair_loss, reference=False)

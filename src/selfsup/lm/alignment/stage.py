@@ -57,6 +57,20 @@ def epoch_summary(
     return [f"run directory: {run}/ ({written})", metric], [f"next: {after}"]
 
 
+class EpochStage(Stage):
+    """A stage that trains on a file in epochs (`posttrain.fit_stage`): its closing lines name
+    what it wrote, the last row's `shown` metrics and the command `after` it ({run}: the run)."""
+
+    written: ClassVar[str] = "hf/ the Hugging Face model, metrics.csv, checkpoint"
+    shown: ClassVar[tuple[str, ...]] = ("val_loss", "train_loss")
+    after: ClassVar[str] = "selfsup lm chat {run}"
+
+    @classmethod
+    def summary(cls, run: Path) -> tuple[list[str], list[str]]:  # type: ignore[override]
+        after = cls.after.format(run=shlex.quote(str(run)))
+        return epoch_summary(run, cls.written, cls.shown, after)
+
+
 def policy_summary(run: Path) -> tuple[list[str], list[str]]:
     """The closing lines of a stage that optimises a policy by sampling (rlhf, grpo)."""
     last = last_row(run / "eval.csv")

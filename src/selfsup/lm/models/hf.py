@@ -1,26 +1,24 @@
-"""Hugging Face models in selfsup run directories, and the run-directory plumbing of the stages
-after pretraining (SFT, reward model, RLHF).
+"""Hugging Face models in selfsup run directories: loading, saving, checks. The stages after
+pretraining (SFT, reward model, DPO, RLHF, GRPO) keep their names for the run folder here
+(`start_run`, `removed_unless_kept`, `load_checkpoint`, `append_metrics`),
+on top of `selfsup.core.run.RunFolder`, which owns it.
 
 RUN/
   config.yaml        the stage and its options
   command.txt        the exact command line (a resumed run appends)
   hf/                model + tokenizer, `save_pretrained` (safetensors): loads with the Auto classes
-  checkpoints/       last.pt: weights, optimizer and progress, loaded with weights_only=True
+  checkpoints/       last.ckpt (sft, reward, dpo, simpo, kto): the Lightning checkpoint (weights,
+                     optimiser, schedule, loop and dropout state), loaded with weights_only=True;
+                     an earlier version's last.pt is converted on --resume
   metrics.csv        one row per logged step (RLHF: per iteration; eval.csv: held-out)
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
-
-import torch
-import yaml
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
@@ -144,117 +142,40 @@ def save_hf(run: Path, model: Any, tokenizer: Any, name: str = HF_DIR) -> None:
         tmp.rename(final)
 
 
-# What a run of these stages writes before its first checkpoint (or policy): a folder holding
-# only these, and no checkpoint, is the leftover of a run that failed early and may be reused.
-EARLY_FILES = frozenset({"config.yaml", "command.txt", "metrics.csv", "eval.csv", "checkpoints"})
-
-
-def unfinished_start(run: Path, early: frozenset[str] = EARLY_FILES) -> bool:
-    """True when `run` holds nothing but what a run that failed before its first checkpoint
-    leaves (config, command, metrics, temporary exports), with a selfsup config.yaml."""
-    if not (run / "config.yaml").is_file():
-        return False
-    for entry in run.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith((".tmp", ".old")):
-            continue
-        if entry.name not in early:
-            return False
-        if entry.is_dir() and any(entry.iterdir()):  # a checkpoint folder with something in it
-            return False
-    return True
-
-
-def clear_run(run: Path) -> None:
-    """Remove a run folder (one `unfinished_start` accepted, or one this process created)."""
-    shutil.rmtree(run, ignore_errors=True)
+# What a run of these stages writes before its first checkpoint, beside config, command, metrics.
+STAGE_RUN: dict[str, Any] = dict(early={"eval.csv"}, checkpoint=str(CHECKPOINT))
 
 
 def start_run(out: str | Path, config: dict[str, Any], command: str, resume: bool) -> Path:
-    """Create (or, resuming, reuse) the run directory and record config and command. A folder
-    left by a run that failed before its first checkpoint is cleared and reused."""
-    run = Path(out)
+    """Claim the run directory (`RunFolder.claim`: checked, locked until the stage returns; the
+    remains of a start killed before its first checkpoint are reused), check a resumed run's
+    checkpoint, and record config and command (`RunFolder.begin`). The post-training stages'
+    name for those two steps."""
+    folder = rundir.RunFolder.claim(out, resume=resume, **STAGE_RUN)
     if resume:
-        if not (run / CHECKPOINT).is_file():
-            hint = (
-                "; run the command without --resume to start afresh"
-                if run.is_dir() and unfinished_start(run)
-                else ""
-            )
-            raise SelfsupError(f"--resume: {run / CHECKPOINT} is missing, nothing to resume{hint}")
-        load_checkpoint(run)  # a truncated or foreign checkpoint: one line, before any write
-    elif run.is_file():
-        raise SelfsupError(f"--out {run} is a file; expected a run directory")
-    rundir.lock_run(run)  # one writer per run folder, until the stage returns
-    if not resume and run.exists() and any(run.iterdir()):
-        if not unfinished_start(run):
-            raise SelfsupError(
-                f"{run} already exists and is not empty; pick another --out or --resume"
-            )
-        clear_run(run)
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        rundir.atomic_write_text(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    rundir.write_command(run, command, append=resume)
-    return run
-
-
-def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
-    """Weights, optimizer state and progress (tensors and plain values only), atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    rundir.atomic_write_bytes(run / CHECKPOINT, buffer.getvalue())
+        load_checkpoint(folder.path)  # a truncated or foreign checkpoint: one line, no write
+    folder.begin(None if resume else config, command)
+    return folder.path
 
 
 def load_checkpoint(run: Path) -> dict[str, Any]:
-    path = run / CHECKPOINT
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or pickled file
-        raise SelfsupError(
-            f"{path} is not a readable selfsup checkpoint ({one_line_reason(e)})"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise SelfsupError(f"{path} is not a selfsup checkpoint (no model weights in it)")
-    return state
+    """An earlier version's RUN/checkpoints/last.pt, read weights-only (one line when it cannot
+    be), to be converted: the post-training stages' name for `RunFolder.load_checkpoint`."""
+    folder = rundir.RunFolder(Path(run), **STAGE_RUN)
+    return folder.load_checkpoint(needs=("model",), what="selfsup checkpoint")
 
 
 def append_metrics(run: Path, row: dict[str, Any], name: str = "metrics.csv") -> None:
-    """Add a row to RUN/NAME; the first row's keys are the header, and every row has them. A row
-    whose first value (epoch, iteration) is there already replaces it and the rows after it: a
-    run killed after logging an epoch but before its checkpoint repeats that epoch on resume."""
-    path = run / name
-    rows: list[list[str]] = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        if (rows[0] if rows else []) != list(row):
-            header = rows[0] if rows else []
-            raise ValueError(f"{path}: columns {header} but the row has {list(row)}")
-    key = str(next(iter(row.values())))
-    again = next((i for i, r in enumerate(rows[1:], 1) if r and r[0] == key), None)
-    if again is not None:  # rewrite without the repeated rows
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\r\n").writerows(rows[:again])
-        rundir.atomic_write_text(path, out.getvalue())
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
+    """A row of RUN/NAME, an epoch logged again after resume replacing its rows: the
+    post-training stages' name for `RunFolder.append_metrics`."""
+    rundir.RunFolder(Path(run)).append_metrics(row, name)
 
 
-@contextmanager
-def removed_unless_kept(run: Path, kept: Any) -> Iterator[None]:
-    """Remove the run folder when the block fails (a bad option found late, a NaN loss at the
-    first step, ...) before `kept(run)` says it holds something worth keeping: a failed start
-    must not leave a folder that blocks both a fresh run and --resume. Ctrl-C keeps it (a later
-    run into it clears it, see `unfinished_start`)."""
-    try:
-        yield
-    except Exception:
-        if not kept(run):
-            clear_run(run)
-        raise
+def removed_unless_kept(run: Path, kept: Callable[[Path], bool]) -> AbstractContextManager:
+    """The run folder removed when the block fails (a bad option found late, a NaN loss at the
+    first step, Ctrl-C, ...) before `kept(run)` says it holds something worth keeping: the
+    post-training stages' name for `RunFolder.removed_unless_kept`."""
+    return rundir.RunFolder(Path(run), kept=kept, created=True).removed_unless_kept()
 
 
 def check_precision(value: str | None) -> None:

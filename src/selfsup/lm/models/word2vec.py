@@ -28,7 +28,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file, save
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from selfsup.core import run as rundir
 from selfsup.core.config import check_fields, option
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.engine.trainer import build_trainer, seed_everything
-from selfsup.lm.models.hf import check_accelerator, removed_unless_kept
+from selfsup.lm.models.hf import check_accelerator
 from selfsup.lm.options import check_one_device
 
 UNK = "[UNK]"
@@ -289,21 +288,26 @@ def pretrain_word2vec(
             "times; lower --min-count"
         )
     run = Path(config.out or rundir.default_run_dir("lm-word2vec", config.data))
-    rundir.lock_run(run)  # one writer per run folder
-    _claim(run)
-    # a run that fails (e.g. a NaN loss) leaves no folder to block the retry: it has no resume
-    with removed_unless_kept(run, lambda r: (r / "results.json").is_file()):
-        return _train(run, config, tokenizer, texts, command)
+    # no resume: until results.json is written, a run is remains that the next one reuses
+    folder = rundir.RunFolder.claim(run, resume=False, **WORD2VEC_RUN)
+    saved = {"model": "word2vec", **asdict(config), "vocabulary": len(tokenizer)}
+    with folder.training():  # a run that fails (e.g. a NaN loss) leaves no folder behind
+        folder.begin(saved, command or f"pretrain_word2vec({config!r})")
+        return _train(run, config, tokenizer, texts)
 
 
-def _train(
-    run: Path, config: Word2VecConfig, tokenizer: Any, texts: list[str], command: str | None
-) -> Path:
+RESULTS = "results.json"
+WORD2VEC_RUN: dict[str, Any] = dict(
+    early={"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ids.npy",
+           "vocab.tsv", VECTORS},
+    kept=lambda run: (run / RESULTS).is_file(),
+    resumable=False,
+)  # fmt: skip
+
+
+def _train(run: Path, config: Word2VecConfig, tokenizer: Any, texts: list[str]) -> Path:
     from selfsup.lm.data.corpus import encode_corpus
 
-    saved = {"model": "word2vec", **asdict(config), "vocabulary": len(tokenizer)}
-    rundir.atomic_write_text(run / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    rundir.write_command(run, command or f"pretrain_word2vec({config!r})")
     tokenizer.save_pretrained(str(run))
     ids = encode_corpus(tokenizer, texts, run / "ids.npy")
     counts = torch.from_numpy(np.bincount(ids, minlength=len(tokenizer))).double()
@@ -333,17 +337,9 @@ def _train(
     save_vectors(run, method.model)
     words = config.epochs * len(ids)
     speed = {"words": words, "seconds": round(seconds, 2), "words_per_s": round(words / seconds)}
-    rundir.atomic_write_text(run / "results.json", json.dumps(speed, indent=2) + "\n")
+    rundir.atomic_write_text(run / RESULTS, json.dumps(speed, indent=2) + "\n")
     print(f"word2vec: {words:,} words in {seconds:.1f} s ({words / seconds:,.0f} words/s)")
     return run
-
-
-def _claim(run: Path) -> None:
-    if run.is_file():
-        raise SelfsupError(f"--out {run} is a file; expected a run directory")
-    if run.exists() and any(run.iterdir()):
-        raise SelfsupError(f"run directory {run} already exists and is not empty; choose --out")
-    run.mkdir(parents=True, exist_ok=True)
 
 
 def _write_vocab(path: Path, tokenizer: PreTrainedTokenizerFast, counts: Tensor) -> None:

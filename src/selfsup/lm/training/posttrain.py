@@ -1,26 +1,34 @@
-"""The loop of the stages that train on a file in epochs (sft, reward, dpo), on any local
-Hugging Face causal LM: their options' checks (`checked_config`), then one loop on Lightning
-Fabric (devices, precision) with a progress bar, validating and checkpointing after every
-epoch, resuming from the last epoch, and exporting RUN/hf (`fit_stage`).
+"""The loop of the stages that train on a file in epochs (sft, reward, dpo, simpo, kto), on any
+local Hugging Face causal LM: their options' checks (`checked_config`), then the engine's
+Lightning Trainer (`engine.trainer.build_trainer`: devices, precision, progress, last.ckpt,
+Ctrl-C hint) with the stage's loss in a LightningModule, validating, writing RUN/metrics.csv,
+checkpointing and exporting RUN/hf after every epoch, and resuming from the last epoch
+(`fit_stage`). A run folder of an earlier version (checkpoints/last.pt) resumes too: its
+checkpoint becomes last.ckpt first (`convert_legacy`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import shlex
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from lightning.pytorch.callbacks import Checkpoint
+from torch.utils.data import DataLoader, Sampler
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
 from selfsup.engine.optim import warmup_cosine
+from selfsup.engine.progress import show_bars
+from selfsup.engine.trainer import ResumeHint, build_trainer
 from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.data.conversations import (
@@ -72,11 +80,63 @@ def checked_config(config: TuneConfig) -> TuneConfig:
     hf.check_precision(config.precision)
     check_one_device(config.devices)
     if config.resume:  # a missing or damaged checkpoint: one line before the model loads
-        run = Path(config.out)
-        if not (run / hf.CHECKPOINT).is_file():
-            hf.start_run(run, {}, "", resume=True)  # says what is missing, writes nothing
-        hf.load_checkpoint(run)
+        resume_checkpoint(Path(config.out))
     return config
+
+
+LAST = Path(rundir.CHECKPOINTS) / rundir.LAST_CHECKPOINT  # RUN/checkpoints/last.ckpt
+
+
+def resume_checkpoint(run: Path) -> dict[str, Any]:
+    """The checkpoint `--resume RUN` continues: last.ckpt, or an earlier version's last.pt, read
+    with weights_only=True; one line when it is missing, damaged or another kind."""
+    if (run / LAST).is_file():
+        state = rundir.load_checkpoint(run / LAST)
+        if "rng" not in state:
+            raise SelfsupError(f"{run / LAST} is not a checkpoint of a selfsup lm stage")
+        return state
+    if (run / hf.CHECKPOINT).is_file():
+        return hf.load_checkpoint(run)
+    _claim_resumed(run)  # says what is missing (and how to start afresh), writes nothing
+    raise AssertionError("unreachable: the claim of a run without a checkpoint fails")
+
+
+def _claim_resumed(run: Path) -> Any:
+    """The resumed run folder, checked and locked (`RunFolder.claim`), continuing last.ckpt or
+    an earlier version's last.pt."""
+    legacy = not (run / LAST).is_file() and (run / hf.CHECKPOINT).is_file()
+    checkpoint = str(hf.CHECKPOINT if legacy else LAST)
+    return rundir.RunFolder.claim(run, resume=True, early={"eval.csv"}, checkpoint=checkpoint)
+
+
+def convert_legacy(run: Path) -> None:
+    """An earlier version's RUN/checkpoints/last.pt (model, optimizer, schedule, epoch, rng) as
+    the last.ckpt Lightning resumes from (its loop state from Lightning's own migration of
+    checkpoints that count `epoch` and `global_step`); last.pt goes once last.ckpt is written."""
+    from lightning.pytorch.utilities.migration import migrate_checkpoint
+
+    state = hf.load_checkpoint(run)
+    try:
+        epochs, steps = int(state["epoch"]) + 1, int(state["schedule"]["last_epoch"])
+        checkpoint, _ = migrate_checkpoint(
+            {
+                "pytorch-lightning_version": "1.5.0",
+                "epoch": epochs,
+                "global_step": steps,
+                "state_dict": {f"model.{k}": v for k, v in state["model"].items()},
+                "optimizer_states": [state["optimizer"]],
+                "lr_schedulers": [state["schedule"]],
+                "rng": state["rng"],
+            }
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SelfsupError(f"{run / hf.CHECKPOINT}: not a selfsup checkpoint (no {e})") from None
+    for count in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+        count.update(ready=epochs, started=epochs, processed=epochs, completed=epochs)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    rundir.atomic_write_bytes(run / LAST, buffer.getvalue())
+    (run / hf.CHECKPOINT).unlink()
 
 
 def _saved_config(run: Path) -> dict[str, Any]:
@@ -158,35 +218,43 @@ def fit_stage(
     loss_fn: LossFn,
     extra: dict[str, float] | None = None,
 ) -> Path:
-    """Train `model` on `train` with `loss_fn` in posttrain's loop (Fabric, epochs, validation,
-    checkpoints, RUN/hf) into the run directory --out; returns it (sft, reward, dpo)."""
+    """Train `model` on `train` with `loss_fn` in the engine's Trainer (epochs, validation,
+    RUN/metrics.csv, checkpoints, RUN/hf) into the run directory --out; returns it."""
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
-    run = hf.start_run(
-        config.out, {"stage": stage, **dataclasses.asdict(config)}, command, bool(config.resume)
-    )
+    run = _start(stage, config, command)
+    hint = ResumeHint(run, f"selfsup lm {stage} --resume {shlex.quote(str(run))}")
     try:
-        with hf.removed_unless_kept(run, lambda r: (r / hf.CHECKPOINT).is_file()):
-            return _train(run, stage, config, model, tokenizer, train, val, loss_fn, extra)
-    except KeyboardInterrupt:  # the CLI prints it after "interrupted"
-        raise KeyboardInterrupt(interrupted_hint(run, stage)) from None
+        with hf.removed_unless_kept(run, _kept):
+            return _train(run, hint, stage, config, model, tokenizer, train, val, loss_fn, extra)
+    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl-C into sys.exit(1)
+        if isinstance(e, SystemExit) and not hint.interrupted:
+            raise
+        raise hint.interruption(  # the CLI prints it after "interrupted"
+            "before the end of the first epoch, nothing to resume: run the same command again "
+            f"to start afresh in {run}"
+        ) from None
 
 
-def interrupted_hint(run: Path, stage: str) -> str:
-    """What a Ctrl-C kept and how to go on: the last checkpoint and the command that resumes
-    it, or (before the first epoch ended) that the same command starts afresh."""
-    if (run / hf.CHECKPOINT).is_file():
-        return (
-            f"the last checkpoint is {run / hf.CHECKPOINT}; continue with: selfsup lm {stage} "
-            f"--resume {shlex.quote(str(run))}"
-        )
-    return (
-        "before the end of the first epoch, nothing to resume: run the same command again to "
-        f"start afresh in {run}"
-    )
+def _start(stage: str, config: TuneConfig, command: str) -> Path:
+    """The run folder, claimed: a fresh one (`hf.start_run`), or the resumed one with the
+    command added and an earlier version's checkpoint converted."""
+    if not config.resume:
+        record = {"stage": stage, **dataclasses.asdict(config)}
+        return hf.start_run(config.out, record, command, resume=False)
+    run = Path(config.out)
+    _claim_resumed(run).begin(None, command)  # locked until the stage returns
+    if not (run / LAST).is_file():
+        convert_legacy(run)
+    return run
+
+
+def _kept(run: Path) -> bool:
+    return (run / LAST).is_file() or (run / hf.CHECKPOINT).is_file()
 
 
 def _train(
     run: Path,
+    hint: ResumeHint,
     stage: str,
     config: TuneConfig,
     model: Any,
@@ -196,93 +264,164 @@ def _train(
     loss_fn: LossFn,
     extra: dict[str, float] | None,
 ) -> Path:
-    import lightning as L
-
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    engine = SimpleNamespace(  # full float32 by default, on a GPU too (as before)
+        accelerator=config.accelerator,
+        devices=config.devices,
+        precision=config.precision or "32-true",
+        progress=config.progress,
     )
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(max(1, min(config.warmup_steps, total)), total)
+    trainer = build_trainer(
+        run,
+        engine,
+        hint=hint,
+        checkpoint=dict(filename="last", save_last=False, enable_version_counter=False),
+        metrics=False,  # StageModule writes RUN/metrics.csv: one row an epoch
+        callbacks=[ExportHF(run, tokenizer)],
+        max_epochs=config.epochs,
+        gradient_clip_val=1.0,
+        use_distributed_sampler=False,
     )
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-    start_epoch = 0
-    if config.resume:
-        state = hf.load_checkpoint(run)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch = int(state["epoch"]) + 1
-        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
-    model, optimizer = fabric.setup(model, optimizer)
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        order = np.random.default_rng(config.seed + epoch).permutation(len(train))
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{stage} epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
+    steps = math.ceil(len(train) / config.batch_size)
+    module = StageModule(
+        run, stage, config, model, loss_fn, extra, steps, show_bars(config.progress)
+    )
+    loaders = [
+        DataLoader(
+            items,
+            batch_size=config.batch_size,
+            sampler=sampler,  # None: in file order (validation)
+            collate_fn=list,
+            generator=torch.Generator(),  # the global generator draws dropout masks only
         )
-        losses = []
-        for step in bar:
-            batch = [
-                train[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]
-            ]
-            loss, _ = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the {stage} loss became {loss.item()} in epoch {epoch + 1}; lower --lr"
-                    + (
-                        f"; the last good epoch is in {run / hf.CHECKPOINT}"
-                        if (run / hf.CHECKPOINT).is_file()
-                        else f"; nothing is kept ({run} is removed)"
-                    )
-                )
-            optimizer.zero_grad(set_to_none=True)
-            fabric.backward(loss)
-            fabric.clip_gradients(model, optimizer, max_norm=1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
-        row.update(_validate(model, val, config.batch_size, loss_fn))
-        row.update(extra or {})
-        hf.append_metrics(run, row)
-        print(
-            ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-            )
-        )
-        module = model.module if hasattr(model, "module") else model
-        hf.save_checkpoint(
-            run,
-            {
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch,
-                "rng": torch.get_rng_state(),
-            },
-        )
-        hf.save_hf(run, module, tokenizer)
+        for items, sampler in ((train, EpochOrder(len(train), config.seed)), (val, None))
+    ]
+    trainer.fit(
+        module,
+        loaders[0],
+        loaders[1] if val else None,
+        ckpt_path=str(run / LAST) if config.resume else None,
+        weights_only=True,
+    )
     return run
 
 
-@torch.no_grad()
-def _validate(model: Any, val: list, batch_size: int, loss_fn: LossFn) -> dict[str, float]:
-    if not val:
-        return {}
-    model.eval()
-    totals: dict[str, list[float]] = {"val_loss": []}
-    weights = []
-    for s in range(0, len(val), batch_size):
-        batch = val[s : s + batch_size]
-        loss, extra = loss_fn(model, batch)
-        totals["val_loss"].append(loss.item())
-        for k, v in extra.items():
-            totals.setdefault(f"val_{k}", []).append(v)
-        weights.append(len(batch))
-    return {k: float(np.average(v, weights=weights)) for k, v in totals.items()}
+class EpochOrder(Sampler[int]):
+    """Indices in the order np.random.default_rng(seed + epoch) draws; Lightning sets the epoch
+    (`set_epoch`) before each one, a resumed run's too."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StageModule(L.LightningModule):
+    """A stage's model and loss for the Trainer: AdamW with warm-up then cosine per step, a NaN
+    loss stopped in one line, after every epoch one row (epoch, train_loss, validation means
+    weighted by batch, `extra`) in RUN/metrics.csv and on stdout; the dropout RNG is in the
+    checkpoint, so a resumed run draws the masks of an uninterrupted one."""
+
+    def __init__(
+        self,
+        run: Path,
+        stage: str,
+        config: TuneConfig,
+        model: Any,
+        loss_fn: LossFn,
+        extra: dict[str, float] | None,
+        steps_per_epoch: int,
+        bars: bool,
+    ) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+        self.run, self.stage, self.config, self.extra, self.bars = (
+            run, stage, config, extra or {}, bars,
+        )  # fmt: skip
+        self.steps_per_epoch = steps_per_epoch
+        self.losses: list[float] = []
+        self.val: dict[str, list[float]] = {}
+        self.weights: list[int] = []
+
+    def configure_optimizers(self) -> Any:
+        c = self.config
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        total = self.steps_per_epoch * c.epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(max(1, min(c.warmup_steps, total)), total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # items of the stage's own kind: its loss puts the tensors on the device
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def on_train_epoch_start(self) -> None:
+        self.model.train()
+        self.losses, self.val, self.weights = [], {}, []
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss_fn(self.model, batch)
+        if not torch.isfinite(loss):
+            kept = (
+                f"; the last good epoch is in {self.run / LAST}"
+                if (self.run / LAST).is_file()
+                else f"; nothing is kept ({self.run} is removed)"
+            )
+            raise NonFiniteLossError(
+                f"the {self.stage} loss became {loss.item()} in epoch {self.current_epoch + 1}; "
+                f"lower --lr{kept}"
+            )
+        self.losses.append(loss.item())
+        self.log("loss", self.losses[-1], prog_bar=True, logger=False, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        loss, extra = self.loss_fn(self.model, batch)
+        for k, v in {"loss": loss.item(), **extra}.items():
+            self.val.setdefault(f"val_{k}", []).append(v)
+        self.weights.append(len(batch))
+
+    def on_train_epoch_end(self) -> None:  # after validation, before the checkpoint
+        row: dict[str, Any] = {"epoch": self.current_epoch + 1}
+        row["train_loss"] = float(np.mean(self.losses))
+        row.update({k: float(np.average(v, weights=self.weights)) for k, v in self.val.items()})
+        row.update(self.extra)
+        if not self.trainer.is_global_zero:
+            return
+        hf.append_metrics(self.run, row)
+        line = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        )
+        if self.bars:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        torch.set_rng_state(checkpoint["rng"])  # dropout continues as if never interrupted
+
+
+class ExportHF(Checkpoint):
+    """RUN/hf after every epoch. A Checkpoint callback: Lightning runs it after ModelCheckpoint
+    has written last.ckpt (a kill in between leaves an export one epoch behind, redone)."""
+
+    def __init__(self, run: Path, tokenizer: Any) -> None:
+        self.run, self.tokenizer = run, tokenizer
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.is_global_zero:
+            hf.save_hf(self.run, module.model, self.tokenizer)

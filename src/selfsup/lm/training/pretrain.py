@@ -38,20 +38,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfsup.core import run as rundir
 from selfsup.core.config import check_fields
-from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.core.errors import SelfsupError
 from selfsup.core.tokenizer import KINDS, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfsup.engine.progress import duration, show_bars
 from selfsup.engine.trainer import ResumeHint, build_trainer
 from selfsup.lm.data.corpus import encode_corpus, load_ids, read_texts, split_ids
 from selfsup.lm.methods import PRETRAIN
 from selfsup.lm.models.base import LanguageModule
-from selfsup.lm.models.hf import (
-    check_accelerator,
-    clear_run,
-    one_line_reason,
-    removed_unless_kept,
-    unfinished_start,
-)
+from selfsup.lm.models.hf import check_accelerator, one_line_reason
 from selfsup.lm.options import LMConfig, check_ranges
 
 TOKENS = "tokens.npy"
@@ -161,16 +155,7 @@ def pretrain_lm(
     _check(config, options)
     run = Path(config.out) if config.out else _default_run_dir(config)
     config = dataclasses.replace(config, out=str(run))
-    rundir.lock_run(run)  # one writer per run folder
-    if run.is_file():
-        raise SelfsupError(f"--out {run} is a file; expected a run directory")
-    if run.exists() and any(run.iterdir()):
-        if not unfinished_start(run, EARLY_FILES):
-            raise SelfsupError(
-                f"run directory {run} already exists and is not empty; pass --resume {run} to "
-                "continue it or choose another --out"
-            )
-        clear_run(run)  # what a run that failed before its first checkpoint left
+    folder = rundir.RunFolder.claim(run, resume=False, early=EARLY_FILES)
     tokenizer, init = _tokenizer_and_init(config, kind)
     texts = read_texts(config.data, config.encoding, config.text_field)  # type: ignore[arg-type]
     if tokenizer is None:
@@ -183,35 +168,26 @@ def pretrain_lm(
     # every check has passed.
     run.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}."))
-    try:
-        ids = encode_corpus(tokenizer, texts, scratch / TOKENS)
-        del texts
-        module.check_data(*split_ids(ids, config.val_fraction))
-        run.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch / TOKENS, run / TOKENS)
-    finally:
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
-    tokenizer.save_pretrained(str(run))
     saved = {**asdict(config), "options": asdict(module.options), "tokenizer_size": len(tokenizer)}
-    rundir.write_config(run, saved)
-    rundir.write_command(run, command)
-    with removed_unless_kept(run, _has_checkpoint):
-        return _fit(run, config, module, tokenizer, checkpoint=None)
+    with folder.removed_unless_kept():
+        try:
+            ids = encode_corpus(tokenizer, texts, scratch / TOKENS)
+            del texts
+            module.check_data(*split_ids(ids, config.val_fraction))
+            folder.begin(saved, command)
+            os.replace(scratch / TOKENS, run / TOKENS)
+        finally:
+            for leftover in scratch.iterdir():
+                leftover.unlink()
+            scratch.rmdir()
+        tokenizer.save_pretrained(str(run))
+        return _fit(folder, config, module, tokenizer)
 
 
-# What pretrain_lm writes before the first checkpoint: a folder holding only these (and no
-# checkpoint) is the leftover of a failed start, reused by the next run into it.
+# What pretrain_lm writes before its first checkpoint, beside config, command and metrics.
 EARLY_FILES = frozenset(
-    {TOKENS, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", rundir.CONFIG,
-     "command.txt", "metrics.csv", "hparams.yaml", rundir.CHECKPOINTS}
-)  # fmt: skip
-
-
-def _has_checkpoint(run: Path) -> bool:
-    folder = run / rundir.CHECKPOINTS
-    return folder.is_dir() and any(folder.iterdir())
+    {TOKENS, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"}
+)
 
 
 def _check(config: LMConfig, options: Any) -> None:
@@ -277,49 +253,32 @@ def read_lm_config(run: str | Path) -> tuple[LMConfig, Any, dict[str, Any]]:
 
 
 def _resume(config: LMConfig, kind: type[LanguageModule], command: str) -> Path:
-    run = Path(config.resume)  # type: ignore[arg-type]
-    if not run.is_dir():
-        raise SelfsupError(f"--resume {run}: no such run directory")
-    rundir.lock_run(run)  # one writer per run folder
-    saved_config, options, _ = read_lm_config(run)
-    checkpoint = rundir.last_checkpoint(run)
-    if checkpoint is None:
-        raise SelfsupError(
-            f"--resume {run}: no checkpoint in {run / rundir.CHECKPOINTS} yet; run the command "
-            f"without --resume (--out {run}) to start afresh"
-        )
+    folder = rundir.RunFolder.claim(str(config.resume), resume=True, early=EARLY_FILES)
+    saved_config, options, _ = read_lm_config(folder.path)
     # truncated, foreign or pickled: one line, before any write
-    start = int(read_checkpoint(checkpoint)["global_step"])
+    start = int(folder.load_checkpoint(needs=("state_dict", "global_step"))["global_step"])
     # Only the length of training may change on resume (to extend a finished run).
     steps = config.steps if config.steps != LMConfig.steps else saved_config.steps
-    config = dataclasses.replace(saved_config, steps=steps, out=str(run), resume=None, init=None)
-    tokenizer = load_tokenizer(run)
+    run = str(folder.path)
+    config = dataclasses.replace(saved_config, steps=steps, out=run, resume=None, init=None)
+    tokenizer = load_tokenizer(folder.path)
     L.seed_everything(config.seed, verbose=False)
     module = kind.build(config, options, tokenizer, None)
-    rundir.write_command(run, command, append=True)
-    return _fit(run, config, module, tokenizer, checkpoint=checkpoint, start=start)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint of a language-model run, read with weights_only=True (a pickled
-    object is refused unread); any unreadable file is one SelfsupError line."""
-    state = rundir.load_checkpoint(path)
-    if "global_step" not in state:
-        raise SelfsupError(f"{path} is not a selfsup language-model checkpoint")
-    return state
+    folder.begin(None, command)
+    return _fit(folder, config, module, tokenizer, start=start)
 
 
 def _fit(
-    run: Path,
+    folder: rundir.RunFolder,
     config: LMConfig,
     module: LanguageModule,
     tokenizer: Any,
-    checkpoint: Path | None,
     start: int = 0,
 ) -> Path:
     """Train from step `start` (a resumed run's checkpoint step; its metrics rows below it kept)."""
+    run = folder.path
     train_ids, val_ids = split_ids(load_ids(run / TOKENS), config.val_fraction)
-    keep_before = start if checkpoint is not None else None
+    keep_before = start if folder.resumed else None
     hint = ResumeHint(run, f"selfsup lm pretrain {config.model} --resume {run}")
     tokens = _tokens_per_step(config, module.options)
     trainer = _trainer(config, run, hint, keep_before, tokens)
@@ -337,29 +296,14 @@ def _fit(
     if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
         torch.set_num_threads(cpu_threads(config.threads, module))
     began = time.perf_counter()
-    try:
+    with folder.training(hint):
         trainer.fit(
             module,
             train,
             val,
-            ckpt_path=str(checkpoint) if checkpoint else None,
+            ckpt_path=str(folder.last) if folder.resumed else None,
             weights_only=True,
         )
-    except NonFiniteLossError as e:
-        last = rundir.last_checkpoint(run)
-        kept = (
-            f"; the last good checkpoint is {last}"
-            if last
-            else f"; no evaluation had run, so nothing is kept ({run} is removed)"
-        )
-        raise SelfsupError(f"{e}{kept}") from None
-    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran
-        if not hint.interrupted:
-            raise
-        raise hint.interruption(
-            "before the first evaluation, nothing to resume: run the same command again to "
-            f"start afresh in {run}"
-        ) from None
     seconds = time.perf_counter() - began
     results = final_estimate(run, config, module, val_ids)
     results["train_seconds"] = round(seconds, 2)  # periodic validation included
