@@ -375,7 +375,7 @@ def test_dpo_with_no_usable_pair_is_one_line(tmp_path, capsys):
     assert captured.err.count("\n") == 1 and "no preference pair with two different" in captured.err
     assert not (tmp_path / "out").exists()
     assert main(["lm", "dpo", "--init", "x", "--data", str(path), "--out", "y", "--beta", "0"]) == 2
-    assert "--beta must be > 0" in capsys.readouterr().err
+    assert "--beta must be positive" in capsys.readouterr().err
 
 
 def test_grpo_single_update_equals_a_step_by_hand(sft_run):  # noqa: F811

@@ -5,6 +5,7 @@ run = selfsup.pretrain(method="simclr", data="digits", recipe="digits", epochs=3
 encoder = selfsup.load(run)              # images -> features
 results = selfsup.evaluate(run)          # linear probe, kNN, k-means, few-label table
 selfsup.report([run], "report.html")     # one self-contained HTML page of runs side by side
+sft = selfsup.align("sft", init="base-run", data="chat.jsonl", out="runs/sft")  # + its report
 """
 
 from importlib import import_module
@@ -16,6 +17,7 @@ from selfsup.core import __version__ as __version__
 _EXPORTS = {
     "pretrain": "selfsup.api",
     "evaluate": "selfsup.api",
+    "align": "selfsup.api",
     "embed": "selfsup.image.runs",
     "load": "selfsup.image.runs",
     "report": "selfsup.reporting",

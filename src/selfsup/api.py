@@ -1,5 +1,6 @@
-"""The run-level Python API of the image half: pretrain (with its report), evaluate the
-representation; `load` and `embed` come from `selfsup.image.runs`."""
+"""The run-level Python API: the image half's pretrain (with its report) and evaluate (`load`
+and `embed` come from `selfsup.image.runs`); the language half's stages after pretraining,
+`align` (with its report, as `selfsup lm STAGE` writes it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import torch
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.device import resolve_device
-from selfsup.image import train
 from selfsup.image.augment.recipes import RECIPES
 from selfsup.image.config import EvalConfig, PretrainConfig
 from selfsup.image.data import ImageData, load_splits, stratified_indices
@@ -52,6 +52,8 @@ def pretrain(
 ) -> Path:
     """Pretrain a self-supervised encoder (`selfsup.image.train.pretrain`, which says more);
     returns the run directory. `report=False` skips RUN/report.html at the end."""
+    from selfsup.image import train  # Lightning: only when an image run trains
+
     run = train.pretrain(config, command=command, **options)
     if report and rundir.is_first_process() and os.environ.get("SELFSUP_REPORT", "1") != "0":
         from selfsup.reporting import write_run_report
@@ -59,6 +61,53 @@ def pretrain(
         train.say(f"writing the report {run / 'report.html'} (encodes the data once more) ...")
         write_run_report(run)
     return run
+
+
+def align(
+    stage: str,
+    options: Any = None,
+    *,
+    command: str | None = None,
+    report: bool = True,
+    **values: Any,
+) -> Path | None:
+    """Run the language stage `stage` of the ALIGN registry (sft, reward, dpo, grpo, rlhf, ...)
+    as `selfsup lm STAGE` does, with its `Options` (given, or made from `values`: the command's
+    option names with _), and write RUN/report.html as the command does (`report=False` skips
+    it); returns the run directory (None for a stage that writes none)."""
+    return run_stage(stage, options, command=command, report=report, **values)[0]
+
+
+def run_stage(
+    stage: str,
+    options: Any = None,
+    *,
+    command: str | None = None,
+    report: bool = True,
+    **values: Any,
+) -> tuple[Path | None, Path | None]:
+    """`align`'s work: (the run directory, its report page or None when none was written)."""
+    from selfsup.lm.alignment import ALIGN
+
+    if stage not in ALIGN:
+        raise SelfsupError(f"unknown stage {stage!r}; expected one of {', '.join(ALIGN)}")
+    kind = ALIGN.load(stage)
+    if options is None:
+        names = {f.name for f in dataclasses.fields(kind.Options)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SelfsupError(f"{stage}: {', '.join(unknown)} is not an option of this stage")
+        options = kind.Options(**values)
+    elif values:
+        raise SelfsupError(f"{stage}: give its Options or option values, not both")
+    run = kind.run(options, command=command)
+    if run is None:
+        return None, None
+    if not report or not rundir.is_first_process():
+        return Path(run), None
+    from selfsup.reporting import write_run_report
+
+    return Path(run), write_run_report(run)
 
 
 @rundir.releases_run_locks

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from selfsup.core.config import seed_type
+from selfsup.core.config import check_range, seed_type
 from selfsup.core.errors import SelfsupError
 
 
@@ -22,11 +22,26 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """argparse without the 40-line usage dump on errors, and without abbreviated options
-    (`--fraction` must not silently mean `--fractions`). Sub-parsers inherit the class."""
+    (`--fraction` must not silently mean `--fractions`). Sub-parsers inherit the class.
+    `add_argument(..., check=RULE)` declares an option's range as a config field's `check=`
+    does; a value outside it is the same one line (`selfsup.core.config.check_range`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, check: str | None = None, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        action.check = check  # type: ignore[attr-defined]
+        return action
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if getattr(action, "check", None) and value is not None:
+                check_range(value, action.check, action.option_strings[-1])
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -41,6 +56,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def about(add: Any) -> dict[str, str | None]:
+    """A command's help (the first paragraph of its `_add_` function's docstring) and its
+    description (the rest) for `sub.add_parser`."""
+    first, _, rest = (add.__doc__ or "").partition("\n\n")
+    return {"help": " ".join(first.split()), "description": " ".join(rest.split()) or None}
 
 
 RUN_HELP = "run directory written by `selfsup pretrain`"

@@ -23,6 +23,7 @@ from selfsup.cli import option_files
 from selfsup.cli.common import (
     Parser,
     UsageError,
+    about,
     add_options,
     command_parser,
     fail,
@@ -60,13 +61,6 @@ CONFIG_HELP = (
 def keywords(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The options `names` of `args`, as keyword arguments of the API function they mirror."""
     return {name: getattr(args, name) for name in names}
-
-
-def _about(add: Callable[..., None]) -> dict[str, str | None]:
-    """A command's help (the first paragraph of its `_add_` function's docstring) and its
-    description (the rest) for `sub.add_parser`."""
-    first, _, rest = (add.__doc__ or "").partition("\n\n")
-    return {"help": " ".join(first.split()), "description": " ".join(rest.split()) or None}
 
 
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -571,7 +565,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         if add is add_lm_parser:  # it adds `lm` and the commands below it
             add_lm_parser(sub, parents=shared)
         else:
-            add(sub.add_parser(name, **_about(add)))
+            add(sub.add_parser(name, **about(add)))
     _add_method_options(sub.choices["pretrain"], method)
     for name in ("pretrain", "evaluate"):  # read against their dataclasses (read_config_file)
         sub.choices[name].add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)

@@ -17,8 +17,9 @@ from selfsup.core.errors import SelfsupError
 
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A config field: its help text, and optionally `check`, the range its value must lie in
-    (">0", ">=0", ">=N", "(0,1)", "[0,1)", "[0,1]") or a named rule ("seed", "precision");
-    None always passes. `cli=False` keeps it off the command line."""
+    (">0", ">=0", ">N", ">=N", "[a,b]", "(a,b)", "[a,b)", "(a,b]") or a named rule ("seed",
+    "precision"), and `required=True` (an empty value is refused); None always passes; both
+    are checked by `check_fields`. `cli=False` keeps it off the command line."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -58,21 +59,52 @@ def check_precision(value: str, flag: str = "--precision") -> str:
 
 
 def _in_range(value: float, rule: str) -> bool:
-    """Whether `value` satisfies `rule` (NaN satisfies none: every comparison is False)."""
+    """Whether `value` satisfies `rule` (NaN and infinities satisfy none)."""
     if isinstance(value, float) and not math.isfinite(value):
         return False
-    if rule.startswith(">="):
-        return value >= float(rule[2:])
-    if rule.startswith(">"):
-        return value > float(rule[1:])
+    if rule[0] == ">":
+        closed = rule[1] == "="
+        low = float(rule[1 + closed :])
+        return value >= low if closed else value > low
     low, high = (float(v) for v in rule[1:-1].split(","))
     above = value >= low if rule[0] == "[" else value > low
     below = value <= high if rule[-1] == "]" else value < high
     return above and below
 
 
+def range_words(rule: str) -> str:
+    """What a `check=` range asks for, in words: ">0" positive, ">=0" zero or more, ">=N" at
+    least N, ">N" above N, "[a,b]" between a and b, "(a,b)" between a and b (exclusive),
+    "[a,b)" at least a and below b, "(a,b]" above a and at most b."""
+    if rule[0] == ">":
+        closed = rule[1] == "="
+        low = rule[1 + closed :]
+        if float(low) == 0:
+            return "zero or more" if closed else "positive"
+        return f"at least {low}" if closed else f"above {low}"
+    low, high = rule[1:-1].split(",")
+    return {
+        "[]": f"between {low} and {high}",
+        "()": f"between {low} and {high} (exclusive)",
+        "[)": f"at least {low} and below {high}",
+        "(]": f"above {low} and at most {high}",
+    }[rule[0] + rule[-1]]
+
+
+def check_range(value: float, rule: str, flag: str) -> None:
+    """The one line of every option outside its range (`check=` rule, as `option` lists):
+    "--lr must be positive, got -1.0"; NaN and infinities are outside every range."""
+    if not _in_range(value, rule):
+        raise SelfsupError(f"{flag} must be {range_words(rule)}, got {value}")
+
+
 def check_fields(config: Any) -> None:
-    """Raise a one-line SelfsupError for the first field outside its declared range or type."""
+    """Raise a one-line SelfsupError for the first field declared `required=True` and left
+    empty, then for the first outside its declared type or range (`check=`): the one check of
+    the options of both halves, image and language."""
+    for f in dataclasses.fields(config):
+        if f.metadata.get("required") and not getattr(config, f.name):
+            raise SelfsupError(f"--{f.name.replace('_', '-')} is required")
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -89,15 +121,8 @@ def check_fields(config: Any) -> None:
             check_seed(value, flag)
         elif rule == "precision":
             check_precision(value, flag)
-        elif rule and not _in_range(value, rule):
-            expected = {
-                ">0": "positive",
-                ">=0": "zero or more",
-                "(0,1)": "between 0 and 1 (exclusive)",
-                "[0,1)": "at least 0 and below 1",
-                "[0,1]": "between 0 and 1",
-            }.get(rule, f"at least {rule[2:]}" if rule.startswith(">=") else rule)
-            raise SelfsupError(f"{flag} must be {expected}, got {value}")
+        elif rule:
+            check_range(value, rule, flag)
 
 
 # The sections a run's config.yaml adds to the options (what was learned about the data).

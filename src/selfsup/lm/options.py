@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Any
 
-from selfsup.core.config import check_fields, option
+from selfsup.core.config import check_fields, check_range, option
 from selfsup.core.errors import SelfsupError
 
 PROGRESS_HELP = "progress bars (default: on a terminal; otherwise one line per validation)"
@@ -216,42 +215,21 @@ class OnlineOptions(EngineOptions, PromptFit):
     eval_samples: int = option(128, "held-out prompts per evaluation", check=">=1")
 
 
-def check_declared(config: Any) -> None:
-    """One line for the first option of `config` that is declared `required=True` and empty, or
-    outside the range its field declares (`check=`: ">0", ">=N", "[a,b]", "[a,b)"); NaN is
-    outside every range."""
-    for f in fields(config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.metadata.get("required") and not getattr(config, f.name):
-            raise SelfsupError(f"{flag} is required")
-    for f in fields(config):
-        rule, value = f.metadata.get("check"), getattr(config, f.name)
-        if rule is None or value is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if rule[0] == ">":
-            closed = rule[1] == "="
-            low = float(rule[2:] if closed else rule[1:])
-            ok = value >= low if closed else value > low
-            bound = f"at least {low:g}" if closed and low >= 1 else f"{rule[: 1 + closed]} {low:g}"
-        else:
-            low, high = (float(v) for v in rule[1:-1].split(","))
-            ok = low <= value and (value <= high if rule[-1] == "]" else value < high)
-            bound = f">= {low:g} and <= {high:g}" if rule[-1] == "]" else f"in [{low:g}, {high:g})"
-        if not (ok and value == value):
-            raise SelfsupError(f"{flag} must be {bound}, got {value}")
+# The stages' name for the one check of declared options (`required=True`, `check=` ranges):
+# core's, as the image options and `lm pretrain` use it, so a mistake reads alike on both halves.
+check_declared = check_fields
 
 
 def check_number(
     flag: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
 ) -> None:
-    """One line unless low <= value <= high (low < value with low_open), NaN refused."""
-    ok = value == value and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        if high != float("inf"):
-            bound += f" and <= {high:g}"
-        raise SelfsupError(f"{flag} must be {bound}, got {value}")
+    """One line unless low <= value <= high (low < value with low_open), in the words of a
+    declared range (`check_range`); NaN refused."""
+    if high == float("inf"):
+        rule = f">{low:g}" if low_open else f">={low:g}"
+    else:
+        rule = f"{'(' if low_open else '['}{low:g},{high:g}]"
+    check_range(value, rule, flag)
 
 
 def check_ranges(config: LMConfig) -> None:

@@ -10,11 +10,11 @@ import dataclasses
 from pathlib import Path
 
 from selfsup.cli.lm.common import (
+    add_command,
     add_config_file,
     add_deprecated,
     add_stage_arguments,
     deprecation,
-    report_line,
     summary,
 )
 from selfsup.core.errors import SelfsupError
@@ -41,6 +41,8 @@ def _add_stages(sub, parents) -> None:
 
 def _run_stage(args: argparse.Namespace, command: str) -> None:
     """Every registered stage: its Options from the flags, its `run`, its closing lines."""
+    from selfsup.api import run_stage
+
     stage = ALIGN.load(args.stage)
     names = {f.name for f in dataclasses.fields(stage.Options)}
     options = stage.Options(**{k: v for k, v in vars(args).items() if k in names})
@@ -49,20 +51,18 @@ def _run_stage(args: argparse.Namespace, command: str) -> None:
         if const is not None and getattr(options, spec.name) is const:
             flag = "--" + spec.name.replace("_", "-")
             deprecation(f"{flag} without RUN", f"{flag} RUN")
-    run = stage.run(options, command=command)
+    run, page = run_stage(args.stage, options, command=command)  # as `selfsup.align` runs it
     if run is not None:
         before, after = stage.summary(Path(run))
-        summary([*before, report_line(Path(run)), *after])
+        summary([*before, f"report: {page}" if page else "", *after])
 
 
 def _add_arithmetic(sub, parents) -> None:
-    p = sub.add_parser(
-        "arithmetic",
-        parents=parents,
-        help="write the offline RLHF task's files (corpus, demonstrations, prompts)",
-        description="Write corpus.txt, sft.jsonl, label.jsonl, rl.jsonl and eval.jsonl of the "
-        "addition task whose gold score stands in for human preferences.",
-    )
+    """write the offline RLHF task's files (corpus, demonstrations, prompts)
+
+    Write corpus.txt, sft.jsonl, label.jsonl, rl.jsonl and eval.jsonl of the addition task whose
+    gold score stands in for human preferences."""
+    p = add_command(sub, parents, "arithmetic", _add_arithmetic, _run_arithmetic)
     p.add_argument("folder", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft", type=int, default=2000, help="demonstrations (default: 2000)")
@@ -73,7 +73,6 @@ def _add_arithmetic(sub, parents) -> None:
     p.add_argument(
         "--max-operand", type=int, default=50, help="operands from 0 to this (default: 50)"
     )
-    p.set_defaults(handler=_run_arithmetic)
 
 
 def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
@@ -86,11 +85,8 @@ def _run_arithmetic(args: argparse.Namespace, command: str) -> None:
 
 
 def _add_label(sub, parents) -> None:
-    p = sub.add_parser(
-        "label",
-        parents=parents,
-        help="sample K answers per prompt and rank them with simulated labelers",
-    )
+    """sample K answers per prompt and rank them with simulated labelers"""
+    p = add_command(sub, parents, "label", _add_label, _run_label)
     p.add_argument("policy", help="the model whose answers are ranked (an SFT run)")
     p.add_argument("--prompts", required=True, help="JSONL of prompts")
     p.add_argument("-o", "--output", required=True, help="rankings JSONL to write")
@@ -100,7 +96,6 @@ def _add_label(sub, parents) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_run_label)
 
 
 def _run_label(args: argparse.Namespace, command: str) -> None:
@@ -118,16 +113,19 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
 
 
 def _add_chat(sub, parents) -> None:
-    p = sub.add_parser("chat", parents=parents, help="talk to an SFT or RLHF model in the terminal")
+    """talk to an SFT or RLHF model in the terminal"""
+    p = add_command(sub, parents, "chat", _add_chat, _run_chat)
     p.add_argument("run", help="an SFT or RLHF run (or a local HF folder with chat markers)")
     p.add_argument("--system", help="a system message to start with")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, check=">=0", help="0 = greedy (default)"
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
+        check=">=1",
         help="longest reply in tokens (default: 64, or half the model's context when shorter)",
     )
-    p.set_defaults(handler=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace, command: str) -> None:
@@ -139,10 +137,6 @@ def _run_chat(args: argparse.Namespace, command: str) -> None:
         shorten,
     )
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise SelfsupError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise SelfsupError(f"--temperature must be at least 0, got {args.temperature}")
     tokenizer, model = load_policy(args.run)
     context = context_length(model)
     if args.max_new_tokens is None:

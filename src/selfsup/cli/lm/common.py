@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from selfsup.cli.common import about
 from selfsup.core.config import add_option, field_types, type_of
 from selfsup.core.registry import OptionSpec
 
@@ -113,6 +114,14 @@ def stage_file_values(path: str, specs: Sequence[OptionSpec], stage: str) -> dic
         values.pop("out", None)
         values.pop("resume", None)
     return values
+
+
+def add_command(sub: Any, parents: list, name: str, add: Any, handler: Any) -> Any:
+    """`selfsup lm NAME`: its sub-parser (the shared flags as `parents`; its help and
+    description from `add`'s docstring, as `about` reads it), run by `handler`."""
+    parser = sub.add_parser(name, parents=parents, **about(add))
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 class Deprecated(argparse.Action):

@@ -28,6 +28,7 @@ from typing import Any
 from selfsup.cli.lm.align import ALIGN_COMMANDS
 from selfsup.cli.lm.common import (
     QUIET,
+    add_command,
     add_config_arguments,
     add_config_file,
     add_deprecated,
@@ -217,15 +218,12 @@ def _pretrain_summary(model: str, run: Path) -> list[str]:
 
 
 def _add_tokenize(sub, parents: list[argparse.ArgumentParser]) -> None:
-    t = sub.add_parser(
-        "tokenize",
-        parents=parents,
-        help="show how a run's tokenizer splits a text",
-        description="Print the tokens of TEXT with their ids, and the token and character counts.",
-    )
+    """show how a run's tokenizer splits a text
+
+    Print the tokens of TEXT with their ids, and the token and character counts."""
+    t = add_command(sub, parents, "tokenize", _add_tokenize, _run_tokenize)
     t.add_argument("run", help="run directory (or any folder holding a tokenizer.json)")
     t.add_argument("text", help="the text to tokenize")
-    t.set_defaults(handler=_run_tokenize)
 
 
 def _run_tokenize(args: argparse.Namespace, command: str) -> None:
@@ -245,12 +243,10 @@ def _run_tokenize(args: argparse.Namespace, command: str) -> None:
 
 
 def _add_generate(sub, parents: list[argparse.ArgumentParser]) -> None:
-    g = sub.add_parser(
-        "generate",
-        parents=parents,
-        help="continue a prompt with a GPT run",
-        description="Sample a continuation of --prompt from a GPT run (its hf/ export).",
-    )
+    """continue a prompt with a GPT run
+
+    Sample a continuation of --prompt from a GPT run (its hf/ export)."""
+    g = add_command(sub, parents, "generate", _add_generate, _run_generate)
     g.add_argument("run", help="run directory of `selfsup lm pretrain gpt`")
     g.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: 200)")
@@ -260,7 +256,6 @@ def _add_generate(sub, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest")
     g.add_argument("--num-samples", type=int, default=1, help="independent continuations")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.set_defaults(handler=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace, command: str) -> None:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from selfsup.cli.lm.common import add_command
+
 
 def _add_neighbors(sub, parents: list[argparse.ArgumentParser]) -> None:
-    n = sub.add_parser(
-        "neighbors",
-        parents=parents,
-        help="nearest words of a word2vec run (cosine), or an analogy a - b + c",
-        description="Print the words whose vectors are closest (cosine) to WORD's, or with "
-        "--analogy A B C to A - B + C (king man woman -> queen).",
-    )
+    """nearest words of a word2vec run (cosine), or an analogy a - b + c
+
+    Print the words whose vectors are closest (cosine) to WORD's, or with --analogy A B C to A -
+    B + C (king man woman -> queen)."""
+    n = add_command(sub, parents, "neighbors", _add_neighbors, _run_neighbors)
     n.add_argument("run", help="run directory of `selfsup lm pretrain word2vec`")
     n.add_argument("word", nargs="?", help="the word (not needed with --analogy)")
     n.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="query A - B + C")
-    n.add_argument("-k", "--top-k", type=int, default=10, help="words to show (default: 10)")
-    n.set_defaults(handler=_run_neighbors)
+    n.add_argument(
+        "-k", "--top-k", type=int, default=10, check=">=1", help="words to show (default: 10)"
+    )
 
 
 def _run_neighbors(args: argparse.Namespace, command: str) -> None:
@@ -27,8 +28,6 @@ def _run_neighbors(args: argparse.Namespace, command: str) -> None:
 
     if (args.word is None) == (args.analogy is None):
         raise SelfsupError("give either WORD or --analogy A B C")
-    if args.top_k < 1:
-        raise SelfsupError(f"--top-k must be at least 1, got {args.top_k}")
     vectors = WordVectors(args.run)
     if args.analogy:
         a, b, c = args.analogy
@@ -42,17 +41,14 @@ def _run_neighbors(args: argparse.Namespace, command: str) -> None:
 
 
 def _add_fill_mask(sub, parents: list[argparse.ArgumentParser]) -> None:
-    f = sub.add_parser(
-        "fill-mask",
-        parents=parents,
-        help="top candidates for each [MASK] of a text, from a BERT run",
-        description='Print the likeliest tokens for each [MASK] in TEXT (e.g. "The man went '
-        "to the [MASK] .\") with their probabilities, from the run's hf/ export.",
-    )
+    """top candidates for each [MASK] of a text, from a BERT run
+
+    Print the likeliest tokens for each [MASK] in TEXT (e.g. "The man went to the [MASK] .")
+    with their probabilities, from the run's hf/ export."""
+    f = add_command(sub, parents, "fill-mask", _add_fill_mask, _run_fill_mask)
     f.add_argument("run", help="run directory of `selfsup lm pretrain bert` (or an HF folder)")
     f.add_argument("text", help="text with one or more [MASK] tokens")
     f.add_argument("-k", "--top-k", type=int, default=5, help="candidates (default: 5)")
-    f.set_defaults(handler=_run_fill_mask)
 
 
 def _run_fill_mask(args: argparse.Namespace, command: str) -> None:
