@@ -1,4 +1,4 @@
-"""Gold reward against KL(policy || SFT) for best-of-n, PPO, DPO and GRPO on one task.
+"""Gold reward against KL(policy || SFT) for best-of-n, PPO, DPO, SimPO, KTO and GRPO on one task.
 
 Builds the offline arithmetic pipeline of docs/rlhf.md (pretrained GPT -> SFT -> simulated
 labels -> reward model) in --work, then runs every method from the same SFT model with its main
@@ -41,6 +41,8 @@ FULL: dict[str, Any] = dict(
     grpo=dict(betas=[0.0, 0.04, 0.2], iterations=120, eval_every=20, prompts_per_iteration=4,
               group_size=8, minibatch=16, lr=1e-5),
     dpo=dict(betas=[0.03, 0.1, 0.3, 1.0], epochs=1, lr=1e-5, batch_size=16),
+    simpo=dict(betas=[2.0, 10.0], epochs=1, lr=1e-5, batch_size=16),
+    kto=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=1e-5, batch_size=32),
     seeds=[0, 1, 2],
 )  # fmt: skip
 QUICK: dict[str, Any] = dict(
@@ -56,6 +58,8 @@ QUICK: dict[str, Any] = dict(
     grpo=dict(betas=[0.0, 0.04, 0.2], iterations=48, eval_every=12, prompts_per_iteration=2,
               group_size=8, minibatch=8, lr=5e-5),
     dpo=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=5e-5, batch_size=16),
+    simpo=dict(betas=[2.0, 10.0], epochs=1, lr=5e-5, batch_size=16),
+    kto=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=5e-5, batch_size=32),
     seeds=[0, 1, 2],
 )  # fmt: skip
 
@@ -211,24 +215,32 @@ def _trained(method, knob, seed, out, train, per_iteration) -> list[dict]:
     ]  # fmt: skip
 
 
-def run_dpo(paths, scale, seed, beta, work, evaluate) -> list[dict]:
-    from selfsup.lm.alignment.dpo import Options as DPOConfig
-    from selfsup.lm.alignment.dpo import dpo
+# The offline stages: (name on the frontier, entry function); each learns from the rankings
+# (SimPO as DPO's pairs with γ at its default; KTO each pair's chosen answer desirable and its
+# rejected one undesirable), one epoch, its β swept. KTO's batch counts answers (32 = 16 pairs).
+OFFLINE = {"dpo": "DPO", "simpo": "SimPO", "kto": "KTO"}
 
-    s = scale["dpo"]
-    out = work / f"dpo-b{beta}-s{seed}"
+
+def run_offline(paths, scale, seed, name, beta, work, evaluate) -> list[dict]:
+    from importlib import import_module
+
+    stage = import_module(f"selfsup.lm.alignment.{name}")
+    s = scale[name]
+    out = work / f"{name}-b{beta}-s{seed}"
     if not (out / "result.json").is_file():
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        dpo(DPOConfig(init=str(paths["sft"]), data=str(paths["rankings"]), out=str(out),
-                      epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], beta=beta,
-                      max_length=96, seed=seed, accelerator="cpu", progress=False))  # fmt: skip
+        config = stage.Options(init=str(paths["sft"]), data=str(paths["rankings"]), out=str(out),
+                               epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
+                               beta=beta, max_length=96, seed=seed, accelerator="cpu",
+                               progress=False)  # fmt: skip
+        getattr(stage, name)(config)
         wall = time.perf_counter() - start
         (out / "result.json").write_text(json.dumps({"wall_s": wall, **evaluate(out)}))
     r = json.loads((out / "result.json").read_text())
-    return [dict(method="DPO", knob=f"β={beta}", seed=seed, step=s["epochs"], kl=r["kl"],
+    return [dict(method=OFFLINE[name], knob=f"β={beta}", seed=seed, step=s["epochs"], kl=r["kl"],
                  kl_bound=float("nan"), proxy=r["proxy"], gold=r["gold"], wall_s=r["wall_s"],
                  train_samples=0, samples_per_answer=1)]  # fmt: skip
 
@@ -288,7 +300,7 @@ def figure(summary: list[dict], path: Path, title: str, kl_max: float = 0.0) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"best-of-n": "o", "PPO": "s", "DPO": "D", "GRPO": "^"}
+    markers = {"best-of-n": "o", "PPO": "s", "DPO": "D", "SimPO": "v", "KTO": "P", "GRPO": "^"}
     for method, knob in dict.fromkeys((s["method"], s["knob"]) for s in summary):
         pts = sorted((s for s in summary if s["method"] == method and s["knob"] == knob),
                      key=lambda s: s["step"])  # fmt: skip
@@ -323,7 +335,7 @@ def main() -> None:
     parser.add_argument("--work", default="frontier", help="folder for the pipeline and runs")
     parser.add_argument("--quick", action="store_true", help="the small scale (minutes on a CPU)")
     parser.add_argument("--seeds", help="comma list (default: the scale's)")
-    parser.add_argument("--methods", default="best-of-n,ppo,dpo,grpo")
+    parser.add_argument("--methods", default="best-of-n,ppo,dpo,simpo,kto,grpo")
     parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--kl-max", type=float, default=0.0, help="figure: KL axis limit")
@@ -370,8 +382,9 @@ def main() -> None:
             keep(run_best_of_n(paths, scale, seed))
         for beta in scale["ppo"]["betas"] if "ppo" in methods else []:
             keep(run_ppo(paths, scale, seed, beta, work))
-        for beta in scale["dpo"]["betas"] if "dpo" in methods else []:
-            keep(run_dpo(paths, scale, seed, beta, work, evaluate))
+        for name in (m for m in OFFLINE if m in methods):
+            for beta in scale[name]["betas"]:
+                keep(run_offline(paths, scale, seed, name, beta, work, evaluate))
         for beta in scale["grpo"]["betas"] if "grpo" in methods else []:
             keep(run_grpo(paths, scale, seed, beta, work))
     summary = summarise(rows)

@@ -1,5 +1,7 @@
 """Contrastive losses: InfoNCE / NT-Xent / SupCon (one function) and the margin loss."""
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,7 @@ def info_nce(
     temperature: float = 0.5,
     normalize: bool = True,
     gather: bool | None = None,
+    reference: bool = False,
 ) -> torch.Tensor:
     """InfoNCE over N×D embeddings where samples sharing an id are positives (SupCon L_out form).
 
@@ -40,40 +43,20 @@ def info_nce(
     should be (`selfsup.engine.distributed.unique_ids`).
 
     The logsumexp runs in row blocks (`selfsup.image.losses.chunked.weighted_lse`): memory linear in
-    N, gradient formed in the forward pass; `info_nce_reference` is the plain version.
+    N, gradient formed in the forward pass. `reference` (`info_nce_reference`) keeps the whole n×N
+    logit matrix in memory and uses autograd's backward: the plain version the fast path is tested
+    against.
     """
     setup = _Setup(z, ids, temperature, gather)
     if setup.num_anchors == 0:
         return z.sum() * 0
     with torch.autocast(z.device.type, enabled=False):  # low-precision logits/τ lose too much
         z_all = setup.embeddings(z, normalize)
-        rows = setup.start + setup.has_pos[setup.local].nonzero().squeeze(1)  # anchors, in z_all
-        weight = z_all.new_full((len(rows),), setup.world / setup.num_anchors)
-        zt = z_all[rows] / temperature
-        lse = weighted_lse(zt, z_all, weight, rows)
-        return lse - (setup.positive_logits(zt, z_all, rows) * weight).sum()
+        loss = setup.plain_loss if reference else setup.blocked_loss
+        return loss(z_all, temperature)
 
 
-def info_nce_reference(
-    z: torch.Tensor,
-    ids: torch.Tensor,
-    temperature: float = 0.5,
-    normalize: bool = True,
-    gather: bool | None = None,
-) -> torch.Tensor:
-    """`info_nce` with the whole n×N logit matrix in memory and autograd's backward: the plain
-    reference the fast path is tested against."""
-    setup = _Setup(z, ids, temperature, gather)
-    if setup.num_anchors == 0:
-        return z.sum() * 0
-    with torch.autocast(z.device.type, enabled=False):
-        z_all = setup.embeddings(z, normalize)
-        rows = torch.arange(setup.start, setup.start + len(z), device=z.device)
-        zt = z_all[rows] / temperature
-        logits = zt @ z_all.T  # n×N
-        logits.diagonal(offset=setup.start).fill_(float("-inf"))  # not its own negative
-        loss = torch.logsumexp(logits, dim=1) - setup.positive_logits(zt, z_all, rows)
-        return loss[setup.has_pos[setup.local]].sum() * setup.world / setup.num_anchors
+info_nce_reference = partial(info_nce, reference=True)
 
 
 class _Setup:
@@ -107,6 +90,23 @@ class _Setup:
         if normalize:
             z = F.normalize(z, dim=1)
         return gather_with_grad(z) if self.gather else z
+
+    def blocked_loss(self, z_all: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The loss of this process's anchors, the logsumexp in row blocks."""
+        rows = self.start + self.has_pos[self.local].nonzero().squeeze(1)  # anchors, in z_all
+        weight = z_all.new_full((len(rows),), self.world / self.num_anchors)
+        zt = z_all[rows] / temperature
+        lse = weighted_lse(zt, z_all, weight, rows)
+        return lse - (self.positive_logits(zt, z_all, rows) * weight).sum()
+
+    def plain_loss(self, z_all: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The same loss from the whole n×N logit matrix."""
+        rows = torch.arange(self.local.start, self.local.stop, device=z_all.device)
+        zt = z_all[rows] / temperature
+        logits = zt @ z_all.T  # n×N
+        logits.diagonal(offset=self.start).fill_(float("-inf"))  # not its own negative
+        loss = torch.logsumexp(logits, dim=1) - self.positive_logits(zt, z_all, rows)
+        return loss[self.has_pos[self.local]].sum() * self.world / self.num_anchors
 
     def positive_logits(
         self, zt: torch.Tensor, z_all: torch.Tensor, rows: torch.Tensor

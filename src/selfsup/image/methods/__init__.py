@@ -31,6 +31,7 @@ METHODS = Registry(
         "byol": "selfsup.image.methods.byol:BYOL",
         "vicreg": "selfsup.image.methods.vicreg:VICReg",
         "barlow-twins": "selfsup.image.methods.barlow_twins:BarlowTwins",
+        "nnclr": "selfsup.image.methods.nnclr:NNCLR",
     }
 )
 

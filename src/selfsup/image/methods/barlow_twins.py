@@ -11,15 +11,13 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import barlow_twins
-from selfsup.image.methods.siamese import Siamese
+from selfsup.image.methods.siamese import ProjectorOptions, Siamese
 
 
 @dataclass
-class Options:
+class Options(ProjectorOptions):
     """Barlow Twins' own options (the paper: an 8192-wide projector, lambda 5e-3)."""
 
-    projection_dim: int = option(512, "output size of the projector", check=">=1")
-    projection_hidden: int = option(512, "hidden size of the projector", check=">=1")
     redundancy: float = option(
         5e-3, "weight of the off-diagonal (redundancy) term, the paper's lambda", check=">=0"
     )

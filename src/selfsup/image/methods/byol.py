@@ -13,15 +13,13 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import negative_cosine
-from selfsup.image.methods.siamese import Momentum, Siamese
+from selfsup.image.methods.siamese import Momentum, PredictorOptions, Siamese
 
 
 @dataclass
-class Options:
+class Options(PredictorOptions):
     """BYOL's own options (the paper: 256-d projections, 4096 hidden, momentum 0.996)."""
 
-    projection_dim: int = option(256, "output size of the projector and predictor", check=">=1")
-    projection_hidden: int = option(1024, "hidden size of the projector and predictor", check=">=1")
     momentum: float = option(
         0.99, "the target's EMA momentum at the start (rises to 1 by the end)", check="[0,1]"
     )

@@ -12,16 +12,14 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import batch_info_nce
-from selfsup.image.methods.siamese import Momentum, Siamese
+from selfsup.image.methods.siamese import Momentum, PredictorOptions, Siamese
 
 
 @dataclass
-class Options:
+class Options(PredictorOptions):
     """MoCo v3's own options (the authors' code: 256-d output, 4096 hidden, T 1.0 for
     ResNets, momentum 0.99)."""
 
-    projection_dim: int = option(256, "output size of the projector and predictor", check=">=1")
-    projection_hidden: int = option(1024, "hidden size of the projector and predictor", check=">=1")
     temperature: float = option(1.0, "InfoNCE temperature", check=">0")
     momentum: float = option(
         0.99, "the key encoder's EMA momentum at the start (rises to 1 by the end)", check="[0,1]"

@@ -2,23 +2,28 @@
 
 - `Siamese`: two views of every image through the one encoder and a projector (SimCLR, SupCon,
   SimSiam, Barlow Twins, VICReg, BYOL, MoCo v2/v3), with a predictor on top where
-  `predictor_layers` is set (SimSiam, BYOL, MoCo v3). Its Options name the sizes:
-  `projection_dim`, `projection_hidden`, and `predictor_hidden` where the predictor's differs.
+  `predictor_layers` is set (SimSiam, BYOL, MoCo v3, NNCLR). Its Options name the sizes:
+  `projection_dim`, `projection_hidden`, and `predictor_hidden` where the predictor's differs;
+  methods of the same sizes derive their Options from `ProjectorOptions` (SimSiam, Barlow Twins,
+  NNCLR) or `PredictorOptions` (BYOL, MoCo v3).
 - `Momentum`: frozen EMA copies of online modules (BYOL's target, MoCo's key encoder, DINO's
   teacher), moved after every optimiser step on BYOL's cosine schedule.
-- `MemoryBank`: a FIFO queue of normalised embeddings from earlier batches (MoCo's negatives).
+- `MemoryBank`: a FIFO queue of normalised embeddings from earlier batches (MoCo's negatives,
+  NNCLR's support set).
 
 A method mixes them in, the momentum first: `class BYOL(Momentum, Siamese)`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.distributed import gather_no_grad
 from selfsup.engine.ema import cosine_momentum, ema_update, frozen_copy
@@ -26,6 +31,22 @@ from selfsup.image.config import PretrainConfig
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead
 from selfsup.image.models.vit import VIT_SIZES
+
+
+@dataclass
+class ProjectorOptions:
+    """A projector's sizes (SimSiam, Barlow Twins, NNCLR: a predictor's hidden size is its own)."""
+
+    projection_dim: int = option(512, "output size of the projector", check=">=1")
+    projection_hidden: int = option(512, "hidden size of the projector", check=">=1")
+
+
+@dataclass
+class PredictorOptions:
+    """The sizes of a projector and a predictor of the same widths (BYOL, MoCo v3)."""
+
+    projection_dim: int = option(256, "output size of the projector and predictor", check=">=1")
+    projection_hidden: int = option(1024, "hidden size of the projector and predictor", check=">=1")
 
 
 class Embedded(NamedTuple):

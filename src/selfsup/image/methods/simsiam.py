@@ -11,15 +11,13 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import negative_cosine
-from selfsup.image.methods.siamese import Siamese
+from selfsup.image.methods.siamese import ProjectorOptions, Siamese
 
 
 @dataclass
-class Options:
+class Options(ProjectorOptions):
     """SimSiam's own options (the paper's sizes are 2048 and a 512 bottleneck)."""
 
-    projection_dim: int = option(512, "output size of the projector", check=">=1")
-    projection_hidden: int = option(512, "hidden size of the projector", check=">=1")
     predictor_hidden: int = option(128, "bottleneck of the predictor", check=">=1")
 
 

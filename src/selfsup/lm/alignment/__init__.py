@@ -21,5 +21,6 @@ ALIGN = Registry(
         "dpo": "selfsup.lm.alignment.dpo:DPO",
         "grpo": "selfsup.lm.alignment.grpo:GRPO",
         "simpo": "selfsup.lm.alignment.simpo:SimPO",
+        "kto": "selfsup.lm.alignment.kto:KTO",
     }
 )
