@@ -336,7 +336,7 @@ def test_supervised_budget_scales_with_the_labeled_set(digits, monkeypatch):
         return convnet()
 
     monkeypatch.setattr(few_label_module, "fit_classifier", fake_fit)
-    monkeypatch.setattr(few_label_module, "classifier_accuracy", lambda *a, **kw: 0.5)
+    monkeypatch.setattr(few_label_module, "accuracy_on", lambda *a, **kw: 0.5)
     one_each = labeled_subset(train.y.numpy(), 0.001, 0)  # 10 labels, one per class
     for idx, kw in [(one_each, {}), (slice(None), {}), (slice(None), {"max_steps": 50})] + [
         (slice(None), {"epochs": 100})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from selfsup.core.errors import SelfsupError
+from selfsup.core.jsonl import json_objects
 from selfsup.image.data.decode import decode_image
 from selfsup.image.data.images import ImageData
 from selfsup.image.data.sources import MAX_DEFAULT_SIZE, load_splits, stratified_indices
@@ -202,15 +202,7 @@ def _caption_rows(path: Path) -> list[tuple[int, str, str]]:
         raise SelfsupError(f"{path}: not UTF-8 text (byte {e.start})") from None
     delimiter = CAPTION_SUFFIXES[path.suffix.lower()]
     if delimiter is None:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SelfsupError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise SelfsupError(f"{path}, line {number}: expected a JSON object")
+        for number, record in json_objects(text, path, "{path}, line {line}"):
             image = record.get("image", "")
             caps = record["captions"] if "captions" in record else [record.get("caption", "")]
             caps = (caps or [""]) if isinstance(caps, list) else [caps]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from selfsup.core.errors import SelfsupError
 from selfsup.image.data.images import ImageData
 
 from .features import extract_features
-from .finetune import classifier_accuracy, fit_classifier, num_classes_of, seeded_init
+from .finetune import accuracy_on, fit_classifier, num_classes_of, seeded_init
 from .probes import Preconditioner, knn_accuracy, one_thread, probe_accuracy, standardize
 
 BASELINES = ("raw", "pca", "random", "supervised")
@@ -188,31 +189,12 @@ def supervised_cost(
 
 
 def supervised_reference(
-    make: Callable[[], nn.Module],
-    train: ImageData,
-    test: ImageData,
-    *,
-    seed: int,
-    epochs: int = 30,
-    max_steps: int | None = None,
-    batch_size: int = 256,
-    augment: str = "light",
-    device: str | torch.device = "cpu",
+    make: Callable[[], nn.Module], train: ImageData, test: ImageData, *, seed: int, **options: Any
 ) -> tuple[float, dict]:
-    """Test accuracy of `train_supervised`'s network, and its {steps, best_step, val_labels}."""
-    model, info = train_supervised(
-        make,
-        train,
-        test,
-        seed=seed,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        augment=augment,
-        device=device,
-    )
-    accuracy = classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)
-    return accuracy, info
+    """Test accuracy of `train_supervised`'s network (`options`: its keywords), and its {steps,
+    best_step, val_labels}."""
+    model, info = train_supervised(make, train, test, seed=seed, **options)
+    return accuracy_on(model, test, options), info
 
 
 def _probe_fields(details: dict) -> dict:
@@ -390,31 +372,20 @@ def few_label_evaluation(
     jobs = [(f, s, 0.0) for f, s in subsets] + list(noisy_labels)
     if "supervised" not in baselines:
         jobs = []
+    budget: dict[str, Any] = dict(
+        epochs=supervised_epochs, max_steps=supervised_steps, batch_size=batch_size,
+        augment=augment, device=device,
+    )  # fmt: skip
     if jobs and progress:
-        tqdm.write(
-            supervised_cost(
-                make_random, train, [subsets[f, s] for f, s, _ in jobs], epochs=supervised_epochs,
-                max_steps=supervised_steps, batch_size=batch_size, augment=augment, device=device,
-            ),
-            file=sys.stderr,
-        )  # fmt: skip
+        cost = supervised_cost(make_random, train, [subsets[f, s] for f, s, _ in jobs], **budget)
+        tqdm.write(cost, file=sys.stderr)
     bar = tqdm(total=len(subsets) + len(jobs), desc="few-label", disable=not progress)
 
     def supervised(fraction: float, seed: int, noise: float) -> tuple[float, dict]:
         subset = train.subset(subsets[fraction, seed])
         if noise:  # trained, and early-stopped, on the noisy labels
             subset.y = torch.as_tensor(noisy_labels[fraction, seed, noise], dtype=torch.long)
-        out = supervised_reference(
-            make_random,
-            subset,
-            test,
-            seed=seed,
-            epochs=supervised_epochs,
-            max_steps=supervised_steps,
-            batch_size=batch_size,
-            augment=augment,
-            device=device,
-        )
+        out = supervised_reference(make_random, subset, test, seed=seed, **budget)
         bar.update()
         return out
 

@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,38 +177,19 @@ def classifier_accuracy(
     return float(np.mean(logits.argmax(1)[y >= 0] == y[y >= 0]))
 
 
-def finetune(
-    encoder: nn.Module,
-    train: ImageData,
-    test: ImageData,
-    *,
-    trainable: str = "all",
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    augment: str = "light",
-    steps: int | None = None,
-    optimizer: str = "adamw",
-    progress: bool = False,
-) -> float:
-    """Test accuracy after fine-tuning a copy of `encoder` (see `fit_classifier`)."""
+def finetune(encoder: nn.Module, train: ImageData, test: ImageData, **options: Any) -> float:
+    """Test accuracy after fine-tuning a copy of `encoder` on `train` by `fit_classifier` with
+    `options` (its keywords; the classes: those of `train` and `test`)."""
     if not test.has_labels:
         raise SelfsupError(f"finetune: the test data {test.name!r} has no labels")
-    model = fit_classifier(
-        encoder,
-        train,
-        num_classes=num_classes_of(train, test),
-        trainable=trainable,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        augment=augment,
-        steps=steps,
-        optimizer=optimizer,
-        progress=progress,
+    model = fit_classifier(encoder, train, num_classes=num_classes_of(train, test), **options)
+    return accuracy_on(model, test, options)
+
+
+def accuracy_on(model: nn.Module, test: ImageData, options: dict[str, Any]) -> float:
+    """`classifier_accuracy` on `test` of a model trained with `fit_classifier(**options)`: on
+    its device, in batches of at least 256."""
+    batch_size = max(options.get("batch_size", 0), 256)
+    return classifier_accuracy(
+        model, test, batch_size=batch_size, device=options.get("device", "cpu")
     )
-    return classifier_accuracy(model, test, batch_size=max(batch_size, 256), device=device)

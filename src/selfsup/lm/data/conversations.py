@@ -22,7 +22,6 @@ trained on; the model then answers a prompt rendered up to ``<ASSISTANT>`` and s
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.core.errors import SelfsupError
+from selfsup.core.jsonl import json_objects
 from selfsup.lm.losses.preference import parse_ranking
 
 ROLE_MARKERS = {"system": "<SYSTEM>", "user": "<USER>", "assistant": "<ASSISTANT>"}
@@ -72,19 +72,8 @@ def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise SelfsupError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); expected a JSONL file"
         ) from None
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SelfsupError(f"{where}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise SelfsupError(f"{where}: JSON nested too deeply") from None
-        if not isinstance(record, dict):
-            raise SelfsupError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
+    for number, record in json_objects(text, path):
+        yield f"{path}:{number}", record
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:

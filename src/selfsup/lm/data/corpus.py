@@ -6,7 +6,6 @@ read on demand; training and validation are a split by position (the last 10% va
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.core.errors import SelfsupError, numpy_file_reason
+from selfsup.core.jsonl import json_objects
 from selfsup.core.run import publish  # umask permissions, then an atomic rename
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -80,18 +80,8 @@ def _read_text(path: Path, encoding: str) -> str:
 
 def _read_jsonl(path: Path, encoding: str, text_field: str) -> list[str]:
     texts = []
-    # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 etc., which JSON
-    # strings may hold unescaped.
-    for number, line in enumerate(_decode(path, encoding).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SelfsupError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise SelfsupError(f"{path}, line {number}: JSON nested too deeply") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+    for number, record in json_objects(_decode(path, encoding), path, "{path}, line {line}"):
+        if not isinstance(record.get(text_field), str):
             raise SelfsupError(
                 f"{path}, line {number}: expected an object with a string field {text_field!r} "
                 "(choose the field with --text-field)"
