@@ -40,7 +40,9 @@ class PretrainConfig:
     backbone: str | None = option(
         None,
         "encoder: convnet | convnet-wide | resnet18 | resnet50 | vit-mini | vit-tiny | vit-small "
-        "| vit-base (default: the method's own, convnet; mae vit-mini)",
+        "| vit-base (default: the method's own, convnet; mae vit-mini); or any timm:NAME "
+        "(pip install 'selfsup[timm]') or torchvision:NAME classification model, random "
+        "weights, its own pooled features (mae takes timm ViTs only; colorization none)",
     )
     small_images: bool | None = option(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"

@@ -203,10 +203,10 @@ def _check_options(config: PretrainConfig, options: Options, dataset: dict, enco
             f"--data {config.data} has {kind} images: colorization predicts colour from "
             "lightness and needs colour (RGB) images"
         )
-    if config.backbone in VIT_SIZES:
+    if config.backbone in VIT_SIZES or ":" in config.backbone:  # not timm:/torchvision: either
         raise SelfsupError(
-            f"--backbone {config.backbone}: colorization needs a convolutional backbone "
-            "(convnet, convnet-wide, resnet18, resnet50) for its per-pixel head"
+            f"--backbone {config.backbone}: colorization needs one of selfsup's convolutional "
+            "backbones (convnet, convnet-wide, resnet18, resnet50) for its per-pixel head"
         )
     if not 2 <= options.ab_grid <= 50:
         raise SelfsupError(

@@ -130,9 +130,10 @@ class MAE(Method):
         options = options if options is not None else Options()
         config = self.with_defaults(config)
         backbone = config.backbone
-        if backbone not in VIT_SIZES:
+        if backbone not in VIT_SIZES and not backbone.startswith("timm:"):
             raise SelfsupError(
-                f"--backbone {config.backbone}: mae needs a ViT, one of {', '.join(VIT_SIZES)}"
+                f"--backbone {config.backbone}: mae needs a ViT, one of {', '.join(VIT_SIZES)} "
+                "or a timm ViT (timm:vit_tiny_patch16_224, ...)"
             )
         if not 0 < options.mask_ratio < 1:
             raise SelfsupError(f"--mask-ratio must be between 0 and 1, got {options.mask_ratio}")
@@ -155,6 +156,11 @@ class MAE(Method):
         encoder.update(image_size=list(size), patch_size=options.patch_size)
         super().__init__(config, {**data_info, "encoder": encoder}, options)
         self.vit: ViT = self.encoder.backbone  # type: ignore[assignment]
+        if not hasattr(self.vit, "embed"):  # a timm model without ViT patch tokens
+            raise SelfsupError(
+                f"--backbone {backbone}: mae needs a ViT's patch tokens; this timm model has "
+                "none (timm's VisionTransformer family has: timm:vit_tiny_patch16_224, ...)"
+            )
         channels = data_info["dataset"]["channels"]
         self.decoder = MAEDecoder(
             self.vit,

@@ -1,4 +1,5 @@
-"""Backbone networks: a small CPU-friendly ConvNet, torchvision ResNets and ViTs (vit.py)."""
+"""Backbone networks: a small CPU-friendly ConvNet, torchvision ResNets and ViTs (vit.py); any
+timm or torchvision model by name (`timm:NAME`, `torchvision:NAME`: external.py)."""
 
 from collections.abc import Callable
 from functools import partial
@@ -9,6 +10,7 @@ from torch import nn
 from torchvision.models import ResNet, resnet18, resnet50
 
 from selfsup.core.errors import SelfsupError
+from selfsup.image.models.external import ExternalBackbone, build_external, is_external, resolve
 from selfsup.image.models.vit import VIT_SIZES, ViT, build_vit
 
 
@@ -88,9 +90,31 @@ def build_backbone(
         return linear_backbone(in_channels, image_size, feature_dim), feature_dim
     if name in VIT_SIZES:
         return build_vit(name, in_channels, image_size, patch_size)
+    if is_external(name):  # their own stems: small_images does not apply
+        return build_external(name, in_channels, image_size, patch_size)
     if name not in BACKBONES:
-        raise SelfsupError(f"backbone: unknown {name!r}; expected one of {', '.join(BACKBONES)}")
+        raise SelfsupError(
+            f"backbone: unknown {name!r}; expected one of {', '.join(BACKBONES)}, timm:NAME or "
+            "torchvision:NAME"
+        )
     return BACKBONES[name](in_channels, small_images)
+
+
+def check_backbone(name: str) -> None:
+    """One line unless `name` is a backbone: one of BACKBONES, or a timm/torchvision model."""
+    if is_external(name):
+        resolve(name)
+    elif name not in BACKBONES:
+        raise SelfsupError(
+            f"--backbone {name!r} is unknown; expected one of {', '.join(BACKBONES)}, "
+            "timm:NAME or torchvision:NAME"
+        )
+
+
+def backbone_size(name: str | None, image_size: list[int]) -> dict[str, list[int]]:
+    """The encoder settings a backbone needs beside its name: the image size of a timm or
+    torchvision model (ViTs are built for it), nothing for selfsup's own."""
+    return {"image_size": list(image_size)} if is_external(name) else {}
 
 
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
@@ -101,7 +125,7 @@ def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
         b = backbone
         stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)
         return [stem, b.layer1, b.layer2, b.layer3, b.layer4]
-    if isinstance(backbone, ViT):
+    if isinstance(backbone, (ViT, ExternalBackbone)):
         return backbone.stages()
     if isinstance(backbone, nn.Sequential):  # the linear backbone
         return [backbone]

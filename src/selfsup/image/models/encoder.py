@@ -41,7 +41,8 @@ class Encoder(nn.Module):
             mean=mean,
             std=std,
         )
-        if image_size is not None:  # only the linear backbone and ViTs depend on the image size
+        # only the linear backbone, ViTs and timm/torchvision models depend on the image size
+        if image_size is not None:
             self.config.update(image_size=list(image_size), feature_dim=feature_dim)
         if patch_size is not None:  # ViTs
             self.config.update(patch_size=patch_size)
@@ -62,10 +63,11 @@ class Encoder(nn.Module):
     def use_channels_last(self) -> None:
         """Keep a conv backbone and its inputs in channels_last (NHWC) memory: faster convolutions
         on CPUs and GPUs alike (measured in benchmarks/train_step.py); other backbones unchanged."""
+        from selfsup.image.models.external import TimmViT
         from selfsup.image.models.vit import ViT
 
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.backbone.modules())
-        if convolutional and not isinstance(self.backbone, ViT):  # not the linear one, nor a ViT
+        if convolutional and not isinstance(self.backbone, (ViT, TimmViT)):  # nor linear
             self.backbone.to(memory_format=torch.channels_last)
             self.channels_last = True
 
