@@ -29,6 +29,23 @@ def test_weight_decay_skips_biases_and_norm_layers() -> None:
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"]
 
 
+def test_a_parameter_reached_through_two_modules_is_stepped_once() -> None:
+    """MAE's ViT is also its encoder's backbone: listed twice, AdamW would step it twice. The
+    first AdamW step moves each weight by lr * sign(grad) (m / sqrt(v) = g / |g|)."""
+    shared = nn.Linear(3, 2, bias=False)
+    model = nn.ModuleDict({"vit": shared, "encoder": nn.Sequential(shared)})
+    before = shared.weight.detach().clone()
+    groups = parameter_groups(list(model.children()), weight_decay=0.0)
+    assert sum(len(g["params"]) for g in groups) == 1
+    optimizer = build_optimizer("adamw", groups, lr=0.01)
+    shared(torch.randn(4, 3)).square().sum().backward()
+    grad = shared.weight.grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(
+        shared.weight.detach(), before - 0.01 * grad.sign(), atol=1e-6, rtol=0
+    )
+
+
 def test_lars_step_matches_hand_computation() -> None:
     w = nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
     b = nn.Parameter(torch.tensor([1.0]))

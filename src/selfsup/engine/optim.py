@@ -64,11 +64,14 @@ class LARS(torch.optim.Optimizer):
 
 
 def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Weight decay on weights of conv/linear layers only; biases and norm layers are exempt."""
-    decay, no_decay = [], []
+    """Weight decay on weights of conv/linear layers only; biases and norm layers are exempt.
+    A parameter reached through two modules (MAE's ViT is also its encoder's backbone) is listed
+    once: twice in a group, the optimiser would step it twice."""
+    decay, no_decay, seen = [], [], set()
     for module in modules:
         for p in module.parameters():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
                 (no_decay if p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
