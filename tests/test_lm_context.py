@@ -157,17 +157,17 @@ def test_chat_sizes_its_default_to_the_context(models, monkeypatch, capsys):
 
 def test_ctrl_c_in_sft_names_the_checkpoint_and_a_resume_that_works(models, tmp_path, monkeypatch,
                                                                     capsys):  # fmt: skip
-    from selfsup.lm.models import hf
+    from selfsup.core.run import RunFolder
 
     run = tmp_path / "sft"
-    append = hf.append_metrics
+    append = RunFolder.append_metrics
 
-    def interrupted(path, row, *args):
+    def interrupted(folder, row, *args):
         if row.get("epoch") == 2:
             raise KeyboardInterrupt
-        append(path, row, *args)
+        append(folder, row, *args)
 
-    monkeypatch.setattr(hf, "append_metrics", interrupted)
+    monkeypatch.setattr(RunFolder, "append_metrics", interrupted)
     argv = ["lm", "sft", "--init", str(models / "base"), "--data", str(models / "sft.jsonl"),
             "--out", str(run), "--epochs", "2", "--batch-size", "4", "--max-length", str(CONTEXT),
             "--accelerator", "cpu"]  # fmt: skip
@@ -179,7 +179,7 @@ def test_ctrl_c_in_sft_names_the_checkpoint_and_a_resume_that_works(models, tmp_
         f"selfsup: interrupted; the last checkpoint is {run / 'checkpoints' / 'last.ckpt'}; "
         "continue with: " + resume
     )
-    monkeypatch.setattr(hf, "append_metrics", append)
+    monkeypatch.setattr(RunFolder, "append_metrics", append)
     assert main(shlex.split(resume)[1:]) == 0
     assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()] == [
         "epoch", "1", "2",

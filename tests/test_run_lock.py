@@ -129,7 +129,8 @@ def _refused(held: tuple[Path, int], name: str, write) -> None:  # noqa: ANN001
 def test_every_writer_of_a_run_folder_takes_its_lock(held: tuple[Path, int]) -> None:
     import selfsup
     from selfsup.lm.alignment.best_of_n import keep_table as _keep_best_of_n
-    from selfsup.lm.models import hf
+    from selfsup.lm.options import TuneConfig
+    from selfsup.lm.training.posttrain import fit_stage
     from selfsup.lm.training.pretrain import pretrain_lm
     from selfsup.reporting import report
 
@@ -138,7 +139,8 @@ def test_every_writer_of_a_run_folder_takes_its_lock(held: tuple[Path, int]) -> 
     _refused(held, "eval", lambda r: selfsup.evaluate(r))
     _refused(held, "report", lambda r: report(r))
     _refused(held, "lm", lambda r: pretrain_lm(model="gpt", data="corpus.txt", out=str(r)))
-    _refused(held, "sft", lambda r: hf.start_run(r, {}, "selfsup lm sft", resume=False))
+    sft = dict(init="base", data="sft.jsonl")  # refused before the model is used
+    _refused(held, "sft", lambda r: fit_stage("sft", TuneConfig(**sft, out=str(r)), *[None] * 6))
     args = argparse.Namespace(n="1")
     _refused(held, "best", lambda r: _keep_best_of_n(r, [], args, "selfsup lm best-of-n"))
 
@@ -159,11 +161,10 @@ def test_resumed_metrics_hold_each_step_once_keeping_the_latest(tmp_path: Path) 
 
 
 def test_a_stage_epoch_logged_again_after_resume_replaces_its_row(tmp_path: Path) -> None:
-    from selfsup.lm.models.hf import append_metrics
-
+    folder = rundir.RunFolder(tmp_path)
     for row in [(1, 2.0), (2, 1.5), (2, 1.4), (3, 1.0)]:  # killed after epoch 2's row, resumed
-        append_metrics(tmp_path, {"epoch": row[0], "train_loss": row[1]})
-    append_metrics(tmp_path, {"epoch": 3, "train_loss": 0.9})
+        folder.append_metrics({"epoch": row[0], "train_loss": row[1]})
+    folder.append_metrics({"epoch": 3, "train_loss": 0.9})
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert list(csv.reader(f)) == [
             ["epoch", "train_loss"],

@@ -261,27 +261,32 @@ class OnlineStage(Generic[T]):
     step: Callable[[T, Inputs, list[int], int], dict[str, float]]  # (.., prompts, seed) -> stats
 
 
-@rundir.releases_run_locks  # the run lock start_run takes
+@rundir.releases_run_locks  # the run lock RunFolder.claim takes
 def run_online(config: Any, command: str | None, stage: OnlineStage[Any]) -> Path:
     """Run `stage` with `config` (its Options: OnlineOptions with iterations, max_new_tokens,
     no_end_score, max_kl); returns the run directory."""
     inputs = load_inputs(config)
-    run = hf.start_run(
-        config.out, {"stage": stage.stage, **dataclasses.asdict(config)}, command or "", False
-    )
+    folder = rundir.RunFolder.claim(config.out, resume=False, early={"eval.csv"})
+    folder.begin({"stage": stage.stage, **dataclasses.asdict(config)}, command or "")
+    folder.kept = _saved_policy  # claimed as any run; from here its policies are what it keeps
     saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     try:
-        with hf.removed_unless_kept(run, lambda r: any(r.glob("iter[0-9]*"))):
-            return _iterations(run, config, stage, inputs, saved)
+        with folder.removed_unless_kept():
+            return _iterations(folder, config, stage, inputs, saved)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_hint(stage.stage, saved, run)) from None
+        raise KeyboardInterrupt(interrupted_hint(stage.stage, saved, folder.path)) from None
+
+
+def _saved_policy(run: Path) -> bool:
+    return any(run.glob("iter[0-9]*"))
 
 
 def _iterations(
-    run: Path, config: Any, stage: OnlineStage[Any], inputs: Inputs, saved: list[str]
+    folder: rundir.RunFolder, config: Any, stage: OnlineStage[Any], inputs: Inputs, saved: list[str]
 ) -> Path:
     import lightning as L
 
+    run = folder.path
     torch.manual_seed(config.seed)
     fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     trainer = stage.trainer(inputs, fabric)
@@ -293,7 +298,7 @@ def _iterations(
             trainer.policy, trainer.reference, inputs.reward_model, tokenizer, eval_conv,
             inputs.eval_gold, config, seed=10_000,
         )  # fmt: skip
-        hf.append_metrics(run, {"iteration": iteration, **stats}, "eval.csv")
+        folder.append_metrics({"iteration": iteration, **stats}, "eval.csv")
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         if iteration:  # iteration 0 is --policy itself
             name = f"iter{iteration:04d}"
@@ -311,7 +316,7 @@ def _iterations(
         problem = diverged(stats, config.max_kl, stage.finite)
         if problem:
             raise stopped(stage.name, iteration, problem, saved, run)
-        hf.append_metrics(run, {"iteration": iteration, **stats})
+        folder.append_metrics({"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             report(iteration)

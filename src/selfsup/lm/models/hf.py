@@ -1,7 +1,6 @@
-"""Hugging Face models in selfsup run directories: loading, saving, checks. The stages after
-pretraining (SFT, reward model, DPO, RLHF, GRPO) keep their names for the run folder here
-(`start_run`, `removed_unless_kept`, `load_checkpoint`, `append_metrics`),
-on top of `selfsup.core.run.RunFolder`, which owns it.
+"""Hugging Face models in selfsup run directories: loading, saving, checks. The run folder of
+the stages after pretraining (SFT, reward model, DPO, RLHF, GRPO, ...) is
+`selfsup.core.run.RunFolder`'s, as every run's; what they keep in it:
 
 RUN/
   config.yaml        the stage and its options
@@ -15,8 +14,6 @@ RUN/
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ from selfsup.engine.device import check_accelerator  # noqa: F401  (the stages i
 from selfsup.lm.options import check_number  # noqa: F401  (the stages import it from here)
 
 HF_DIR = "hf"
-CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 def hf_dir(path: str | Path) -> Path:
@@ -140,42 +136,6 @@ def save_hf(run: Path, model: Any, tokenizer: Any, name: str = HF_DIR) -> None:
         old.rmdir()
     else:
         tmp.rename(final)
-
-
-# What a run of these stages writes before its first checkpoint, beside config, command, metrics.
-STAGE_RUN: dict[str, Any] = dict(early={"eval.csv"}, checkpoint=str(CHECKPOINT))
-
-
-def start_run(out: str | Path, config: dict[str, Any], command: str, resume: bool) -> Path:
-    """Claim the run directory (`RunFolder.claim`: checked, locked until the stage returns; the
-    remains of a start killed before its first checkpoint are reused), check a resumed run's
-    checkpoint, and record config and command (`RunFolder.begin`). The post-training stages'
-    name for those two steps."""
-    folder = rundir.RunFolder.claim(out, resume=resume, **STAGE_RUN)
-    if resume:
-        load_checkpoint(folder.path)  # a truncated or foreign checkpoint: one line, no write
-    folder.begin(None if resume else config, command)
-    return folder.path
-
-
-def load_checkpoint(run: Path) -> dict[str, Any]:
-    """An earlier version's RUN/checkpoints/last.pt, read weights-only (one line when it cannot
-    be), to be converted: the post-training stages' name for `RunFolder.load_checkpoint`."""
-    folder = rundir.RunFolder(Path(run), **STAGE_RUN)
-    return folder.load_checkpoint(needs=("model",), what="selfsup checkpoint")
-
-
-def append_metrics(run: Path, row: dict[str, Any], name: str = "metrics.csv") -> None:
-    """A row of RUN/NAME, an epoch logged again after resume replacing its rows: the
-    post-training stages' name for `RunFolder.append_metrics`."""
-    rundir.RunFolder(Path(run)).append_metrics(row, name)
-
-
-def removed_unless_kept(run: Path, kept: Callable[[Path], bool]) -> AbstractContextManager:
-    """The run folder removed when the block fails (a bad option found late, a NaN loss at the
-    first step, Ctrl-C, ...) before `kept(run)` says it holds something worth keeping: the
-    post-training stages' name for `RunFolder.removed_unless_kept`."""
-    return rundir.RunFolder(Path(run), kept=kept, created=True).removed_unless_kept()
 
 
 def check_precision(value: str | None) -> None:

@@ -85,6 +85,8 @@ def checked_config(config: TuneConfig) -> TuneConfig:
 
 
 LAST = Path(rundir.CHECKPOINTS) / rundir.LAST_CHECKPOINT  # RUN/checkpoints/last.ckpt
+LEGACY = Path(rundir.CHECKPOINTS) / "last.pt"  # what earlier versions wrote instead
+EARLY = {"eval.csv"}  # what a stage writes before its first checkpoint, beside rundir.EARLY
 
 
 def resume_checkpoint(run: Path) -> dict[str, Any]:
@@ -95,18 +97,19 @@ def resume_checkpoint(run: Path) -> dict[str, Any]:
         if "rng" not in state:
             raise SelfsupError(f"{run / LAST} is not a checkpoint of a selfsup lm stage")
         return state
-    if (run / hf.CHECKPOINT).is_file():
-        return hf.load_checkpoint(run)
-    _claim_resumed(run)  # says what is missing (and how to start afresh), writes nothing
+    if (run / LEGACY).is_file():
+        return rundir.load_checkpoint(run / LEGACY, needs=("model",), what="selfsup checkpoint")
+    _claim(run, resume=True)  # says what is missing (and how to start afresh), writes nothing
     raise AssertionError("unreachable: the claim of a run without a checkpoint fails")
 
 
-def _claim_resumed(run: Path) -> Any:
-    """The resumed run folder, checked and locked (`RunFolder.claim`), continuing last.ckpt or
-    an earlier version's last.pt."""
-    legacy = not (run / LAST).is_file() and (run / hf.CHECKPOINT).is_file()
-    checkpoint = str(hf.CHECKPOINT if legacy else LAST)
-    return rundir.RunFolder.claim(run, resume=True, early={"eval.csv"}, checkpoint=checkpoint)
+def _claim(out: str | Path, resume: bool) -> rundir.RunFolder:
+    """The run folder, checked and locked (`RunFolder.claim`); a resumed one continues
+    last.ckpt or an earlier version's last.pt."""
+    run = Path(out)
+    legacy = resume and not (run / LAST).is_file() and (run / LEGACY).is_file()
+    checkpoint = str(LEGACY if legacy else LAST)
+    return rundir.RunFolder.claim(run, resume=resume, early=EARLY, checkpoint=checkpoint)
 
 
 def convert_legacy(run: Path) -> None:
@@ -115,7 +118,7 @@ def convert_legacy(run: Path) -> None:
     checkpoints that count `epoch` and `global_step`); last.pt goes once last.ckpt is written."""
     from lightning.pytorch.utilities.migration import migrate_checkpoint
 
-    state = hf.load_checkpoint(run)
+    state = resume_checkpoint(run)
     try:
         epochs, steps = int(state["epoch"]) + 1, int(state["schedule"]["last_epoch"])
         checkpoint, _ = migrate_checkpoint(
@@ -130,13 +133,13 @@ def convert_legacy(run: Path) -> None:
             }
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise SelfsupError(f"{run / hf.CHECKPOINT}: not a selfsup checkpoint (no {e})") from None
+        raise SelfsupError(f"{run / LEGACY}: not a selfsup checkpoint (no {e})") from None
     for count in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
         count.update(ready=epochs, started=epochs, processed=epochs, completed=epochs)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     rundir.atomic_write_bytes(run / LAST, buffer.getvalue())
-    (run / hf.CHECKPOINT).unlink()
+    (run / LEGACY).unlink()
 
 
 def _saved_config(run: Path) -> dict[str, Any]:
@@ -221,35 +224,22 @@ def fit_stage(
     """Train `model` on `train` with `loss_fn` in the engine's Trainer (epochs, validation,
     RUN/metrics.csv, checkpoints, RUN/hf) into the run directory --out; returns it."""
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
-    run = _start(stage, config, command)
+    folder = _begin(stage, config, command)
+    run = folder.path
     hint = ResumeHint(run, f"selfsup lm {stage} --resume {shlex.quote(str(run))}")
-    try:
-        with hf.removed_unless_kept(run, _kept):
-            return _train(run, hint, stage, config, model, tokenizer, train, val, loss_fn, extra)
-    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl-C into sys.exit(1)
-        if isinstance(e, SystemExit) and not hint.interrupted:
-            raise
-        raise hint.interruption(  # the CLI prints it after "interrupted"
-            "before the end of the first epoch, nothing to resume: run the same command again "
-            f"to start afresh in {run}"
-        ) from None
+    with folder.training(hint):  # NaN, Ctrl-C: one line; a failed first run leaves nothing
+        return _train(run, hint, stage, config, model, tokenizer, train, val, loss_fn, extra)
 
 
-def _start(stage: str, config: TuneConfig, command: str) -> Path:
-    """The run folder, claimed: a fresh one (`hf.start_run`), or the resumed one with the
-    command added and an earlier version's checkpoint converted."""
-    if not config.resume:
-        record = {"stage": stage, **dataclasses.asdict(config)}
-        return hf.start_run(config.out, record, command, resume=False)
-    run = Path(config.out)
-    _claim_resumed(run).begin(None, command)  # locked until the stage returns
-    if not (run / LAST).is_file():
-        convert_legacy(run)
-    return run
-
-
-def _kept(run: Path) -> bool:
-    return (run / LAST).is_file() or (run / hf.CHECKPOINT).is_file()
+def _begin(stage: str, config: TuneConfig, command: str) -> rundir.RunFolder:
+    """The run folder, claimed and begun: a fresh one with config and command, or the resumed
+    one with the command added and an earlier version's checkpoint converted."""
+    folder = _claim(config.out, bool(config.resume))  # locked until the stage returns
+    folder.begin(None if config.resume else {"stage": stage, **dataclasses.asdict(config)}, command)
+    if folder.checkpoint == str(LEGACY):
+        convert_legacy(folder.path)
+        folder.checkpoint = str(LAST)
+    return folder
 
 
 def _train(
@@ -370,15 +360,10 @@ class StageModule(L.LightningModule):
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss_fn(self.model, batch)
-        if not torch.isfinite(loss):
-            kept = (
-                f"; the last good epoch is in {self.run / LAST}"
-                if (self.run / LAST).is_file()
-                else f"; nothing is kept ({self.run} is removed)"
-            )
+        if not torch.isfinite(loss):  # RunFolder.training adds what is kept
             raise NonFiniteLossError(
                 f"the {self.stage} loss became {loss.item()} in epoch {self.current_epoch + 1}; "
-                f"lower --lr{kept}"
+                "lower --lr"
             )
         self.losses.append(loss.item())
         self.log("loss", self.losses[-1], prog_bar=True, logger=False, batch_size=len(batch))
@@ -397,7 +382,7 @@ class StageModule(L.LightningModule):
         row.update(self.extra)
         if not self.trainer.is_global_zero:
             return
-        hf.append_metrics(self.run, row)
+        rundir.RunFolder(self.run).append_metrics(row)
         line = ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
         )
