@@ -57,3 +57,41 @@ def test_a_range_reads_alike_on_image_stage_and_cli_options(capsys) -> None:
     assert _error(["lm", "neighbors", "run", "w", "--top-k", "0"], capsys).endswith(
         "--top-k must be at least 1, got 0\n"
     )
+
+
+FINITE = "--no-end-score must be a finite number"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["lm", "grpo", "--no-end-score", "nan"], f"{FINITE}, got nan"),
+        (["lm", "rlhf", "--no-end-score", "inf"], f"{FINITE}, got inf"),
+        (["lm", "grpo", "--temperature", "inf"], "--temperature must be positive, got inf"),
+        (["lm", "best-of-n", "--pool", "-1"], "--pool must be zero or more, got -1"),
+        (["lm", "label", "r", "--prompts", "p", "-o", "o", "--k", "27"],
+         "--k must be between 2 and 26, got 27"),
+        (["lm", "label", "r", "--prompts", "p", "-o", "o", "--max-new-tokens", "0"],
+         "--max-new-tokens must be at least 1, got 0"),
+    ],
+)  # fmt: skip
+def test_online_stage_ranges_are_declared_and_read_alike(
+    tmp_path, monkeypatch, capsys, argv, line
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if argv[1] != "label":
+        names = ("--policy", "--reward", "--prompts", "--out")
+        argv = [*argv, *(x for n in names for x in (n, str(tmp_path / n[2:])))]
+    assert _error(argv, capsys).endswith(f"selfsup: error: {line}\n")
+    assert not any(tmp_path.iterdir())  # refused before any file is read or written
+
+
+def test_options_ppo_and_grpo_share_are_declared_once() -> None:
+    from dataclasses import fields
+
+    from selfsup.lm.alignment import ALIGN
+
+    shared = ("clip", "max_new_tokens", "temperature", "no_end_score", "max_grad_norm", "max_kl")
+    grpo, rlhf = ({s.name: s for s in ALIGN.options(n)} for n in ("grpo", "rlhf"))
+    assert all(grpo[n] == rlhf[n] for n in shared)  # one declaration: default, help, range
+    assert {f.name for f in fields(PPOSettings)} >= set(shared) - {"max_kl"}

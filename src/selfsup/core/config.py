@@ -17,9 +17,10 @@ from selfsup.core.errors import SelfsupError
 
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A config field: its help text, and optionally `check`, the range its value must lie in
-    (">0", ">=0", ">N", ">=N", "[a,b]", "(a,b)", "[a,b)", "(a,b]") or a named rule ("seed",
-    "precision"), and `required=True` (an empty value is refused); None always passes; both
-    are checked by `check_fields`. `cli=False` keeps it off the command line."""
+    (">0", ">=0", ">N", ">=N", "[a,b]", "(a,b)", "[a,b)", "(a,b]", "finite": any number but NaN
+    and infinities) or a named rule ("seed", "precision"), and `required=True` (an empty value
+    is refused); None always passes; both are checked by `check_fields`. `cli=False` keeps it
+    off the command line."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -62,6 +63,8 @@ def _in_range(value: float, rule: str) -> bool:
     """Whether `value` satisfies `rule` (NaN and infinities satisfy none)."""
     if isinstance(value, float) and not math.isfinite(value):
         return False
+    if rule == "finite":
+        return True
     if rule[0] == ">":
         closed = rule[1] == "="
         low = float(rule[1 + closed :])
@@ -75,7 +78,9 @@ def _in_range(value: float, rule: str) -> bool:
 def range_words(rule: str) -> str:
     """What a `check=` range asks for, in words: ">0" positive, ">=0" zero or more, ">=N" at
     least N, ">N" above N, "[a,b]" between a and b, "(a,b)" between a and b (exclusive),
-    "[a,b)" at least a and below b, "(a,b]" above a and at most b."""
+    "[a,b)" at least a and below b, "(a,b]" above a and at most b, "finite" a finite number."""
+    if rule == "finite":
+        return "a finite number"
     if rule[0] == ">":
         closed = rule[1] == "="
         low = rule[1 + closed :]

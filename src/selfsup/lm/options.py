@@ -143,7 +143,25 @@ class TuneConfig(EngineOptions):
 
 
 @dataclass
-class PPOSettings:
+class OnlinePolicy:
+    """The options PPO and GRPO share (`PPOSettings`, `lm grpo`): how the answers are sampled
+    and scored, and the clipped update of the policy on them."""
+
+    clip: float = option(0.2, "clip range of the policy ratio", check=">0")
+    max_new_tokens: int = option(24, "longest answer in tokens", check=">=1")
+    temperature: float = option(
+        1.0,
+        "sampling temperature of the answers (their log-probabilities use it too)",
+        check=">0",
+    )
+    no_end_score: float = option(
+        -1.0, "the score of an answer that never emits the end token", check="finite"
+    )
+    max_grad_norm: float = option(1.0, "gradient clipping norm", check=">0")
+
+
+@dataclass
+class PPOSettings(OnlinePolicy):
     """The knobs of PPO for language models (defaults after InstructGPT / TRL's PPO)."""
 
     rollouts: int = option(16, "answers sampled per iteration", check=">=1")
@@ -151,19 +169,10 @@ class PPOSettings:
     ppo_epochs: int = option(4, "passes of PPO updates over each batch of answers", check=">=1")
     lr: float = option(1e-5, "learning rate of policy and value head (AdamW)", check=">0")
     beta: float = option(0.05, "KL penalty per token, beta * (log pi - log pi_ref)", check=">=0")
-    clip: float = option(0.2, "clip range of the policy ratio", check=">0")
     value_clip: float = option(0.2, "clip range of the value update", check=">0")
     value_coef: float = option(0.1, "weight of the value loss", check=">=0")
     gamma: float = option(1.0, "discount of GAE", check="[0,1]")
     lam: float = option(0.95, "lambda of GAE", check="[0,1]")
-    max_new_tokens: int = option(24, "longest answer in tokens", check=">=1")
-    temperature: float = option(
-        1.0,
-        "sampling temperature of the rollouts (their log-probabilities use it too)",
-        check=">0",
-    )
-    no_end_score: float = option(-1.0, "the score of an answer that never emits the end token")
-    max_grad_norm: float = option(1.0, "gradient clipping norm", check=">0")
     adaptive_kl: float = option(
         0.0,
         "adapt beta to hold the rollouts' KL from the reference near this many nats per answer "
@@ -213,6 +222,11 @@ class OnlineOptions(EngineOptions, PromptFit):
         10, "evaluate and save the policy every this many iterations", check=">=1"
     )
     eval_samples: int = option(128, "held-out prompts per evaluation", check=">=1")
+    max_kl: float = option(
+        0.0,
+        "stop when the answers' mean KL from the reference exceeds this (0: no bound)",
+        check=">=0",
+    )
 
 
 # The stages' name for the one check of declared options (`required=True`, `check=` ranges):

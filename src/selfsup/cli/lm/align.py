@@ -90,10 +90,14 @@ def _add_label(sub, parents) -> None:
     p.add_argument("policy", help="the model whose answers are ranked (an SFT run)")
     p.add_argument("--prompts", required=True, help="JSONL of prompts")
     p.add_argument("-o", "--output", required=True, help="rankings JSONL to write")
-    p.add_argument("--k", type=int, default=4, help="answers per prompt (default: 4)")
+    p.add_argument(
+        "--k", type=int, default=4, check="[2,26]", help="answers per prompt (default: 4)"
+    )
     p.add_argument("--gold", default="arithmetic", help="the gold score labelers rank by")
-    p.add_argument("--noise", type=float, default=0.2, help="labelers' noise (std of the score)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--noise", type=float, default=0.2, check=">=0", help="labelers' noise (std of the score)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=24, check=">=1")
     p.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
     p.add_argument("--seed", type=int, default=0)
 

@@ -2,10 +2,10 @@
 
 A stage's file declares its `Options` dataclass (fields made with `option(default, help,
 check=...)`; shared groups from `selfsup.lm.options`: EngineOptions, TuneConfig, PPOSettings,
-OnlineOptions) and a `Stage` class naming its `help`, `description`, entry point (`entry`,
-the function of the file that runs it) and closing lines (`summary`). The command line reads
-the Options and the help from the file's source (`ast`), so listing and parsing stay free of
-torch; a new stage is its file plus one line below.
+OnlineOptions, OnlinePolicy) and a `Stage` class naming its `help`, `description`, entry point
+(`entry`, the function of the file that runs it) and closing lines (`summary`). The command
+line reads the Options and the help from the file's source (`ast`), so listing and parsing stay
+free of torch; a new stage is its file plus one line below.
 """
 
 from __future__ import annotations

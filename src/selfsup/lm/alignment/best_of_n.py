@@ -29,7 +29,9 @@ class Options(PromptFit):
     pool: int = option(0, "answers sampled per prompt (0: the largest n)", check=">=0")
     max_new_tokens: int = option(24, "longest answer in tokens", check=">=1")
     no_end_score: float = option(
-        -1.0, "the score of an answer that never emits the end token (as lm rlhf)"
+        -1.0,
+        "the score of an answer that never emits the end token (as lm rlhf)",
+        check="finite",
     )
     seed: int = option(0, "random seed")
     out: str | None = option(

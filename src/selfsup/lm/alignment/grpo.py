@@ -10,7 +10,6 @@ those of the PPO stage (`online.run_online`, `rollout`), so the two are measured
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ from selfsup.lm.alignment.stage import Stage, policy_summary
 from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.grpo import group_advantages, grpo_loss
 from selfsup.lm.models import hf
-from selfsup.lm.options import OnlineOptions, check_declared, check_one_device
+from selfsup.lm.options import OnlineOptions, OnlinePolicy, check_declared, check_one_device
 
 
 @dataclass
-class Options(OnlineOptions):
+class Options(OnlineOptions, OnlinePolicy):
     """Options of `selfsup lm grpo` (defaults after DeepSeekMath's GRPO, scaled down)."""
 
     reward_from: str = option(
@@ -53,16 +52,6 @@ class Options(OnlineOptions):
     lr: float = option(1e-5, "learning rate (AdamW)", check=">0")
     beta: float = option(
         0.04, "weight of the k3 KL estimate to the reference in the loss", check=">=0"
-    )
-    clip: float = option(0.2, "clip range of the policy ratio", check=">0")
-    max_new_tokens: int = option(24, "longest answer in tokens", check=">=1")
-    temperature: float = option(1.0, "sampling temperature of the answers", check=">0")
-    no_end_score: float = option(-1.0, "the score of an answer that never emits the end token")
-    max_grad_norm: float = option(1.0, "gradient clipping norm", check=">0")
-    max_kl: float = option(
-        0.0,
-        "stop when the answers' mean KL from the reference exceeds this (0: no bound)",
-        check=">=0",
     )
 
 
@@ -142,8 +131,6 @@ class GRPOTrainer:
 def check_options(config: Options) -> None:
     """One line for a missing or impossible option, before any file is read or written."""
     check_declared(config)  # required, and the ranges its fields declare
-    if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
-        raise SelfsupError("--no-end-score and --temperature must be finite numbers")
     if config.reward_from not in ("model", "gold"):
         raise SelfsupError(f"--reward-from {config.reward_from!r}: expected model or gold")
     if config.reward_from == "gold" and config.gold == "none":

@@ -52,11 +52,6 @@ class Options(PPOSettings, OnlineOptions):
     iterations: int = option(
         50, "PPO iterations (sample, score, update); RLHF counts iterations, not steps", check=">=1"
     )
-    max_kl: float = option(
-        0.0,
-        "stop when the rollouts' mean KL from the reference exceeds this (0: no bound)",
-        check=">=0",
-    )
 
 
 def rlhf(config: Options, command: str | None = None) -> Path:
@@ -84,8 +79,6 @@ def check_options(config: Options) -> None:
     check_declared(config)  # required, and the ranges its fields declare
     if config.rollouts < config.minibatch:
         raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
-    if not math.isfinite(config.no_end_score) or not math.isfinite(config.temperature):
-        raise SelfsupError("--no-end-score and --temperature must be finite numbers")
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
@@ -147,13 +140,6 @@ def best_of_n(
     per prompt serves every n, averaged over all its n-subsets (`best_of_n_mean`). An answer
     that does not end within `max_new_tokens` scores `no_end_score`, as in `lm rlhf`. A prompt
     too long for the models' context is refused, or with `truncate` cut (`fit_prompt`)."""
-    if not math.isfinite(no_end_score):
-        raise SelfsupError(f"--no-end-score must be a finite number, got {no_end_score}")
-    for flag, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
-        if value < 1:
-            raise SelfsupError(f"{flag} must be at least 1, got {value}")
-    if pool < 0:
-        raise SelfsupError(f"--pool must be at least 0 (0: the largest n), got {pool}")
     tokenizer, policy = load_policy(policy_path)
     reward_model = load_reward_model(reward_path, tokenizer)
     conversations, records = load_prompts(prompts)
@@ -204,11 +190,6 @@ def label(
 ) -> dict[str, float]:
     """Write a rankings JSONL: K sampled answers per prompt, ranked by simulated labelers (a
     prompt too long for the context is refused, or with `truncate` cut: `fit_prompt`)."""
-    if not 2 <= k <= 26:
-        raise SelfsupError(f"--k must be between 2 and 26 answers per prompt, got {k}")
-    hf.check_number("--noise", noise, 0)
-    if max_new_tokens < 1:
-        raise SelfsupError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tokenizer, policy = load_policy(policy_path)
     conversations, records = load_prompts(prompts)
     conversations = fitted_prompts(prompts, tokenizer, (policy,), max_new_tokens, truncate)
