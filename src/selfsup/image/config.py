@@ -44,6 +44,15 @@ class PretrainConfig:
         "(pip install 'selfsup[timm]') or torchvision:NAME classification model, random "
         "weights, its own pooled features (mae takes timm ViTs only; colorization none)",
     )
+    init_weights: str | None = option(
+        None,
+        "start the backbone from these weights: a timm or torchvision state dict (safetensors "
+        "or a weights-only torch file) or a selfsup run's encoder.safetensors; a classifier "
+        "head (fc., head., classifier.) is dropped, other missing or unexpected keys refused",
+    )
+    init_weights_partial: bool = option(
+        False, "with --init-weights: load the keys that match, leave the rest as initialised"
+    )
     small_images: bool | None = option(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )

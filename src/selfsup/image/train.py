@@ -31,6 +31,7 @@ from selfsup.image.data.sources import HOLDOUT, stratified_indices
 from selfsup.image.methods import METHODS, get_method
 from selfsup.image.methods.base import Method
 from selfsup.image.models.backbones import backbone_size, check_backbone
+from selfsup.image.models.init_weights import read_init_weights
 from selfsup.image.runs import export_encoder
 
 STATS_SAMPLES = 10_000
@@ -182,6 +183,10 @@ def _python_call(config: PretrainConfig) -> str:
 
 def _check_names(config: PretrainConfig) -> None:
     check_backbone(config.backbone)  # type: ignore[arg-type]  # the method's default filled in
+    if config.init_weights:  # missing or damaged: one line before the run folder is claimed
+        read_init_weights(config.init_weights)
+    elif config.init_weights_partial:
+        raise SelfsupError("--init-weights-partial needs --init-weights FILE")
     for option, value, valid in [
         ("--optimizer", config.optimizer, OPTIMIZERS),
         ("--recipe", config.recipe, RECIPES),
@@ -478,6 +483,9 @@ def config_from_saved(saved: dict[str, Any]) -> PretrainConfig:
     shared = {f.name for f in dataclasses.fields(PretrainConfig)} - {"options"}
     method = saved.get("method") or "simclr"
     own = METHODS.option_names(method)
+    # a run's weights are in its checkpoints: --init-weights (kept in config.yaml for the
+    # record) is not loaded again by --resume or by rebuilding the method
+    shared -= {"init_weights", "init_weights_partial"}
     return PretrainConfig(
         **{k: v for k, v in saved.items() if k in shared},
         options={k: v for k, v in saved.items() if k in own},

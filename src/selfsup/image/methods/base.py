@@ -22,6 +22,7 @@ from selfsup.image.augment import build_recipe
 from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData, load_splits
 from selfsup.image.models import Encoder
+from selfsup.image.models.init_weights import load_init_weights
 
 
 @dataclass
@@ -122,6 +123,13 @@ class Method(L.LightningModule):
         view_size = self.view_size(tuple(dataset["image_size"]))  # may refuse the options
         self.check_image_size(tuple(dataset["image_size"]), view_size)
         self.encoder = Encoder(**data_info["encoder"])
+        if config.init_weights:  # before the heads: momentum copies start from them too
+            load_init_weights(
+                self.encoder.backbone,
+                config.init_weights,
+                partial=config.init_weights_partial,
+                what=f"--backbone {self.encoder.config['backbone']}",
+            )
         self.encoder.use_channels_last()
         self.views = build_recipe(config.recipe, view_size, dataset["channels"])
         num_classes = dataset["num_classes"]
