@@ -59,7 +59,8 @@ def selfsup(args: list[str], threads: int, log: Path) -> float:
 def method_job(method: str, args: argparse.Namespace) -> dict:
     out = Path(args.out)
     log = out / f"{method}.log"
-    common = ["--data", args.data, "--backbone", "convnet"]  # mae: its CPU ViT, vit-mini
+    backbone = "vit-mini" if method == "mae" else "convnet"  # mae needs a ViT: its CPU one
+    common = ["--data", args.data, "--backbone", backbone]
     common += ["--batch-size", "256", "--seed", "0", "--no-online-probe"]
     seconds = {}
     for n in (1024, 4096):
