@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped and os.environ.get("CI") == "true" and reason.startswith("could not import"):
         report.outcome = "failed"
         report.longrepr = f"{reason} -- CI installs it with pip install -e '.[dev]' (CI=true)"
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a character tokenizer, and a few conversations beside it (sft.jsonl)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from selfsup.core.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1,
+                        n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lines = [
+        {"prompt": f"what is {i} plus {i}?", "completion": f"it is {2 * i}."} for i in range(24)
+    ]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root

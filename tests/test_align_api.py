@@ -3,7 +3,6 @@ run folder and report as `selfsup lm STAGE` (the command goes through it)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,26 +11,6 @@ import pytest
 import selfsup
 from selfsup.cli.main import main
 from selfsup.core.errors import SelfsupError
-
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory) -> Path:
-    """A tiny GPT-2 with a character tokenizer, and a few conversations beside it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from selfsup.core.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("chat")
-    tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1,
-                        n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    lines = [
-        {"prompt": f"what is {i} plus {i}?", "completion": f"it is {2 * i}."} for i in range(24)
-    ]
-    (root / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return root
 
 
 def _files(run: Path) -> list[str]:

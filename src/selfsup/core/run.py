@@ -485,7 +485,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """`state` (tensors and plain values: weights, optimiser, progress) atomically to
-        `last`, for a loop of its own (Lightning writes its checkpoints itself)."""
+        `last`, for a checkpoint written outside Lightning (an earlier version's, converted)."""
         import torch
 
         buffer = io.BytesIO()

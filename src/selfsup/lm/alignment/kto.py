@@ -28,7 +28,7 @@ from selfsup.lm.alignment.dpo import DPO, _with_reference, preference_data, sequ
 from selfsup.lm.alignment.dpo import Options as DPOOptions
 from selfsup.lm.alignment.ppo import disable_dropout
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
-from selfsup.lm.data.conversations import Ranking, _jsonl, parse_conversation
+from selfsup.lm.data.conversations import Ranking, jsonl_records, parse_conversation
 from selfsup.lm.training import posttrain
 
 
@@ -79,7 +79,7 @@ def read_unpaired(path: str | Path) -> list[tuple[Ranking, bool]] | None:
     with the user's, completion a string or one assistant message), each as a one-answer
     Ranking with its label; None when the first record has no 'label' (a rankings file)."""
     out: list[tuple[Ranking, bool]] = []
-    for where, record in _jsonl(path):
+    for where, record in jsonl_records(path):
         if "label" not in record:
             if not out:
                 return None

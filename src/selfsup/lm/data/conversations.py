@@ -59,7 +59,7 @@ class Ranking:
         ]
 
 
-def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every non-blank line; `where` is "FILE:LINE" for error messages."""
     path = Path(path)
     if not path.is_file():
@@ -106,7 +106,9 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
 
 def conversation_lines(path: str | Path) -> list[tuple[str, list[Message]]]:
     """("FILE:LINE", conversation) for every conversation of a JSONL file (none: an error)."""
-    conversations = [(where, parse_conversation(record, where)) for where, record in _jsonl(path)]
+    conversations = [
+        (where, parse_conversation(record, where)) for where, record in jsonl_records(path)
+    ]
     if not conversations:
         raise SelfsupError(f"{path}: no conversations in the file")
     return conversations
@@ -121,7 +123,7 @@ def read_prompts(path: str | Path) -> list[tuple[list[Message], dict[str, Any]]]
 def prompt_lines(path: str | Path) -> list[tuple[str, list[Message], dict[str, Any]]]:
     """`read_prompts` with the "FILE:LINE" each prompt was read from."""
     out = []
-    for where, record in _jsonl(path):
+    for where, record in jsonl_records(path):
         if "messages" in record:
             messages = _messages(record["messages"], where)
             if messages[-1]["role"] != "user":
@@ -150,7 +152,7 @@ def _messages(messages: Any, where: str) -> list[Message]:
 def read_rankings(path: str | Path) -> list[Ranking]:
     """Every ranked prompt of a JSONL file (K completions + ranking, or chosen/rejected)."""
     out = []
-    for where, record in _jsonl(path):
+    for where, record in jsonl_records(path):
         history: tuple[Message, ...] = ()
         if "chosen" in record or "rejected" in record:
             prompt, history, completions = _preference_pair(record, where)

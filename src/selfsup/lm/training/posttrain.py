@@ -10,7 +10,6 @@ checkpoint becomes last.ckpt first (`convert_legacy`).
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import shlex
 from collections.abc import Callable, Iterator, Sequence
@@ -136,9 +135,7 @@ def convert_legacy(run: Path) -> None:
         raise SelfsupError(f"{run / LEGACY}: not a selfsup checkpoint (no {e})") from None
     for count in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
         count.update(ready=epochs, started=epochs, processed=epochs, completed=epochs)
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    rundir.atomic_write_bytes(run / LAST, buffer.getvalue())
+    rundir.RunFolder(run).save_checkpoint(checkpoint)  # RUN/checkpoints/last.ckpt, atomically
     (run / LEGACY).unlink()
 
 
