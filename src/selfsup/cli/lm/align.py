@@ -119,7 +119,11 @@ def _run_label(args: argparse.Namespace, command: str) -> None:
 def _add_chat(sub, parents) -> None:
     """talk to an SFT or RLHF model in the terminal"""
     p = add_command(sub, parents, "chat", _add_chat, _run_chat)
-    p.add_argument("run", help="an SFT or RLHF run (or a local HF folder with chat markers)")
+    p.add_argument(
+        "run",
+        help="an SFT or RLHF run, or a Hugging Face chat model (a local folder or a Hub name) "
+        "with a chat template of its own",
+    )
     p.add_argument("--system", help="a system message to start with")
     p.add_argument(
         "--temperature", type=float, default=0.0, check=">=0", help="0 = greedy (default)"

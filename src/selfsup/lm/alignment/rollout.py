@@ -1,8 +1,9 @@
 """Sampling answers from a chat model and scoring them token by token (for PPO and best-of-n).
 
 Works with any Hugging Face causal LM. Prompts are left-padded so that every answer starts at
-the same column; the answer ends at the first end-of-turn token (``<END>``, the tokenizer's eos)
-and everything after it is padding. Positions are counted from each row's first real token,
+the same column; the answer ends at the first end-of-turn token (the tokenizer's eos: ``<END>``,
+or the end of a turn in the model's own chat template, e.g. ``<|im_end|>``, ``<|eot_id|>``) and
+everything after it is padding. Positions are counted from each row's first real token,
 the same way `generate` counts them, so the scores here match the sampling distribution.
 """
 
@@ -23,7 +24,13 @@ from selfsup.lm.alignment.decoding import (
     sample_tokens,
     sequence_scores,
 )
-from selfsup.lm.data.conversations import ROLE_MARKERS, Message, render_prompt
+from selfsup.lm.data.conversations import (
+    ROLE_MARKERS,
+    Message,
+    end_of_turn,
+    own_template,
+    render_prompt,
+)
 from selfsup.lm.losses.ppo import token_logprobs
 
 
@@ -52,12 +59,15 @@ def suppressed_tokens(tokenizer: Any) -> tuple[int, ...]:
         *tokenizer.convert_tokens_to_ids(list(ROLE_MARKERS.values())),
     }
     ids -= {tokenizer.eos_token_id, tokenizer.unk_token_id, None}
+    if own_template(tokenizer):  # its end of turn, even where eos was not made that token
+        ids.discard(tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)))
     return tuple(sorted(ids))
 
 
 def encode_prompts(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> dict[str, Tensor]:
-    """Left-padded ids of the conversations rendered up to the assistant's turn."""
-    texts = [render_prompt(c) for c in conversations]
+    """Left-padded ids of the conversations rendered up to the assistant's turn (in the
+    tokenizer's own chat template when it has one, ending with its generation prompt)."""
+    texts = [render_prompt(c, tokenizer) for c in conversations]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

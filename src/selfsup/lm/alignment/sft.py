@@ -3,7 +3,6 @@ only, in posttrain's loop (`fit_stage`)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import collate, next_token_loss, pack, sft_example
 from selfsup.lm.data.context import check_fits, context_length
-from selfsup.lm.data.conversations import CHAT_TEMPLATE, conversation_lines
+from selfsup.lm.data.conversations import conversation_lines
 from selfsup.lm.models import hf
 from selfsup.lm.options import TuneConfig as Options
 from selfsup.lm.training import posttrain
@@ -27,7 +26,6 @@ def sft(config: Options, command: str | None = None) -> Path:
     torch.manual_seed(config.seed)  # new embedding rows and dropout masks
     conversations = conversation_lines(config.data)
     tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
-    _note_template(tokenizer, config.init)
     posttrain.prepare_chat(model, tokenizer)
     context = context_length(model)
     if config.pack and context is not None and config.max_length > context:
@@ -55,18 +53,6 @@ def sft(config: Options, command: str | None = None) -> Path:
         return next_token_loss(logits, b["labels"]), {}
 
     return posttrain.fit_stage("sft", config, command, model, tokenizer, train, val, loss_fn)
-
-
-def _note_template(tokenizer: Any, init: str) -> None:
-    """One note line when --init's tokenizer has a chat template of its own: selfsup's markers
-    replace it (its own template is not used yet)."""
-    own = getattr(tokenizer, "chat_template", None)
-    if own and own != CHAT_TEMPLATE:
-        print(
-            f"selfsup: note: {init} has a chat template of its own; this stage trains with "
-            "selfsup's markers (<USER>, <ASSISTANT>, <END>) instead, and its export keeps them",
-            file=sys.stderr,
-        )
 
 
 class SFT(EpochStage):

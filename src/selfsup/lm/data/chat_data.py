@@ -1,8 +1,8 @@
 """Token batches for the stages after pretraining: conversations (SFT) and ranked answers (reward).
 
-Both render text with the chat template of `selfsup.lm.data.conversations`; a tokenizer first gets
-the template's markers as special tokens (`add_chat_tokens`), and the model's embedding table
-grows to match.
+Both render text with the chat template of `selfsup.lm.data.conversations`: the tokenizer's own
+(a Hugging Face model's), or selfsup's, whose markers a tokenizer first gets as special tokens
+(`add_chat_tokens`; the model's embedding table grows to match).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from selfsup.lm.data.conversations import (
     END,
     Message,
     Ranking,
+    end_of_turn,
+    own_template,
     tokenize_chat,
 )
 from selfsup.lm.losses.preference import ranking_pairs
@@ -29,9 +31,17 @@ IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entr
 
 
 def add_chat_tokens(tokenizer: Any) -> int:
-    """Give the tokenizer the chat markers (and a padding token) as special tokens, and the
-    template as its `chat_template`; returns how many tokens were added (resize the model's
-    embeddings when > 0)."""
+    """Make the tokenizer chat: one with a chat template of its own keeps it, its eos becomes the
+    template's end-of-turn token and a missing pad token its former eos (TRL's choice), nothing
+    added; any other gets selfsup's markers (and a padding token) as special tokens and
+    selfsup's template. Returns how many tokens were added (resize the model's embeddings when
+    > 0)."""
+    if own_template(tokenizer):
+        end = end_of_turn(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or end
+        tokenizer.eos_token = end  # generation stops at the end of the assistant's turn
+        return 0
     missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
     added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
     if tokenizer.pad_token is None:

@@ -62,8 +62,9 @@ def default_new_tokens(context: int | None, wanted: int = 64) -> int:
 
 
 def prompt_length(tokenizer: Any, messages: Sequence[Message]) -> int:
-    """Tokens of the conversation rendered up to the assistant's turn (what a model continues)."""
-    return len(tokenizer(render_prompt(messages), add_special_tokens=False)["input_ids"])
+    """Tokens of the conversation rendered up to the assistant's turn (what a model continues),
+    in the tokenizer's own chat template when it has one."""
+    return len(tokenizer(render_prompt(messages, tokenizer), add_special_tokens=False)["input_ids"])
 
 
 def fit_prompt(

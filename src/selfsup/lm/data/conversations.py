@@ -15,9 +15,12 @@ Rankings (reward model):
 An optional ``"gold"`` list (one number per completion, written by `selfsup lm label`) is the
 simulated labelers' true score; the reward model never trains on it, it only measures a ceiling.
 
-The chat template writes every turn as its role marker, the text and the end-of-turn marker:
+selfsup's chat template writes every turn as its role marker, the text and the end-of-turn marker:
 ``<USER>How are you?<END><ASSISTANT>Fine.<END>``. Only assistant text and its ``<END>`` are
 trained on; the model then answers a prompt rendered up to ``<ASSISTANT>`` and stops at ``<END>``.
+A tokenizer with a chat template of its own (a Hugging Face model's: ChatML, Llama 3, ...) renders
+with it (`apply_chat_template`): the trained-on text is each assistant turn's content and the
+template's end-of-turn token, found by rendering the conversation prefix by prefix (as TRL does).
 """
 
 from __future__ import annotations
@@ -264,6 +267,99 @@ def _jinja_template() -> str:
 CHAT_TEMPLATE = _jinja_template()
 
 
+def own_template(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template when it is not selfsup's (None: selfsup's markers render)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one renders conversations
+        template = template.get("default")
+    return (
+        template if isinstance(template, str) and template and template != CHAT_TEMPLATE else None
+    )
+
+
+def apply_template(tokenizer: Any, messages: Sequence[Message], generation: bool) -> str:
+    """`messages` rendered by the tokenizer's own chat template (`generation`: then the
+    assistant's generation prompt); a template that cannot render them is one line."""
+    try:
+        return tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation
+        )
+    except Exception as e:  # jinja's TemplateError, raise_exception(...) of the template
+        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise SelfsupError(
+            f"the model's chat template cannot render the conversation: {reason}"
+        ) from None
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    """The token that ends an assistant turn in the tokenizer's own template (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, ...): the first special token (or end id of the model's
+    generation_config.json) after the answer; else the tokenizer's eos. One line when none."""
+    probe: list[Message] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Ok"},
+    ]
+    before, text = (
+        apply_template(tokenizer, probe[:1], True),
+        apply_template(tokenizer, probe, False),
+    )
+    answer = text[len(before) :] if text.startswith(before) else text
+    tail = answer[answer.find("Ok") + 2 :]
+    ends = {
+        *tokenizer.all_special_ids,
+        *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special),
+        *_generation_eos(tokenizer),
+    }
+    for i in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if i in ends:
+            return tokenizer.convert_ids_to_tokens(i)
+    if tokenizer.eos_token:
+        return tokenizer.eos_token
+    raise SelfsupError(
+        f"the model's chat template ends an assistant turn with {tail!r}, in which the tokenizer "
+        "has no special token to stop at, and the tokenizer has no eos token"
+    )
+
+
+def _generation_eos(tokenizer: Any) -> list[int]:
+    """The end ids of generation_config.json beside a local tokenizer (none elsewhere)."""
+    import json
+
+    path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if isinstance(i, int)]
+
+
+def template_segments(tokenizer: Any, messages: Sequence[Message]) -> list[tuple[str, bool]]:
+    """The conversation rendered by the tokenizer's own template as (text, trained-on) pieces:
+    each assistant turn's text is what rendering up to it adds to the rendering before it with
+    the generation prompt, up to and including the end-of-turn token."""
+    full = apply_template(tokenizer, messages, False)
+    end = end_of_turn(tokenizer)
+    segments, done = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = apply_template(tokenizer, messages[:i], True)
+        upto = apply_template(tokenizer, messages[: i + 1], False)
+        if len(before) < done or not (upto.startswith(before) and full.startswith(upto)):
+            raise SelfsupError(
+                "the model's chat template does not render a conversation turn by turn (a turn "
+                "changes what it renders before it): selfsup cannot tell its assistant text"
+            )
+        answer = upto[len(before) :]
+        stop = answer.rfind(end)
+        stop = len(answer) if stop < 0 else stop + len(end)
+        segments += [(full[done : len(before)], False), (answer[:stop], True)]
+        done = len(before) + stop
+    segments.append((full[done:], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
 def chat_segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained-on) pieces in order."""
     segments = []
@@ -275,19 +371,29 @@ def chat_segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
     return segments
 
 
-def render_prompt(messages: Sequence[Message]) -> str:
-    """The text a model continues to answer: the conversation so far, then ``<ASSISTANT>``."""
+def render_prompt(messages: Sequence[Message], tokenizer: Any = None) -> str:
+    """The text a model continues to answer: the conversation so far, then ``<ASSISTANT>`` (or,
+    for a tokenizer with its own chat template, that template's generation prompt)."""
+    if own_template(tokenizer):
+        return apply_template(tokenizer, messages, True)
     return "".join(text for text, _ in chat_segments(messages)) + ROLE_MARKERS["assistant"]
 
 
 def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
     """(token ids, trained-on flags): each segment is tokenized on its own, so that no token
-    straddles a prompt/answer boundary and the prompt tokens carry no loss. The markers must be
-    special tokens of the tokenizer (one id each)."""
+    straddles a prompt/answer boundary and the prompt tokens carry no loss. selfsup's markers
+    must be special tokens of the tokenizer (one id each); a tokenizer with its own chat template
+    renders with it (`template_segments`)."""
     from selfsup.core.tokenizer import encode_text
 
     ids: list[int] = []
     trained: list[bool] = []
+    if own_template(tokenizer):
+        for text, is_trained in template_segments(tokenizer, messages):
+            piece = encode_text(tokenizer, text, what=f"the conversation text {text[:40]!r}")
+            ids.extend(piece)
+            trained.extend([is_trained] * len(piece))
+        return ids, trained
     for text, is_trained in chat_segments(messages):
         if text in CHAT_TOKENS:
             piece = tokenizer.encode(text, add_special_tokens=False)

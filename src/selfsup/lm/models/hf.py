@@ -27,17 +27,28 @@ HF_DIR = "hf"
 
 def hf_dir(path: str | Path) -> Path:
     """The Hugging Face folder of a run directory (RUN/hf), or `path` itself when it is one (a
-    Hub id: its copy in the local cache, never downloaded)."""
+    Hub id: its copy in the local cache, never downloaded here; `load_tokenizer_and` downloads)."""
+    name, source = str(path), model_source(path)
+    if isinstance(source, Path):
+        return source
+    cached = _hub_cache(name)
+    if cached is not None and (cached / "config.json").is_file():
+        return cached  # a Hub id already downloaded: read offline from the cache
+    raise SelfsupError(_unreachable(name))
+
+
+def model_source(path: str | Path) -> Path | str:
+    """What `from_pretrained` reads: the HF folder of a run directory (RUN/hf) or a local HF
+    folder (a Path), or a Hub id `owner/name` that is no local path (the str)."""
     name, path = str(path), Path(path)
     if (path / HF_DIR / "config.json").is_file():
         return path / HF_DIR
     if (path / "config.json").is_file():
         return path
     if not path.exists():
-        cached = _hub_cache(name)
-        if cached is not None and (cached / "config.json").is_file():
-            return cached  # a Hub id already downloaded: read offline from the cache
-        raise SelfsupError(_missing(name))
+        if _hub_id(name):
+            return name
+        raise SelfsupError(f"{name} does not exist")
     raise SelfsupError(
         f"{path} holds no Hugging Face model (no config.json in it or in {path / HF_DIR})"
     )
@@ -52,8 +63,6 @@ def _hub_id(name: str) -> bool:
 
 def _hub_cache(name: str) -> Path | None:
     """The local Hugging Face cache's copy of Hub id `name` (never downloaded), or None."""
-    if not _hub_id(name):
-        return None
     try:
         from huggingface_hub import snapshot_download
 
@@ -62,18 +71,34 @@ def _hub_cache(name: str) -> Path | None:
         return None
 
 
-def _missing(name: str) -> str:
-    """Why `name` is no model folder: a Hub id (owner/name) not in the local cache needs a
-    network, which selfsup never uses; anything else does not exist."""
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, now or when huggingface_hub was imported."""
     import os
 
-    if not _hub_id(name):
-        return f"{name} does not exist"
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(
+        (f or "").upper() in {"1", "ON", "YES", "TRUE"} for f in flags
+    )
+
+
+def _unreachable(name: str, why: str = "") -> str:
+    """Why Hub id `name` could not be loaded (`why`: `_not_fetched`'s error name), and what to
+    pass instead: one line."""
+    if why in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+        return (
+            f"{name}: no such model on the Hugging Face Hub, or it is private or gated "
+            f"(log in with `hf auth login`), and no local folder of that name; pass a local folder"
+        )
+    reason = (
+        "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+        if hub_offline()
+        else "it is not in the local Hugging Face cache and the Hub could not be reached"
+    )
     return (
-        f"{name} is no local folder, and Hub ids need a network{offline}: selfsup reads local "
-        f"folders only; download it where there is one (hf download {name} --local-dir FOLDER) "
-        "and pass FOLDER"
+        f"{name} is no local folder, and Hub ids need a network ({reason}): pass a local "
+        f"folder instead (download it where there is one: hf download {name} --local-dir FOLDER)"
     )
 
 
@@ -87,15 +112,19 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tuple[Any, Any]:
-    """(tokenizer, model) from a run directory or a local HF folder -- never from the hub."""
+    """(tokenizer, model) from a run directory, a local HF folder, or a Hub id through
+    transformers' own cache (downloaded when not there, unless HF_HUB_OFFLINE is set)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    folder = hf_dir(path)
+    folder = model_source(path)
+    local = isinstance(folder, Path) or hub_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = auto_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=local)
+        model = auto_class.from_pretrained(str(folder), local_files_only=local, **kwargs)
     except Exception as e:  # missing, truncated, foreign or pickled (not weights-only) files
+        if isinstance(folder, str) and _not_fetched(e):
+            raise SelfsupError(_unreachable(folder, _not_fetched(e))) from None
         raise SelfsupError(f"{folder}: cannot load the model ({one_line_reason(e)})") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SelfsupError(
@@ -103,6 +132,22 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
             f"{model.get_input_embeddings().num_embeddings} embeddings: they do not belong together"
         )
     return tokenizer, model
+
+
+def _not_fetched(e: BaseException | None) -> str:
+    """The name of the error (or of one it was raised from) that says a Hub file could not be
+    had: offline, no network, not in the cache, no such repository; "" when none does."""
+    names = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+             "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError",
+             "ConnectError", "HfHubHTTPError", "EntryNotFoundError")  # fmt: skip
+    while e is not None:
+        found = [c.__name__ for c in type(e).__mro__ if c.__name__ in names]
+        if found:
+            return found[0]
+        if "offline" in str(e).lower() or "couldn't connect" in str(e).lower():
+            return "OfflineModeIsEnabled"
+        e = e.__cause__ or e.__context__
+    return ""
 
 
 def one_line_reason(e: Exception) -> str:
