@@ -3,7 +3,14 @@ repeated prompts run once, against running every row whole."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from selfsup.lm.alignment.decoding import GPT2Decoder, sample_tokens
 
@@ -103,17 +110,16 @@ def test_the_same_tokens_as_generate(temperature, top_k):
 def test_other_models_fall_back_to_generate():
     ids, mask = _left_padded_prompts()
     options = dict(temperature=1.0, top_k=0, suppressed=(), eos_token_id=EOS, pad_token_id=PAD)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
             vocab_size=VOCAB,
             hidden_size=16,
             intermediate_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
-            num_key_value_heads=2,
         )  # fmt: skip
-    )
-    assert sample_tokens(llama, ids, mask, 4, **options) is None
+    ).eval()  # an architecture with no lean decoder (Llama's: tests/test_decoding_llama.py)
+    assert sample_tokens(neox, ids, mask, 4, **options) is None
     dropout = _gpt2(resid_pdrop=0.1).train()  # sampling would apply dropout, as generate does
     assert sample_tokens(dropout, ids, mask, 4, **options) is None
     assert sample_tokens(dropout.eval(), ids, mask, 4, **options) is not None

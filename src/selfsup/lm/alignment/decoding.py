@@ -1,23 +1,32 @@
-"""A lean sampling loop for GPT-2 policies, token for token what `generate` samples.
+"""Lean sampling loops for GPT-2 and Llama-family policies, token for token what `generate`
+samples.
 
 PPO, GRPO and best-of-n spend most of their time sampling short answers from small models.
 There, `transformers`' `generate` spends most of each decoding step in per-step Python (its
-model forward's mask building, cache objects and output classes, its logits processors); this
-loop takes about a third of its time (benchmarks/sampling_speed.py). It runs the same GPT-2
-maths on the model's own weights with a preallocated key/value cache and applies the same
-processing in the same order (suppressed tokens, temperature, top-k, softmax, one multinomial
-draw per row of the whole batch, padding after the end token), so with the same seed it draws
-the same tokens (a test compares the two).
-Other architectures, dropout in training mode, or answers that would run past the model's
-positions return None, and the caller uses `generate`.
+model forward's mask building, cache objects and output classes, its logits processors); these
+loops take a fraction of its time (benchmarks/sampling_speed.py). They run the model's own maths
+on its own weights with a preallocated key/value cache and apply the same processing in the
+same order (suppressed tokens, temperature, top-k, softmax, one multinomial draw per row of the
+whole batch, padding after the end token), so with the same seed they draw the same tokens
+(tests/test_decoding*.py compare the two). `decoder_class` picks the loop: `GPT2Decoder` for
+GPT-2, `LlamaDecoder` for Llama, Qwen2 and Mistral (RoPE, grouped-query attention, RMSNorm,
+SwiGLU). A peft LoRA model is served through its base model, its adapter layers called as they
+are (so adapters on, off or merged give the model's own outputs). Other architectures and peft
+methods, rotary scalings that change with the length, sliding windows shorter than the answer,
+dropout in training mode, or answers that would run past GPT-2's positions return None, and the
+caller uses `generate`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -31,11 +40,104 @@ def continuation_positions(prefix_mask: Tensor, rows: Tensor, length: int) -> Te
     return prefix_mask.sum(1)[rows, None] + steps
 
 
-class GPT2Decoder:
-    """Incremental forward of a Hugging Face `GPT2LMHeadModel`: feed tokens, get the last
-    position's logits; keys and values of every fed position stay in a preallocated cache."""
+def unwrap(model: nn.Module) -> nn.Module | None:
+    """The transformers model that computes `model`'s outputs: `model` itself, or a peft LoRA
+    model's base (LoRA replaces layers, which the decoders call as modules: exact); None for
+    other peft methods (prompt tuning and the like change the forward itself)."""
+    if not type(model).__module__.startswith("peft."):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "peft_type", None) != "LORA" or getattr(config, "is_prompt_learning", 1):
+        return None
+    return model.get_base_model()
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """Training mode with a dropout that would apply (LoRA's, say): sampling must use it."""
+    return model.training and any(
+        isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules()
+    )
+
+
+def _projection(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """`module`'s forward: a plain `Linear` or GPT-2 `Conv1D` by its weights (no module call),
+    anything else (a LoRA or quantised layer, a module with hooks) called as it is."""
+    if not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)):
+        if type(module) is nn.Linear:
+            return partial(F.linear, weight=module.weight, bias=module.bias)
+        if type(module) is Conv1D:
+            return partial(_conv1d, weight=module.weight, bias=module.bias)
+    return module
+
+
+def _conv1d(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """GPT-2's Conv1D (a linear layer with its weight stored in×out), as it computes it."""
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _attention_mask(key_mask: Tensor, start: int, s: int) -> Tensor:
+    """B×1×s×end: the cached and new keys that each of `s` new queries (from cache position
+    `start`) may see; a padding query sees itself only (finite, and no real query sees it)."""
+    end = start + s
+    mask = key_mask[:, None, None, :end]
+    if s > 1:
+        causal = torch.ones(s, end, dtype=torch.bool, device=key_mask.device).tril(start)
+        mask = mask & causal
+    if start == 0:
+        mask = mask | torch.eye(s, dtype=torch.bool, device=key_mask.device)
+    return mask
+
+
+class CachedDecoder:
+    """Incremental forward of a causal LM: feed tokens, get the last position's logits; keys and
+    values of every fed position stay in a preallocated cache (layers×B×heads×length×dim).
+    Subclasses give `hidden`, `final` and the cache."""
+
+    keys: Tensor
+    values: Tensor
+    length: int
+    lm_head: nn.Module | None
+
+    @staticmethod
+    def supports(model: nn.Module, max_length: int) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """Logits (B×V) after `ids` (B×S) at `positions`; `key_mask` (B×max_length) marks the
+        cached and new positions that may be attended to (False on left padding)."""
+        return self.logits(self.hidden(ids, positions, key_mask)[:, -1])
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.final(hidden))  # type: ignore[misc]
+
+    def final(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """The last block's output (B×S×E, before the final norm) at every new position; their
+        keys and values join the cache."""
+        raise NotImplementedError
+
+    def follow(self, prefix: CachedDecoder, rows: Tensor) -> None:
+        """Start from `prefix`'s cache, its row `rows[r]` as row r."""
+        self.keys[:, :, :, : prefix.length] = prefix.keys[:, rows, :, : prefix.length]
+        self.values[:, :, :, : prefix.length] = prefix.values[:, rows, :, : prefix.length]
+        self.length = prefix.length
+
+    def _cache(self, layers: int, batch: int, heads: int, max_length: int, dim: int,
+               like: Tensor) -> None:  # fmt: skip
+        shape = (layers, batch, heads, max_length, dim)
+        self.keys = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+
+class GPT2Decoder(CachedDecoder):
+    """A Hugging Face `GPT2LMHeadModel` (or `GPT2ForSequenceClassification`)."""
 
     def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
+        model = unwrap(model)  # type: ignore[assignment]
         config = model.config
         self.transformer, self.lm_head = model.transformer, getattr(model, "lm_head", None)
         self.heads, self.width = config.n_head, config.n_embd
@@ -45,20 +147,17 @@ class GPT2Decoder:
         base = head_dim**-0.5 if config.scale_attn_weights else 1.0
         inverse_layer = config.scale_attn_by_inverse_layer_idx
         self.scales = [base / (i + 1) if inverse_layer else base for i in range(config.n_layer)]
-        self.layers = [  # the weights, looked up once (the optimiser updates them in place)
-            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-             b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-             b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+        self.layers = [  # looked up once (the optimiser updates the weights in place)
+            (b.ln_1.weight, b.ln_1.bias, _projection(b.attn.c_attn), _projection(b.attn.c_proj),
+             b.ln_2.weight, b.ln_2.bias, _projection(b.mlp.c_fc), _projection(b.mlp.c_proj))
             for b in self.transformer.h
         ]  # fmt: skip
-        weight = self.transformer.wte.weight
-        shape = (config.n_layer, batch, self.heads, max_length, head_dim)
-        self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.values = torch.empty_like(self.keys)
-        self.length = 0
+        self._cache(config.n_layer, batch, self.heads, max_length, head_dim,
+                    self.transformer.wte.weight)  # fmt: skip
 
     @staticmethod
     def supports(model: nn.Module, max_length: int) -> bool:
+        model = unwrap(model)  # type: ignore[assignment]
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
             return False
@@ -71,58 +170,157 @@ class GPT2Decoder:
             and config.activation_function in ACT2FN
             and max_length <= config.n_positions
             and not (model.training and any(p > 0 for p in dropout))
+            and not _dropout_active(model)
         )
-
-    def __call__(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
-        """Logits (B×V) after `ids` (B×S) at `positions`; `key_mask` (B×max_length) marks the
-        cached and new positions that may be attended to (False on left padding)."""
-        return self.logits(self.hidden(ids, positions, key_mask)[:, -1])
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.final(hidden))
 
     def final(self, hidden: Tensor) -> Tensor:
         t = self.transformer
         return F.layer_norm(hidden, (self.width,), t.ln_f.weight, t.ln_f.bias, self.eps)
 
     def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
-        """The last block's output (B×S×E, before the final layer norm) at every new position;
-        their keys and values join the cache."""
         t, (b, s) = self.transformer, ids.shape
-        start, end = self.length, self.length + ids.shape[1]
+        start, end = self.length, self.length + s
         x = t.wte(ids) + t.wpe(positions)
-        mask = key_mask[:, None, None, :end]
-        if s > 1:
-            causal = torch.ones(s, end, dtype=torch.bool, device=ids.device).tril(start)
-            mask = mask & causal
-        if start == 0:  # a padding query sees itself only: finite, and no real query sees it
-            mask = mask | torch.eye(s, dtype=torch.bool, device=ids.device)
-        for i, weights in enumerate(self.layers):
-            ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = (
-                weights
-            )
+        mask = _attention_mask(key_mask, start, s)
+        for i, (ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, fc, proj) in enumerate(self.layers):
             h = F.layer_norm(x, (self.width,), ln1_w, ln1_b, self.eps)
-            qkv = _linear(h, qkv_w, qkv_b).view(b, s, 3, self.heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            q, k, v = qkv(h).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             self.keys[i, :, :, start:end] = k
             self.values[i, :, :, start:end] = v
             a = F.scaled_dot_product_attention(
                 q, self.keys[i, :, :, :end], self.values[i, :, :, :end], mask, scale=self.scales[i]
             )
-            x = x + _linear(a.transpose(1, 2).reshape(b, s, self.width), out_w, out_b)
+            x = x + out(a.transpose(1, 2).reshape(b, s, self.width))
             h = F.layer_norm(x, (self.width,), ln2_w, ln2_b, self.eps)
-            x = x + _linear(self.act(_linear(h, fc_w, fc_b)), proj_w, proj_b)
+            x = x + proj(self.act(fc(h)))
         self.length = end
         return x
 
-    def follow(self, prefix: GPT2Decoder, rows: Tensor) -> None:
-        """Start from `prefix`'s cache, its row `rows[r]` as row r."""
-        self.keys[:, :, :, : prefix.length] = prefix.keys[:, rows, :, : prefix.length]
-        self.values[:, :, :, : prefix.length] = prefix.values[:, rows, :, : prefix.length]
-        self.length = prefix.length
+
+class LlamaDecoder(CachedDecoder):
+    """A Hugging Face Llama, Qwen2 or Mistral causal LM (or its `...ForSequenceClassification`):
+    rotary positions (the model's own frequencies and scale: default, linear, llama3 or yarn),
+    grouped-query attention, RMSNorm, a gated MLP, biases where the layers have them, a tied or
+    untied head."""
+
+    TYPES = ("llama", "qwen2", "mistral")
+    ROPE = ("default", "linear", "llama3", "yarn")  # frequencies fixed when the model is built
+
+    def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
+        model = unwrap(model)  # type: ignore[assignment]
+        config = model.config
+        self.body, self.lm_head = model.model, getattr(model, "lm_head", None)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        rope = self.body.rotary_emb
+        self.inv_freq, self.rope_scale = rope.inv_freq.float(), rope.attention_scaling
+        blocks = self.body.layers[: config.num_hidden_layers]
+        self.layers = [  # looked up once (the optimiser updates the weights in place)
+            (_norm(b.input_layernorm), b.self_attn.scaling,
+             *map(_projection, (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                b.self_attn.o_proj)),
+             _norm(b.post_attention_layernorm), b.mlp.act_fn,
+             *map(_projection, (b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)))
+            for b in blocks
+        ]  # fmt: skip
+        self.norm = _norm(self.body.norm)
+        self._cache(len(blocks), batch, self.kv_heads, max_length, self.head_dim,
+                    self.body.embed_tokens.weight)  # fmt: skip
+
+    @staticmethod
+    def supports(model: nn.Module, max_length: int) -> bool:
+        model = unwrap(model)  # type: ignore[assignment]
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in LlamaDecoder.TYPES:
+            return False
+        body = getattr(model, "model", None)
+        if not (hasattr(model, "lm_head") or hasattr(model, "score")) or body is None:
+            return False
+        window = getattr(config, "sliding_window", None)  # Qwen2 sets it only when it is used
+        rope = getattr(getattr(body, "rotary_emb", None), "rope_type", None)
+        return (
+            rope in LlamaDecoder.ROPE
+            and (window is None or max_length <= window)
+            and not (model.training and getattr(config, "attention_dropout", 0.0) > 0)
+            and not _dropout_active(model)
+        )
+
+    def final(self, hidden: Tensor) -> Tensor:
+        return _rms_norm(hidden, *self.norm)
+
+    def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        (b, s), d = ids.shape, self.head_dim
+        start, end = self.length, self.length + s
+        x = self.body.embed_tokens(ids)
+        freqs = positions[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((freqs, freqs), -1)[:, :, None]  # B×S×1×D
+        cos = (angles.cos() * self.rope_scale).to(x.dtype)
+        sin = (angles.sin() * self.rope_scale).to(x.dtype)
+        mask = _attention_mask(key_mask, start, s)
+        group = self.heads // self.kv_heads
+        for i, (
+            norm1,
+            scale,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            norm2,
+            act,
+            gate,
+            up,
+            down,
+        ) in enumerate(self.layers):
+            h = _rms_norm(x, *norm1)
+            q = _rotate(q_proj(h).view(b, s, self.heads, d), cos, sin).transpose(1, 2)
+            k = _rotate(k_proj(h).view(b, s, self.kv_heads, d), cos, sin).transpose(1, 2)
+            self.keys[i, :, :, start:end] = k
+            self.values[i, :, :, start:end] = v_proj(h).view(b, s, self.kv_heads, d).transpose(1, 2)
+            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+            if group > 1 and s == 1:  # as transformers: each key head's queries side by side
+                q = q.reshape(b, self.kv_heads, group, d)
+            elif group > 1:
+                keys, values = _repeat_heads(keys, group), _repeat_heads(values, group)
+            a = F.scaled_dot_product_attention(q, keys, values, mask, scale=scale)
+            x = x + o_proj(a.reshape(b, self.heads, s, d).transpose(1, 2).reshape(b, s, -1))
+            h = _rms_norm(x, *norm2)
+            x = x + down(act(gate(h)) * up(h))
+        self.length = end
+        return x
 
 
-Fed = tuple[Tensor, Tensor, Tensor]  # (ids, positions, key mask): what `GPT2Decoder.hidden` takes
+def _norm(module: nn.Module) -> tuple[Tensor, float]:
+    return module.weight, module.variance_epsilon
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm, in float32 as it computes it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x (B×S×heads×D), the halves rotated as Hugging Face does."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _repeat_heads(x: Tensor, group: int) -> Tensor:
+    """B×kv×L×D -> B×(kv·group)×L×D, each key head repeated for its group of query heads."""
+    b, kv, length, d = x.shape
+    return x[:, :, None].expand(b, kv, group, length, d).reshape(b, kv * group, length, d)
+
+
+DECODERS: tuple[type[CachedDecoder], ...] = (GPT2Decoder, LlamaDecoder)
+
+
+def decoder_class(model: nn.Module, max_length: int) -> type[CachedDecoder] | None:
+    """The lean decoder that serves `model` exactly for `max_length` positions, or None."""
+    return next((d for d in DECODERS if d.supports(model, max_length)), None)
+
+
+Fed = tuple[Tensor, Tensor, Tensor]  # (ids, positions, key mask): what `hidden` takes
 
 
 @torch.no_grad()
@@ -132,14 +330,15 @@ def continuation_logits(model: nn.Module, prefix: Fed, rows: Tensor, rest: Fed) 
     `rest`: every continuation but its last token (R rows, row r after prefix `rows[r]`), its
     key mask covering prefix and continuation."""
     (u, p), (r, c) = prefix[0].shape, rest[0].shape
-    if not GPT2Decoder.supports(model, p + c + 1):
+    decoder_type = decoder_class(model, p + c + 1)
+    if decoder_type is None:
         return None
     ids, positions, mask = prefix
-    decoder = GPT2Decoder(model, u, p)
+    decoder = decoder_type(model, u, p)
     last = decoder.hidden(ids, positions, mask.bool())[rows, -1:]
     if c == 0:
         return decoder.logits(last)
-    prefix_decoder, decoder = decoder, GPT2Decoder(model, r, p + c)
+    prefix_decoder, decoder = decoder, decoder_type(model, r, p + c)
     decoder.follow(prefix_decoder, rows)
     ids, positions, mask = rest
     return decoder.logits(torch.cat([last, decoder.hidden(ids, positions, mask.bool())], 1))
@@ -147,24 +346,19 @@ def continuation_logits(model: nn.Module, prefix: Fed, rows: Tensor, rest: Fed) 
 
 @torch.no_grad()
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
-    """A GPT-2 reward model's (`GPT2ForSequenceClassification`) scores, B×labels, read where
-    Hugging Face reads them (the rightmost token that is not padding), by the lean forward;
-    None where it does not apply."""
-    if not hasattr(model, "score") or not GPT2Decoder.supports(model, input_ids.shape[1]):
+    """A reward model's (`GPT2ForSequenceClassification`, `LlamaForSequenceClassification`,
+    ...) scores, B×labels, read where Hugging Face reads them (the rightmost token that is not
+    padding), by a lean decoder; None where none applies."""
+    base, decoder_type = unwrap(model), decoder_class(model, input_ids.shape[1])
+    if not hasattr(base, "score") or decoder_type is None:
         return None
-    decoder = GPT2Decoder(model, *input_ids.shape)
+    decoder = decoder_type(model, *input_ids.shape)
     hidden = decoder.hidden(input_ids, position_ids(attention_mask), attention_mask.bool())
-    pad = model.config.pad_token_id
+    pad = base.config.pad_token_id  # type: ignore[union-attr]
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
     rows = torch.arange(len(input_ids), device=input_ids.device)
-    return model.score(decoder.final(hidden[rows, last]))
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """GPT-2's Conv1D (a linear layer with its weight stored in×out), as it computes it."""
-    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-    return out.view(*x.shape[:-1], -1)
+    return base.score(decoder.final(hidden[rows, last]))  # type: ignore[union-attr]
 
 
 @torch.no_grad()
@@ -182,11 +376,12 @@ def sample_tokens(
 ) -> Tensor | None:
     """B×T sampled answer tokens after left-padded prompts (T ≤ max_new_tokens: the loop stops
     when every row has its end token; rows that ended are padded), or None where
-    `GPT2Decoder` does not apply."""
+    no lean decoder applies."""
     batch, prompt_length = input_ids.shape
-    if not GPT2Decoder.supports(model, prompt_length + max_new_tokens):
+    decoder_type = decoder_class(model, prompt_length + max_new_tokens)
+    if decoder_type is None:
         return None
-    decoder = GPT2Decoder(model, batch, prompt_length + max_new_tokens)
+    decoder = decoder_type(model, batch, prompt_length + max_new_tokens)
     key_mask = torch.ones(batch, prompt_length + max_new_tokens, dtype=torch.bool,
                           device=input_ids.device)  # fmt: skip
     key_mask[:, :prompt_length] = attention_mask.bool()
