@@ -94,12 +94,42 @@ class EngineOptions:
     progress: bool | None = option(None, "progress bar (default: on a terminal)")
 
 
+@dataclass
+class LoraOptions:
+    """LoRA adapters through peft (`selfsup.lm.models.lora`), shared by every stage that trains:
+    with --lora-r R the base weights stay frozen and only rank-R adapters (and the chat markers'
+    embedding rows) learn; the run saves the adapter, and the stages that need a frozen reference
+    use the base with its adapters off instead of a second copy."""
+
+    lora_r: int = option(0, "LoRA rank of the adapters (peft; 0: train every weight)", check=">=0")
+    lora_alpha: float = option(
+        0.0,
+        "LoRA scale alpha, the update is alpha/r * BA (0: 2 x --lora-r, as TRL's 16/32)",
+        check=">=0",
+    )
+    lora_dropout: float = option(
+        0.05,
+        "dropout on the adapters' input (TRL's default; dpo, kto, grpo, rlhf turn it off)",
+        check="[0,1)",
+    )
+    lora_targets: str = option(
+        "all-linear",
+        "modules to adapt: a comma list of module names (e.g. c_attn,c_proj or q_proj,v_proj), "
+        "or all-linear (every linear layer but the output layer, as peft)",
+    )
+
+
 # The shared options a stage's --help lists last, in this order (its own come first).
-LISTED_LAST = ("truncate", *(f.name for f in fields(EngineOptions)), "resume")
+LISTED_LAST = (
+    *(f.name for f in fields(LoraOptions)),
+    "truncate",
+    *(f.name for f in fields(EngineOptions)),
+    "resume",
+)
 
 
 @dataclass
-class TuneConfig(EngineOptions):
+class TuneConfig(EngineOptions, LoraOptions):
     """Options shared by the stages that train on a file in epochs (`selfsup lm sft`, `reward`,
     `dpo`; same names in Python): the data, the run folder and posttrain's loop."""
 
@@ -206,7 +236,7 @@ TRUNCATE_HELP = fields(PromptFit)[0].metadata["help"]
 
 
 @dataclass
-class OnlineOptions(EngineOptions, PromptFit):
+class OnlineOptions(EngineOptions, PromptFit, LoraOptions):
     """Options shared by the stages that sample from the policy and score the answers
     (`selfsup lm rlhf`, `grpo`): the models, the prompts, the run folder, the evaluations."""
 

@@ -37,6 +37,7 @@ from selfsup.cli.lm.common import (
     stage_file_values,
     summary,
 )
+from selfsup.cli.lm.export import EXPORT_COMMANDS
 from selfsup.cli.lm.words import WORD_COMMANDS
 from selfsup.core.config import add_option, field_types, from_namespace, type_of
 
@@ -276,6 +277,7 @@ def _run_generate(args: argparse.Namespace, command: str) -> None:
 COMMANDS: list[Callable] = [_add_pretrain, _add_tokenize, _add_generate]
 COMMANDS += ALIGN_COMMANDS  # sft, label, reward, rlhf, best-of-n, chat (issue 7)
 COMMANDS += WORD_COMMANDS  # neighbors (word2vec), fill-mask (BERT)
+COMMANDS += EXPORT_COMMANDS  # export (a run's model; --merge: LoRA merged)
 
 
 def add_lm_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

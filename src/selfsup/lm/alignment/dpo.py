@@ -27,6 +27,7 @@ from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.data.conversations import Message, Ranking, read_rankings
 from selfsup.lm.losses.ppo import token_logprobs
 from selfsup.lm.losses.preference import dpo_loss, ranking_pairs
+from selfsup.lm.models import lora
 from selfsup.lm.options import TuneConfig
 from selfsup.lm.training.posttrain import (
     check_rankings_fit,
@@ -227,15 +228,17 @@ def fit_pairs(
 ) -> Path:
     """Train a preference stage (dpo, simpo): the checked options, the pairs and the policy
     (`preference_data`), each example with the frozen reference's log-probabilities when
-    `reference`, dropout off (the rewards are the policy's own log-probabilities); a batch's
+    `reference` (with --lora-r the policy itself with its adapters off, else a copy), dropout
+    off (the rewards are the policy's own log-probabilities); a batch's
     loss is `pair_loss(config, chosen logps, rejected logps, batch)` -> (loss, chosen rewards,
     rejected rewards), and `reward_accuracy` its logged metrics."""
     config = checked_config(config)  # the stage's own ranges too
     torch.manual_seed(config.seed)
     tokenizer, model, train, val = preference_data(config)
     pad = tokenizer.pad_token_id
+    model = lora.adapt(model, config, config.init, tokenizer)
     if reference:
-        frozen = copy.deepcopy(model)
+        frozen = lora.reference(model) or copy.deepcopy(model)
         train, val = _with_reference(frozen, train, pad), _with_reference(frozen, val, pad)
         del frozen
     disable_dropout(model)

@@ -27,7 +27,7 @@ from selfsup.lm.alignment.rollout import decode_responses, forward_response, rew
 from selfsup.lm.alignment.stage import Stage, policy_summary
 from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.grpo import group_advantages, grpo_loss
-from selfsup.lm.models import hf
+from selfsup.lm.models import hf, lora
 from selfsup.lm.options import OnlineOptions, OnlinePolicy, check_declared, check_one_device
 
 
@@ -60,7 +60,7 @@ ScoreFn = Callable[[Any, list[int]], torch.Tensor]  # (rollout, prompt indices) 
 
 class GRPOTrainer:
     """Optimises `policy` against `score(rollout, prompt indices)`; the reference is a frozen
-    copy of the starting policy."""
+    copy of the starting policy (of an adapted one, the policy with its adapters off)."""
 
     def __init__(self, policy: nn.Module, tokenizer: Any, config: Options, fabric: Any = None):
         import lightning as L
@@ -68,9 +68,12 @@ class GRPOTrainer:
         self.config = config
         self.tokenizer = tokenizer
         self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
-        self.reference = self.fabric.to_device(copy.deepcopy(policy).eval().requires_grad_(False))
+        self.reference = lora.reference(policy) or self.fabric.to_device(
+            copy.deepcopy(policy).eval().requires_grad_(False)
+        )
         disable_dropout(policy)  # ratios compare two passes over the same answer
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+        trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters
+        optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
         self.policy = policy  # sampling and saving; training passes go through self.model
         self.model, self.optimizer = self.fabric.setup(policy, optimizer)
 
@@ -85,16 +88,15 @@ class GRPOTrainer:
         prompt_of = [i for i in indices for _ in range(g)]
         self.policy.eval()
         with torch.no_grad():
-            r = sample(
-                self.policy, self.tokenizer, grouped, c.max_new_tokens, c.temperature, 0, seed
-            )
+            policy = lora.sampled(self.policy)  # adapters on, not the lean forward
+            r = sample(policy, self.tokenizer, grouped, c.max_new_tokens, c.temperature, 0, seed)
             r = rollout_to(r, self.fabric.device)
             rewards = score(r, prompt_of).to(self.fabric.device)
             advantages = group_advantages(rewards, g)
             # one update per batch: the sampling policy is the one being updated, so its
             # log-probabilities come from the training pass itself (as TRL does)
             one_update = c.grpo_epochs == 1 and c.minibatch >= len(grouped)
-            old = None if one_update else forward_response(self.policy, r)[1]
+            old = None if one_update else forward_response(policy, r)[1]
             _, ref, _ = forward_response(self.reference, r)
         mask = r.response_mask.float()
         stats: dict[str, list[float]] = {"loss": [], "k3": [], "clip": []}
@@ -138,6 +140,7 @@ def check_options(config: Options) -> None:
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
+    lora.check(config)
 
 
 def grpo(config: Options, command: str | None = None) -> Path:

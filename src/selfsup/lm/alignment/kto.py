@@ -29,6 +29,7 @@ from selfsup.lm.alignment.dpo import Options as DPOOptions
 from selfsup.lm.alignment.ppo import disable_dropout
 from selfsup.lm.data.chat_data import IGNORE, collate, sft_example
 from selfsup.lm.data.conversations import Ranking, jsonl_records, parse_conversation
+from selfsup.lm.models import lora
 from selfsup.lm.training import posttrain
 
 
@@ -171,7 +172,8 @@ def kto(config: Options, command: str | None = None) -> Path:
     tokenizer, model, train, val = kto_data(config)
     pad = tokenizer.pad_token_id
     length = config.max_length
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model = lora.adapt(model, config, config.init, tokenizer)  # --lora-r: the base is the reference
+    reference = lora.reference(model) or copy.deepcopy(model).eval().requires_grad_(False)
     disable_dropout(model)  # the policy's log-probabilities are compared with the reference's
 
     def scored(examples: Sequence[tuple]) -> list[tuple]:  # the reference's log-probability

@@ -35,7 +35,7 @@ from selfsup.lm.data.arithmetic import gold_score, problem_of
 from selfsup.lm.data.chat_data import add_chat_tokens
 from selfsup.lm.data.context import fit_prompt, shortest_context
 from selfsup.lm.data.conversations import Message, prompt_lines, read_prompts
-from selfsup.lm.models import hf
+from selfsup.lm.models import hf, lora
 
 GOLDS = ("none", "arithmetic")
 ANSWERS = "answers.json"
@@ -70,10 +70,11 @@ def fitted_prompts(
 
 
 def load_policy(path: str | Path) -> tuple[Any, Any]:
-    """(tokenizer, causal LM in eval mode) of an SFT run or HF folder with chat markers."""
+    """(tokenizer, causal LM in eval mode) of an SFT run or HF folder with chat markers (a LoRA
+    run's adapter merged into its base)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer, model = hf.load_tokenizer_and(path, AutoModelForCausalLM)
+    tokenizer, model = lora.load_tokenizer_and(path, AutoModelForCausalLM)
     if add_chat_tokens(tokenizer):
         raise SelfsupError(
             f"{path} has no chat markers in its tokenizer: fine-tune it with `selfsup lm sft` first"
@@ -85,7 +86,7 @@ def load_reward_model(path: str | Path, tokenizer: Any) -> Any:
     """The reward model of a run or HF folder, refused when its vocabulary is not the policy's."""
     from transformers import AutoModelForSequenceClassification
 
-    rm_tokenizer, model = hf.load_tokenizer_and(path, AutoModelForSequenceClassification)
+    rm_tokenizer, model = lora.load_tokenizer_and(path, AutoModelForSequenceClassification)
     if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SelfsupError(
             f"the reward model in {path} has another vocabulary than the policy: train it from "
@@ -233,6 +234,7 @@ def load_inputs(config: Any) -> Inputs:
     eval_gold = gold_fn(config.gold, eval_records[: config.eval_samples])
     tokenizer, policy = load_policy(config.policy)
     reward_model = load_reward_model(config.reward, tokenizer)
+    policy = lora.adapt(policy, config, config.policy, tokenizer)  # --lora-r
     models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
     conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
     eval_conv = fitted_prompts(held_out, tokenizer, models, new, cut)[: config.eval_samples]
@@ -295,8 +297,8 @@ def _iterations(
 
     def report(iteration: int) -> None:
         stats = evaluate_policy(
-            trainer.policy, trainer.reference, inputs.reward_model, tokenizer, eval_conv,
-            inputs.eval_gold, config, seed=10_000,
+            lora.sampled(trainer.policy), trainer.reference, inputs.reward_model, tokenizer,
+            eval_conv, inputs.eval_gold, config, seed=10_000,
         )  # fmt: skip
         folder.append_metrics({"iteration": iteration, **stats}, "eval.csv")
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
@@ -321,8 +323,8 @@ def _iterations(
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             report(iteration)
     write_answers(
-        run, trainer.reference, trainer.policy, tokenizer, eval_conv, inputs.eval_gold,
-        config.max_new_tokens,
+        run, trainer.reference, lora.sampled(trainer.policy), tokenizer, eval_conv,
+        inputs.eval_gold, config.max_new_tokens,
     )  # fmt: skip
     hf.save_hf(run, trainer.policy, tokenizer)
     return run

@@ -38,6 +38,7 @@ from selfsup.lm.losses.ppo import (
     shaped_rewards,
     value_loss,
 )
+from selfsup.lm.models import lora
 from selfsup.lm.options import PPOSettings
 
 GoldFn = Callable[[int, str], float]  # (prompt index, answer text) -> gold score
@@ -113,12 +114,15 @@ class PPOTrainer:
         self.beta = settings.beta  # the KL coefficient now (it moves with --adaptive-kl)
         self.tokenizer = tokenizer
         self.fabric = fabric or L.Fabric(accelerator="cpu", devices=1)
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        frozen = lora.reference(policy)  # an adapted policy's: itself with its adapters off
+        self.reference = frozen or copy.deepcopy(policy).eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         model = PolicyWithValue(policy)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+        trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters, value
+        optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
         self.model, self.optimizer = self.fabric.setup(model, optimizer)
-        self.reference = self.fabric.to_device(self.reference)
+        if frozen is None:
+            self.reference = self.fabric.to_device(self.reference)
         self.reward_model = self.fabric.to_device(self.reward_model)
 
     @property
@@ -129,9 +133,10 @@ class PPOTrainer:
     def experience(self, conversations: Sequence[Sequence[Message]], seed: int) -> Experience:
         s = self.settings
         self.model.eval()
-        rollout = sample(
-            self.policy, self.tokenizer, conversations, s.max_new_tokens, s.temperature, 0, seed
-        )
+        rollout = sample(  # an adapted policy with its adapters on, not the lean forward
+            lora.sampled(self.policy), self.tokenizer, conversations, s.max_new_tokens,
+            s.temperature, 0, seed,
+        )  # fmt: skip
         rollout = rollout_to(rollout, self.fabric.device)
         _, logprobs, values = self.model(rollout)
         _, ref_logprobs, _ = forward_response(self.reference, rollout)

@@ -41,7 +41,7 @@ from selfsup.lm.data.arithmetic import labeler_scores, simulated_ranking
 from selfsup.lm.data.context import context_length, fit_prompt
 from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.preference import pair_agreement
-from selfsup.lm.models import hf
+from selfsup.lm.models import hf, lora
 from selfsup.lm.options import OnlineOptions, PPOSettings, check_declared, check_one_device
 
 
@@ -82,6 +82,7 @@ def check_options(config: Options) -> None:
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
+    lora.check(config)
 
 
 def best_of_n_mean(proxy: np.ndarray, values: np.ndarray, n: int) -> float:

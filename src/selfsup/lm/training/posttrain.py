@@ -34,7 +34,7 @@ from selfsup.lm.data.conversations import (
     Ranking,
     tokenize_chat,
 )
-from selfsup.lm.models import hf
+from selfsup.lm.models import hf, lora
 from selfsup.lm.options import TuneConfig, check_declared, check_one_device
 
 
@@ -78,6 +78,7 @@ def checked_config(config: TuneConfig) -> TuneConfig:
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_one_device(config.devices)
+    lora.check(config)  # --lora-r: peft installed
     if config.resume:  # a missing or damaged checkpoint: one line before the model loads
         resume_checkpoint(Path(config.out))
     return config
@@ -219,7 +220,10 @@ def fit_stage(
     extra: dict[str, float] | None = None,
 ) -> Path:
     """Train `model` on `train` with `loss_fn` in the engine's Trainer (epochs, validation,
-    RUN/metrics.csv, checkpoints, RUN/hf) into the run directory --out; returns it."""
+    RUN/metrics.csv, checkpoints, RUN/hf) into the run directory --out; returns it. With
+    --lora-r the model trains through LoRA adapters (`lora.adapt`, unless the stage adapted
+    it already): RUN/hf and the checkpoint keep the adapter only."""
+    model = lora.adapt(model, config, config.init, tokenizer)
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
     folder = _begin(stage, config, command)
     run = folder.path
@@ -335,10 +339,21 @@ class StageModule(L.LightningModule):
         self.losses: list[float] = []
         self.val: dict[str, list[float]] = {}
         self.weights: list[int] = []
+        self.strict_loading = not lora.is_adapted(model)  # LoRA: the checkpoint has the adapter
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's weights; of an adapted model only those that train (the base is
+        --init's, rebuilt on --resume)."""
+        state = super().state_dict(*args, **kwargs)
+        if not lora.is_adapted(self.model):
+            return state
+        kept = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in kept}
 
     def configure_optimizers(self) -> Any:
         c = self.config
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
+        optimizer = torch.optim.AdamW(trained, lr=c.lr, weight_decay=c.weight_decay)
         total = self.steps_per_epoch * c.epochs
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(max(1, min(c.warmup_steps, total)), total)
