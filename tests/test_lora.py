@@ -274,3 +274,33 @@ def test_without_peft_it_is_one_line(chat_base, tmp_path, monkeypatch):
         _sft(chat_base, tmp_path / "none", epochs=1)
     with pytest.raises(SelfsupError, match=r"^--lora-r must be zero or more, got -1$"):
         _sft(chat_base, tmp_path / "none", epochs=1, lora_r=-1)
+
+
+def test_later_stages_and_chat_start_from_a_lora_run(lora_sft, chat_base, tmp_path):
+    """`lm reward --init LORA_RUN`, `lm sft --init LORA_RUN` and `lm chat LORA_RUN` read the
+    adapter merged into its base: the merged model's logits are peft's own (adapter unmerged)."""
+    from transformers import AutoModelForCausalLM
+
+    run = lora_sft[0]
+    tokenizer, merged = lora.load_tokenizer_and(run, AutoModelForCausalLM)
+    _, adapted = _adapted_from_disk(run, chat_base)
+    ids = torch.randint(0, len(tokenizer), (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.eval()(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
+    rankings = tmp_path / "rankings.jsonl"
+    rows = [
+        {"prompt": f"what is {i} plus {i}?", "chosen": f"it is {2 * i}.", "rejected": f"{i}."}
+        for i in range(6)
+    ]
+    rankings.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--accelerator", "cpu", "--epochs", "1", "--batch-size", "4"]
+    assert main(["lm", "reward", "--init", str(run), "--data", str(rankings),
+                 "--out", str(tmp_path / "rm"), *common]) == 0  # fmt: skip
+    assert main(["lm", "sft", "--init", str(run), "--data", str(chat_base / "sft.jsonl"),
+                 "--out", str(tmp_path / "sft2"), "--lora-r", "2", *common]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "sft2" / "hf" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run / "hf").resolve())
+    _, chained = lora.load_tokenizer_and(tmp_path / "sft2", AutoModelForCausalLM)
+    assert chained.get_input_embeddings().num_embeddings == len(tokenizer)

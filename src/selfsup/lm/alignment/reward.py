@@ -16,7 +16,7 @@ from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import ranking_batch
 from selfsup.lm.data.conversations import Ranking, read_rankings
 from selfsup.lm.losses.preference import pair_agreement, pairwise_accuracy, pairwise_ranking_loss
-from selfsup.lm.models import hf
+from selfsup.lm.models import lora
 from selfsup.lm.options import TuneConfig as Options
 from selfsup.lm.training import posttrain
 
@@ -37,7 +37,7 @@ def train_reward(config: Options, command: str | None = None) -> Path:
     if not ordered:
         raise SelfsupError(f"{config.data}: every ranking is a full tie: nothing to learn from")
     rankings = ordered
-    tokenizer, model = hf.load_tokenizer_and(
+    tokenizer, model = lora.load_tokenizer_and(
         config.init, AutoModelForSequenceClassification, num_labels=1
     )
     posttrain.prepare_chat(model, tokenizer)

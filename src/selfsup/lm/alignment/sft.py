@@ -13,7 +13,7 @@ from selfsup.lm.alignment.stage import EpochStage
 from selfsup.lm.data.chat_data import collate, next_token_loss, pack, sft_example
 from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.data.conversations import conversation_lines
-from selfsup.lm.models import hf
+from selfsup.lm.models import lora
 from selfsup.lm.options import TuneConfig as Options
 from selfsup.lm.training import posttrain
 
@@ -25,7 +25,7 @@ def sft(config: Options, command: str | None = None) -> Path:
     config = posttrain.checked_config(config)
     torch.manual_seed(config.seed)  # new embedding rows and dropout masks
     conversations = conversation_lines(config.data)
-    tokenizer, model = hf.load_tokenizer_and(config.init, AutoModelForCausalLM)
+    tokenizer, model = lora.load_tokenizer_and(config.init, AutoModelForCausalLM)
     posttrain.prepare_chat(model, tokenizer)
     context = context_length(model)
     if config.pack and context is not None and config.max_length > context:
@@ -52,7 +52,8 @@ def sft(config: Options, command: str | None = None) -> Path:
         logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         return next_token_loss(logits, b["labels"]), {}
 
-    return posttrain.fit_stage("sft", config, command, model, tokenizer, train, val, loss_fn)
+    loss = posttrain.TokenMean(loss_fn)  # several processes weigh their shares by tokens
+    return posttrain.fit_stage("sft", config, command, model, tokenizer, train, val, loss)
 
 
 class SFT(EpochStage):

@@ -208,9 +208,9 @@ def few_shot(
 
     from selfsup.core.tokenizer import encode_text
     from selfsup.lm.data.context import check_new_tokens, context_length
-    from selfsup.lm.models import hf
+    from selfsup.lm.models import lora
 
-    tokenizer, model = hf.load_tokenizer_and(model_path, AutoModelForCausalLM)
+    tokenizer, model = lora.load_tokenizer_and(model_path, AutoModelForCausalLM)
     model.eval()
     pairs = _qa_pairs(data)
     if len(pairs) <= questions:

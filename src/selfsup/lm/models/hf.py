@@ -46,7 +46,7 @@ def model_source(path: str | Path) -> Path | str:
     if (path / "config.json").is_file():
         return path
     if not path.exists():
-        if _hub_id(name):
+        if is_hub_id(name):
             return name
         raise SelfsupError(f"{name} does not exist")
     raise SelfsupError(
@@ -54,7 +54,7 @@ def model_source(path: str | Path) -> Path | str:
     )
 
 
-def _hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     """`owner/name` whose owner is not a local folder (runs/sft is a mistyped run)."""
     import re
 

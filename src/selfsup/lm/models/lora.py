@@ -102,6 +102,7 @@ def adapt(model: Any, options: LoraOptions, base: str | Path, tokenizer: Any) ->
     ids = sorted({vocab[t] for t in CHAT_TOKENS if t in vocab} | {tokenizer.pad_token_id} - {None})
     names = _embedding_names(model)
     tokens = {names[k]: ids for k in ("in", "out") if k in names} if ids else None
+    recorded = _base_name(base)
     config = peft.LoraConfig(
         r=options.lora_r,
         lora_alpha=options.lora_alpha or 2 * options.lora_r,
@@ -109,14 +110,17 @@ def adapt(model: Any, options: LoraOptions, base: str | Path, tokenizer: Any) ->
         target_modules=targets(options),
         task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM",
         trainable_token_indices=tokens,
-        base_model_name_or_path=str(model_folder(base)[0].resolve()),
     )
     try:
         with _quiet():
-            return peft.get_peft_model(model, config)
+            adapted = peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules not found in the model
         reason = hf.one_line_reason(e)
         raise SelfsupError(f"--lora-targets {options.lora_targets}: {reason}") from None
+    # get_peft_model records the model's own name_or_path, which for a model merged from
+    # another LoRA run is that run's base: the adapter would load without the first adapter
+    adapted.peft_config["default"].base_model_name_or_path = recorded
+    return adapted
 
 
 class Reference:
@@ -164,10 +168,20 @@ def reference(model: Any) -> Any:
 
 
 def sampled(model: Any) -> Any:
-    """`model` as the samplers should see it: an adapted one through `Reference` with its
-    adapters on (its own forward and `generate`, never the lean forward that reads base
-    weights and would leave the adapters out); any other model itself."""
-    return Reference(model, adapters=True) if is_adapted(model) else model
+    """`model` as the samplers should see it: itself. The lean decoders of
+    `selfsup.lm.alignment.decoding` call LoRA layers as modules (`unwrap`), so they serve an
+    adapted model exactly, and they fall back to `generate` where they cannot (LoRA dropout on)."""
+    return model
+
+
+def _base_name(base: str | Path) -> str:
+    """What an adapter records as its base: a Hub id as given (any machine resolves it), else
+    the absolute path of the model folder."""
+    if not (Path(base) / ADAPTER_CONFIG).is_file() and not (Path(base) / hf.HF_DIR).is_dir():
+        source = hf.model_source(base)
+        if isinstance(source, str):
+            return source
+    return str(model_folder(base)[0].resolve())
 
 
 def model_folder(path: str | Path) -> tuple[Path, bool]:
@@ -199,14 +213,19 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
 
     config = adapter_config(folder)
     base = config.get("base_model_name_or_path")
-    if not base or not Path(base).exists():
+    if not base or not (Path(base).exists() or hf.is_hub_id(base)):
         raise SelfsupError(
             f"{folder}: the adapter's base model {base} (base_model_name_or_path in "
             f"{ADAPTER_CONFIG}) does not exist"
         )
+    own_class, own_kwargs = auto_class, kwargs
     if config.get("task_type") == "SEQ_CLS":
         kwargs.setdefault("num_labels", 1)  # a selfsup reward model: one score
-    _, model = load_tokenizer_and(base, auto_class, **kwargs)
+    elif auto_class.__name__ != "AutoModelForCausalLM":  # e.g. `lm reward --init LORA_SFT_RUN`
+        from transformers import AutoModelForCausalLM
+
+        own_class, own_kwargs = AutoModelForCausalLM, {}
+    _, model = load_tokenizer_and(base, own_class, **own_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -220,7 +239,28 @@ def load_tokenizer_and(path: str | Path, auto_class: Any, **kwargs: Any) -> tupl
         raise SelfsupError(
             f"{folder}: the adapter does not fit its base model {base} ({hf.one_line_reason(e)})"
         ) from None
-    return tokenizer, adapted.merge_and_unload()
+    merged = adapted.merge_and_unload()
+    if own_class is not auto_class:
+        merged = _rehead(merged, auto_class, **kwargs)
+    return tokenizer, merged
+
+
+def _rehead(model: Any, auto_class: Any, **kwargs: Any) -> Any:
+    """`model`'s body (the merged causal LM's) under the head `auto_class` makes (a reward
+    model's new score layer), as `from_pretrained` of a causal-LM folder would give."""
+    config = model.config
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    with _quiet():
+        headed = auto_class.from_config(config)
+    result = headed.load_state_dict(model.state_dict(), strict=False)
+    body = [k for k in result.missing_keys if not k.startswith(("score.", "classifier."))]
+    if body:
+        raise SelfsupError(
+            f"cannot put the {type(model).__name__} under a {type(headed).__name__} head: "
+            f"{len(body)} weights missing ({', '.join(body[:3])}, ...)"
+        )
+    return headed
 
 
 def export(run: str | Path, out: str | Path, merge: bool) -> Path:
