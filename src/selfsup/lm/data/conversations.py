@@ -26,6 +26,7 @@ template's end-of-turn token, found by rendering the conversation prefix by pref
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,19 @@ def apply_template(tokenizer: Any, messages: Sequence[Message], generation: bool
 def end_of_turn(tokenizer: Any) -> str:
     """The token that ends an assistant turn in the tokenizer's own template (ChatML's
     <|im_end|>, Llama 3's <|eot_id|>, ...): the first special token (or end id of the model's
-    generation_config.json) after the answer; else the tokenizer's eos. One line when none."""
+    generation_config.json) after the answer; else the tokenizer's eos. One line when none.
+    Found once per tokenizer, template and eos (every conversation of a dataset asks)."""
+    key = (own_template(tokenizer), tokenizer.eos_token, len(tokenizer))
+    known = _END_OF_TURN.setdefault(tokenizer, {})
+    if key not in known:
+        known[key] = _find_end_of_turn(tokenizer)
+    return known[key]
+
+
+_END_OF_TURN: weakref.WeakKeyDictionary[Any, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _find_end_of_turn(tokenizer: Any) -> str:
     probe: list[Message] = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Ok"},
