@@ -91,7 +91,8 @@ def test_real_mnist_npz_file():
     ("arrays", "expected"),
     [
         ({"images": np.zeros((2, 4, 4), np.uint8)}, "found keys: images"),
-        ({"x": np.zeros((2, 4, 4), np.float32)}, "float32, expected uint8"),
+        ({"x": np.zeros((2, 4, 4), np.complex64)}, "complex64; expected integers"),
+        ({"x": np.full((2, 4, 4), 2.0, np.float32)}, "expected [0, 1]"),
         ({"x": np.zeros((2, 4), np.uint8)}, "expected N×H×W×C"),
         ({"x": np.zeros((3, 4, 4), np.uint8), "y": np.zeros(2, np.int64)}, "expected 3 integer"),
     ],

@@ -523,6 +523,31 @@ def _run_report(args: argparse.Namespace, argv: list[str]) -> None:
     print(report(args.runs, args.output, embeddings=not args.no_embeddings))
 
 
+def _add_shard(h: Parser) -> None:
+    """write a dataset as litdata shards, to stream with --data litdata:DIR
+
+    DIR/train/ and DIR/test/ (litdata's optimised chunks: each image's file bytes as they are,
+    JPEG/PNG, plus its label; arrays as PNG) and DIR/selfsup.json (classes, labels). Copy DIR
+    to object storage to stream it from there (--data litdata:s3://BUCKET/DIR)."""
+    h.add_argument("data", metavar="DATA", help="a --data spec (folder:PATH, npz:FILE, ...)")
+    add_options(h, out={"required": True, "help": "output folder (new or empty)"})
+    add_options(h, data_dir=True, download=True, limit="stratified first N training images")
+    h.add_argument("--chunk-bytes", default="64MB", help="size of each chunk (default: 64MB)")
+    h.add_argument("--num-workers", type=positive_int, default=1, help="writing processes")
+
+
+def _run_shard(args: argparse.Namespace, argv: list[str]) -> None:
+    from selfsup.image.data.shards import write_shards
+    from selfsup.image.data.sources import load_splits
+
+    train, test = load_splits(
+        args.data, stream=True, **keywords(args, "data_dir", "download", "limit")
+    )
+    written = write_shards(train, test, args.out, **keywords(args, "chunk_bytes", "num_workers"))
+    counts = ", ".join(f"{k} {v} images" for k, v in written.items())
+    print(f"{args.out}: {counts}; use --data litdata:{args.out}")
+
+
 Handler = Callable[[argparse.Namespace, list[str]], None]
 
 # name -> (fills the command's parser, whose help and description are its docstring; runs the
@@ -543,6 +568,7 @@ COMMANDS: dict[str, tuple[Callable[..., None], Handler]] = {
     "export": (_add_export, _run_export),
     "augment-preview": (_add_augment_preview, _run_augment_preview),
     "report": (_add_report, _run_report),
+    "shard": (_add_shard, _run_shard),
     "lm": (add_lm_parser, run_lm),
 }
 

@@ -13,6 +13,8 @@ from torch import Tensor
 from selfsup.image import draw
 from selfsup.image.augment.recipes import build_recipe
 from selfsup.image.data.decode import decode_image
+from selfsup.image.data.multichannel import displayable
+from selfsup.image.data.transforms import unit_float
 
 # (label, recipe) for each panel after the original, as in SimCLR's augmentation figure.
 _PANELS = [
@@ -58,8 +60,10 @@ def augment_preview(image: str | Path, out: str | Path, *, size: int = 224, seed
 
 def view_grid(x: Tensor, views: Sequence[Tensor], out: str | Path, *, n: int = 8) -> Path:
     """Save a PNG with one row per image (the first n of batch `x`, uint8 or float [0, 1]): the
-    image, then its augmented views (`views`: float [0, 1] batches aligned with `x`)."""
+    image, then its augmented views (`views`: float [0, 1] batches aligned with `x`). Images
+    with other than 1 or 3 channels are drawn as `multichannel.displayable` false colour."""
     n = min(n, len(x))
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    x = unit_float(x)
     columns = [("image", x[:n]), *((f"view {j}", v[:n]) for j, v in enumerate(views, 1))]
+    columns = [(label, displayable(v)) for label, v in columns]
     return draw.image_columns(columns, out)

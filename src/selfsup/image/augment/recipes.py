@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,28 @@ OPS: dict[str, Callable[..., Tensor]] = {
 
 Step = tuple[str, dict[str, Any]]
 
+# Ops that read the channels as R, G, B (luma, chroma): they apply to 3-channel images, and
+# to gray ones as gray (jitter: brightness and contrast only; colour drop: the identity).
+# Images with any other channel count (multispectral, RGBA) skip them; the geometric and
+# per-pixel ops (crop, flip, rotation, cutout, noise, blur) apply to any channel count.
+RGB_ONLY = ("color-jitter", "color-drop", "sobel")
+
+
+def for_channels(steps: Sequence[Step], channels: int) -> list[Step]:
+    """`steps` without the RGB_ONLY ops when `channels` is neither 1 nor 3, with one warning
+    line naming those dropped and those kept."""
+    if channels in (1, 3):
+        return list(steps)
+    kept = [s for s in steps if s[0] not in RGB_ONLY]
+    dropped = [name for name, _ in steps if name in RGB_ONLY]
+    if dropped:
+        warnings.warn(
+            f"augment: {', '.join(dropped)} skipped (they need RGB or gray images, these have "
+            f"{channels} channels); applied: {', '.join(n for n, _ in kept) or 'nothing'}",
+            stacklevel=3,
+        )
+    return kept
+
 
 class Augment(nn.Module):
     """A pipeline of (op name, params) steps: `Augment([("crop", {"size": 32}), ("flip", {})])`.
@@ -32,10 +55,15 @@ class Augment(nn.Module):
     forward(x, g) takes uint8 (scaled by 1/255) or float [0, 1] B×C×H×W and returns float [0, 1].
     With `fuse`, a run crop [, flip] [, color-jitter] [, color-drop] runs as one fused op
     (`selfsup.image.augment.fused`: the same random parameters, colour clamped once at the end).
+    `channels` (when given) drops the RGB_ONLY ops for images that are neither RGB nor gray.
     """
 
-    def __init__(self, steps: Sequence[Step], fuse: bool = True) -> None:
+    def __init__(
+        self, steps: Sequence[Step], fuse: bool = True, channels: int | None = None
+    ) -> None:
         super().__init__()
+        if channels is not None:
+            steps = for_channels(steps, channels)
         unknown = [name for name, _ in steps if name not in OPS]
         if unknown:
             raise SelfsupError(f"unknown augment op {unknown[0]!r}; expected one of {list(OPS)}")
@@ -99,10 +127,11 @@ RECIPES: dict[str, Callable[[tuple[int, int], int], list[Step]]] = {
 
 
 def build_recipe(name: str, image_size: tuple[int, int], channels: int) -> Augment:
-    """The named recipe for images of `image_size` (H, W) with `channels` channels."""
+    """The named recipe for images of `image_size` (H, W) with `channels` channels (the
+    RGB_ONLY ops skipped for channel counts other than 1 and 3)."""
     if name not in RECIPES:
         raise SelfsupError(f"unknown augmentation recipe {name!r}; expected one of {list(RECIPES)}")
-    return Augment(RECIPES[name](tuple(image_size), channels))
+    return Augment(RECIPES[name](tuple(image_size), channels), channels=channels)
 
 
 # DINO's split of the crop scale between its views: global crops cover much of the image,
@@ -121,6 +150,9 @@ def multi_crop(
 
     def with_crop(size: tuple[int, int], scale: tuple[float, float]) -> Augment:
         steps = [s for s in RECIPES[name](size, channels) if s[0] != "crop"]
-        return Augment([("crop", {"size": size, "scale": scale}), *steps])
+        return Augment([("crop", {"size": size, "scale": scale}), *steps], channels=channels)
 
-    return with_crop(tuple(image_size), GLOBAL_SCALE), with_crop((local_size,) * 2, LOCAL_SCALE)
+    with warnings.catch_warnings():  # the same note for both crops: once
+        views = with_crop(tuple(image_size), GLOBAL_SCALE)
+        warnings.simplefilter("ignore")
+        return views, with_crop((local_size,) * 2, LOCAL_SCALE)

@@ -6,16 +6,19 @@ Why not `torchvision.io.decode_image` for everything: its libpng path kills the 
 limit (a 389 KB PNG of 20000×20000 decodes to 6.9 GB). So the header is read first (PIL reads
 only the header on open), its pixel count checked against `max_pixels()`, and then:
 
-- JPEG goes through torchvision's libjpeg-turbo decoder (raises on damaged data; about 3x PIL's
-  speed on large photos), or through PIL's DCT scaling (`draft`) when the caller will shrink the
-  image at least twofold anyway (faster still, a fraction of the memory);
+- JPEG goes through torchvision's libjpeg-turbo decoder (raises on damaged data; 1.1-1.5x PIL's
+  speed at full scale on this project's 2-core machine), or through PIL's DCT scaling (`draft`)
+  when the caller will shrink the image at least twofold anyway (faster still, and a fraction
+  of the memory: `benchmarks/photo_loader.py` measures both);
 - everything else (PNG, WebP, BMP, ...) through PIL, which raises on truncated data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,9 +28,11 @@ from selfsup.core.errors import SelfsupError, first_line
 
 if TYPE_CHECKING:  # torch loads on the first decode: the CLI reads max_pixels() without it
     import torch
+    from PIL.Image import Image as PILImage
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 89 MP)
 MAX_PIXELS_ENV = "SELFSUP_MAX_PIXELS"
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def max_pixels() -> int:
@@ -58,6 +63,14 @@ def set_max_pixels(value: int | None) -> None:
 def image_header(path: str | Path) -> tuple[str, int, int]:
     """(format, width, height) from the file's header alone; one line if it is not an image or
     larger than `max_pixels()`."""
+    with _checked_open(path) as im:
+        return im.format or "", *im.size
+
+
+@contextlib.contextmanager
+def _checked_open(path: str | Path) -> Iterator[PILImage]:
+    """The file opened by PIL (which reads the header only), its pixel count checked against
+    `max_pixels()`; a damaged or unknown file, while opening or decoding, is one line."""
     from PIL import Image, UnidentifiedImageError
 
     limit = max_pixels()
@@ -66,7 +79,13 @@ def image_header(path: str | Path) -> tuple[str, int, int]:
         with warnings.catch_warnings():  # PIL warns past the limit; the check below refuses
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                fmt, (width, height) = im.format or "", im.size
+                width, height = im.size
+                if width * height > limit:
+                    raise SelfsupError(
+                        f"{path}: {width}×{height} is {width * height:,} pixels, over the limit "
+                        f"of {limit:,} (--max-pixels N raises it)"
+                    )
+                yield im
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if isinstance(e, FileNotFoundError):
             raise SelfsupError(f"{path}: no such file") from None
@@ -75,12 +94,6 @@ def image_header(path: str | Path) -> tuple[str, int, int]:
         raise SelfsupError(
             f"{path}: {first_line(e)} (--max-pixels N raises the limit of {limit:,})"
         ) from None
-    if width * height > limit:
-        raise SelfsupError(
-            f"{path}: {width}×{height} is {width * height:,} pixels, over the limit of "
-            f"{limit:,} (--max-pixels N raises it)"
-        )
-    return fmt, width, height
 
 
 def decode_image(path: str | Path, min_side: int | None = None) -> torch.Tensor:
@@ -88,38 +101,66 @@ def decode_image(path: str | Path, min_side: int | None = None) -> torch.Tensor:
 
     `min_side`: the caller only needs the short side to be at least this many pixels (it will
     resize); a JPEG at least twice that size is then decoded at a reduced scale (an exact
-    power-of-two DCT scaling, never below `min_side`).
+    power-of-two DCT scaling, the smallest whose short side is still >= `min_side`).
     """
-    fmt, width, height = image_header(path)
-    if fmt == "JPEG":
-        if min_side is not None and min(width, height) >= 2 * min_side:
-            return _pil_decode(path, draft=min_side)
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_image as tv_decode
+    from PIL import ImageFile
 
-        try:
-            return tv_decode(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError:  # variants libjpeg-turbo refuses (CMYK, damaged): PIL says why
-            pass
-    return _pil_decode(path)
+    with _checked_open(path) as im:
+        w, h = im.size
+        draft = min_side is not None and min(w, h) >= 2 * min_side
+        if im.format != "JPEG" or draft:
+            # truncated data must raise, whatever another library set process-wide
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            if draft:  # PIL picks the largest reduction keeping both sides >= the size asked
+                s = min_side / min(w, h)  # type: ignore[operator]
+                im.draft("RGB", (max(min_side, round(w * s)), max(min_side, round(h * s))))
+            return _pil_rgb(im)
+    # full-scale JPEG: libjpeg-turbo through torchvision
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
 
-
-def _pil_decode(path: str | Path, draft: int | None = None) -> torch.Tensor:
-    from PIL import Image, ImageFile, ImageOps
-
-    # truncated data must raise, whatever another library set process-wide
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as im:
-            if draft is not None:
-                # the scale keeps both sides at least `draft` (PIL picks scale >= requested size)
-                w, h = im.size
-                s = draft / min(w, h)
-                im.draft("RGB", (max(draft, round(w * s)), max(draft, round(h * s))))
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SelfsupError(f"{path}: cannot decode image ({first_line(e)})") from None
-    import torch
+        return tv_decode(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # variants libjpeg-turbo refuses (CMYK, damaged): PIL says why
+        pass
+    with _checked_open(path) as im:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        return _pil_rgb(im)
 
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+def _pil_rgb(im: PILImage) -> torch.Tensor:
+    """An opened PIL image decoded to uint8 3×H×W, EXIF orientation applied (copies only where
+    something changes)."""
+    import torch
+    from PIL import ImageOps
+
+    if im.getexif().get(_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def decode_square(path: str | Path, size: int) -> torch.Tensor:
+    """One image file -> uint8 3×size×size: the centre square of its short side, resized
+    (bilinear, antialiased) on uint8, decoded at the smallest JPEG scale that keeps `size`."""
+    return square_uint8(decode_image(path, size), size)
+
+
+def square_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 C×H×W -> C×size×size: centre crop to a square, bilinear antialiased resize.
+
+    torch's uint8 kernel (channels-last) is 4-8x faster than the float one of
+    `transforms.square_resize` and within 1 of it (rounding)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = x[None, :, top : top + side, left : left + side]
+    if side == size:
+        return square[0].contiguous()
+    square = square.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(square, size=(size, size), mode="bilinear", antialias=True)
+    return out[0].contiguous()

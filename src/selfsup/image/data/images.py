@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+MAX_WORKERS = 8  # decoding workers by default, at most
+PARALLEL_FROM = 256  # lazy images decoded at once from which workers pay for their start
+
+
+def default_workers() -> int:
+    """DataLoader workers for images decoded from disk: one per CPU core this process may use
+    (shared between the processes of a multi-device run), at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_WORKERS, per_process))
+
+
+def decode_all(lazy: Dataset, batch_size: int = 64, desc: str | None = None) -> torch.Tensor:
+    """Every item of a lazy image Dataset, in order, stacked into one uint8 tensor: decoded by
+    `default_workers()` DataLoader workers when there are PARALLEL_FROM or more, with a bar on
+    a terminal (`desc`)."""
+    from tqdm.auto import tqdm
+
+    n = len(lazy)  # type: ignore[arg-type]
+    workers = default_workers() if n >= PARALLEL_FROM else 0
+    loader = DataLoader(lazy, batch_size=batch_size, num_workers=workers)
+    x: torch.Tensor | None = None
+    done = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=None if desc else True) as bar:
+        for batch, _ in loader:
+            if x is None:
+                x = torch.empty(n, *batch.shape[1:], dtype=batch.dtype)
+            x[done : done + len(batch)] = batch
+            done += len(batch)
+            bar.update(len(batch))
+    return x if x is not None else torch.empty(0, dtype=torch.uint8)
 
 
 @dataclass
@@ -54,7 +87,7 @@ class ImageData:
         indices = torch.as_tensor(indices, dtype=torch.long)
         if self.x is not None:
             return self.x[indices]
-        return torch.stack([self.lazy[int(i)][0] for i in indices])  # type: ignore[index]
+        return decode_all(torch.utils.data.Subset(self.lazy, indices.tolist()))  # type: ignore[arg-type]
 
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageData:
         indices = torch.as_tensor(indices, dtype=torch.long)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfsup.core.errors import SelfsupError
-from selfsup.image.data.images import ImageData
+from selfsup.image.data.images import ImageData, default_workers
 
 
 class EpochSampler(Sampler[int]):
@@ -72,12 +72,15 @@ def batch_loader(
     shuffle: bool,
     drop_last: bool,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
 ) -> DataLoader:
     """Batches `(x uint8 B×C×H×W, y int64 B)`, y = -1 where unlabeled.
 
-    `shuffle` uses an `EpochSampler` (reseeded with seed + epoch by `set_epoch`). `num_workers`
-    applies to lazy data only: in-memory batches are a single indexing op.
+    `shuffle` uses an `EpochSampler` (reseeded with seed + epoch by `set_epoch`; the order is
+    drawn in the main process, so it is the same with any number of workers). `num_workers`
+    applies to lazy data only (in-memory batches are a single indexing op); None: one per CPU
+    core, at most 8 (`default_workers`). Lazy batches stay uint8 until the device, pinned when
+    CUDA is there.
     """
     n = len(data)
     if batch_size < 1:
@@ -87,6 +90,9 @@ def batch_loader(
             f"{data.name}: the dataset has {n} samples, fewer than batch size {batch_size}; "
             "lower --batch-size"
         )
+    if shuffle and hasattr(data.lazy, "streaming_loader"):  # litdata shards: see shards.py
+        workers = default_workers() if num_workers is None else num_workers
+        return data.lazy.streaming_loader(batch_size, drop_last, seed, workers)  # type: ignore
     y = data.y if data.y is not None else torch.full((n,), -1, dtype=torch.long)
     sampler = EpochSampler(n, seed) if shuffle else None
     if data.x is not None:
@@ -94,11 +100,13 @@ def batch_loader(
         return DataLoader(
             ds, batch_size, sampler=sampler, drop_last=drop_last, collate_fn=_whole_batch
         )
+    workers = default_workers() if num_workers is None else num_workers
     return DataLoader(
         _LazyImages(data.lazy, y),  # type: ignore[arg-type]
         batch_size,
         sampler=sampler,
         drop_last=drop_last,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )

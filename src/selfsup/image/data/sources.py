@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from selfsup.core.errors import SelfsupError, first_line
-from selfsup.image.data import npz
-from selfsup.image.data.decode import decode_image, image_header
-from selfsup.image.data.images import ImageData
+from selfsup.image.data import multichannel, npz
+from selfsup.image.data.decode import decode_square, image_header
+from selfsup.image.data.images import ImageData, decode_all
 from selfsup.image.data.transforms import square_resize
 
 TORCHVISION = {
@@ -24,7 +24,7 @@ TORCHVISION = {
     "fashion-mnist": "FashionMNIST",
     "svhn": "SVHN",
 }
-SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, " + ", ".join(TORCHVISION)  # or a bare path
+SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, litdata:DIR_OR_URL, " + ", ".join(TORCHVISION)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 HOLDOUT = 0.2  # of a labeled source without a test split, held out as its test split
 IN_MEMORY_BYTES = 2 * 1024**3  # folders decoding to less than this (as uint8) are held in memory
@@ -85,18 +85,18 @@ def _load_digits() -> Split:
 
 class _NpzFile:
     """One .npz image file known from its headers and its small arrays (y, classes); `x` is
-    read only when asked, and only the rows asked for."""
+    read only when asked, and only the rows asked for. `x` has any number of channels; uint8
+    pixels stay uint8, others become float32 in [0, 1] (`multichannel.to_unit`)."""
 
     def __init__(self, path: Path) -> None:
         arrays = npz.members(path)
         if "x" not in arrays:
             raise SelfsupError(f"{path}: no 'x' array (found keys: {', '.join(arrays)})")
         x = arrays["x"]
-        if x.dtype != np.uint8:
-            raise SelfsupError(f"{path}: 'x' has dtype {x.dtype}, expected uint8")
-        if len(x.shape) not in (3, 4) or len(x.shape) == 4 and x.shape[-1] not in (1, 3):
+        multichannel.check_dtype(x.dtype, f"{path}: 'x'")
+        if len(x.shape) not in (3, 4) or len(x.shape) == 4 and x.shape[-1] < 1:
             raise SelfsupError(
-                f"{path}: 'x' has shape {x.shape}, expected N×H×W×C (C 1 or 3) or N×H×W"
+                f"{path}: 'x' has shape {x.shape}, expected N×H×W×C (C channels) or N×H×W"
             )
         self.path, self.x = path, x
         self.image_shape = (x.shape[3] if len(x.shape) == 4 else 1, *x.shape[1:3])  # C×H×W
@@ -131,7 +131,7 @@ class _NpzFile:
     def images(self, rows: np.ndarray) -> torch.Tensor:
         x = npz.read(self.x, rows)
         x = x[..., None] if x.ndim == 3 else x
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        return multichannel.to_unit(x, f"{self.path}: 'x'").permute(0, 3, 1, 2).contiguous()
 
 
 def _npz_labels(files: list[_NpzFile]) -> np.ndarray | None:
@@ -162,6 +162,10 @@ def _open_npz(files: list[Path]) -> list[_NpzFile]:
             raise SelfsupError(
                 f"{f.path}: images are {f.image_shape} (C×H×W) but {files[0].name} has "
                 f"{opened[0].image_shape}"
+            )
+        if f.x.dtype != opened[0].x.dtype:
+            raise SelfsupError(
+                f"{f.path}: pixels are {f.x.dtype} but {files[0].name} has {opened[0].x.dtype}"
             )
     return opened
 
@@ -209,16 +213,23 @@ def _load_npz(arg: str, spec: str, limit: int | None) -> Split:
 
 
 class FolderImages(Dataset):
-    """Image files decoded on demand: item i -> (uint8 3×size×size, int label)."""
+    """Image files decoded on demand: item i -> (uint8 3×size×size, int label), the centre
+    square resized, JPEGs decoded at the smallest DCT scale that keeps `size` (`decode_square`).
 
-    def __init__(self, paths: list[str], labels: list[int], size: int) -> None:
-        self.paths, self.labels, self.size = paths, labels, size
+    The paths are held as one bytes array (not a list of str objects), so that forked
+    DataLoader workers reading them copy no memory pages (refcounts are never touched)."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int) -> None:
+        self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return square_resize(decode_image(self.paths[i], self.size), self.size), self.labels[i]
+        path = os.fsdecode(self.paths[i])
+        return decode_square(path, self.size), int(self.labels[i])
 
 
 def images_under(d: Path, recursive: bool) -> list[Path]:
@@ -260,18 +271,16 @@ def _folder_images(
     root: Path,
     stream: bool = False,
 ) -> tuple[ImageData, int]:
-    """Decode image files (in memory when they fit and not `stream`, else on demand) ->
-    (ImageData, size)."""
+    """Image files -> (ImageData, size): decoded into memory (by DataLoader workers) when they
+    fit in IN_MEMORY_BYTES and not `stream`, else decoded on demand, holding the file list only."""
     if size is None:
         size = min(*image_header(paths[0])[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
-    ds = FolderImages([str(p) for p in paths], labels or [-1] * len(paths), size)
     files = [str(p) for p in paths]
+    ds = FolderImages(files, labels or [-1] * len(files), size)
     if stream or len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
         return ImageData(None, y, classes, name, lazy=ds, paths=files), size
-    x = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
-    for i in tqdm(range(len(ds)), desc=f"decoding {root}", unit="img", disable=None):
-        x[i] = ds[i][0]
+    x = decode_all(ds, desc=f"decoding {root}")
     return ImageData(x, y, classes, name, paths=files), size
 
 
@@ -377,6 +386,13 @@ def load_splits(
     if image_size is not None and image_size < 1:
         raise SelfsupError(f"--image-size must be at least 1, got {image_size}")
     kind, sep, arg = spec.partition(":")
+    if sep and kind == "litdata" and arg:  # streamed: split and limited without a Subset
+        from selfsup.image.data.shards import load_litdata, streamed_subset
+
+        train, test = load_litdata(arg, spec, image_size, MAX_DEFAULT_SIZE)
+        if limit is not None and limit < len(train):
+            train = streamed_subset(train, stratified_indices(train.y, limit, seed=None))
+        return train, test
     if not (sep and kind in ("npz", "folder")) and spec.lower() not in ("digits", *TORCHVISION):
         kind, sep, arg = _path_kind(spec), ":", spec  # a bare path: what it holds says which
     if sep and kind in ("npz", "folder") and arg:

@@ -1,4 +1,8 @@
-"""Shape changes on uint8 image batches: channels (gray <-> RGB) and spatial size."""
+"""Shape changes on image batches: channels (gray <-> RGB) and spatial size.
+
+Batches are uint8 (the fast path: RGB and gray bytes) or float32 in [0, 1] (16-bit and float
+pixels, any channel count: `selfsup.image.data.multichannel`); each function keeps the dtype.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +13,36 @@ LUMA = (0.299, 0.587, 0.114)
 _CHUNK = 1024  # images converted at a time, to bound the float working memory
 
 
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: uint8 divided by 255, float images (already in [0, 1]) as
+    they are."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
 def _adapt_chunk(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
     xf = x.float()
     if xf.shape[1] == 3 and channels == 1:
         xf = (xf * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
     if tuple(xf.shape[-2:]) != tuple(size):
         xf = F.interpolate(xf, size=size, mode="bilinear", antialias=True, align_corners=False)
-    out = xf.round().clamp(0, 255).to(torch.uint8)
+    uint8 = x.dtype == torch.uint8
+    out = xf.round().clamp(0, 255).to(torch.uint8) if uint8 else xf.clamp(0, 1)
     return out.repeat(1, channels, 1, 1) if out.shape[1] == 1 and channels == 3 else out
 
 
 def adapt_images(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 N×C×H×W -> uint8 N×`channels`×`size`.
+    """uint8 (or float [0, 1]) N×C×H×W -> the same dtype N×`channels`×`size`.
 
-    RGB -> gray uses luminance weights 0.299/0.587/0.114, gray -> RGB repeats the channel; the
-    resize is bilinear with antialiasing. Returns `x` itself when nothing changes.
+    RGB -> gray uses luminance weights 0.299/0.587/0.114, gray -> RGB repeats the channel; any
+    other channel count can only be resized (C -> C). The resize is bilinear with
+    antialiasing. Returns `x` itself when nothing changes.
     """
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or channels not in (1, 3):
-        raise ValueError(f"expected N×C×H×W (C 1 or 3) -> 1 or 3 channels, got {tuple(x.shape)}")
+    same = x.ndim == 4 and x.shape[1] == channels
+    if not same and (x.ndim != 4 or x.shape[1] not in (1, 3) or channels not in (1, 3)):
+        raise ValueError(
+            f"expected N×C×H×W -> C channels, or C 1 or 3 -> 1 or 3, got {tuple(x.shape)} -> "
+            f"{channels} channels"
+        )
     size = (int(size[0]), int(size[1]))
     if x.shape[1] == channels and tuple(x.shape[-2:]) == size:
         return x
@@ -34,7 +50,7 @@ def adapt_images(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch
 
 
 def square_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N×)C×H×W -> (N×)C×size×size: centre crop to a square, then resize (the same as a
+    """(N×)C×H×W -> (N×)C×size×size: centre crop to a square, then resize (the same as a
     short-side resize followed by a centre crop)."""
     h, w = x.shape[-2:]
     side = min(h, w)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from selfsup.core.errors import SelfsupError
 from selfsup.image.data.images import ImageData
+from selfsup.image.data.transforms import unit_float
 
 from .features import extract_features
 from .finetune import accuracy_on, fit_classifier, num_classes_of, seeded_init
@@ -34,7 +35,7 @@ class Pixels(nn.Module):
     """Raw pixels as features: flattened, scaled to [0, 1]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).float() / 255
+        return unit_float(x).flatten(1)
 
 
 def flip_labels(y: np.ndarray, rate: float, seed: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
 from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData
+from selfsup.image.data.transforms import unit_float
 from selfsup.image.methods.base import Method
 from selfsup.image.models.decoders import ConvDecoder
 
@@ -92,14 +93,14 @@ class Autoencoder(Method):
         return self.decoder(self.code(features)), features
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        clean = x.float() / 255
+        clean = unit_float(x)
         reconstruction, features = self.reconstruct(self.corrupt(clean, g))
         return F.mse_loss(reconstruction.float(), clean), features
 
     def save_samples(self, x: Tensor, path: Path) -> None:
         """Rows: the images, their noisy inputs (when denoising), their reconstructions."""
         g = torch.Generator(device=x.device).manual_seed(self.config.seed)
-        clean = x.float() / 255
+        clean = unit_float(x)
         inputs = self.corrupt(clean, g)
         with torch.no_grad():
             reconstruction, _ = self.reconstruct(inputs)

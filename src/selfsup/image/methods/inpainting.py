@@ -32,6 +32,7 @@ from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
 from selfsup.image.config import PretrainConfig
+from selfsup.image.data.transforms import unit_float
 from selfsup.image.methods.base import Method
 from selfsup.image.models.decoders import ConvDecoder
 
@@ -157,7 +158,7 @@ class Inpainting(Method):
         return images[..., top : top + self.side, left : left + self.side]
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        clean = x.float() / 255
+        clean = unit_float(x)
         mask = self.masks(len(x), g)
         painted, features = self.paint(clean, mask)
         painted = painted.float()
@@ -190,7 +191,7 @@ def inpaint_rows(method: Inpainting, x: Tensor) -> tuple[Tensor, Tensor, Tensor]
     """(context, composite, ground truth) float [0, 1] images for the sample grids; random masks
     come from a generator seeded with the run's seed, so every epoch shows the same holes."""
     g = torch.Generator(device=x.device).manual_seed(method.config.seed)
-    clean = x.float() / 255
+    clean = unit_float(x)
     mask = method.masks(len(x), g)
     with torch.no_grad():
         painted, _ = method.paint(clean, mask)

@@ -35,6 +35,7 @@ from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
 from selfsup.image.config import PretrainConfig
+from selfsup.image.data.transforms import unit_float
 from selfsup.image.methods.base import Method
 from selfsup.image.models import ProjectionHead
 
@@ -232,7 +233,7 @@ class Jigsaw(Method):
         """Rows: the shuffled tiles, the tiles put back by the predicted permutation (titled
         right in green, wrong in red) and the tiles in their true places."""
         g = torch.Generator(device=x.device).manual_seed(self.config.seed)
-        shuffled, labels = self.puzzle(x.float() / 255, g)
+        shuffled, labels = self.puzzle(unit_float(x), g)
         with torch.no_grad():
             predicted = self.classify(shuffled)[0].argmax(1)
         rows = [

@@ -24,6 +24,7 @@ from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.image import draw
 from selfsup.image.config import PretrainConfig
+from selfsup.image.data.transforms import unit_float
 from selfsup.image.methods.base import Method
 from selfsup.image.models.vit import (
     VIT_SIZES,
@@ -196,7 +197,7 @@ class MAE(Method):
         with torch.no_grad():
             prediction, _, mask, _ = self.forward_mae(x, g)
         p, grid, channels = self.vit.patch_size, self.vit.grid, x.shape[1]
-        truth = patchify(x.float() / 255, p)
+        truth = patchify(unit_float(x), p)
         if self.options.norm_pix_loss:
             mean = truth.mean(dim=-1, keepdim=True)
             std = (truth.var(dim=-1, keepdim=True) + 1e-6) ** 0.5

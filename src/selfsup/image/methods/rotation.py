@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from selfsup.image import draw
 from selfsup.image.config import PretrainConfig
+from selfsup.image.data.transforms import unit_float
 from selfsup.image.methods.base import Method
 
 ANGLES = (0, 90, 180, 270)
@@ -59,7 +60,7 @@ class Rotation(Method):
     def save_samples(self, x: Tensor, path: Path) -> None:
         """One row per image: its four rotations, titled with the predicted angle (green when
         right, red when wrong)."""
-        inputs, labels = rotate_batch(x.float() / 255)
+        inputs, labels = rotate_batch(unit_float(x))
         with torch.no_grad():
             predicted = self.classifier(self.encoder(inputs)).argmax(1)
         n = len(x)

@@ -1,0 +1,181 @@
+"""Images beyond RGB bytes: 6-channel uint16 data through pretrain, evaluate, embed and export;
+per-channel statistics; RGB-only augmentations skipped; 16-bit PNG and TIFF stacks read exactly."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import selfsup
+from selfsup.core import run as rundir
+from selfsup.core.errors import SelfsupError
+from selfsup.image.augment.recipes import RECIPES, build_recipe
+from selfsup.image.data import load_splits
+from selfsup.image.data.multichannel import (
+    StackImages,
+    channel_stats,
+    is_stack,
+    read_image,
+    to_unit,
+)
+from selfsup.image.models.encoder import Encoder
+from selfsup.image.use.export import export
+
+BANDS, SIDE = 6, 12
+
+
+def _spectral(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images N×H×W×6 of 12-bit values in uint16; class c is brightest in bands c and c + 3."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.integers(0, 1500, (n, SIDE, SIDE, BANDS))
+    for c in range(3):
+        x[y == c, :, :, c] += 2500
+        x[y == c, :, :, c + 3] += 2000
+    return x.astype(np.uint16), y.astype(np.int64)
+
+
+@pytest.fixture
+def spectral(tmp_path: Path) -> Path:
+    root = tmp_path / "spectral"
+    root.mkdir()
+    for name, n, seed in (("train", 96, 0), ("test", 48, 1)):
+        x, y = _spectral(n, seed)
+        np.savez(root / f"{name}.npz", x=x, y=y, classes=np.array(["water", "crop", "forest"]))
+    return root
+
+
+def test_six_band_uint16_through_pretrain_evaluate_embed_export(spectral, tmp_path) -> None:
+    train_x, _ = _spectral(96, 0)
+    with pytest.warns(UserWarning, match="color-jitter, color-drop skipped"):
+        run = selfsup.pretrain(
+            method="simclr",
+            data=f"npz:{spectral}",
+            backbone="convnet",
+            epochs=1,
+            batch_size=32,
+            out=str(tmp_path / "run"),
+        )
+    encoder = rundir.read_config(run)["encoder"]
+    assert encoder["in_channels"] == BANDS
+    # per-channel statistics on the [0, 1] scale, raw / 65535, computed here in float64
+    unit = train_x.astype(np.float64) / 65535
+    np.testing.assert_allclose(encoder["mean"], unit.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(encoder["std"], unit.std(axis=(0, 1, 2), ddof=1), rtol=1e-4)
+
+    for probe in ("linear", "knn"):
+        results = selfsup.evaluate(
+            run, fractions="1.0", seeds=1, baselines="raw", kmeans=False, probe=probe
+        )
+        accuracy = {r["method"]: r["accuracy"] for r in results["few_label"]}
+        assert accuracy["raw"] > 0.9 and accuracy["selfsup"] > 0.6, (probe, accuracy)
+
+    features, labels = selfsup.embed(run, split="test")
+    assert features.shape[0] == 48 and np.isfinite(features).all()
+
+    path = export(run, format="safetensors")
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["selfsup_encoder"])
+    assert config["in_channels"] == BANDS
+    assert config["mean"] == encoder["mean"] and config["std"] == encoder["std"]
+    # the exported encoder on raw / 65535 float images gives embed's features
+    rebuilt = Encoder(**config)
+    rebuilt.load_state_dict(load_file(str(path)))
+    test_x, _ = _spectral(48, 1)
+    pixels = torch.from_numpy(test_x.astype(np.float32) / 65535).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ours = rebuilt.eval()(pixels).numpy()
+    np.testing.assert_allclose(ours, features, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_stats_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 5, 4, 3)).astype(np.float32)  # N×C×H×W
+    mean, std = channel_stats(torch.from_numpy(x))
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(std, x.astype(np.float64).std(axis=(0, 2, 3), ddof=1), rtol=1e-5)
+    b = rng.integers(0, 256, (4, 2, 3, 3), dtype=np.uint8)
+    mean, _ = channel_stats(torch.from_numpy(b))
+    np.testing.assert_allclose(mean, (b / 255).mean(axis=(0, 2, 3)), rtol=1e-5)
+    flat = channel_stats(torch.full((2, 1, 3, 3), 0.5))[1]
+    assert flat == [pytest.approx(1e-3)]  # a constant channel: the floor, never 0
+
+
+def test_rgb_only_ops_skipped_for_six_channels_applied_for_three() -> None:
+    g = torch.Generator().manual_seed(0)
+    six = torch.rand(4, 6, 8, 8)
+    with pytest.warns(UserWarning, match="color-drop skipped.*6 channels"):
+        drop6 = build_recipe("color-drop", (8, 8), 6)
+    assert torch.equal(drop6(six, g), six)  # nothing left to do
+    rgb = torch.rand(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note for RGB
+        out = build_recipe("color-drop", (8, 8), 3)(rgb, g)
+    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), rgb.numpy(), axes=([0], [1]))
+    np.testing.assert_allclose(out.numpy(), np.repeat(luma[:, None], 3, axis=1), atol=1e-6)
+    # SimCLR's recipe: geometric ops stay for any channel count, colour ops only for RGB
+    with pytest.warns(UserWarning, match="applied: crop, flip, blur"):
+        names6 = [name for name, _ in build_recipe("simclr", (64, 64), 6).steps]
+    names3 = [name for name, _ in build_recipe("simclr", (64, 64), 3).steps]
+    assert names6 == ["crop", "flip", "blur"]
+    assert names3 == [name for name, _ in RECIPES["simclr"]((64, 64), 3)]
+    assert build_recipe("simclr", (64, 64), 6)(torch.rand(2, 6, 64, 64), g).shape[1] == 6
+
+
+def test_uint16_png_and_tiff_stack_read_back_exactly(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    png = rng.integers(0, 65536, (9, 7), dtype=np.uint16)
+    Image.fromarray(png).save(tmp_path / "band.png")
+    back = read_image(tmp_path / "band.png")
+    assert back.dtype == np.uint16 and np.array_equal(back[..., 0], png)
+    # to [0, 1] and back: exact
+    unit = to_unit(back, "band.png")
+    assert unit.dtype == torch.float32
+    assert np.array_equal(np.round(unit.numpy().astype(np.float64) * 65535).astype(np.uint16), back)
+    stack = rng.integers(0, 65536, (BANDS, 9, 7), dtype=np.uint16)
+    pages = [Image.fromarray(band) for band in stack]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    assert np.array_equal(read_image(tmp_path / "stack.tif"), stack.transpose(1, 2, 0))
+    rgba = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert read_image(tmp_path / "rgba.png").shape == (5, 6, 3)
+    assert np.array_equal(read_image(tmp_path / "rgba.png", keep_alpha=True), rgba)
+
+
+def test_float_and_int16_npz_pixels(tmp_path) -> None:
+    x = np.random.default_rng(0).random((10, 6, 6, 4)).astype(np.float32)
+    np.savez(tmp_path / "float.npz", x=x)
+    train, _ = load_splits(f"npz:{tmp_path / 'float.npz'}", image_size=4)
+    assert train.x.dtype == torch.float32 and train.x.shape == (10, 4, 4, 4)  # resized, float
+    train, _ = load_splits(f"npz:{tmp_path / 'float.npz'}")
+    assert torch.equal(train.x, torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "ct.npz", x=np.array([[[-32768, 0], [32767, -1024]]], np.int16))
+    train, _ = load_splits(f"npz:{tmp_path / 'ct.npz'}")
+    expected = (np.array([[-32768, 0], [32767, -1024]]) + 32768) / 65535
+    np.testing.assert_allclose(train.x[0, 0].numpy(), expected, rtol=1e-6)
+    np.savez(tmp_path / "sar.npz", x=np.full((3, 4, 4, 2), -12.5, np.float32))
+    with pytest.raises(SelfsupError, match=r"sar.npz: 'x': float pixels range over \[-12.5"):
+        load_splits(f"npz:{tmp_path / 'sar.npz'}")
+
+
+def test_stack_images_from_a_folder(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 65536, (4, 8, 10), dtype=np.uint16)
+    pages = [Image.fromarray(band) for band in stack]
+    pages[0].save(tmp_path / "a.tiff", save_all=True, append_images=pages[1:])
+    Image.fromarray(stack[0]).save(tmp_path / "b.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c.png")
+    assert [is_stack(tmp_path / n) for n in ("a.tiff", "b.png", "c.png")] == [True, True, False]
+    ds = StackImages([str(tmp_path / "a.tiff")], [2], size=8)
+    x, label = ds[0]
+    assert label == 2 and x.shape == (4, 8, 8) and x.dtype == torch.float32
+    expected = stack[:, :, 1:9].astype(np.float64) / 65535  # centre square, no resize
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6)
