@@ -1,9 +1,11 @@
-"""Helpers for losses that see the samples of all processes (DDP): rank, world size, gathering."""
+"""Helpers for losses and loops that see the samples of all processes (DDP): rank, world size,
+shares of a batch, gathering and averaging."""
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +67,31 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def share(n: int, rank: int, world: int) -> slice:
+    """Process `rank`'s contiguous rows of n split over `world` processes (sizes differ by at
+    most one; the first processes take the larger shares)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj` (picklable), in rank order; [obj] without a process group."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_processes(stats: dict[str, float], device: torch.device | str = "cpu") -> dict:
+    """Each statistic averaged over the processes (every process passes the same keys); `stats`
+    itself without a process group."""
+    if not is_distributed():
+        return stats
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(stats, (values / world_size()).tolist(), strict=True))
 
 
 def unique_ids(n: int, device: torch.device | str | None = None) -> Tensor:

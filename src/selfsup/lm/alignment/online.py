@@ -9,6 +9,14 @@ iterations (and at the last) evaluate on the held-out prompts and save the polic
 RUN/iterNNNN; at the end RUN/answers.json and RUN/hf. A NaN statistic or a KL past `--max-kl`
 stops the run naming the last good policy; Ctrl-C names the last policy saved. These stages
 do not resume: the policies they save are their checkpoints.
+
+With `--devices N` (N > 1) the loop runs in N processes forked once the models and prompts are
+loaded (Lightning Fabric's DDP: gloo on a CPU, NCCL on GPUs): every process draws the same
+prompts, samples, scores and updates on its contiguous share of them (a GRPO prompt's whole group
+on one process, so its advantages are those of one process), the gradients are all-reduced, the
+statistics averaged over the processes, and rank 0 evaluates and writes the run folder. The
+prompts per iteration and --minibatch must split evenly over the processes (each then takes
+minibatches of --minibatch / N answers: N processes update as one would).
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ from tqdm.auto import tqdm
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
+from selfsup.engine.device import uses_cuda
+from selfsup.engine.distributed import check_devices, mean_over_processes, share
 from selfsup.engine.progress import show_bars
+from selfsup.engine.trainer import lightning_devices
 from selfsup.lm.alignment.ppo import GoldFn, kl_to_reference
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.data.arithmetic import gold_score, problem_of
@@ -113,14 +124,20 @@ def evaluate_policy(
     settings: Sampling,
     seed: int,
     batch: int = 32,
+    proxy: Callable[[Any, list[int]], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Proxy reward, gold score and KL(π || π_ref) of one sampled answer per held-out prompt."""
+    """Proxy reward, gold score and KL(π || π_ref) of one sampled answer per held-out prompt;
+    the proxy is `proxy(rollout, prompt indices)` where given (NaN: unscored), else the reward
+    model's."""
     scores, golds, kls, ended = [], [], [], []
     for s in range(0, len(conversations), batch):
         part = conversations[s : s + batch]
         r = sample(policy, tokenizer, part, settings.max_new_tokens, 1.0, 0, seed + s)
-        score = reward_scores(reward_model, r)
-        score = torch.where(r.ended, score, torch.full_like(score, settings.no_end_score))
+        if proxy is not None:
+            score = proxy(r, list(range(s, s + len(part))))
+        else:
+            score = reward_scores(reward_model, r)
+            score = torch.where(r.ended, score, torch.full_like(score, settings.no_end_score))
         _, logprobs, _ = forward_response(policy, r)
         _, ref_logprobs, _ = forward_response(reference, r)
         kls.extend(kl_to_reference(logprobs, ref_logprobs, r.response_mask.float()).tolist())
@@ -129,7 +146,7 @@ def evaluate_policy(
         if gold is not None:
             golds.extend(gold(s + i, a) for i, a in enumerate(decode_responses(tokenizer, r)))
     out = {
-        "proxy": float(np.mean(scores)),
+        "proxy": float(np.nanmean(scores)),
         "kl": float(np.mean(kls)),
         "ended": float(np.mean(ended)),
     }
@@ -217,7 +234,7 @@ class Inputs:
 
     tokenizer: Any
     policy: Any
-    reward_model: Any
+    reward_model: Any  # None where the stage scores without one (grpo --reward-fn alone)
     conversations: list[list[Message]]  # the rollouts' prompts
     gold: GoldFn | None  # of those, by prompt index
     eval_conversations: list[list[Message]]  # the held-out ones (the first --eval-samples)
@@ -233,9 +250,10 @@ def load_inputs(config: Any) -> Inputs:
     gold = gold_fn(config.gold, records)
     eval_gold = gold_fn(config.gold, eval_records[: config.eval_samples])
     tokenizer, policy = load_policy(config.policy)
-    reward_model = load_reward_model(config.reward, tokenizer)
+    reward_model = load_reward_model(config.reward, tokenizer) if config.reward else None
     policy = lora.adapt(policy, config, config.policy, tokenizer)  # --lora-r
-    models, new, cut = (policy, reward_model), config.max_new_tokens, config.truncate
+    models = (policy,) if reward_model is None else (policy, reward_model)
+    new, cut = config.max_new_tokens, config.truncate
     conversations = fitted_prompts(config.prompts, tokenizer, models, new, cut)
     eval_conv = fitted_prompts(held_out, tokenizer, models, new, cut)[: config.eval_samples]
     return Inputs(tokenizer, policy, reward_model, conversations, gold, eval_conv, eval_gold)
@@ -261,6 +279,8 @@ class OnlineStage(Generic[T]):
     finite: tuple[str, ...]  # statistics that must stay finite (`diverged`)
     trainer: Callable[[Inputs, Any], T]  # (inputs, Fabric) -> the stage's trainer
     step: Callable[[T, Inputs, list[int], int], dict[str, float]]  # (.., prompts, seed) -> stats
+    # the held-out proxy as (rollout, eval prompt indices) -> rewards (None: the reward model's)
+    proxy: Callable[[Inputs], Callable[[Any, list[int]], torch.Tensor]] | None = None
 
 
 @rundir.releases_run_locks  # the run lock RunFolder.claim takes
@@ -271,11 +291,14 @@ def run_online(config: Any, command: str | None, stage: OnlineStage[Any]) -> Pat
     folder = rundir.RunFolder.claim(config.out, resume=False, early={"eval.csv"})
     folder.begin({"stage": stage.stage, **dataclasses.asdict(config)}, command or "")
     folder.kept = _saved_policy  # claimed as any run; from here its policies are what it keeps
-    saved = [f"the starting one, {config.policy}"]  # the policies so far, from finite updates
     try:
         with folder.removed_unless_kept():
-            return _iterations(folder, config, stage, inputs, saved)
+            ended = online_fabric(config).launch(_launched, folder, config, stage, inputs)
+            if isinstance(ended, BaseException):  # rank 0's one line (a process forked)
+                raise ended
+            return folder.path
     except KeyboardInterrupt:
+        saved = _saved(config, folder.path)
         raise KeyboardInterrupt(interrupted_hint(stage.stage, saved, folder.path)) from None
 
 
@@ -283,22 +306,70 @@ def _saved_policy(run: Path) -> bool:
     return any(run.glob("iter[0-9]*"))
 
 
-def _iterations(
-    folder: rundir.RunFolder, config: Any, stage: OnlineStage[Any], inputs: Inputs, saved: list[str]
-) -> Path:
+def _saved(config: Any, run: Path) -> list[str]:
+    """The policies so far: --policy, then those the run saved (from finite updates)."""
+    return [f"the starting one, {config.policy}", *map(str, sorted(run.glob("iter[0-9]*")))]
+
+
+def online_fabric(config: Any) -> Any:
+    """The Fabric of an online run: `--devices N` processes (DDP, forked at `launch`) or one."""
     import lightning as L
 
-    run = folder.path
+    check_devices(config.accelerator, config.devices)
+    count = lightning_devices(str(config.devices), uses_cuda(config.accelerator))
+    strategy = "auto" if count == 1 else "ddp_fork"
+    return L.Fabric(
+        accelerator=config.accelerator, devices=count, precision=config.precision,
+        strategy=strategy,
+    )  # fmt: skip
+
+
+def _launched(
+    fabric: Any, folder: rundir.RunFolder, config: Any, stage: OnlineStage[Any], inputs: Inputs
+) -> BaseException | None:
+    """The loop in one of the processes; its one-line error returned, not raised (a forked
+    process's exception would reach the command as a traceback)."""
+    try:
+        _iterations(fabric, folder, config, stage, inputs, _saved(config, folder.path))
+    except (SelfsupError, KeyboardInterrupt) as e:
+        return e
+    return None
+
+
+def check_shares(config: Any, prompts: int, world: int) -> None:
+    """One line unless the prompts of an iteration and --minibatch split evenly over `world`
+    processes (every process then makes the same number of updates)."""
+    for flag, value in (("prompts per iteration", prompts), ("--minibatch", config.minibatch)):
+        if value % world:
+            raise SelfsupError(
+                f"{flag} {value} do not split evenly over --devices {config.devices} "
+                f"({world} processes)"
+            )
+
+
+def _iterations(
+    fabric: Any,
+    folder: rundir.RunFolder,
+    config: Any,
+    stage: OnlineStage[Any],
+    inputs: Inputs,
+    saved: list[str],
+) -> Path:
+    run, world, first = folder.path, fabric.world_size, fabric.global_rank == 0
+    check_shares(config, stage.prompts_per_iteration, world)
     torch.manual_seed(config.seed)
-    fabric = L.Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     trainer = stage.trainer(inputs, fabric)
-    fabric.to_device(inputs.reward_model.requires_grad_(False))
+    if inputs.reward_model is not None:
+        fabric.to_device(inputs.reward_model.requires_grad_(False))
     tokenizer, eval_conv = inputs.tokenizer, inputs.eval_conversations
+    proxy = stage.proxy(inputs) if stage.proxy else None
 
     def report(iteration: int) -> None:
+        if not first:  # rank 0 evaluates and saves
+            return
         stats = evaluate_policy(
             lora.sampled(trainer.policy), trainer.reference, inputs.reward_model, tokenizer,
-            eval_conv, inputs.eval_gold, config, seed=10_000,
+            eval_conv, inputs.eval_gold, config, seed=10_000, proxy=proxy,
         )  # fmt: skip
         folder.append_metrics({"iteration": iteration, **stats}, "eval.csv")
         print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
@@ -309,19 +380,24 @@ def _iterations(
 
     report(0)
     rng = np.random.default_rng(config.seed)
-    shown = show_bars(config.progress)
+    shown = show_bars(config.progress) and first
     bar = tqdm(range(1, config.iterations + 1), desc=stage.name, disable=not shown)
     count, n = len(inputs.conversations), stage.prompts_per_iteration
     for iteration in bar:
         idx = rng.choice(count, n, replace=count < n).tolist()
-        stats = stage.step(trainer, inputs, idx, config.seed + iteration)
+        mine = idx[share(n, fabric.global_rank, world)]  # every process draws them all
+        stats = stage.step(trainer, inputs, mine, config.seed + iteration)
+        stats = mean_over_processes(stats, fabric.device)
         problem = diverged(stats, config.max_kl, stage.finite)
         if problem:
             raise stopped(stage.name, iteration, problem, saved, run)
-        folder.append_metrics({"iteration": iteration, **stats})
+        if first:
+            folder.append_metrics({"iteration": iteration, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             report(iteration)
+    if not first:
+        return run
     write_answers(
         run, trainer.reference, lora.sampled(trainer.policy), tokenizer, eval_conv,
         inputs.eval_gold, config.max_new_tokens,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from selfsup.engine.distributed import mean_over_processes
 from selfsup.lm.alignment.rollout import (
     Rollout,
     decode_responses,
@@ -152,7 +153,9 @@ class PPOTrainer:
     def update(self, exp: Experience, seed: int) -> dict[str, float]:
         """Several epochs of minibatch PPO updates; returns the mean statistics. With
         `target_kl`, the first minibatch whose approximate KL from the rollouts' policy exceeds
-        it is not applied and the iteration's updates end (`ppo/updates` counts those made)."""
+        it is not applied and the iteration's updates end (`ppo/updates` counts those made).
+        Of several processes each takes --minibatch / N of its share's answers a step; the
+        advantages are whitened over the share (as TRL's PPO does per process)."""
         s = self.settings
         self.model.train()
         disable_dropout(self.model)
@@ -165,7 +168,7 @@ class PPOTrainer:
         batches = [
             idx
             for _ in range(s.ppo_epochs)
-            for idx in torch.randperm(n, generator=g).split(s.minibatch)
+            for idx in torch.randperm(n, generator=g).split(s.minibatch // self.fabric.world_size)
         ]
         for idx in batches:
             idx = idx.to(self.fabric.device)
@@ -176,8 +179,10 @@ class PPOTrainer:
                 logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
             )
             vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
-            if s.target_kl > 0 and approx_kl.item() > s.target_kl:
-                break
+            if s.target_kl > 0:  # every process stops at the same minibatch
+                kl = mean_over_processes({"kl": approx_kl.item()}, self.fabric.device)["kl"]
+                if kl > s.target_kl:
+                    break
             self.optimizer.zero_grad(set_to_none=True)
             self.fabric.backward(pg + s.value_coef * vf)
             self.fabric.clip_gradients(self.model, self.optimizer, max_norm=s.max_grad_norm)
@@ -209,7 +214,8 @@ class PPOTrainer:
                 "value_mean": masked_mean(exp.values, mask).item(),
             }
         )
-        if s.adaptive_kl > 0:
+        if s.adaptive_kl > 0:  # on the processes' mean KL: one β for all
+            stats["kl"] = mean_over_processes({"kl": stats["kl"]}, self.fabric.device)["kl"]
             self.beta = adaptive_beta(
                 self.beta, stats["kl"], s.adaptive_kl, len(conversations), s.kl_horizon
             )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
+from selfsup.engine.distributed import check_devices
 from selfsup.lm.alignment.online import (
     Inputs,
     OnlineStage,
@@ -42,7 +43,7 @@ from selfsup.lm.data.context import context_length, fit_prompt
 from selfsup.lm.data.conversations import Message
 from selfsup.lm.losses.preference import pair_agreement
 from selfsup.lm.models import hf, lora
-from selfsup.lm.options import OnlineOptions, PPOSettings, check_declared, check_one_device
+from selfsup.lm.options import OnlineOptions, PPOSettings, check_declared
 
 
 @dataclass
@@ -81,7 +82,7 @@ def check_options(config: Options) -> None:
         raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
-    check_one_device(config.devices)
+    check_devices(config.accelerator, config.devices)
     lora.check(config)
 
 

@@ -3,8 +3,13 @@ local Hugging Face causal LM: their options' checks (`checked_config`), then the
 Lightning Trainer (`engine.trainer.build_trainer`: devices, precision, progress, last.ckpt,
 Ctrl-C hint) with the stage's loss in a LightningModule, validating, writing RUN/metrics.csv,
 checkpointing and exporting RUN/hf after every epoch, and resuming from the last epoch
-(`fit_stage`). A run folder of an earlier version (checkpoints/last.pt) resumes too: its
-checkpoint becomes last.ckpt first (`convert_legacy`).
+(`fit_stage`). With `--devices N` (N > 1) N processes train (Lightning's DDP, forked once the data
+and any reference log-probabilities are ready: gloo on a CPU, NCCL on GPUs): --batch-size stays
+the whole batch, each process takes a contiguous share of it and weighs its loss by the share of
+what the loss averages over (rows, or labelled tokens: `TokenMean`), so that the all-reduced
+gradient is the whole batch's and N processes train as one would; rank 0 writes the run folder.
+A run folder of an earlier version (checkpoints/last.pt) resumes too: its checkpoint becomes
+last.ckpt first (`convert_legacy`).
 """
 
 from __future__ import annotations
@@ -25,17 +30,18 @@ from torch.utils.data import DataLoader, Sampler
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.engine.distributed import check_devices, gather_objects, share
 from selfsup.engine.optim import warmup_cosine
 from selfsup.engine.progress import show_bars
 from selfsup.engine.trainer import ResumeHint, build_trainer
-from selfsup.lm.data.chat_data import add_chat_tokens
+from selfsup.lm.data.chat_data import IGNORE, add_chat_tokens
 from selfsup.lm.data.context import check_fits, context_length
 from selfsup.lm.data.conversations import (
     Ranking,
     tokenize_chat,
 )
 from selfsup.lm.models import hf, lora
-from selfsup.lm.options import TuneConfig, check_declared, check_one_device
+from selfsup.lm.options import TuneConfig, check_declared
 
 
 def split_validation(items: Sequence[Any], fraction: float, what: str) -> tuple[list, list]:
@@ -77,7 +83,7 @@ def checked_config(config: TuneConfig) -> TuneConfig:
     check_declared(config)  # the ranges its fields declare
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
-    check_one_device(config.devices)
+    check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
     lora.check(config)  # --lora-r: peft installed
     if config.resume:  # a missing or damaged checkpoint: one line before the model loads
         resume_checkpoint(Path(config.out))
@@ -207,6 +213,22 @@ def device_of(model: Any) -> torch.device:
 LossFn = Callable[[Any, list], tuple[torch.Tensor, dict[str, float]]]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenMean:
+    """A stage's loss that averages over the batch's labelled tokens (items `(ids, labels)`), not
+    its rows: `fit_stage` then weighs each process's share of a batch by its tokens."""
+
+    loss_fn: LossFn
+
+    def __call__(self, model: Any, batch: list) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_fn(model, batch)
+
+    @staticmethod
+    def weight(batch: list) -> int:
+        """The tokens the loss averages over: labelled ones that follow a token."""
+        return sum(sum(label != IGNORE for label in labels[1:]) for _, labels in batch)
+
+
 @rundir.releases_run_locks
 def fit_stage(
     stage: str,
@@ -265,12 +287,13 @@ def _train(
         run,
         engine,
         hint=hint,
+        processes="fork",  # with --devices N: forked once the examples are ready
         checkpoint=dict(filename="last", save_last=False, enable_version_counter=False),
         metrics=False,  # StageModule writes RUN/metrics.csv: one row an epoch
         callbacks=[ExportHF(run, tokenizer)],
         max_epochs=config.epochs,
         gradient_clip_val=1.0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False,  # every process draws the whole batch, takes its share
     )
     steps = math.ceil(len(train) / config.batch_size)
     module = StageModule(
@@ -317,7 +340,8 @@ class StageModule(L.LightningModule):
     """A stage's model and loss for the Trainer: AdamW with warm-up then cosine per step, a NaN
     loss stopped in one line, after every epoch one row (epoch, train_loss, validation means
     weighted by batch, `extra`) in RUN/metrics.csv and on stdout; the dropout RNG is in the
-    checkpoint, so a resumed run draws the masks of an uninterrupted one."""
+    checkpoint, so a resumed run draws the masks of an uninterrupted one. Several processes each
+    take their share of every batch (`shared`); the losses logged are the whole batch's."""
 
     def __init__(
         self,
@@ -340,6 +364,33 @@ class StageModule(L.LightningModule):
         self.val: dict[str, list[float]] = {}
         self.weights: list[int] = []
         self.strict_loading = not lora.is_adapted(model)  # LoRA: the checkpoint has the adapter
+        self.weight: Callable[[list], float] = getattr(loss_fn, "weight", len)
+
+    def shared(self, batch: list) -> tuple[list, float]:
+        """This process's rows of a batch every process drew whole, and the weight of their mean
+        loss in the whole batch's (their share of the rows or tokens it averages over, times the
+        processes: DDP averages the gradients); (batch, 1.0) in one process."""
+        world = self.trainer.world_size
+        if world == 1:
+            return batch, 1.0
+        part = batch[share(len(batch), self.trainer.global_rank, world)]
+        total = self.weight(batch)
+        if not total:  # nothing to learn from anywhere: every process meets the stage's error
+            return batch, 1.0 / world
+        return part, world * self.weight(part) / total
+
+    def _loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float], float]:
+        """(loss to back-propagate, the share's metrics, its weight in the whole batch's mean)."""
+        part, scale = self.shared(batch)
+        if scale == 0:  # a share without rows or tokens: zero gradients, as DDP needs a backward
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            return (
+                sum((p.sum() * 0.0 for p in trained), torch.zeros((), device=self.device)),
+                {},
+                0.0,
+            )
+        loss, extra = self.loss_fn(self.model, part)
+        return loss if scale == 1 else loss * scale, extra, scale / self.trainer.world_size
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The module's weights; of an adapted model only those that train (the base is
@@ -371,19 +422,23 @@ class StageModule(L.LightningModule):
         self.losses, self.val, self.weights = [], {}, []
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss_fn(self.model, batch)
-        if not torch.isfinite(loss):  # RunFolder.training adds what is kept
+        loss, _, _ = self._loss(batch)
+        whole = loss.item()
+        if self.trainer.world_size > 1:  # the whole batch's loss, known to every process
+            whole = sum(gather_objects(whole)) / self.trainer.world_size
+        if not math.isfinite(whole):  # RunFolder.training adds what is kept
             raise NonFiniteLossError(
-                f"the {self.stage} loss became {loss.item()} in epoch {self.current_epoch + 1}; "
+                f"the {self.stage} loss became {whole} in epoch {self.current_epoch + 1}; "
                 "lower --lr"
             )
-        self.losses.append(loss.item())
+        self.losses.append(whole)
         self.log("loss", self.losses[-1], prog_bar=True, logger=False, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
-        loss, extra = self.loss_fn(self.model, batch)
-        for k, v in {"loss": loss.item(), **extra}.items():
+        loss, extra, weight = self._loss(batch)
+        mean = loss.item() / (weight * self.trainer.world_size) if weight else 0.0
+        for k, v in whole_batch(weight, {"loss": mean, **extra}).items():
             self.val.setdefault(f"val_{k}", []).append(v)
         self.weights.append(len(batch))
 
@@ -410,6 +465,15 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         torch.set_rng_state(checkpoint["rng"])  # dropout continues as if never interrupted
+
+
+def whole_batch(weight: float, means: dict[str, float]) -> dict[str, float]:
+    """A batch's means from every process's share of it: the shares' means weighted by their
+    part of the batch (`weight`, shares without any left out); `means` in one process."""
+    shares = [(w, m) for w, m in gather_objects((weight, means)) if w]
+    if len(shares) == 1:
+        return shares[0][1]
+    return {k: sum(w * m[k] for w, m in shares) for k in shares[0][1]}
 
 
 class ExportHF(Checkpoint):

@@ -1,0 +1,188 @@
+"""`--devices N` on the stages after pretraining: two CPU processes (gloo, forked by the stage)
+end with the weights of one process that trains on the whole batch (SFT, with LoRA too, and
+DPO, both with batches whose shares differ in rows and tokens), and GRPO's two processes, each
+sampling its share of the prompts' groups, end where one process does when every prompt's
+answers are sampled with a seed of their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import selfsup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = {"accelerator": "cpu", "progress": False, "report": False}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama (no dropout, whose masks would differ between processes; no attention
+    biases, whose key bias has no gradient but rounding noise that AdamW would blow up into
+    steps), a character tokenizer, conversations whose answers differ in length, and
+    preference pairs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfsup.core.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("devices")
+    tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    sft = [{"prompt": f"what is {i} plus {i}?", "completion": f"it is {2 * i}."} for i in range(21)]
+    pairs = [
+        {"prompt": f"what is {i} plus {i}?", "chosen": f"it is {2 * i}.", "rejected": f"{i}."}
+        for i in range(13)
+    ]
+    for name, lines in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        (root / name).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    files = [run / "hf" / name for name in ("model.safetensors", "adapter_model.safetensors")]
+    return load_file(str(next(f for f in files if f.is_file())))
+
+
+def _assert_same(one: Path, two: Path) -> None:
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    metrics = [(r / "metrics.csv").read_text().splitlines() for r in (one, two)]
+    assert metrics[0][0] == metrics[1][0] and len(metrics[0]) == len(metrics[1])
+    for row_a, row_b in zip(metrics[0][1:], metrics[1][1:], strict=True):  # whole-batch means
+        for x, y in zip(row_a.split(","), row_b.split(","), strict=True):
+            assert float(y) == pytest.approx(float(x), abs=1e-5)
+
+
+def _sft(base: Path, out: Path, devices: str, **options) -> Path:
+    return selfsup.align(
+        "sft", init=str(base / "base"), data=str(base / "sft.jsonl"), out=str(out),
+        devices=devices, batch_size=8, epochs=2, lr=1e-2, max_length=48, val_fraction=0.15,
+        **CPU, **options,
+    )  # fmt: skip
+
+
+def test_sft_on_two_processes_ends_as_one_process(base, tmp_path):
+    # 18 training conversations in batches of 8, 8, 2: shares of 4 rows with different token
+    # counts, then of 1 row each; the validation's 3 split 2 + 1
+    one = _sft(base, tmp_path / "one", "1")
+    two = _sft(base, tmp_path / "two", "2")
+    _assert_same(one, two)
+    start, end = load_file(str(base / "base" / "model.safetensors")), _weights(one)
+    assert (end["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3  # trained
+
+
+def test_sft_with_lora_on_two_processes_ends_as_one_process(base, tmp_path):
+    one = _sft(base, tmp_path / "one", "1", lora_r=2, lora_dropout=0.0)
+    two = _sft(base, tmp_path / "two", "2", lora_r=2, lora_dropout=0.0)
+    _assert_same(one, two)
+
+
+def test_dpo_on_two_processes_ends_as_one_process(base, tmp_path):
+    sft = _sft(base, tmp_path / "sft", "1")
+    runs = [
+        selfsup.align(
+            "dpo",
+            init=str(sft),
+            data=str(base / "pairs.jsonl"),
+            out=str(tmp_path / devices),
+            devices=devices,
+            batch_size=5,
+            epochs=2,
+            lr=1e-2,
+            beta=0.5,
+            val_fraction=0.25,
+            **CPU,
+        )  # fmt: skip
+        for devices in ("1", "2")
+    ]
+    _assert_same(*runs)  # 10 training pairs in batches of 5: shares of 3 and 2
+
+
+def _per_group_sampler(sample):
+    """`rollout.sample` answering each prompt's group with a seed of its own (the prompt's text
+    and the iteration's seed), so that which process samples a group does not change it."""
+    from selfsup.lm.alignment.rollout import Rollout
+
+    def sampled(model, tokenizer, conversations, new, temperature, top_k, seed):
+        starts = [i for i, c in enumerate(conversations) if i == 0 or c != conversations[i - 1]]
+        parts = [
+            sample(model, tokenizer, conversations[a:b], new, temperature, top_k,
+                   seed * 1000 + sum(map(ord, conversations[a][-1]["content"])))
+            for a, b in zip(starts, [*starts[1:], len(conversations)], strict=True)
+        ]  # fmt: skip
+        p = max(r.prompt_length for r in parts)
+        t = max(r.responses.shape[1] for r in parts)
+        pad = tokenizer.pad_token_id
+
+        def padded(x, r, value, answer_only=False):  # prompts left-padded, answers right-padded
+            left = p - r.prompt_length if not answer_only else 0
+            right = t - r.responses.shape[1]
+            return torch.nn.functional.pad(x, (left, right), value=value)
+
+        return Rollout(
+            torch.cat([padded(r.sequences, r, pad) for r in parts]),
+            torch.cat([padded(r.attention_mask, r, 0) for r in parts]),
+            p,
+            torch.cat([padded(r.response_mask, r, 0, answer_only=True) for r in parts]),
+            torch.cat([r.ended for r in parts]),
+            parts[0].suppressed,
+            parts[0].temperature,
+        )
+
+    return sampled
+
+
+def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from selfsup.lm.alignment import grpo
+
+    sft = _sft(base, tmp_path / "sft", "1")
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(sft / "hf"), num_labels=1)
+    reward.config.pad_token_id = 0
+    reward.save_pretrained(tmp_path / "reward")
+    AutoTokenizer.from_pretrained(str(sft / "hf")).save_pretrained(tmp_path / "reward")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"what is {i} plus 1?"}) + "\n"
+                               for i in range(6)))  # fmt: skip
+    monkeypatch.setattr(grpo, "sample", _per_group_sampler(grpo.sample))
+    runs = [
+        selfsup.align(
+            "grpo",
+            policy=str(sft),
+            reward=str(tmp_path / "reward"),
+            prompts=str(prompts),
+            out=str(tmp_path / devices),
+            devices=devices,
+            iterations=2,
+            prompts_per_iteration=4,
+            group_size=3,
+            minibatch=12,
+            lr=1e-2,
+            max_new_tokens=6,
+            eval_samples=2,
+            eval_every=2,
+            **CPU,
+        )  # fmt: skip
+        for devices in ("1", "2")
+    ]
+    a, b = (load_file(str(Path(r) / "hf" / "model.safetensors")) for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    rows = [(Path(r) / "metrics.csv").read_text().splitlines() for r in runs]
+    assert rows[0][0] == rows[1][0]
+    for x, y in zip(rows[0][1].split(","), rows[1][1].split(","), strict=True):
+        assert float(y) == pytest.approx(float(x), abs=1e-4)  # the first iteration's means
