@@ -84,12 +84,16 @@ class LMConfig:
 
 @dataclass
 class EngineOptions:
-    """The engine of a stage after pretraining: one process on one device (shared by every
-    stage that trains; each stage's file declares the rest of its options)."""
+    """The engine of a stage after pretraining (shared by every stage that trains; each stage's
+    file declares the rest of its options)."""
 
     seed: int = option(0, "random seed")
     accelerator: str = option("auto", "cpu | gpu | auto")
-    devices: str = option("1", "1 or auto: this stage trains in one process, on one device")
+    devices: str = option(
+        "1",
+        "processes, one device each (gloo on a CPU, NCCL on GPUs); --batch-size stays the whole "
+        "batch, split over them, so N processes train as one",
+    )
     precision: str = option("32-true", "Lightning precision, e.g. bf16-mixed on a GPU")
     progress: bool | None = option(None, "progress bar (default: on a terminal)")
 
