@@ -53,6 +53,13 @@ class PretrainConfig:
     init_weights_partial: bool = option(
         False, "with --init-weights: load the keys that match, leave the rest as initialised"
     )
+    pretrained: bool = option(
+        False,
+        "start a timm:NAME or torchvision:NAME backbone from the library's published weights "
+        "(fetched once into its cache; needs internet; a tag picks them: timm:resnet50.a1_in1k, "
+        "torchvision:resnet50.IMAGENET1K_V2; default the library's own); offline, pass the "
+        "file with --init-weights",
+    )
     small_images: bool | None = option(
         None, "3x3 stem without max-pool for ResNets (default: on for images <= 64 px)"
     )
@@ -60,13 +67,30 @@ class PretrainConfig:
         None,
         "augmentation recipe of the views: simclr | digits | light | none | crop | flip | ... "
         "(default: the method's own: simclr; light for clip and colorization; none where the "
-        "method draws no views)",
+        "method draws no views); images with other than 1 or 3 channels skip color-jitter, "
+        "color-drop and sobel (crop, flip, rotation, cutout, noise, blur apply to any)",
     )
     epochs: int = option(10, "training epochs", check=">=1")
-    batch_size: int = option(256, "images per batch (each gives two views)", check=">=1")
+    batch_size: int = option(
+        256,
+        "images per batch and process (each gives two views); with --accumulate K, per "
+        "micro-batch: an optimiser step sees K x this many (as Lightning, solo-learn, lightly)",
+        check=">=1",
+    )
+    accumulate: int = option(
+        1,
+        "micro-batches per optimiser step (gradient accumulation): less memory, the same "
+        "step; in-batch negatives (simclr, supcon, clip, moco-v3) through gradient caching, "
+        "exactly one batch of K x --batch-size; steps, schedules and checkpoints count "
+        "optimiser steps",
+        check=">=1",
+    )
     optimizer: str = option("adamw", "sgd | lars | adamw")
     lr: float | None = option(
-        None, "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256)", check=">0"
+        None,
+        "peak learning rate (default: adamw 1e-3, sgd 0.06*B/256, lars 0.3*B/256; B the "
+        "images of one optimiser step in one process: --batch-size x --accumulate)",
+        check=">0",
     )
     weight_decay: float = option(
         1e-4, "weight decay (not applied to biases and norm layers)", check=">=0"
@@ -80,8 +104,11 @@ class PretrainConfig:
     precision: str | None = option(
         None, "Lightning precision (default: bf16-mixed on GPU, else 32)", check="precision"
     )
-    num_workers: int = option(
-        0, "DataLoader workers (only needed for images decoded from disk)", check=">=0"
+    num_workers: int | None = option(
+        None,
+        "DataLoader workers decoding images from disk (default: one per CPU core, at most 8; "
+        "in-memory data needs none)",
+        check=">=0",
     )
     online_probe: bool = option(True, "train a linear probe on detached features when labels exist")
     sync_batchnorm: bool = option(
@@ -103,7 +130,7 @@ class PretrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        scale = self.batch_size / 256
+        scale = self.batch_size * self.accumulate / 256  # the images of one optimiser step
         return {"adamw": 1e-3, "sgd": 0.06 * scale, "lars": 0.3 * scale}[self.optimizer]
 
 

@@ -27,11 +27,12 @@ from selfsup.engine.trainer import ResumeHint, build_trainer, seed_everything
 from selfsup.image.augment import RECIPES
 from selfsup.image.config import PretrainConfig, split_options
 from selfsup.image.data import ImageData, batch_loader
+from selfsup.image.data.multichannel import channel_stats
 from selfsup.image.data.sources import HOLDOUT, stratified_indices
 from selfsup.image.methods import METHODS, get_method
 from selfsup.image.methods.base import Method
 from selfsup.image.models.backbones import backbone_size, check_backbone
-from selfsup.image.models.init_weights import read_init_weights
+from selfsup.image.models.init_weights import check_pretrained, read_init_weights
 from selfsup.image.runs import export_encoder
 
 STATS_SAMPLES = 10_000
@@ -90,10 +91,11 @@ def pretrain(
         train, test, data_extra = method_class.load_data(config, method_options)
         h, w = train.image_size
         phase.done(f"loaded {len(train)} training images of {h}×{w} px")
-    if len(train) < config.batch_size:
+    if len(train) < step_batch(config):
+        accumulate = f" x --accumulate {config.accumulate}" if config.accumulate > 1 else ""
         raise SelfsupError(
             f"--data {config.data} has {len(train)} training images, fewer than one batch "
-            f"(--batch-size {config.batch_size}); lower --batch-size"
+            f"(--batch-size {config.batch_size}{accumulate}); lower --batch-size"
         )
     config = dataclasses.replace(config, out=str(run))
     seed_everything(config.seed)
@@ -113,7 +115,7 @@ def pretrain(
         began = time.perf_counter()
         trainer.fit(method, *loaders, ckpt_path=checkpoint, weights_only=True)
     steps = trainer.global_step - (resume_step or 0)  # --batch-size is per process
-    images = steps * config.batch_size * trainer.world_size
+    images = steps * step_batch(config) * trainer.world_size
     folder.finished(time.perf_counter() - began, images, str(trainer.strategy.root_device))
     return run
 
@@ -187,6 +189,8 @@ def _check_names(config: PretrainConfig) -> None:
         read_init_weights(config.init_weights)
     elif config.init_weights_partial:
         raise SelfsupError("--init-weights-partial needs --init-weights FILE")
+    if config.pretrained:
+        check_pretrained(config.backbone, config.init_weights)  # type: ignore[arg-type]
     for option, value, valid in [
         ("--optimizer", config.optimizer, OPTIMIZERS),
         ("--recipe", config.recipe, RECIPES),
@@ -199,9 +203,7 @@ def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None)
     """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
     g = torch.Generator().manual_seed(config.seed)
     picked = torch.randperm(len(train), generator=g)[:STATS_SAMPLES].sort().values
-    sample = train.images(picked).float() / 255
-    mean = sample.mean(dim=(0, 2, 3)).tolist()
-    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    mean, std = channel_stats(train.images(picked))  # uint8 or float [0, 1], any channels
     h, w = train.image_size
     small = config.small_images if config.small_images is not None else max(h, w) <= 64
     return {
@@ -245,11 +247,17 @@ def _run_dir(config: PretrainConfig) -> Path:
 EARLY_RUN_FILES = {"samples", "tensorboard"}
 
 
+def step_batch(config: PretrainConfig) -> int:
+    """The images of one optimiser step in one process: --accumulate micro-batches, which the
+    method splits a loader batch into (so that epochs, steps and checkpoints count steps)."""
+    return config.batch_size * config.accumulate
+
+
 def _loaders(config: PretrainConfig, train: ImageData, test: ImageData | None) -> list:
     loaders = [
         batch_loader(
             train,
-            config.batch_size,
+            step_batch(config),
             shuffle=True,
             drop_last=True,
             seed=config.seed,
@@ -291,13 +299,13 @@ def _trainer(
             ExportEncoder(run),
             SaveSamples(run),
             *([] if progress else [EpochLines()]),
-            ProgressLines(config.batch_size, train.image_size, periodic=not progress),
+            ProgressLines(step_batch(config), train.image_size, periodic=not progress),
         ],
         keep_before=resume_step,
         tensorboard=True,
         bar=dict(leave=True),
         max_epochs=config.epochs,
-        log_every_n_steps=max(1, min(50, len(train) // config.batch_size)),
+        log_every_n_steps=max(1, min(50, len(train) // step_batch(config))),
         sync_batchnorm=config.sync_batchnorm,
     )
 
@@ -483,9 +491,9 @@ def config_from_saved(saved: dict[str, Any]) -> PretrainConfig:
     shared = {f.name for f in dataclasses.fields(PretrainConfig)} - {"options"}
     method = saved.get("method") or "simclr"
     own = METHODS.option_names(method)
-    # a run's weights are in its checkpoints: --init-weights (kept in config.yaml for the
-    # record) is not loaded again by --resume or by rebuilding the method
-    shared -= {"init_weights", "init_weights_partial"}
+    # a run's weights are in its checkpoints: --init-weights and --pretrained (kept in
+    # config.yaml for the record) are not loaded again by --resume or by rebuilding the method
+    shared -= {"init_weights", "init_weights_partial", "pretrained"}
     return PretrainConfig(
         **{k: v for k, v in saved.items() if k in shared},
         options={k: v for k, v in saved.items() if k in own},

@@ -2,11 +2,17 @@
 
 A method only says how a batch of uint8 images becomes a loss (`pretext_loss`); the rest --
 devices, precision, checkpoints, resume, logging, progress bars -- comes from Lightning.
+`--accumulate K` splits every batch into K micro-batches before one optimiser step (the
+method's own loop, Lightning's manual optimisation): methods whose loss couples the images of a
+batch (in-batch negatives) declare `grad_cache` and split `pretext_loss` into `cache_inputs`,
+`embed` and `batch_loss`, so that the engine's gradient caching makes K micro-batches exactly one
+batch; the others add up the gradients of their micro-batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.engine.accumulate import average_gradients, cached_backward
 from selfsup.engine.optim import build_optimizer, parameter_groups, warmup_cosine
 from selfsup.image.augment import build_recipe
 from selfsup.image.config import PretrainConfig
 from selfsup.image.data import ImageData, load_splits
 from selfsup.image.models import Encoder
-from selfsup.image.models.init_weights import load_init_weights
+from selfsup.image.models.init_weights import load_init_weights, load_pretrained
 
 
 @dataclass
@@ -55,6 +62,9 @@ class Method(L.LightningModule):
     # 2×2 pool is skipped and a 3×3 convolution sees little more than one pixel's colour: an
     # encoder of 1×1 images trains without error and learns nothing spatial.
     min_image_side: ClassVar[int] = 4
+    # The loss couples the images of a batch (in-batch negatives): with --accumulate, gradient
+    # caching over `cache_inputs`, `embed` and `batch_loss` instead of adding micro-batches up.
+    grad_cache: ClassVar[bool] = False
 
     @classmethod
     def with_defaults(cls, config: PretrainConfig) -> PretrainConfig:
@@ -130,6 +140,8 @@ class Method(L.LightningModule):
                 partial=config.init_weights_partial,
                 what=f"--backbone {self.encoder.config['backbone']}",
             )
+        elif config.pretrained:
+            load_pretrained(self.encoder.backbone, what=f"--backbone {config.backbone}")
         self.encoder.use_channels_last()
         self.views = build_recipe(config.recipe, view_size, dataset["channels"])
         num_classes = dataset["num_classes"]
@@ -145,6 +157,8 @@ class Method(L.LightningModule):
             else None
         )
         self.build_heads()
+        # --accumulate: the micro-batches and the optimiser step in `accumulated_step`
+        self.automatic_optimization = config.accumulate == 1
 
     def build_heads(self) -> None:
         """The method's modules beside the encoder (projector, predictor, ...), built last."""
@@ -160,7 +174,23 @@ class Method(L.LightningModule):
 
         x: uint8 B×C×H×W; y: int64 B, -1 where unlabeled (only label-using methods read it);
         g: the step's generator (draw all randomness from it so resumed runs match).
+        A `grad_cache` method leaves it to the default, its three parts in turn.
         """
+        features, *embeddings = self.embed(*self.cache_inputs(x, y, g))
+        return self.batch_loss(y, *embeddings), features
+
+    def cache_inputs(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, ...]:
+        """(`grad_cache`) The batch's inputs, every random draw made (once, for the whole
+        batch): tensors whose first dimension is the image."""
+        raise NotImplementedError
+
+    def embed(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """(`grad_cache`) (encoder features for the probe, embeddings...) of some images'
+        `cache_inputs`, one row per image; no randomness but dropout (replayed)."""
+        raise NotImplementedError
+
+    def batch_loss(self, y: Tensor, *embeddings: Tensor) -> Tensor:
+        """(`grad_cache`) The loss of the whole batch's embeddings."""
         raise NotImplementedError
 
     def save_samples(self, x: Tensor, path: Path) -> None:
@@ -179,23 +209,74 @@ class Method(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if not self.automatic_optimization:
+            return self.accumulated_step(x, y)
         loss, features = self.pretext_loss(x, y, self.step_generator())
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
+        probe_loss = self.probe_loss(features, y)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss if probe_loss is None else loss + probe_loss
+
+    def check_finite(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the {self.config.method} loss became {loss.item()} at step {self.global_step} "
                 f"(epoch {self.current_epoch}); lower --lr"
             )
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
-        total = loss
+
+    def probe_loss(self, features: Tensor, y: Tensor) -> Tensor | None:
+        """The online probe's loss on the detached features of the labeled images (logged with
+        its accuracy); None without a probe or with fewer than two labels."""
         labeled = y >= 0
-        if self.probe is not None and labeled.sum() > 1:  # BatchNorm needs two samples
-            logits = self.probe(features.detach()[labeled].float())
-            probe_loss = F.cross_entropy(logits, y[labeled])
-            accuracy = (logits.argmax(1) == y[labeled]).float().mean()
-            self.log("train/probe_acc", accuracy, prog_bar=True)
-            total = total + probe_loss
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return total
+        if self.probe is None or labeled.sum() <= 1:  # BatchNorm needs two samples
+            return None
+        dtype = next(self.probe.parameters()).dtype  # float32 under bf16 autocast
+        logits = self.probe(features.detach()[labeled].to(dtype))
+        accuracy = (logits.argmax(1) == y[labeled]).float().mean()
+        self.log("train/probe_acc", accuracy, prog_bar=True)
+        return F.cross_entropy(logits, y[labeled])
+
+    def accumulated_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimiser step over `--accumulate` K micro-batches of the batch (x, y): gradient
+        caching for `grad_cache` methods, else the mean of the micro-batches' gradients (each
+        micro-batch's BatchNorm statistics its own). Momentum updates, the schedule and the step
+        counter move once, after it (`on_train_batch_end` runs once per batch)."""
+        k, g = self.config.accumulate, self.step_generator()
+        model = self.trainer.strategy.model
+        with model.no_sync() if hasattr(model, "no_sync") else nullcontext():  # synced below
+            if self.grad_cache:
+                scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+                inputs = [t.tensor_split(k) for t in self.cache_inputs(x, y, g)]
+                chunks = list(zip(*inputs, strict=True))
+                loss, (features, *_) = cached_backward(
+                    self,
+                    self.embed,
+                    lambda _features, *e: self.batch_loss(y, *e),
+                    chunks,
+                    self.manual_backward,
+                    scaler.get_scale() if scaler is not None else 1.0,
+                )
+                self.check_finite(loss)
+                if (probe_loss := self.probe_loss(features, y)) is not None:
+                    self.manual_backward(probe_loss)
+            else:
+                losses = []
+                for xk, yk in zip(x.tensor_split(k), y.tensor_split(k), strict=True):
+                    part, features = self.pretext_loss(xk, yk, g)  # g draws on, chunk by chunk
+                    self.check_finite(part)
+                    probe_loss = self.probe_loss(features, yk)
+                    self.manual_backward((part if probe_loss is None else part + probe_loss) / k)
+                    losses.append(part.detach())
+                loss = torch.stack(losses).mean()
+        average_gradients([p for p in self.parameters() if p.requires_grad])
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()  # type: ignore[union-attr]
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

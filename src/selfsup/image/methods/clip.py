@@ -205,16 +205,26 @@ class CLIP(Method):
             table[g, :n] = flat[start : start + n]
         return table, counts
 
-    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """y: the caption group of each image; one of its captions is drawn for this step."""
+    # The other pairs of the batch are negatives: `--accumulate` caches gradients (exact).
+    grad_cache = True
+
+    def cache_inputs(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, ...]:
+        """(views, caption ids): y is each image's caption group, one of whose captions is
+        drawn for this step."""
         pick = (torch.rand(len(y), generator=g, device=y.device) * self.caption_counts[y]).long()
         ids = _trim(self.caption_ids[y, pick], self.tokenizer.pad_token_id)
-        features = self.encoder(self.views(x, g))
-        image = self.towers.image_projection(features)
+        return self.views(x, g), ids
+
+    def embed(self, views: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
+        """(encoder features, image embeddings, text embeddings)."""
+        features = self.encoder(views)
         text = self.towers.text_projection(self.towers.text(ids))
+        return features, self.towers.image_projection(features), text
+
+    def batch_loss(self, y: Tensor, image: Tensor, text: Tensor) -> Tensor:
         scale = self.towers.logit_scale()
         self.log("train/logit_scale", scale.detach())
-        return clip_loss(image, text, scale), features
+        return clip_loss(image, text, scale)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.towers.logit_scale.clamp_()  # after the optimizer step: the stored value too

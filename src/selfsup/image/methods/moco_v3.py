@@ -13,6 +13,7 @@ from torch import Tensor
 from selfsup.core.config import option
 from selfsup.image.losses.noncontrastive import batch_info_nce
 from selfsup.image.methods.siamese import Momentum, PredictorOptions, Siamese
+from selfsup.image.methods.simclr import both, per_image, view_pairs
 
 
 @dataclass
@@ -27,13 +28,25 @@ class Options(PredictorOptions):
 
 
 class MoCoV3(Momentum, Siamese):
+    """The other images' keys are negatives: `--accumulate` caches gradients (exact); the keys
+    are computed once, micro-batch by micro-batch, without gradient."""
+
     Options = Options
+    grad_cache = True
     projection_layers, predictor_layers = 3, 2
     momentum_targets = (("key_encoder", "encoder"), ("key_projection", "projection"))
 
-    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        query = self.embed_views(x, g)
-        q1, q2 = query.p.chunk(2)
-        k1, k2 = self.targets(query.views).chunk(2)
+    def cache_inputs(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, ...]:
+        pairs = view_pairs(self, x, g)
+        micro = pairs.tensor_split(self.config.accumulate)
+        return pairs, torch.cat([per_image(self.targets(both(p)), len(p)) for p in micro])
+
+    def embed(self, pairs: Tensor, keys: Tensor) -> tuple[Tensor, ...]:
+        """(view 1's encoder features, N×2×D predictions, the keys as they came)."""
+        features = self.encoder(both(pairs))
+        p = self.predictor(self.projection(features))
+        return features[: len(pairs)], per_image(p, len(pairs)), keys
+
+    def batch_loss(self, y: Tensor, q: Tensor, k: Tensor) -> Tensor:
         t = self.options.temperature
-        return batch_info_nce(q1, k2, t) + batch_info_nce(q2, k1, t), query.features[: len(x)]
+        return batch_info_nce(q[:, 0], k[:, 1], t) + batch_info_nce(q[:, 1], k[:, 0], t)

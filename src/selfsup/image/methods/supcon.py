@@ -9,12 +9,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from selfsup.image.config import PretrainConfig
 from selfsup.image.losses.contrastive import info_nce, supcon_ids
-from selfsup.image.methods.simclr import Options, SimCLR
+from selfsup.image.methods.simclr import Options, SimCLR, both
 
 
 class SupCon(SimCLR):
@@ -30,7 +29,5 @@ class SupCon(SimCLR):
                 stacklevel=2,
             )
 
-    def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        e = self.embed_views(x, g)
-        ids = supcon_ids(y).repeat(2)
-        return info_nce(e.z, ids, self.options.temperature), e.features[: len(x)]
+    def batch_loss(self, y: Tensor, z: Tensor) -> Tensor:  # SimCLR's views and embeddings
+        return info_nce(both(z), supcon_ids(y).repeat(2), self.options.temperature)

@@ -1,23 +1,35 @@
 """`--init-weights FILE`: a backbone's starting weights from a timm or torchvision state dict
-(safetensors, or a weights-only torch file) or another selfsup run's encoder.safetensors.
+(safetensors, or a weights-only torch file), a Hugging Face vision transformer's safetensors
+(ViT, DINOv2) or another selfsup run's encoder.safetensors; `--pretrained`: the library's own.
 
 Keys are mapped by the prefix that fits the backbone best: a raw timm/torchvision state dict
 has none (selfsup's timm:/torchvision: backbones hold it as `model.`), a selfsup encoder's keys
 start with `backbone.` (its `mean`/`std` are the data's and are not loaded: the new run has its
-own). A classifier head the backbone lacks (`fc.`, `head.`, `classifier.`) is dropped.
+own). A classifier head the backbone lacks (`fc.`, `head.`, `classifier.`) is dropped. A
+transformers ViT or DINOv2 file (told by its `embeddings.patch_embeddings` keys) is renamed to
+timm's vision_transformer layout first (query/key/value fused into qkv), and a timm ViT gets
+timm's own checkpoint filter (position table and patch embedding resampled to its sizes).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from selfsup.core.errors import SelfsupError
+from selfsup.image.models.external import (
+    NOT_PUBLISHED,
+    ExternalBackbone,
+    fetch_pretrained,
+    is_external,
+)
 
-HEADS = ("fc", "head", "head_dist", "classifier")
+HEADS = ("fc", "head", "head_dist", "classifier", "pooler")
 # prefixes a file's keys may carry beyond the backbone's own (selfsup encoder, DDP, wrappers)
 PREFIXES = ("", "backbone.", "model.", "module.", "backbone.model.", "module.model.")
 WRAPPERS = ("state_dict", "model", "module")  # checkpoints that nest the state dict
@@ -85,10 +97,33 @@ def load_init_weights(
 ) -> None:
     """Load FILE into `backbone`: one line for missing or unexpected keys (unless `partial`)
     and for the first key whose shape differs."""
-    state, names = map_keys(read_init_weights(path), backbone)
+    load_state(backbone, read_init_weights(path), f"--init-weights {path}", partial, what)
+
+
+def load_pretrained(backbone: nn.Module, *, what: str = "--backbone") -> None:
+    """Load the library's published weights (`--pretrained`) into a timm/torchvision backbone."""
+    state, source = fetch_pretrained(backbone)
+    load_state(backbone, state, f"--pretrained ({source})", False, what)
+
+
+def check_pretrained(backbone: str, init_weights: str | None) -> None:
+    """One line unless `--pretrained` applies: a timm/torchvision backbone, no --init-weights."""
+    if init_weights:
+        raise SelfsupError(
+            "--pretrained and --init-weights both choose the starting weights; pass one of them"
+        )
+    if not is_external(backbone):
+        raise SelfsupError(NOT_PUBLISHED)
+
+
+def load_state(
+    backbone: nn.Module, state: dict[str, Tensor], source: str, partial: bool, what: str
+) -> None:
+    """Load `state` (keys mapped by `map_keys`) into `backbone`; `source` names it in errors."""
+    state, names = map_keys(state, backbone)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]  # as the backbone names them
-    unexpected = [names[k] for k in state if k not in own]  # as the file names them
+    unexpected = [names.get(k, k) for k in state if k not in own]  # as the file names them
     if (missing or unexpected) and not partial:
         listed = "; ".join(
             f"{label} {len(keys)}: {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''}"
@@ -96,16 +131,64 @@ def load_init_weights(
             if keys
         )
         raise SelfsupError(
-            f"--init-weights {path} does not fit {what} ({listed}); pass --init-weights-partial "
-            "to load the keys that match"
+            f"{source} does not fit {what} ({listed}); pass --init-weights-partial to load the "
+            "keys that match"
         )
     for key, value in state.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise SelfsupError(
-                f"--init-weights {path}: {key} has shape {tuple(value.shape)}, {what} needs "
+                f"{source}: {key} has shape {tuple(value.shape)}, {what} needs "
                 f"{tuple(own[key].shape)}"
             )
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+# transformers' names (the Hub files', and transformers 5's own) -> timm's vision_transformer
+# (DINOv2's original names for its mask and register tokens and SwiGLU, which timm's own
+# checkpoint filter converts); attn.q/k/v and mlp.gate/up are fused below
+HF_NAMES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.mask_token$", "mask_token"),
+    (r"^embeddings\.register_tokens$", "register_tokens"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
+    (r"\.attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.", lambda m: f".attn.{m[1][0]}."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"\.mlp\.weights_in\.", ".mlp.w12."),
+    (r"\.mlp\.(?:weights_out|down_proj)\.", ".mlp.w3."),
+    (r"\.mlp\.(gate|up)_proj\.", r".mlp.\1."),
+    (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+]
+HF_MARK = "embeddings.patch_embeddings.projection.weight"
+FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.w12": ("mlp.gate", "mlp.up")}
+
+
+def hf_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers ViT/DINOv2 state dict (any prefix before `embeddings.`, such as `vit.` or
+    `dinov2.`) in timm's vision_transformer names; any other state dict unchanged."""
+    prefix = next((k[: -len(HF_MARK)] for k in state if k.endswith(HF_MARK)), None)
+    if prefix is None:
+        return state
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = key.removeprefix(prefix)
+        for pattern, replacement in HF_NAMES:
+            name = re.sub(pattern, replacement, name)
+        out[name] = value
+    for fused, pieces in FUSED.items():
+        first = re.compile(rf"^(.*)\.{re.escape(pieces[0])}\.(weight|bias)$")
+        for match in [m for m in map(first.match, list(out)) if m]:
+            names = [f"{match[1]}.{piece}.{match[2]}" for piece in pieces]
+            if all(n in out for n in names):
+                out[f"{match[1]}.{fused}.{match[2]}"] = torch.cat([out.pop(n) for n in names])
+    return out
 
 
 def map_keys(
@@ -114,6 +197,8 @@ def map_keys(
     """(`state` with its keys named as `backbone`'s, each new name's name in the file): the
     prefix stripped (or added) that matches most of its keys; classifier-head keys the
     backbone lacks dropped."""
+    converted = hf_to_timm(state)
+    from_hf, state = converted is not state, converted
     own = set(backbone.state_dict())
 
     def renamed(strip: str, add: str) -> dict[str, str]:
@@ -133,4 +218,35 @@ def map_keys(
         for k, old in names.items()
         if k in own or k.removeprefix("model.").split(".")[0] not in HEADS
     }
+    if _is_timm_vit(backbone):
+        # positions resampled as the file's library does: transformers antialiases only
+        # DINOv2 with registers' (timm always)
+        antialias = not from_hf or any(k.endswith("register_tokens") for k in kept)
+        kept = _timm_vit_filter(kept, backbone, antialias)  # type: ignore[arg-type]
     return kept, names
+
+
+def _is_timm_vit(backbone: nn.Module) -> bool:
+    """Whether `backbone` holds a timm VisionTransformer (its checkpoint filter applies)."""
+    model = getattr(backbone, "model", None)
+    kind = type(model)
+    return (
+        isinstance(backbone, ExternalBackbone)
+        and kind.__name__ == "VisionTransformer"
+        and kind.__module__.startswith("timm.")
+    )
+
+
+def _timm_vit_filter(
+    state: dict[str, Tensor], backbone: ExternalBackbone, antialias: bool
+) -> dict[str, Tensor]:
+    """timm's own checkpoint filter for its ViTs over the `model.` keys: DINOv2's original
+    names converted, the position table and patch embedding resampled to the model's sizes
+    (bicubic; antialiased as timm does, or not, as transformers does)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("model.")}
+    model = backbone.model
+    filtered = checkpoint_filter_fn(inner, model, antialias=antialias)  # type: ignore[arg-type]
+    return {**{f"model.{k}": v for k, v in filtered.items()}, **rest}

@@ -1,0 +1,251 @@
+"""--accumulate K: gradient caching makes K micro-batches of in-batch-negative methods exactly one
+batch (against the plain loss of the whole batch, autograd, float64); the other methods average
+their micro-batches' gradients; momentum, schedule, step counter and resume count optimiser
+steps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from selfsup.engine.accumulate import cached_backward
+from selfsup.engine.ema import cosine_momentum
+from selfsup.image.config import PretrainConfig
+from selfsup.image.data.captions import load_captions
+from selfsup.image.losses import nt_xent
+from selfsup.image.losses.clip import clip_loss
+from selfsup.image.methods import get_method
+from selfsup.image.methods.base import Method
+from selfsup.image.methods.clip import CLIP, Options
+from selfsup.image.train import pretrain
+
+INFO = {
+    "dataset": {"channels": 1, "image_size": [8, 8], "num_classes": 10},
+    "encoder": {
+        "backbone": "convnet",
+        "in_channels": 1,
+        "small_images": True,
+        "mean": [0.3],
+        "std": [0.3],
+    },
+}
+SMALL = dict(projection_hidden=32, projection_dim=16)
+MICRO, K = 4, 4  # one batch of 16
+
+
+def images(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+def without_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm couples a batch's images; without it, K micro-batches can equal one batch."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            without_batchnorm(child)
+    return module
+
+
+class FirstGradients(Callback):
+    """The gradients at the first optimiser step, and how many steps there were."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, Tensor] | None = None
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: Any, optimizer: Any) -> None:
+        self.steps += 1
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None
+            }
+
+
+def fit(method: Method, batches: list[tuple[Tensor, Tensor]]) -> tuple[L.Trainer, FirstGradients]:
+    seen = FirstGradients()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[seen],
+    )
+    trainer.fit(method, DataLoader(batches, batch_size=None))
+    return trainer, seen
+
+
+def reference_gradients(model: nn.Module, loss: Tensor) -> dict[str, Tensor]:
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(ours: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    assert ours.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def probe_loss(model: Method, features: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model.probe(features.detach()), y)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_simclr_accumulated_is_one_batch_of_16(batchnorm: bool) -> None:
+    """Without BatchNorm: the plain loss of the whole batch. With it: the same, each
+    micro-batch normalised by its own statistics, running statistics moved once per
+    micro-batch (as K processes without SyncBatchNorm)."""
+    config = PretrainConfig(method="simclr", batch_size=MICRO, accumulate=K)
+    method = get_method("simclr")(config, INFO, get_method("simclr").Options(**SMALL))
+    if not batchnorm:
+        without_batchnorm(method)
+    reference = copy.deepcopy(method).double()
+    x, y = images(MICRO * K)
+    _, seen = fit(method, [(x, y)])
+
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            g = reference.step_generator()
+            v1, v2 = reference.views(x, g), reference.views(x, g)  # one draw for the batch
+        finally:
+            torch.set_default_dtype(torch.float32)
+    parts = (
+        [(v1[i : i + MICRO], v2[i : i + MICRO]) for i in range(0, len(x), MICRO)]
+        if batchnorm
+        else [(v1, v2)]
+    )
+    z1, z2, features = [], [], []
+    for a, b in parts:
+        f = reference.encoder(torch.cat([a, b]))
+        z = reference.projection(f)
+        z1.append(z[: len(a)]), z2.append(z[len(a) :]), features.append(f[: len(a)])
+    loss = nt_xent(torch.cat(z1), torch.cat(z2), 0.5)
+    expected = reference_gradients(reference, loss + probe_loss(reference, torch.cat(features), y))
+    assert seen.grads is not None
+    assert_same(seen.grads, expected)
+    if batchnorm:
+        for (name, ours), theirs in zip(method.named_buffers(), reference.buffers(), strict=True):
+            if "running" in name:
+                torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_clip_accumulated_is_one_batch_of_16() -> None:
+    """Images, captions drawn once, the learnable temperature's gradient included."""
+    captions, _ = load_captions("digits", templates="a {}|the digit {}|a photo of {}", limit=64)
+    options = Options(text_width=16, text_layers=1, text_heads=2, projection_dim=8)
+    config = PretrainConfig(method="clip", batch_size=MICRO, accumulate=K)
+    method = without_batchnorm(CLIP(config, INFO, options, captions=captions))
+    reference = copy.deepcopy(method).double()
+    x, y = images(MICRO * K)
+    _, seen = fit(method, [(x, y)])
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = reference.step_generator()
+        counts = reference.caption_counts[y]
+        pick = (torch.rand(len(y), generator=g) * counts).long()
+        views = reference.views(x, g)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ids = reference.caption_ids[y, pick]
+    ids = ids[:, : int((ids != reference.tokenizer.pad_token_id).sum(1).max())]
+    features = reference.encoder(views)
+    towers = reference.towers
+    image = towers.image_projection(features)
+    text = towers.text_projection(towers.text(ids))
+    loss = clip_loss(image, text, towers.logit_scale()) + probe_loss(reference, features, y)
+    expected = reference_gradients(reference, loss)
+    assert seen.grads is not None and "towers.logit_scale.log_scale" in seen.grads
+    assert_same(seen.grads, expected)
+
+
+@pytest.mark.parametrize("name", ["byol", "moco"])
+def test_ordinary_accumulation_averages_micro_batches_and_steps_momentum_once(name: str) -> None:
+    """BYOL: the mean of the micro-batches' gradients, each its own BatchNorm batch. MoCo v2:
+    the same with the queue held still until the optimiser step (so K micro-batches see the
+    negatives one batch would). One momentum update, one schedule step per optimiser step."""
+    cls = get_method(name)
+    config = PretrainConfig(method=name, batch_size=MICRO, accumulate=K)
+    method = cls(config, INFO, cls.Options(**SMALL))
+    reference = copy.deepcopy(method).double().train()
+    taus: list[float] = []
+    update = method.update_targets
+    method.update_targets = lambda tau: (taus.append(tau), update(tau))[1]  # type: ignore[method-assign]
+    batches = [images(MICRO * K, seed) for seed in range(2)]
+    trainer, seen = fit(method, batches)
+
+    x, y = batches[0]
+    total = torch.zeros((), dtype=torch.float64)
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = reference.step_generator()
+        for xk, yk in zip(x.split(MICRO), y.split(MICRO), strict=True):
+            loss, features = reference.pretext_loss(xk, yk, g)
+            total = total + (loss + probe_loss(reference, features, yk)) / K
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert seen.grads is not None
+    assert_same(seen.grads, reference_gradients(reference, total))
+    assert trainer.global_step == seen.steps == 2
+    assert taus == pytest.approx(
+        [cosine_momentum(s, 2, method.options.momentum) for s in (1, 2)]
+    )  # after the step
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+    if name == "moco":
+        assert int(method.queue_ptr) == 2 * 2 * MICRO * K  # two views, two steps
+
+
+def test_cached_backward_replays_dropout_and_keeps_running_stats() -> None:
+    """The graph pass draws the graph-free pass's dropout masks; BatchNorm's running
+    statistics move once per micro-batch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Dropout(0.5), nn.Linear(7, 3)
+    ).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    chunks = [(c,) for c in x.split(4)]
+    reference = copy.deepcopy(net)
+
+    def loss_fn(z: Tensor) -> Tensor:
+        return (z.softmax(0) * z).sum()
+
+    torch.manual_seed(1)
+    loss, (out,) = cached_backward(net, lambda c: (net(c),), loss_fn, chunks, Tensor.backward)
+    torch.manual_seed(1)
+    expected = loss_fn(torch.cat([reference(c) for (c,) in chunks]))
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    for a, b in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean)
+    assert int(net[1].num_batches_tracked) == 3
+
+
+def test_resumed_accumulating_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    """Steps, the schedule and checkpoints count optimiser steps (4 per epoch of 128 images at
+    2 micro-batches of 16)."""
+    options = dict(method="simclr", data="digits", limit=128, batch_size=16, accumulate=2)
+    straight = pretrain(out=str(tmp_path / "a"), epochs=2, progress=False, **options)
+    halted = pretrain(out=str(tmp_path / "b"), epochs=1, progress=False, **options)
+    pretrain(resume=str(halted), epochs=2, progress=False)
+    a, b = load_file(straight / "encoder.safetensors"), load_file(halted / "encoder.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    state = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)
+    assert state["global_step"] == 8 and state["lr_schedulers"][0]["last_epoch"] == 8
