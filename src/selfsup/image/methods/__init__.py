@@ -32,6 +32,7 @@ METHODS = Registry(
         "vicreg": "selfsup.image.methods.vicreg:VICReg",
         "barlow-twins": "selfsup.image.methods.barlow_twins:BarlowTwins",
         "nnclr": "selfsup.image.methods.nnclr:NNCLR",
+        "distill": "selfsup.image.methods.distill:Distill",
     }
 )
 
