@@ -71,6 +71,8 @@ def add_stage_arguments(parser: Any, specs: Sequence[OptionSpec], file_flags: bo
             kw: dict[str, Any] = {"required": True} if file_flags else {"default": ""}
             suffix = "" if file_flags else " (required)"
             parser.add_argument(flag, dest=s.name, type=tp, help=s.help + suffix, **kw)
+        elif s.metadata.get("repeat"):  # given several times: a comma list (grpo --reward-fn)
+            parser.add_argument(flag, dest=s.name, action=Joined, default=s.default, help=s.help)
         elif "nargs" in s.metadata:
             nargs, const = s.metadata["nargs"], s.metadata.get("const")
             parser.add_argument(flag, dest=s.name, metavar=metavar, nargs=nargs, const=const,
@@ -122,6 +124,16 @@ def add_command(sub: Any, parents: list, name: str, add: Any, handler: Any) -> A
     parser = sub.add_parser(name, parents=parents, **about(add))
     parser.set_defaults(handler=handler)
     return parser
+
+
+class Joined(argparse.Action):
+    """A repeatable string option kept as one comma list; the first use on a command line
+    replaces the default (or a --config file's value), the next ones are added to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        old = getattr(namespace, self.dest, None)
+        joined = values if old in (None, "", self.default) else f"{old},{values}"
+        setattr(namespace, self.dest, joined)
 
 
 class Deprecated(argparse.Action):
