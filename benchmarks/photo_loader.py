@@ -2,7 +2,7 @@
 
     python benchmarks/photo_loader.py                  # 5,000 files, all three sizes
     python benchmarks/photo_loader.py --quick          # the first 1,000 files, fewer steps
-    python benchmarks/photo_loader.py --memory 100000  # also: peak RSS on a 100,000-file folder
+    python benchmarks/photo_loader.py --memory 100000  # also: RSS on a 100,000-file folder
 
 Makes once (cached in --dir) 5,000 JPEGs of 500×375 px (quality 90) from the 1,000 Flickr8k
 photos of ../shared/data (64 px: each upscaled from a random crop, mirrored half the time, with
@@ -162,26 +162,30 @@ MEMORY_CHILD = """
 import resource, sys, time
 from selfsup.image.data import batch_loader, load_splits
 from selfsup.image.data.images import default_workers
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
-base = rss()
+def rss():  # MiB: resident in all, and its anonymous / file-backed / shared-memory parts
+    kb = {k: int(v.split()[0]) for k, _, v in (l.partition(':') for l in open('/proc/self/status'))
+          if k in ('VmRSS', 'RssAnon', 'RssFile', 'RssShmem')}
+    return ' '.join(str(kb[k] // 1024) for k in ('VmRSS', 'RssAnon', 'RssFile', 'RssShmem'))
+print('imports', rss(), flush=True)
 train, _ = load_splits('folder:' + sys.argv[1], image_size=224)
-listed = rss()
+print('listed', rss(), len(train), train.x is None, default_workers(), flush=True)
 loader = batch_loader(train, 64, shuffle=True, drop_last=True, num_workers=default_workers())
 for i, _ in enumerate(loader):
-    if i == 30:
+    float(_[0].float().mean())  # its pages touched, as training does
+    if i % 10 == 0:
+        print(i, rss(), flush=True)
+    if i == int(sys.argv[2]):
         break
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)
 del loader, _  # the workers end: their peak is counted below
 time.sleep(1)
-workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(f'{len(train)} {train.x is None} {base:.0f} {listed:.0f} {peak:.0f} {workers:.0f}')
+print('workers', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, flush=True)
 """
 
 
-def memory(folder: Path, count: int) -> None:
-    """Peak RSS of loading a `count`-file folder (hard links to one small JPEG) at 224 px and
-    drawing 30 batches of 64 from it."""
+def memory(folder: Path, count: int, batches: int) -> None:
+    """RSS of the main process while loading a `count`-file folder (hard links to one small
+    JPEG) at 224 px and drawing `batches` batches of 64 from it, every 10 batches."""
     from PIL import Image
 
     if len(list(folder.glob("*.jpg"))) < count:
@@ -194,16 +198,21 @@ def memory(folder: Path, count: int) -> None:
             else:
                 os.link(source, name)
     done = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD, str(folder)], capture_output=True, text=True
+        [sys.executable, "-c", MEMORY_CHILD, str(folder), str(batches)],
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         sys.exit(done.stderr[-2000:])
-    n, lazy, base, listed, peak, workers = done.stdout.split()
+    lines = [line.split() for line in done.stdout.splitlines()]
+    n, lazy, workers = lines[1][5:8]
     print(
-        f"\n{n} files at 224 px (held in memory: {lazy != 'True'}): main process RSS {base} MiB "
-        f"after imports, {listed} MiB with the file list, peak {peak} MiB over 30 batches of "
-        f"64; largest worker's peak {workers} MiB"
+        f"\n{n} files at 224 px (held in memory: {lazy != 'True'}), batches of 64 from "
+        f"{workers} workers; main process MiB: RSS (anonymous, file, shared memory)"
     )
+    for line in lines[:-2]:
+        print(f"{line[0]:>8} {line[1]:>6} ({line[2]}, {line[3]}, {line[4]})")
+    print(f"peak {lines[-2][1]} MiB; largest worker's peak {lines[-1][1]} MiB")
 
 
 def main() -> None:
@@ -213,6 +222,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 files, 1 step per size")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--memory", type=int, default=0, help="also: peak RSS on N files")
+    parser.add_argument("--batches", type=int, default=150, help="drawn in --memory")
     parser.add_argument("--rounds", type=int, default=2, help="limit and loader: best of N")
     args = parser.parse_args()
 
@@ -261,7 +271,7 @@ def main() -> None:
                 flush=True,
             )
     if args.memory:
-        memory(Path(args.dir) / f"links-{args.memory}", args.memory)
+        memory(Path(args.dir) / f"links-{args.memory}", args.memory, args.batches)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import selfsup
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
 from selfsup.image.augment.recipes import RECIPES, build_recipe
-from selfsup.image.data import load_splits
+from selfsup.image.data import batch_loader, load_splits, sources
 from selfsup.image.data.multichannel import (
     StackImages,
     channel_stats,
@@ -179,3 +179,124 @@ def test_stack_images_from_a_folder(tmp_path) -> None:
     assert label == 2 and x.shape == (4, 8, 8) and x.dtype == torch.float32
     expected = stack[:, :, 1:9].astype(np.float64) / 65535  # centre square, no resize
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6)
+
+
+# ---- folders of TIFF stacks and 16-bit PNGs ------------------------------------------------
+
+
+def _save_stack(path: Path, array: np.ndarray) -> None:
+    """H×W×C uint16 -> a multi-page TIFF, one page a channel."""
+    pages = [Image.fromarray(np.ascontiguousarray(array[..., c])) for c in range(array.shape[2])]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+
+
+def _stack_folder(root: Path) -> dict[str, np.ndarray]:
+    """train/ and test/ with classes a, b, c of 6-band uint16 TIFFs (SIDE px square, so nothing
+    is resized); returns each file's array by path."""
+    written = {}
+    for split, n, seed in (("train", 48, 2), ("test", 12, 3)):
+        x, y = _spectral(n, seed)
+        for i, (image, label) in enumerate(zip(x, y, strict=True)):
+            folder = root / split / "abc"[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            _save_stack(folder / f"{i:03d}.tif", image)
+            written[str(folder / f"{i:03d}.tif")] = image
+    return written
+
+
+def _unit(array: np.ndarray) -> np.ndarray:
+    """What a uint16 H×W×C file must load as: C×H×W float32 raw / 65535."""
+    return (array.astype(np.float32) / np.float32(65535)).transpose(2, 0, 1)
+
+
+def test_folder_of_six_band_uint16_tiffs_loads_exactly_and_pretrains(tmp_path, monkeypatch):
+    written = _stack_folder(tmp_path / "tiffs")
+    train, test = load_splits(f"folder:{tmp_path / 'tiffs'}")
+    assert train.x.dtype == torch.float32 and tuple(train.x.shape) == (48, BANDS, SIDE, SIDE)
+    assert len(test) == 12 and train.classes == ["a", "b", "c"]
+    for data in (train, test):
+        for image, label, path in zip(data.x, data.y, data.paths, strict=True):
+            assert np.array_equal(image.numpy(), _unit(written[path])), path
+            assert data.classes[int(label)] == Path(path).parent.name
+    monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 0)  # the lazy path: decoded when drawn
+    lazy, _ = load_splits(f"folder:{tmp_path / 'tiffs'}")
+    assert lazy.x is None
+    x, y = next(iter(batch_loader(lazy, 48, shuffle=False, drop_last=False)))
+    assert torch.equal(x, train.x) and torch.equal(y, train.y)
+    with pytest.warns(UserWarning, match="color-jitter, color-drop skipped"):
+        run = selfsup.pretrain(
+            method="simclr",
+            data=f"folder:{tmp_path / 'tiffs'}",
+            backbone="convnet",
+            epochs=1,
+            batch_size=16,
+            out=str(tmp_path / "run"),
+        )
+    encoder = rundir.read_config(run)["encoder"]
+    assert encoder["in_channels"] == BANDS
+    unit = np.stack([_unit(written[p]) for p in train.paths]).astype(np.float64)
+    np.testing.assert_allclose(encoder["mean"], unit.mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_folder_of_16_bit_grey_pngs_loads_exactly(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    (tmp_path / "png").mkdir()
+    written = {}
+    for i in range(5):
+        band = rng.integers(0, 65536, (SIDE, SIDE), dtype=np.uint16)
+        Image.fromarray(band).save(tmp_path / "png" / f"{i}.png")
+        written[str(tmp_path / "png" / f"{i}.png")] = band[..., None]
+    train, test = load_splits(f"folder:{tmp_path / 'png'}")
+    assert test is None and train.x.dtype == torch.float32 and train.channels == 1
+    for image, path in zip(train.x, train.paths, strict=True):
+        assert np.array_equal(image.numpy(), _unit(written[path]))
+    # resized: the float path, as `square_resize` does it on raw / 65535
+    small, _ = load_splits(f"folder:{tmp_path / 'png'}", image_size=6)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(np.stack([_unit(written[p]) for p in train.paths])),
+        size=(6, 6),
+        mode="bilinear",
+        antialias=True,
+    ).clamp(0, 1)
+    torch.testing.assert_close(small.x, expected, rtol=0, atol=1e-6)
+
+
+def test_a_folder_of_mixed_kinds_is_one_line_naming_the_file(tmp_path) -> None:
+    def folder(name: str, files: dict[str, np.ndarray]) -> str:
+        (tmp_path / name).mkdir()
+        for file, array in files.items():
+            if file.endswith(".tif"):
+                _save_stack(tmp_path / name / file, array)
+            else:
+                Image.fromarray(array).save(tmp_path / name / file)
+        return f"folder:{tmp_path / name}"
+
+    six = np.zeros((8, 8, 6), np.uint16)
+    grey16, rgb = np.zeros((8, 8), np.uint16), np.zeros((8, 8, 3), np.uint8)
+    cases = [
+        (
+            folder("bands", {"a.tif": six, "b.tif": six[..., :4]}),
+            r"b\.tif: 4 channel.*a\.tif has 6",
+        ),
+        (
+            folder("png16", {"a.png": grey16, "b.png": grey16.astype(np.uint8)}),
+            r"b\.png: 1 .*uint8",
+        ),
+        (folder("rgb", {"a.png": rgb, "b.png": grey16}), r"b\.png: I;16 pixels.*a\.png has 8"),
+        (folder("rgbtif", {"a.png": rgb, "b.tif": six}), r"b\.tif: a TIFF .*such as a\.png"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(SelfsupError, match=message) as caught:
+            load_splits(spec)
+        assert "\n" not in str(caught.value)
+
+
+def test_evaluating_across_channel_counts_is_one_line() -> None:
+    from selfsup.image.data import adapt_images
+
+    for have, want in ((6, 3), (3, 6), (6, 1), (4, 6)):
+        with pytest.raises(SelfsupError, match=rf"^images of {have} channel.* encoder of {want}:"):
+            adapt_images(torch.rand(2, have, 4, 4), want, (4, 4))
+    assert adapt_images(torch.rand(2, 6, 4, 4), 6, (2, 2)).shape == (2, 6, 2, 2)  # resize only
+    with pytest.raises(ValueError, match="N×C×H×W"):
+        adapt_images(torch.rand(6, 4, 4), 6, (4, 4))  # a caller's bug, not the user's

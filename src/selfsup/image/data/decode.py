@@ -35,6 +35,11 @@ MAX_PIXELS_ENV = "SELFSUP_MAX_PIXELS"
 _ORIENTATION = 0x0112  # the EXIF tag
 
 
+class DeepPixels(SelfsupError):
+    """An image of more than 8 bits a channel (16-bit or float), which the uint8 RGB decode
+    would clip: such files go through `multichannel.read_image`."""
+
+
 def max_pixels() -> int:
     """The largest image (width × height) decoded: $SELFSUP_MAX_PIXELS (set by `--max-pixels`,
     inherited by worker processes), else PIL's default of about 89 MP."""
@@ -65,6 +70,13 @@ def image_header(path: str | Path) -> tuple[str, int, int]:
     larger than `max_pixels()`."""
     with _checked_open(path) as im:
         return im.format or "", *im.size
+
+
+def image_mode(path: str | Path) -> str:
+    """PIL's mode of the file ("RGB", "L", "I;16", ...) from its header alone; one line as
+    `image_header`."""
+    with _checked_open(path) as im:
+        return im.mode
 
 
 @contextlib.contextmanager
@@ -114,7 +126,7 @@ def decode_image(path: str | Path, min_side: int | None = None) -> torch.Tensor:
             if draft:  # PIL picks the largest reduction keeping both sides >= the size asked
                 s = min_side / min(w, h)  # type: ignore[operator]
                 im.draft("RGB", (max(min_side, round(w * s)), max(min_side, round(h * s))))
-            return _pil_rgb(im)
+            return _pil_rgb(im, path)
     # full-scale JPEG: libjpeg-turbo through torchvision
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as tv_decode
@@ -125,15 +137,17 @@ def decode_image(path: str | Path, min_side: int | None = None) -> torch.Tensor:
         pass
     with _checked_open(path) as im:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        return _pil_rgb(im)
+        return _pil_rgb(im, path)
 
 
-def _pil_rgb(im: PILImage) -> torch.Tensor:
+def _pil_rgb(im: PILImage, path: str | Path) -> torch.Tensor:
     """An opened PIL image decoded to uint8 3×H×W, EXIF orientation applied (copies only where
     something changes)."""
     import torch
     from PIL import ImageOps
 
+    if im.mode.startswith(("I", "F")):  # convert("RGB") would clip them to 255
+        raise DeepPixels(f"{path}: {im.mode} pixels, more than 8 bits a channel")
     if im.getexif().get(_ORIENTATION, 1) != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode != "RGB":

@@ -20,6 +20,8 @@ only 11 bits).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from selfsup.core.errors import SelfsupError, first_line
+from selfsup.image.data.decode import image_mode
 from selfsup.image.data.transforms import square_resize, unit_float
 
 STD_FLOOR = 1e-3  # a constant channel is divided by this, not by 0
@@ -127,31 +130,47 @@ def _page(page, keep_alpha: bool) -> np.ndarray:
 
 
 class StackImages(Dataset):
-    """Image files read by `read_image` on demand (for folders of 16-bit PNGs and TIFF stacks):
-    item i -> (C×size×size, uint8 or float32 [0, 1] as `to_unit` gives, int label)."""
+    """Image files read by `read_image` on demand (folders of 16-bit PNGs and TIFF stacks):
+    item i -> (C×size×size, uint8 or float32 [0, 1] as `to_unit` gives, int label).
+
+    Every file must have the channels and pixel type of the first one (read when this is made);
+    one that differs is one line naming it when it is read. The paths are one bytes array, as
+    `sources.FolderImages` holds them (forked workers copy no pages)."""
 
     def __init__(
-        self, paths: list[str], labels: list[int], size: int, keep_alpha: bool = False
+        self, paths: Sequence[str], labels: Sequence[int], size: int, keep_alpha: bool = False
     ) -> None:
-        self.paths, self.labels, self.size, self.keep_alpha = paths, labels, size, keep_alpha
+        self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.size, self.keep_alpha = size, keep_alpha
+        first = read_image(paths[0], keep_alpha)
+        self.channels, self.dtype = first.shape[2], first.dtype
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per value of the images this gives: 1 (uint8) or 4 (float32)."""
+        return 1 if self.dtype == np.uint8 else 4
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        pixels = to_unit(read_image(self.paths[i], self.keep_alpha), self.paths[i])
-        return square_resize(pixels.permute(2, 0, 1), self.size), self.labels[i]
+        path = os.fsdecode(self.paths[i])
+        array = read_image(path, self.keep_alpha)
+        if (array.shape[2], array.dtype) != (self.channels, self.dtype):
+            first = os.fsdecode(self.paths[0])
+            raise SelfsupError(
+                f"{path}: {array.shape[2]} channel(s) of {array.dtype} pixels, but {first} has "
+                f"{self.channels} of {self.dtype}; a folder's images must all be alike"
+            )
+        pixels = to_unit(array, path)
+        return square_resize(pixels.permute(2, 0, 1), self.size), int(self.labels[i])
 
 
 def is_stack(path: str | Path) -> bool:
     """Whether a file needs `read_image` rather than the RGB decoder: a TIFF, or a PNG of
-    16-bit pixels (from its header alone)."""
+    16-bit pixels (from its header alone; a damaged file is one line)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".tif", ".tiff"):
         return True
-    if suffix != ".png":
-        return False
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.mode.startswith("I")
+    return suffix == ".png" and image_mode(path).startswith("I")

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from selfsup.core.errors import SelfsupError, first_line
 from selfsup.image.data import multichannel, npz
-from selfsup.image.data.decode import decode_square, image_header
+from selfsup.image.data.decode import DeepPixels, decode_square, image_header
 from selfsup.image.data.images import ImageData, decode_all
 from selfsup.image.data.transforms import square_resize
 
@@ -25,7 +25,8 @@ TORCHVISION = {
     "svhn": "SVHN",
 }
 SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, litdata:DIR_OR_URL, " + ", ".join(TORCHVISION)
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+STACKS = {".tif", ".tiff"}  # read as channel stacks (multichannel.read_image), never as RGB
 HOLDOUT = 0.2  # of a labeled source without a test split, held out as its test split
 IN_MEMORY_BYTES = 2 * 1024**3  # folders decoding to less than this (as uint8) are held in memory
 MAX_DEFAULT_SIZE = 224  # cap on the default folder image size (the first image's short side)
@@ -229,7 +230,12 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path = os.fsdecode(self.paths[i])
-        return decode_square(path, self.size), int(self.labels[i])
+        try:
+            return decode_square(path, self.size), int(self.labels[i])
+        except DeepPixels as e:
+            first = os.fsdecode(self.paths[0])
+            message = f"{e}, but {first} has 8; a folder's images must all be alike"
+            raise SelfsupError(message) from None
 
 
 def images_under(d: Path, recursive: bool) -> list[Path]:
@@ -272,13 +278,29 @@ def _folder_images(
     stream: bool = False,
 ) -> tuple[ImageData, int]:
     """Image files -> (ImageData, size): decoded into memory (by DataLoader workers) when they
-    fit in IN_MEMORY_BYTES and not `stream`, else decoded on demand, holding the file list only."""
+    fit in IN_MEMORY_BYTES and not `stream`, else decoded on demand, holding the file list only.
+
+    The first file says what the others must be: a TIFF or a 16-bit PNG makes the folder a
+    stack folder (`multichannel.StackImages`: its channels and pixel type, uint16 as float
+    [0, 1]), anything else an 8-bit RGB one (`FolderImages`); a file of another kind is one
+    line naming it (a TIFF here at once, others when they are decoded)."""
     if size is None:
         size = min(*image_header(paths[0])[1:], MAX_DEFAULT_SIZE)
     y = None if labels is None else torch.tensor(labels, dtype=torch.long)
     files = [str(p) for p in paths]
-    ds = FolderImages(files, labels or [-1] * len(files), size)
-    if stream or len(ds) * 3 * size * size >= IN_MEMORY_BYTES:
+    ds: Dataset
+    if multichannel.is_stack(paths[0]):
+        ds = multichannel.StackImages(files, labels or [-1] * len(files), size)
+        per_pixel = ds.channels * ds.itemsize
+    else:
+        tiff = next((p for p in paths if p.suffix.lower() in STACKS), None)
+        if tiff is not None:
+            raise SelfsupError(
+                f"{tiff}: a TIFF (read as a channel stack) among 8-bit images such as "
+                f"{paths[0].name}; a folder's images must all be alike"
+            )
+        ds, per_pixel = FolderImages(files, labels or [-1] * len(files), size), 3
+    if stream or len(ds) * per_pixel * size * size >= IN_MEMORY_BYTES:  # type: ignore[arg-type]
         return ImageData(None, y, classes, name, lazy=ds, paths=files), size
     x = decode_all(ds, desc=f"decoding {root}")
     return ImageData(x, y, classes, name, paths=files), size

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup.core.errors import SelfsupError
+
 LUMA = (0.299, 0.587, 0.114)
 _CHUNK = 1024  # images converted at a time, to bound the float working memory
 
@@ -34,14 +36,15 @@ def adapt_images(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch
     """uint8 (or float [0, 1]) N×C×H×W -> the same dtype N×`channels`×`size`.
 
     RGB -> gray uses luminance weights 0.299/0.587/0.114, gray -> RGB repeats the channel; any
-    other channel count can only be resized (C -> C). The resize is bilinear with
-    antialiasing. Returns `x` itself when nothing changes.
+    other channel count can only be resized (C -> C): another change (6 -> 3, 3 -> 6) is one
+    line. The resize is bilinear with antialiasing. Returns `x` itself when nothing changes.
     """
-    same = x.ndim == 4 and x.shape[1] == channels
-    if not same and (x.ndim != 4 or x.shape[1] not in (1, 3) or channels not in (1, 3)):
-        raise ValueError(
-            f"expected N×C×H×W -> C channels, or C 1 or 3 -> 1 or 3, got {tuple(x.shape)} -> "
-            f"{channels} channels"
+    if x.ndim != 4:
+        raise ValueError(f"expected N×C×H×W images, got shape {tuple(x.shape)}")
+    if x.shape[1] != channels and (x.shape[1] not in (1, 3) or channels not in (1, 3)):
+        raise SelfsupError(
+            f"images of {x.shape[1]} channel(s) cannot feed an encoder of {channels}: only grey "
+            f"and RGB convert (1 <-> 3); use data with {channels} channel(s)"
         )
     size = (int(size[0]), int(size[1]))
     if x.shape[1] == channels and tuple(x.shape[-2:]) == size:
