@@ -10,6 +10,13 @@ distribution (`best_of_n_kl`), printed beside the usual bound log n - (n-1)/n.
 
     python benchmarks/alignment_frontier.py --quick --work /tmp/frontier   # minutes on a CPU
     python benchmarks/alignment_frontier.py --work frontier                # task A of the docs
+    python benchmarks/alignment_frontier.py --quick --arch llama --work /tmp/frontier-llama
+
+--arch llama builds the same pipeline on a random-initialised Hugging Face Llama instead of the
+pretrained GPT-2 (`llama_base`: about the GPT-2's size, RoPE, grouped-query attention, SwiGLU;
+the pipeline's character tokenizer with Llama 3's special tokens and a Jinja chat template of its
+own, so every stage renders through the model's template, not selfsup's markers); it is not
+pretrained: SFT (--sft-epochs) teaches it the task from random weights.
 
 Writes WORK/frontier.csv (every point), WORK/frontier.md (the table) and a figure (--figure).
 """
@@ -44,6 +51,7 @@ FULL: dict[str, Any] = dict(
     simpo=dict(betas=[2.0, 10.0], epochs=1, lr=1e-5, batch_size=16),
     kto=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=1e-5, batch_size=32),
     seeds=[0, 1, 2],
+    llama_sft_epochs=6,
 )  # fmt: skip
 QUICK: dict[str, Any] = dict(
     task=["--num-prompts", "256", "--sft", "1000", "--max-operand", "20"],
@@ -61,7 +69,48 @@ QUICK: dict[str, Any] = dict(
     simpo=dict(betas=[2.0, 10.0], epochs=1, lr=5e-5, batch_size=16),
     kto=dict(betas=[0.1, 0.3, 1.0], epochs=1, lr=5e-5, batch_size=32),
     seeds=[0, 1, 2],
+    llama_sft_epochs=6,
 )  # fmt: skip
+
+
+# The Llama of --arch llama: Llama 3's role tokens and template (its `{% generation %}` markers
+# tell TRL's SFTTrainer the assistant's tokens; they render nothing), <|eot_id|> ends a turn.
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|eot_id|>"
+    "{% endgeneration %}{% else %}{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+)
+LLAMA_SPECIAL = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                 "pad_token": "<|finetune_right_pad_id|>"}  # fmt: skip
+LLAMA_ROLES = ["<|start_header_id|>", "<|end_header_id|>"]
+# about the quick GPT-2's size (2 x 64, 4 heads): the SwiGLU's three matrices of 176 ~ GPT-2's
+# two of 256; two key/value heads (grouped-query attention); tied embeddings as GPT-2's
+LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=176, max_position_embeddings=128,
+             tie_word_embeddings=True)  # fmt: skip
+
+
+def llama_base(folder: Path, corpus: Path, size: dict[str, int] | None = None) -> Path:
+    """A random-initialised Llama HF folder: the pipeline's character tokenizer (the corpus's
+    characters and printable ASCII) with Llama 3's special tokens and LLAMA_TEMPLATE."""
+    import string
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from selfsup.core.tokenizer import train_tokenizer
+
+    texts = [corpus.read_text(), string.printable]
+    tokenizer = train_tokenizer(texts, "char", special_tokens=[*LLAMA_SPECIAL.values(),
+                                                              *LLAMA_ROLES])  # fmt: skip
+    tokenizer.add_special_tokens({**LLAMA_SPECIAL, "additional_special_tokens": LLAMA_ROLES})
+    tokenizer.chat_template = LLAMA_TEMPLATE
+    torch.manual_seed(0)
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in LLAMA_SPECIAL.items()}
+    config = LlamaConfig(vocab_size=len(tokenizer), **ids, **(size or LLAMA))
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _run(argv: list[str]) -> None:
@@ -70,17 +119,24 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(f"failed: selfsup {' '.join(argv)}")
 
 
-def build_pipeline(work: Path, scale: dict[str, Any]) -> dict[str, Path]:
-    """The task's files, GPT, SFT model, rankings and reward model (reused when present)."""
+def build_pipeline(work: Path, scale: dict[str, Any], arch: str = "gpt2") -> dict[str, Path]:
+    """The task's files, base model (GPT-2 pretrained on the corpus, or a random Llama), SFT
+    model, rankings and reward model (reused when present)."""
     data, gpt, sft, rm = work / "data", work / "gpt", work / "sft", work / "rm"
     if not (data / "eval.jsonl").is_file():
         _run(["lm", "arithmetic", str(data), *scale["task"]])
-    if not (gpt / "hf").is_dir():
+    sft_args = scale["sft"]
+    if arch == "llama":
+        gpt = work / "base"
+        if not (gpt / "config.json").is_file():
+            llama_base(gpt, data / "corpus.txt")
+        sft_args = [*sft_args, "--epochs", str(scale["llama_sft_epochs"])]  # from random weights
+    elif not (gpt / "hf").is_dir():
         corpus = str(data / "corpus.txt")
         _run(["lm", "pretrain", "gpt", "--data", corpus, "--tokenizer", "char", *scale["gpt"],
               "--accelerator", "cpu", "--no-progress", "--out", str(gpt)])  # fmt: skip
     if not (sft / "hf").is_dir():
-        _run(["lm", "sft", "--init", str(gpt), "--data", str(data / "sft.jsonl"), *scale["sft"],
+        _run(["lm", "sft", "--init", str(gpt), "--data", str(data / "sft.jsonl"), *sft_args,
               "--accelerator", "cpu", "--no-progress", "--out", str(sft)])  # fmt: skip
     rankings = work / "rankings.jsonl"
     if not rankings.is_file():
@@ -89,7 +145,7 @@ def build_pipeline(work: Path, scale: dict[str, Any]) -> dict[str, Path]:
     if not (rm / "hf").is_dir():
         _run(["lm", "reward", "--init", str(sft), "--data", str(rankings), *scale["reward"],
               "--accelerator", "cpu", "--no-progress", "--out", str(rm)])  # fmt: skip
-    return {"data": data, "sft": sft, "rm": rm, "rankings": rankings}
+    return {"data": data, "base": gpt, "sft": sft, "rm": rm, "rankings": rankings}
 
 
 def _held_out(paths: dict[str, Path], scale: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -335,6 +391,9 @@ def main() -> None:
     parser.add_argument("--work", default="frontier", help="folder for the pipeline and runs")
     parser.add_argument("--quick", action="store_true", help="the small scale (minutes on a CPU)")
     parser.add_argument("--seeds", help="comma list (default: the scale's)")
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
+                        help="the pipeline's model: GPT-2 pretrained on the corpus, or a "
+                        "random-initialised Llama (`llama_base`)")  # fmt: skip
     parser.add_argument("--methods", default="best-of-n,ppo,dpo,simpo,kto,grpo")
     parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
@@ -362,7 +421,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    paths = build_pipeline(work, scale)
+    paths = build_pipeline(work, scale, args.arch)
     print(f"pipeline ready in {time.perf_counter() - start:.0f} s", flush=True)
     held_out = len((paths["data"] / "eval.jsonl").read_text().splitlines())
     print(f"held-out prompts: {min(held_out, scale['eval_prompts'])}", flush=True)
