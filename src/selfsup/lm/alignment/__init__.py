@@ -22,5 +22,6 @@ ALIGN = Registry(
         "grpo": "selfsup.lm.alignment.grpo:GRPO",
         "simpo": "selfsup.lm.alignment.simpo:SimPO",
         "kto": "selfsup.lm.alignment.kto:KTO",
+        "distill": "selfsup.lm.alignment.gkd:GKD",
     }
 )
