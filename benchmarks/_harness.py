@@ -149,3 +149,42 @@ def main(
     configs = [{**c, "threads": args.threads} for c in build_configs(args)]
     results = run_rounds(Path(sys.argv[0]).resolve(), configs, args.rounds, timeout)
     report(configs, results)
+
+
+# --- FLOP utilisation (benchmarks/mfu.py; the GPU script reuses them) ----------------------
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of fn as torch.utils.flop_counter.FlopCounterMode counts them: matrix
+    products, convolutions and attention (forward and backward), shapes only; elementwise ops,
+    normalisation, pooling, reductions and the optimiser count nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """GFLOP/s of an n×n×n GEMM in `dtype` on the current threads: the median of `repeats` after
+    one untimed call (this machine's practical matmul peak in that precision)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b, repeats, device))
+    return 2 * n**3 / seconds / 1e9
+
+
+def has_bf16_matmul(device: str = "cpu") -> bool:
+    """Whether bf16 matrix products run natively (AVX-512-BF16 / AMX on a CPU, any recent GPU);
+    elsewhere oneDNN emulates them, far slower than float32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table, cells as given (str() of each)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
