@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -130,7 +131,11 @@ def test_any_folder_tree_loads_or_fails_in_one_line(tree, size) -> None:
         split = loads_or_one_line(lambda: load_splits(f"folder:{root}", image_size=size))
         if split is not None:
             train, test = split
-            assert len(train) >= 1 and train.channels == 3
+            assert len(train) >= 1
+            if train.channels == 1:  # a 16-bit grey first image: one channel of [0, 1] floats
+                assert train.images(torch.tensor([0])).dtype == torch.float32
+            else:
+                assert train.channels == 3
             if test is not None:
                 assert test.image_size == train.image_size
 
