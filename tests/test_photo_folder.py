@@ -4,6 +4,7 @@ folder over the in-memory threshold never held in memory. Every image is made he
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,11 @@ def test_workers_give_the_same_batches_as_the_main_process(tmp_path, monkeypatch
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(alone[0][0], alone[len(alone) // 2][0])  # epochs differ in order
     assert batch_loader(train, 3, shuffle=False, drop_last=False, num_workers=None).num_workers
-    assert 1 <= default_workers() <= 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers() == 8  # 12 usable cores, capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 3  # the cores shared by 4 processes
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1000")  # many processes on few cores: one each
     assert default_workers() == 1
 
