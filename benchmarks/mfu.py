@@ -3,6 +3,7 @@
     python benchmarks/mfu.py                                  # every method, 3 backbones, GPT
     python benchmarks/mfu.py --methods simclr,vicreg --backbones resnet18:32 --steps 5
     nice -n 5 python benchmarks/mfu.py --quick                # a smoke pass: 3 methods, ConvNet
+    python benchmarks/mfu.py --device cuda --gemm 8192        # on a GPU (no profile row)
 
 For the training step of every image method (`selfsup.image.methods.METHODS`, default options,
 AdamW as `selfsup pretrain` builds it) on `--backbones` (default the ConvNet at 32 px and
@@ -122,7 +123,9 @@ def build_method(config: H.Config, classes: list[str]) -> nn.Module:
 def image_steps(config: H.Config) -> dict[str, Any]:
     """(the whole step, the backbone alone) as callables, and what they run on."""
     x, labels, classes = cifar(config["px"])
-    model = build_method(config, classes)
+    device = config.get("device", "cpu")
+    x, labels = x.to(device), labels.to(device)
+    model = build_method(config, classes).to(device)
     trainer = stand_in_trainer(model)
     schedule_config = model.configure_optimizers()
     optimizer = schedule_config["optimizer"]
@@ -131,12 +134,14 @@ def image_steps(config: H.Config) -> dict[str, Any]:
     uses_labels = config["method"] in ("clip", "supcon")
     g = torch.Generator().manual_seed(0)
     batch = config["batch"]
+    kind = torch.device(device).type
 
     def step(autocast: bool) -> None:
-        pick = torch.randint(len(x), (batch,), generator=g)
-        xb, yb = x[pick], labels[pick] if uses_labels else torch.full((batch,), -1)
+        pick = torch.randint(len(x), (batch,), generator=g).to(device)
+        unlabelled = torch.full((batch,), -1, device=device)
+        xb, yb = x[pick], labels[pick] if uses_labels else unlabelled
         with (
-            torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+            torch.autocast(kind, torch.bfloat16, enabled=autocast),
             torch.profiler.record_function("forward+loss"),
         ):
             loss = model.training_step((xb, yb), trainer.global_step)
@@ -152,12 +157,12 @@ def image_steps(config: H.Config) -> dict[str, Any]:
 
     backbone = model.encoder.backbone
     channels = 1 if model.encoder.lightness else 3
-    fixed = torch.rand(batch, channels, config["px"], config["px"])
+    fixed = torch.rand(batch, channels, config["px"], config["px"], device=device)
     if getattr(model.encoder, "channels_last", False):
         fixed = fixed.contiguous(memory_format=torch.channels_last)
 
     def alone(autocast: bool) -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(kind, torch.bfloat16, enabled=autocast):
             out = backbone(fixed)
         out.float().sum().backward()
         backbone.zero_grad(set_to_none=True)
@@ -176,7 +181,10 @@ def gpt_steps(config: H.Config) -> dict[str, Any]:
     text = CORPUS.read_text(encoding="utf-8")
     vocab = {c: i + len(GPTModule.SPECIAL_TOKENS) for i, c in enumerate(sorted(set(text)))}
     ids = np.array([vocab[c] for c in text], dtype=np.int64)  # the char tokenizer's ids
+    device = config.get("device", "cpu")
+    kind = torch.device(device).type
     module = GPTModule(lm, options, len(vocab) + len(GPTModule.SPECIAL_TOKENS)).train()
+    module.to(device)
     trainer = stand_in_trainer(module, lm.steps)
     schedule_config = module.configure_optimizers()
     optimizer = schedule_config["optimizer"]
@@ -185,8 +193,8 @@ def gpt_steps(config: H.Config) -> dict[str, Any]:
     rng = np.random.default_rng(0)
 
     def step(autocast: bool) -> None:
-        batch = module.make_batch(ids, rng, lm.batch_size)
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        batch = module.make_batch(ids, rng, lm.batch_size).to(device)
+        with torch.autocast(kind, torch.bfloat16, enabled=autocast):
             loss = module.training_step(batch, trainer.global_step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,10 +203,10 @@ def gpt_steps(config: H.Config) -> dict[str, Any]:
         schedule.step()
         trainer.global_step += 1
 
-    fixed = module.make_batch(ids, rng, lm.batch_size)[:, :-1]
+    fixed = module.make_batch(ids, rng, lm.batch_size)[:, :-1].to(device)
 
     def alone(autocast: bool) -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(kind, torch.bfloat16, enabled=autocast):
             out = module.model(fixed)
         out.float().sum().backward()
         module.zero_grad(set_to_none=True)
@@ -242,7 +250,10 @@ def measure(config: H.Config) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     if config["kind"] == "profile":
         return profile(config)
-    peaks = {p: H.matmul_peak(DTYPES[p], config["gemm"]) for p in config["precisions"]}
+    device = config.get("device", "cpu")
+    peaks = {
+        p: H.matmul_peak(DTYPES[p], config["gemm"], device=device) for p in config["precisions"]
+    }
     try:
         steps = gpt_steps(config) if config["kind"] == "gpt" else image_steps(config)
     except Exception as e:  # a method these settings cannot build: one line in the table
@@ -252,10 +263,10 @@ def measure(config: H.Config) -> dict[str, Any]:
         for row, fn in steps.items():
             run = partial(fn, precision == "bf16")
             flops = H.count_flops(run)  # also the warm-up
-            seconds = statistics.median(H.timed(run, config["steps"]))
+            seconds = statistics.median(H.timed(run, config["steps"], device))
             rows.append({"precision": precision, "row": row, "flops": flops, "s": seconds})
     for p in peaks:  # measured again after the rows: the better of the two is the peak
-        peaks[p] = max(peaks[p], H.matmul_peak(DTYPES[p], config["gemm"]))
+        peaks[p] = max(peaks[p], H.matmul_peak(DTYPES[p], config["gemm"], device=device))
     return {"peaks": peaks, "rows": rows}
 
 
@@ -263,8 +274,10 @@ def build_configs(args: argparse.Namespace) -> list[H.Config]:
     from selfsup.image.methods import METHODS
     from selfsup.image.models.vit import VIT_SIZES
 
-    precisions = args.precisions or ["32", *(["bf16"] if H.has_bf16_matmul() else [])]
-    common = {"batch": args.batch, "steps": args.steps, "gemm": args.gemm, "precisions": precisions}
+    bf16 = H.has_bf16_matmul(args.device)
+    precisions = args.precisions or ["32", *(["bf16"] if bf16 else [])]
+    common = {"batch": args.batch, "steps": args.steps, "gemm": args.gemm,
+              "precisions": precisions, "device": args.device}  # fmt: skip
     methods = args.methods or (QUICK_METHODS if args.quick else list(METHODS))
     if "distill" in methods and not args.teacher:
         print("distill: skipped (needs --teacher, a frozen teacher to distill from)")
@@ -286,7 +299,7 @@ def build_configs(args: argparse.Namespace) -> list[H.Config]:
     if not args.no_gpt:
         configs.append({"kind": "gpt", "method": "gpt (baby)", "backbone": "gpt", "px": 64,
                         **common})  # fmt: skip
-    if not args.no_profile:
+    if not args.no_profile and args.device == "cpu":  # the profile reads CPU time
         configs.append({"kind": "profile", "batch": args.batch, "steps": args.steps,
                         "top": args.top})  # fmt: skip
     return configs
@@ -361,6 +374,7 @@ if __name__ == "__main__":
     parser.add_argument("--gemm", type=int, default=2048, help="side of the peak's GEMM")
     parser.add_argument("--teacher", help="distill's --teacher (distill is skipped without)")
     parser.add_argument("--top", type=int, default=15, help="ops in the profile's table")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU: no profile row)")
     parser.add_argument("--no-gpt", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument(
