@@ -356,3 +356,42 @@ def test_pretrained_is_refused_in_one_line_where_it_cannot_apply_and_dropped_on_
         assert not out.exists()
     saved = dict(method="simclr", backbone="torchvision:resnet18", pretrained=True)
     assert config_from_saved(saved).pretrained is False  # its weights are in the checkpoint
+
+
+def test_hf_vit_into_selfsups_own_vit_refused_in_one_line_or_blocks_loaded(
+    tmp_path: Path,
+) -> None:
+    """selfsup's vit-* has no class token and fixed sin-cos positions: a transformers ViT file is
+    refused in one line naming them; partial loads the rest, which then computes what
+    transformers' own patch embedding, layers and final norm compute (1e-5)."""
+    from transformers import ViTConfig, ViTModel
+
+    from selfsup.image.models.init_weights import load_init_weights
+    from selfsup.image.models.vit import ViT
+
+    torch.manual_seed(3)
+    config = ViTConfig(
+        **_hf_vit_config(num_hidden_layers=2, intermediate_size=768) | dict(image_size=8)
+    )
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    vit = ViT(3, [8, 8], 4, 192, 2, 3).eval()
+    with pytest.raises(
+        SelfsupError, match=r"class token and learned position .*cls_token, pos_emb"
+    ):
+        load_init_weights(vit, file, what="--backbone vit-mini")
+    with pytest.raises(SelfsupError) as caught:
+        load_init_weights(vit, file)
+    assert "\n" not in str(caught.value)
+    load_init_weights(vit, file, partial=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        patches = model.embeddings.patch_embeddings(x)  # B×N×D
+        torch.testing.assert_close(vit.embed(x) - vit.positions, patches, atol=1e-5, rtol=1e-5)
+        # transformers' own layers on selfsup's tokens (its patches + sin-cos positions)
+        hidden = patches + vit.positions
+        for layer in model.layers:
+            hidden = layer(hidden)
+        want = model.layernorm(hidden).mean(dim=1)
+        torch.testing.assert_close(vit(x), want, atol=1e-5, rtol=1e-5)

@@ -209,9 +209,27 @@ def _unit(array: np.ndarray) -> np.ndarray:
     return (array.astype(np.float32) / np.float32(65535)).transpose(2, 0, 1)
 
 
-def test_folder_of_six_band_uint16_tiffs_loads_exactly_and_pretrains(tmp_path, monkeypatch):
-    written = _stack_folder(tmp_path / "tiffs")
-    train, test = load_splits(f"folder:{tmp_path / 'tiffs'}")
+@pytest.fixture(scope="module")
+def tiffs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray], Path]:
+    """(folder, each file's array by path, a SimCLR run pretrained on it): one pretraining for
+    the tests of the folder, classify/predict and export."""
+    root = tmp_path_factory.mktemp("tiffs")
+    written = _stack_folder(root / "tiffs")
+    with pytest.warns(UserWarning, match="color-jitter, color-drop skipped"):
+        run = selfsup.pretrain(
+            method="simclr",
+            data=f"folder:{root / 'tiffs'}",
+            backbone="convnet",
+            epochs=1,
+            batch_size=16,
+            out=str(root / "run"),
+        )
+    return root / "tiffs", written, Path(run)
+
+
+def test_folder_of_six_band_uint16_tiffs_loads_exactly_and_pretrains(tiffs, monkeypatch):
+    folder, written, run = tiffs
+    train, test = load_splits(f"folder:{folder}")
     assert train.x.dtype == torch.float32 and tuple(train.x.shape) == (48, BANDS, SIDE, SIDE)
     assert len(test) == 12 and train.classes == ["a", "b", "c"]
     for data in (train, test):
@@ -219,19 +237,10 @@ def test_folder_of_six_band_uint16_tiffs_loads_exactly_and_pretrains(tmp_path, m
             assert np.array_equal(image.numpy(), _unit(written[path])), path
             assert data.classes[int(label)] == Path(path).parent.name
     monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 0)  # the lazy path: decoded when drawn
-    lazy, _ = load_splits(f"folder:{tmp_path / 'tiffs'}")
+    lazy, _ = load_splits(f"folder:{folder}")
     assert lazy.x is None
     x, y = next(iter(batch_loader(lazy, 48, shuffle=False, drop_last=False)))
     assert torch.equal(x, train.x) and torch.equal(y, train.y)
-    with pytest.warns(UserWarning, match="color-jitter, color-drop skipped"):
-        run = selfsup.pretrain(
-            method="simclr",
-            data=f"folder:{tmp_path / 'tiffs'}",
-            backbone="convnet",
-            epochs=1,
-            batch_size=16,
-            out=str(tmp_path / "run"),
-        )
     encoder = rundir.read_config(run)["encoder"]
     assert encoder["in_channels"] == BANDS
     unit = np.stack([_unit(written[p]) for p in train.paths]).astype(np.float64)
@@ -300,3 +309,67 @@ def test_evaluating_across_channel_counts_is_one_line() -> None:
     assert adapt_images(torch.rand(2, 6, 4, 4), 6, (2, 2)).shape == (2, 6, 2, 2)  # resize only
     with pytest.raises(ValueError, match="N×C×H×W"):
         adapt_images(torch.rand(6, 4, 4), 6, (4, 4))  # a caller's bug, not the user's
+
+
+def test_classify_and_predict_on_six_band_uint16_tiffs(tiffs, tmp_path) -> None:
+    import csv
+
+    from selfsup.cli.main import main
+    from selfsup.image.use.classify import Classifier
+
+    folder, written, run = tiffs
+    model = tmp_path / "bands.classifier"
+    argv = ["classify", str(run), "--labels", f"folder:{folder / 'train'}", "--out", str(model)]
+    assert main(argv) == 0
+    out = tmp_path / "predictions.csv"
+    argv = ["predict", str(model), f"folder:{folder / 'test'}", "-o", str(out)]
+    assert main([*argv, "--batch-size", "5"]) == 0  # several batches
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12
+    # the classifier on each file's pixels decoded here, raw / 65535 (pretraining's reading)
+    pixels = torch.from_numpy(np.stack([_unit(written[r["path"]]) for r in rows]))
+    expected = Classifier(model)(pixels).numpy()
+    got = np.array([[float(r[f"p_{c}"]) for c in "abc"] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert [r["label"] for r in rows] == ["abc"[int(i)] for i in expected.argmax(1)]
+    accuracy = np.mean([r["label"] == Path(r["path"]).parent.name for r in rows])
+    assert accuracy >= 0.75, accuracy  # the bands separate the classes (raw pixels: ~100%)
+
+
+def _by_hand(path: Path, raw: np.ndarray) -> np.ndarray:
+    """The backbone's features of raw pixels N×C×H×W fed as the export's `selfsup_pixels`
+    says, in float64 numpy up to the backbone itself."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    rule, config = json.loads(meta["selfsup_pixels"]), json.loads(meta["selfsup_encoder"])
+    mean, std = (np.asarray(rule[k], np.float64).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    x = ((raw.astype(np.float64) - rule["offset"]) / rule["scale"] - mean) / std
+    encoder = Encoder(**config)
+    encoder.load_state_dict(load_file(str(path)))
+    with torch.no_grad():
+        return encoder.eval().backbone(torch.from_numpy(x).float()).numpy()
+
+
+def test_export_metadata_says_how_raw_pixels_feed_the_encoder(tiffs, digits_run) -> None:
+    folder, written, run = tiffs
+    path = export(run, format="safetensors")
+    with safe_open(str(path), "pt") as f:
+        rule = json.loads(f.metadata()["selfsup_pixels"])
+    assert (rule["dtype"], rule["offset"], rule["scale"], rule["channels"]) == (
+        "uint16",
+        0.0,
+        65535.0,
+        BANDS,
+    )
+    features, _ = selfsup.embed(run, split="test")  # the pipeline: files decoded by selfsup
+    _, test = load_splits(f"folder:{folder}")
+    raw = np.stack([written[p].transpose(2, 0, 1) for p in test.paths])  # the files' uint16
+    np.testing.assert_allclose(_by_hand(path, raw), features, rtol=1e-4, atol=1e-5)
+    # 8-bit data: raw / 255
+    path = export(digits_run, format="safetensors", out=Path(run) / "digits.safetensors")
+    features, _ = selfsup.embed(digits_run, split="test")
+    _, test = load_splits("digits")
+    with safe_open(str(path), "pt") as f:
+        rule = json.loads(f.metadata()["selfsup_pixels"])
+    assert (rule["dtype"], rule["offset"], rule["scale"]) == ("uint8", 0.0, 255.0)
+    np.testing.assert_allclose(_by_hand(path, test.x.numpy()), features, rtol=1e-4, atol=1e-5)

@@ -173,3 +173,59 @@ def test_without_litdata_one_line_says_what_to_install(monkeypatch: pytest.Monke
     monkeypatch.setitem(__import__("sys").modules, "litdata", None)  # import litdata fails
     with pytest.raises(SelfsupError, match=r"pip install \"selfsup\[shards\]\""):
         load_splits("litdata:/nowhere")
+
+
+def _bands(root: Path, n: int = 12, side: int = 10) -> dict[bytes, tuple[np.ndarray, int]]:
+    """Class folders of 6-page uint16 TIFFs (one page a band); each file's array and label by
+    its bytes."""
+    rng = np.random.default_rng(5)
+    written = {}
+    for i in range(n):
+        array = rng.integers(0, 65536, (side, side, 6), dtype=np.uint16)
+        pages = [Image.fromarray(np.ascontiguousarray(array[..., c])) for c in range(6)]
+        path = root / CLASSES[i % 3] / f"{i:02d}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pages[0].save(path, save_all=True, append_images=pages[1:])
+        written[path.read_bytes()] = (array, i % 3)
+    return written
+
+
+def test_six_band_uint16_tiffs_keep_channels_and_dtype(tmp_path: Path) -> None:
+    from selfsup.image.data.multichannel import read_image
+
+    written = _bands(tmp_path / "bands")
+    assert main(["shard", f"folder:{tmp_path / 'bands'}", "--out", str(tmp_path / "s")]) == 0
+    train, test = load_splits(f"litdata:{tmp_path / 's'}")
+    assert train.channels == 6 and train.image_size == (10, 10) and train.classes == CLASSES
+    for split in (train, test):
+        for i in range(len(split)):
+            raw = split.lazy.encoded(i)  # type: ignore[union-attr]
+            array, label = written[raw]  # the TIFF itself
+            assert np.array_equal(read_image(io.BytesIO(raw)), array)
+            image, stored = split.lazy[i]  # type: ignore[index]
+            assert image.dtype == torch.float32 and stored == label
+            # exactly raw / 65535, and back to the source's uint16 values
+            assert torch.equal(
+                image, torch.from_numpy(array.astype(np.float32) / 65535).permute(2, 0, 1)
+            )
+            assert np.array_equal(
+                np.round(image.double().numpy() * 65535), array.transpose(2, 0, 1)
+            )
+    x, _ = next(iter(batch_loader(train, 4, shuffle=True, drop_last=True)))
+    assert x.shape == (4, 6, 10, 10) and x.dtype == torch.float32
+
+
+def test_arrays_in_memory_keep_channels_and_dtype(tmp_path: Path) -> None:
+    from selfsup.image.data import ImageData
+
+    rng = np.random.default_rng(6)
+    cases = {
+        "float6": torch.from_numpy(rng.random((5, 6, 7, 7), dtype=np.float32)),
+        "grey": torch.randint(0, 256, (5, 1, 7, 7), dtype=torch.uint8),
+        "rgba": torch.randint(0, 256, (5, 4, 7, 7), dtype=torch.uint8),
+    }
+    for name, x in cases.items():
+        write_shards(ImageData(x, None, None, name), None, str(tmp_path / name))
+        train, _ = load_splits(f"litdata:{tmp_path / name}")
+        back = train.images(list(range(5)))
+        assert back.dtype == x.dtype and torch.equal(back, x), name

@@ -43,18 +43,27 @@ def check_dtype(dtype: np.dtype, where: str) -> None:
         )
 
 
+def pixel_scale(dtype: np.dtype) -> tuple[float, float]:
+    """(offset, scale) mapping pixels of `dtype` to the encoder's [0, 1]: (raw - offset) / scale.
+    uint8 (0, 255), other integers (their minimum, their range), floats (0, 1)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max) - float(info.min)
+    return 0.0, 1.0
+
+
 def to_unit(array: np.ndarray, where: str) -> torch.Tensor:
     """Pixels as a tensor of the same shape: uint8 as they are, other integers scaled to float32
-    [0, 1] by their dtype's range, floats as float32 (checked to lie in [0, 1])."""
+    [0, 1] by their dtype's range (`pixel_scale`), floats as float32 (checked to lie in [0, 1])."""
     check_dtype(array.dtype, where)
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
     if array.dtype.kind in "iu":
-        info = np.iinfo(array.dtype)
-        scale = float(info.max) - float(info.min)
+        offset, scale = pixel_scale(array.dtype)
         out = array.astype(np.float32)
-        if info.min:
-            out -= np.float32(info.min)
+        if offset:
+            out -= np.float32(offset)
         return torch.from_numpy(out / np.float32(scale))
     out = array.astype(np.float32, copy=False)
     if out.size and not np.isfinite(out).all():
@@ -165,6 +174,11 @@ class StackImages(Dataset):
             )
         pixels = to_unit(array, path)
         return square_resize(pixels.permute(2, 0, 1), self.size), int(self.labels[i])
+
+
+def file_dtype(path: str | Path) -> np.dtype:
+    """The pixel type a file reads as before scaling: a stack's own (`read_image`), else uint8."""
+    return read_image(path).dtype if is_stack(path) else np.dtype(np.uint8)
 
 
 def is_stack(path: str | Path) -> bool:

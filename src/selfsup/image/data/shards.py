@@ -1,7 +1,10 @@
 """Sharded image datasets streamed through litdata: `--data litdata:DIR_OR_URL`, `selfsup shard`.
 
 The format is litdata's (optimised chunks + index.json); each sample is
-`{"image": the encoded file's bytes (JPEG/PNG/... as in the source), "label": int (-1: none)}`.
+`{"image": bytes, "label": int (-1: none)}`, the bytes being the source file itself (JPEG, PNG,
+TIFF stack, 16-bit PNG: read back as a folder of them reads) or, for images held in memory, a
+lossless PNG (uint8 RGB) or a `.npy` array H×W×C (any other channel count, float pixels): the
+channels and pixel type of the source are kept exactly.
 `selfsup shard` writes one litdata folder per split and a small `selfsup.json` beside them:
 
     DIR/train/  DIR/test/ (the source's test split, or its held-out 20%)  DIR/selfsup.json
@@ -37,12 +40,15 @@ import torch
 from torch.utils.data import Dataset
 
 from selfsup.core.errors import SelfsupError, first_line
-from selfsup.image.data.decode import decode_image, image_header, square_uint8
+from selfsup.image.data.decode import decode_image, image_header, image_mode, square_uint8
 from selfsup.image.data.images import ImageData
+from selfsup.image.data.multichannel import read_image, to_unit
+from selfsup.image.data.transforms import square_resize
 
 INSTALL = 'litdata is not installed: pip install "selfsup[shards]" (or pip install litdata)'
 META = "selfsup.json"
 SPLITS = ("train", "test")
+NPY = b"\x93NUMPY"  # the magic of an .npy array
 
 
 def _litdata() -> Any:
@@ -79,21 +85,80 @@ def decode_bytes(data: bytes | memoryview, name: str, min_side: int | None = Non
     return decode_image(_Named(data, name), min_side)
 
 
-class _Decode:
-    """litdata transform: a sample -> (uint8 3×size×size, label)."""
+def _array(data: bytes | memoryview, name: str) -> np.ndarray:
+    """An .npy sample -> H×W×C array (one line if it is not one)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SelfsupError(f"{name}: not a readable .npy image ({first_line(e)})") from None
+    if array.ndim != 3:
+        raise SelfsupError(f"{name}: an .npy image of shape {array.shape}, expected H×W×C")
+    return array
 
-    def __init__(self, size: int, name: str) -> None:
-        self.size, self.name = size, name
+
+def _dims(data: bytes | memoryview, name: str) -> tuple[int, int]:
+    """(width, height) of a sample, from its header alone."""
+    if bytes(data[:6]) == NPY:
+        from numpy.lib import format as npy
+
+        stream = io.BytesIO(data)
+        major, _ = npy.read_magic(stream)
+        header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
+        shape = header(stream)[0]
+        return int(shape[1]), int(shape[0])
+    return image_header(_Named(data, name))[1:]
+
+
+def _stored(data: bytes | memoryview, name: str) -> np.ndarray | None:
+    """A sample as its source's H×W×C array (.npy, TIFF stack, 16-bit PNG); None for an 8-bit
+    image file (read as RGB bytes)."""
+    if bytes(data[:6]) == NPY:
+        return _array(data, name)
+    fmt = image_header(_Named(data, name))[0]
+    if fmt == "TIFF" or fmt == "PNG" and image_mode(_Named(data, name)).startswith("I"):
+        return read_image(_Named(data, name))
+    return None
+
+
+def decode_sample(data: bytes | memoryview, name: str, size: int) -> torch.Tensor:
+    """A sample's bytes -> C×size×size (centre square, resized), as its source reads: 8-bit
+    image files as uint8 RGB (`decode_bytes`), TIFF stacks and 16-bit PNGs through
+    `multichannel.read_image`, .npy arrays as stored; other than uint8, float32 in [0, 1]
+    (`multichannel.to_unit`)."""
+    array = _stored(data, name)
+    if array is None:
+        return square_uint8(decode_bytes(data, name, size), size)
+    return square_resize(to_unit(array, name).permute(2, 0, 1), size)  # as StackImages
+
+
+def sample_dtype(data: bytes | memoryview, name: str) -> np.dtype:
+    """The pixel type a sample holds before `decode_sample` scales it (uint8 for 8-bit files)."""
+    array = _stored(data, name)
+    return np.dtype(np.uint8) if array is None else array.dtype
+
+
+class _Decode:
+    """litdata transform: a sample -> (C×size×size, label), every sample with the channels and
+    pixel type of the first (`kind`; one line naming the shard otherwise)."""
+
+    def __init__(self, size: int, name: str, kind: tuple[int, torch.dtype] | None = None) -> None:
+        self.size, self.name, self.kind = size, name, kind
 
     def __call__(self, item: dict[str, Any]) -> tuple[torch.Tensor, int]:
         if not isinstance(item, dict) or not isinstance(item.get("image"), bytes | memoryview):
             raise SelfsupError(f"{self.name}: a sample without 'image' bytes (not selfsup shards)")
-        image = decode_bytes(item["image"], f"{self.name} (a sample)", self.size)
-        return square_uint8(image, self.size), int(item.get("label", -1))
+        image = decode_sample(item["image"], f"{self.name} (a sample)", self.size)
+        if self.kind is not None and (image.shape[0], image.dtype) != self.kind:
+            raise SelfsupError(
+                f"{self.name}: a sample of {image.shape[0]} channel(s) of {image.dtype}, the "
+                f"first has {self.kind[0]} of {self.kind[1]}; a dataset's images must be alike"
+            )
+        return image, int(item.get("label", -1))
 
 
 class ShardImages(Dataset):
-    """A litdata dataset as images: item i -> (uint8 3×size×size, label), read by index (a
+    """A litdata dataset as images: item i -> (C×size×size, label) as `decode_sample` gives
+    (uint8 RGB for 8-bit files, the source's channels otherwise), read by index (a
     map-style Dataset, so any DataLoader splits it right); streamed for training by
     `streaming_loader`, which `batch_loader` calls."""
 
@@ -102,11 +167,11 @@ class ShardImages(Dataset):
         self.dataset = _open(url)
         _read(lambda: self._raw(0), url)  # opens litdata's cache: the count, a first check
         if size is None:
-            first = _read(lambda: self._raw(0), url)["image"]
-            _, width, height = image_header(_Named(first, url))
-            size = min(width, height)
+            size = min(_read(lambda: _dims(self._raw(0)["image"], url), url))
         self.size = size
-        self.dataset.transform = [_Decode(size, url)]
+        first = _read(lambda: _Decode(size, url)(self._raw(0)), url)[0]
+        self.kind = (int(first.shape[0]), first.dtype)
+        self.dataset.transform = [_Decode(size, url, self.kind)]
         # every process's count (len(StreamingDataset) is this process's share)
         self.total = len(self.dataset.cache) if indices is None else len(indices)
 
@@ -136,7 +201,7 @@ class ShardImages(Dataset):
         and worker a disjoint share, reshuffled every epoch; its state_dict resumes mid-epoch."""
         litdata = _litdata()
         dataset = _open(self.url, shuffle=True, drop_last=drop_last, seed=seed)
-        dataset.transform = [_Decode(self.size, self.url)]
+        dataset.transform = [_Decode(self.size, self.url, self.kind)]
         if self.indices is not None:
             dataset = dataset.subset(self.indices)
         return litdata.StreamingDataLoader(
@@ -262,7 +327,8 @@ def streamed_subset(data: ImageData, indices: np.ndarray) -> ImageData:
 
 
 def _encoded(data: ImageData, i: int) -> bytes:
-    """Image i as encoded bytes: the file itself when it is one, else a (lossless) PNG."""
+    """Image i as encoded bytes: the file itself when it is one, else a lossless PNG (uint8
+    RGB) or .npy array H×W×C (any other channels or pixel type)."""
     if data.paths is not None:
         return Path(data.paths[i]).read_bytes()
     if isinstance(data.lazy, ShardImages):
@@ -271,7 +337,10 @@ def _encoded(data: ImageData, i: int) -> bytes:
 
     x = data.images([i])[0].permute(1, 2, 0).numpy()
     out = io.BytesIO()
-    Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(out, "PNG")
+    if x.dtype == np.uint8 and x.shape[-1] == 3:
+        Image.fromarray(x).save(out, "PNG")
+    else:
+        np.save(out, np.ascontiguousarray(x), allow_pickle=False)
     return out.getvalue()
 
 

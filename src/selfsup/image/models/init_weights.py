@@ -9,6 +9,12 @@ own). A classifier head the backbone lacks (`fc.`, `head.`, `classifier.`) is dr
 transformers ViT or DINOv2 file (told by its `embeddings.patch_embeddings` keys) is renamed to
 timm's vision_transformer layout first (query/key/value fused into qkv), and a timm ViT gets
 timm's own checkpoint filter (position table and patch embedding resampled to its sizes).
+
+selfsup's own `vit-*` backbones share the patch embedding, pre-norm blocks and final norm of
+that layout (renamed: `TIMM_TO_VIT`), but not its class token and learned position embeddings
+(they use fixed 2-D sin-cos positions and mean-pool the tokens): a timm or transformers ViT
+file carrying those is refused in one line (its features could not be reproduced), and with
+`--init-weights-partial` loads everything but them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from selfsup.image.models.external import (
     fetch_pretrained,
     is_external,
 )
+from selfsup.image.models.vit import ViT
 
 HEADS = ("fc", "head", "head_dist", "classifier", "pooler")
 # prefixes a file's keys may carry beyond the backbone's own (selfsup encoder, DDP, wrappers)
@@ -122,6 +129,15 @@ def load_state(
     """Load `state` (keys mapped by `map_keys`) into `backbone`; `source` names it in errors."""
     state, names = map_keys(state, backbone)
     own = backbone.state_dict()
+    extra = [k for k in VIT_ONLY_TIMM if k in state]
+    if isinstance(backbone, ViT) and extra and not partial:
+        raise SelfsupError(
+            f"{source} is a ViT with a class token and learned position embeddings "
+            f"({', '.join(names.get(k, k) for k in extra)}); {what} has neither (fixed sin-cos "
+            "positions, mean-pooled tokens), so its features would differ: use a timm ViT "
+            "(--backbone timm:vit_...) or --init-weights-partial to load the patch embedding, "
+            "blocks and final norm alone"
+        )
     missing = [k for k in own if k not in state]  # as the backbone names them
     unexpected = [names.get(k, k) for k in state if k not in own]  # as the file names them
     if (missing or unexpected) and not partial:
@@ -191,6 +207,32 @@ def hf_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# timm's vision_transformer names -> selfsup's ViT (torchvision EncoderBlocks); the fused qkv is
+# nn.MultiheadAttention's in_proj (q, k, v in the same order)
+TIMM_TO_VIT: list[tuple[str, str]] = [
+    (r"^patch_embed\.proj\.", "patch_embed."),
+    (r"\.norm1\.", ".ln_1."),
+    (r"\.norm2\.", ".ln_2."),
+    (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.attn\.proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+]
+VIT_ONLY_TIMM = ("cls_token", "pos_embed")  # what selfsup's ViT has no place for
+
+
+def timm_to_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A timm vision_transformer state dict in selfsup ViT names (others unchanged)."""
+    if "patch_embed.proj.weight" not in state:
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in TIMM_TO_VIT:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
 def map_keys(
     state: dict[str, Tensor], backbone: nn.Module
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -199,6 +241,8 @@ def map_keys(
     backbone lacks dropped."""
     converted = hf_to_timm(state)
     from_hf, state = converted is not state, converted
+    if isinstance(backbone, ViT):
+        state = timm_to_vit(state)
     own = set(backbone.state_dict())
 
     def renamed(strip: str, add: str) -> dict[str, str]:

@@ -94,28 +94,44 @@ def read_labels(spec: str) -> tuple[list[str | int], list[str], Path | None]:
     return ids, labels, path.parent
 
 
+def file_images(paths: list[str], size: int) -> torch.utils.data.Dataset:
+    """Image files as pretraining reads a folder of them: item i -> (C×size×size, 0), 8-bit
+    files as uint8 RGB (`sources.FolderImages`), TIFF stacks and 16-bit PNGs with their own
+    channels as float [0, 1] (`multichannel.StackImages`; the first file says which, another
+    kind is one line naming it)."""
+    from selfsup.image.data.multichannel import StackImages, is_stack
+    from selfsup.image.data.sources import STACKS, FolderImages
+
+    if is_stack(paths[0]):
+        return StackImages(paths, [0] * len(paths), size)
+    tiff = next((p for p in paths if Path(p).suffix.lower() in STACKS), None)
+    if tiff is not None:
+        raise SelfsupError(
+            f"{tiff}: a TIFF (read as a channel stack) among 8-bit images such as {paths[0]}"
+        )
+    return FolderImages(paths, [0] * len(paths), size)
+
+
 def load_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 N×C×H×W of image files at the encoder's channels and size."""
-    from selfsup.image.data.decode import decode_image
-    from selfsup.image.data.transforms import adapt_images, square_resize
+    """N×C×H×W of image files at the encoder's channels and size (uint8, or float [0, 1] for
+    16-bit and multichannel files: `file_images`)."""
+    from selfsup.image.data.transforms import adapt_images
 
     channels, h, _ = shape
-    return adapt_images(
-        torch.stack([square_resize(decode_image(p, h), h) for p in paths]), channels, (h, h)
-    )
+    files = file_images(paths, h)
+    return adapt_images(torch.stack([files[i][0] for i in range(len(files))]), channels, (h, h))
 
 
 def file_batches(
     paths: list[str], shape: tuple[int, int, int], batch_size: int, workers: int = 2
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, uint8 images) in order, `batch_size` at a time, decoded by `workers` DataLoader
+    """(paths, images) in order, `batch_size` at a time, decoded by `workers` DataLoader
     processes while the encoder runs (in the main process for a single batch)."""
-    from selfsup.image.data.sources import FolderImages
     from selfsup.image.data.transforms import adapt_images
 
     channels, h, _ = shape
     workers = workers if len(paths) > batch_size else 0
-    files = FolderImages(paths, [0] * len(paths), h)  # decoded and squared, as load_image_files
+    files = file_images(paths, h)  # decoded and squared, as load_image_files
     loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers)
     for start, (x, _) in zip(range(0, len(paths), batch_size), loader, strict=True):
         yield paths[start : start + len(x)], adapt_images(x, channels, (h, h))
