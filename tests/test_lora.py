@@ -304,3 +304,122 @@ def test_later_stages_and_chat_start_from_a_lora_run(lora_sft, chat_base, tmp_pa
     assert config["base_model_name_or_path"] == str((run / "hf").resolve())
     _, chained = lora.load_tokenizer_and(tmp_path / "sft2", AutoModelForCausalLM)
     assert chained.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    """A random-initialised tiny Llama (tied head, grouped-query attention) or GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = GPT2Config(vocab_size=23, n_positions=32, n_embd=24, n_layer=2, n_head=3)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=22,
+                         tie_word_embeddings=True, initializer_range=0.1)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _nonzero_adapters(base: torch.nn.Module) -> torch.nn.Module:
+    """`base` with LoRA on every linear layer (B not zero) and trainable rows 20, 22 of the
+    (tied) embedding moved, as `lora.adapt` builds them."""
+    import peft
+
+    names = lora._embedding_names(base)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                             init_lora_weights=False,
+                             trainable_token_indices={names["in"]: [20, 22]})  # fmt: skip
+    with lora._quiet():
+        model = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _generated(model, ids, mask, seed: int, **options) -> torch.Tensor:
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=None,
+                         top_p=None, max_new_tokens=10, **options)  # fmt: skip
+    return out[:, ids.shape[1] :]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_sampling_an_adapted_model_is_sampling_its_merged_model(name, monkeypatch):
+    """The lean sampler serves a LoRA model (non-zero B, trainable token rows) by merged weights
+    made once per round: with a fixed seed it draws what `generate` of peft's merged model
+    draws, token for token, without calling a LoRA layer per token, and leaves every weight of
+    the adapted model bit-identical; its reference (adapters off) samples as the base does."""
+    import copy
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from selfsup.lm.alignment.decoding import sample_tokens
+
+    base = _tiny(name)
+    plain = copy.deepcopy(base)
+    model = _nonzero_adapters(base)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    ids = torch.randint(3, 20, (6, 7))
+    ids[:3, :3], ids[:, -1] = 22, 20  # left padding; a trainable token in every prompt
+    mask = (ids != 22).long()
+    options = dict(eos_token_id=3, pad_token_id=22, suppress_tokens=[22, 0])
+    lean = dict(temperature=1.0, top_k=0, suppressed=(0, 22), eos_token_id=3, pad_token_id=22)
+    calls = []
+    forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    reference = lora.Reference(model)
+    differ = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = sample_tokens(model, ids, mask, 10, **lean)
+        assert got is not None and not calls  # the lean loop, no LoRA layer called
+        assert len(got.unique()) > 5  # a spread of tokens, not one
+        expected = _generated(merged, ids, mask, seed, **options)
+        assert torch.equal(got, expected[:, : got.shape[1]])
+        assert (expected[:, got.shape[1] :] == 22).all()
+        torch.manual_seed(seed)
+        off = sample_tokens(reference, ids, mask, 10, **lean)
+        base_tokens = _generated(plain, ids, mask, seed, **options)
+        assert off is not None and torch.equal(off, base_tokens[:, : off.shape[1]])
+        differ += not torch.equal(got, off[:, : got.shape[1]])
+    assert differ  # the adapters change what is drawn
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing merged in place
+
+
+def test_the_reference_is_scored_in_one_adapters_off_pass(monkeypatch):
+    """`forward_response` of `lora.Reference` by the lean decoders: the base model's
+    log-probabilities (1e-5), inside one `disable_adapter()` for the batch; the policy's are
+    the merged model's."""
+    import copy
+
+    from selfsup.lm.alignment.rollout import Rollout, forward_response
+
+    base = _tiny("llama")
+    plain = copy.deepcopy(base)
+    model = _nonzero_adapters(base)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    torch.manual_seed(2)
+    prompts = torch.randint(3, 20, (4, 5)).repeat_interleave(2, 0)  # prompts in pairs
+    answers = torch.randint(3, 22, (8, 6))
+    response_mask = torch.ones_like(answers)
+    response_mask[::3, 4:] = 0
+    rollout = Rollout(torch.cat([prompts, answers], 1),
+                      torch.cat([torch.ones_like(prompts), response_mask], 1), 5, response_mask,
+                      response_mask[:, -1].bool())  # fmt: skip
+    entered = []
+    disable = type(model).disable_adapter
+    monkeypatch.setattr(type(model), "disable_adapter",
+                        lambda self: entered.append(1) or disable(self))  # fmt: skip
+    with torch.no_grad():
+        ref = forward_response(lora.Reference(model), rollout)[1]
+        assert len(entered) == 1
+        torch.testing.assert_close(ref, forward_response(plain, rollout)[1], rtol=0, atol=1e-5)
+        policy = forward_response(model, rollout)[1]
+        torch.testing.assert_close(policy, forward_response(merged, rollout)[1], rtol=0, atol=1e-5)
+        assert (policy - ref).abs().max() > 1e-2

@@ -10,16 +10,21 @@ same order (suppressed tokens, temperature, top-k, softmax, one multinomial draw
 whole batch, padding after the end token), so with the same seed they draw the same tokens
 (tests/test_decoding*.py compare the two). `decoder_class` picks the loop: `GPT2Decoder` for
 GPT-2, `LlamaDecoder` for Llama, Qwen2 and Mistral (RoPE, grouped-query attention, RMSNorm,
-SwiGLU). A peft LoRA model is served through its base model, its adapter layers called as they
-are (so adapters on, off or merged give the model's own outputs). Other architectures and peft
-methods, rotary scalings that change with the length, sliding windows shorter than the answer,
-dropout in training mode, or answers that would run past GPT-2's positions return None, and the
-caller uses `generate`.
+SwiGLU). A peft LoRA model is served through its base model: each LoRA layer (and a trainable-
+tokens embedding or head) becomes one plain layer of the weights it computes with, W + (B@A)·scale
+as peft's merge adds them, made once per decoder (a sampling round) instead of per token; the
+base weights are not touched. A `lora.Reference` (the base with its adapters off) is read inside
+one `disable_adapter()` for the whole call. Layers of other kinds are called as they are. Other
+architectures and peft methods, rotary scalings that change with the length, sliding windows
+shorter than the answer, dropout in training mode, or answers that would run past GPT-2's
+positions return None, and the caller uses `generate`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
+
+from selfsup.lm.models.lora import Reference
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -59,14 +66,83 @@ def _dropout_active(model: nn.Module) -> bool:
     )
 
 
+@contextmanager
+def _served(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` as the decoders read it: a `lora.Reference` is its peft model inside one
+    `disable_adapter()` for the whole call (not one per forward), anything else itself."""
+    if isinstance(model, Reference):
+        with model.mode():
+            yield model.model
+    else:
+        yield model
+
+
+def _plain(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+
+
+def _is_peft(module: nn.Module, name: str) -> bool:
+    return type(module).__module__.startswith("peft.") and type(module).__name__ == name
+
+
+def _linear(layer: nn.Module, weight: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """A plain `Linear` or GPT-2 `Conv1D` as a function, with `weight` (its own or merged)."""
+    if _plain(layer) and type(layer) is nn.Linear:
+        return partial(F.linear, weight=weight, bias=layer.bias)
+    if _plain(layer) and type(layer) is Conv1D:
+        return partial(_conv1d, weight=weight, bias=layer.bias)
+    return None
+
+
+def _merged_lora(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """A peft LoRA `Linear` over a plain layer (vanilla LoRA: no DoRA or other variant, no LoRA
+    bias) as that layer with the weight it computes with: the base's when its adapters are off,
+    else W + each active adapter's `get_delta_weight` (what peft's merge adds); None otherwise."""
+    if not (_is_peft(module, "Linear") and hasattr(module, "get_delta_weight")):
+        return None
+    base: nn.Module = module.base_layer  # type: ignore[assignment]
+    if module.merged:  # peft unmerges it in its forward when the adapters are off
+        return None
+    weight = base.weight
+    if not module.disable_adapters:
+        for name in [a for a in module.active_adapters if a in module.lora_A]:
+            if name in getattr(module, "lora_variant", {}) or module.lora_bias[name]:
+                return None
+            weight = weight + module.get_delta_weight(name)
+    return _linear(base, weight)  # type: ignore[arg-type]
+
+
+def _merged_tokens(module: nn.Module) -> tuple[nn.Module, Tensor] | None:
+    """(base layer, the weight it computes with) of peft's trainable-tokens wrapper (new rows of an
+    embedding or a tied head), or None."""
+    if not _is_peft(module, "TrainableTokensWrapper"):
+        return None
+    layer = module.token_adapter
+    base, active = layer.base_layer, layer.active_adapters
+    if layer.merged or not _plain(base):
+        return None
+    wrapped = module.active_adapters
+    on = not (module.disable_adapters or layer.disable_adapters) and bool(active and wrapped)
+    on = on and all(a in getattr(module, "_adapters", ()) for a in wrapped)  # as its forward
+    return base, layer.get_merged_weights(active) if on else base.weight
+
+
 def _projection(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """`module`'s forward: a plain `Linear` or GPT-2 `Conv1D` by its weights (no module call),
-    anything else (a LoRA or quantised layer, a module with hooks) called as it is."""
-    if not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)):
-        if type(module) is nn.Linear:
-            return partial(F.linear, weight=module.weight, bias=module.bias)
-        if type(module) is Conv1D:
-            return partial(_conv1d, weight=module.weight, bias=module.bias)
+    """`module`'s forward: a plain `Linear` or GPT-2 `Conv1D` by its weights (no module call), a
+    LoRA layer or trainable-tokens head by its merged weights, anything else (a quantised layer,
+    a module with hooks) called as it is."""
+    tokens = _merged_tokens(module)
+    if tokens is not None and type(tokens[0]) is nn.Linear:
+        return partial(F.linear, weight=tokens[1], bias=tokens[0].bias)
+    own = _linear(module, module.weight) if hasattr(module, "weight") else None
+    return own or _merged_lora(module) or module
+
+
+def _embedding(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """An input embedding's forward: a trainable-tokens one by its merged rows, else the module."""
+    tokens = _merged_tokens(module)
+    if tokens is not None and type(tokens[0]) is nn.Embedding and tokens[0].max_norm is None:
+        return partial(F.embedding, weight=tokens[1], padding_idx=tokens[0].padding_idx)
     return module
 
 
@@ -97,7 +173,7 @@ class CachedDecoder:
     keys: Tensor
     values: Tensor
     length: int
-    lm_head: nn.Module | None
+    lm_head: Callable[[Tensor], Tensor] | None
 
     @staticmethod
     def supports(model: nn.Module, max_length: int) -> bool:
@@ -119,6 +195,13 @@ class CachedDecoder:
         keys and values join the cache."""
         raise NotImplementedError
 
+    def sharing(self, batch: int, max_length: int) -> CachedDecoder:
+        """A decoder of the same weights (merged LoRA layers made once) with its own empty cache."""
+        other = copy.copy(self)
+        layers, _, heads, _, dim = self.keys.shape
+        other._cache(layers, batch, heads, max_length, dim, self.keys)
+        return other
+
     def follow(self, prefix: CachedDecoder, rows: Tensor) -> None:
         """Start from `prefix`'s cache, its row `rows[r]` as row r."""
         self.keys[:, :, :, : prefix.length] = prefix.keys[:, rows, :, : prefix.length]
@@ -139,8 +222,9 @@ class GPT2Decoder(CachedDecoder):
     def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
         model = unwrap(model)  # type: ignore[assignment]
         config = model.config
-        self.transformer, self.lm_head = model.transformer, getattr(model, "lm_head", None)
         self.heads, self.width = config.n_head, config.n_embd
+        self.transformer = model.transformer
+        self.wte, self.lm_head = _embedding(self.transformer.wte), _head(model)  # merged once
         self.eps = config.layer_norm_epsilon
         self.act = ACT2FN[config.activation_function]
         head_dim = self.width // self.heads
@@ -180,7 +264,7 @@ class GPT2Decoder(CachedDecoder):
     def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
         t, (b, s) = self.transformer, ids.shape
         start, end = self.length, self.length + s
-        x = t.wte(ids) + t.wpe(positions)
+        x = self.wte(ids) + t.wpe(positions)
         mask = _attention_mask(key_mask, start, s)
         for i, (ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, fc, proj) in enumerate(self.layers):
             h = F.layer_norm(x, (self.width,), ln1_w, ln1_b, self.eps)
@@ -209,7 +293,8 @@ class LlamaDecoder(CachedDecoder):
     def __init__(self, model: nn.Module, batch: int, max_length: int) -> None:
         model = unwrap(model)  # type: ignore[assignment]
         config = model.config
-        self.body, self.lm_head = model.model, getattr(model, "lm_head", None)
+        self.body, self.lm_head = model.model, _head(model)  # merged once
+        self.embed = _embedding(self.body.embed_tokens)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         rope = self.body.rotary_emb
@@ -251,7 +336,7 @@ class LlamaDecoder(CachedDecoder):
     def hidden(self, ids: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
         (b, s), d = ids.shape, self.head_dim
         start, end = self.length, self.length + s
-        x = self.body.embed_tokens(ids)
+        x = self.embed(ids)
         freqs = positions[..., None].float() * self.inv_freq.to(x.device)
         angles = torch.cat((freqs, freqs), -1)[:, :, None]  # B×S×1×D
         cos = (angles.cos() * self.rope_scale).to(x.dtype)
@@ -287,6 +372,11 @@ class LlamaDecoder(CachedDecoder):
             x = x + down(act(gate(h)) * up(h))
         self.length = end
         return x
+
+
+def _head(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    head = getattr(model, "lm_head", None)
+    return None if head is None else _projection(head)
 
 
 def _norm(module: nn.Module) -> tuple[Tensor, float]:
@@ -330,18 +420,19 @@ def continuation_logits(model: nn.Module, prefix: Fed, rows: Tensor, rest: Fed) 
     `rest`: every continuation but its last token (R rows, row r after prefix `rows[r]`), its
     key mask covering prefix and continuation."""
     (u, p), (r, c) = prefix[0].shape, rest[0].shape
-    decoder_type = decoder_class(model, p + c + 1)
-    if decoder_type is None:
-        return None
-    ids, positions, mask = prefix
-    decoder = decoder_type(model, u, p)
-    last = decoder.hidden(ids, positions, mask.bool())[rows, -1:]
-    if c == 0:
-        return decoder.logits(last)
-    prefix_decoder, decoder = decoder, decoder_type(model, r, p + c)
-    decoder.follow(prefix_decoder, rows)
-    ids, positions, mask = rest
-    return decoder.logits(torch.cat([last, decoder.hidden(ids, positions, mask.bool())], 1))
+    with _served(model) as model:
+        decoder_type = decoder_class(model, p + c + 1)
+        if decoder_type is None:
+            return None
+        ids, positions, mask = prefix
+        decoder = decoder_type(model, u, p)
+        last = decoder.hidden(ids, positions, mask.bool())[rows, -1:]
+        if c == 0:
+            return decoder.logits(last)
+        prefix_decoder, decoder = decoder, decoder.sharing(r, p + c)
+        decoder.follow(prefix_decoder, rows)
+        ids, positions, mask = rest
+        return decoder.logits(torch.cat([last, decoder.hidden(ids, positions, mask.bool())], 1))
 
 
 @torch.no_grad()
@@ -349,16 +440,17 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     """A reward model's (`GPT2ForSequenceClassification`, `LlamaForSequenceClassification`,
     ...) scores, B×labels, read where Hugging Face reads them (the rightmost token that is not
     padding), by a lean decoder; None where none applies."""
-    base, decoder_type = unwrap(model), decoder_class(model, input_ids.shape[1])
-    if not hasattr(base, "score") or decoder_type is None:
-        return None
-    decoder = decoder_type(model, *input_ids.shape)
-    hidden = decoder.hidden(input_ids, position_ids(attention_mask), attention_mask.bool())
-    pad = base.config.pad_token_id  # type: ignore[union-attr]
-    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
-    rows = torch.arange(len(input_ids), device=input_ids.device)
-    return base.score(decoder.final(hidden[rows, last]))  # type: ignore[union-attr]
+    with _served(model) as model:
+        base, decoder_type = unwrap(model), decoder_class(model, input_ids.shape[1])
+        if not hasattr(base, "score") or decoder_type is None:
+            return None
+        decoder = decoder_type(model, *input_ids.shape)
+        hidden = decoder.hidden(input_ids, position_ids(attention_mask), attention_mask.bool())
+        pad = base.config.pad_token_id  # type: ignore[union-attr]
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        return base.score(decoder.final(hidden[rows, last]))  # type: ignore[union-attr]
 
 
 @torch.no_grad()
@@ -377,11 +469,22 @@ def sample_tokens(
     """B×T sampled answer tokens after left-padded prompts (T ≤ max_new_tokens: the loop stops
     when every row has its end token; rows that ended are padded), or None where
     no lean decoder applies."""
+    with _served(model) as model:
+        decoder_type = decoder_class(model, input_ids.shape[1] + max_new_tokens)
+        if decoder_type is None:
+            return None
+        decoder = decoder_type(model, len(input_ids), input_ids.shape[1] + max_new_tokens)
+        return _sample(decoder, input_ids, attention_mask, max_new_tokens, temperature, top_k,
+                       suppressed, eos_token_id, pad_token_id)  # fmt: skip
+
+
+def _sample(
+    decoder: CachedDecoder, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+    temperature: float, top_k: int, suppressed: tuple[int, ...], eos_token_id: int,
+    pad_token_id: int,
+) -> Tensor:  # fmt: skip
+    """`sample_tokens`' loop, by `decoder`."""
     batch, prompt_length = input_ids.shape
-    decoder_type = decoder_class(model, prompt_length + max_new_tokens)
-    if decoder_type is None:
-        return None
-    decoder = decoder_type(model, batch, prompt_length + max_new_tokens)
     key_mask = torch.ones(batch, prompt_length + max_new_tokens, dtype=torch.bool,
                           device=input_ids.device)  # fmt: skip
     key_mask[:, :prompt_length] = attention_mask.bool()

@@ -137,7 +137,7 @@ class GRPOTrainer:
         prompt_of = [i for i in indices for _ in range(g)]
         self.policy.eval()
         with torch.no_grad():
-            policy = lora.sampled(self.policy)  # adapters on, not the lean forward
+            policy = lora.sampled(self.policy)  # adapters on: merged once per round
             r = sample(policy, self.tokenizer, grouped, c.max_new_tokens, c.temperature, 0, seed)
             r = rollout_to(r, self.fabric.device)
             rewards = score(r, prompt_of).to(self.fabric.device)

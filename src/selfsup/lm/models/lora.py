@@ -126,8 +126,8 @@ def adapt(model: Any, options: LoraOptions, base: str | Path, tokenizer: Any) ->
 class Reference:
     """An adapted model seen with its adapters off: the frozen base, the reference of DPO, KTO,
     GRPO and PPO, without a second copy of its weights. Calls run the model (`__call__`,
-    `generate`) inside `disable_adapter()`; it exposes no layers, so the lean GPT-2 forward of
-    `decoding` (which reads the weights themselves) falls back to the model's own forward."""
+    `generate`) inside `disable_adapter()`; the lean decoders of `decoding` read `model` inside
+    one `mode()` for a whole batch."""
 
     def __init__(self, model: Any, adapters: bool = False) -> None:
         self.model, self.adapters = model, adapters
@@ -135,16 +135,17 @@ class Reference:
         self.generation_config = getattr(model, "generation_config", None)
 
     @contextmanager
-    def _mode(self) -> Iterator[None]:
+    def mode(self) -> Iterator[None]:
+        """`model` as this reference sees it (adapters off) for the block."""
         with nullcontext() if self.adapters else self.model.disable_adapter():
             yield
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mode():
+        with self.mode():
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mode():
+        with self.mode():
             return self.model.generate(*args, **kwargs)
 
     def parameters(self) -> Iterator[Any]:
@@ -169,8 +170,9 @@ def reference(model: Any) -> Any:
 
 def sampled(model: Any) -> Any:
     """`model` as the samplers should see it: itself. The lean decoders of
-    `selfsup.lm.alignment.decoding` call LoRA layers as modules (`unwrap`), so they serve an
-    adapted model exactly, and they fall back to `generate` where they cannot (LoRA dropout on)."""
+    `selfsup.lm.alignment.decoding` serve an adapted model by its LoRA layers' merged weights
+    (W + B@A·scale, made once per sampling round; the base weights untouched), and fall back to
+    `generate` where they cannot (LoRA dropout on, other adapter kinds)."""
     return model
 
 
