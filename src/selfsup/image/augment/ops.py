@@ -186,16 +186,10 @@ def apply_jitter(x: Tensor, params: tuple[Tensor, Tensor, Tensor, Tensor]) -> Te
     return torch.bmm(m, x.view(b, c, h * w)).view(b, c, h, w).clamp_(0, 1)
 
 
-def color_jitter(
-    x: Tensor,
-    g: torch.Generator,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.4,
-    hue: float = 0.1,
-    p: float = 0.8,
-) -> Tensor:
-    """Per-sample brightness, contrast, saturation and hue jitter, applied with probability p.
+def color_jitter(x: Tensor, g: torch.Generator, *strengths: float, **named: float) -> Tensor:
+    """Per-sample brightness, contrast, saturation and hue jitter, applied with probability p:
+    the strengths brightness, contrast, saturation, hue and p are `jitter_params`' (one set of
+    defaults, SimCLR's 0.4, 0.4, 0.4, 0.1 and 0.8, for this op and the fused one).
 
     Fixed order (brightness, contrast, then saturation and hue together), unlike torchvision's
     random order. Factors are drawn from U(max(0, 1 - s), 1 + s) and the hue shift from
@@ -207,8 +201,7 @@ def color_jitter(
     mean |difference| from torchvision's adjust_hue is 0.022 at 0.02 turn and 0.085, at most
     0.39, at 0.1 turn, SimCLR's widest).
     """
-    params = jitter_params(x, g, brightness, contrast, saturation, hue, p)
-    return apply_jitter(x.clone(), params)
+    return apply_jitter(x.clone(), jitter_params(x, g, *strengths, **named))
 
 
 def grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:

@@ -32,15 +32,6 @@ class TextTransformer(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.config = dict(
-            vocab_size=vocab_size,
-            width=width,
-            layers=layers,
-            heads=heads,
-            context=context,
-            pad_id=pad_id,
-            pooling=pooling,
-        )
         self.context, self.pad_id, self.pooling, self.width = context, pad_id, pooling, width
         self.tokens = nn.Embedding(vocab_size, width)
         self.positions = nn.Parameter(torch.randn(context, width) * 0.01)

@@ -39,7 +39,7 @@ from torch import Tensor
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.lm.models.base import LanguageModule
-from selfsup.lm.models.hf import one_line_reason
+from selfsup.lm.models.hf import hf_dir, local_config, local_weights
 from selfsup.lm.options import LMConfig
 
 IGNORE = -100  # label of the positions that are not predicted (transformers' convention)
@@ -235,26 +235,11 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 def load_init(path: str) -> Any:
     """A local BERT checkpoint (a run directory, its hf/ folder, or any BERT folder)."""
-    from transformers import AutoConfig, BertForPreTraining
+    from transformers import BertForPreTraining
 
-    from selfsup.lm.models.hf import hf_dir, quiet_transformers
-
-    quiet_transformers()
     folder = hf_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(
-            f"--init {folder}/config.json is not readable ({one_line_reason(e)})"
-        ) from None
-    if config.model_type != "bert":
-        raise SelfsupError(f"--init {folder}: a {config.model_type!r} checkpoint; expected BERT")
-    try:
-        model = BertForPreTraining.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:
-        raise SelfsupError(
-            f"--init {folder}: the weights could not be loaded ({one_line_reason(e)})"
-        ) from None
+    config = local_config(folder, "--init", "bert", "BERT")
+    model = local_weights(folder, BertForPreTraining, "--init")
     model.vocab_size = config.vocab_size  # what pretrain_lm checks against the tokenizer
     return model
 

@@ -18,10 +18,7 @@ the whole model in one screen, as in nanoGPT.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.core.tokenizer import encode_text, load_tokenizer
 from selfsup.lm.models.base import LanguageModule
-from selfsup.lm.models.hf import one_line_reason, quiet_transformers
+from selfsup.lm.models.hf import local_config, local_weights, save_hf
 from selfsup.lm.options import LMConfig
 
 HF_DIR = "hf"
@@ -42,7 +39,8 @@ HF_DIR = "hf"
 
 @dataclass
 class Options:
-    """GPT options of `selfsup lm pretrain gpt` (defaults: nanoGPT's CPU "baby GPT")."""
+    """GPT options of `selfsup lm pretrain gpt` (defaults: nanoGPT's CPU "baby GPT"): the
+    arguments of `GPT` but its vocabulary size."""
 
     block_size: int = option(64, "context length in tokens", check=">=1")
     n_layer: int = option(4, "transformer blocks", check=">=1")
@@ -118,6 +116,7 @@ class GPT(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab_size, self.block_size, self.activation = vocab_size, block_size, activation
+        self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(vocab_size, n_embd),
@@ -178,22 +177,26 @@ class GPT(nn.Module):
 # --- Hugging Face GPT-2 conversion -------------------------------------------------------
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MASKS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers, if any
+# GPT's shape arguments (its attributes, Options' fields) -> the GPT2Config fields that hold them
+GPT2_NAMES = {
+    "block_size": "n_positions",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+    "activation": "activation_function",
+}
 
 
 def to_hf(model: GPT, tokenizer: Any = None) -> Any:
     """The same network as a `transformers` GPT2LMHeadModel (GPT-2's Conv1D stores W^T)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    blocks = model.transformer.h
     eos = getattr(tokenizer, "eos_token_id", None)
     dropout = float(model.transformer.drop.p)
     config = GPT2Config(
         vocab_size=model.vocab_size,
-        n_positions=model.block_size,
-        n_embd=model.transformer.wte.embedding_dim,
-        n_layer=len(blocks),
-        n_head=blocks[0].attn.heads if len(blocks) else 1,
-        activation_function=model.activation,
+        **{theirs: getattr(model, ours) for ours, theirs in GPT2_NAMES.items()},
         # the configured dropout, for the stages that train the export further (SFT, reward);
         # evaluation and generation run in eval mode, PPO turns it off
         resid_pdrop=dropout,
@@ -205,13 +208,8 @@ def to_hf(model: GPT, tokenizer: Any = None) -> Any:
         tie_word_embeddings=True,
     )
     hf = GPT2LMHeadModel(config)
-    state = {
-        name: (p.t() if name.endswith(_CONV1D) else p).detach().cpu().contiguous()
-        for name, p in model.state_dict().items()
-    }
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    buffers = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, if any
-    if unexpected or any(not name.endswith(buffers) for name in missing):
+    missing, unexpected = hf.load_state_dict(_transposed(model.state_dict()), strict=False)
+    if unexpected or any(not name.endswith(_MASKS) for name in missing):
         raise RuntimeError(f"GPT-2 conversion: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
@@ -225,49 +223,31 @@ def from_hf(hf: Any) -> GPT:
             f"--init: GPT-2 checkpoints with activation {c.activation_function!r} or untied "
             "output weights are not supported"
         )
-    model = GPT(c.vocab_size, c.n_positions, c.n_layer, c.n_head, c.n_embd, activation=activation)
-    state = {
-        name: (p.t() if name.endswith(_CONV1D) else p).contiguous()
-        for name, p in hf.state_dict().items()
-        if not name.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers
-    }
-    model.load_state_dict(state)
+    shape = {ours: getattr(c, theirs) for ours, theirs in GPT2_NAMES.items()}
+    model = GPT(c.vocab_size, **{**shape, "activation": activation})
+    model.load_state_dict(_transposed(hf.state_dict()))
     return model
+
+
+def _transposed(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with the Conv1D weights transposed (either way: ours <-> GPT-2's), on the
+    CPU, contiguous, without the causal-mask buffers."""
+    return {
+        name: (p.t() if name.endswith(_CONV1D) else p).detach().cpu().contiguous()
+        for name, p in state.items()
+        if not name.endswith(_MASKS)
+    }
+
+
+GPT2 = "GPT-2 (model_type 'gpt2')"
 
 
 def load_hf_gpt(path: str | Path, what: str = "--init") -> GPT:
     """A local GPT-2 checkpoint folder (config.json + weights), read without any download."""
     from transformers import AutoModelForCausalLM
 
-    hf_config(path, what)
-    quiet_transformers()
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises several types for missing or damaged weights
-        raise SelfsupError(
-            f"{what} {path}: the weights could not be loaded ({one_line_reason(e)})"
-        ) from None
-    return from_hf(hf)
-
-
-def hf_config(path: str | Path, what: str = "--init") -> Any:
-    """The config of a local GPT-2 checkpoint folder; any other kind of model is an error."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SelfsupError(f"{what} {path}: no config.json there; expected a local checkpoint")
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises several types for a bad config
-        raise SelfsupError(
-            f"{what} {path}/config.json is not readable ({one_line_reason(e)})"
-        ) from None
-    if config.model_type != "gpt2":
-        raise SelfsupError(
-            f"{what} {path}: a {config.model_type!r} checkpoint; expected GPT-2 (model_type 'gpt2')"
-        )
-    return config
+    local_config(path, what, "gpt2", GPT2)
+    return from_hf(local_weights(path, AutoModelForCausalLM, what))
 
 
 # --- Training (a kind of `selfsup lm pretrain`) -----------------------------------------
@@ -290,28 +270,12 @@ class GPTModule(LanguageModule):
 
     def __init__(self, config: LMConfig, options: Options, vocab_size: int) -> None:
         super().__init__(config, options, vocab_size)
-        self.model = GPT(
-            vocab_size,
-            options.block_size,
-            options.n_layer,
-            options.n_head,
-            options.n_embd,
-            options.dropout,
-            options.activation,
-        )
+        self.model = GPT(vocab_size, **asdict(options))
 
     @classmethod
     def build(cls, config: LMConfig, options: Options, tokenizer: Any, init: Any) -> GPTModule:
         if init is not None:  # the checkpoint fixes the architecture
-            blocks = init.transformer.h
-            options = Options(
-                block_size=init.block_size,
-                n_layer=len(blocks),
-                n_head=blocks[0].attn.heads,
-                n_embd=init.transformer.wte.embedding_dim,
-                dropout=options.dropout,
-                activation=init.activation,
-            )
+            options = replace(options, **{name: getattr(init, name) for name in GPT2_NAMES})
         if options.activation not in ACTIVATIONS:
             raise SelfsupError(
                 f"--activation must be one of {', '.join(ACTIVATIONS)}, got {options.activation!r}"
@@ -345,23 +309,7 @@ class GPTModule(LanguageModule):
 
     def export(self, run: Path, tokenizer: Any) -> None:
         """RUN/hf: a GPT-2 checkpoint + tokenizer for AutoModelForCausalLM / AutoTokenizer."""
-        hf = to_hf(self.model, tokenizer)
-        tmp = Path(tempfile.mkdtemp(dir=run, prefix=".hf."))
-        try:
-            quiet_transformers()
-            hf.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            umask = os.umask(0)
-            os.umask(umask)
-            for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes a private folder
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-            old = run / ".hf.old"
-            if (run / HF_DIR).exists():
-                os.replace(run / HF_DIR, old)
-            os.replace(tmp, run / HF_DIR)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_hf(run, to_hf(self.model, tokenizer), tokenizer, HF_DIR)
 
 
 # --- Generation ---------------------------------------------------------------------------
@@ -377,7 +325,7 @@ def load_run(run: str | Path, prompt: str | None = None) -> tuple[GPT, Any, list
         raise SelfsupError(f"{folder} is missing: the run {run} has not finished training")
     tokenizer = load_tokenizer(folder)
     ids = encode_text(tokenizer, prompt, "--prompt") if prompt else []
-    vocab_size = hf_config(folder, what="run").vocab_size
+    vocab_size = local_config(folder, "run", "gpt2", GPT2).vocab_size
     if len(tokenizer) > vocab_size:
         raise SelfsupError(
             f"vocabulary mismatch in {folder}: the tokenizer has {len(tokenizer)} tokens, the "

@@ -194,3 +194,36 @@ def check_precision(value: str | None) -> None:
     known = (*get_args(_PRECISION_INPUT_STR), "16", "32", "64", "bf16")
     if value not in known:
         raise SelfsupError(f"--precision {value!r}: expected one of {', '.join(known)}")
+
+
+def local_config(folder: str | Path, what: str, model_type: str, expected: str) -> Any:
+    """The config of the local checkpoint `folder` (read offline), which must be a `model_type`
+    one (`expected` names it); one line naming `what` (an option, or "run") otherwise."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SelfsupError(f"{what} {folder}: no config.json there; expected a local checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises several types for a bad config
+        raise SelfsupError(
+            f"{what} {folder}/config.json is not readable ({one_line_reason(e)})"
+        ) from None
+    if config.model_type != model_type:
+        raise SelfsupError(
+            f"{what} {folder}: a {config.model_type!r} checkpoint; expected {expected}"
+        )
+    return config
+
+
+def local_weights(folder: str | Path, auto_class: Any, what: str) -> Any:
+    """`auto_class.from_pretrained` of the local checkpoint `folder` (read offline); one line
+    naming `what` when its weights are missing, damaged or pickled."""
+    quiet_transformers()
+    try:
+        return auto_class.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises several types for missing or damaged weights
+        raise SelfsupError(
+            f"{what} {folder}: the weights could not be loaded ({one_line_reason(e)})"
+        ) from None
