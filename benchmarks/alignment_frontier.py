@@ -1,4 +1,4 @@
-"""Gold reward against KL(policy || SFT) for best-of-n, PPO, DPO, SimPO, KTO and GRPO on one task.
+"""Gold reward against KL(policy || SFT) for best-of-n, PPO, DPO, SimPO, KTO, GRPO and its variants.
 
 Builds the offline arithmetic pipeline of docs/rlhf.md (pretrained GPT -> SFT -> simulated
 labels -> reward model) in --work, then runs every method from the same SFT model with its main
@@ -11,6 +11,14 @@ distribution (`best_of_n_kl`), printed beside the usual bound log n - (n-1)/n.
     python benchmarks/alignment_frontier.py --quick --work /tmp/frontier   # minutes on a CPU
     python benchmarks/alignment_frontier.py --work frontier                # task A of the docs
     python benchmarks/alignment_frontier.py --quick --arch llama --work /tmp/frontier-llama
+    python benchmarks/alignment_frontier.py --work frontier --methods grpo,dr-grpo,dapo,gspo \
+        --betas 0.2                        # GRPO's loss variants beside plain GRPO at one β
+
+`--methods` also takes GRPO_VARIANTS: Dr GRPO, DAPO, GSPO (GRPO's settings otherwise), GRPO
+scored by the arithmetic checker and format reward of docs/examples/arithmetic_rewards.py as
+--reward-fn (no reward model; together they are the gold score) against --reward-from gold, and
+GRPO with the length reward `short` beside the reward model (WORK/length.md: the held-out mean
+answer length of the SFT model, GRPO and GRPO + short).
 
 --arch llama builds the same pipeline on a random-initialised Hugging Face Llama instead of the
 pretrained GPT-2 (`llama_base`: about the GPT-2's size, RoPE, grouped-query attention, SwiGLU;
@@ -231,22 +239,73 @@ def run_ppo(paths, scale, seed, beta, work) -> list[dict]:
     return _trained("PPO", f"β={beta}", seed, out, lambda: rlhf(config), s["rollouts"])
 
 
-def run_grpo(paths, scale, seed, beta, work) -> list[dict]:
+REWARDS = Path(__file__).resolve().parents[1] / "docs" / "examples" / "arithmetic_rewards.py"
+# GRPO's variants (issue 35), each plain GRPO's run (same SFT and reward model, settings, β and
+# seeds) with only these options changed: --methods NAME -> (method on the frontier, options).
+GRPO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "grpo": ("GRPO", {}),
+    "dr-grpo": ("Dr GRPO", dict(loss_type="dr-grpo", scale_rewards="none")),
+    "dapo": ("DAPO", dict(loss_type="dapo", epsilon_high=0.28, skip_flat_groups=True)),
+    "gspo": ("GSPO", dict(importance_sampling="sequence")),
+    "grpo-fn": ("GRPO checker fn", dict(reward="", reward_fn=f"{REWARDS}:correct,"
+                                        f"{REWARDS}:one_short_sentence")),
+    "grpo-gold": ("GRPO gold", dict(reward_from="gold")),
+    "grpo-short": ("GRPO + short", dict(reward_fn=f"{REWARDS}:short", reward_weights="1,0.2")),
+}  # fmt: skip
+
+
+def run_grpo(paths, scale, seed, beta, work, variant: str = "grpo") -> list[dict]:
     from selfsup.lm.alignment.grpo import Options as GRPOConfig
     from selfsup.lm.alignment.grpo import grpo
 
     s = scale["grpo"]
-    out = work / f"grpo-b{beta}-s{seed}"
-    config = GRPOConfig(
+    method, changes = GRPO_VARIANTS[variant]
+    out = work / f"{variant}-b{beta}-s{seed}"
+    config = GRPOConfig(**{**dict(
         policy=str(paths["sft"]), reward=str(paths["rm"]), prompts=str(paths["data"] / "rl.jsonl"),
         eval_prompts=str(paths["data"] / "eval.jsonl"), gold="arithmetic", out=str(out),
         iterations=s["iterations"], eval_every=s["eval_every"], eval_samples=scale["eval_prompts"],
         prompts_per_iteration=s["prompts_per_iteration"], group_size=s["group_size"],
         minibatch=s["minibatch"], lr=s["lr"], beta=beta, max_kl=10.0, seed=seed,
-        accelerator="cpu", progress=False,
-    )  # fmt: skip
+        accelerator="cpu", progress=False), **changes})  # fmt: skip
     per_iteration = s["prompts_per_iteration"] * s["group_size"]
-    return _trained("GRPO", f"β={beta}", seed, out, lambda: grpo(config), per_iteration)
+    return _trained(method, f"β={beta}", seed, out, lambda: grpo(config), per_iteration)
+
+
+@torch.no_grad()
+def answer_chars(paths: dict[str, Path], scale: dict[str, Any], policy_dir: Path) -> float:
+    """Mean length in characters of one sampled answer per held-out prompt (the evaluation's
+    prompts and seed)."""
+    from selfsup.lm.alignment.rlhf import load_policy, load_prompts
+    from selfsup.lm.alignment.rollout import decode_responses, sample
+
+    conv, _ = load_prompts(str(paths["data"] / "eval.jsonl"))
+    conv = conv[: scale["eval_prompts"]]
+    tokenizer, policy = load_policy(policy_dir)
+    lengths = []
+    for s in range(0, len(conv), 32):
+        r = sample(policy, tokenizer, conv[s : s + 32], 24, 1.0, 0, 10_000 + s)
+        lengths += [len(a.strip()) for a in decode_responses(tokenizer, r)]
+    return float(np.mean(lengths))
+
+
+def length_table(paths, work: Path, scale, seeds: list[int], beta: float) -> str:
+    """SFT, GRPO and GRPO + short (weight 0.2): held-out mean answer characters, and the mean
+    answer tokens of the last training iteration (metrics.csv), per seed."""
+    sft = answer_chars(paths, scale, paths["sft"])
+    lines = ["| policy | seed | held-out answer chars | last iteration's answer tokens |",
+             "|---|---|---|---|", f"| SFT | — | {sft:.1f} | — |"]  # fmt: skip
+    for variant in ("grpo", "grpo-short"):
+        for seed in seeds:
+            out = work / f"{variant}-b{beta}-s{seed}"
+            if not (out / "hf").is_dir():
+                continue
+            with open(out / "metrics.csv", newline="") as f:
+                tokens = [r["answer_tokens"] for r in csv.DictReader(f) if r.get("answer_tokens")]
+            chars = answer_chars(paths, scale, out / "hf")
+            lines.append(f"| {GRPO_VARIANTS[variant][0]} β {beta} | {seed} | {chars:.1f} | "
+                         f"{float(tokens[-1]):.1f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _trained(method, knob, seed, out, train, per_iteration) -> list[dict]:
@@ -356,7 +415,9 @@ def figure(summary: list[dict], path: Path, title: str, kl_max: float = 0.0) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"best-of-n": "o", "PPO": "s", "DPO": "D", "SimPO": "v", "KTO": "P", "GRPO": "^"}
+    markers = {"best-of-n": "o", "PPO": "s", "DPO": "D", "SimPO": "v", "KTO": "P", "GRPO": "^",
+               "Dr GRPO": "<", "DAPO": ">", "GSPO": "X", "GRPO checker fn": "*",
+               "GRPO gold": "h", "GRPO + short": "d"}  # fmt: skip
     for method, knob in dict.fromkeys((s["method"], s["knob"]) for s in summary):
         pts = sorted((s for s in summary if s["method"] == method and s["knob"] == knob),
                      key=lambda s: s["step"])  # fmt: skip
@@ -367,7 +428,7 @@ def figure(summary: list[dict], path: Path, title: str, kl_max: float = 0.0) -> 
         if beyond:
             label += f" (KL {', '.join(f'{k:.0f}' for k in beyond)}: off the axis)"
         ax.errorbar([p["kl"][0] for p in pts], [p["gold"][0] for p in pts],
-                    yerr=[p["gold"][1] for p in pts], marker=markers[method], capsize=2,
+                    yerr=[p["gold"][1] for p in pts], marker=markers.get(method, "x"), capsize=2,
                     label=label)  # fmt: skip
     bon = sorted((s for s in summary if s["method"] == "best-of-n"), key=lambda s: s["step"])
     if bon:
@@ -394,7 +455,13 @@ def main() -> None:
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
                         help="the pipeline's model: GPT-2 pretrained on the corpus, or a "
                         "random-initialised Llama (`llama_base`)")  # fmt: skip
-    parser.add_argument("--methods", default="best-of-n,ppo,dpo,simpo,kto,grpo")
+    parser.add_argument(
+        "--methods",
+        default="best-of-n,ppo,dpo,simpo,kto,grpo",
+        help="comma list; also " + ",".join(list(GRPO_VARIANTS)[1:]),
+    )
+    parser.add_argument("--betas", help="comma list of β for every swept method (default: "
+                        "each method's list of the scale)")  # fmt: skip
     parser.add_argument("--figure", help="write the figure here (e.g. docs/img/frontier.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--kl-max", type=float, default=0.0, help="figure: KL axis limit")
@@ -436,16 +503,23 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
 
+    betas = [float(b) for b in args.betas.split(",")] if args.betas else None
     for seed in seeds:
         if "best-of-n" in methods:
             keep(run_best_of_n(paths, scale, seed))
-        for beta in scale["ppo"]["betas"] if "ppo" in methods else []:
+        for beta in (betas or scale["ppo"]["betas"]) if "ppo" in methods else []:
             keep(run_ppo(paths, scale, seed, beta, work))
         for name in (m for m in OFFLINE if m in methods):
-            for beta in scale[name]["betas"]:
+            for beta in betas or scale[name]["betas"]:
                 keep(run_offline(paths, scale, seed, name, beta, work, evaluate))
-        for beta in scale["grpo"]["betas"] if "grpo" in methods else []:
-            keep(run_grpo(paths, scale, seed, beta, work))
+        for variant in (v for v in GRPO_VARIANTS if v in methods):
+            for beta in betas or scale["grpo"]["betas"]:
+                keep(run_grpo(paths, scale, seed, beta, work, variant))
+    if "grpo-short" in methods:
+        text = "\n\n".join(length_table(paths, work, scale, seeds, beta)
+                           for beta in betas or scale["grpo"]["betas"])  # fmt: skip
+        (work / "length.md").write_text(text + "\n")
+        print(text)
     summary = summarise(rows)
     text = table(summary)
     (work / "frontier.md").write_text(text + "\n")
