@@ -230,13 +230,15 @@ class CLIP(Method):
         self.towers.logit_scale.clamp_()  # after the optimizer step: the stored value too
 
     def on_fit_start(self) -> None:
-        path = Path(self.config.out or ".") / TOKENIZER_DIR
+        if not self.config.out:  # a module trained outside a run folder writes nothing
+            return
+        path = Path(self.config.out) / TOKENIZER_DIR
         if self.trainer.is_global_zero and not (path / "tokenizer.json").is_file():
             self.tokenizer.save_pretrained(str(path))
 
     def on_train_epoch_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export_encoder(self.towers, Path(self.config.out or ".") / WEIGHTS)
+        if self.trainer.is_global_zero and self.config.out:
+            export_encoder(self.towers, Path(self.config.out) / WEIGHTS)
 
     def save_samples(self, x: Tensor, path: Path) -> None:
         """Each image with the captions (one per group, from the first 1,000 groups) that the
