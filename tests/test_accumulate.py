@@ -211,6 +211,52 @@ def test_ordinary_accumulation_averages_micro_batches_and_steps_momentum_once(na
         assert int(method.queue_ptr) == 2 * 2 * MICRO * K  # two views, two steps
 
 
+def test_dino_centre_moves_once_per_optimiser_step_over_the_whole_batch() -> None:
+    """centre <- m·centre + (1 - m)·mean of the teacher's outputs over all K micro-batches (not
+    K moves, one per micro-batch)."""
+    config = PretrainConfig(method="dino", batch_size=MICRO, accumulate=K)
+    method = get_method("dino")(
+        config, INFO, get_method("dino").Options(out_dim=32, projection_hidden=32, bottleneck=8)
+    )
+    outputs: list[Tensor] = []
+    targets = method.targets
+    method.targets = lambda v: (t := targets(v), outputs.append(t.detach().clone()))[0]  # type: ignore[method-assign]
+    moves: list[int] = []
+    update = method.update_center
+    method.update_center = lambda t: (moves.append(len(t)), update(t))[1]  # type: ignore[method-assign]
+    fit(method, [images(MICRO * K)])
+    assert moves == [2 * MICRO * K] and len(outputs) == K  # one move, both views of 16 images
+    m = method.options.center_momentum
+    expected = (1 - m) * torch.cat(outputs).double().mean(0)
+    torch.testing.assert_close(method.center.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_nnclr_micro_batches_share_the_support_set_of_their_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every micro-batch of a step looks up the queue as it was before the step; after it, view
+    1's projections of the whole batch go in, in the batch's order."""
+    from selfsup.image.methods import nnclr
+
+    config = PretrainConfig(method="nnclr", batch_size=MICRO, accumulate=K)
+    method = nnclr.NNCLR(config, INFO, nnclr.Options(queue_size=64, **SMALL))
+    initial = method.queue.clone().double()  # the step runs in float64
+    seen: list[tuple[Tensor, Tensor]] = []  # (the queue looked up, view 1's projections)
+    loss = nnclr.nnclr_loss
+
+    def spy(z1: Tensor, z2: Tensor, p1: Tensor, p2: Tensor, queue: Tensor, t: float) -> Tensor:
+        seen.append((queue.clone(), z1.detach().clone()))
+        return loss(z1, z2, p1, p2, queue, t)
+
+    monkeypatch.setattr(nnclr, "nnclr_loss", spy)
+    fit(method, [images(MICRO * K)])
+    assert len(seen) == K and all(torch.equal(q, initial) for q, _ in seen)
+    z1 = F.normalize(torch.cat([z for _, z in seen]), dim=1)
+    torch.testing.assert_close(method.queue[: MICRO * K], z1)
+    torch.testing.assert_close(method.queue[MICRO * K :], initial[MICRO * K :])
+    assert int(method.queue_ptr) == MICRO * K
+
+
 def test_cached_backward_replays_dropout_and_keeps_running_stats() -> None:
     """The graph pass draws the graph-free pass's dropout masks; BatchNorm's running
     statistics move once per micro-batch."""
@@ -249,3 +295,144 @@ def test_resumed_accumulating_run_ends_where_an_uninterrupted_one_does(tmp_path:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     state = torch.load(halted / "checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 8 and state["lr_schedulers"][0]["last_epoch"] == 8
+
+
+# --accumulate on the language stages (posttrain.fit_stage): K micro-batches, weighed by their
+# labelled tokens (sft) or rows (dpo), are one optimiser step on the whole batch.
+
+LM = {"accelerator": "cpu", "progress": False, "report": False, "precision": "64-true"}
+
+
+@pytest.fixture(scope="module")
+def lm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 without dropout, a character tokenizer with the chat markers, conversations
+    whose answers differ in length (so a mean of micro-batch means is not the batch's token
+    mean), and preference pairs."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from selfsup.core.tokenizer import train_tokenizer
+    from selfsup.lm.data.chat_data import add_chat_tokens
+
+    root = tmp_path_factory.mktemp("accumulate-lm")
+    tokenizer = train_tokenizer(["0123456789 abcdefghijklmnopqrstuvwxyz?."], kind="char")
+    add_chat_tokens(tokenizer)  # dpo starts from a model that has them
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                        n_positions=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    sft = [{"prompt": f"what is {i}?", "completion": "it is " + "ab" * (i % 7) + "."}
+           for i in range(32)]  # fmt: skip
+    pairs = [{"prompt": f"what is {i}?", "chosen": "it is " + "a" * (i % 5) + ".",
+              "rejected": f"{i}" * (1 + i % 3)} for i in range(16)]  # fmt: skip
+    for name, lines in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        (root / name).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def step_grads(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Tensor]]:
+    """The gradients at every optimiser step of the stages run in the test (before clipping)."""
+    from selfsup.lm.training import posttrain
+
+    seen: list[dict[str, Tensor]] = []
+
+    class Recording(posttrain.StageModule):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            seen.append(
+                {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+            )
+            super().on_before_optimizer_step(optimizer)
+
+    monkeypatch.setattr(posttrain, "StageModule", Recording)
+    return seen
+
+
+def lm_stage(stage: str, base: Path, data: str, out: Path, **options: Any) -> Path:
+    import selfsup
+
+    init = str(base / "base")
+    values = dict(init=init, data=str(base / data), out=str(out), lr=1e-2, val_fraction=0.0)
+    return selfsup.align(stage, **{**values, **LM, **options})  # type: ignore[return-value]
+
+
+def assert_same_steps(ours: list[dict[str, Tensor]], expected: list[dict[str, Tensor]]) -> None:
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected, strict=True):
+        assert_same(a, b)
+
+
+def final_state(run: Path) -> dict[str, Any]:
+    return torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+
+
+def test_sft_accumulated_is_one_batch_of_16(lm_base: Path, tmp_path: Path, step_grads) -> None:
+    """32 conversations, batch 16: two optimiser steps of the whole batch's token mean, whether
+    in one piece or in 4 micro-batches of unequal token counts; the steps counted are the
+    optimiser's."""
+    runs = []
+    for k in (1, 4):
+        runs.append(lm_stage("sft", lm_base, "sft.jsonl", tmp_path / f"k{k}", batch_size=16,
+                             epochs=1, accumulate=k, max_length=48))  # fmt: skip
+    whole, micro = step_grads[:2], step_grads[2:]
+    assert_same_steps(micro, whole)
+    a, b = (final_state(r) for r in runs)
+    assert a["global_step"] == b["global_step"] == 2
+    assert b["lr_schedulers"][0]["last_epoch"] == 2
+    for name, weight in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], weight, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_dpo_accumulated_is_one_batch_of_16(lm_base: Path, tmp_path: Path, step_grads) -> None:
+    """16 pairs, batch 16: the per-pair mean of the whole batch in 4 micro-batches of 4."""
+    for k in (1, 4):
+        lm_stage("dpo", lm_base, "pairs.jsonl", tmp_path / f"k{k}", batch_size=16, epochs=1,
+                 accumulate=k, beta=0.5)  # fmt: skip
+    assert len(step_grads) == 2
+    assert_same_steps(step_grads[1:], step_grads[:1])
+
+
+def test_resumed_accumulating_stage_ends_where_an_uninterrupted_one_does(
+    lm_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints and the schedule count optimiser steps: 4 per epoch of 32 at batch 8, a run
+    stopped in its second epoch resumes from step 4 and ends at step 8 where one run does."""
+    import selfsup
+    from selfsup.core.run import RunFolder
+
+    options = dict(batch_size=8, accumulate=2, max_length=48, epochs=2)
+    straight = lm_stage("sft", lm_base, "sft.jsonl", tmp_path / "a", **options)
+    append = RunFolder.append_metrics
+
+    def interrupted(folder: RunFolder, row: dict, *args: Any) -> None:
+        if row.get("epoch") == 2:
+            raise KeyboardInterrupt
+        append(folder, row, *args)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", interrupted)
+    with pytest.raises(BaseException):  # noqa: B017 - the interruption, however reported
+        lm_stage("sft", lm_base, "sft.jsonl", tmp_path / "b", **options)
+    halted = tmp_path / "b"
+    assert final_state(halted)["global_step"] == 4
+    monkeypatch.setattr(RunFolder, "append_metrics", append)
+    selfsup.align("sft", resume=str(halted), report=False, progress=False)
+    a, b = final_state(straight), final_state(halted)
+    assert a["global_step"] == b["global_step"] == 8
+    assert b["lr_schedulers"][0]["last_epoch"] == 8
+    for name, weight in a["state_dict"].items():  # as near as a resume without accumulation
+        torch.testing.assert_close(b["state_dict"][name], weight, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_accumulate_must_divide_the_batch(lm_base: Path, tmp_path: Path) -> None:
+    from selfsup.core.errors import SelfsupError
+
+    with pytest.raises(SelfsupError, match="--batch-size 10 is not divisible by --accumulate 4"):
+        lm_stage("sft", lm_base, "sft.jsonl", tmp_path / "a", batch_size=10, accumulate=4)
+    with pytest.raises(SelfsupError, match="--accumulate must be"):
+        lm_stage("sft", lm_base, "sft.jsonl", tmp_path / "b", accumulate=0)
+    with pytest.raises(SelfsupError, match="kto's reference point is the KL estimate"):
+        lm_stage("kto", lm_base, "pairs.jsonl", tmp_path / "c", batch_size=4, accumulate=2)
+    assert not any((tmp_path / run).exists() for run in "abc")

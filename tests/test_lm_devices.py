@@ -1,8 +1,10 @@
 """`--devices N` on the stages after pretraining: two CPU processes (gloo, forked by the stage)
-end with the weights of one process that trains on the whole batch (SFT, with LoRA too, and
-DPO, both with batches whose shares differ in rows and tokens), and GRPO's two processes, each
-sampling its share of the prompts' groups, end where one process does when every prompt's
-answers are sampled with a seed of their own."""
+end with the weights of one process that trains on the whole batch (SFT, with LoRA too, DPO and
+KTO, with batches whose shares differ in rows and tokens; KTO's reference point is the whole
+batch's KL estimate, and a batch of one row leaves one process an empty share), and GRPO's and
+PPO's two processes, each sampling its share of the prompts, end where one process does when
+every prompt's answers are sampled with a seed of their own (PPO: advantages whitened and token
+means taken over the whole batch)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,13 @@ def base(tmp_path_factory) -> Path:
         {"prompt": f"what is {i} plus {i}?", "chosen": f"it is {2 * i}.", "rejected": f"{i}."}
         for i in range(13)
     ]
-    for name, lines in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+    unpaired = [
+        {"prompt": f"what is {i} plus {i}?", "completion": f"it is {2 * i + i % 3 // 2}.",
+         "label": i % 3 != 2}
+        for i in range(14)
+    ]  # fmt: skip
+    files = (("sft.jsonl", sft), ("pairs.jsonl", pairs), ("unpaired.jsonl", unpaired))
+    for name, lines in files:
         (root / name).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return root
 
@@ -110,6 +118,32 @@ def test_dpo_on_two_processes_ends_as_one_process(base, tmp_path):
     _assert_same(*runs)  # 10 training pairs in batches of 5: shares of 3 and 2
 
 
+def test_kto_on_two_processes_ends_as_one_process(base, tmp_path):
+    sft = _sft(base, tmp_path / "sft", "1")
+    runs = [
+        selfsup.align(
+            "kto",
+            init=str(sft),
+            data=str(base / "unpaired.jsonl"),
+            out=str(tmp_path / devices),
+            devices=devices,
+            batch_size=5,
+            epochs=2,
+            lr=1e-2,
+            beta=0.5,
+            val_fraction=0.2,
+            **CPU,
+        )  # fmt: skip
+        for devices in ("1", "2")
+    ]
+    # 11 training answers in batches of 5, 5, 1 (shares of 2 and 3, then none and 1), 3 to
+    # validate (1 and 2): z0 from both shares' mismatched pairs, an answer crossing the shares
+    _assert_same(*runs)
+    header, *rows = (Path(runs[0]) / "metrics.csv").read_text().splitlines()
+    kl = [float(r.split(",")[header.split(",").index("val_kl")]) for r in rows]
+    assert kl[-1] > 1e-3  # the reference point is not clamped to 0: it counts
+
+
 def _per_group_sampler(sample):
     """`rollout.sample` answering each prompt's group with a seed of its own (the prompt's text
     and the iteration's seed), so that which process samples a group does not change it."""
@@ -144,26 +178,49 @@ def _per_group_sampler(sample):
     return sampled
 
 
-def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+def _online_inputs(base: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(SFT run, a reward model from it with a random head, six prompts) for GRPO and PPO."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from selfsup.lm.alignment import grpo
 
     sft = _sft(base, tmp_path / "sft", "1")
     torch.manual_seed(1)
     reward = AutoModelForSequenceClassification.from_pretrained(str(sft / "hf"), num_labels=1)
-    reward.config.pad_token_id = 0
+    tokenizer = AutoTokenizer.from_pretrained(str(sft / "hf"))
+    # the score at the last token that is not padding: the tokenizer's pad, so that how far a
+    # share's answers are padded does not move it
+    reward.config.pad_token_id = tokenizer.pad_token_id
     reward.save_pretrained(tmp_path / "reward")
-    AutoTokenizer.from_pretrained(str(sft / "hf")).save_pretrained(tmp_path / "reward")
+    tokenizer.save_pretrained(tmp_path / "reward")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"what is {i} plus 1?"}) + "\n"
                                for i in range(6)))  # fmt: skip
+    return sft, tmp_path / "reward", prompts
+
+
+def _assert_same_online(runs: list, first_rows: int) -> list[list[str]]:
+    """The two runs' weights equal (1e-5), the first iteration's logged means (1e-4); the
+    metrics rows, header first."""
+    a, b = (load_file(str(Path(r) / "hf" / "model.safetensors")) for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    rows = [(Path(r) / "metrics.csv").read_text().splitlines() for r in runs]
+    assert rows[0][0] == rows[1][0]
+    for line in range(1, first_rows + 1):
+        for x, y in zip(rows[0][line].split(","), rows[1][line].split(","), strict=True):
+            assert float(y) == pytest.approx(float(x), abs=1e-4)
+    return [r.split(",") for r in rows[0]]
+
+
+def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+    from selfsup.lm.alignment import grpo
+
+    sft, reward, prompts = _online_inputs(base, tmp_path)
     monkeypatch.setattr(grpo, "sample", _per_group_sampler(grpo.sample))
     runs = [
         selfsup.align(
             "grpo",
             policy=str(sft),
-            reward=str(tmp_path / "reward"),
+            reward=str(reward),
             prompts=str(prompts),
             out=str(tmp_path / devices),
             devices=devices,
@@ -179,10 +236,34 @@ def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
         )  # fmt: skip
         for devices in ("1", "2")
     ]
-    a, b = (load_file(str(Path(r) / "hf" / "model.safetensors")) for r in runs)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
-    rows = [(Path(r) / "metrics.csv").read_text().splitlines() for r in runs]
-    assert rows[0][0] == rows[1][0]
-    for x, y in zip(rows[0][1].split(","), rows[1][1].split(","), strict=True):
-        assert float(y) == pytest.approx(float(x), abs=1e-4)  # the first iteration's means
+    _assert_same_online(runs, 1)
+
+
+def test_ppo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+    from selfsup.lm.alignment import ppo
+
+    sft, reward, prompts = _online_inputs(base, tmp_path)
+    monkeypatch.setattr(ppo, "sample", _per_group_sampler(ppo.sample))
+    runs = [
+        selfsup.align(
+            "rlhf",
+            policy=str(sft),
+            reward=str(reward),
+            prompts=str(prompts),
+            out=str(tmp_path / devices),
+            devices=devices,
+            iterations=2,
+            rollouts=4,
+            minibatch=4,
+            ppo_epochs=2,
+            lr=1e-2,
+            max_new_tokens=6,
+            eval_samples=2,
+            eval_every=2,
+            **CPU,
+        )  # fmt: skip
+        for devices in ("1", "2")
+    ]  # one minibatch of the whole batch an epoch: its shares of 2 answers each
+    rows = _assert_same_online(runs, 2)
+    tokens = [float(r[rows[0].index("answer_tokens")]) for r in rows[1:]]
+    assert any(t < 6 for t in tokens)  # answers of unequal length: shares of unequal tokens

@@ -94,6 +94,26 @@ def mean_over_processes(stats: dict[str, float], device: torch.device | str = "c
     return dict(zip(stats, (values / world_size()).tolist(), strict=True))
 
 
+def sum_over_processes(t: Tensor) -> Tensor:
+    """`t` summed over the processes (every process passes the same shape), without autograd;
+    `t` itself (detached) without a process group."""
+    t = t.detach()
+    if not is_distributed():
+        return t
+    t = t.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
+    dist.all_reduce(t)
+    return t
+
+
+def mean_over_rows(x: Tensor) -> Tensor:
+    """The mean of `x`'s entries over every process's (an all-reduced sum and count; a process
+    may hold none), differentiable in this process's entries; `x.mean()` without a group."""
+    if not is_distributed():
+        return x.mean()
+    total = sum_over_processes(torch.stack([x.sum(), x.new_tensor(x.numel())]))
+    return (x.sum() + (total[0] - x.sum().detach())) / total[1]
+
+
 def unique_ids(n: int, device: torch.device | str | None = None) -> Tensor:
     """Ids 0..n-1 shifted by rank·n: distinct across processes that each hold n samples."""
     return torch.arange(n, device=device) + rank() * n

@@ -174,6 +174,14 @@ class TuneConfig(EngineOptions, LoraOptions):
         const=True,  # the bare flag of before `--resume RUN`: the run in --out
         deprecated={"--no-resume": "leave it out (a new run is the default)"},
     )
+    accumulate: int = option(
+        1,
+        "micro-batches per optimiser step (gradient accumulation; sft, reward, dpo, simpo): "
+        "--batch-size stays the step's batch, cut into K that must divide it; less memory, the "
+        "same step (each micro-batch weighs by its rows or tokens); steps, the schedule and "
+        "checkpoints count optimiser steps",
+        check=">=1",
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """DINO (Caron et al., 2021): self-distillation with no labels. A student (encoder + head)
 matches, at temperature 0.1, the softmax of a momentum (EMA) teacher over `--out-dim`
-prototypes; the teacher's outputs are centred (a running mean, `--center-momentum`) and
+prototypes; the teacher's outputs are centred (a running mean, `--center-momentum`, moved once
+per optimiser step) and
 sharpened (`--teacher-temperature` 0.04), which together keep them from collapsing. The head is
 an MLP to an L2-normalised bottleneck, then prototypes of unit norm. Teacher and centre are in
 the checkpoint, so resume continues them. `--local-crops K` adds multi-crop: the two global
@@ -89,6 +90,7 @@ class DINO(Momentum):
     def build_heads(self) -> None:
         o = self.options
         self.head = DINOHead(self.encoder.feature_dim, o.projection_hidden, o.bottleneck, o.out_dim)
+        self.pending: list[Tensor] = []  # --accumulate: this step's teacher outputs
 
     def pretext_loss(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         views, features = self.two_views(x, g)
@@ -100,9 +102,20 @@ class DINO(Momentum):
         teacher = list(self.targets(views).chunk(2))
         o = self.options
         loss = dino(teacher, student, self.center, o.teacher_temperature, o.student_temperature)
-        if self.training:
-            self.update_center(torch.cat(teacher))
+        if self.training:  # with --accumulate once per optimiser step, over its whole batch
+            self.pending.append(torch.cat(teacher))
+            if self.config.accumulate == 1:
+                self.flush_pending()
         return loss, features[: len(x)]
+
+    def flush_pending(self) -> None:
+        if self.pending:
+            self.update_center(torch.cat(self.pending))
+        self.pending.clear()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.flush_pending()
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:

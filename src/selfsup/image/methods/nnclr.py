@@ -4,9 +4,10 @@ projection but that projection's nearest neighbour in a support set, a FIFO queu
 heads (a 3-layer projector ending in BatchNorm, a 2-layer predictor `--predictor-hidden` wide):
 the nearest neighbour (cosine similarity, no gradient) of view 1's projection is contrasted with
 view 2's prediction by NT-Xent, and symmetrically. Both lookups read the queue as it was before
-this batch; only then are view 1's projections (all processes' under DDP) written over the
-oldest entries. The queue starts as random unit vectors drawn from `--seed`; it and its position
-are in every checkpoint, so a resumed run keeps its support set.
+this batch (with `--accumulate`, before the optimiser step's); only then are view 1's projections
+(all processes' under DDP) written over the oldest entries. The queue starts as random unit
+vectors drawn from `--seed`; it and its position are in every checkpoint, so a resumed run keeps
+its support set.
 
 The loss is SimCLR's NT-Xent between the neighbours and the predictions, 2B anchors a pair (the
 form lightly uses); the paper's pseudocode keeps only the B×B neighbour-to-prediction logits."""
@@ -14,6 +15,7 @@ form lightly uses); the paper's pseudocode keeps only the B×B neighbour-to-pred
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,5 +66,22 @@ class NNCLR(MemoryBank, SimSiam):
         (z1, z2), (p1, p2) = e.z.chunk(2), e.p.chunk(2)
         loss = nnclr_loss(z1, z2, p1, p2, self.queue, self.options.temperature)
         if self.training:  # after the lookup: a batch is never its own neighbour
-            self.enqueue(z1)
+            self.pending.append(z1.detach())
+            if self.config.accumulate == 1:
+                self.flush_pending()
         return loss, e.features[: len(x)]
+
+    def build_heads(self) -> None:
+        super().build_heads()
+        # --accumulate: this step's projections, enqueued after the optimiser step (so that its
+        # micro-batches look up the support set one batch would)
+        self.pending: list[Tensor] = []
+
+    def flush_pending(self) -> None:
+        if self.pending:
+            self.enqueue(torch.cat(self.pending))  # the whole batch's, in its order
+        self.pending.clear()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.flush_pending()

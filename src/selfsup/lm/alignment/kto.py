@@ -5,9 +5,11 @@ log π_ref(y|x) an answer's log-ratio to the frozen reference (the SFT model) an
 reference point, the mean over the batch's answers of λ_D·(1 - σ(β·(r - z0))) for a desirable
 answer and λ_U·(1 - σ(β·(z0 - r))) for an undesirable one. z0 = max(0, mean(log π - log π_ref))
 over mismatched pairs (every prompt of the batch with the answer of the example before it: an
-estimate of KL(π || π_ref)), detached. Data: TRL's unpaired records, or the rankings `lm dpo`
-reads (each pair's chosen answer desirable, its rejected one undesirable); the loop (Fabric,
-epochs, validation, checkpoints, RUN/hf) is `posttrain`'s.
+estimate of KL(π || π_ref)), detached; with `--devices N` the whole batch's pairs and mean over
+every process's share (an all-reduced sum and count), so N processes train as one. Data: TRL's
+unpaired records, or the rankings `lm dpo` reads (each pair's chosen answer desirable, its
+rejected one undesirable); the loop (Fabric, epochs, validation, checkpoints, RUN/hf) is
+`posttrain`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
+from selfsup.engine.distributed import gather_objects, mean_over_rows, rank
 from selfsup.lm.alignment.dpo import DPO, _with_reference, preference_data, sequence_logprobs
 from selfsup.lm.alignment.dpo import Options as DPOOptions
 from selfsup.lm.alignment.ppo import disable_dropout
@@ -58,14 +61,14 @@ def kto_loss(policy: Tensor, reference: Tensor, desirable: Tensor, kl_ratio: Ten
              weights: tuple[float, float] = (1, 1)) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, rewards, z0) of a batch of answers: `policy` and `reference` their summed
     log-probabilities, `desirable` their labels, `kl_ratio` the policy's minus the reference's
-    log-probabilities of the batch's mismatched pairs. z0 = max(0, mean(kl_ratio)), detached;
+    log-probabilities of the batch's mismatched pairs. z0 = max(0, mean(kl_ratio)), detached,
+    the mean over every process's pairs when several train (`mean_over_rows`);
     with r = policy - reference, the loss is the mean over the answers of λ_D·(1 - σ(β·(r - z0)))
     for a desirable one and λ_U·(1 - σ(β·(z0 - r))) for an undesirable one, (λ_D, λ_U) =
-    `weights`: TRL's KTOTrainer with loss_type="kto", on one process. The rewards β·r are
-    returned detached."""
+    `weights`: TRL's KTOTrainer with loss_type="kto". The rewards β·r are returned detached."""
     if policy.numel() == 0:
         raise SelfsupError("KTO loss of an empty batch: no answer")
-    z0 = kl_ratio.mean().clamp(min=0).detach()
+    z0 = mean_over_rows(kl_ratio).clamp(min=0).detach()
     r = policy - reference
     losses = torch.where(
         desirable,
@@ -186,22 +189,37 @@ def kto(config: Options, command: str | None = None) -> Path:
 
     def loss_fn(m: Any, batch: list) -> tuple[Tensor, dict[str, float]]:
         device = next(m.parameters()).device
-        logps = sequence_logprobs(m, _batch([e[0] for e in batch], pad, device))
         answers = [e[2] for e in batch]
         mismatched = [
-            _row(e[1], a, length) for e, a in zip(batch, answers[-1:] + answers[:-1], strict=True)
+            _row(e[1], a, length) for e, a in zip(batch, previous_answers(answers), strict=True)
         ]
+        if not batch:  # a process's empty share: its part in the KL estimate's all-reduce only
+            mean_over_rows(torch.zeros(0, device=device))
+            return torch.zeros((), device=device), {}
         with torch.no_grad():  # z0 is detached: no gradient through the KL estimate
             kl_batch = _batch(mismatched, pad, device)
             policy_kl = sequence_logprobs(m, kl_batch)
             ref_kl = sequence_logprobs(reference.to(device), kl_batch)
+        logps = sequence_logprobs(m, _batch([e[0] for e in batch], pad, device))
         ref = torch.tensor([e[4] for e in batch], device=device, dtype=logps.dtype)
         good = torch.tensor([e[3] for e in batch], device=device)
         weights = (config.desirable_weight, config.undesirable_weight)
         loss, rewards, z0 = kto_loss(logps, ref, good, policy_kl - ref_kl, config.beta, weights)
         return loss, kto_metrics(rewards, good, z0, config.beta)
 
+    loss_fn.collective = True  # type: ignore[attr-defined]  # an empty share takes part too
     return posttrain.fit_stage("kto", config, command, model, tokenizer, train, val, loss_fn)
+
+
+def previous_answers(answers: list[list[int]]) -> list[list[int]]:
+    """Each example's predecessor's answer in the whole batch, cyclically (the first's is the
+    last's): of several processes, each holding a contiguous share in rank order, the first
+    one's comes from the nearest earlier process with a share (a collective: every process
+    calls it, with or without examples)."""
+    lasts = gather_objects(answers[-1:])
+    r = rank()
+    before = [a for part in lasts[r + 1 :] + lasts[:r] for a in part]  # cyclic, ending before r
+    return ((before[-1:] or answers[-1:]) + answers[:-1]) if answers else []
 
 
 def _batch(rows: Sequence[Row], pad_id: int, device: Any) -> dict[str, Tensor]:

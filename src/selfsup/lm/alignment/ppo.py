@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from selfsup.engine.distributed import mean_over_processes
+from selfsup.engine.distributed import mean_over_processes, sum_over_processes
 from selfsup.lm.alignment.rollout import (
     Rollout,
     decode_responses,
@@ -146,7 +146,7 @@ class PPOTrainer:
         mask = rollout.response_mask.float()
         rewards, _ = shaped_rewards(scores, logprobs, ref_logprobs, mask, self.beta)
         advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=sum_over_processes)  # whole batch's
         kl = kl_to_reference(logprobs, ref_logprobs, mask)
         return Experience(rollout, logprobs, values, advantages, returns, scores, kl)
 
@@ -154,8 +154,11 @@ class PPOTrainer:
         """Several epochs of minibatch PPO updates; returns the mean statistics. With
         `target_kl`, the first minibatch whose approximate KL from the rollouts' policy exceeds
         it is not applied and the iteration's updates end (`ppo/updates` counts those made).
-        Of several processes each takes --minibatch / N of its share's answers a step; the
-        advantages are whitened over the share (as TRL's PPO does per process)."""
+        Of several processes each takes --minibatch / N of its share's answers a step and
+        weighs its token means by its part of the minibatch's tokens (the advantages are
+        whitened over the whole batch too), so that N processes train as one process with the
+        whole batch when --minibatch is --rollouts (smaller minibatches: each process draws its
+        own from its share)."""
         s = self.settings
         self.model.train()
         disable_dropout(self.model)
@@ -179,6 +182,9 @@ class PPOTrainer:
                 logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
             )
             vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
+            weight = self._token_weight(mask)  # token means: the whole minibatch's
+            pg, vf = pg * weight, vf * weight
+            clip_fraction, approx_kl = clip_fraction * weight, approx_kl * weight
             if s.target_kl > 0:  # every process stops at the same minibatch
                 kl = mean_over_processes({"kl": approx_kl.item()}, self.fabric.device)["kl"]
                 if kl > s.target_kl:
@@ -189,12 +195,21 @@ class PPOTrainer:
             self.optimizer.step()
             updates += 1
             with torch.no_grad():
-                stats["entropy"].append(entropy(logits, mask).item())
+                stats["entropy"].append((entropy(logits, mask) * weight).item())
             stats["policy"].append(pg.item())
             stats["value"].append(vf.item())
             stats["clip"].append(clip_fraction.item())
             stats["approx_kl"].append(approx_kl.item())
         return {**{f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}, "ppo/updates": updates}
+
+    def _token_weight(self, mask: Tensor) -> Tensor | float:
+        """The part of a minibatch's answer tokens on this process, times the processes (DDP
+        averages the gradients): a token mean times it is this process's term of the whole
+        minibatch's token mean. 1 in one process."""
+        world = self.fabric.world_size
+        if world == 1:
+            return 1.0
+        return world * mask.sum() / sum_over_processes(mask.sum()).clamp_min(1)
 
     def step(
         self, conversations: Sequence[Sequence[Message]], seed: int, gold: GoldFn | None = None
@@ -211,7 +226,7 @@ class PPOTrainer:
                 "kl": exp.kl.mean().item(),
                 "answer_tokens": mask.sum(1).mean().item(),
                 "ended": exp.rollout.ended.float().mean().item(),
-                "value_mean": masked_mean(exp.values, mask).item(),
+                "value_mean": (masked_mean(exp.values, mask) * self._token_weight(mask)).item(),
             }
         )
         if s.adaptive_kl > 0:  # on the processes' mean KL: one β for all

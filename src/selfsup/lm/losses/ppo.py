@@ -7,6 +7,8 @@ real token, so nothing is bootstrapped beyond it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,10 +19,20 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """x standardised with the mean and (unbiased) variance of its masked entries; padding -> 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp_min(1)
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """x standardised with the mean and (unbiased) variance of its masked entries; padding -> 0.
+    `total` sums a statistic over the parts of a batch (e.g. `sum_over_processes`: its mean and
+    variance are then every process's entries', as one process's of the whole batch)."""
+    total = total or (lambda t: t)
+    count = total(mask.sum())
+    mean = total((x * mask).sum()) / count.clamp_min(1)
+    var = total(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp_min(1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -8,6 +8,10 @@ and any reference log-probabilities are ready: gloo on a CPU, NCCL on GPUs): --b
 the whole batch, each process takes a contiguous share of it and weighs its loss by the share of
 what the loss averages over (rows, or labelled tokens: `TokenMean`), so that the all-reduced
 gradient is the whole batch's and N processes train as one would; rank 0 writes the run folder.
+`--accumulate K` cuts each process's share again, into K micro-batches weighed the same way, and
+adds their gradients up before one optimiser step (Lightning's manual optimisation): one step on
+the whole batch, holding the activations of one micro-batch at a time (kto refuses it: its
+reference point is the whole batch's KL estimate).
 A run folder of an earlier version (checkpoints/last.pt) resumes too: its checkpoint becomes
 last.ckpt first (`convert_legacy`).
 """
@@ -18,6 +22,7 @@ import dataclasses
 import math
 import shlex
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import NonFiniteLossError, SelfsupError
+from selfsup.engine.accumulate import average_gradients
 from selfsup.engine.distributed import check_devices, gather_objects, share
 from selfsup.engine.optim import warmup_cosine
 from selfsup.engine.progress import show_bars
@@ -81,6 +87,11 @@ def checked_config(config: TuneConfig) -> TuneConfig:
         if not getattr(config, name):
             raise SelfsupError(f"--{name} is required")
     check_declared(config)  # the ranges its fields declare
+    if config.batch_size % config.accumulate:
+        raise SelfsupError(
+            f"--batch-size {config.batch_size} is not divisible by --accumulate "
+            f"{config.accumulate}: each step's batch is cut into that many equal micro-batches"
+        )
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_devices(config.accelerator, config.devices)  # before Lightning starts the processes
@@ -245,6 +256,11 @@ def fit_stage(
     RUN/metrics.csv, checkpoints, RUN/hf) into the run directory --out; returns it. With
     --lora-r the model trains through LoRA adapters (`lora.adapt`, unless the stage adapted
     it already): RUN/hf and the checkpoint keep the adapter only."""
+    if stage == "kto" and config.accumulate > 1:
+        raise SelfsupError(
+            "--accumulate: kto's reference point is the KL estimate of the whole batch, which "
+            "micro-batches do not share; leave --accumulate out"
+        )
     model = lora.adapt(model, config, config.init, tokenizer)
     command = command or shlex.join(["selfsup", "lm", stage, "..."])
     folder = _begin(stage, config, command)
@@ -292,7 +308,7 @@ def _train(
         metrics=False,  # StageModule writes RUN/metrics.csv: one row an epoch
         callbacks=[ExportHF(run, tokenizer)],
         max_epochs=config.epochs,
-        gradient_clip_val=1.0,
+        gradient_clip_val=1.0 if config.accumulate == 1 else None,  # else StageModule clips
         use_distributed_sampler=False,  # every process draws the whole batch, takes its share
     )
     steps = math.ceil(len(train) / config.batch_size)
@@ -341,7 +357,8 @@ class StageModule(L.LightningModule):
     loss stopped in one line, after every epoch one row (epoch, train_loss, validation means
     weighted by batch, `extra`) in RUN/metrics.csv and on stdout; the dropout RNG is in the
     checkpoint, so a resumed run draws the masks of an uninterrupted one. Several processes each
-    take their share of every batch (`shared`); the losses logged are the whole batch's."""
+    take their share of every batch, --accumulate cuts it into micro-batches (`parts`); the
+    losses logged are the whole batch's."""
 
     def __init__(
         self,
@@ -365,24 +382,29 @@ class StageModule(L.LightningModule):
         self.weights: list[int] = []
         self.strict_loading = not lora.is_adapted(model)  # LoRA: the checkpoint has the adapter
         self.weight: Callable[[list], float] = getattr(loss_fn, "weight", len)
+        # --accumulate: the micro-batches and the optimiser step in `accumulated_step`
+        self.automatic_optimization = config.accumulate == 1
 
-    def shared(self, batch: list) -> tuple[list, float]:
-        """This process's rows of a batch every process drew whole, and the weight of their mean
-        loss in the whole batch's (their share of the rows or tokens it averages over, times the
-        processes: DDP averages the gradients); (batch, 1.0) in one process."""
-        world = self.trainer.world_size
-        if world == 1:
-            return batch, 1.0
-        part = batch[share(len(batch), self.trainer.global_rank, world)]
+    def parts(self, batch: list) -> list[tuple[list, float]]:
+        """This process's rows of a batch every process drew whole, cut into --accumulate
+        micro-batches, each with the weight of its mean loss in the whole batch's (its share of
+        the rows or tokens that averages over, times the processes: DDP averages the
+        gradients); [(batch, 1.0)] in one process without accumulation."""
+        world, k = self.trainer.world_size, self.config.accumulate
+        if world == 1 and k == 1:
+            return [(batch, 1.0)]
         total = self.weight(batch)
         if not total:  # nothing to learn from anywhere: every process meets the stage's error
-            return batch, 1.0 / world
-        return part, world * self.weight(part) / total
+            return [(batch, 1.0 / world)]
+        mine = batch[share(len(batch), self.trainer.global_rank, world)]
+        micro = [mine[share(len(mine), j, k)] for j in range(k)]
+        return [(m, world * self.weight(m) / total) for m in micro]
 
-    def _loss(self, batch: list) -> tuple[torch.Tensor, dict[str, float], float]:
-        """(loss to back-propagate, the share's metrics, its weight in the whole batch's mean)."""
-        part, scale = self.shared(batch)
+    def _loss(self, part: list, scale: float) -> tuple[torch.Tensor, dict[str, float], float]:
+        """(loss to back-propagate, the part's metrics, its weight in the whole batch's mean)."""
         if scale == 0:  # a share without rows or tokens: zero gradients, as DDP needs a backward
+            if getattr(self.loss_fn, "collective", False):  # KTO: its all-reduce needs everyone
+                self.loss_fn(self.model, part)
             trained = [p for p in self.model.parameters() if p.requires_grad]
             return (
                 sum((p.sum() * 0.0 for p in trained), torch.zeros((), device=self.device)),
@@ -422,7 +444,43 @@ class StageModule(L.LightningModule):
         self.losses, self.val, self.weights = [], {}, []
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
-        loss, _, _ = self._loss(batch)
+        if self.automatic_optimization:
+            loss, _, _ = self._loss(*self.parts(batch)[0])
+            self.check_finite(loss, batch)
+            return loss
+        return self.accumulated_step(batch)
+
+    def accumulated_step(self, batch: list) -> torch.Tensor:
+        """One optimiser step on the gradients of --accumulate micro-batches, added up (each
+        weighed by its part of the whole batch: exactly one step on it), clipped to norm 1."""
+        model = self.trainer.strategy.model
+        losses = []
+        with model.no_sync() if hasattr(model, "no_sync") else nullcontext():  # synced below
+            for part, scale in self.parts(batch):
+                if scale:  # a micro-batch without rows or tokens adds nothing
+                    loss, _, _ = self._loss(part, scale)
+                    self.manual_backward(loss)
+                    losses.append(loss.detach())
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        self.check_finite(loss, batch)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        for p in trained:  # every process all-reduces every gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        average_gradients(trained)
+        optimizer = self.optimizers()
+        optimizer.step()  # type: ignore[union-attr]
+        optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        self.lr_schedulers().step()  # type: ignore[union-attr]
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """--accumulate: the gradient norm clipped to 1, as the Trainer's gradient_clip_val."""
+        if not self.automatic_optimization:
+            self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+
+    def check_finite(self, loss: torch.Tensor, batch: list) -> None:
+        """The whole batch's loss, logged; a NaN or infinite one stops the stage in one line."""
         whole = loss.item()
         if self.trainer.world_size > 1:  # the whole batch's loss, known to every process
             whole = sum(gather_objects(whole)) / self.trainer.world_size
@@ -433,12 +491,18 @@ class StageModule(L.LightningModule):
             )
         self.losses.append(whole)
         self.log("loss", self.losses[-1], prog_bar=True, logger=False, batch_size=len(batch))
-        return loss
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
-        loss, extra, weight = self._loss(batch)
-        mean = loss.item() / (weight * self.trainer.world_size) if weight else 0.0
-        for k, v in whole_batch(weight, {"loss": mean, **extra}).items():
+        weight, sums = 0.0, {"loss": 0.0}
+        for part, scale in self.parts(batch):  # micro-batches too: the memory of training's
+            loss, extra, w = self._loss(part, scale)  # KTO: a share without rows takes part
+            if w:  # a share without rows or tokens is left out
+                mean = loss.item() / (w * self.trainer.world_size)
+                for k, v in {"loss": mean, **extra}.items():
+                    sums[k] = sums.get(k, 0.0) + w * v
+                weight += w
+        means = {k: v / weight for k, v in sums.items()} if weight else {"loss": 0.0}
+        for k, v in whole_batch(weight, means).items():
             self.val.setdefault(f"val_{k}", []).append(v)
         self.weights.append(len(batch))
 
