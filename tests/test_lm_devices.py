@@ -211,59 +211,31 @@ def _assert_same_online(runs: list, first_rows: int) -> list[list[str]]:
     return [r.split(",") for r in rows[0]]
 
 
+def _online_runs(stage: str, base, tmp_path, **settings) -> list:
+    """`stage` (grpo or rlhf) on one process and on two, from the same inputs and settings."""
+    sft, reward, prompts = _online_inputs(base, tmp_path)
+    common = dict(policy=str(sft), reward=str(reward), prompts=str(prompts), iterations=2,
+                  lr=1e-2, max_new_tokens=6, eval_samples=2, eval_every=2, **CPU)  # fmt: skip
+    return [
+        selfsup.align(stage, out=str(tmp_path / devices), devices=devices, **common, **settings)
+        for devices in ("1", "2")
+    ]
+
+
 def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
     from selfsup.lm.alignment import grpo
 
-    sft, reward, prompts = _online_inputs(base, tmp_path)
     monkeypatch.setattr(grpo, "sample", _per_group_sampler(grpo.sample))
-    runs = [
-        selfsup.align(
-            "grpo",
-            policy=str(sft),
-            reward=str(reward),
-            prompts=str(prompts),
-            out=str(tmp_path / devices),
-            devices=devices,
-            iterations=2,
-            prompts_per_iteration=4,
-            group_size=3,
-            minibatch=12,
-            lr=1e-2,
-            max_new_tokens=6,
-            eval_samples=2,
-            eval_every=2,
-            **CPU,
-        )  # fmt: skip
-        for devices in ("1", "2")
-    ]
+    runs = _online_runs("grpo", base, tmp_path, prompts_per_iteration=4, group_size=3, minibatch=12)
     _assert_same_online(runs, 1)
 
 
 def test_ppo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
     from selfsup.lm.alignment import ppo
 
-    sft, reward, prompts = _online_inputs(base, tmp_path)
     monkeypatch.setattr(ppo, "sample", _per_group_sampler(ppo.sample))
-    runs = [
-        selfsup.align(
-            "rlhf",
-            policy=str(sft),
-            reward=str(reward),
-            prompts=str(prompts),
-            out=str(tmp_path / devices),
-            devices=devices,
-            iterations=2,
-            rollouts=4,
-            minibatch=4,
-            ppo_epochs=2,
-            lr=1e-2,
-            max_new_tokens=6,
-            eval_samples=2,
-            eval_every=2,
-            **CPU,
-        )  # fmt: skip
-        for devices in ("1", "2")
-    ]  # one minibatch of the whole batch an epoch: its shares of 2 answers each
+    # one minibatch of the whole batch an epoch: its shares of 2 answers each
+    runs = _online_runs("rlhf", base, tmp_path, rollouts=4, minibatch=4, ppo_epochs=2)
     rows = _assert_same_online(runs, 2)
     tokens = [float(r[rows[0].index("answer_tokens")]) for r in rows[1:]]
     assert any(t < 6 for t in tokens)  # answers of unequal length: shares of unequal tokens

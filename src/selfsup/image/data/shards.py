@@ -49,6 +49,7 @@ INSTALL = 'litdata is not installed: pip install "selfsup[shards]" (or pip insta
 META = "selfsup.json"
 SPLITS = ("train", "test")
 NPY = b"\x93NUMPY"  # the magic of an .npy array
+JPEG = b"\xff\xd8\xff"  # of a JPEG file
 
 
 def _litdata() -> Any:
@@ -112,8 +113,11 @@ def _dims(data: bytes | memoryview, name: str) -> tuple[int, int]:
 def _stored(data: bytes | memoryview, name: str) -> np.ndarray | None:
     """A sample as its source's H×W×C array (.npy, TIFF stack, 16-bit PNG); None for an 8-bit
     image file (read as RGB bytes)."""
-    if bytes(data[:6]) == NPY:
+    head = bytes(data[:6])
+    if head == NPY:
         return _array(data, name)
+    if head.startswith(JPEG):  # photos, the common case: no header parse beside the decoder's
+        return None
     fmt = image_header(_Named(data, name))[0]
     if fmt == "TIFF" or fmt == "PNG" and image_mode(_Named(data, name)).startswith("I"):
         return read_image(_Named(data, name))
@@ -165,11 +169,11 @@ class ShardImages(Dataset):
     def __init__(self, url: str, size: int | None, indices: list[int] | None = None) -> None:
         self.url, self.indices = url, indices
         self.dataset = _open(url)
-        _read(lambda: self._raw(0), url)  # opens litdata's cache: the count, a first check
+        raw = _read(lambda: self._raw(0), url)  # opens litdata's cache: the count, a first check
         if size is None:
-            size = min(_read(lambda: _dims(self._raw(0)["image"], url), url))
+            size = min(_read(lambda: _dims(raw["image"], url), url))
         self.size = size
-        first = _read(lambda: _Decode(size, url)(self._raw(0)), url)[0]
+        first = _read(lambda: _Decode(size, url)(raw), url)[0]
         self.kind = (int(first.shape[0]), first.dtype)
         self.dataset.transform = [_Decode(size, url, self.kind)]
         # every process's count (len(StreamingDataset) is this process's share)
