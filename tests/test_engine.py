@@ -72,6 +72,22 @@ def test_two_cpu_processes_are_forked_or_relaunched_as_asked(tmp_path: Path) -> 
         _build(tmp_path, devices=str(cpu_cores() + 1), processes="fork")
 
 
+@pytest.mark.skipif(cpu_cores() < 2, reason="needs two CPU cores")
+def test_processes_a_launcher_started_are_joined_not_forked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchrun's variables for the second of two processes: Lightning joins it (popen launcher,
+    # which starts nothing when the environment made the processes)
+    torchrun = {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                "TORCHELASTIC_RUN_ID": "none"}  # fmt: skip
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    joined = _build(tmp_path, devices="2", processes="fork")
+    assert joined.strategy._start_method == "popen" and joined.num_devices == 2
+    assert joined.strategy.cluster_environment.creates_processes_externally
+
+
 def test_accelerators_are_one_list_checked_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from selfsup.lm.models import hf
 

@@ -9,6 +9,9 @@ means taken over the whole batch)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,11 +84,17 @@ def _sft(base: Path, out: Path, devices: str, **options) -> Path:
     )  # fmt: skip
 
 
-def test_sft_on_two_processes_ends_as_one_process(base, tmp_path):
+@pytest.fixture(scope="module")
+def sft_one(base, tmp_path_factory) -> Path:
+    """SFT on one process: the reference of the SFT tests and the policy the others start from
+    (they only read it)."""
+    return _sft(base, tmp_path_factory.mktemp("sft") / "one", "1")
+
+
+def test_sft_on_two_processes_ends_as_one_process(base, sft_one, tmp_path):
     # 18 training conversations in batches of 8, 8, 2: shares of 4 rows with different token
     # counts, then of 1 row each; the validation's 3 split 2 + 1
-    one = _sft(base, tmp_path / "one", "1")
-    two = _sft(base, tmp_path / "two", "2")
+    one, two = sft_one, _sft(base, tmp_path / "two", "2")
     _assert_same(one, two)
     start, end = load_file(str(base / "base" / "model.safetensors")), _weights(one)
     assert (end["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3  # trained
@@ -97,12 +106,28 @@ def test_sft_with_lora_on_two_processes_ends_as_one_process(base, tmp_path):
     _assert_same(one, two)
 
 
-def test_dpo_on_two_processes_ends_as_one_process(base, tmp_path):
-    sft = _sft(base, tmp_path / "sft", "1")
+def test_sft_launched_by_torchrun_joins_its_processes_and_ends_as_one_process(
+    base, sft_one, tmp_path
+):
+    # torchrun starts both processes: the stage must join them (ddp), not fork two more each
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "selfsup", "lm", "sft", "--init", str(base / "base")]
+    command += ["--data", str(base / "sft.jsonl"), "--out", str(tmp_path / "two"), "--devices", "2"]
+    command += ["--batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--max-length", "48"]
+    command += ["--val-fraction", "0.15", "--accelerator", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFSUP_REPORT": "0"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("Initializing distributed") == 2  # two processes, not four
+    assert done.stdout.count("run directory:") == 1  # the summary once, from the first
+    _assert_same(sft_one, tmp_path / "two")
+
+
+def test_dpo_on_two_processes_ends_as_one_process(base, sft_one, tmp_path):
     runs = [
         selfsup.align(
             "dpo",
-            init=str(sft),
+            init=str(sft_one),
             data=str(base / "pairs.jsonl"),
             out=str(tmp_path / devices),
             devices=devices,
@@ -118,12 +143,11 @@ def test_dpo_on_two_processes_ends_as_one_process(base, tmp_path):
     _assert_same(*runs)  # 10 training pairs in batches of 5: shares of 3 and 2
 
 
-def test_kto_on_two_processes_ends_as_one_process(base, tmp_path):
-    sft = _sft(base, tmp_path / "sft", "1")
+def test_kto_on_two_processes_ends_as_one_process(base, sft_one, tmp_path):
     runs = [
         selfsup.align(
             "kto",
-            init=str(sft),
+            init=str(sft_one),
             data=str(base / "unpaired.jsonl"),
             out=str(tmp_path / devices),
             devices=devices,
@@ -178,11 +202,10 @@ def _per_group_sampler(sample):
     return sampled
 
 
-def _online_inputs(base: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+def _online_inputs(sft: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
     """(SFT run, a reward model from it with a random head, six prompts) for GRPO and PPO."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    sft = _sft(base, tmp_path / "sft", "1")
     torch.manual_seed(1)
     reward = AutoModelForSequenceClassification.from_pretrained(str(sft / "hf"), num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(str(sft / "hf"))
@@ -211,9 +234,9 @@ def _assert_same_online(runs: list, first_rows: int) -> list[list[str]]:
     return [r.split(",") for r in rows[0]]
 
 
-def _online_runs(stage: str, base, tmp_path, **settings) -> list:
+def _online_runs(stage: str, sft_one, tmp_path, **settings) -> list:
     """`stage` (grpo or rlhf) on one process and on two, from the same inputs and settings."""
-    sft, reward, prompts = _online_inputs(base, tmp_path)
+    sft, reward, prompts = _online_inputs(sft_one, tmp_path)
     common = dict(policy=str(sft), reward=str(reward), prompts=str(prompts), iterations=2,
                   lr=1e-2, max_new_tokens=6, eval_samples=2, eval_every=2, **CPU)  # fmt: skip
     return [
@@ -222,20 +245,22 @@ def _online_runs(stage: str, base, tmp_path, **settings) -> list:
     ]
 
 
-def test_grpo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+def test_grpo_on_two_processes_ends_as_one_process(sft_one, tmp_path, monkeypatch):
     from selfsup.lm.alignment import grpo
 
     monkeypatch.setattr(grpo, "sample", _per_group_sampler(grpo.sample))
-    runs = _online_runs("grpo", base, tmp_path, prompts_per_iteration=4, group_size=3, minibatch=12)
+    runs = _online_runs(
+        "grpo", sft_one, tmp_path, prompts_per_iteration=4, group_size=3, minibatch=12
+    )
     _assert_same_online(runs, 1)
 
 
-def test_ppo_on_two_processes_ends_as_one_process(base, tmp_path, monkeypatch):
+def test_ppo_on_two_processes_ends_as_one_process(sft_one, tmp_path, monkeypatch):
     from selfsup.lm.alignment import ppo
 
     monkeypatch.setattr(ppo, "sample", _per_group_sampler(ppo.sample))
     # one minibatch of the whole batch an epoch: its shares of 2 answers each
-    runs = _online_runs("rlhf", base, tmp_path, rollouts=4, minibatch=4, ppo_epochs=2)
+    runs = _online_runs("rlhf", sft_one, tmp_path, rollouts=4, minibatch=4, ppo_epochs=2)
     rows = _assert_same_online(runs, 2)
     tokens = [float(r[rows[0].index("answer_tokens")]) for r in rows[1:]]
     assert any(t < 6 for t in tokens)  # answers of unequal length: shares of unequal tokens

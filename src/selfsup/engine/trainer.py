@@ -74,6 +74,27 @@ def lightning_devices(devices: str, on_gpu: bool) -> int | str:
     return int(devices) if devices.isdigit() else devices
 
 
+def launched_outside() -> bool:
+    """True when a launcher started this run's processes (torchrun, SLURM's srun, LSF):
+    Lightning then joins them (`ddp`) and must not fork more of its own."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    kinds = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
+    return any(kind.detect() for kind in kinds)
+
+
+def many_process_strategy(processes: Processes, count: int | str) -> str:
+    """Lightning's strategy: `ddp_fork` when this process forks the others, `ddp` when a
+    launcher started them all, `auto` for one process or a run Lightning re-runs."""
+    if processes != "fork" or not (isinstance(count, int) and count > 1):
+        return "auto"
+    return "ddp" if launched_outside() else "ddp_fork"
+
+
 class ResumeHint(Callback):
     """Notes a Ctrl-C, which Lightning turns into sys.exit(1) after its callbacks ran; the caller
     catches that SystemExit and raises `interruption(...)` instead: the last checkpoint and
@@ -136,7 +157,6 @@ def build_trainer(
     else:
         check_devices(lightning_accelerator, devices)  # before Lightning starts the processes
         count = lightning_devices(devices, uses_cuda(lightning_accelerator))
-    fork = processes == "fork" and isinstance(count, int) and count > 1
     loggers: list[Any] = (
         [metrics_log.RunCSVLogger(run, keep_before=keep_before, **(csv or {}))] if metrics else []
     )
@@ -158,7 +178,7 @@ def build_trainer(
         default_root_dir=run,
         accelerator=lightning_accelerator,
         devices=count,
-        strategy="ddp_fork" if fork else "auto",
+        strategy=many_process_strategy(processes, count),
         precision=options.precision or default_precision(lightning_accelerator),  # type: ignore[arg-type]
         logger=loggers,
         callbacks=[*every, *callbacks],

@@ -18,6 +18,7 @@ from selfsup.cli.lm.common import (
     summary,
 )
 from selfsup.core.errors import SelfsupError
+from selfsup.core.run import is_first_process
 from selfsup.lm.alignment import ALIGN
 from selfsup.lm.options import TRUNCATE_HELP
 
@@ -52,7 +53,7 @@ def _run_stage(args: argparse.Namespace, command: str) -> None:
             flag = "--" + spec.name.replace("_", "-")
             deprecation(f"{flag} without RUN", f"{flag} RUN")
     run, page = run_stage(args.stage, options, command=command)  # as `selfsup.align` runs it
-    if run is not None:
+    if run is not None and is_first_process():  # torchrun/SLURM: every process gets here
         before, after = stage.summary(Path(run))
         summary([*before, f"report: {page}" if page else "", *after])
 
