@@ -39,14 +39,18 @@ def test_onnx_in_onnxruntime_matches_the_torch_encoder(run: Path, tmp_path: Path
         expected = selfsup.load(run)(x).numpy()
     assert got.shape == expected.shape == (5, selfsup.load(run).feature_dim)
     assert abs(got - expected).max() < 1e-4
+    props = {p.key: p.value for p in pytest.importorskip("onnx").load(str(path)).metadata_props}
+    assert json.loads(props["selfsup_pixels"])["scale"] == 255.0  # digits: uint8
 
 
 def test_torchscript_loads_with_plain_torch(run: Path, tmp_path: Path) -> None:
     path = tmp_path / "enc.pt"
     assert main(["export", str(run), "--format", "torchscript", "-o", str(path)]) == 0
-    scripted = torch.jit.load(str(path))
+    extra = {"selfsup_pixels.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
     with torch.no_grad():
         torch.testing.assert_close(scripted(_images()), selfsup.load(run)(_images()))
+    assert json.loads(extra["selfsup_pixels.json"])["scale"] == 255.0  # digits: uint8
 
 
 def test_safetensors_carries_the_architecture(run: Path, tmp_path: Path) -> None:

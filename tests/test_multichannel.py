@@ -373,3 +373,122 @@ def test_export_metadata_says_how_raw_pixels_feed_the_encoder(tiffs, digits_run)
         rule = json.loads(f.metadata()["selfsup_pixels"])
     assert (rule["dtype"], rule["offset"], rule["scale"]) == ("uint8", 0.0, 255.0)
     np.testing.assert_allclose(_by_hand(path, test.x.numpy()), features, rtol=1e-4, atol=1e-5)
+
+
+# ---- the pixel type: recorded at pretraining, carried by every export format -----------------
+
+UINT16 = {"dtype": "uint16", "offset": 0.0, "scale": 65535.0}
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, Path]:
+    """(the test split's uint8 RGB N×H×W×3, a SimCLR run pretrained on train.npz beside it)."""
+    root = tmp_path_factory.mktemp("rgb")
+    rng = np.random.default_rng(5)
+    for name, n in (("train", 64), ("test", 16)):
+        x = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+        np.savez(root / f"{name}.npz", x=x, y=np.arange(n) % 2)
+    run = selfsup.pretrain(
+        method="simclr", data=f"npz:{root}", epochs=1, batch_size=32, out=str(root / "run")
+    )
+    return np.load(root / "test.npz")["x"], Path(run)
+
+
+def _exported_pixels(path: Path, format: str) -> dict:
+    """The `selfsup_pixels` JSON of an export, read back with plain onnx / torch.jit only."""
+    if format == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return json.loads(props["selfsup_pixels"])
+    extra = {"selfsup_pixels.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra["selfsup_pixels.json"])
+
+
+def _run_exported(path: Path, format: str, x: np.ndarray) -> np.ndarray:
+    """The exported function on float32 x N×C×H×W, in onnxruntime or plain TorchScript."""
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": x})[0]
+    with torch.no_grad():
+        return torch.jit.load(str(path))(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+@pytest.mark.parametrize("kind", ["uint16 TIFF stacks", "uint8 RGB"])
+def test_onnx_and_torchscript_say_how_raw_pixels_feed_them(
+    format, kind, tiffs, rgb, tmp_path
+) -> None:
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")  # the ONNX export checks itself in it
+    if kind == "uint8 RGB":
+        test_x, run = rgb
+        raw = test_x.transpose(0, 3, 1, 2)
+        expected_type = {"dtype": "uint8", "offset": 0.0, "scale": 255.0, "channels": 3}
+    else:
+        folder, written, run = tiffs
+        _, test = load_splits(f"folder:{folder}")
+        raw = np.stack([written[p].transpose(2, 0, 1) for p in test.paths])  # the files' uint16
+        expected_type = {**UINT16, "channels": BANDS}
+    features, _ = selfsup.embed(run, split="test")  # the pipeline: data decoded by selfsup
+    path = export(run, format=format, out=tmp_path / f"encoder.{format}")
+    rule = _exported_pixels(path, format)
+    assert {k: rule[k] for k in expected_type} == expected_type
+    with safe_open(str(export(run, format="safetensors", out=tmp_path / "e.st")), "pt") as f:
+        assert rule == json.loads(f.metadata()["selfsup_pixels"])  # the same rule everywhere
+    # by hand, float64: x = (raw - offset) / scale goes in; the encoder normalises x itself
+    x = (raw.astype(np.float64) - rule["offset"]) / rule["scale"]
+    ours = _run_exported(path, format, x.astype(np.float32))
+    np.testing.assert_allclose(ours, features, rtol=1e-5, atol=1e-5)
+    # ... by the rule's mean and std: its backbone on (x - mean) / std gives the same features
+    mean, std = (np.asarray(rule[k], np.float64).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    z = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    with torch.no_grad():
+        backbone = selfsup.load(run).backbone(z).numpy()
+    np.testing.assert_allclose(backbone, features, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pixel_type_is_recorded_at_pretraining_and_export_reads_no_data(
+    tiffs, rgb, tmp_path, monkeypatch
+) -> None:
+    import shutil
+
+    import yaml
+
+    from selfsup.image.data import pixels
+
+    _, _, run = tiffs
+    assert rundir.read_config(run)["dataset"]["pixels"] == UINT16
+    assert rundir.read_config(rgb[1])["dataset"]["pixels"] == {
+        "dtype": "uint8",
+        "offset": 0.0,
+        "scale": 255.0,
+    }
+
+    def copy(name: str, *, older: bool = False, data: str | None = None) -> Path:
+        """The run copied; `older`: without dataset.pixels, as earlier versions wrote it."""
+        shutil.copytree(run, tmp_path / name)
+        config = rundir.read_config(tmp_path / name)
+        if older:
+            del config["dataset"]["pixels"]
+        config["data"] = data or config["data"]
+        (tmp_path / name / rundir.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        return tmp_path / name
+
+    def rule(of: Path) -> str:
+        path = export(of, format="safetensors", out=tmp_path / f"{of.name}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()["selfsup_pixels"]
+
+    new = rule(run)
+    # a run folder from before the field (no dataset.pixels): its data read, the same export
+    assert rule(copy("older", older=True)) == new
+    # data gone: an older run says null as it always did; a new one still knows its pixels
+    gone = f"folder:{tmp_path / 'moved'}"
+    assert json.loads(rule(copy("older-moved", older=True, data=gone)))["dtype"] is None
+    monkeypatch.setattr(pixels, "source_dtype", lambda *a: pytest.fail("export read the data"))
+    assert rule(copy("moved", data=gone)) == new
+    assert json.loads(new)["dtype"] == "uint16"

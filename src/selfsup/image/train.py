@@ -28,6 +28,7 @@ from selfsup.image.augment import RECIPES
 from selfsup.image.config import PretrainConfig, split_options
 from selfsup.image.data import ImageData, batch_loader
 from selfsup.image.data.multichannel import channel_stats
+from selfsup.image.data.pixels import data_pixels
 from selfsup.image.data.sources import HOLDOUT, stratified_indices
 from selfsup.image.methods import METHODS, get_method
 from selfsup.image.methods.base import Method
@@ -200,16 +201,19 @@ def _check_names(config: PretrainConfig) -> None:
 
 
 def _data_info(config: PretrainConfig, train: ImageData, test: ImageData | None) -> dict[str, Any]:
-    """Shapes, classes and per-channel statistics: what the encoder needs to be rebuilt later."""
+    """Shapes, pixel type, classes and per-channel statistics: what the encoder needs to be
+    rebuilt and fed later."""
     g = torch.Generator().manual_seed(config.seed)
     picked = torch.randperm(len(train), generator=g)[:STATS_SAMPLES].sort().values
-    mean, std = channel_stats(train.images(picked))  # uint8 or float [0, 1], any channels
+    images = train.images(picked)
+    mean, std = channel_stats(images)  # uint8 or float [0, 1], any channels
     h, w = train.image_size
     small = config.small_images if config.small_images is not None else max(h, w) <= 64
     return {
         "dataset": {
             "channels": train.channels,
             "image_size": [h, w],
+            "pixels": data_pixels(config.data, config.data_dir, images.dtype),
             "num_classes": len(train.classes) if train.classes and train.has_labels else 0,
             "classes": list(train.classes) if train.classes else None,
             "train_size": len(train),

@@ -4,8 +4,11 @@
   onnxruntime (checked against torch to 1e-4 at export).
 - `torchscript`: the same function as a TorchScript file (`torch.jit.load`, no selfsup needed).
 - `safetensors`: the weights with the architecture in the file's metadata (`selfsup_encoder`, the
-  JSON of the run's encoder config), for `selfsup.image.models.Encoder(**config)`, and how raw
-  pixels become its input (`selfsup_pixels`, JSON, see `pixel_rule`).
+  JSON of the run's encoder config), for `selfsup.image.models.Encoder(**config)`.
+
+Each carries how raw pixels become its input (JSON, see `pixel_rule`): `selfsup_pixels` in the
+safetensors metadata and in the ONNX model's metadata_props, `selfsup_pixels.json` among the
+TorchScript file's extra files (`torch.jit.load(path, _extra_files={"selfsup_pixels.json": ""})`).
 
 Normalisation (and colorization's RGB -> L) is inside the exported function: feed it images.
 """
@@ -19,12 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from selfsup.core import run as rundir
 from selfsup.core.errors import SelfsupError
+from selfsup.image.data.pixels import run_pixels
 from selfsup.image.runs import load_encoder
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -53,25 +56,28 @@ def export(run: str | Path, format: str = "onnx", out: str | Path | None = None)
     channels, h, w = rundir.input_shape(config)
     path = Path(out) if out else rundir.inside_run(run, "export", f"encoder{SUFFIXES[format]}")
     example = torch.rand(2, channels, h, w)
+    pixels = json.dumps(pixel_rule(config))
     if format == "safetensors":
         tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-        meta = {
-            "selfsup_encoder": json.dumps(encoder.config),
-            "selfsup_pixels": json.dumps(pixel_rule(config)),
-        }
+        meta = {"selfsup_encoder": json.dumps(encoder.config), "selfsup_pixels": pixels}
         rundir.atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     elif format == "torchscript":
         with torch.no_grad(), quiet_tracing():
             traced = torch.jit.trace(encoder, example)
-        rundir.atomic_save(path, lambda tmp: traced.save(tmp))
+        extra = {"selfsup_pixels.json": pixels}
+        rundir.atomic_save(path, lambda tmp: traced.save(tmp, _extra_files=extra))
     else:
-        rundir.atomic_save(path, lambda tmp: _onnx(encoder, example, tmp, path))
+        rundir.atomic_save(path, lambda tmp: _onnx(encoder, example, tmp, path, pixels))
     return path
 
 
-def _onnx(encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path) -> None:
-    """Write the ONNX model to `tmp` and check it in onnxruntime (errors name `path`)."""
+def _onnx(
+    encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path, pixels: str
+) -> None:
+    """Write the ONNX model to `tmp` with `pixels` as its `selfsup_pixels` metadata and check it
+    in onnxruntime (errors name `path`)."""
     try:
+        import onnx
         import onnxruntime
     except ImportError:
         raise SelfsupError(
@@ -88,6 +94,9 @@ def _onnx(encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path)
             dynamo=False,  # the TorchScript-based exporter: no onnxscript rewrite needed
         )
         expected = encoder(example).numpy()
+    model = onnx.load(tmp)
+    onnx.helper.set_model_props(model, {"selfsup_pixels": pixels})
+    onnx.save(model, tmp)
     session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": example.numpy()})[0]
     if not abs(got - expected).max() <= 1e-4 * max(1.0, abs(expected).max()):
@@ -97,20 +106,15 @@ def _onnx(encoder: torch.nn.Module, example: torch.Tensor, tmp: str, path: Path)
 def pixel_rule(config: dict[str, Any]) -> dict[str, Any]:
     """How a run's raw pixels become its encoder's input, for users of the export.
 
-    `dtype` is the source's pixel type (read from the run's data at export; null when it is
-    gone); the exported function takes x = (raw - offset) / scale, float32 N×C×H×W (uint8
-    images may go in as they are: it divides them by 255), and normalises per channel itself:
-    its backbone sees (x - mean[c]) / std[c]."""
-    from selfsup.image.data.multichannel import pixel_scale
-
+    `dtype` is the source's pixel type (recorded at pretraining; for older runs read from the
+    run's data at export, null when it is gone); the exported function takes
+    x = (raw - offset) / scale, float32 N×C×H×W (uint8 images may go in as they are: it divides
+    them by 255), and normalises per channel itself: its backbone sees (x - mean[c]) / std[c]."""
     encoder = config["encoder"]
     channels, h, w = rundir.input_shape(config)
-    dtype = _source_dtype(config.get("data", ""), config.get("data_dir"))
-    offset, scale = pixel_scale(dtype) if dtype is not None else (None, None)
+    pixels = run_pixels(config)
     rule = {
-        "dtype": None if dtype is None else dtype.name,
-        "offset": offset,
-        "scale": scale,
+        **pixels,
         "mean": encoder["mean"],
         "std": encoder["std"],
         "channels": channels,
@@ -119,37 +123,8 @@ def pixel_rule(config: dict[str, Any]) -> dict[str, Any]:
         "resize": "centre square of the short side, bilinear antialiased to size",
         "input": "x = (raw - offset) / scale in [0, 1]; the encoder computes (x - mean) / std",
     }
-    if channels == 3 and dtype == np.uint8:
+    if channels == 3 and pixels["dtype"] == "uint8":
         rule["channels_order"] = "RGB"
     if encoder.get("lightness"):
         rule["input"] += " of L (CIE Lab / 100) that it computes from RGB x itself"
     return rule
-
-
-def _source_dtype(spec: str, data_dir: str | None) -> np.dtype | None:
-    """The pixel type of the images under `spec` before selfsup scales them (the first file's
-    or array's; None when the data cannot be read)."""
-    from selfsup.image.data import npz, sources
-    from selfsup.image.data.multichannel import file_dtype
-
-    kind, sep, arg = spec.partition(":")
-    if not (sep and kind in ("npz", "folder", "litdata")):
-        if spec.lower() in ("digits", *sources.TORCHVISION):
-            return np.dtype(np.uint8)
-        kind, arg = sources._path_kind(spec), spec  # noqa: SLF001 - a bare path: as load_splits
-    path = Path(arg).expanduser()
-    try:
-        if kind == "npz":
-            files = [path] if path.is_file() else sorted(path.glob("train*.npz"))
-            return npz.members(files[0])["x"].dtype if files else None
-        if kind == "folder" and path.is_dir():
-            root = path / "train" if (path / "train").is_dir() else path
-            return file_dtype(sources.scan_folder(root, None)[0][0])
-        if kind == "litdata":
-            from selfsup.image.data.shards import load_litdata, sample_dtype
-
-            images = load_litdata(arg, spec, 1, 1)[0].lazy
-            return sample_dtype(images.encoded(0), spec)  # type: ignore[union-attr]
-    except (SelfsupError, OSError, KeyError):
-        return None
-    return None
