@@ -39,7 +39,7 @@ from selfsup.core.errors import SelfsupError
 from selfsup.engine.device import uses_cuda
 from selfsup.engine.distributed import check_devices, mean_over_processes, share
 from selfsup.engine.progress import show_bars
-from selfsup.engine.trainer import lightning_devices
+from selfsup.engine.trainer import lightning_devices, many_process_strategy
 from selfsup.lm.alignment.ppo import GoldFn, kl_to_reference
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.data.arithmetic import gold_score, problem_of
@@ -317,7 +317,7 @@ def online_fabric(config: Any) -> Any:
 
     check_devices(config.accelerator, config.devices)
     count = lightning_devices(str(config.devices), uses_cuda(config.accelerator))
-    strategy = "auto" if count == 1 else "ddp_fork"
+    strategy = many_process_strategy("fork", count)  # ddp under torchrun/SLURM: no fork
     return L.Fabric(
         accelerator=config.accelerator, devices=count, precision=config.precision,
         strategy=strategy,
