@@ -524,28 +524,52 @@ def _run_report(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _add_shard(h: Parser) -> None:
-    """write a dataset as litdata shards, to stream with --data litdata:DIR
+    """write a dataset as shards, to stream with --data litdata:DIR or --data wds:DIR
 
-    DIR/train/ and DIR/test/ (litdata's optimised chunks: each image's file bytes as they are,
-    JPEG/PNG, plus its label; arrays as PNG) and DIR/selfsup.json (classes, labels). Copy DIR
-    to object storage to stream it from there (--data litdata:s3://BUCKET/DIR)."""
+    DIR/train/ and DIR/test/ (litdata's optimised chunks, or with --format wds WebDataset tar
+    shards: each image's file bytes as they are, JPEG/PNG/TIFF, plus its label; arrays as PNG
+    or .npy) and DIR/selfsup.json (classes, labels). Copy a litdata DIR to object storage to
+    stream it from there (--data litdata:s3://BUCKET/DIR); wds: reads local tars."""
     h.add_argument("data", metavar="DATA", help="a --data spec (folder:PATH, npz:FILE, ...)")
     add_options(h, out={"required": True, "help": "output folder (new or empty)"})
     add_options(h, data_dir=True, download=True, limit="stratified first N training images")
-    h.add_argument("--chunk-bytes", default="64MB", help="size of each chunk (default: 64MB)")
-    h.add_argument("--num-workers", type=positive_int, default=1, help="writing processes")
+    h.add_argument(
+        "--format",
+        choices=("litdata", "wds"),
+        default="litdata",
+        help="litdata (pip install litdata) or wds: WebDataset tars (pip install webdataset)",
+    )
+    h.add_argument("--chunk-bytes", help="litdata: the size of each chunk (default: 64MB)")
+    h.add_argument(
+        "--shard-size", type=positive_int, help="wds: images per tar shard (default: 1000)"
+    )
+    h.add_argument("--num-workers", type=positive_int, default=1, help="litdata: writing processes")
 
 
 def _run_shard(args: argparse.Namespace, argv: list[str]) -> None:
-    from selfsup.image.data.shards import write_shards
     from selfsup.image.data.sources import load_splits
 
+    wds = args.format == "wds"
+    wrong = ("--chunk-bytes", args.chunk_bytes) if wds else ("--shard-size", args.shard_size)
+    if wrong[1] is not None:
+        other = "litdata" if wds else "wds"
+        raise SelfsupError(f"{wrong[0]} applies to --format {other} only")
     train, test = load_splits(
         args.data, stream=True, **keywords(args, "data_dir", "download", "limit")
     )
-    written = write_shards(train, test, args.out, **keywords(args, "chunk_bytes", "num_workers"))
+    if wds:
+        from selfsup.image.data.wds import SHARD_SIZE, write_wds
+
+        written = write_wds(train, test, args.out, shard_size=args.shard_size or SHARD_SIZE)
+    else:
+        from selfsup.image.data.shards import write_shards
+
+        chunk = args.chunk_bytes or "64MB"
+        written = write_shards(
+            train, test, args.out, chunk_bytes=chunk, num_workers=args.num_workers
+        )
     counts = ", ".join(f"{k} {v} images" for k, v in written.items())
-    print(f"{args.out}: {counts}; use --data litdata:{args.out}")
+    print(f"{args.out}: {counts}; use --data {args.format}:{args.out}")
 
 
 Handler = Callable[[argparse.Namespace, list[str]], None]

@@ -52,7 +52,7 @@ def source_dtype(spec: str, data_dir: str | None) -> np.dtype | None:
     from selfsup.image.data import npz, sources
 
     kind, sep, arg = spec.partition(":")
-    if not (sep and kind in ("npz", "folder", "litdata")):
+    if not (sep and kind in ("npz", "folder", "litdata", "wds")):
         if spec.lower() in ("digits", *sources.TORCHVISION):
             return np.dtype(np.uint8)
         kind, arg = sources._path_kind(spec), spec  # noqa: SLF001 - a bare path: as load_splits
@@ -68,6 +68,12 @@ def source_dtype(spec: str, data_dir: str | None) -> np.dtype | None:
             from selfsup.image.data.shards import load_litdata, sample_dtype
 
             images = load_litdata(arg, spec, 1, 1)[0].lazy
+            return sample_dtype(images.encoded(0), spec)  # type: ignore[union-attr]
+        if kind == "wds":
+            from selfsup.image.data.shards import sample_dtype
+            from selfsup.image.data.wds import load_wds
+
+            images = load_wds(arg, spec, 1, 1)[0].lazy
             return sample_dtype(images.encoded(0), spec)  # type: ignore[union-attr]
     except (SelfsupError, OSError, KeyError):
         return None

@@ -97,7 +97,7 @@ def _array(data: bytes | memoryview, name: str) -> np.ndarray:
     return array
 
 
-def _dims(data: bytes | memoryview, name: str) -> tuple[int, int]:
+def sample_dims(data: bytes | memoryview, name: str) -> tuple[int, int]:
     """(width, height) of a sample, from its header alone."""
     if bytes(data[:6]) == NPY:
         from numpy.lib import format as npy
@@ -141,7 +141,7 @@ def sample_dtype(data: bytes | memoryview, name: str) -> np.dtype:
     return np.dtype(np.uint8) if array is None else array.dtype
 
 
-class _Decode:
+class DecodeSample:
     """litdata transform: a sample -> (C×size×size, label), every sample with the channels and
     pixel type of the first (`kind`; one line naming the shard otherwise)."""
 
@@ -171,11 +171,11 @@ class ShardImages(Dataset):
         self.dataset = _open(url)
         raw = _read(lambda: self._raw(0), url)  # opens litdata's cache: the count, a first check
         if size is None:
-            size = min(_read(lambda: _dims(raw["image"], url), url))
+            size = min(_read(lambda: sample_dims(raw["image"], url), url))
         self.size = size
-        first = _read(lambda: _Decode(size, url)(raw), url)[0]
+        first = _read(lambda: DecodeSample(size, url)(raw), url)[0]
         self.kind = (int(first.shape[0]), first.dtype)
-        self.dataset.transform = [_Decode(size, url, self.kind)]
+        self.dataset.transform = [DecodeSample(size, url, self.kind)]
         # every process's count (len(StreamingDataset) is this process's share)
         self.total = len(self.dataset.cache) if indices is None else len(indices)
 
@@ -205,7 +205,7 @@ class ShardImages(Dataset):
         and worker a disjoint share, reshuffled every epoch; its state_dict resumes mid-epoch."""
         litdata = _litdata()
         dataset = _open(self.url, shuffle=True, drop_last=drop_last, seed=seed)
-        dataset.transform = [_Decode(self.size, self.url, self.kind)]
+        dataset.transform = [DecodeSample(self.size, self.url, self.kind)]
         if self.indices is not None:
             dataset = dataset.subset(self.indices)
         return litdata.StreamingDataLoader(
@@ -289,6 +289,8 @@ def load_litdata(
         raise SelfsupError(f"--data {spec}: {META} is damaged ({first_line(e)})") from None
     if meta is None:
         return _split(arg, None, None, image_size, max_size, spec), None
+    if meta.get("format") == "wds":
+        raise SelfsupError(f"--data {spec}: {arg} holds WebDataset shards; use --data wds:{arg}")
     classes = meta.get("classes")
     train = _split(
         _join(arg, "train"), meta["labels"]["train"], classes, image_size, max_size, spec
@@ -330,12 +332,12 @@ def streamed_subset(data: ImageData, indices: np.ndarray) -> ImageData:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _encoded(data: ImageData, i: int) -> bytes:
+def encoded_image(data: ImageData, i: int) -> bytes:
     """Image i as encoded bytes: the file itself when it is one, else a lossless PNG (uint8
     RGB) or .npy array H×W×C (any other channels or pixel type)."""
     if data.paths is not None:
         return Path(data.paths[i]).read_bytes()
-    if isinstance(data.lazy, ShardImages):
+    if hasattr(data.lazy, "encoded"):  # shards (litdata, webdataset): the bytes they hold
         return data.lazy.encoded(i)
     from PIL import Image
 
@@ -356,7 +358,13 @@ class _Sample:
 
     def __call__(self, i: int) -> dict[str, Any]:
         label = -1 if self.data.y is None else int(self.data.y[i])
-        return {"image": _encoded(self.data, i), "label": label}
+        return {"image": encoded_image(self.data, i), "label": label}
+
+
+def check_empty(out: str) -> None:
+    """One line unless `out` is a new or empty folder."""
+    if Path(out).expanduser().exists() and any(Path(out).expanduser().iterdir()):
+        raise SelfsupError(f"--out {out}: the folder is not empty")
 
 
 def write_shards(
@@ -370,8 +378,7 @@ def write_shards(
     """Write the splits as litdata shards under `out` (see the module docstring); returns each
     split's number of images."""
     litdata = _litdata()
-    if Path(out).expanduser().exists() and any(Path(out).expanduser().iterdir()):
-        raise SelfsupError(f"--out {out}: the folder is not empty")
+    check_empty(out)
     splits = {"train": train, **({"test": test} if test is not None else {})}
     labels = {}
     for name, data in splits.items():

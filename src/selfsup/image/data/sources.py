@@ -24,7 +24,8 @@ TORCHVISION = {
     "fashion-mnist": "FashionMNIST",
     "svhn": "SVHN",
 }
-SPECS = "digits, npz:DIR_OR_FILE, folder:PATH, litdata:DIR_OR_URL, " + ", ".join(TORCHVISION)
+SHARDS = "litdata:DIR_OR_URL, wds:PATTERN"  # streamed sources (shards.py, wds.py)
+SPECS = f"digits, npz:DIR_OR_FILE, folder:PATH, {SHARDS}, " + ", ".join(TORCHVISION)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 STACKS = {".tif", ".tiff"}  # read as channel stacks (multichannel.read_image), never as RGB
 HOLDOUT = 0.2  # of a labeled source without a test split, held out as its test split
@@ -408,12 +409,24 @@ def load_splits(
     if image_size is not None and image_size < 1:
         raise SelfsupError(f"--image-size must be at least 1, got {image_size}")
     kind, sep, arg = spec.partition(":")
-    if sep and kind == "litdata" and arg:  # streamed: split and limited without a Subset
-        from selfsup.image.data.shards import load_litdata, streamed_subset
+    if sep and kind in ("litdata", "wds") and arg:  # streamed: split and limited without a Subset
+        from selfsup.image.data import shards, wds
 
-        train, test = load_litdata(arg, spec, image_size, MAX_DEFAULT_SIZE)
+        load, subset = (
+            (shards.load_litdata, shards.streamed_subset)
+            if kind == "litdata"
+            else (wds.load_wds, wds.wds_subset)
+        )
+        train, test = load(arg, spec, image_size, MAX_DEFAULT_SIZE)
+        if test is None and train.has_labels and len(train) > 1:  # labelled tars (cls) alone
+            held = held_out_indices(train.y.numpy())  # type: ignore[union-attr]
+            train, test = (
+                subset(train, np.setdiff1d(np.arange(len(train)), held)),
+                subset(train, held),
+            )
+            test.held_out = True
         if limit is not None and limit < len(train):
-            train = streamed_subset(train, stratified_indices(train.y, limit, seed=None))
+            train = subset(train, stratified_indices(train.y, limit, seed=None))
         return train, test
     if not (sep and kind in ("npz", "folder")) and spec.lower() not in ("digits", *TORCHVISION):
         kind, sep, arg = _path_kind(spec), ":", spec  # a bare path: what it holds says which
