@@ -76,9 +76,12 @@ def test_two_cpu_processes_are_forked_or_relaunched_as_asked(tmp_path: Path) -> 
 def test_processes_a_launcher_started_are_joined_not_forked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # torchrun's variables for the second of two processes: Lightning joins it (popen launcher,
+    # torchrun's variables for the first of two processes: Lightning joins it (popen launcher,
     # which starts nothing when the environment made the processes)
-    torchrun = {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it
+    torchrun = {"RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
                 "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
                 "TORCHELASTIC_RUN_ID": "none"}  # fmt: skip
     for name, value in torchrun.items():
