@@ -64,16 +64,12 @@ def source_dtype(spec: str, data_dir: str | None) -> np.dtype | None:
         if kind == "folder" and path.is_dir():
             root = path / "train" if (path / "train").is_dir() else path
             return file_dtype(sources.scan_folder(root, None)[0][0])
-        if kind == "litdata":
+        if kind in ("litdata", "wds"):  # the first sample's stored bytes
             from selfsup.image.data.shards import load_litdata, sample_dtype
-
-            images = load_litdata(arg, spec, 1, 1)[0].lazy
-            return sample_dtype(images.encoded(0), spec)  # type: ignore[union-attr]
-        if kind == "wds":
-            from selfsup.image.data.shards import sample_dtype
             from selfsup.image.data.wds import load_wds
 
-            images = load_wds(arg, spec, 1, 1)[0].lazy
+            load = load_litdata if kind == "litdata" else load_wds
+            images = load(arg, spec, 1, 1)[0].lazy
             return sample_dtype(images.encoded(0), spec)  # type: ignore[union-attr]
     except (SelfsupError, OSError, KeyError):
         return None
