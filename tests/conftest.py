@@ -10,6 +10,77 @@ import torch
 
 pytest_plugins = ["pytester"]  # tests/test_peer_oracles.py runs this conftest in a sub-run
 
+# `pytest` runs the suite on pytest-xdist workers, one per core (pyproject: -n auto --dist
+# loadgroup); each worker's torch, and the processes its tests start, take one thread: the
+# workers are the parallelism, and two workers' thread pools would only wait on each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+# Run first, as whole groups (slowest first, so that no long group is left for the end while
+# the other worker idles; seconds on the busy 2-core machine). A module is one group (its
+# module-scoped fixtures are built once); every module that uses `digits_run` is the one group
+# "digits", so that the session's SimCLR run is trained once and no two workers write into it.
+SLOW_FIRST = (
+    "test_gpu_script",  # 164 s
+    "digits",  # 220 s
+    "test_edges",  # 76 s
+    "test_evaluation",  # 54 s
+    "test_gpt",  # 37 s
+    "test_hostile_images",
+    "test_accumulate",
+    "test_noncontrastive",
+    "test_pretext",
+    "test_cli_grammar",
+    "test_probe",
+    "test_colorization",
+    "test_rlhf",
+    "test_distributed",
+)
+# the launch variables Lightning's process launchers leave in os.environ (MASTER_PORT: the free
+# port it found), which a later test's processes would otherwise reuse while it may be taken
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """-n auto: a worker per core for the whole suite (`pytest`); none for a run that names its
+    tests (`pytest tests/test_x.py`), where starting workers costs more than they save."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return 0
+    return None  # xdist's own hook: the cores this process may use
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker turns the marks into groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under --dist loadgroup: the groups of SLOW_FIRST's comment, slowest first."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    modules: dict[str, str] = {}
+    for item in items:
+        module = item.path.stem
+        if "digits_run" in getattr(item, "fixturenames", ()) or modules.get(module) == "digits":
+            modules[module] = "digits"
+        modules.setdefault(module, module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(modules[item.path.stem]))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(modules[item.path.stem], len(rank)))  # stable
+
+
+@pytest.fixture(autouse=True)
+def no_stale_launch_variables() -> Iterator[None]:
+    """A test's multi-process run leaves no MASTER_PORT (or rank) behind for the next test."""
+    before = {name: os.environ.get(name) for name in LAUNCH_VARS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
 
 @pytest.fixture(autouse=True, scope="session")
 def no_automatic_reports() -> Iterator[None]:
