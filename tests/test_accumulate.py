@@ -6,6 +6,8 @@ steps."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -436,3 +438,223 @@ def test_accumulate_must_divide_the_batch(lm_base: Path, tmp_path: Path) -> None
     with pytest.raises(SelfsupError, match="kto's reference point is the KL estimate"):
         lm_stage("kto", lm_base, "pairs.jsonl", tmp_path / "c", batch_size=4, accumulate=2)
     assert not any((tmp_path / run).exists() for run in "abc")
+
+
+# --accumulate on the online stages (lm grpo, lm rlhf): the update of a minibatch of rollouts in
+# K micro-batches is the update of the whole minibatch, under every loss's own normaliser.
+
+ROLLOUT_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def online_models(lm_base: Path) -> tuple[Any, nn.Module]:
+    """lm_base's tokenizer and tiny GPT-2, in float64."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_base / "base")
+    return tokenizer, GPT2LMHeadModel.from_pretrained(lm_base / "base").double()
+
+
+def count_reward(reward_model: nn.Module, r: Any) -> Tensor:
+    """A stand-in for the reward model's scores: a quarter of the answer tokens divisible
+    by 3."""
+    return ((r.responses % 3 == 0) & r.response_mask.bool()).double().sum(1) / 4
+
+
+@pytest.fixture
+def uneven_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages' sampled answers cut to lengths 1..12 (so micro-batches hold unequal token
+    counts: a mean of their token means is not the minibatch's); PPO's scores `count_reward`."""
+    from selfsup.lm.alignment import grpo, ppo
+    from selfsup.lm.alignment.rollout import sample
+
+    def cut(*args: Any, **kwargs: Any) -> Any:
+        r = sample(*args, **kwargs)
+        n, t = r.response_mask.shape
+        lengths = 1 + (torch.arange(n) * 5 + 3) % t
+        keep = (torch.arange(t)[None] < lengths[:, None]).long()
+        mask = torch.cat([r.attention_mask[:, : r.prompt_length], keep], 1)
+        return dataclasses.replace(r, attention_mask=mask, response_mask=keep)
+
+    monkeypatch.setattr(grpo, "sample", cut)
+    monkeypatch.setattr(ppo, "sample", cut)
+    monkeypatch.setattr(ppo, "reward_scores", count_reward)
+
+
+def step_recorder(trainer: Any) -> list[list[Tensor]]:
+    """The gradients at each optimiser step of `trainer` (after clipping: tests set it off)."""
+    seen: list[list[Tensor]] = []
+
+    def hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        seen.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+
+    trainer.optimizer.optimizer.register_step_pre_hook(hook)
+    return seen
+
+
+def float64_fabric() -> Any:
+    """One process; its "32-true" leaves a float64 model and its outputs as they are (where
+    "64-true" would hand the outputs back in the default float32)."""
+    return L.Fabric(accelerator="cpu", devices=1)
+
+
+PROMPTS = [[{"role": "user", "content": f"what is {i}?"}] for i in range(4)]
+
+
+def grpo_run(online_models: tuple[Any, nn.Module], accumulate: int, **options: Any) -> Any:
+    """(grads per optimiser step, final weights, stats) of one GRPO iteration: 4 prompts x 4
+    answers, float64, no clipping."""
+    from selfsup.lm.alignment.grpo import GRPOTrainer
+    from selfsup.lm.alignment.grpo import Options as GRPOOptions
+
+    tokenizer, model = online_models
+    config = GRPOOptions(
+        policy="p", reward="r", prompts="q", out="o", group_size=4, prompts_per_iteration=4,
+        lr=1e-2, beta=0.1, max_new_tokens=ROLLOUT_TOKENS, max_grad_norm=1e9,
+        accumulate=accumulate, **options,
+    )  # fmt: skip
+    trainer = GRPOTrainer(copy.deepcopy(model), tokenizer, config, float64_fabric())
+    grads = step_recorder(trainer)
+
+    def score(r: Any, prompt_of: list[int]) -> Tensor:  # spread within every group
+        return r.response_mask.sum(1).double() + (r.responses % 3 == 0).sum(1)
+
+    stats = trainer.step(PROMPTS, list(range(4)), seed=5, score=score)
+    return grads, dict(trainer.policy.named_parameters()), stats
+
+
+def assert_same_updates(ours: Any, expected: Any) -> None:
+    """Gradients at every optimiser step, the weights after them, the statistics logged."""
+    (grads, weights, stats), (grads1, weights1, stats1) = ours, expected
+    assert len(grads) == len(grads1)
+    for step, step1 in zip(grads, grads1, strict=True):
+        for a, b in zip(step, step1, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    for name, w in weights1.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-6, atol=1e-9, msg=name)
+    assert stats == pytest.approx(stats1, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "loss_type, minibatch",
+    [("grpo", 8), ("bnpo", 8), ("dr-grpo", 8), ("dapo", 8), ("bnpo", 16)],
+)  # fmt: skip
+def test_grpo_accumulated_is_one_minibatch(
+    online_models, uneven_rollouts, loss_type: str, minibatch: int
+) -> None:
+    """16 answers, --minibatch 8 (two optimiser steps; 16: one, the sampling policy's
+    log-probabilities from the training pass): 4 micro-batches give the gradients, weights
+    and statistics of whole minibatches, and as many optimiser steps."""
+    options = dict(loss_type=loss_type, minibatch=minibatch)
+    whole = grpo_run(online_models, 1, **options)
+    assert len(whole[0]) == 16 // minibatch
+    assert_same_updates(grpo_run(online_models, 4, **options), whole)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_grpo_micro_batches_normalised_alone_would_fail(
+    online_models, uneven_rollouts, monkeypatch: pytest.MonkeyPatch, loss_type: str
+) -> None:
+    """The planted bug: every micro-batch's loss normalised as if it were the minibatch and
+    averaged (bnpo: by its own tokens; dapo: by the minibatch's, then divided by K)."""
+    from selfsup.lm.alignment import grpo
+
+    whole = grpo_run(online_models, 1, loss_type=loss_type, minibatch=8)
+    monkeypatch.setattr(grpo, "micro_weights", lambda _, masks: [1 / len(masks)] * len(masks))
+    with pytest.raises(AssertionError):
+        assert_same_updates(grpo_run(online_models, 4, loss_type=loss_type, minibatch=8), whole)
+
+
+def ppo_run(
+    online_models: tuple[Any, nn.Module], accumulate: int, seed: int = 5, **settings: Any
+) -> Any:
+    """(grads per optimiser step, final weights, stats) of one PPO iteration on 16 answers,
+    --minibatch 8, 2 epochs, float64 (the value head too), no clipping."""
+    from selfsup.lm.alignment.ppo import PPOSettings, PPOTrainer
+
+    tokenizer, model = online_models
+    values = dict(rollouts=16, minibatch=8, ppo_epochs=2, lr=1e-2, max_new_tokens=ROLLOUT_TOKENS)
+    options = PPOSettings(**{**values, **settings}, max_grad_norm=1e9, accumulate=accumulate)
+    trainer = PPOTrainer(
+        copy.deepcopy(model), nn.Linear(1, 1), tokenizer, options, float64_fabric()
+    )
+    with torch.no_grad():  # a value head that is not 0: the value loss's gradient reaches the LM
+        trainer.model.value_head.double().linear.weight.normal_(0, 0.3, generator=torch.Generator())
+    grads = step_recorder(trainer)
+    conversations = [[{"role": "user", "content": f"what is {i}?"}] for i in range(16)]
+    stats = trainer.step(conversations, seed=seed)
+    return grads, dict(trainer.model.named_parameters()), stats
+
+
+@pytest.mark.parametrize("target_kl", [0.0, 1e-6])
+def test_ppo_accumulated_is_one_minibatch(online_models, uneven_rollouts, target_kl) -> None:
+    """4 optimiser steps (2 epochs of 2 minibatches; with --target-kl 1e-6 one: the second
+    minibatch stops the iteration, unapplied) whether each minibatch is one piece or 4
+    micro-batches:
+    the same gradients (policy and value loss as token means of the whole minibatch,
+    advantages whitened over the whole batch), weights, statistics and ppo/updates."""
+    whole = ppo_run(online_models, 1, target_kl=target_kl)
+    assert whole[2]["ppo/updates"] == len(whole[0]) == (1 if target_kl else 4)
+    assert_same_updates(ppo_run(online_models, 4, target_kl=target_kl), whole)
+
+
+def test_ppo_micro_batch_token_means_averaged_would_fail(
+    online_models, uneven_rollouts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfsup.lm.alignment.ppo import PPOTrainer
+
+    whole = ppo_run(online_models, 1)
+    monkeypatch.setattr(PPOTrainer, "_token_weights", lambda _, m: [1 / len(m)] * len(m))
+    with pytest.raises(AssertionError):
+        assert_same_updates(ppo_run(online_models, 4), whole)
+
+
+def held_for_backward(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> int:
+    """The most bytes autograd keeps for one backward pass during `run()` (the tensors one
+    graph saves, freed by its backward)."""
+    held, peak = [0], [0]
+
+    def pack(t: Tensor) -> Tensor:
+        held[0] += t.nbytes
+        peak[0] = max(peak[0], held[0])
+        return t
+
+    backward = L.Fabric.backward
+
+    def freed(fabric: Any, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        backward(fabric, loss, *args, **kwargs)
+        held[0] = 0
+
+    monkeypatch.setattr(L.Fabric, "backward", freed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    monkeypatch.setattr(L.Fabric, "backward", backward)
+    return peak[0]
+
+
+def test_grpo_accumulated_holds_under_half_the_activations(
+    online_models, uneven_rollouts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What autograd keeps for a backward pass, at its largest, with 4 micro-batches is well
+    under half that of the whole minibatch of 16."""
+    whole, micro = (
+        held_for_backward(
+            monkeypatch, lambda k=k: grpo_run(online_models, k, loss_type="bnpo", minibatch=16)
+        )
+        for k in (1, 4)
+    )
+    assert micro < 0.5 * whole
+
+
+def test_online_accumulate_must_divide_the_minibatch(tmp_path: Path, capsys) -> None:
+    """Refused in one line before any file is read or written."""
+    from selfsup.cli.main import main
+
+    files = [x for n in ("policy", "reward", "prompts") for x in (f"--{n}", str(tmp_path / n))]
+    for stage in ("grpo", "rlhf"):
+        out = ["--out", str(tmp_path / stage)]
+        assert main(["lm", stage, *files, *out, "--minibatch", "6", "--accumulate", "4"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "--minibatch 6 is not divisible by --accumulate 4" in err
+    assert not any(tmp_path.iterdir())

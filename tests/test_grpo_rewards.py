@@ -323,3 +323,50 @@ def test_variants_run_end_to_end(task, sft_run):  # noqa: F811
     assert len(flat) == 2 and all(0 <= f <= 1 for f in flat)
     config = json.dumps((task / "g-dapo" / "config.yaml").read_text())
     assert "dapo" in config and "sequence" in config
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_scores_read_where_each_answer_ends_when_pad_is_eos(arch):
+    """A reward model whose padding id is its end token (pad = eos, as a tokenizer without a pad
+    token gets), scoring answers that end with that token and hold it inside: each score is the
+    model's at the row's last attended token (its whole conversation alone, no padding), not
+    at the last token unequal to the pad id, where transformers' pooling reads it."""
+    import copy
+
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    from selfsup.lm.alignment.rollout import Rollout, reward_scores
+
+    end = 1  # eos == pad
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             num_labels=1, pad_token_id=end, eos_token_id=end)  # fmt: skip
+        model = LlamaForSequenceClassification(config).eval()
+    else:
+        config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                            num_labels=1, pad_token_id=end, bos_token_id=end,
+                            eos_token_id=end)  # fmt: skip
+        model = GPT2ForSequenceClassification(config).eval()
+    prompts = torch.tensor([[end, end, 5, 6, 7], [8, 9, 10, 11, 12], [end, 13, 14, 15, 16]])
+    prompt_mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
+    answers = torch.tensor([[20, end, 21, end, end, end],  # the pad id inside, then its end
+                            [22, 23, 24, 25, 26, 27],  # never ends
+                            [28, 29, end, end, end, end]])  # fmt: skip
+    answer_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    rollout = Rollout(torch.cat([prompts, answers], 1), torch.cat([prompt_mask, answer_mask], 1),
+                      5, answer_mask, torch.tensor([True, False, True]))  # fmt: skip
+    alone = copy.deepcopy(model)
+    alone.config.pad_token_id = None  # one row, no padding: the score at its last token
+    with torch.no_grad():
+        expected = torch.stack([
+            alone(input_ids=row[m.bool()][None]).logits[0, 0]
+            for row, m in zip(rollout.sequences, rollout.attention_mask, strict=True)
+        ])  # fmt: skip
+    torch.testing.assert_close(reward_scores(model, rollout), expected, atol=1e-5, rtol=1e-5)

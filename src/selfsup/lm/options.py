@@ -200,6 +200,13 @@ class OnlinePolicy:
         -1.0, "the score of an answer that never emits the end token", check="finite"
     )
     max_grad_norm: float = option(1.0, "gradient clipping norm", check=">0")
+    accumulate: int = option(
+        1,
+        "micro-batches per optimiser step (gradient accumulation): each --minibatch is cut into "
+        "K that must divide it, weighed by the minibatch's normaliser (its answers or tokens); "
+        "less memory, the same update; ppo/updates counts optimiser steps",
+        check=">=1",
+    )
 
 
 @dataclass

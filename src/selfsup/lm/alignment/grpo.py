@@ -5,7 +5,9 @@ reward model or the gold score, and the user's `--reward-fn` functions called as
 `rewards`; their weighted sum), standardise the rewards within each group into advantages, and
 take clipped-ratio steps with the k3 estimate of the KL from the frozen SFT model as a loss term.
 No value model. `--loss-type`, `--scale-rewards`, `--epsilon-high`, `--importance-sampling` and
-`--skip-flat-groups` give Dr GRPO, DAPO and GSPO (`selfsup.lm.losses.grpo`). The loop, sampling,
+`--skip-flat-groups` give Dr GRPO, DAPO and GSPO (`selfsup.lm.losses.grpo`). `--accumulate K`
+takes each update in K micro-batches, one optimiser step on their gradients, each weighed so that
+the loss is the whole minibatch's under every `--loss-type` (`micro_weights`). The loop, sampling,
 scoring and held-out evaluation are those of the PPO stage (`online.run_online`, `rollout`), so
 the two are measured alike.
 """
@@ -26,7 +28,13 @@ from selfsup.core.config import option
 from selfsup.core.errors import SelfsupError
 from selfsup.engine.distributed import check_devices
 from selfsup.lm.alignment import rewards as rw
-from selfsup.lm.alignment.online import Inputs, OnlineStage, load_prompts, run_online
+from selfsup.lm.alignment.online import (
+    Inputs,
+    OnlineStage,
+    check_accumulate,
+    load_prompts,
+    run_online,
+)
 from selfsup.lm.alignment.ppo import disable_dropout, kl_to_reference, rollout_to, select_rollouts
 from selfsup.lm.alignment.rollout import decode_responses, forward_response, reward_scores, sample
 from selfsup.lm.alignment.stage import Stage, policy_summary
@@ -155,27 +163,34 @@ class GRPOTrainer:
         batches = -(-len(order) // minibatch)  # updates per epoch
         tokens = mask[order.to(mask.device)].sum().item() / max(batches, 1)  # dapo's normaliser
         stats: dict[str, list[float]] = {"loss": [], "k3": [], "clip": []}
+        fill = old is None  # one update: the training pass gives them
+        old = torch.empty_like(ref) if old is None else old
         for _ in range(c.grpo_epochs if len(order) else 0):
             for idx in order.split(minibatch):
                 idx = idx.to(self.fabric.device)
-                part = select_rollouts(r, idx)
-                _, logprobs, _ = forward_response(self.model, part)
-                if old is None:
-                    old = torch.empty_like(ref)
-                    old[idx] = logprobs.detach()
-                loss, s = grpo_loss(
-                    logprobs, old[idx], ref[idx], advantages[idx], mask[idx], c.clip, c.beta,
-                    loss_type=c.loss_type, clip_high=c.epsilon_high or None,
-                    importance=c.importance_sampling, max_tokens=c.max_new_tokens, tokens=tokens,
-                )  # fmt: skip
+                parts = [p for p in idx.tensor_split(c.accumulate) if len(p)]  # --accumulate
+                weights = micro_weights(c.loss_type, [mask[p] for p in parts])
                 self.optimizer.zero_grad(set_to_none=True)
-                self.fabric.backward(loss)
+                sums = dict.fromkeys(stats, 0.0)
+                for j, (p, w) in enumerate(zip(parts, weights, strict=True)):
+                    with self.fabric.no_backward_sync(self.model, enabled=j < len(parts) - 1):
+                        _, logprobs, _ = forward_response(self.model, select_rollouts(r, p))
+                        if fill:
+                            old[p] = logprobs.detach()
+                        loss, s = grpo_loss(
+                            logprobs, old[p], ref[p], advantages[p], mask[p], c.clip, c.beta,
+                            loss_type=c.loss_type, clip_high=c.epsilon_high or None,
+                            importance=c.importance_sampling, max_tokens=c.max_new_tokens,
+                            tokens=tokens,
+                        )  # fmt: skip
+                        self.fabric.backward(loss * w)
+                    sums["loss"] += loss.item() * w
+                    sums["k3"] += s["k3"].item() * len(p) / len(idx)  # a mean over answers
+                    sums["clip"] += (s["clip"] * mask[p].sum() / mask[idx].sum()).item()
                 self.fabric.clip_gradients(self.model, self.optimizer, max_norm=c.max_grad_norm)
                 self.optimizer.step()
-                stats["loss"].append(loss.item())
-                stats["k3"].append(s["k3"].item())
-                stats["clip"].append(s["clip"].item())
-        assert old is not None
+                for k, v in sums.items():
+                    stats[k].append(v)
         return {
             **{f"grpo/{k}": float(np.mean(v)) if v else 0.0 for k, v in stats.items()},
             "reward": rewards.nanmean().item(),
@@ -195,6 +210,18 @@ CHOICES = {
 }
 
 
+def micro_weights(loss_type: str, masks: Sequence[torch.Tensor]) -> list[float]:
+    """The weight of each micro-batch's `grpo_loss` (answer masks `masks`) in the loss of their
+    whole minibatch (--accumulate): its part of the answers (grpo, dr-grpo: per-answer means
+    or a normaliser per answer), of the tokens (bnpo), or 1 (dapo: one normaliser for all)."""
+    if loss_type == "dapo":
+        return [1.0 for _ in masks]
+    if loss_type == "bnpo":
+        tokens = [m.sum().item() for m in masks]
+        return [t / max(sum(tokens), 1.0) for t in tokens]
+    return [len(m) / sum(map(len, masks)) for m in masks]
+
+
 def check_options(config: Options) -> None:
     """One line for a missing or impossible option, before any file is read or written."""
     check_declared(config)  # required, and the ranges its fields declare
@@ -211,6 +238,7 @@ def check_options(config: Options) -> None:
             "--reward is required: a reward-model run, unless --reward-fn FILE.py:NAME scores "
             "the answers (or --reward-from gold)"
         )
+    check_accumulate(config)  # of several processes, their shares too (check_shares)
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_devices(config.accelerator, config.devices)

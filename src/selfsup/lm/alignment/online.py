@@ -16,7 +16,9 @@ prompts, samples, scores and updates on its contiguous share of them (a GRPO pro
 on one process, so its advantages are those of one process), the gradients are all-reduced, the
 statistics averaged over the processes, and rank 0 evaluates and writes the run folder. The
 prompts per iteration and --minibatch must split evenly over the processes (each then takes
-minibatches of --minibatch / N answers: N processes update as one would).
+minibatches of --minibatch / N answers: N processes update as one would). `--accumulate K` cuts
+each process's minibatch again, into K micro-batches whose gradients add up to its own before one
+optimiser step (the stage weighs each by what its loss normalises by; `check_accumulate`).
 """
 
 from __future__ import annotations
@@ -338,13 +340,26 @@ def _launched(
 
 def check_shares(config: Any, prompts: int, world: int) -> None:
     """One line unless the prompts of an iteration and --minibatch split evenly over `world`
-    processes (every process then makes the same number of updates)."""
+    processes (every process then makes the same number of updates), and each share of
+    --minibatch into --accumulate micro-batches."""
     for flag, value in (("prompts per iteration", prompts), ("--minibatch", config.minibatch)):
         if value % world:
             raise SelfsupError(
                 f"{flag} {value} do not split evenly over --devices {config.devices} "
                 f"({world} processes)"
             )
+    check_accumulate(config, world)
+
+
+def check_accumulate(config: Any, world: int = 1) -> None:
+    """One line unless each process's share of --minibatch (of `world`) splits into
+    --accumulate equal micro-batches."""
+    if (config.minibatch // world) % config.accumulate:
+        where = f" (its share on each of {world} processes)" if world > 1 else ""
+        raise SelfsupError(
+            f"--minibatch {config.minibatch}{where} is not divisible by --accumulate "
+            f"{config.accumulate}: each update is cut into that many equal micro-batches"
+        )
 
 
 def _iterations(

@@ -5,6 +5,8 @@ with the reward model, charge each answer token β·(log π - log π_ref) agains
 the starting (SFT) model, turn that into per-token advantages with GAE, then run several epochs
 of clipped-surrogate updates of the policy and clipped updates of a value head. Answers that do
 not end within the token budget get a fixed score (a penalty) instead of the reward model's.
+`--accumulate K` takes each update in K micro-batches, one optimiser step on their gradients
+(each weighed by its part of the minibatch's tokens: the same update, less memory).
 
 Lightning Fabric runs the loop (devices, precision, several processes); the maths are the pure
 functions of `selfsup.lm.losses.ppo`.
@@ -63,7 +65,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.linear(h.float())
+        return self.linear(h.to(self.linear.weight.dtype))
 
 
 class PolicyWithValue(nn.Module):
@@ -158,7 +160,9 @@ class PPOTrainer:
         weighs its token means by its part of the minibatch's tokens (the advantages are
         whitened over the whole batch too), so that N processes train as one process with the
         whole batch when --minibatch is --rollouts (smaller minibatches: each process draws its
-        own from its share)."""
+        own from its share). --accumulate K cuts each minibatch into K micro-batches weighed
+        the same way, their gradients added up before one optimiser step: the update of the
+        whole minibatch (the target-KL test on its whole KL, after their backward passes)."""
         s = self.settings
         self.model.train()
         disable_dropout(self.model)
@@ -175,41 +179,49 @@ class PPOTrainer:
         ]
         for idx in batches:
             idx = idx.to(self.fabric.device)
-            part = select_rollouts(exp.rollout, idx)
-            mask = part.response_mask.float()
-            logits, logprobs, values = self.model(part)
-            pg, clip_fraction, approx_kl = policy_loss(
-                logprobs, exp.logprobs[idx], exp.advantages[idx], mask, s.clip
-            )
-            vf = value_loss(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
-            weight = self._token_weight(mask)  # token means: the whole minibatch's
-            pg, vf = pg * weight, vf * weight
-            clip_fraction, approx_kl = clip_fraction * weight, approx_kl * weight
-            if s.target_kl > 0:  # every process stops at the same minibatch
-                kl = mean_over_processes({"kl": approx_kl.item()}, self.fabric.device)["kl"]
-                if kl > s.target_kl:
-                    break
+            parts = [p for p in idx.tensor_split(s.accumulate) if len(p)]  # --accumulate
+            masks = [exp.rollout.response_mask[p].float() for p in parts]
+            sums = dict.fromkeys(stats, 0.0)
             self.optimizer.zero_grad(set_to_none=True)
-            self.fabric.backward(pg + s.value_coef * vf)
+            for j, (p, mask, weight) in enumerate(
+                zip(parts, masks, self._token_weights(masks), strict=True)
+            ):  # token means: the whole minibatch's (of every process)
+                with self.fabric.no_backward_sync(self.model, enabled=j < len(parts) - 1):
+                    logits, logprobs, values = self.model(select_rollouts(exp.rollout, p))
+                    pg, clip_fraction, approx_kl = policy_loss(
+                        logprobs, exp.logprobs[p], exp.advantages[p], mask, s.clip
+                    )
+                    vf = value_loss(values, exp.values[p], exp.returns[p], mask, s.value_clip)
+                    self.fabric.backward((pg + s.value_coef * vf) * weight)
+                with torch.no_grad():
+                    terms = (pg, vf, clip_fraction, approx_kl, entropy(logits, mask))
+                    for k, v in zip(sums, terms, strict=True):
+                        sums[k] += (v * weight).item()
+            if s.target_kl > 0:  # every process stops at the same minibatch, unapplied
+                kl = mean_over_processes({"kl": sums["approx_kl"]}, self.fabric.device)["kl"]
+                if kl > s.target_kl:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    break
             self.fabric.clip_gradients(self.model, self.optimizer, max_norm=s.max_grad_norm)
             self.optimizer.step()
             updates += 1
-            with torch.no_grad():
-                stats["entropy"].append((entropy(logits, mask) * weight).item())
-            stats["policy"].append(pg.item())
-            stats["value"].append(vf.item())
-            stats["clip"].append(clip_fraction.item())
-            stats["approx_kl"].append(approx_kl.item())
+            for k, v in sums.items():
+                stats[k].append(v)
         return {**{f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}, "ppo/updates": updates}
 
-    def _token_weight(self, mask: Tensor) -> Tensor | float:
-        """The part of a minibatch's answer tokens on this process, times the processes (DDP
-        averages the gradients): a token mean times it is this process's term of the whole
-        minibatch's token mean. 1 in one process."""
+    def _token_weights(self, masks: Sequence[Tensor]) -> list[float]:
+        """Each micro-batch's part of a minibatch's answer tokens (`masks`: this process's
+        micro-batches; of several processes, of all their tokens), times the processes (DDP
+        averages the gradients): a micro-batch's token mean times it is its term of the whole
+        minibatch's token mean. [1.0] for the whole minibatch in one process."""
         world = self.fabric.world_size
-        if world == 1:
-            return 1.0
-        return world * mask.sum() / sum_over_processes(mask.sum()).clamp_min(1)
+        if world == 1 and len(masks) == 1:
+            return [1.0]
+        tokens = [m.sum().item() for m in masks]
+        total = sum(tokens)
+        if world > 1:
+            total = sum_over_processes(torch.tensor(total, device=self.fabric.device)).item()
+        return [world * t / max(total, 1.0) for t in tokens]
 
     def step(
         self, conversations: Sequence[Sequence[Message]], seed: int, gold: GoldFn | None = None
@@ -219,6 +231,7 @@ class PPOTrainer:
         stats = self.update(exp, seed)
         mask = exp.rollout.response_mask.float()
         s = self.settings
+        value_mean = masked_mean(exp.values, mask) * self._token_weights([mask])[0]
         stats.update(
             {
                 "beta": self.beta,
@@ -226,7 +239,7 @@ class PPOTrainer:
                 "kl": exp.kl.mean().item(),
                 "answer_tokens": mask.sum(1).mean().item(),
                 "ended": exp.rollout.ended.float().mean().item(),
-                "value_mean": (masked_mean(exp.values, mask) * self._token_weight(mask)).item(),
+                "value_mean": float(value_mean),
             }
         )
         if s.adaptive_kl > 0:  # on the processes' mean KL: one β for all

@@ -27,6 +27,7 @@ from selfsup.engine.distributed import check_devices
 from selfsup.lm.alignment.online import (
     Inputs,
     OnlineStage,
+    check_accumulate,
     fitted_prompts,
     gold_fn,
     load_policy,
@@ -80,6 +81,7 @@ def check_options(config: Options) -> None:
     check_declared(config)  # required, and the ranges its fields declare
     if config.rollouts < config.minibatch:
         raise SelfsupError(f"--minibatch {config.minibatch} exceeds --rollouts {config.rollouts}")
+    check_accumulate(config)
     hf.check_accelerator(config.accelerator)
     hf.check_precision(config.precision)
     check_devices(config.accelerator, config.devices)

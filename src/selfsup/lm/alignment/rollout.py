@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfsup.core.errors import SelfsupError
 from selfsup.lm.alignment.decoding import (
     continuation_logits,
     continuation_positions,
     position_ids,
     sample_tokens,
     sequence_scores,
+    unwrap,
 )
 from selfsup.lm.data.conversations import (
     ROLE_MARKERS,
@@ -212,16 +214,41 @@ def continuation_outputs(
 
 @torch.no_grad()
 def reward_scores(reward_model: nn.Module, rollout: Rollout) -> Tensor:
-    """The reward model's scalar for each whole conversation (prompt + answer)."""
-    lean = sequence_scores(reward_model, rollout.sequences, rollout.attention_mask)
-    if lean is not None:  # GPT-2: decoding.py's lean forward
+    """The reward model's scalar for each whole conversation (prompt + answer), read at each
+    row's last attended token (its sequence length from the attention mask, as TRL's
+    `get_reward`), not at the last token that differs from the padding id as transformers'
+    pooling does: an answer that ends with eos == pad, or holds the pad id inside, is scored
+    where it ends. Where both read the same token (and for a module that is no transformers
+    model: it pools itself), the model's own (or the lean) forward."""
+    ids, mask = rollout.sequences, rollout.attention_mask
+    last = ids.shape[1] - 1 - mask.flip(1).argmax(1)  # the last attended column of each row
+    config = getattr(reward_model, "config", None)
+    if config is not None:
+        pad = config.pad_token_id
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        pooled = (columns * (ids != pad)).argmax(-1) if pad is not None else columns[-1]
+        if not torch.equal(pooled.expand_as(last), last):
+            return scores_at(reward_model, ids, mask, last)[:, 0].float()
+    lean = sequence_scores(reward_model, ids, mask)
+    if lean is not None:  # GPT-2, Llama: decoding.py's lean forward
         return lean[:, 0].float()
-    out = reward_model(
-        input_ids=rollout.sequences,
-        attention_mask=rollout.attention_mask,
-        position_ids=position_ids(rollout.attention_mask),
-    )
+    out = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     return out.logits[:, 0].float()
+
+
+def scores_at(model: nn.Module, ids: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+    """A sequence-classification model's scores (B×labels) read at column `last[b]` of each
+    row: its backbone's hidden states through its `score` head, as TRL's `get_reward`."""
+    base = unwrap(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if backbone is None or not hasattr(base, "score"):
+        raise SelfsupError(
+            f"the reward model ({type(model).__name__}) has no backbone and `score` head to read "
+            "its score at each answer's end: use a *ForSequenceClassification model"
+        )
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    rows = torch.arange(len(ids), device=ids.device)
+    return base.score(hidden.last_hidden_state[rows, last])  # type: ignore[operator]
 
 
 def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:

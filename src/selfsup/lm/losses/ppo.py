@@ -96,12 +96,18 @@ def value_loss(
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision logits in float32 for the softmax; float32 and float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log p(token) under logits: logits B×T×V for the positions that predict tokens B×T."""
-    return torch.gather(F.log_softmax(logits.float(), -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    logp = F.log_softmax(_at_least_float32(logits), -1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy(logits: Tensor, mask: Tensor) -> Tensor:
     """Mean entropy of the next-token distributions over real tokens."""
-    logp = F.log_softmax(logits.float(), -1)
+    logp = F.log_softmax(_at_least_float32(logits), -1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
