@@ -436,19 +436,23 @@ def continuation_logits(model: nn.Module, prefix: Fed, rows: Tensor, rest: Fed) 
 
 
 @torch.no_grad()
-def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+def sequence_scores(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, last: Tensor | None = None
+) -> Tensor | None:
     """A reward model's (`GPT2ForSequenceClassification`, `LlamaForSequenceClassification`,
-    ...) scores, B×labels, read where Hugging Face reads them (the rightmost token that is not
-    padding), by a lean decoder; None where none applies."""
+    ...) scores, B×labels, read at column `last[b]` of each row (default: where Hugging Face
+    reads them, the rightmost token that is not padding), by a lean decoder; None where none
+    applies."""
     with _served(model) as model:
         base, decoder_type = unwrap(model), decoder_class(model, input_ids.shape[1])
         if not hasattr(base, "score") or decoder_type is None:
             return None
         decoder = decoder_type(model, *input_ids.shape)
         hidden = decoder.hidden(input_ids, position_ids(attention_mask), attention_mask.bool())
-        pad = base.config.pad_token_id  # type: ignore[union-attr]
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
+        if last is None:
+            pad = base.config.pad_token_id  # type: ignore[union-attr]
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else columns[-1:]
         rows = torch.arange(len(input_ids), device=input_ids.device)
         return base.score(decoder.final(hidden[rows, last]))  # type: ignore[union-attr]
 

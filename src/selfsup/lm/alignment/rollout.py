@@ -218,20 +218,15 @@ def reward_scores(reward_model: nn.Module, rollout: Rollout) -> Tensor:
     row's last attended token (its sequence length from the attention mask, as TRL's
     `get_reward`), not at the last token that differs from the padding id as transformers'
     pooling does: an answer that ends with eos == pad, or holds the pad id inside, is scored
-    where it ends. Where both read the same token (and for a module that is no transformers
-    model: it pools itself), the model's own (or the lean) forward."""
+    where it ends: by the lean forward where one applies, else the backbone and its score head
+    (a module that is no transformers model pools itself)."""
     ids, mask = rollout.sequences, rollout.attention_mask
     last = ids.shape[1] - 1 - mask.flip(1).argmax(1)  # the last attended column of each row
-    config = getattr(reward_model, "config", None)
-    if config is not None:
-        pad = config.pad_token_id
-        columns = torch.arange(ids.shape[1], device=ids.device)
-        pooled = (columns * (ids != pad)).argmax(-1) if pad is not None else columns[-1]
-        if not torch.equal(pooled.expand_as(last), last):
-            return scores_at(reward_model, ids, mask, last)[:, 0].float()
-    lean = sequence_scores(reward_model, ids, mask)
+    lean = sequence_scores(reward_model, ids, mask, last)
     if lean is not None:  # GPT-2, Llama: decoding.py's lean forward
         return lean[:, 0].float()
+    if getattr(reward_model, "config", None) is not None:  # a transformers model
+        return scores_at(reward_model, ids, mask, last)[:, 0].float()
     out = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     return out.logits[:, 0].float()
 
